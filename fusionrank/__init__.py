@@ -1,0 +1,1 @@
+"""fusionrank: multimodal recommendation ranker, from PyTorch to a Triton ensemble."""

@@ -1,0 +1,82 @@
+"""Tensor contract of every model in the pipeline, declared once and derived from the spec.
+
+`torch2onnx` takes its input/output names and dynamic axes from here, `render` its Triton inputs/outputs, and
+`onnx2trt` its optimisation-profile inputs. Dims exclude the batch dimension; -1 marks a dynamic axis, whose name
+is given in `axes`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fusionrank.spec import Modality, PipelineSpec, member_models
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name; "bytes" for Triton BYTES
+    dims: tuple[int, ...]
+    axes: tuple[str, ...] = ()  # names of the dynamic dims in `dims`, in order
+
+    @property
+    def triton_dtype(self) -> str:
+        return {"bytes": "TYPE_STRING", "int64": "TYPE_INT64", "float32": "TYPE_FP32"}[self.dtype]
+
+    def dynamic_axes(self) -> dict[int, str]:
+        """ONNX dynamic axes (batch included, as axis 0)."""
+        named = iter(self.axes)
+        return {0: "batch", **{i + 1: next(named) for i, d in enumerate(self.dims) if d == -1}}
+
+
+@dataclass(frozen=True)
+class ModelIO:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+# Ensemble (client-facing) tensor names, one row per candidate.
+ITEM_INPUT = {Modality.TEXT: "item_text", Modality.IMAGE: "item_image", Modality.AUDIO: "item_audio"}
+USER_HISTORY = "user_history"
+CLICK_PROBABILITY = "click_probability"
+MODALITY_WEIGHTS = "modality_weights"
+
+
+def embedding_name(modality: Modality) -> str:
+    return f"{modality.value}_embedding"
+
+
+def encoder_inputs(spec: PipelineSpec, modality: Modality) -> tuple[TensorSpec, ...]:
+    """Inputs of one modality's encoder, which are also the outputs of its preprocessing model."""
+    m = spec.modalities
+    if modality is Modality.TEXT:
+        return (TensorSpec("input_ids", "int64", (-1,), ("sequence",)),
+                TensorSpec("attention_mask", "int64", (-1,), ("sequence",)))
+    if modality is Modality.IMAGE:
+        return (TensorSpec("pixel_values", "float32", (3, m.image.size, m.image.size)),)
+    return (TensorSpec("log_mel", "float32", (m.audio.n_mels, m.audio.num_frames)),)
+
+
+def model_io(spec: PipelineSpec, model: str) -> ModelIO:
+    """Inputs and outputs of one member model (or the ensemble) by its Triton name."""
+    enabled = spec.modalities.enabled
+    history = TensorSpec(USER_HISTORY, "int64", (spec.ranker.history.length,))
+    ranker_out = (TensorSpec(CLICK_PROBABILITY, "float32", (1,)),
+                  TensorSpec(MODALITY_WEIGHTS, "float32", (len(enabled),)))
+    for modality in enabled:
+        if model == f"preprocess_{modality.value}":
+            return ModelIO(model, (TensorSpec(ITEM_INPUT[modality], "bytes", (1,)),), encoder_inputs(spec, modality))
+        if model == f"{modality.value}_encoder":
+            out = TensorSpec(embedding_name(modality), "float32", (spec.modalities.embedding_dim(modality),))
+            return ModelIO(model, encoder_inputs(spec, modality), (out,))
+    if model == "preprocess_history":
+        return ModelIO(model, (history,), (TensorSpec("history", "int64", history.dims),))
+    if model == "fusion_ranker":
+        embeddings = tuple(TensorSpec(embedding_name(mod), "float32", (spec.modalities.embedding_dim(mod),))
+                           for mod in enabled)
+        return ModelIO(model, (*embeddings, TensorSpec("history", "int64", history.dims)), ranker_out)
+    if model == spec.serving.ensemble_name:
+        items = tuple(TensorSpec(ITEM_INPUT[mod], "bytes", (1,)) for mod in enabled)
+        return ModelIO(model, (*items, history), ranker_out)
+    raise KeyError(f"unknown model {model!r}; known: {', '.join((*member_models(spec), spec.serving.ensemble_name))}")

@@ -1,0 +1,68 @@
+"""`fusionrank demo`: the main job on the embedded default spec, end to end on CPU.
+
+data -> train -> evaluate (every fusion vs single-modality baselines, oracle beside) -> export with parity ->
+serve the CPU profile -> rank one request over gRPC -> 30-second load test gated on the SLOs -> stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _banner(out, title: str) -> None:
+    out.write(f"\n=== {title} {'=' * max(0, 100 - len(title))}\n")
+    out.flush()
+
+
+def run_demo(spec, repo: Path, args, out=sys.stdout) -> int:
+    """Run every stage; returns non-zero when a gate (evaluation, parity, SLO) fails."""
+    from export.torch2onnx import export_all
+    from fusionrank.benchmark import load_benchmark
+    from fusionrank.evaluate import evaluate_all
+    from fusionrank.paths import cache_dir, checkpoint_path
+    from fusionrank.serving.render import render_repository
+    from fusionrank.serving.server import TritonServer
+    from fusionrank.train import train_ranker
+
+    started = time.monotonic()
+    _banner(out, "1. benchmark data")
+    out.write(load_benchmark(spec).summary() + "\n")
+
+    _banner(out, f"2. train the {spec.ranker.fusion.value} ranker and evaluate every fusion vs single modalities")
+    report = evaluate_all(spec)
+    out.write(report.table() + "\n")
+    status = 0 if report.fused_beats_baselines() else 1
+    if status:
+        out.write("GATE: a fused model does not beat every single-modality baseline (see table)\n")
+    checkpoint = checkpoint_path(spec, spec.ranker.fusion.value)
+    if not checkpoint.is_file():
+        checkpoint = train_ranker(spec)
+
+    _banner(out, "3. export to ONNX with parity (ONNX Runtime vs PyTorch)")
+    render_repository(spec, repo)
+    parity = export_all(spec, repo, checkpoint=checkpoint)
+    out.write(parity.table() + "\n")
+
+    _banner(out, "4. serve the CPU profile and rank one request over gRPC")
+    logs = cache_dir(spec) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with TritonServer(repo, profile="cpu", log_file=logs / "tritonserver-demo.log", cache=cache_dir(spec) / "triton") \
+            as server:
+        out.write(f"Triton ready: gRPC {server.grpc_url}, metrics {server.metrics_url}, log {server.log_file}\n")
+        from clients.rank_command import rank_benchmark_request
+
+        out.write(rank_benchmark_request(spec, server.grpc_url, user=0, candidates=10) + "\n")
+        if not args.skip_loadtest:
+            _banner(out, "5. 30-second load test of the default scenario, gated on the SLOs")
+            from loadtest.runner import run_loadtest
+
+            verdict = run_loadtest(spec, url=server.grpc_url, run_time="30s", metrics_url=server.metrics_url)
+            out.write(verdict.render() + "\n")
+            status = status or (0 if verdict.passed else 1)
+    _banner(out, f"done in {time.monotonic() - started:.0f}s, exit status {status}")
+    return status

@@ -1,0 +1,271 @@
+"""Render `model_repository/` from the spec: Triton `ModelConfig` messages written with protobuf `text_format`.
+
+Three serving profiles, chosen at start-up with Triton's `--model-config-name`:
+- `config.pbtxt` (gpu): encoders and ranker as TensorRT plans on the GPU; the production profile.
+- `configs/cpu.pbtxt` (cpu): encoders and ranker as ONNX Runtime sessions inside Python-backend models.
+- `configs/onnx_gpu.pbtxt` (onnx_gpu): Triton's onnxruntime backend on the GPU (no engine build needed).
+Preprocessing (and history validation) runs in Python-backend models on the CPU in every profile. The ensemble
+config is the same in all three.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from fusionrank.spec import Modality, PipelineSpec, member_models, to_dict
+from fusionrank.tensors import ITEM_INPUT, TensorSpec, model_io
+
+PROFILES = {"gpu": "config.pbtxt", "cpu": "configs/cpu.pbtxt", "onnx_gpu": "configs/onnx_gpu.pbtxt"}
+ENCODERS_AND_RANKER = ("text_encoder", "image_encoder", "audio_encoder", "fusion_ranker")
+HEADER = "# Rendered by `fusionrank render` from pipeline.yaml: do not edit by hand.\n"
+
+_DTYPES = {"bytes": mc.TYPE_STRING, "int64": mc.TYPE_INT64, "float32": mc.TYPE_FP32}
+
+# Python-backend shells: the logic lives in fusionrank.serving.triton_models and is unit-tested without a server.
+_PYTHON_SHELL = '''"""Triton Python model `{model}`: a thin shell over fusionrank.serving.triton_models ({cls})."""
+
+from fusionrank.serving.triton_models import {cls} as TritonPythonModel  # noqa: F401
+'''
+
+
+@dataclass(frozen=True)
+class RenderedFile:
+    path: str  # relative to the repository root
+    content: bytes
+
+
+def _tensor(spec_tensor: TensorSpec, cls):
+    return cls(name=spec_tensor.name, data_type=_DTYPES[spec_tensor.dtype], dims=list(spec_tensor.dims))
+
+
+def _spec_parameter(spec: PipelineSpec, model: str) -> str:
+    """The slice of the spec a Python model needs, as JSON (rebuilt there with `spec.from_dict`)."""
+    if model.startswith("preprocess_") and model != "preprocess_history":
+        modality = model.removeprefix("preprocess_")
+        return json.dumps({"modalities": {modality: to_dict(getattr(spec.modalities, modality))}}, sort_keys=True)
+    if model == "preprocess_history":
+        return json.dumps({"ranker": {"history": to_dict(spec.ranker.history)}}, sort_keys=True)
+    return ""
+
+
+def _base_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
+    io_ = model_io(spec, model)
+    batching = spec.serving.batching(model)
+    config = mc.ModelConfig(name=model, max_batch_size=batching.max_batch_size)
+    config.input.extend(_tensor(t, mc.ModelInput) for t in io_.inputs)
+    config.output.extend(_tensor(t, mc.ModelOutput) for t in io_.outputs)
+    config.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
+    config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
+    return config
+
+
+def _instance(config: mc.ModelConfig, spec: PipelineSpec, kind: int) -> None:
+    count = spec.serving.batching(config.name).instances
+    config.instance_group.append(mc.ModelInstanceGroup(count=count, kind=kind))
+
+
+def _warmup_inputs(spec: PipelineSpec, model: str, bucket: int | None = None) -> dict[str, mc.ModelWarmup.Input]:
+    inputs = {}
+    for t in model_io(spec, model).inputs:
+        dims = [bucket if d == -1 else d for d in t.dims]
+        entry = mc.ModelWarmup.Input(data_type=_DTYPES[t.dtype], dims=dims)
+        if t.dtype == "bytes":
+            entry.input_data_file = t.name  # a real sample under <model>/warmup/: zeros would be rejected as bad input
+        else:
+            entry.zero_data = True
+        inputs[t.name] = entry
+    return inputs
+
+
+def _add_warmup(config: mc.ModelConfig, spec: PipelineSpec) -> None:
+    """Warm every member so the first real request does not pay for lazy initialisation (sessions, allocators)."""
+    model = config.name
+    batch = spec.serving.batching(model).preferred_batch_sizes[-1]
+    buckets = spec.modalities.text.buckets if model == "text_encoder" else (None,)
+    for bucket in buckets:
+        suffix = f"_seq{bucket}" if bucket else ""
+        warm = mc.ModelWarmup(name=f"{model}_batch{batch}{suffix}", batch_size=batch)
+        for name, entry in _warmup_inputs(spec, model, bucket).items():
+            warm.inputs[name].CopyFrom(entry)
+        config.model_warmup.append(warm)
+
+
+def python_config(spec: PipelineSpec, model: str, role: str) -> mc.ModelConfig:
+    """A Python-backend member on the CPU (preprocessing in every profile; encoders/ranker in the CPU profile)."""
+    config = _base_config(spec, model)
+    config.backend = "python"
+    _instance(config, spec, mc.ModelInstanceGroup.KIND_CPU)
+    config.parameters["role"].string_value = role
+    spec_json = _spec_parameter(spec, model)
+    if spec_json:
+        config.parameters["spec"].string_value = spec_json
+    if role == "onnxruntime":
+        config.parameters["onnx_file"].string_value = "model.onnx"
+        config.parameters["intra_op_threads"].string_value = "0"  # 0 = ONNX Runtime's default (all cores)
+    _add_warmup(config, spec)
+    return config
+
+
+def tensorrt_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
+    config = _base_config(spec, model)
+    config.platform = "tensorrt_plan"
+    config.default_model_filename = "model.plan"
+    _instance(config, spec, mc.ModelInstanceGroup.KIND_GPU)
+    _add_warmup(config, spec)
+    return config
+
+
+def onnx_gpu_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
+    config = _base_config(spec, model)
+    config.platform = "onnxruntime_onnx"
+    config.default_model_filename = "model.onnx"
+    _instance(config, spec, mc.ModelInstanceGroup.KIND_GPU)
+    _add_warmup(config, spec)
+    return config
+
+
+def ensemble_config(spec: PipelineSpec) -> mc.ModelConfig:
+    """The client-facing ensemble: preprocess -> encode per modality, validate history, fuse and score."""
+    name = spec.serving.ensemble_name
+    io_ = model_io(spec, name)
+    config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=spec.serving.max_candidates)
+    config.input.extend(_tensor(t, mc.ModelInput) for t in io_.inputs)
+    config.output.extend(_tensor(t, mc.ModelOutput) for t in io_.outputs)
+    steps = config.ensemble_scheduling.step
+    ranker_inputs = {}
+    for modality in spec.modalities.enabled:
+        pre, enc = f"preprocess_{modality.value}", f"{modality.value}_encoder"
+        pre_io, enc_io = model_io(spec, pre), model_io(spec, enc)
+        step = steps.add(model_name=pre, model_version=-1)
+        step.input_map[pre_io.inputs[0].name] = ITEM_INPUT[modality]
+        for t in pre_io.outputs:
+            step.output_map[t.name] = f"{modality.value}_{t.name}"
+        step = steps.add(model_name=enc, model_version=-1)
+        for t in enc_io.inputs:
+            step.input_map[t.name] = f"{modality.value}_{t.name}"
+        out = enc_io.outputs[0].name
+        step.output_map[out] = out
+        ranker_inputs[out] = out
+    step = steps.add(model_name="preprocess_history", model_version=-1)
+    hist_io = model_io(spec, "preprocess_history")
+    step.input_map[hist_io.inputs[0].name] = hist_io.inputs[0].name
+    step.output_map[hist_io.outputs[0].name] = "validated_history"
+    ranker_inputs["history"] = "validated_history"
+    step = steps.add(model_name="fusion_ranker", model_version=-1)
+    for key, value in ranker_inputs.items():
+        step.input_map[key] = value
+    for t in io_.outputs:
+        step.output_map[t.name] = t.name
+    if spec.serving.response_cache:
+        config.response_cache.enable = True
+    return config
+
+
+def model_configs(spec: PipelineSpec) -> dict[str, dict[str, mc.ModelConfig]]:
+    """Every model's config per profile: {model: {profile: ModelConfig}}."""
+    configs: dict[str, dict[str, mc.ModelConfig]] = {}
+    for model in member_models(spec):
+        if model in ENCODERS_AND_RANKER:
+            configs[model] = {"gpu": tensorrt_config(spec, model), "cpu": python_config(spec, model, "onnxruntime"),
+                              "onnx_gpu": onnx_gpu_config(spec, model)}
+        else:
+            role = "history" if model == "preprocess_history" else "preprocess"
+            config = python_config(spec, model, role)
+            configs[model] = {profile: config for profile in PROFILES}
+    ensemble = ensemble_config(spec)
+    configs[spec.serving.ensemble_name] = {profile: ensemble for profile in PROFILES}
+    return configs
+
+
+def _python_class(model: str) -> str:
+    if model in ENCODERS_AND_RANKER:
+        return "OnnxRuntimeModel"
+    return "HistoryModel" if model == "preprocess_history" else "PreprocessModel"
+
+
+def _length_prefixed(data: bytes) -> bytes:
+    """Triton's raw layout of one BYTES element (4-byte little-endian length, then the bytes)."""
+    return struct.pack("<I", len(data)) + data
+
+
+def _warmup_samples(spec: PipelineSpec) -> dict[Modality, bytes]:
+    """Small, deterministic, valid samples for the BYTES inputs of the preprocessing models' warm-up."""
+    from PIL import Image
+
+    size = spec.modalities.image.size
+    image = Image.new("RGB", (size + 16, size), (200, 40, 40))
+    png = io.BytesIO()
+    image.save(png, format="PNG", compress_level=9)
+    audio = spec.modalities.audio
+    t = np.arange(audio.clip_samples) / audio.sample_rate
+    pcm = (0.3 * np.sin(2 * np.pi * 440.0 * t) * 32767).astype("<i2").tobytes()
+    wav = io.BytesIO()
+    with wave.open(wav, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(audio.sample_rate)
+        w.writeframes(pcm)
+    return {Modality.TEXT: "warm-up title for the text preprocessor".encode(), Modality.IMAGE: png.getvalue(),
+            Modality.AUDIO: wav.getvalue()}
+
+
+def rendered_files(spec: PipelineSpec) -> list[RenderedFile]:
+    """Everything `render` writes, in memory: configs per profile, Python shells, warm-up samples, .gitkeep."""
+    files = []
+    for model, profiles in model_configs(spec).items():
+        for profile, config in profiles.items():
+            text = HEADER + text_format.MessageToString(config)
+            files.append(RenderedFile(f"{model}/{PROFILES[profile]}", text.encode()))
+        if model == spec.serving.ensemble_name:
+            files.append(RenderedFile(f"{model}/1/.gitkeep", b""))
+        else:
+            shell = _PYTHON_SHELL.format(model=model, cls=_python_class(model))
+            files.append(RenderedFile(f"{model}/1/model.py", shell.encode()))
+    samples = _warmup_samples(spec)
+    for modality in spec.modalities.enabled:
+        files.append(RenderedFile(f"preprocess_{modality.value}/warmup/{ITEM_INPUT[modality]}",
+                                  _length_prefixed(samples[modality])))
+    return sorted(files, key=lambda f: f.path)
+
+
+def render_repository(spec: PipelineSpec, repo: Path) -> list[Path]:
+    """Write the rendered repository under `repo`; generated weights already there are left alone."""
+    written = []
+    for f in rendered_files(spec):
+        path = repo / f.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists() or path.read_bytes() != f.content:
+            path.write_bytes(f.content)
+            written.append(path)
+    return written
+
+
+def check_repository(spec: PipelineSpec, repo: Path) -> list[str]:
+    """Differences between `repo` and what the spec renders (empty when they agree)."""
+    expected = {f.path: f.content for f in rendered_files(spec)}
+    problems = []
+    for rel, content in expected.items():
+        path = repo / rel
+        if not path.exists():
+            problems.append(f"missing: {rel} (run `fusionrank render`)")
+        elif path.read_bytes() != content:
+            problems.append(f"differs from the spec: {rel} (run `fusionrank render`)")
+    rendered_models = {rel.split("/")[0] for rel in expected}
+    for path in sorted(repo.glob("*/config.pbtxt")):
+        if path.parent.name not in rendered_models:
+            problems.append(f"not in the spec: {path.parent.name}/ (a model the spec no longer declares)")
+    return problems
+
+
+def load_config(path: Path) -> mc.ModelConfig:
+    """Parse a config.pbtxt into a `ModelConfig` (raises text_format.ParseError on a malformed file)."""
+    return text_format.Parse(path.read_text(), mc.ModelConfig())

@@ -1,0 +1,253 @@
+"""Start a real Triton server locally, without Docker or a GPU.
+
+`tritonserver` comes from PATH when present (inside the NGC container), else from the PyPI package
+`nvidia-pytriton`, which ships Triton with the Python backend. That binary needs the wheel's bundled libraries on
+LD_LIBRARY_PATH and a backend directory holding `python/libtriton_python.so` plus the stub built for the running
+Python; the directory is assembled in the cache folder (never inside site-packages). The stub imports packages from
+the first `python3` on PATH, so this interpreter's `bin/` goes first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fusionrank.errors import FusionRankError
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAMES = {"gpu": None, "cpu": "cpu", "onnx_gpu": "onnx_gpu"}
+
+
+class ServerError(FusionRankError):
+    """The Triton server could not be found, started, or did not become ready."""
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    binary: Path
+    backend_dir: Path | None  # None: the binary's own default (/opt/tritonserver/backends in the NGC image)
+    cache_dir: Path | None
+    env: dict[str, str]
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pytriton_root() -> Path | None:
+    try:
+        import pytriton
+    except ImportError:
+        return None
+    return Path(pytriton.__file__).resolve().parent
+
+
+def _build_backend_dir(server_root: Path, cache: Path) -> Path:
+    """`<cache>/backends/python/` with libtriton_python.so and the stub for this Python version."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = server_root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServerError(f"nvidia-pytriton ships no Python backend stub for Python {version} ({stub})")
+    target = cache / "backends" / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    for src in (server_root / "backends" / "python" / "libtriton_python.so",
+                server_root / "backends" / "python" / "triton_python_backend_utils.py", stub):
+        dst = target / src.name
+        if not dst.exists() or dst.stat().st_size != src.stat().st_size:
+            shutil.copy2(src, dst)
+    return target.parent
+
+
+def find_triton(cache: Path | None = None) -> TritonInstall:
+    """Locate a runnable tritonserver and the environment it needs."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return TritonInstall(Path(on_path), None, None, env)
+    root = _pytriton_root()
+    if root is None:
+        raise ServerError("no tritonserver on PATH and nvidia-pytriton is not installed (pip install nvidia-pytriton)")
+    server_root = root / "tritonserver"
+    libs = root.parent / "nvidia_pytriton.libs"
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+    cache = cache or Path(tempfile.gettempdir()) / "fusionrank-triton"
+    return TritonInstall(server_root / "bin" / "tritonserver", _build_backend_dir(server_root, cache),
+                         server_root / "caches", env)
+
+
+class TritonServer:
+    """A tritonserver process on loopback ports; a context manager that always stops it (process group included)."""
+
+    def __init__(self, repository: Path, profile: str = "cpu", grpc_port: int = 0, http_port: int = 0,
+                 metrics_port: int = 0, log_file: Path | None = None, extra_args: Sequence[str] = (),
+                 cache: Path | None = None, host: str = "127.0.0.1"):
+        if profile not in CONFIG_NAMES:
+            raise ServerError(f"unknown profile {profile!r}; allowed: {', '.join(CONFIG_NAMES)}")
+        self.repository = Path(repository).resolve()
+        if not self.repository.is_dir():
+            raise ServerError(f"model repository {self.repository} does not exist")
+        self.profile = profile
+        self.grpc_port = grpc_port or free_port()
+        self.http_port = http_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.log_file = Path(log_file) if log_file else Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
+        self.extra_args = list(extra_args)
+        self.cache = cache
+        self.host = host
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self._client_host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self._client_host}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self._client_host}:{self.metrics_port}/metrics"
+
+    @property
+    def _client_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+
+    def command(self, install: TritonInstall) -> list[str]:
+        cmd = [str(install.binary), f"--model-repository={self.repository}",
+               f"--grpc-address={self.host}", f"--http-address={self.host}", f"--metrics-address={self.host}",
+               f"--grpc-port={self.grpc_port}", f"--http-port={self.http_port}",
+               f"--metrics-port={self.metrics_port}", "--allow-metrics=true", "--exit-on-error=true",
+               "--strict-readiness=true", f"--log-file={self.log_file}"]
+        if CONFIG_NAMES[self.profile]:
+            cmd.append(f"--model-config-name={CONFIG_NAMES[self.profile]}")
+        if install.backend_dir:
+            cmd.append(f"--backend-directory={install.backend_dir}")
+        if install.cache_dir:
+            cmd.append(f"--cache-directory={install.cache_dir}")
+        return cmd + self.extra_args
+
+    def start(self, timeout: float = 300.0) -> TritonServer:
+        """Start the server and wait until it and every model in the repository are ready."""
+        install = find_triton(self.cache)
+        cmd = self.command(install)
+        log.info("starting %s", " ".join(cmd))
+        # A new session, so stop() can signal the server and its Python-backend stubs together.
+        self.process = subprocess.Popen(cmd, env=install.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        import tritonclient.grpc as grpcclient
+
+        deadline = time.monotonic() + timeout
+        with grpcclient.InferenceServerClient(self.grpc_url) as client:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise ServerError(f"tritonserver exited with code {self.process.returncode} during start-up; "
+                                      f"last log lines:\n{self.log_tail()}")
+                try:
+                    if client.is_server_ready():
+                        return
+                except Exception:  # noqa: BLE001 - not listening yet
+                    pass
+                time.sleep(0.5)
+        raise ServerError(f"tritonserver not ready after {timeout:.0f}s; log: {self.log_file}\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM the process group, then SIGKILL whatever is left after `timeout` seconds."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("tritonserver did not stop in %.0fs; killing it", timeout)
+        except ProcessLookupError:
+            pass
+        finally:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait()
+
+    def __enter__(self) -> TritonServer:
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve_forever(spec, repo: Path, profile: str = "cpu", grpc_port: int = 0, http_port: int = 0,
+                  metrics_port: int = 0, log_file: str | None = None, force: bool = False, out=None) -> int:
+    """`fusionrank serve`: start, print the endpoints, run until Ctrl-C or SIGTERM, stop cleanly."""
+    from fusionrank.paths import cache_dir
+
+    if profile == "gpu":
+        _preflight_or_refuse(spec, repo, force)
+    cache = cache_dir(spec)
+    log_path = Path(log_file) if log_file else cache / "logs" / f"tritonserver-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    server = TritonServer(repo, profile, grpc_port, http_port, metrics_port, log_path, cache=cache / "triton")
+    out = out or sys.stdout
+    stop = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        server.start()
+        out.write(f"Triton ready ({profile} profile) on {server.repository}\n")
+        out.write(f"  gRPC     {server.grpc_url}\n")
+        out.write(f"  HTTP     {server.http_url}\n")
+        out.write(f"  metrics  {server.metrics_url}\n")
+        out.write(f"  log      {server.log_file}\n")
+        out.write("Ctrl-C or SIGTERM stops the server.\n")
+        while not stop and server.process.poll() is None:
+            time.sleep(0.5)
+        if server.process.poll() is not None:
+            log.error("tritonserver exited with code %s; log: %s", server.process.returncode, server.log_file)
+            return 1
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.stop()
+        signal.signal(signal.SIGTERM, previous)
+        out.write("server stopped\n")
+
+
+def _preflight_or_refuse(spec, repo: Path, force: bool) -> None:
+    from export.preflight import preflight
+
+    mismatches = preflight(spec, repo)
+    if not mismatches:
+        return
+    for m in mismatches:
+        log.error("pre-flight: %s", m)
+    if not force:
+        raise ServerError(f"{len(mismatches)} engine mismatch(es) with this node; rebuild with "
+                          "`fusionrank build-engines`, or pass --force to serve anyway")

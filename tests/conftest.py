@@ -1,0 +1,79 @@
+"""Session fixtures shared by every test layer.
+
+- `ci_spec`: the small test spec (tests/pipeline.ci.yaml).
+- `built_repository`: a temporary model repository rendered, trained and exported for `ci_spec`.
+- `triton_server`: a real tritonserver (CPU profile) on that repository, started once per session.
+
+In CI the server must be found (it installs with the project), so e2e tests fail rather than silently skip there.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CI_SPEC = REPO_ROOT / "tests" / "pipeline.ci.yaml"
+
+# One cache for the whole test session (benchmark, embeddings, checkpoints are keyed by the spec's digest, so a
+# developer's second run reuses them; CI starts from a fresh clone).
+os.environ.setdefault("FUSIONRANK_CACHE", str(REPO_ROOT / ".cache" / "fusionrank-tests"))
+
+
+@pytest.fixture(scope="session")
+def ci_spec():
+    from fusionrank.spec import load_spec
+
+    return load_spec(CI_SPEC)
+
+
+@pytest.fixture(scope="session")
+def default_spec():
+    from fusionrank.spec import load_spec
+
+    return load_spec()
+
+
+@pytest.fixture(scope="session")
+def ci_checkpoint(ci_spec) -> Path:
+    """The CI spec's ranker, trained once (reused from the cache when it exists)."""
+    from fusionrank.paths import checkpoint_path
+    from fusionrank.train import train_ranker
+
+    path = checkpoint_path(ci_spec, ci_spec.ranker.fusion.value)
+    return path if path.is_file() else train_ranker(ci_spec)
+
+
+@pytest.fixture(scope="session")
+def built_repository(ci_spec, ci_checkpoint, tmp_path_factory) -> Path:
+    """A model repository for the CI spec: rendered configs, ONNX models, tokenizer, golden outputs."""
+    from export.torch2onnx import export_all
+    from fusionrank.serving.render import render_repository
+
+    repo = tmp_path_factory.mktemp("built") / "model_repository"
+    render_repository(ci_spec, repo)
+    export_all(ci_spec, repo, checkpoint=ci_checkpoint)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def offline_pipeline(ci_spec, ci_checkpoint, built_repository):
+    from fusionrank.pipeline import OfflinePipeline
+
+    tokenizer_dir = built_repository / "preprocess_text" / "1" / "tokenizer"
+    return OfflinePipeline(ci_spec, ci_checkpoint, tokenizer_dir=tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def triton_server(built_repository, tmp_path_factory):
+    """A started tritonserver (CPU profile) on `built_repository`; stopped at the end of the session."""
+    from fusionrank.serving.server import TritonServer
+
+    log_file = tmp_path_factory.mktemp("triton-log") / "tritonserver.log"
+    server = TritonServer(built_repository, profile="cpu", log_file=log_file,
+                          cache=tmp_path_factory.mktemp("triton-backend"))
+    server.start(timeout=300)
+    yield server
+    server.stop()

@@ -1,0 +1,104 @@
+"""Config layer: every config parses as a Triton ModelConfig, the committed repository equals the rendered one."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from tritonclient.grpc import model_config_pb2 as mc
+
+from fusionrank.serving.render import (
+    PROFILES,
+    check_repository,
+    ensemble_config,
+    load_config,
+    model_configs,
+    render_repository,
+)
+from fusionrank.spec import ModalitiesSpec, from_dict, member_models
+from fusionrank.tensors import model_io
+
+from .conftest import REPO_ROOT
+
+COMMITTED = REPO_ROOT / "model_repository"
+
+
+def test_committed_repository_equals_rendered(default_spec):
+    assert check_repository(default_spec, COMMITTED) == []
+
+
+def test_check_names_a_hand_edited_config(default_spec, tmp_path):
+    render_repository(default_spec, tmp_path)
+    path = tmp_path / "text_encoder" / "configs" / "cpu.pbtxt"
+    path.write_text(path.read_text().replace("max_batch_size: 128", "max_batch_size: 8"))
+    assert check_repository(default_spec, tmp_path) == [
+        "differs from the spec: text_encoder/configs/cpu.pbtxt (run `fusionrank render`)"]
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_every_committed_config_parses_and_matches_the_contract(default_spec, profile):
+    for model in (*member_models(default_spec), default_spec.serving.ensemble_name):
+        config = load_config(COMMITTED / model / PROFILES[profile])
+        assert config.name == model
+        io_ = model_io(default_spec, model)
+        assert [i.name for i in config.input] == [t.name for t in io_.inputs]
+        assert [o.name for o in config.output] == [t.name for t in io_.outputs]
+        assert [list(i.dims) for i in config.input] == [list(t.dims) for t in io_.inputs]
+
+
+def test_profiles_pick_the_backend(default_spec):
+    configs = model_configs(default_spec)
+    assert configs["text_encoder"]["gpu"].platform == "tensorrt_plan"
+    assert configs["text_encoder"]["gpu"].instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert configs["text_encoder"]["cpu"].backend == "python"
+    assert configs["text_encoder"]["cpu"].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    assert configs["text_encoder"]["onnx_gpu"].platform == "onnxruntime_onnx"
+    for profile in PROFILES:
+        assert configs["preprocess_image"][profile].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+
+
+def test_every_member_batches_dynamically_and_warms_up(default_spec):
+    configs = model_configs(default_spec)
+    for model in member_models(default_spec):
+        for profile, config in configs[model].items():
+            batching = default_spec.serving.batching(model)
+            assert config.HasField("dynamic_batching"), (model, profile)
+            assert list(config.dynamic_batching.preferred_batch_size) == list(batching.preferred_batch_sizes)
+            assert config.dynamic_batching.max_queue_delay_microseconds == batching.max_queue_delay_us
+            assert config.max_batch_size == batching.max_batch_size
+            assert len(config.model_warmup) >= 1, (model, profile)
+    text_warmups = configs["text_encoder"]["gpu"].model_warmup
+    assert sorted(w.inputs["input_ids"].dims[0] for w in text_warmups) == list(default_spec.modalities.text.buckets)
+    assert not configs[default_spec.serving.ensemble_name]["cpu"].HasField("dynamic_batching")
+
+
+def test_ensemble_wiring_is_closed(default_spec):
+    """Every step input is an ensemble input or an earlier step's output; every ensemble output is produced."""
+    config = ensemble_config(default_spec)
+    available = {i.name for i in config.input}
+    for step in config.ensemble_scheduling.step:
+        step_io = model_io(default_spec, step.model_name)
+        assert set(step.input_map) == {t.name for t in step_io.inputs}, step.model_name
+        missing = set(step.input_map.values()) - available
+        assert not missing, f"{step.model_name} reads {missing} before anything produces it"
+        assert set(step.output_map) == {t.name for t in step_io.outputs}
+        available |= set(step.output_map.values())
+    assert {o.name for o in config.output} <= available
+
+
+def test_disabled_modality_disappears_from_the_contract(default_spec):
+    audio = dataclasses.replace(default_spec.modalities.audio, enabled=False)
+    spec = dataclasses.replace(default_spec, modalities=dataclasses.replace(default_spec.modalities, audio=audio))
+    configs = model_configs(spec)
+    assert "preprocess_audio" not in configs and "audio_encoder" not in configs
+    ensemble = configs[spec.serving.ensemble_name]["cpu"]
+    assert [i.name for i in ensemble.input] == ["item_text", "item_image", "user_history"]
+    assert list(ensemble.output[1].dims) == [2]
+    assert [i.name for i in configs["fusion_ranker"]["cpu"].input] == ["text_embedding", "image_embedding", "history"]
+
+
+def test_python_models_get_their_spec_slice(default_spec):
+    config = model_configs(default_spec)["preprocess_audio"]["cpu"]
+    rebuilt = from_dict(__import__("json").loads(config.parameters["spec"].string_value))
+    assert rebuilt.modalities.audio == default_spec.modalities.audio
+    assert isinstance(rebuilt.modalities, ModalitiesSpec)

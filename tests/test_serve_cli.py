@@ -1,0 +1,80 @@
+"""`fusionrank serve` lifecycle with the real tritonserver: endpoints printed, SIGTERM stops everything."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import tritonclient.grpc as grpcclient
+
+pytestmark = pytest.mark.e2e
+
+ECHO_CONFIG = """
+name: "echo"
+backend: "python"
+max_batch_size: 4
+input { name: "x" data_type: TYPE_INT64 dims: [1] }
+output { name: "y" data_type: TYPE_INT64 dims: [1] }
+instance_group { kind: KIND_CPU count: 1 }
+"""
+
+ECHO_MODEL = """
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("y", pb_utils.get_input_tensor_by_name(r, "x").as_numpy())])
+                for r in requests]
+"""
+
+
+def _descendants_named(pid: int, name: str) -> list[psutil.Process]:
+    try:
+        return [p for p in psutil.Process(pid).children(recursive=True) if name in p.name()]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_serve_prints_endpoints_and_stops_cleanly_on_sigterm(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "echo" / "1").mkdir(parents=True)
+    (repo / "echo" / "config.pbtxt").write_text(ECHO_CONFIG)
+    (repo / "echo" / "1" / "model.py").write_text(ECHO_MODEL)
+    log_file = tmp_path / "triton.log"
+    proc = subprocess.Popen([sys.executable, "-m", "fusionrank.cli", "serve", "--repository", str(repo),
+                             "--profile", "cpu", "--log-file", str(log_file)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("Ctrl-C"):
+                break
+        output = "".join(lines)
+        grpc_url = re.search(r"gRPC\s+(\S+)", output).group(1)
+        assert re.search(r"metrics\s+http://127\.0\.0\.1:\d+/metrics", output)
+        assert str(log_file) in output
+        with grpcclient.InferenceServerClient(grpc_url) as client:
+            assert client.is_model_ready("echo")
+        stubs = _descendants_named(proc.pid, "triton")
+        assert stubs, "tritonserver should be running under `fusionrank serve`"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert "server stopped" in proc.stdout.read()
+        time.sleep(0.5)
+        assert not [p for p in stubs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], \
+            "processes left behind after SIGTERM"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

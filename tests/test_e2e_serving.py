@@ -185,7 +185,10 @@ def _scrape(url: str) -> dict[tuple[str, str], float]:
 
 
 def test_dynamic_batching_merges_concurrent_requests(triton_server, ci_spec, bench):
-    """Single-candidate requests sent together are executed in shared batches by every encoder."""
+    """Single-candidate requests sent together are executed in shared batches by every encoder.
+
+    (prometheus_client's parser reports Triton's counters with the `_total` suffix.)
+    """
     before = _scrape(triton_server.metrics_url)
     requests = [_session_request(bench, ci_spec, int(s), n=1) for s in bench.frozen_sessions(8)] * 4
 
@@ -199,7 +202,9 @@ def test_dynamic_batching_merges_concurrent_requests(triton_server, ci_spec, ben
     report = {}
     for modality in ci_spec.modalities.enabled:
         model = f"{modality.value}_encoder"
-        inferences, executions = delta("nv_inference_count", model), delta("nv_inference_exec_count", model)
+        # prometheus_client's parser reports Triton's counters with the `_total` suffix.
+        inferences = delta("nv_inference_count_total", model)
+        executions = delta("nv_inference_exec_count_total", model)
         assert inferences == len(requests)
         report[model] = inferences / executions
     print("average batch per encoder:", {k: round(v, 2) for k, v in report.items()})

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Sequence
@@ -84,7 +85,12 @@ def find_triton(cache: Path | None = None) -> TritonInstall:
         raise ServerError("no tritonserver on PATH and nvidia-pytriton is not installed (pip install nvidia-pytriton)")
     server_root = root / "tritonserver"
     libs = root.parent / "nvidia_pytriton.libs"
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+    # The stub links libpython3.X.so dynamically: give it this interpreter's own, else it may pick up the
+    # distribution's build, whose C extensions (e.g. _ssl) then fail with undefined symbols.
+    libpython = sysconfig.get_config_var("LIBDIR")
+    paths = (str(libs), libpython if libpython and Path(libpython, sysconfig.get_config_var("INSTSONAME") or "-")
+             .is_file() else "", env.get("LD_LIBRARY_PATH", ""))
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in paths if p)
     cache = cache or Path(tempfile.gettempdir()) / "fusionrank-triton"
     return TritonInstall(server_root / "bin" / "tritonserver", _build_backend_dir(server_root, cache),
                          server_root / "caches", env)

@@ -1,0 +1,223 @@
+"""torch2onnx: each encoder and the ranker to ONNX, with parity against PyTorch proven right after export.
+
+Tensor names and named dynamic axes come from `fusionrank.tensors` (the same contract the Triton configs and the
+TensorRT profiles use). For each model this writes into the repository:
+
+- `<model>/1/model.onnx`;
+- `<model>/1/golden.npz`: PyTorch inputs (`in.<name>`) and outputs (`out.<name>`) on real catalogue samples, for
+  checking engines later (the ranker's also holds `labels` and `groups` of the frozen candidate set);
+- `preprocess_text/1/tokenizer/`: the encoder checkpoint's tokenizer, for the text preprocessing model;
+- `parity.json` at the repository root: the parity table.
+
+Parity samples are real: catalogue items of frozen test sessions, with titles joined so every padding bucket is
+exercised. Ranking parity scores the frozen candidate set through the whole chain twice (PyTorch encoders +
+ranker vs ONNX Runtime encoders + ranker).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.parity import OutputParity, RankingParity, check_outputs, ranking_parity
+from fusionrank.benchmark import Benchmark, load_benchmark
+from fusionrank.errors import CheckpointError, FusionRankError
+from fusionrank.spec import Modality, PipelineSpec
+from fusionrank.tensors import model_io
+
+log = logging.getLogger(__name__)
+RANKER = "fusion_ranker"
+
+
+def exportable_models(spec: PipelineSpec) -> tuple[str, ...]:
+    return (*(f"{m.value}_encoder" for m in spec.modalities.enabled), RANKER)
+
+
+@dataclass
+class ExportReport:
+    outputs: list[OutputParity] = field(default_factory=list)
+    ranking: RankingParity | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"outputs": [o.as_dict() for o in self.outputs],
+                "ranking": self.ranking.as_dict() if self.ranking else None, "files": self.files,
+                "seconds": self.seconds}
+
+    def table(self) -> str:
+        lines = ["| model | output | inputs | max abs diff | tolerance | parity |", "|---|---|---|---|---|---|"]
+        for o in self.outputs:
+            lines.append(f"| {o.model} | {o.output} | {o.inputs} | {o.max_abs_diff:.2e} | {o.tolerance.describe()} "
+                         f"| {'ok' if o.passed else 'FAIL'} |")
+        if self.ranking:
+            r = self.ranking
+            lines.append(f"\nranking parity on {r.candidates} frozen candidates (PyTorch chain vs ONNX Runtime chain):"
+                         f" top-10 overlap {r.top10_overlap:.3f}, Kendall tau {r.kendall_tau:.5f}, "
+                         f"AUC {r.auc_reference:.4f} vs {r.auc_actual:.4f} (diff {r.auc_diff:.2e}) -> "
+                         f"{'ok' if r.passed else 'FAIL'}")
+        return "\n".join(lines)
+
+
+def _describe(inputs: dict[str, np.ndarray]) -> str:
+    return ", ".join(f"{k} {list(v.shape)}" for k, v in inputs.items() if k != "attention_mask" and k != "history")
+
+
+def _checked(model: str, reference, actual, spec: PipelineSpec, inputs) -> list[OutputParity]:
+    return [dataclasses.replace(r, inputs=_describe(inputs))
+            for r in check_outputs(model, reference, actual, spec.export.tolerance)]
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def export_onnx(module: torch.nn.Module, spec: PipelineSpec, model: str, sample: dict[str, np.ndarray],
+                path: Path) -> Path:
+    """torch.onnx.export with the contract's names and dynamic axes; returns the written path."""
+    io = model_io(spec, model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    args = tuple(torch.from_numpy(sample[t.name]) for t in io.inputs)
+    axes = {t.name: t.dynamic_axes() for t in (*io.inputs, *io.outputs)}
+    try:
+        torch.onnx.export(module, args, str(path), input_names=[t.name for t in io.inputs],
+                          output_names=[t.name for t in io.outputs], dynamic_axes=axes,
+                          opset_version=spec.export.opset, dynamo=False)
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many types; name the model
+        raise FusionRankError(f"torch.onnx.export failed for {model}: {exc}") from exc
+    return path
+
+
+@torch.inference_mode()
+def _torch_outputs(module, spec: PipelineSpec, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    io = model_io(spec, model)
+    out = module(*(torch.from_numpy(inputs[t.name]) for t in io.inputs))
+    out = out if isinstance(out, tuple) else (out,)
+    return {t.name: o.numpy() for t, o in zip(io.outputs, out)}
+
+
+def _ort_outputs(session, spec: PipelineSpec, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    io = model_io(spec, model)
+    values = session.run([t.name for t in io.outputs], {t.name: inputs[t.name] for t in io.inputs})
+    return dict(zip((t.name for t in io.outputs), values))
+
+
+def _text_samples(bench: Benchmark, items: list[int], spec: PipelineSpec) -> list[list[bytes]]:
+    """Real titles, plus titles joined into longer texts, so every padding bucket gets parity samples."""
+    titles = [bench.item(i).title for i in items]
+    groups = [[t.encode() for t in titles]]
+    for words in (b for b in spec.modalities.text.buckets[1:]):
+        joined, rows = [], []
+        for t in titles:
+            joined.append(t)
+            if sum(len(x.split()) for x in joined) >= words * 0.8:
+                rows.append(" ".join(joined).encode())
+                joined = []
+        if rows:
+            groups.append(rows)
+    return groups
+
+
+def _sample_items(bench: Benchmark, spec: PipelineSpec) -> tuple[np.ndarray, list[int]]:
+    sessions = bench.frozen_sessions(spec.export.parity_samples)
+    items = list(dict.fromkeys(bench.sessions.candidates[sessions].ravel().tolist()))[: spec.export.parity_samples]
+    return sessions, items
+
+
+def export_all(spec: PipelineSpec, repo: Path, checkpoint: Path | None = None, models: list[str] | None = None,
+               ) -> ExportReport:
+    """Export the encoders and the ranker, prove parity (raises ParityError on failure), write golden outputs."""
+    from fusionrank.models.encoders import build_encoder
+    from fusionrank.models.fusion import load_ranker
+    from fusionrank.paths import checkpoint_path, resolve_text_checkpoint
+    from fusionrank.preprocess import build_preprocessor
+    from fusionrank.preprocess.text import load_tokenizer
+
+    repo = Path(repo)
+    wanted = exportable_models(spec)
+    models = list(models or wanted)
+    unknown = [m for m in models if m not in wanted]
+    if unknown:
+        raise FusionRankError(f"cannot export {unknown}: exportable models are {', '.join(wanted)}")
+    checkpoint = Path(checkpoint) if checkpoint else checkpoint_path(spec, spec.ranker.fusion.value)
+    if RANKER in models and not checkpoint.is_file():
+        raise CheckpointError(f"ranker checkpoint {checkpoint} does not exist; run `fusionrank train` first")
+
+    bench = load_benchmark(spec)
+    sessions, items = _sample_items(bench, spec)
+    report = ExportReport()
+    text_dir = resolve_text_checkpoint(spec.modalities.text.encoder.checkpoint) if spec.modalities.text.enabled \
+        else None
+    if spec.modalities.text.enabled:
+        load_tokenizer(text_dir).save_pretrained(str(repo / "preprocess_text" / "1" / "tokenizer"))
+
+    # The frozen candidate set, preprocessed once; encoders of both runtimes see identical inputs.
+    cand = bench.sessions.candidates[sessions]
+    cand_items = cand.ravel()
+    chain_inputs, torch_emb, ort_emb = {}, {}, {}
+    for modality in spec.modalities.enabled:
+        model = f"{modality.value}_encoder"
+        started = time.monotonic()
+        encoder = build_encoder(spec, modality)
+        pre = build_preprocessor(spec, modality, tokenizer_dir=text_dir)
+        get = {Modality.TEXT: "text_bytes", Modality.IMAGE: "image_bytes", Modality.AUDIO: "audio_bytes"}[modality]
+        if modality is Modality.TEXT:
+            sample_groups = [pre(rows) for rows in _text_samples(bench, items, spec)]
+        else:
+            sample_groups = [pre([getattr(bench.item(i), get)() for i in items])]
+        path = repo / model / "1" / "model.onnx"
+        if model in models:
+            export_onnx(encoder, spec, model, sample_groups[0], path)
+        session = _session(path)
+        golden = None
+        for group in sample_groups:
+            reference = _torch_outputs(encoder, spec, model, group)
+            report.outputs += _checked(model, reference, _ort_outputs(session, spec, model, group), spec, group)
+            golden = golden or {**{f"in.{k}": v for k, v in group.items()},
+                                **{f"out.{k}": v for k, v in reference.items()}}
+        np.savez(repo / model / "1" / "golden.npz", **golden)
+        # Whole candidate set through both runtimes, in request-sized chunks (one request = one bucket).
+        per = cand.shape[1]
+        t_parts, o_parts = [], []
+        for start in range(0, len(cand_items), per):
+            arrays = pre([getattr(bench.item(int(i)), get)() for i in cand_items[start:start + per]])
+            t_parts.append(_torch_outputs(encoder, spec, model, arrays))
+            o_parts.append(_ort_outputs(session, spec, model, arrays))
+        name = model_io(spec, model).outputs[0].name
+        torch_emb[name] = np.concatenate([p[name] for p in t_parts])
+        ort_emb[name] = np.concatenate([p[name] for p in o_parts])
+        report.files[model] = str(path)
+        report.seconds[model] = round(time.monotonic() - started, 2)
+
+    started = time.monotonic()
+    ranker = load_ranker(checkpoint, spec=spec)
+    per = cand.shape[1]
+    history = np.repeat(bench.sessions.history[sessions], per, axis=0)
+    chain_inputs = {**torch_emb, "history": history}
+    path = repo / RANKER / "1" / "model.onnx"
+    if RANKER in models:
+        export_onnx(ranker, spec, RANKER, {k: v[:8] for k, v in chain_inputs.items()}, path)
+    session = _session(path)
+    reference = _torch_outputs(ranker, spec, RANKER, chain_inputs)
+    report.outputs += _checked(RANKER, reference, _ort_outputs(session, spec, RANKER, chain_inputs), spec,
+                               chain_inputs)
+    onnx_chain = _ort_outputs(session, spec, RANKER, {**ort_emb, "history": history})
+    labels = bench.sessions.clicks[sessions].ravel()
+    groups = np.repeat(bench.sessions.user[sessions], per)
+    report.ranking = ranking_parity(reference["click_probability"], onnx_chain["click_probability"], labels, groups,
+                                    spec.export.ranking, model="onnx pipeline", raise_on_fail=True)
+    np.savez(repo / RANKER / "1" / "golden.npz", **{f"in.{k}": v for k, v in chain_inputs.items()},
+             **{f"out.{k}": v for k, v in reference.items()}, labels=labels, groups=groups)
+    report.files[RANKER] = str(path)
+    report.seconds[RANKER] = round(time.monotonic() - started, 2)
+    (repo / "parity.json").write_text(json.dumps(report.as_dict(), indent=2))
+    return report

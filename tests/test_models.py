@@ -1,0 +1,90 @@
+"""Reference models: encoders' shapes and pooling, every fusion's outputs, checkpoint round trip and mismatch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fusionrank.errors import CheckpointError
+from fusionrank.models.encoders import build_encoder
+from fusionrank.models.fusion import FusionRanker, RankerConfig, load_ranker, save_ranker
+from fusionrank.spec import FusionType, Modality, from_dict, to_dict
+
+
+def _inputs(spec, n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    embs = [torch.randn(n, spec.modalities.embedding_dim(m), generator=g) for m in spec.modalities.enabled]
+    history = torch.randint(0, spec.ranker.history.vocab_size, (n, spec.ranker.history.length), generator=g)
+    return embs, history
+
+
+@pytest.mark.parametrize("fusion", list(FusionType))
+def test_every_fusion_outputs_probabilities_and_weights(ci_spec, fusion):
+    model = FusionRanker(RankerConfig.from_spec(ci_spec, fusion=fusion)).eval()
+    embs, history = _inputs(ci_spec)
+    probs, weights = model(*embs, history)
+    assert probs.shape == (6, 1) and ((probs > 0) & (probs < 1)).all()
+    assert weights.shape == (6, 3) and (weights >= 0).all()
+    torch.testing.assert_close(weights.sum(1), torch.ones(6))
+    # Row-independent: scoring one candidate alone gives the same result as in a batch.
+    alone, _ = model(*(e[2:3] for e in embs), history[2:3])
+    torch.testing.assert_close(alone, probs[2:3], atol=1e-6, rtol=1e-5)
+
+
+def test_weights_follow_the_inputs_for_attention_and_gated(ci_spec):
+    for fusion in (FusionType.ATTENTION, FusionType.GATED):
+        model = FusionRanker(RankerConfig.from_spec(ci_spec, fusion=fusion)).eval()
+        embs, history = _inputs(ci_spec)
+        _, weights = model(*embs, history)
+        assert weights.std(0).max() > 0, f"{fusion}: weights do not depend on the candidate"
+
+
+def test_single_modality_ranker(ci_spec):
+    model = FusionRanker(RankerConfig.from_spec(ci_spec, modalities=(Modality.TEXT,))).eval()
+    embs, history = _inputs(ci_spec)
+    probs, weights = model(embs[0], history)
+    assert probs.shape == (6, 1) and torch.equal(weights, torch.ones(6, 1))
+
+
+def test_checkpoint_round_trip_and_mismatch(ci_spec, tmp_path):
+    model = FusionRanker(RankerConfig.from_spec(ci_spec, fusion=FusionType.LATE)).eval()
+    path = save_ranker(model, tmp_path / "r.pt")
+    loaded = load_ranker(path, spec=ci_spec)
+    embs, history = _inputs(ci_spec)
+    torch.testing.assert_close(loaded(*embs, history)[0], model(*embs, history)[0])
+    data = to_dict(ci_spec, drop=("source",))
+    data["ranker"]["history"]["vocab_size"] = 999
+    with pytest.raises(CheckpointError, match="vocab 201"):
+        load_ranker(path, spec=from_dict(data))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_ranker(tmp_path / "missing.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot be loaded"):
+        load_ranker(tmp_path / "garbage.pt")
+
+
+def test_encoders_shapes_and_text_pooling(ci_spec):
+    from fusionrank.preprocess import build_preprocessor
+
+    text = build_encoder(ci_spec, Modality.TEXT)
+    arrays = build_preprocessor(ci_spec, Modality.TEXT)([b"hiking boots", b"espresso machine for the kitchen"])
+    emb = text(**{k: torch.from_numpy(v) for k, v in arrays.items()})
+    assert emb.shape == (2, 384)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(2))  # normalize: true
+    # Mean pooling ignores padding: the same title padded to a longer bucket embeds the same.
+    ids, mask = (torch.from_numpy(arrays[k][:1]) for k in ("input_ids", "attention_mask"))
+    padded = text(torch.nn.functional.pad(ids, (0, 16)), torch.nn.functional.pad(mask, (0, 16)))
+    torch.testing.assert_close(padded, emb[:1], atol=1e-5, rtol=1e-4)
+    image = build_encoder(ci_spec, Modality.IMAGE)
+    size = ci_spec.modalities.image.size
+    assert image(torch.zeros(2, 3, size, size)).shape == (2, 512)
+    audio = build_encoder(ci_spec, Modality.AUDIO)
+    a = ci_spec.modalities.audio
+    assert audio(torch.zeros(2, a.n_mels, a.num_frames)).shape == (2, 128)
+
+
+def test_seeded_init_is_deterministic(ci_spec):
+    a, b = build_encoder(ci_spec, Modality.AUDIO), build_encoder(ci_spec, Modality.AUDIO)
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 128, 101)).astype(np.float32))
+    torch.testing.assert_close(a(x), b(x))

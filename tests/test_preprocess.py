@@ -1,0 +1,155 @@
+"""Preprocessing: the one implementation used offline and by the Triton models."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from fusionrank.errors import PreprocessError
+from fusionrank.preprocess import build_preprocessor, validate_history
+from fusionrank.spec import Modality
+
+
+@pytest.fixture(scope="module")
+def text(ci_spec):
+    return build_preprocessor(ci_spec, Modality.TEXT)
+
+
+def test_text_pads_to_the_smallest_bucket_that_fits(text, ci_spec):
+    short = text([b"red tent", b"espresso machine"])
+    assert short["input_ids"].shape == (2, 16) and short["attention_mask"].shape == (2, 16)
+    long_title = " ".join(["hiking"] * 25).encode()
+    assert text([b"red tent", long_title])["input_ids"].shape == (2, 32)
+    very_long = " ".join(["hiking"] * 200).encode()
+    out = text([very_long])
+    assert out["input_ids"].shape == (1, ci_spec.modalities.text.max_length)
+    assert out["attention_mask"].sum() == ci_spec.modalities.text.max_length  # truncated, not rejected
+
+
+def test_text_matches_the_checkpoint_tokenizer(text):
+    from transformers import AutoTokenizer
+
+    from fusionrank.paths import resolve_text_checkpoint
+
+    reference = AutoTokenizer.from_pretrained(str(resolve_text_checkpoint("builtin:all-MiniLM-L6-v2")))
+    ids = text([b"Wireless noise-cancelling headphones"])["input_ids"][0]
+    expected = reference("Wireless noise-cancelling headphones")["input_ids"]
+    assert ids[: len(expected)].tolist() == expected and not ids[len(expected):].any()
+
+
+@pytest.mark.parametrize("raw, problem", [
+    (b"", "empty"), (b"   ", "empty"), (b"caf\xe9", "UTF-8"), (b"x" * 2001, "at most 2000"),
+])
+def test_text_bad_rows_name_the_row(text, raw, problem):
+    with pytest.raises(PreprocessError) as info:
+        text([b"fine title", raw])
+    assert str(info.value).startswith("item_text[1]") and problem in str(info.value)
+
+
+def _encode(image: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_image_resize_crop_normalise_and_formats(ci_spec):
+    pre = build_preprocessor(ci_spec, Modality.IMAGE)
+    size = ci_spec.modalities.image.size
+    red = Image.new("RGB", (300, 120), (255, 0, 0))
+    rows = [_encode(red, "JPEG"), _encode(red, "PNG"), _encode(red, "WEBP", lossless=True),
+            _encode(red.convert("L"), "PNG"), _encode(red.convert("RGBA"), "PNG")]
+    out = pre(rows)["pixel_values"]
+    assert out.shape == (5, 3, size, size) and out.dtype == np.float32
+    mean, std = ci_spec.modalities.image.mean, ci_spec.modalities.image.std
+    np.testing.assert_allclose(out[1, :, 5, 5], [(1 - mean[0]) / std[0], -mean[1] / std[1], -mean[2] / std[2]],
+                               atol=1e-5)
+
+
+def test_image_exif_orientation_is_applied(ci_spec):
+    pre = build_preprocessor(ci_spec, Modality.IMAGE)
+    image = Image.new("RGB", (200, 100), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 100, 100))  # left half red, right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display: red ends up on top
+    rotated = pre([_encode(image, "JPEG", exif=exif, quality=95)])["pixel_values"][0]
+    plain = pre([_encode(image, "JPEG", quality=95)])["pixel_values"][0]
+    # Displayed upright, the top rows are red; without EXIF the centre crop is half red, half blue.
+    assert rotated[0, 2].mean() > rotated[2, 2].mean()
+    assert plain[0, :, 2].mean() > plain[0, :, -3].mean()
+
+
+def test_image_bad_rows(ci_spec):
+    pre = build_preprocessor(ci_spec, Modality.IMAGE)
+    good = _encode(Image.new("RGB", (64, 64)), "JPEG")
+    gif = _encode(Image.new("RGB", (8, 8)), "GIF")
+    for raw, problem in [(b"", "empty"), (b"not an image", "cannot decode"), (good[:100], "cannot decode"),
+                         (gif, "unsupported image format GIF")]:
+        with pytest.raises(PreprocessError) as info:
+            pre([good, raw])
+        assert str(info.value).startswith("item_image[1]") and problem in str(info.value), info.value
+
+
+def test_image_pixel_limit_is_checked_before_decoding(ci_spec):
+    from fusionrank.spec import from_dict, to_dict
+
+    data = to_dict(ci_spec, drop=("source",))
+    data["modalities"]["image"]["max_pixels"] = 100 * 100
+    pre = build_preprocessor(from_dict(data), Modality.IMAGE)
+    with pytest.raises(PreprocessError, match=r"item_image\[0\]: decoded size 200x100"):
+        pre([_encode(Image.new("RGB", (200, 100)), "PNG")])
+
+
+def _wav(samples: np.ndarray, rate: int) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, samples, rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def test_audio_resample_mixdown_pad_trim(ci_spec):
+    pre = build_preprocessor(ci_spec, Modality.AUDIO)
+    a = ci_spec.modalities.audio
+    t16 = np.arange(a.sample_rate * 2) / a.sample_rate
+    tone = 0.5 * np.sin(2 * np.pi * 440 * t16)
+    t22 = np.arange(22050 * 2) / 22050
+    stereo22 = np.stack([0.5 * np.sin(2 * np.pi * 440 * t22)] * 2, axis=1)
+    rows = [_wav(tone, a.sample_rate), _wav(stereo22, 22050), _wav(tone[:4000], a.sample_rate)]
+    mel = pre(rows)["log_mel"]
+    assert mel.shape == (3, a.n_mels, a.num_frames) and mel.dtype == np.float32
+    # Same tone at another rate and in stereo: same spectrum after resampling and mix-down.
+    peak = mel[0].mean(axis=1).argmax()
+    assert abs(int(mel[1].mean(axis=1).argmax()) - int(peak)) <= 1
+    # Short clip is zero-padded: the tail frames are at the log floor.
+    assert mel[2][:, -10:].max() < mel[0][:, -10:].max() - 3
+
+
+def test_audio_bad_rows(ci_spec):
+    pre = build_preprocessor(ci_spec, Modality.AUDIO)
+    a = ci_spec.modalities.audio
+    good = _wav(np.zeros(a.sample_rate), a.sample_rate)
+    long = _wav(np.zeros(int(a.sample_rate * (a.max_seconds + 1))), a.sample_rate)
+    for raw, problem in [(b"", "empty"), (b"RIFF\x10\x00\x00\x00WAVEjunk", "cannot decode WAV"),
+                         (long, "at most 30 s"), (good[:30], "cannot decode WAV")]:
+        with pytest.raises(PreprocessError) as info:
+            pre([good, raw])
+        assert str(info.value).startswith("item_audio[1]") and problem in str(info.value), info.value
+
+
+def test_history_validation(ci_spec):
+    length, vocab = ci_spec.ranker.history.length, ci_spec.ranker.history.vocab_size
+    ok = np.zeros((2, length), dtype=np.int64)
+    ok[:, -1] = vocab - 1
+    assert validate_history(ok, ci_spec) is not None
+    for value, problem in [(-1, "negative item id -1"), (vocab, f"out of vocabulary {vocab}")]:
+        bad = ok.copy()
+        bad[1, 2] = value
+        with pytest.raises(PreprocessError) as info:
+            validate_history(bad, ci_spec)
+        assert str(info.value).startswith("user_history[1]") and problem in str(info.value)
+    with pytest.raises(PreprocessError, match="shape"):
+        validate_history(ok[:, 1:], ci_spec)
+    with pytest.raises(PreprocessError, match="INT64"):
+        validate_history(ok.astype(np.float32), ci_spec)

@@ -120,6 +120,10 @@ def tensorrt_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
     config.platform = "tensorrt_plan"
     config.default_model_filename = "model.plan"
     _instance(config, spec, mc.ModelInstanceGroup.KIND_GPU)
+    if model == "text_encoder" and spec.export.tensorrt.profile_per_bucket:
+        # One optimisation profile per padding bucket (export/profiles.py): every instance must be allowed to use
+        # all of them, else Triton binds only profile 0 and the other buckets' shapes are rejected.
+        config.instance_group[0].profile.extend(str(i) for i in range(len(spec.modalities.text.buckets)))
     _add_warmup(config, spec)
     return config
 

@@ -111,20 +111,17 @@ def _ort_outputs(session, spec: PipelineSpec, model: str, inputs: dict[str, np.n
     return dict(zip((t.name for t in io.outputs), values))
 
 
-def _text_samples(bench: Benchmark, items: list[int], spec: PipelineSpec) -> list[list[bytes]]:
-    """Real titles, plus titles joined into longer texts, so every padding bucket gets parity samples."""
+def _text_samples(bench: Benchmark, items: list[int], spec: PipelineSpec, tokenizer) -> list[list[bytes]]:
+    """Real titles, alone and joined into longer texts, grouped by padding bucket: every bucket gets samples."""
+    text = spec.modalities.text
     titles = [bench.item(i).title for i in items]
-    groups = [[t.encode() for t in titles]]
-    for words in (b for b in spec.modalities.text.buckets[1:]):
-        joined, rows = [], []
-        for t in titles:
-            joined.append(t)
-            if sum(len(x.split()) for x in joined) >= words * 0.8:
-                rows.append(" ".join(joined).encode())
-                joined = []
-        if rows:
-            groups.append(rows)
-    return groups
+    by_bucket: dict[int, list[bytes]] = {b: [] for b in text.buckets}
+    for joined in range(1, 12):
+        for start in range(0, len(titles) - joined + 1, joined):
+            sample = " ".join(titles[start:start + joined])
+            tokens = len(tokenizer(sample, truncation=True, max_length=text.max_length)["input_ids"])
+            by_bucket[text.bucket_for(tokens)].append(sample.encode())
+    return [rows[: spec.export.parity_samples] for rows in by_bucket.values() if rows]
 
 
 def _sample_items(bench: Benchmark, spec: PipelineSpec) -> tuple[np.ndarray, list[int]]:
@@ -171,7 +168,7 @@ def export_all(spec: PipelineSpec, repo: Path, checkpoint: Path | None = None, m
         pre = build_preprocessor(spec, modality, tokenizer_dir=text_dir)
         get = {Modality.TEXT: "text_bytes", Modality.IMAGE: "image_bytes", Modality.AUDIO: "audio_bytes"}[modality]
         if modality is Modality.TEXT:
-            sample_groups = [pre(rows) for rows in _text_samples(bench, items, spec)]
+            sample_groups = [pre(rows) for rows in _text_samples(bench, items, spec, pre.tokenizer)]
         else:
             sample_groups = [pre([getattr(bench.item(i), get)() for i in items])]
         path = repo / model / "1" / "model.onnx"

@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("loadtest", cmd_loadtest, "run a Locust load test and gate on the SLOs")
     p.add_argument("--url", default=None, help="gRPC endpoint to load (default: with --serve, the local server)")
     p.add_argument("--serve", action="store_true", help="start the local server (CPU profile) for the run")
+    p.add_argument("--metrics-url", default=None,
+                   help="Triton metrics URL for the server-side breakdown (default: $FUSIONRANK_METRICS_URL, or port "
+                        "8002 beside a gRPC endpoint on 8001)")
     p.add_argument("--scenario", default=None, help="scenario YAML (default: loadtest/scenarios/default.yaml)")
     p.add_argument("--slo", default=None, help="SLO YAML (default: loadtest/slo.yaml)")
     p.add_argument("--users", type=int, default=None)

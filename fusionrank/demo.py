@@ -33,8 +33,9 @@ def run_demo(spec, repo: Path, args, out=sys.stdout) -> int:
     _banner(out, "1. benchmark data")
     out.write(load_benchmark(spec).summary() + "\n")
 
-    _banner(out, f"2. train the {spec.ranker.fusion.value} ranker and evaluate every fusion vs single modalities")
-    report = evaluate_all(spec)
+    _banner(out, f"2. train the {spec.ranker.fusion.value} ranker and the single-modality baselines; evaluate")
+    # The demo trains the spec's fusion and the baselines; `fusionrank evaluate` runs all six fusions.
+    report = evaluate_all(spec, fusions=[spec.ranker.fusion.value])
     out.write(report.table() + "\n")
     status = 0 if report.fused_beats_baselines() else 1
     if status:

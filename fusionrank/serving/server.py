@@ -101,7 +101,7 @@ class TritonServer:
 
     def __init__(self, repository: Path, profile: str = "cpu", grpc_port: int = 0, http_port: int = 0,
                  metrics_port: int = 0, log_file: Path | None = None, extra_args: Sequence[str] = (),
-                 cache: Path | None = None, host: str = "127.0.0.1"):
+                 cache: Path | None = None, host: str = "127.0.0.1", exit_timeout_s: int = 10):
         if profile not in CONFIG_NAMES:
             raise ServerError(f"unknown profile {profile!r}; allowed: {', '.join(CONFIG_NAMES)}")
         self.repository = Path(repository).resolve()
@@ -115,6 +115,9 @@ class TritonServer:
         self.extra_args = list(extra_args)
         self.cache = cache
         self.host = host
+        # Triton 2.51 keeps an ensemble request cancelled by a client deadline counted as in flight, so a stop
+        # waits the whole exit timeout (30 s by default) before exiting: keep it short.
+        self.exit_timeout_s = exit_timeout_s
         self.process: subprocess.Popen | None = None
 
     @property
@@ -138,7 +141,7 @@ class TritonServer:
                f"--grpc-address={self.host}", f"--http-address={self.host}", f"--metrics-address={self.host}",
                f"--grpc-port={self.grpc_port}", f"--http-port={self.http_port}",
                f"--metrics-port={self.metrics_port}", "--allow-metrics=true", "--exit-on-error=true",
-               "--strict-readiness=true", f"--log-file={self.log_file}"]
+               "--strict-readiness=true", f"--exit-timeout-secs={self.exit_timeout_s}", f"--log-file={self.log_file}"]
         if CONFIG_NAMES[self.profile]:
             cmd.append(f"--model-config-name={CONFIG_NAMES[self.profile]}")
         if install.backend_dir:

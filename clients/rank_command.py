@@ -1,0 +1,139 @@
+"""`fusionrank rank`: rank candidates from JSON files or from the benchmark catalogue over gRPC; print a table.
+
+A candidates file is JSON: either a list of candidates or `{"history": [item ids], "candidates": [...]}`, each
+candidate `{"id": ..., "text": "title", "image": "a.jpg", "audio": "a.wav"}` (paths relative to the file). Without a
+`history` the request is sent for a cold-start user (an all-padding history).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from clients.ranking_client import Candidate, RankingClient, RankingResult
+from fusionrank.errors import DataError
+from fusionrank.spec import PipelineSpec
+
+READY_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class RankRequest:
+    """What `fusionrank rank` sends: candidates with display labels, and the user's history."""
+
+    candidates: list[Candidate]
+    titles: list[str]
+    history: np.ndarray  # 1-D recent item ids
+    description: str
+
+
+def benchmark_request(spec: PipelineSpec, user: int = 0, candidates: int = 10) -> RankRequest:
+    """The candidates of one benchmark user's first session (topped up from the catalogue) and their history."""
+    from fusionrank.benchmark import load_benchmark
+
+    if candidates < 1:
+        raise DataError(f"--candidates must be >= 1, got {candidates}")
+    bench = load_benchmark(spec)
+    sessions = np.flatnonzero(np.asarray(bench.sessions.user) == user)
+    if not len(sessions):
+        raise DataError(f"benchmark has no user {user} (users 0..{int(np.max(bench.sessions.user))})")
+    session = int(sessions[0])
+    ids = [int(i) for i in bench.sessions.candidates[session]][:candidates]
+    rng = np.random.default_rng(spec.data.seed * 1_000_003 + user)
+    extra = [int(i) for i in rng.permutation(np.arange(1, bench.num_items + 1)) if int(i) not in ids]
+    ids += extra[: candidates - len(ids)]
+    items = [bench.item(i) for i in ids]
+    cands = [Candidate(text=it.text_bytes(), image=it.image_bytes(), audio=it.audio_bytes(), item_id=it.item_id)
+             for it in items]
+    return RankRequest(cands, [it.title for it in items], np.asarray(bench.sessions.history[session], np.int64),
+                       f"benchmark user {user}, session {session}")
+
+
+def _beside(json_file: Path, value: str | None) -> Path | None:
+    return None if value is None else json_file.parent / value
+
+
+def file_request(paths: Sequence[str]) -> RankRequest:
+    """Candidates (and optionally the history) from one or more JSON files."""
+    candidates, titles, history = [], [], None
+    for path in map(Path, paths):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataError(f"cannot read candidates file {str(path)!r}: {exc}") from exc
+        if isinstance(data, dict):
+            history = data.get("history", history)
+            entries = data.get("candidates", [])
+        else:
+            entries = data
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise DataError(f"{path}: expected a list of candidate objects (or {{'candidates': [...]}})")
+        for n, entry in enumerate(entries):
+            unknown = set(entry) - {"id", "text", "image", "audio", "title"}
+            if unknown:
+                raise DataError(f"{path}: candidate {n} has unknown field(s) {sorted(unknown)}; "
+                                "allowed: id, text, image, audio")
+            item_id = entry.get("id", f"{path.stem}[{n}]")
+            text = entry.get("text", entry.get("title"))
+            candidates.append(Candidate(text=text, image=_beside(path, entry.get("image")),
+                                        audio=_beside(path, entry.get("audio")), item_id=item_id))
+            titles.append(str(text or ""))
+    if not candidates:
+        raise DataError("no candidates in " + ", ".join(paths))
+    hist = np.asarray(history if history is not None else [], dtype=np.int64)
+    return RankRequest(candidates, titles, hist, f"{len(candidates)} candidate(s) from {', '.join(paths)}")
+
+
+def rank_request(spec: PipelineSpec, url: str, request: RankRequest) -> RankingResult:
+    """Send one ranking request (chunked, with retries and failover over `url`'s endpoints)."""
+    with RankingClient(spec, url) as client:
+        client.wait_ready(READY_TIMEOUT_S)
+        return client.rank(request.candidates, request.history)
+
+
+def result_rows(request: RankRequest, result: RankingResult) -> list[dict]:
+    """Ranked rows, best first: rank, item id, title, score, weight per modality."""
+    rows = []
+    for rank, i in enumerate(result.order(), start=1):
+        rows.append({"rank": rank, "item_id": request.candidates[i].item_id, "title": request.titles[i],
+                     "score": float(result.scores[i]),
+                     "modality_weights": {m.value: float(w) for m, w in zip(result.modalities, result.weights[i])}})
+    return rows
+
+
+def format_table(request: RankRequest, result: RankingResult, url: str, title_width: int = 44) -> str:
+    """A ranked table a person reads."""
+    mods = [m.value for m in result.modalities]
+    header = f"{'rank':>4}  {'item':>6}  {'title':<{title_width}}  {'score':>8}  " + "  ".join(f"{m:>6}" for m in mods)
+    lines = [f"ranked {request.description} on {url}", header, "-" * len(header)]
+    for row in result_rows(request, result):
+        title = row["title"] if len(row["title"]) <= title_width else row["title"][: title_width - 3] + "..."
+        weights = "  ".join(f"{row['modality_weights'][m]:>6.3f}" for m in mods)
+        lines.append(f"{row['rank']:>4}  {str(row['item_id']):>6}  {title:<{title_width}}  {row['score']:>8.4f}  "
+                     f"{weights}")
+    return "\n".join(lines)
+
+
+def rank_benchmark_request(spec: PipelineSpec, url: str, user: int = 0, candidates: int = 10) -> str:
+    """Rank one benchmark user's candidates over gRPC and return the table text."""
+    request = benchmark_request(spec, user=user, candidates=candidates)
+    return format_table(request, rank_request(spec, url, request), url)
+
+
+def run_rank(spec: PipelineSpec, args, out=None) -> int:
+    """`fusionrank rank` handler: candidates from --items files or the benchmark; a table or --json."""
+    out = out or sys.stdout
+    request = file_request(args.items) if args.items else benchmark_request(spec, args.user, args.candidates)
+    result = rank_request(spec, args.url, request)
+    if args.json:
+        out.write(json.dumps({"model": spec.serving.ensemble_name, "endpoint": args.url,
+                              "request": request.description, "ranking": result_rows(request, result)},
+                             indent=2) + "\n")
+    else:
+        out.write(format_table(request, result, args.url) + "\n")
+    return 0

@@ -1,0 +1,116 @@
+"""Server-side breakdown of a load test from Triton's Prometheus metrics.
+
+Two scrapes of `/metrics`, one before and one after the run, parsed with prometheus_client's parser; the per-model
+differences give each ensemble member's requests, queue time and compute time per request, and the batch size the
+dynamic batcher achieved (inference count / execution count). A missed SLO then shows where the time went.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from fusionrank.errors import FusionRankError
+
+REQUEST_SUCCESS = "nv_inference_request_success"
+REQUEST_FAILURE = "nv_inference_request_failure"
+INFERENCE_COUNT = "nv_inference_count"
+EXEC_COUNT = "nv_inference_exec_count"
+REQUEST_US = "nv_inference_request_duration_us"
+QUEUE_US = "nv_inference_queue_duration_us"
+COMPUTE_US = ("nv_inference_compute_input_duration_us", "nv_inference_compute_infer_duration_us",
+              "nv_inference_compute_output_duration_us")
+METRICS = (REQUEST_SUCCESS, REQUEST_FAILURE, INFERENCE_COUNT, EXEC_COUNT, REQUEST_US, QUEUE_US, *COMPUTE_US)
+
+Counters = dict[str, dict[str, float]]  # model -> metric -> value (summed over versions and other labels)
+
+
+class MetricsError(FusionRankError):
+    """Triton's metrics endpoint could not be read."""
+
+
+def scrape(url: str, timeout: float = 5.0) -> str:
+    """The text of one Prometheus scrape."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.read().decode("utf-8", errors="replace")
+    except (urllib.error.URLError, OSError) as exc:
+        raise MetricsError(f"cannot read Triton metrics from {url}: {exc}") from exc
+
+
+def parse_counters(text: str) -> Counters:
+    """Per-model values of the inference counters in a Prometheus text exposition."""
+    out: Counters = defaultdict(lambda: defaultdict(float))
+    for family in text_string_to_metric_families(text):
+        if family.name not in METRICS:
+            continue
+        # Newer prometheus_client parsers name counter samples `<family>_total`; `_created` samples are skipped.
+        for sample in family.samples:
+            if sample.name in (family.name, f"{family.name}_total") and "model" in sample.labels:
+                out[sample.labels["model"]][family.name] += float(sample.value)
+    return {model: dict(values) for model, values in out.items()}
+
+
+@dataclass(frozen=True)
+class MemberStats:
+    """One model's share of a run: counts, and milliseconds per request / rows per execution."""
+
+    model: str
+    requests: int
+    failures: int
+    inferences: int
+    executions: int
+    request_ms: float  # end-to-end time inside the server per request
+    queue_ms: float  # waiting for the dynamic batcher / an instance, per request
+    compute_ms: float  # input + infer + output, per request
+    avg_batch: float  # rows per execution (inference count / execution count)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def diff(before: Counters, after: Counters, models: Sequence[str] | None = None) -> list[MemberStats]:
+    """Per-model differences between two scrapes, in the order of `models` (else every model seen, sorted)."""
+    names = list(models) if models is not None else sorted(after)
+    stats = []
+    for model in names:
+        a, b = after.get(model, {}), before.get(model, {})
+
+        def delta(metric: str, a=a, b=b) -> float:
+            return max(0.0, a.get(metric, 0.0) - b.get(metric, 0.0))
+
+        requests = delta(REQUEST_SUCCESS)
+        executions = delta(EXEC_COUNT)
+        stats.append(MemberStats(
+            model=model, requests=int(round(requests)), failures=int(round(delta(REQUEST_FAILURE))),
+            inferences=int(round(delta(INFERENCE_COUNT))), executions=int(round(executions)),
+            request_ms=_per_request_ms(delta(REQUEST_US), requests),
+            queue_ms=_per_request_ms(delta(QUEUE_US), requests),
+            compute_ms=_per_request_ms(sum(delta(m) for m in COMPUTE_US), requests),
+            avg_batch=delta(INFERENCE_COUNT) / executions if executions else 0.0))
+    return stats
+
+
+def _per_request_ms(total_us: float, requests: float) -> float:
+    return total_us / requests / 1000.0 if requests else 0.0
+
+
+def breakdown(before_text: str, after_text: str, models: Sequence[str] | None = None) -> list[MemberStats]:
+    """Per-model stats of a run from the scrape texts taken before and after it."""
+    return diff(parse_counters(before_text), parse_counters(after_text), models)
+
+
+def format_table(stats: Sequence[MemberStats]) -> str:
+    """Plain-text table of the per-member breakdown."""
+    header = (f"{'model':<20} {'requests':>9} {'failures':>8} {'rows':>8} {'execs':>7} {'avg batch':>9} "
+              f"{'queue ms':>9} {'compute ms':>10} {'total ms':>9}")
+    lines = [header, "-" * len(header)]
+    for s in stats:
+        lines.append(f"{s.model:<20} {s.requests:>9} {s.failures:>8} {s.inferences:>8} {s.executions:>7} "
+                     f"{s.avg_batch:>9.2f} {s.queue_ms:>9.1f} {s.compute_ms:>10.1f} {s.request_ms:>9.1f}")
+    return "\n".join(lines)

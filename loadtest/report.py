@@ -1,0 +1,299 @@
+"""Load-test results: client-side summary, SLO verdict, Markdown/JSON summary and PNG plots.
+
+Latency percentiles come from the per-request times the Locust file records (exact, not Locust's rounded
+buckets); Locust's own CSV is the fallback when no samples came back (e.g. remote workers of a distributed run).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from loadtest.metrics import MemberStats
+from loadtest.metrics import format_table as format_members
+from loadtest.scenario import Slo
+
+SAMPLE_FIELDS = ("start", "latency_ms", "candidates", "ok")
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Per-request records of a run: wall-clock start (s), latency (ms), candidates, success."""
+
+    start: np.ndarray
+    latency_ms: np.ndarray
+    candidates: np.ndarray
+    ok: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.latency_ms)
+
+
+def read_samples(folder: Path) -> Samples:
+    """Every `*.csv` sample file a Locust process wrote into `folder`, merged and sorted by start time."""
+    rows = []
+    for path in sorted(Path(folder).glob("*.csv")):
+        with path.open() as f:
+            for rec in csv.reader(f):
+                if len(rec) == len(SAMPLE_FIELDS):
+                    try:
+                        rows.append((float(rec[0]), float(rec[1]), int(rec[2]), rec[3] == "1"))
+                    except ValueError:
+                        continue  # a line cut short by a killed process
+    rows.sort()
+    if not rows:
+        return Samples(np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
+    cols = list(zip(*rows))
+    return Samples(np.array(cols[0]), np.array(cols[1]), np.array(cols[2], dtype=np.int64),
+                   np.array(cols[3], dtype=bool))
+
+
+def summarize_samples(samples: Samples) -> dict:
+    """Throughput (successful requests per second), latency percentiles of successful requests, error rate."""
+    total = len(samples)
+    ok = samples.latency_ms[samples.ok]
+    failures = int(total - len(ok))
+    if total:
+        end = samples.start + samples.latency_ms / 1000.0
+        duration = float(end.max() - samples.start.min())
+    else:
+        duration = 0.0
+    pct = (lambda q: float(np.percentile(ok, q))) if len(ok) else (lambda q: math.nan)
+    return {
+        "requests": total,
+        "failures": failures,
+        "error_rate": failures / total if total else 1.0,
+        "duration_s": duration,
+        "throughput_rps": len(ok) / duration if duration > 0 else 0.0,
+        "candidates_per_s": float(samples.candidates[samples.ok].sum()) / duration if duration > 0 else 0.0,
+        "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
+        "mean_ms": float(ok.mean()) if len(ok) else math.nan,
+        "max_ms": float(ok.max()) if len(ok) else math.nan,
+        "mean_candidates": float(samples.candidates.mean()) if total else 0.0,
+        "source": "samples",
+    }
+
+
+def summarize_locust_csv(stats_csv: Path) -> dict:
+    """The same figures from the 'Aggregated' row of Locust's `<prefix>_stats.csv` (percentiles rounded)."""
+    with Path(stats_csv).open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("Name") == "Aggregated"]
+    if not rows:
+        return {"requests": 0, "failures": 0, "error_rate": 1.0, "throughput_rps": 0.0, "p50_ms": math.nan,
+                "p95_ms": math.nan, "p99_ms": math.nan, "source": "locust-csv"}
+    r = rows[0]
+
+    def num(key):
+        try:
+            return float(r.get(key, "nan"))
+        except ValueError:
+            return math.nan
+
+    total, failures = int(num("Request Count")), int(num("Failure Count"))
+    rps, fps = num("Requests/s"), num("Failures/s")
+    return {"requests": total, "failures": failures, "error_rate": failures / total if total else 1.0,
+            "throughput_rps": max(0.0, rps - (fps if not math.isnan(fps) else 0.0)),
+            "p50_ms": num("50%"), "p95_ms": num("95%"), "p99_ms": num("99%"), "mean_ms": num("Average Response Time"),
+            "max_ms": num("Max Response Time"), "source": "locust-csv"}
+
+
+# --- SLO verdict ---------------------------------------------------------------------------------------------------
+
+_UPPER_BOUNDS = {"p50_ms": "p50_ms", "p95_ms": "p95_ms", "p99_ms": "p99_ms", "max_error_rate": "error_rate"}
+_LOWER_BOUNDS = {"min_throughput_rps": "throughput_rps"}
+
+
+@dataclass(frozen=True)
+class SloCheck:
+    name: str  # the SLO field, e.g. p95_ms
+    measured: float
+    target: float
+    passed: bool
+
+    @property
+    def comparison(self) -> str:
+        return ">=" if self.name in _LOWER_BOUNDS else "<="
+
+    def describe(self) -> str:
+        verdict = "met" if self.passed else "MISSED"
+        return (f"SLO {self.name} {verdict}: measured {_fmt(self.measured)}, "
+                f"target {self.comparison} {_fmt(self.target)}")
+
+
+def _fmt(x: float) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.4g}" if abs(x) < 1 else f"{x:.1f}"
+
+
+def evaluate_slo(slo: Slo, summary: dict) -> list[SloCheck]:
+    """One check per gated SLO field; a value that could not be measured (NaN) misses its target."""
+    checks = []
+    for name, target in slo.targets().items():
+        key = _UPPER_BOUNDS.get(name) or _LOWER_BOUNDS[name]
+        measured = float(summary.get(key, math.nan))
+        if math.isnan(measured):
+            passed = False
+        elif name in _LOWER_BOUNDS:
+            passed = measured >= target
+        else:
+            passed = measured <= target
+        checks.append(SloCheck(name, measured, float(target), passed))
+    return checks
+
+
+@dataclass
+class Verdict:
+    """Outcome of one load test: SLO checks, client summary, per-member server breakdown, where the report is."""
+
+    checks: list[SloCheck]
+    summary: dict
+    members: list[MemberStats] = field(default_factory=list)
+    report_dir: Path | None = None
+    notes: list[str] = field(default_factory=list)
+    scenario: str = ""
+    slo_source: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(c.passed for c in self.checks)
+
+    @property
+    def missed(self) -> list[SloCheck]:
+        return [c for c in self.checks if not c.passed]
+
+    def slo_table(self) -> str:
+        header = f"{'SLO':<20} {'measured':>12} {'target':>14}  result"
+        lines = [header, "-" * len(header)]
+        for c in self.checks:
+            lines.append(f"{c.name:<20} {_fmt(c.measured):>12} {c.comparison + ' ' + _fmt(c.target):>14}  "
+                         f"{'pass' if c.passed else 'FAIL'}")
+        return "\n".join(lines)
+
+    def render(self) -> str:
+        """What a person reads: the verdict, the SLO table, the per-member breakdown and the report path."""
+        s = self.summary
+        lines = [f"load test '{self.scenario}' against {s.get('url', '?')}: {s.get('requests', 0)} requests in "
+                 f"{s.get('duration_s', 0):.1f}s, {s.get('users', '?')} users, "
+                 f"{s.get('mean_candidates', 0):.1f} candidates per request on average",
+                 f"throughput {s.get('throughput_rps', 0):.2f} req/s, p50 {_fmt(s.get('p50_ms'))} ms, "
+                 f"p95 {_fmt(s.get('p95_ms'))} ms, p99 {_fmt(s.get('p99_ms'))} ms, "
+                 f"errors {100 * s.get('error_rate', 0):.2f}%",
+                 "", self.slo_table(), ""]
+        if self.members:
+            lines += ["server-side breakdown per ensemble member (Triton metrics, this run only):",
+                      format_members(self.members), ""]
+        lines += [f"note: {n}" for n in self.notes]
+        lines += [c.describe() for c in self.missed]
+        lines.append(f"SLO verdict: {'PASS' if self.passed else 'FAIL'} ({self.slo_source})")
+        if self.report_dir:
+            lines.append(f"report: {self.report_dir}/summary.md (Locust HTML: {self.report_dir}/locust.html)")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {"passed": self.passed, "scenario": self.scenario, "slo_file": self.slo_source,
+                "summary": _json_safe(self.summary),
+                "slo": [{"name": c.name, "measured": _json_safe(c.measured), "target": c.target,
+                         "comparison": c.comparison, "passed": c.passed} for c in self.checks],
+                "members": [m.as_dict() for m in self.members], "notes": self.notes}
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+# --- files and plots -----------------------------------------------------------------------------------------------
+
+
+def write_summary(verdict: Verdict, folder: Path, plots: Sequence[Path] = ()) -> tuple[Path, Path]:
+    """`summary.json` and `summary.md` in `folder`."""
+    folder = Path(folder)
+    json_path, md_path = folder / "summary.json", folder / "summary.md"
+    json_path.write_text(json.dumps(verdict.as_dict(), indent=2) + "\n")
+    md = [f"# Load test: {verdict.scenario}", "", f"**SLO verdict: {'PASS' if verdict.passed else 'FAIL'}** "
+          f"({verdict.slo_source})", "", "```", verdict.render(), "```", ""]
+    md += [f"![{p.stem}]({p.name})" for p in plots]
+    md += ["", "Locust's own report: [locust.html](locust.html), CSV: `locust_stats.csv`, "
+           "`locust_stats_history.csv`, `locust_failures.csv`."]
+    md_path.write_text("\n".join(md) + "\n")
+    return json_path, md_path
+
+
+def _history(path: Path) -> dict[str, np.ndarray]:
+    """Aggregated rows of `<prefix>_stats_history.csv` as columns (NaN where Locust wrote N/A)."""
+    cols: dict[str, list[float]] = {}
+    with Path(path).open() as f:
+        for row in csv.DictReader(f):
+            if row.get("Name") != "Aggregated":
+                continue
+            for key in ("Timestamp", "User Count", "Requests/s", "Failures/s", "50%", "95%", "99%"):
+                try:
+                    cols.setdefault(key, []).append(float(row.get(key, "nan")))
+                except ValueError:
+                    cols.setdefault(key, []).append(math.nan)
+    return {k: np.array(v) for k, v in cols.items()}
+
+
+def write_plots(folder: Path, samples: Samples, history_csv: Path | None) -> list[Path]:
+    """PNG plots: latency percentiles over time, latency histogram, throughput over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    written = []
+    hist = _history(history_csv) if history_csv and Path(history_csv).is_file() else {}
+    if hist.get("Timestamp") is not None and len(hist["Timestamp"]):
+        t = hist["Timestamp"] - hist["Timestamp"][0]
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for key in ("50%", "95%", "99%"):
+            ax.plot(t, hist[key], label=f"p{key.rstrip('%')}")
+        ax.set(xlabel="seconds since start", ylabel="latency (ms)",
+               title="Latency percentiles over time (Locust's rolling window)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        written.append(_save(fig, folder / "latency_percentiles.png"))
+    ok = samples.latency_ms[samples.ok]
+    if len(ok):
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.hist(ok, bins=min(60, max(10, len(ok) // 5)), color="tab:blue", alpha=0.8)
+        for q, style in ((50, "-"), (95, "--"), (99, ":")):
+            ax.axvline(np.percentile(ok, q), color="black", linestyle=style, label=f"p{q}")
+        ax.set(xlabel="latency per request (ms)", ylabel="requests", title=f"Latency histogram ({len(ok)} requests)")
+        ax.legend()
+        written.append(_save(fig, folder / "latency_histogram.png"))
+    if len(samples):
+        t0 = samples.start.min()
+        end = samples.start + samples.latency_ms / 1000.0 - t0
+        bins = np.arange(0, math.ceil(end.max()) + 1)
+        ok_counts, _ = np.histogram(end[samples.ok], bins=bins)
+        err_counts, _ = np.histogram(end[~samples.ok], bins=bins)
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.step(bins[:-1], ok_counts, where="post", label="successful req/s")
+        if err_counts.any():
+            ax.plot(bins[:-1], err_counts, label="failed req/s", color="tab:red")
+        ax.set(xlabel="seconds since start", ylabel="requests per second", title="Throughput")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        written.append(_save(fig, folder / "throughput.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,218 @@
+"""`fusionrank loadtest`: run Locust headless against an endpoint, gate on the SLOs, write the report.
+
+Locust runs as a subprocess in its own session (`python -m locust -f loadtest/locustfile.py --headless ...`) under
+an outer timeout of run time + grace; on expiry the whole process group is killed, so the command always ends by
+itself and leaves nothing running. Triton's metrics are scraped before and after for the per-member breakdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fusionrank.errors import FusionRankError
+from fusionrank.spec import REPO_ROOT, PipelineSpec, member_models
+from loadtest import metrics as triton_metrics
+from loadtest.report import (
+    Verdict,
+    evaluate_slo,
+    read_samples,
+    summarize_locust_csv,
+    summarize_samples,
+    write_plots,
+    write_summary,
+)
+from loadtest.scenario import LOADTEST_DIR, Scenario, Slo, load_scenario, load_slo, parse_duration
+
+log = logging.getLogger(__name__)
+
+LOCUSTFILE = LOADTEST_DIR / "locustfile.py"
+STOP_TIMEOUT_S = 5
+# Locust start-up (imports, benchmark from the cache) and shutdown on top of the run time, before it is killed.
+GRACE_S = 45.0
+ENV_METRICS_URL = "FUSIONRANK_METRICS_URL"
+
+
+class LoadTestError(FusionRankError):
+    """The load test could not run (endpoint not ready, Locust failed or produced no results)."""
+
+
+@dataclass(frozen=True)
+class LocustRun:
+    returncode: int | None  # None: killed after the outer timeout
+    wall_s: float
+    log_file: Path
+
+
+def default_out_dir() -> Path:
+    return REPO_ROOT / "reports" / f"loadtest-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def locust_command(out: Path, users: int, spawn_rate: float, run_time: str, url: str) -> list[str]:
+    return [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users),
+            "-r", f"{spawn_rate:g}", "--run-time", run_time, "--host", url,
+            "--csv", str(out / "locust"), "--html", str(out / "locust.html"),
+            "--stop-timeout", str(STOP_TIMEOUT_S), "--exit-code-on-error", "0", "--only-summary",
+            "--loglevel", "WARNING"]
+
+
+def run_locust(cmd: list[str], env: dict[str, str], timeout: float, log_file: Path) -> LocustRun:
+    """Run Locust in its own process group; kill the group if it outlives `timeout` seconds."""
+    started = time.monotonic()
+    with log_file.open("w") as logf:
+        proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=REPO_ROOT)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log.error("locust still running after %.0fs; killing its process group", timeout)
+            code = None
+        except BaseException:  # Ctrl-C: never leave Locust behind
+            _kill_group(proc)
+            raise
+        _kill_group(proc)  # also reaps workers Locust may have forked
+    return LocustRun(code, time.monotonic() - started, log_file)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM Locust's process group, SIGKILL what is left after 5 s, and reap the leader."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        if sig is signal.SIGTERM:
+            try:
+                proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                pass
+    proc.wait()
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def warm_up(spec: PipelineSpec, url: str, scenario: Scenario, ready_timeout: float = 60.0) -> None:
+    """Wait for the endpoint and send the scenario's warm-up requests (not measured)."""
+    from clients.errors import ClientError
+    from clients.ranking_client import RankingClient
+    from fusionrank.benchmark import load_benchmark
+    from loadtest.scenario import RequestFactory
+
+    try:
+        with RankingClient(spec, url, timeout=scenario.timeout_s) as client:
+            client.wait_ready(ready_timeout)
+            if scenario.warmup_requests:
+                factory = RequestFactory(spec, load_benchmark(spec), scenario, seed=7)
+                for _ in range(scenario.warmup_requests):
+                    client.rank_payloads(*factory.next())
+    except ClientError as exc:
+        raise LoadTestError(f"endpoint {url} failed before the load test: {exc}") from exc
+
+
+def _scrape_or_note(url: str | None, notes: list[str]) -> str | None:
+    if not url:
+        return None
+    try:
+        return triton_metrics.scrape(url)
+    except triton_metrics.MetricsError as exc:
+        notes.append(f"server breakdown skipped: {exc}")
+        return None
+
+
+def run_loadtest(spec: PipelineSpec, url: str, run_time: str = "30s", metrics_url: str | None = None,
+                 scenario: str | Path | Scenario | None = None, slo: str | Path | Slo | None = None,
+                 users: int | None = None, out: str | Path | None = None, spawn_rate: float | None = None) -> Verdict:
+    """Load `url` with the scenario for `run_time` (None: the scenario's) and judge the run against the SLOs."""
+    scen = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
+    targets = slo if isinstance(slo, Slo) else load_slo(slo, scenario=scen.name, spec=spec)
+    run_time = run_time or scen.run_time
+    run_s = parse_duration(run_time)
+    users = users or scen.users
+    spawn_rate = spawn_rate or scen.spawn_rate
+    out = Path(out) if out else default_out_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    samples_dir = out / "samples"
+    samples_dir.mkdir(exist_ok=True)
+    for old in samples_dir.glob("*.csv"):
+        old.unlink()
+    notes: list[str] = []
+
+    warm_up(spec, url, scen)
+    before = _scrape_or_note(metrics_url, notes)
+    env = {**os.environ, "FUSIONRANK_LOADTEST_URL": url, "FUSIONRANK_SPEC": spec.source
+           if Path(spec.source).is_file() else "", "FUSIONRANK_SCENARIO": scen.source,
+           "FUSIONRANK_LOADTEST_USERS": str(users), "FUSIONRANK_LOADTEST_SAMPLES": str(samples_dir)}
+    cmd = locust_command(out, users, spawn_rate, run_time, url)
+    log.info("running %s", " ".join(cmd))
+    run = run_locust(cmd, env, timeout=run_s + STOP_TIMEOUT_S + GRACE_S, log_file=out / "locust.log")
+    after = _scrape_or_note(metrics_url, notes) if before is not None else None
+
+    if run.returncode is None:
+        notes.append(f"Locust did not end within {run_s + STOP_TIMEOUT_S + GRACE_S:.0f}s and was killed")
+    elif run.returncode != 0:
+        raise LoadTestError(f"locust exited with code {run.returncode}; log {run.log_file}:\n{_tail(run.log_file)}")
+    samples = read_samples(samples_dir)
+    if len(samples):
+        summary = summarize_samples(samples)
+    elif (out / "locust_stats.csv").is_file():
+        summary = summarize_locust_csv(out / "locust_stats.csv")
+        notes.append("no per-request samples; figures from Locust's CSV (percentiles rounded)")
+    else:
+        raise LoadTestError(f"Locust produced no results; log {run.log_file}:\n{_tail(run.log_file)}")
+    summary.update(url=url, users=users, spawn_rate=spawn_rate, run_time=run_time, scenario=scen.name)
+
+    members = []
+    if before is not None and after is not None:
+        members = triton_metrics.breakdown(before, after, [*member_models(spec), spec.serving.ensemble_name])
+    elif not metrics_url:
+        notes.append("no metrics URL: server-side breakdown skipped (pass --serve or set FUSIONRANK_METRICS_URL)")
+    verdict = Verdict(evaluate_slo(targets, summary), summary, members, out, notes, scen.name, targets.source)
+    plots = write_plots(out, samples, out / "locust_stats_history.csv")
+    write_summary(verdict, out, plots)
+    return verdict
+
+
+def _metrics_url_for(url: str) -> str | None:
+    """FUSIONRANK_METRICS_URL, else Triton's default metrics port beside a default gRPC port (8001 -> 8002)."""
+    if os.environ.get(ENV_METRICS_URL):
+        return os.environ[ENV_METRICS_URL]
+    first = url.split(",")[0].strip()
+    host, _, port = first.rpartition(":")
+    return f"http://{host}:8002/metrics" if port == "8001" and host else None
+
+
+def run_loadtest_command(spec: PipelineSpec, args, out=None) -> int:
+    """`fusionrank loadtest` handler: prints the verdict; exit 1 when an SLO is missed."""
+    out = out or sys.stdout
+    kwargs = dict(run_time=args.run_time, scenario=args.scenario, slo=args.slo, users=args.users, out=args.out,
+                  spawn_rate=args.spawn_rate)
+    if args.serve:
+        from fusionrank.paths import MODEL_REPOSITORY, cache_dir
+        from fusionrank.serving.server import TritonServer
+
+        repo = Path(args.repository) if getattr(args, "repository", None) else MODEL_REPOSITORY
+        logs = cache_dir(spec) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with TritonServer(repo, profile="cpu", log_file=logs / "tritonserver-loadtest.log",
+                          cache=cache_dir(spec) / "triton") as server:
+            out.write(f"Triton ready: gRPC {server.grpc_url}, metrics {server.metrics_url}\n")
+            out.flush()
+            verdict = run_loadtest(spec, server.grpc_url, metrics_url=server.metrics_url, **kwargs)
+    else:
+        if not args.url:
+            raise LoadTestError("no endpoint: pass --url HOST:PORT or --serve")
+        metrics_url = getattr(args, "metrics_url", None) or _metrics_url_for(args.url)
+        verdict = run_loadtest(spec, args.url, metrics_url=metrics_url, **kwargs)
+    out.write(verdict.render() + "\n")
+    return 0 if verdict.passed else 1

@@ -1,0 +1,336 @@
+"""Load-test scenarios and SLO files, and the request factory that turns a scenario into ranking requests.
+
+Importable without gevent or Locust: the upgrade report's latency benchmark reuses `load_scenario` and
+`RequestFactory`.
+
+A scenario YAML (see `loadtest/scenarios/default.yaml`) fixes the request mix: candidates per request (a weighted
+distribution), title lengths in words, image sizes, how many candidates carry real audio, the share of candidates
+drawn from a small set of repeated ("hot") items, and the pacing: a closed loop (each user sends its next request
+when the previous one returns, after an optional think time) or a target request rate shared by all users.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import re
+import wave
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from fusionrank.errors import FusionRankError
+from fusionrank.spec import Modality, PipelineSpec
+
+LOADTEST_DIR = Path(__file__).resolve().parent
+SCENARIO_DIR = LOADTEST_DIR / "scenarios"
+DEFAULT_SCENARIO = SCENARIO_DIR / "default.yaml"
+DEFAULT_SLO = LOADTEST_DIR / "slo.yaml"
+CI_SLO = LOADTEST_DIR / "slo.ci.yaml"
+
+PACING_MODES = ("closed_loop", "target_rps")
+
+
+class ScenarioError(FusionRankError):
+    """A scenario or SLO file is missing or has a bad field."""
+
+    def __init__(self, source: str, field_name: str, value: object, allowed: str):
+        self.source = source
+        self.field = field_name
+        super().__init__(f"{source}: field '{field_name}' has value {value!r}; allowed: {allowed}")
+
+
+def parse_duration(text: str | int | float) -> float:
+    """Seconds in a Locust-style duration: 30, '30s', '2m', '1h30m', '1m30s'."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    s = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        return float(s)
+    parts = re.fullmatch(r"(?:(\d+)h)?\s*(?:(\d+)m)?\s*(?:(\d+)s)?", s)
+    if not s or not parts or not any(parts.groups()):
+        raise ValueError(f"not a duration: {text!r} (e.g. 30s, 2m, 1h30m)")
+    h, m, sec = (int(g or 0) for g in parts.groups())
+    return float(h * 3600 + m * 60 + sec)
+
+
+@dataclass(frozen=True)
+class Pacing:
+    mode: str = "closed_loop"
+    think_time_s: float = 0.0  # closed loop: pause between a response and the user's next request
+    target_rps: float | None = None  # target_rps: requests per second over all users
+
+    def validate(self, source: str) -> None:
+        if self.mode not in PACING_MODES:
+            raise ScenarioError(source, "pacing.mode", self.mode, " | ".join(PACING_MODES))
+        if self.mode == "target_rps" and not (self.target_rps or 0) > 0:
+            raise ScenarioError(source, "pacing.target_rps", self.target_rps, "a number > 0")
+        if self.think_time_s < 0:
+            raise ScenarioError(source, "pacing.think_time_s", self.think_time_s, "a number >= 0")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str = ""
+    users: int = 4
+    spawn_rate: float = 2.0
+    run_time: str = "30s"
+    candidates: dict[int, float] = field(default_factory=lambda: {10: 1.0})  # candidates per request -> weight
+    text_words: tuple[int, int] | None = None  # [min, max] words per title; None = titles as generated
+    image_sizes: tuple[int, ...] = ()  # square sizes (px) images are re-encoded to; () = as generated
+    audio_presence: float = 1.0  # share of candidates with their audio clip; the rest send a short silent WAV
+    repeat_share: float = 0.0  # share of candidates drawn from the hot set
+    hot_items: int = 32
+    pacing: Pacing = field(default_factory=Pacing)
+    timeout_s: float = 30.0  # per-request deadline of the load-test client
+    warmup_requests: int = 2
+    source: str = "<defaults>"
+
+    def __post_init__(self):
+        def bad(name, allowed):
+            raise ScenarioError(self.source, name, getattr(self, name, None), allowed)
+
+        if self.users < 1:
+            bad("users", "an integer >= 1")
+        if self.spawn_rate <= 0:
+            bad("spawn_rate", "a number > 0")
+        try:
+            if parse_duration(self.run_time) <= 0:
+                bad("run_time", "a positive duration")
+        except ValueError:
+            bad("run_time", "a duration such as 30s, 2m, 1h30m")
+        if not self.candidates or any(k < 1 or w < 0 for k, w in self.candidates.items()) \
+                or sum(self.candidates.values()) <= 0:
+            bad("candidates", "a mapping {candidates per request (>= 1): weight (>= 0)} with a positive total")
+        if self.text_words is not None and not 1 <= self.text_words[0] <= self.text_words[1]:
+            bad("text_words", "[min, max] with 1 <= min <= max")
+        if any(s < 8 or s > 4096 for s in self.image_sizes):
+            bad("image_sizes", "sizes in [8, 4096] pixels")
+        for name in ("audio_presence", "repeat_share"):
+            if not 0 <= getattr(self, name) <= 1:
+                bad(name, "a number in [0, 1]")
+        if self.hot_items < 1:
+            bad("hot_items", "an integer >= 1")
+        self.pacing.validate(self.source)
+        if self.timeout_s <= 0:
+            bad("timeout_s", "a number > 0")
+        if self.warmup_requests < 0:
+            bad("warmup_requests", "an integer >= 0")
+
+    @property
+    def run_seconds(self) -> float:
+        return parse_duration(self.run_time)
+
+    @property
+    def max_candidates(self) -> int:
+        return max(self.candidates)
+
+
+def _read_yaml(path: Path, what: str) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ScenarioError(str(path), "<file>", str(path), f"a readable {what} YAML file ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        raise ScenarioError(str(path), "<file>", str(path), f"valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ScenarioError(str(path), "<root>", data, "a mapping")
+    return data
+
+
+def resolve_scenario_path(path: str | Path | None) -> Path:
+    """A scenario file by path, or by name from loadtest/scenarios/ ('ci' -> scenarios/ci.yaml)."""
+    if path is None:
+        return DEFAULT_SCENARIO
+    p = Path(path)
+    if not p.exists() and not p.suffix and (SCENARIO_DIR / f"{p.name}.yaml").is_file():
+        return SCENARIO_DIR / f"{p.name}.yaml"
+    return p
+
+
+def load_scenario(path: str | Path | None = None) -> Scenario:
+    """Read a scenario YAML (the default scenario when None) into a validated `Scenario`."""
+    path = resolve_scenario_path(path)
+    data = dict(_read_yaml(path, "scenario"))
+    src = str(path)
+    known = {f.name for f in dataclasses.fields(Scenario)} - {"source"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ScenarioError(src, unknown[0], data[unknown[0]], "no such field; known: " + ", ".join(sorted(known)))
+    try:
+        pacing = data.pop("pacing", None) or {}
+        if not isinstance(pacing, dict) or set(pacing) - {"mode", "think_time_s", "target_rps"}:
+            raise ScenarioError(src, "pacing", pacing, "a mapping with mode, think_time_s, target_rps")
+        cands = data.pop("candidates", {10: 1.0})
+        if isinstance(cands, int):
+            cands = {cands: 1.0}
+        if isinstance(cands, list):
+            cands = {int(c): 1.0 for c in cands}
+        if not isinstance(cands, dict):
+            raise ScenarioError(src, "candidates", cands, "a mapping {count: weight}, a list of counts or a count")
+        words = data.pop("text_words", None)
+        sizes = data.pop("image_sizes", None) or ()
+        return Scenario(
+            **data,
+            candidates={int(k): float(v) for k, v in cands.items()},
+            text_words=tuple(int(w) for w in words) if words is not None else None,
+            image_sizes=tuple(int(s) for s in sizes),
+            pacing=Pacing(mode=str(pacing.get("mode", "closed_loop")),
+                          think_time_s=float(pacing.get("think_time_s", 0.0)),
+                          target_rps=None if pacing.get("target_rps") is None else float(pacing["target_rps"])),
+            source=src,
+        )
+    except (TypeError, ValueError) as exc:
+        raise ScenarioError(src, "<scenario>", str(exc), "fields of the types shown in scenarios/default.yaml") \
+            from exc
+
+
+# --- SLOs ----------------------------------------------------------------------------------------------------------
+
+SLO_FIELDS = ("p50_ms", "p95_ms", "p99_ms", "max_error_rate", "min_throughput_rps")
+
+
+@dataclass(frozen=True)
+class Slo:
+    """Release-gate targets; a field set to None is not gated."""
+
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    max_error_rate: float | None = None
+    min_throughput_rps: float | None = None
+    source: str = "<defaults>"
+
+    def __post_init__(self):
+        for name in ("p50_ms", "p95_ms", "p99_ms", "min_throughput_rps"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ScenarioError(self.source, name, value, "a number > 0 (or null: not gated)")
+        if self.max_error_rate is not None and not 0 <= self.max_error_rate <= 1:
+            raise ScenarioError(self.source, "max_error_rate", self.max_error_rate, "a number in [0, 1]")
+
+    def targets(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in SLO_FIELDS if getattr(self, k) is not None}
+
+
+def _slo_values(data: dict, src: str, where: str) -> dict[str, float | None]:
+    out = {}
+    for key, value in data.items():
+        if key not in SLO_FIELDS:
+            raise ScenarioError(src, f"{where}{key}", value, "one of " + ", ".join(SLO_FIELDS))
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ScenarioError(src, f"{where}{key}", value, "a number or null")
+        out[key] = None if value is None else float(value)
+    return out
+
+
+def load_slo(path: str | Path | None = None, scenario: str | None = None, spec: PipelineSpec | None = None) -> Slo:
+    """SLO targets: the spec's `slo:` section, overridden by the file's top-level fields, then by
+    `scenarios.<scenario>` in the file (loadtest/slo.yaml when `path` is None)."""
+    path = Path(path) if path else DEFAULT_SLO
+    data = dict(_read_yaml(path, "SLO"))
+    src = str(path)
+    per_scenario = data.pop("scenarios", None) or {}
+    if not isinstance(per_scenario, dict):
+        raise ScenarioError(src, "scenarios", per_scenario, "a mapping {scenario name: {slo fields}}")
+    values: dict[str, float | None] = {}
+    if spec is not None:
+        values.update({k: float(getattr(spec.slo, k)) for k in SLO_FIELDS})
+    values.update(_slo_values(data, src, ""))
+    if scenario and scenario in per_scenario:
+        values.update(_slo_values(per_scenario[scenario] or {}, src, f"scenarios.{scenario}."))
+    return Slo(**values, source=src)
+
+
+# --- requests ------------------------------------------------------------------------------------------------------
+
+
+def silent_wav(seconds: float = 0.1, rate: int = 16000) -> bytes:
+    """A short silent mono WAV: the payload of an item without audio (the ensemble needs one per candidate)."""
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(b"\x00\x00" * max(1, int(seconds * rate)))
+    return buf.getvalue()
+
+
+def _reencode_jpeg(data: bytes, size: int) -> bytes:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        out = io.BytesIO()
+        img.convert("RGB").resize((size, size), Image.BILINEAR).save(out, format="JPEG", quality=90)
+        return out.getvalue()
+
+
+def _fit_words(title: str, words: int) -> str:
+    tokens = title.split() or ["item"]
+    return " ".join(tokens[i % len(tokens)] for i in range(words))
+
+
+class RequestFactory:
+    """Ranking requests drawn from the benchmark catalogue as a scenario describes; deterministic per seed."""
+
+    def __init__(self, spec: PipelineSpec, bench, scenario: Scenario, seed: int = 0):
+        self.spec = spec
+        self.bench = bench
+        self.scenario = scenario
+        self.modalities = spec.modalities.enabled
+        self.rng = np.random.default_rng(seed)
+        self._sizes = np.array(sorted(scenario.candidates), dtype=np.int64)
+        weights = np.array([scenario.candidates[int(k)] for k in self._sizes], dtype=np.float64)
+        self._size_p = weights / weights.sum()
+        # The hot set is the same for every seed, so all users of a run repeat the same items.
+        hot = np.random.default_rng(spec.data.seed).permutation(np.arange(1, bench.num_items + 1))
+        self.hot = hot[: min(scenario.hot_items, bench.num_items)]
+        self._cache: dict[tuple, bytes] = {}
+        self._silent = silent_wav(rate=spec.modalities.audio.sample_rate) if Modality.AUDIO in self.modalities else b""
+        self.requests = 0
+
+    def candidate_ids(self) -> np.ndarray:
+        """Item ids of the next request: its size drawn from the scenario, some from the hot set."""
+        n = int(self.rng.choice(self._sizes, p=self._size_p))
+        ids = self.rng.integers(1, self.bench.num_items + 1, size=n)
+        hot = self.rng.random(n) < self.scenario.repeat_share
+        if hot.any():
+            ids[hot] = self.rng.choice(self.hot, size=int(hot.sum()))
+        return ids
+
+    def payload(self, modality: Modality, item_id: int) -> bytes:
+        """One candidate's payload for one modality, after the scenario's text/image/audio variation."""
+        sc = self.scenario
+        if modality is Modality.TEXT:
+            words = None if sc.text_words is None else int(self.rng.integers(sc.text_words[0], sc.text_words[1] + 1))
+            key = ("text", item_id, words)
+            if key not in self._cache:
+                title = self.bench.item(item_id).title
+                self._cache[key] = (title if words is None else _fit_words(title, words)).encode("utf-8")
+            return self._cache[key]
+        if modality is Modality.IMAGE:
+            size = int(self.rng.choice(sc.image_sizes)) if sc.image_sizes else None
+            key = ("image", item_id, size)
+            if key not in self._cache:
+                raw = self.bench.item(item_id).image_bytes()
+                self._cache[key] = raw if size is None else _reencode_jpeg(raw, size)
+            return self._cache[key]
+        if self.rng.random() >= sc.audio_presence:
+            return self._silent
+        key = ("audio", item_id)
+        if key not in self._cache:
+            self._cache[key] = self.bench.item(item_id).audio_bytes()
+        return self._cache[key]
+
+    def next(self) -> tuple[dict[Modality, list[bytes]], np.ndarray]:
+        """(items: one payload list per enabled modality, history [N, L] int64: one user's history per row)."""
+        ids = [int(i) for i in self.candidate_ids()]
+        items = {m: [self.payload(m, i) for i in ids] for m in self.modalities}
+        histories = np.asarray(self.bench.sessions.history)
+        session = int(self.rng.integers(0, len(histories)))
+        history = np.repeat(histories[session][None, :].astype(np.int64), len(ids), axis=0)
+        self.requests += 1
+        return items, history

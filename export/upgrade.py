@@ -292,14 +292,18 @@ def _own_checks(spec: PipelineSpec, current: dict) -> list[Regression]:
     return found
 
 
-def _latency_checks(spec: PipelineSpec, where: str, cur: dict, base: dict, throughput_key: str) -> list[Regression]:
+def _latency_checks(spec: PipelineSpec, where: str, cur: dict, base: dict, throughput_key: str,
+                    stat: str = "p95_ms") -> list[Regression]:
+    """`stat` is p95 for the ensemble (the SLO's view) and p50 for a model's runtime micro-benchmark, whose p95 over
+    a short run is one scheduler hiccup away from +50% on a shared machine (measured: a false +59% back to back)."""
     up = spec.upgrade
     found = []
-    if cur.get("p95_ms") is None or base.get("p95_ms") is None:
+    if cur.get(stat) is None or base.get(stat) is None:
         return found
-    grew = _relative(cur["p95_ms"], base["p95_ms"])
-    if grew > up.max_latency_regression and cur["p95_ms"] - base["p95_ms"] > NOISE_FLOOR_MS:
-        found.append(Regression(f"{where}.p95_ms", f"p95 {cur['p95_ms']:.2f} ms vs baseline {base['p95_ms']:.2f} ms "
+    grew = _relative(cur[stat], base[stat])
+    label = stat.removesuffix("_ms")
+    if grew > up.max_latency_regression and cur[stat] - base[stat] > NOISE_FLOOR_MS:
+        found.append(Regression(f"{where}.{stat}", f"{label} {cur[stat]:.2f} ms vs baseline {base[stat]:.2f} ms "
                                 f"(+{grew:.0%}, allowed +{up.max_latency_regression:.0%})"))
     dropped = -_relative(cur[throughput_key], base[throughput_key])
     slower = cur["p50_ms"] - base["p50_ms"] > NOISE_FLOOR_MS or throughput_key == "throughput_rps"
@@ -346,7 +350,7 @@ def compare(spec: PipelineSpec, current: dict, baseline: dict | None) -> Compari
                 result.notes.append(f"latency.models.{model}.batch{batch}: not in the baseline")
                 continue
             result.regressions += _latency_checks(spec, f"latency.models.{model}.batch{batch}", stats, old,
-                                                  "throughput")
+                                                  "throughput", stat="p50_ms")
     base_ens = baseline.get("latency", {}).get("ensemble", {})
     result.regressions += _latency_checks(spec, "latency.ensemble", current["latency"]["ensemble"], base_ens,
                                           "throughput_rps")
@@ -401,13 +405,13 @@ def render_markdown(report: dict, baseline: dict | None) -> str:
                          f"spec gate | | | {'yes' if ranking['passed'] else 'NO'} |")
     base_lat = (baseline or {}).get("latency", {}).get("models", {})
     lines += ["", "## Latency per model (runtime only)", "",
-              "| model | batch | p50 ms | p95 ms | baseline p95 | change | rows/s | baseline rows/s | change |",
+              "| model | batch | p50 ms | p95 ms | baseline p50 | change | rows/s | baseline rows/s | change |",
               "|---|---|---|---|---|---|---|---|---|"]
     for model, batches in report["latency"]["models"].items():
         for batch, s in batches.items():
             old = base_lat.get(model, {}).get(batch, {})
             lines.append(f"| {model} | {batch} | {s['p50_ms']:.2f} | {s['p95_ms']:.2f} | "
-                         f"{_fmt(old.get('p95_ms'), '.2f')} | {_change(s['p95_ms'], old.get('p95_ms'))} | "
+                         f"{_fmt(old.get('p50_ms'), '.2f')} | {_change(s['p50_ms'], old.get('p50_ms'))} | "
                          f"{s['throughput']:.0f} | "
                          f"{_fmt(old.get('throughput'), '.0f')} | {_change(s['throughput'], old.get('throughput'))} |")
     ens, old_ens = report["latency"]["ensemble"], (baseline or {}).get("latency", {}).get("ensemble", {})

@@ -90,7 +90,8 @@ class Sessions:
         return len(self.user)
 
 
-def _key(spec: PipelineSpec) -> str:
+def data_key(spec: PipelineSpec) -> str:
+    """Identity of the generated data: its spec fields and the generator version (a cache key)."""
     payload = {"data": to_dict(spec.data, drop=("cache_dir",)), "items": spec.num_items,
                "history": spec.ranker.history.length, "version": GENERATOR_VERSION}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
@@ -260,7 +261,7 @@ def _generate(spec: PipelineSpec, root: Path) -> None:
 def benchmark_dir(spec: PipelineSpec) -> Path:
     from fusionrank.paths import cache_dir
 
-    return cache_dir(spec) / "benchmark" / _key(spec)
+    return cache_dir(spec) / "benchmark" / data_key(spec)
 
 
 def load_benchmark(spec: PipelineSpec) -> Benchmark:

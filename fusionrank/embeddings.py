@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fusionrank.benchmark import Benchmark, _key
+from fusionrank.benchmark import Benchmark, data_key
 from fusionrank.spec import Modality, PipelineSpec, to_dict
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def catalogue_embeddings(spec: PipelineSpec, bench: Benchmark) -> dict[Modality,
     result = {}
     for modality in spec.modalities.enabled:
         config = to_dict(getattr(spec.modalities, modality.value))
-        digest = hashlib.sha256(json.dumps([_key(spec), config], sort_keys=True).encode()).hexdigest()[:12]
+        digest = hashlib.sha256(json.dumps([data_key(spec), config], sort_keys=True).encode()).hexdigest()[:12]
         path = cache_dir(spec) / "embeddings" / f"{modality.value}-{digest}.npy"
         if path.is_file():
             result[modality] = np.load(path)

@@ -22,8 +22,11 @@ def cache_dir(spec: PipelineSpec) -> Path:
 
 
 def checkpoint_path(spec: PipelineSpec, name: str) -> Path:
-    """Ranker checkpoint of one trained variant (e.g. 'concat', 'text_only'), keyed by the spec's digest."""
-    return cache_dir(spec) / "checkpoints" / spec.digest() / f"ranker-{name}.pt"
+    """Ranker checkpoint of one trained variant (e.g. 'concat', 'text_only'), keyed by the spec's digest and the
+    generated data's key (a new data generator invalidates checkpoints trained on the old data)."""
+    from fusionrank.benchmark import data_key
+
+    return cache_dir(spec) / "checkpoints" / f"{spec.digest()}-{data_key(spec)}" / f"ranker-{name}.pt"
 
 
 def resolve_text_checkpoint(checkpoint: str) -> Path:

@@ -30,7 +30,7 @@ def _stats(p50: float, p95: float, throughput: float) -> dict:
 
 
 def _report(profile: str = "cpu", ranker_diff: float = 2e-6, ens_p95: float = 120.0, ens_rps: float = 10.0,
-            encoder_p95: float = 40.0, errors: int = 0) -> dict:
+            encoder_p95: float = 40.0, encoder_p50: float = 30.0, errors: int = 0) -> dict:
     """A measured report as `export.upgrade.measure` returns it, with numbers chosen by the test."""
     out = {"max_abs_diff": ranker_diff, "atol": 1e-5, "rtol": 1e-4, "passed": ranker_diff <= 1e-5, "samples": 160}
     return {
@@ -43,7 +43,8 @@ def _report(profile: str = "cpu", ranker_diff: float = 2e-6, ens_p95: float = 12
                               "ranking": {"top10_overlap": 1.0, "kendall_tau": 0.999, "auc_reference": 0.7,
                                           "auc_actual": 0.7, "auc_diff": 0.0, "passed": True, "candidates": 160}}},
         "latency": {
-            "models": {"image_encoder": {"1": _stats(0.3, 0.4, 3000.0), "64": _stats(30.0, encoder_p95, 2000.0)}},
+            "models": {"image_encoder": {"1": _stats(0.3, 0.4, 3000.0),
+                                         "64": _stats(encoder_p50, encoder_p95, 2000.0)}},
             "ensemble": {"scenario": "ci", "requests": 20, "errors": errors, "error_rate": errors / 20, "users": 2,
                          "candidates_per_request": 10.0, "first_error": "boom" if errors else None,
                          "p50_ms": ens_p95 * 0.8, "p95_ms": ens_p95, "p99_ms": ens_p95 * 1.2, "mean_ms": ens_p95 * 0.8,
@@ -69,8 +70,14 @@ def test_latency_within_threshold_passes_and_beyond_fails(ci_spec):
 
 
 def test_per_model_latency_regression_names_model_and_batch(ci_spec):
-    result = compare(ci_spec, _report(encoder_p95=80.0), _report())
-    assert _metrics(result) == {"latency.models.image_encoder.batch64.p95_ms"}
+    # A model's runtime is judged on its median: the whole distribution moved.
+    result = compare(ci_spec, _report(encoder_p50=60.0, encoder_p95=80.0), _report())
+    assert _metrics(result) == {"latency.models.image_encoder.batch64.p50_ms"}
+
+
+def test_per_model_tail_jitter_alone_is_not_a_regression(ci_spec):
+    # p95 of a short micro-benchmark doubled with the median unchanged: a scheduler hiccup, not a slower engine.
+    assert compare(ci_spec, _report(encoder_p95=80.0), _report()).passed
 
 
 def test_sub_millisecond_jitter_is_not_a_regression(ci_spec):

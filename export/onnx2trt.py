@@ -238,9 +238,10 @@ def calibration_batches(spec: PipelineSpec, repo: Path, model: str, batch_size: 
 
 
 def _encoder_inputs(spec: PipelineSpec, repo: Path, modality: Modality, bench, items: np.ndarray):
+    from fusionrank.paths import tokenizer_dir
     from fusionrank.preprocess import build_preprocessor
 
-    tokenizer = Path(repo) / "preprocess_text" / "1" / "tokenizer" if modality is Modality.TEXT else None
+    tokenizer = tokenizer_dir(repo) if modality is Modality.TEXT else None
     pre = build_preprocessor(spec, modality, tokenizer_dir=tokenizer)
     getter = {Modality.TEXT: "text_bytes", Modality.IMAGE: "image_bytes", Modality.AUDIO: "audio_bytes"}[modality]
     parts = [pre([getattr(bench.item(int(i)), getter)() for i in items[s:s + 64]]) for s in range(0, len(items), 64)]

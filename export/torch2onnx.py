@@ -6,7 +6,7 @@ TensorRT profiles use). For each model this writes into the repository:
 - `<model>/1/model.onnx`;
 - `<model>/1/golden.npz`: PyTorch inputs (`in.<name>`) and outputs (`out.<name>`) on real catalogue samples, for
   checking engines later (the ranker's also holds `labels` and `groups` of the frozen candidate set);
-- `preprocess_text/1/tokenizer/`: the encoder checkpoint's tokenizer, for the text preprocessing model;
+- `preprocess/1/tokenizer/`: the text encoder checkpoint's tokenizer, for the preprocessing model;
 - `parity.json` at the repository root: the parity table.
 
 Parity samples are real: catalogue items of frozen test sessions, with titles joined so every padding bucket is
@@ -135,7 +135,7 @@ def export_all(spec: PipelineSpec, repo: Path, checkpoint: Path | None = None, m
     """Export the encoders and the ranker, prove parity (raises ParityError on failure), write golden outputs."""
     from fusionrank.models.encoders import build_encoder
     from fusionrank.models.fusion import load_ranker
-    from fusionrank.paths import checkpoint_path, resolve_text_checkpoint
+    from fusionrank.paths import checkpoint_path, resolve_text_checkpoint, tokenizer_dir
     from fusionrank.preprocess import build_preprocessor
     from fusionrank.preprocess.text import load_tokenizer
 
@@ -155,7 +155,7 @@ def export_all(spec: PipelineSpec, repo: Path, checkpoint: Path | None = None, m
     text_dir = resolve_text_checkpoint(spec.modalities.text.encoder.checkpoint) if spec.modalities.text.enabled \
         else None
     if spec.modalities.text.enabled:
-        load_tokenizer(text_dir).save_pretrained(str(repo / "preprocess_text" / "1" / "tokenizer"))
+        load_tokenizer(text_dir).save_pretrained(str(tokenizer_dir(repo)))
 
     # The frozen candidate set, preprocessed once; encoders of both runtimes see identical inputs.
     cand = bench.sessions.candidates[sessions]

@@ -41,6 +41,11 @@ def resolve_text_checkpoint(checkpoint: str) -> Path:
     return require_dir(checkpoint, "modalities.text.encoder.checkpoint", must_contain="config.json")
 
 
+def tokenizer_dir(repo: Path) -> Path:
+    """Where export puts the text checkpoint's tokenizer inside a model repository (read by `preprocess`)."""
+    return Path(repo) / "preprocess" / "1" / "tokenizer"
+
+
 def require_dir(path: str | Path, what: str, must_contain: str | None = None) -> Path:
     """A checkpoint directory that exists (and holds `must_contain`), else a CheckpointError naming it."""
     p = Path(path).expanduser()

@@ -448,11 +448,13 @@ class PipelineSpec:
 
 
 def member_models(spec: PipelineSpec) -> tuple[str, ...]:
-    """Every member of the ensemble, in pipeline order; disabled modalities have none."""
-    names = []
-    for modality in spec.modalities.enabled:
-        names += [f"preprocess_{modality.value}", f"{modality.value}_encoder"]
-    return (*names, "preprocess_history", "fusion_ranker")
+    """Every member of the ensemble, in pipeline order; disabled modalities have no encoder.
+
+    One `preprocess` model validates and preprocesses every input of a request before anything else runs. (With one
+    preprocessing model per modality, a bad text failed its step while the same request's image and audio steps
+    were still queued; Triton 2.51 then released the request's input buffers under them, which crashed the server
+    or corrupted other requests in our concurrent bad-input test.)"""
+    return ("preprocess", *(f"{m.value}_encoder" for m in spec.modalities.enabled), "fusion_ranker")
 
 
 # --- loading ----------------------------------------------------------------------------------------------------

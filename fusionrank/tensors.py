@@ -48,7 +48,7 @@ def embedding_name(modality: Modality) -> str:
 
 
 def encoder_inputs(spec: PipelineSpec, modality: Modality) -> tuple[TensorSpec, ...]:
-    """Inputs of one modality's encoder, which are also the outputs of its preprocessing model."""
+    """Inputs of one modality's encoder, which are also outputs of the preprocessing model."""
     m = spec.modalities
     if modality is Modality.TEXT:
         return (TensorSpec("input_ids", "int64", (-1,), ("sequence",)),
@@ -64,19 +64,18 @@ def model_io(spec: PipelineSpec, model: str) -> ModelIO:
     history = TensorSpec(USER_HISTORY, "int64", (spec.ranker.history.length,))
     ranker_out = (TensorSpec(CLICK_PROBABILITY, "float32", (1,)),
                   TensorSpec(MODALITY_WEIGHTS, "float32", (len(enabled),)))
+    items = tuple(TensorSpec(ITEM_INPUT[mod], "bytes", (1,)) for mod in enabled)
+    if model == "preprocess":
+        outputs = tuple(t for mod in enabled for t in encoder_inputs(spec, mod))
+        return ModelIO(model, (*items, history), (*outputs, TensorSpec("history", "int64", history.dims)))
     for modality in enabled:
-        if model == f"preprocess_{modality.value}":
-            return ModelIO(model, (TensorSpec(ITEM_INPUT[modality], "bytes", (1,)),), encoder_inputs(spec, modality))
         if model == f"{modality.value}_encoder":
             out = TensorSpec(embedding_name(modality), "float32", (spec.modalities.embedding_dim(modality),))
             return ModelIO(model, encoder_inputs(spec, modality), (out,))
-    if model == "preprocess_history":
-        return ModelIO(model, (history,), (TensorSpec("history", "int64", history.dims),))
     if model == "fusion_ranker":
         embeddings = tuple(TensorSpec(embedding_name(mod), "float32", (spec.modalities.embedding_dim(mod),))
                            for mod in enabled)
         return ModelIO(model, (*embeddings, TensorSpec("history", "int64", history.dims)), ranker_out)
     if model == spec.serving.ensemble_name:
-        items = tuple(TensorSpec(ITEM_INPUT[mod], "bytes", (1,)) for mod in enabled)
         return ModelIO(model, (*items, history), ranker_out)
     raise KeyError(f"unknown model {model!r}; known: {', '.join((*member_models(spec), spec.serving.ensemble_name))}")

@@ -60,10 +60,10 @@ def built_repository(ci_spec, ci_checkpoint, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def offline_pipeline(ci_spec, ci_checkpoint, built_repository):
+    from fusionrank.paths import tokenizer_dir
     from fusionrank.pipeline import OfflinePipeline
 
-    tokenizer_dir = built_repository / "preprocess_text" / "1" / "tokenizer"
-    return OfflinePipeline(ci_spec, ci_checkpoint, tokenizer_dir=tokenizer_dir)
+    return OfflinePipeline(ci_spec, ci_checkpoint, tokenizer_dir=tokenizer_dir(built_repository))
 
 
 @pytest.fixture(scope="session")

@@ -48,7 +48,7 @@ def test_parity_report_and_golden_outputs(built_repository, ci_spec):
             assert {f"in.{t.name}" for t in io.inputs} | {f"out.{t.name}" for t in io.outputs} <= set(golden.files)
     with np.load(built_repository / "fusion_ranker" / "1" / "golden.npz") as golden:
         assert len(golden["labels"]) == len(golden["out.click_probability"]) == len(golden["groups"])
-    assert (built_repository / "preprocess_text" / "1" / "tokenizer" / "tokenizer.json").is_file()
+    assert (built_repository / "preprocess" / "1" / "tokenizer" / "tokenizer.json").is_file()
 
 
 def test_check_outputs_names_model_output_diff_and_tolerance():

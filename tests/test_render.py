@@ -54,7 +54,7 @@ def test_profiles_pick_the_backend(default_spec):
     assert configs["text_encoder"]["cpu"].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
     assert configs["text_encoder"]["onnx_gpu"].platform == "onnxruntime_onnx"
     for profile in PROFILES:
-        assert configs["preprocess_image"][profile].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+        assert configs["preprocess"][profile].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
 
 
 def test_every_member_batches_dynamically_and_warms_up(default_spec):
@@ -90,7 +90,9 @@ def test_disabled_modality_disappears_from_the_contract(default_spec):
     audio = dataclasses.replace(default_spec.modalities.audio, enabled=False)
     spec = dataclasses.replace(default_spec, modalities=dataclasses.replace(default_spec.modalities, audio=audio))
     configs = model_configs(spec)
-    assert "preprocess_audio" not in configs and "audio_encoder" not in configs
+    assert "audio_encoder" not in configs
+    assert "item_audio" not in [i.name for i in configs["preprocess"]["cpu"].input]
+    assert "log_mel" not in [o.name for o in configs["preprocess"]["cpu"].output]
     ensemble = configs[spec.serving.ensemble_name]["cpu"]
     assert [i.name for i in ensemble.input] == ["item_text", "item_image", "user_history"]
     assert list(ensemble.output[1].dims) == [2]
@@ -98,7 +100,8 @@ def test_disabled_modality_disappears_from_the_contract(default_spec):
 
 
 def test_python_models_get_their_spec_slice(default_spec):
-    config = model_configs(default_spec)["preprocess_audio"]["cpu"]
+    config = model_configs(default_spec)["preprocess"]["cpu"]
     rebuilt = from_dict(__import__("json").loads(config.parameters["spec"].string_value))
-    assert rebuilt.modalities.audio == default_spec.modalities.audio
+    assert rebuilt.modalities == default_spec.modalities
+    assert rebuilt.ranker.history == default_spec.ranker.history
     assert isinstance(rebuilt.modalities, ModalitiesSpec)

@@ -14,7 +14,7 @@ from google.protobuf import json_format
 from onnx import TensorProto, helper
 
 from fusionrank.serving.render import model_configs
-from fusionrank.serving.triton_models import HistoryModel, OnnxRuntimeModel, PreprocessModel
+from fusionrank.serving.triton_models import OnnxRuntimeModel, PreprocessModel
 
 
 @dataclass
@@ -78,36 +78,61 @@ def _outputs(response):
     return {t.name: t.array for t in response.output_tensors}
 
 
-def test_history_bad_request_fails_alone(pb, ci_spec, tmp_path):
-    model = _init(HistoryModel, ci_spec, "preprocess_history", tmp_path / "preprocess_history" / "1")
-    length, vocab = ci_spec.ranker.history.length, ci_spec.ranker.history.vocab_size
-    good_a = np.arange(2 * length, dtype=np.int64).reshape(2, length) % vocab
-    bad = np.zeros((3, length), dtype=np.int64)
-    bad[1, 4] = vocab  # out of vocabulary
-    good_b = np.ones((1, length), dtype=np.int64)
-    responses = model.execute([FakeRequest({"user_history": a}) for a in (good_a, bad, good_b)])
-    assert responses[0].error is None and responses[2].error is None
-    np.testing.assert_array_equal(_outputs(responses[0])["history"], good_a)
-    np.testing.assert_array_equal(_outputs(responses[2])["history"], good_b)
-    assert responses[1].error.code == FakeError.INVALID_ARG
-    assert "user_history[1]" in responses[1].error.message
-
-
-def test_image_bad_request_fails_alone(pb, ci_spec, tmp_path):
+def _payloads(n: int, size=(80, 60)):
     import io
 
+    import soundfile as sf
     from PIL import Image
 
-    model = _init(PreprocessModel, ci_spec, "preprocess_image", tmp_path / "preprocess_image" / "1")
-    buf = io.BytesIO()
-    Image.new("RGB", (80, 60), (10, 200, 30)).save(buf, format="JPEG")
-    good = np.array([[buf.getvalue()], [buf.getvalue()]], dtype=object)
-    corrupt = np.array([[buf.getvalue()], [buf.getvalue()[:200]]], dtype=object)
-    responses = model.execute([FakeRequest({"item_image": good}), FakeRequest({"item_image": corrupt})])
-    size = ci_spec.modalities.image.size
-    assert _outputs(responses[0])["pixel_values"].shape == (2, 3, size, size)
+    image, wav = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", size, (10, 200, 30)).save(image, format="JPEG")
+    sf.write(wav, np.zeros(8000, dtype=np.float32), 16000, format="WAV")
+    return {"item_text": np.array([[b"hiking boots"]] * n, dtype=object),
+            "item_image": np.array([[image.getvalue()]] * n, dtype=object),
+            "item_audio": np.array([[wav.getvalue()]] * n, dtype=object)}
+
+
+@pytest.fixture
+def preprocess(pb, ci_spec, tmp_path):
+    from fusionrank.paths import resolve_text_checkpoint
+
+    version_dir = tmp_path / "preprocess" / "1"
+    version_dir.mkdir(parents=True)
+    (version_dir / "tokenizer").symlink_to(resolve_text_checkpoint(ci_spec.modalities.text.encoder.checkpoint))
+    return _init(PreprocessModel, ci_spec, "preprocess", version_dir)
+
+
+def _history(ci_spec, n):
+    length, vocab = ci_spec.ranker.history.length, ci_spec.ranker.history.vocab_size
+    return np.arange(n * length, dtype=np.int64).reshape(n, length) % vocab
+
+
+def test_preprocess_outputs_every_encoder_input(preprocess, ci_spec):
+    (response,) = preprocess.execute([FakeRequest({**_payloads(3), "user_history": _history(ci_spec, 3)})])
+    out = _outputs(response)
+    size, audio = ci_spec.modalities.image.size, ci_spec.modalities.audio
+    assert out["input_ids"].shape == (3, 16) and out["attention_mask"].shape == (3, 16)
+    assert out["pixel_values"].shape == (3, 3, size, size)
+    assert out["log_mel"].shape == (3, audio.n_mels, audio.num_frames)
+    np.testing.assert_array_equal(out["history"], _history(ci_spec, 3))
+
+
+def test_bad_request_fails_alone_naming_input_and_row(preprocess, ci_spec):
+    good_a = {**_payloads(2), "user_history": _history(ci_spec, 2)}
+    bad_history = {**_payloads(3), "user_history": _history(ci_spec, 3)}
+    bad_history["user_history"][1, 4] = ci_spec.ranker.history.vocab_size  # out of vocabulary
+    bad_image = {**_payloads(2), "user_history": _history(ci_spec, 2)}
+    bad_image["item_image"] = bad_image["item_image"].copy()
+    bad_image["item_image"][1, 0] = bad_image["item_image"][1, 0][:200]  # truncated JPEG
+    good_b = {**_payloads(1, size=(64, 90)), "user_history": _history(ci_spec, 1)}
+    responses = preprocess.execute([FakeRequest(r) for r in (good_a, bad_history, bad_image, good_b)])
+    assert responses[0].error is None and responses[3].error is None
+    assert _outputs(responses[0])["pixel_values"].shape[0] == 2
+    np.testing.assert_array_equal(_outputs(responses[3])["history"], _history(ci_spec, 1))
     assert responses[1].error.code == FakeError.INVALID_ARG
-    assert responses[1].error.message.startswith("item_image[1]")
+    assert responses[1].error.message.startswith("user_history[1]")
+    assert responses[2].error.code == FakeError.INVALID_ARG
+    assert responses[2].error.message.startswith("item_image[1]")
 
 
 def _tiny_onnx(path):

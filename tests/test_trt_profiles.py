@@ -635,7 +635,7 @@ def test_int8_build_calibrates_on_catalogue_samples(ci_spec, built_repository, t
     from export.onnx2trt import build_engines
 
     repo = tmp_path / "repo"
-    for part in ("text_encoder/1/model.onnx", "preprocess_text/1/tokenizer"):
+    for part in ("text_encoder/1/model.onnx", "preprocess/1/tokenizer"):
         copy = shutil.copytree if (built_repository / part).is_dir() else shutil.copy
         (repo / part).parent.mkdir(parents=True, exist_ok=True)
         copy(built_repository / part, repo / part)

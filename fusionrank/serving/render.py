@@ -4,8 +4,9 @@ Three serving profiles, chosen at start-up with Triton's `--model-config-name`:
 - `config.pbtxt` (gpu): encoders and ranker as TensorRT plans on the GPU; the production profile.
 - `configs/cpu.pbtxt` (cpu): encoders and ranker as ONNX Runtime sessions inside Python-backend models.
 - `configs/onnx_gpu.pbtxt` (onnx_gpu): Triton's onnxruntime backend on the GPU (no engine build needed).
-Preprocessing (and history validation) runs in Python-backend models on the CPU in every profile. The ensemble
-config is the same in all three.
+Preprocessing (every modality and the history check, in one `preprocess` model, so a bad input fails the request
+before any other step runs) is a Python-backend model on the CPU in every profile. The ensemble config is the same
+in all three.
 """
 
 from __future__ import annotations
@@ -49,11 +50,9 @@ def _tensor(spec_tensor: TensorSpec, cls):
 
 def _spec_parameter(spec: PipelineSpec, model: str) -> str:
     """The slice of the spec a Python model needs, as JSON (rebuilt there with `spec.from_dict`)."""
-    if model.startswith("preprocess_") and model != "preprocess_history":
-        modality = model.removeprefix("preprocess_")
-        return json.dumps({"modalities": {modality: to_dict(getattr(spec.modalities, modality))}}, sort_keys=True)
-    if model == "preprocess_history":
-        return json.dumps({"ranker": {"history": to_dict(spec.ranker.history)}}, sort_keys=True)
+    if model == "preprocess":
+        return json.dumps({"modalities": to_dict(spec.modalities), "ranker": {"history": to_dict(spec.ranker.history)}},
+                          sort_keys=True)
     return ""
 
 
@@ -140,37 +139,21 @@ def onnx_gpu_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
 
 
 def ensemble_config(spec: PipelineSpec) -> mc.ModelConfig:
-    """The client-facing ensemble: preprocess -> encode per modality, validate history, fuse and score."""
+    """The client-facing ensemble: preprocess (all inputs) -> one encoder per modality -> fuse and score."""
     name = spec.serving.ensemble_name
     io_ = model_io(spec, name)
     config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=spec.serving.max_candidates)
     config.input.extend(_tensor(t, mc.ModelInput) for t in io_.inputs)
     config.output.extend(_tensor(t, mc.ModelOutput) for t in io_.outputs)
     steps = config.ensemble_scheduling.step
-    ranker_inputs = {}
-    for modality in spec.modalities.enabled:
-        pre, enc = f"preprocess_{modality.value}", f"{modality.value}_encoder"
-        pre_io, enc_io = model_io(spec, pre), model_io(spec, enc)
-        step = steps.add(model_name=pre, model_version=-1)
-        step.input_map[pre_io.inputs[0].name] = ITEM_INPUT[modality]
-        for t in pre_io.outputs:
-            step.output_map[t.name] = f"{modality.value}_{t.name}"
-        step = steps.add(model_name=enc, model_version=-1)
-        for t in enc_io.inputs:
-            step.input_map[t.name] = f"{modality.value}_{t.name}"
-        out = enc_io.outputs[0].name
-        step.output_map[out] = out
-        ranker_inputs[out] = out
-    step = steps.add(model_name="preprocess_history", model_version=-1)
-    hist_io = model_io(spec, "preprocess_history")
-    step.input_map[hist_io.inputs[0].name] = hist_io.inputs[0].name
-    step.output_map[hist_io.outputs[0].name] = "validated_history"
-    ranker_inputs["history"] = "validated_history"
-    step = steps.add(model_name="fusion_ranker", model_version=-1)
-    for key, value in ranker_inputs.items():
-        step.input_map[key] = value
-    for t in io_.outputs:
-        step.output_map[t.name] = t.name
+    # Every tensor keeps its contract name inside the ensemble (names are unique across models).
+    for model in member_models(spec):
+        member = model_io(spec, model)
+        step = steps.add(model_name=model, model_version=-1)
+        for t in member.inputs:
+            step.input_map[t.name] = t.name
+        for t in member.outputs:
+            step.output_map[t.name] = t.name
     if spec.serving.response_cache:
         config.response_cache.enable = True
     return config
@@ -184,8 +167,7 @@ def model_configs(spec: PipelineSpec) -> dict[str, dict[str, mc.ModelConfig]]:
             configs[model] = {"gpu": tensorrt_config(spec, model), "cpu": python_config(spec, model, "onnxruntime"),
                               "onnx_gpu": onnx_gpu_config(spec, model)}
         else:
-            role = "history" if model == "preprocess_history" else "preprocess"
-            config = python_config(spec, model, role)
+            config = python_config(spec, model, "preprocess")
             configs[model] = {profile: config for profile in PROFILES}
     ensemble = ensemble_config(spec)
     configs[spec.serving.ensemble_name] = {profile: ensemble for profile in PROFILES}
@@ -195,7 +177,7 @@ def model_configs(spec: PipelineSpec) -> dict[str, dict[str, mc.ModelConfig]]:
 def _python_class(model: str) -> str:
     if model in ENCODERS_AND_RANKER:
         return "OnnxRuntimeModel"
-    return "HistoryModel" if model == "preprocess_history" else "PreprocessModel"
+    return "PreprocessModel"
 
 
 def _length_prefixed(data: bytes) -> bytes:
@@ -238,7 +220,7 @@ def rendered_files(spec: PipelineSpec) -> list[RenderedFile]:
             files.append(RenderedFile(f"{model}/1/model.py", shell.encode()))
     samples = _warmup_samples(spec)
     for modality in spec.modalities.enabled:
-        files.append(RenderedFile(f"preprocess_{modality.value}/warmup/{ITEM_INPUT[modality]}",
+        files.append(RenderedFile(f"preprocess/warmup/{ITEM_INPUT[modality]}",
                                   _length_prefixed(samples[modality])))
     return sorted(files, key=lambda f: f.path)
 

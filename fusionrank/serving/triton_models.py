@@ -16,6 +16,7 @@ import numpy as np
 
 from fusionrank.errors import PreprocessError
 from fusionrank.spec import Modality, from_dict
+from fusionrank.tensors import USER_HISTORY
 
 
 def _pb():
@@ -117,37 +118,26 @@ class _BatchedModel:
 
 
 class PreprocessModel(_BatchedModel):
-    """preprocess_text / preprocess_image / preprocess_audio: raw bytes per candidate -> encoder input tensors."""
+    """preprocess: one request's raw payloads and history -> every encoder's input tensors and the checked history.
+
+    Every input of a request is validated here, in the ensemble's first step, so a bad request fails before any
+    other step of it runs (see `fusionrank.spec.member_models`)."""
 
     def setup(self):
-        from fusionrank.preprocess import build_preprocessor
-
-        spec = from_dict(json.loads(self.params["spec"]))
-        self.modality = Modality(self.name.removeprefix("preprocess_"))
-        tokenizer_dir = self.version_dir / "tokenizer" if self.modality is Modality.TEXT else None
-        self.preprocessor = build_preprocessor(spec, self.modality, tokenizer_dir=tokenizer_dir)
-
-    def prepare(self, inputs):
-        # Preprocessing is per request (text is padded to the request's own bucket), so it runs here, not in run().
-        (raw,) = inputs.values()
-        return self.preprocessor(_as_bytes_rows(raw, self.preprocessor.input_name))
-
-    def run(self, batch):
-        return batch
-
-
-class HistoryModel(_BatchedModel):
-    """preprocess_history: rejects negative and out-of-vocabulary item ids before they reach an embedding lookup."""
-
-    def setup(self):
-        from fusionrank.preprocess import validate_history
+        from fusionrank.preprocess import build_preprocessor, validate_history
 
         self.spec = from_dict(json.loads(self.params["spec"]))
-        self.validate = validate_history
+        tokenizer_dir = self.version_dir / "tokenizer"
+        self.preprocessors = [build_preprocessor(self.spec, m, tokenizer_dir=tokenizer_dir if m is Modality.TEXT
+                                                 else None) for m in self.spec.modalities.enabled]
+        self.validate_history = validate_history
 
     def prepare(self, inputs):
-        (history,) = inputs.values()
-        return {self.output_names[0]: self.validate(history, self.spec)}
+        # Per request (text is padded to the request's own bucket), so it runs here, not in run().
+        arrays = {"history": self.validate_history(inputs[USER_HISTORY], self.spec)}
+        for pre in self.preprocessors:
+            arrays.update(pre(_as_bytes_rows(inputs[pre.input_name], pre.input_name)))
+        return arrays
 
     def run(self, batch):
         return batch

@@ -1,0 +1,3 @@
+"""Triton Python model `preprocess`: a thin shell over fusionrank.serving.triton_models (PreprocessModel)."""
+
+from fusionrank.serving.triton_models import PreprocessModel as TritonPythonModel  # noqa: F401

@@ -1,3 +1,0 @@
-"""Triton Python model `preprocess_text`: a thin shell over fusionrank.serving.triton_models (PreprocessModel)."""
-
-from fusionrank.serving.triton_models import PreprocessModel as TritonPythonModel  # noqa: F401

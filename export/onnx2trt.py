@@ -243,8 +243,7 @@ def _encoder_inputs(spec: PipelineSpec, repo: Path, modality: Modality, bench, i
 
     tokenizer = tokenizer_dir(repo) if modality is Modality.TEXT else None
     pre = build_preprocessor(spec, modality, tokenizer_dir=tokenizer)
-    getter = {Modality.TEXT: "text_bytes", Modality.IMAGE: "image_bytes", Modality.AUDIO: "audio_bytes"}[modality]
-    parts = [pre([getattr(bench.item(int(i)), getter)() for i in items[s:s + 64]]) for s in range(0, len(items), 64)]
+    parts = [pre([bench.item(int(i)).payload(modality) for i in items[s:s + 64]]) for s in range(0, len(items), 64)]
     if modality is Modality.TEXT:
         width = spec.modalities.text.max_length
         parts = [{k: np.pad(v, ((0, 0), (0, width - v.shape[1]))) for k, v in p.items()} for p in parts]

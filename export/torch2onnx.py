@@ -166,11 +166,10 @@ def export_all(spec: PipelineSpec, repo: Path, checkpoint: Path | None = None, m
         started = time.monotonic()
         encoder = build_encoder(spec, modality)
         pre = build_preprocessor(spec, modality, tokenizer_dir=text_dir)
-        get = {Modality.TEXT: "text_bytes", Modality.IMAGE: "image_bytes", Modality.AUDIO: "audio_bytes"}[modality]
         if modality is Modality.TEXT:
             sample_groups = [pre(rows) for rows in _text_samples(bench, items, spec, pre.tokenizer)]
         else:
-            sample_groups = [pre([getattr(bench.item(i), get)() for i in items])]
+            sample_groups = [pre([bench.item(i).payload(modality) for i in items])]
         path = repo / model / "1" / "model.onnx"
         if model in models:
             export_onnx(encoder, spec, model, sample_groups[0], path)
@@ -186,7 +185,7 @@ def export_all(spec: PipelineSpec, repo: Path, checkpoint: Path | None = None, m
         per = cand.shape[1]
         t_parts, o_parts = [], []
         for start in range(0, len(cand_items), per):
-            arrays = pre([getattr(bench.item(int(i)), get)() for i in cand_items[start:start + per]])
+            arrays = pre([bench.item(int(i)).payload(modality) for i in cand_items[start:start + per]])
             t_parts.append(_torch_outputs(encoder, spec, model, arrays))
             o_parts.append(_ort_outputs(session, spec, model, arrays))
         name = model_io(spec, model).outputs[0].name

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from fusionrank.errors import DataError
-from fusionrank.spec import PipelineSpec, to_dict
+from fusionrank.spec import Modality, PipelineSpec, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,12 @@ class Item:
 
     def audio_bytes(self) -> bytes:
         return self.audio_path.read_bytes()
+
+    def payload(self, modality: Modality) -> bytes:
+        """The raw bytes a client sends for this item's `modality` (title, encoded image or WAV)."""
+        if modality is Modality.TEXT:
+            return self.text_bytes()
+        return self.image_bytes() if modality is Modality.IMAGE else self.audio_bytes()
 
 
 @dataclass(frozen=True)

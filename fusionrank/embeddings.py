@@ -22,8 +22,7 @@ BATCH = 32
 
 
 def _payloads(bench: Benchmark, modality: Modality) -> list[bytes]:
-    get = {Modality.TEXT: "text_bytes", Modality.IMAGE: "image_bytes", Modality.AUDIO: "audio_bytes"}[modality]
-    return [getattr(item, get)() for item in bench.items]
+    return [item.payload(modality) for item in bench.items]
 
 
 @torch.inference_mode()

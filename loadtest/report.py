@@ -188,7 +188,9 @@ class Verdict:
                  "", self.slo_table(), ""]
         if self.members:
             lines += ["server-side breakdown per ensemble member (Triton metrics, this run only):",
-                      format_members(self.members), ""]
+                      format_members(self.members),
+                      "(the ensemble row's queue and compute are Triton's sums over its members; its total is end to "
+                      "end, shorter than the sum because the encoders run in parallel)", ""]
         lines += [f"note: {n}" for n in self.notes]
         lines += [c.describe() for c in self.missed]
         lines.append(f"SLO verdict: {'PASS' if self.passed else 'FAIL'} ({self.slo_source})")

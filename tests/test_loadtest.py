@@ -51,6 +51,8 @@ def test_shipped_scenarios_load():
     assert ci.name == "ci" and ci.pacing.mode == "target_rps" and ci.run_seconds <= 15
     assert ci.source == str(SCENARIO_DIR / "ci.yaml")
     assert default.max_candidates <= PipelineSpec().serving.max_candidates
+    heavy = load_scenario("heavy")
+    assert heavy.users > default.users and heavy.max_candidates <= PipelineSpec().serving.max_candidates
 
 
 @pytest.mark.parametrize("text,field", [

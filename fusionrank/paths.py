@@ -22,11 +22,14 @@ def cache_dir(spec: PipelineSpec) -> Path:
 
 
 def checkpoint_path(spec: PipelineSpec, name: str) -> Path:
-    """Ranker checkpoint of one trained variant (e.g. 'concat', 'text_only'), keyed by the spec's digest and the
-    generated data's key (a new data generator invalidates checkpoints trained on the old data)."""
+    """Ranker checkpoint of one trained variant (e.g. 'concat', 'text_only'), keyed by the spec's digest, the
+    generated data's key and the ranker's architecture version (a new data generator or architecture invalidates
+    checkpoints trained before it)."""
     from fusionrank.benchmark import data_key
+    from fusionrank.models.fusion import ARCHITECTURE_VERSION
 
-    return cache_dir(spec) / "checkpoints" / f"{spec.digest()}-{data_key(spec)}" / f"ranker-{name}.pt"
+    key = f"{spec.digest()}-{data_key(spec)}-a{ARCHITECTURE_VERSION}"
+    return cache_dir(spec) / "checkpoints" / key / f"ranker-{name}.pt"
 
 
 def resolve_text_checkpoint(checkpoint: str) -> Path:

@@ -7,11 +7,14 @@ import json
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from export.parity import check_outputs, ranking_parity
+from export.torch2onnx import _ort_outputs, _session, _torch_outputs, export_onnx
 from fusionrank.cli import main
 from fusionrank.errors import ParityError
-from fusionrank.spec import RankingParitySpec, Tolerance
+from fusionrank.models.fusion import FusionRanker, RankerConfig
+from fusionrank.spec import FusionType, RankingParitySpec, Tolerance
 from fusionrank.tensors import model_io
 
 pytestmark = pytest.mark.slow
@@ -92,17 +95,11 @@ def test_export_without_checkpoint_is_a_clear_error(ci_spec, tmp_path, capsys):
     assert code == 2 and "exportable models" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("fusion", ["concat", "weighted", "attention", "gated", "late", "two_tower"])
+@pytest.mark.parametrize("fusion", list(FusionType))
 def test_every_fusion_exports_with_parity_at_another_batch_size(ci_spec, tmp_path, fusion):
     """Each fusion (seeded, untrained) exported with a batch of 4 matches PyTorch at a batch of 9 within the spec."""
-    import torch
-
-    from export.torch2onnx import _ort_outputs, _session, _torch_outputs, export_onnx
-    from fusionrank.models.fusion import FusionRanker, RankerConfig
-    from fusionrank.spec import FusionType
-
     torch.manual_seed(0)
-    module = FusionRanker(RankerConfig.from_spec(ci_spec, fusion=FusionType(fusion))).eval()
+    module = FusionRanker(RankerConfig.from_spec(ci_spec, fusion=fusion)).eval()
     rng = np.random.default_rng(1)
 
     def inputs(n):
@@ -113,7 +110,7 @@ def test_every_fusion_exports_with_parity_at_another_batch_size(ci_spec, tmp_pat
 
     path = export_onnx(module, ci_spec, "fusion_ranker", inputs(4), tmp_path / "model.onnx")
     batch = inputs(9)
-    results = check_outputs(f"fusion_ranker[{fusion}]", _torch_outputs(module, ci_spec, "fusion_ranker", batch),
+    results = check_outputs(f"fusion_ranker[{fusion.value}]", _torch_outputs(module, ci_spec, "fusion_ranker", batch),
                             _ort_outputs(_session(path), ci_spec, "fusion_ranker", batch),
                             ci_spec.export.tolerance)
     assert {r.output for r in results} == {"click_probability", "modality_weights"}

@@ -159,15 +159,18 @@ def test_bad_input_fails_alone_while_good_requests_succeed(triton_server, ci_spe
     def good(_):
         return _rank(triton_server.grpc_url, ci_spec, items, history)[0]
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        good_futures = [pool.submit(good, i) for i in range(2 * len(cases))]
-        bad_results = list(pool.map(bad, cases))
-        good_results = [f.result() for f in good_futures]
-    for (name, _, input_name), (status, message) in zip(cases, bad_results):
-        assert status == "StatusCode.INVALID_ARGUMENT", f"{name}: {status} {message}"
-        assert input_name in message, f"{name}: error does not name {input_name}: {message}"
-    for scores in good_results:
-        np.testing.assert_allclose(scores, expected, atol=1e-6)
+    # Several rounds: the interleaving that once crashed Triton 2.51 (a branch of the ensemble failing while its
+    # siblings were still queued; see README under the pipeline diagram) did not show on every round.
+    for _ in range(3):
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            good_futures = [pool.submit(good, i) for i in range(2 * len(cases))]
+            bad_results = list(pool.map(bad, cases))
+            good_results = [f.result() for f in good_futures]
+        for (name, _, input_name), (status, message) in zip(cases, bad_results):
+            assert status == "StatusCode.INVALID_ARGUMENT", f"{name}: {status} {message}"
+            assert input_name in message, f"{name}: error does not name {input_name}: {message}"
+        for scores in good_results:
+            np.testing.assert_allclose(scores, expected, atol=1e-6)
     # ... and the server is still serving.
     np.testing.assert_allclose(_rank(triton_server.grpc_url, ci_spec, items, history)[0], expected, atol=1e-6)
 

@@ -358,6 +358,46 @@ class _ClientBase:
     def urls(self) -> list[str]:
         return [e.url for e in self.pool.endpoints]
 
+    def _new_client(self, url: str):
+        """A tritonclient gRPC client (sync or aio, by subclass) for one endpoint."""
+        raise NotImplementedError
+
+    def _client(self, endpoint: Endpoint):
+        with self._lock:  # one channel per endpoint, also when threads share a sync client
+            client = self._clients.get(endpoint.url)
+            if client is None:
+                client = self._factory(endpoint.url) if self._factory else self._new_client(endpoint.url)
+                self._clients[endpoint.url] = client
+            return client
+
+    def _probe_timeout(self, deadline: float, floor: float) -> float:
+        return min(self.options.health_timeout_s, max(floor, deadline - time.monotonic()))
+
+    def _record_probe(self, endpoint: Endpoint, healthy: bool, ready: list[str]) -> None:
+        if healthy:
+            self.pool.mark_up(endpoint)
+            ready.append(endpoint.url)
+        else:
+            self.pool.mark_down(endpoint)
+
+    def _ready_enough(self, ready: list[str], all_endpoints: bool, deadline: float, timeout: float) -> bool:
+        """wait_ready's verdict after one sweep: True when done; raises UnavailableError once the deadline passed."""
+        if ready and (not all_endpoints or len(ready) == len(self.pool.endpoints)):
+            return True
+        if time.monotonic() >= deadline:
+            raise UnavailableError(f"model {self.options.model!r} not ready within {timeout:g}s on "
+                                   f"{', '.join(self.urls)} (ready: {', '.join(ready) or 'none'})")
+        return False
+
+    def _payloads(self, candidates: Sequence[Candidate]) -> dict[Modality, list[bytes]]:
+        return {m: [c.payload(m) for c in candidates] for m in self.options.modalities}
+
+    def _begin(self, timeout: float | None) -> tuple[float, float]:
+        """(timeout, deadline) of one ranking call, which is counted."""
+        timeout = self.options.timeout_s if timeout is None else timeout
+        self.stats.calls += 1
+        return timeout, time.monotonic() + timeout
+
     def _requests(self, items: Mapping[Modality, Sequence[bytes]], history) -> list[_Request]:
         """Validate one ranking request and split it into chunks of at most max_candidates rows."""
         opts = self.options
@@ -434,18 +474,10 @@ class RankingClient(_ClientBase):
             except Exception:  # noqa: BLE001 - closing a broken channel must not mask the caller's error
                 log.debug("error closing gRPC client", exc_info=True)
 
-    def _client(self, endpoint: Endpoint):
-        with self._lock:  # one channel per endpoint, also when threads share this client
-            client = self._clients.get(endpoint.url)
-            if client is None:
-                if self._factory is None:
-                    import tritonclient.grpc as grpcclient
+    def _new_client(self, url: str):
+        import tritonclient.grpc as grpcclient
 
-                    client = grpcclient.InferenceServerClient(endpoint.url)
-                else:
-                    client = self._factory(endpoint.url)
-                self._clients[endpoint.url] = client
-            return client
+        return grpcclient.InferenceServerClient(url)
 
     def _healthy(self, endpoint: Endpoint, timeout: float) -> bool:
         self.stats.health_checks += 1
@@ -460,32 +492,21 @@ class RankingClient(_ClientBase):
         """Block until one endpoint (or every one) has the server and the ensemble ready; returns the ready ones."""
         deadline = time.monotonic() + timeout
         while True:
-            ready = []
+            ready: list[str] = []
             for endpoint in self.pool.endpoints:
-                probe = min(self.options.health_timeout_s, max(0.1, deadline - time.monotonic()))
-                if self._healthy(endpoint, probe):
-                    self.pool.mark_up(endpoint)
-                    ready.append(endpoint.url)
-                else:
-                    self.pool.mark_down(endpoint)
-            if ready and (not all_endpoints or len(ready) == len(self.pool.endpoints)):
+                self._record_probe(endpoint, self._healthy(endpoint, self._probe_timeout(deadline, 0.1)), ready)
+            if self._ready_enough(ready, all_endpoints, deadline, timeout):
                 return ready
-            if time.monotonic() >= deadline:
-                raise UnavailableError(f"model {self.options.model!r} not ready within {timeout:g}s on "
-                                       f"{', '.join(self.urls)} (ready: {', '.join(ready) or 'none'})")
             time.sleep(0.25)
 
     def rank(self, candidates: Sequence[Candidate], history, timeout: float | None = None) -> RankingResult:
         """Score `candidates` for a user with `history` (their recent item ids, or a [N, L] array)."""
-        items = {m: [c.payload(m) for c in candidates] for m in self.options.modalities}
-        return self.rank_payloads(items, history, timeout=timeout)
+        return self.rank_payloads(self._payloads(candidates), history, timeout=timeout)
 
     def rank_payloads(self, items: Mapping[Modality, Sequence[bytes]], history,
                       timeout: float | None = None) -> RankingResult:
         """Score raw payloads: `items[modality]` holds one bytes object per candidate."""
-        timeout = self.options.timeout_s if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        self.stats.calls += 1
+        timeout, deadline = self._begin(timeout)
         requests = self._requests(items, history)
         return self._merge([self._call(r, deadline, timeout) for r in requests])
 
@@ -493,7 +514,7 @@ class RankingClient(_ClientBase):
         for endpoint, needs_check in self.pool.plan():
             if not needs_check:
                 return endpoint
-            if self._healthy(endpoint, min(self.options.health_timeout_s, max(0.05, deadline - time.monotonic()))):
+            if self._healthy(endpoint, self._probe_timeout(deadline, 0.05)):
                 self.pool.mark_up(endpoint)
                 return endpoint
             self.pool.mark_checked(endpoint)
@@ -559,17 +580,10 @@ class AsyncRankingClient(_ClientBase):
             except Exception:  # noqa: BLE001 - closing a broken channel must not mask the caller's error
                 log.debug("error closing gRPC client", exc_info=True)
 
-    def _client(self, endpoint: Endpoint):
-        client = self._clients.get(endpoint.url)
-        if client is None:
-            if self._factory is None:
-                import tritonclient.grpc.aio as aioclient
+    def _new_client(self, url: str):
+        import tritonclient.grpc.aio as aioclient
 
-                client = aioclient.InferenceServerClient(endpoint.url)
-            else:
-                client = self._factory(endpoint.url)
-            self._clients[endpoint.url] = client
-        return client
+        return aioclient.InferenceServerClient(url)
 
     async def _healthy(self, endpoint: Endpoint, timeout: float) -> bool:
         self.stats.health_checks += 1
@@ -584,32 +598,22 @@ class AsyncRankingClient(_ClientBase):
         """Wait until one endpoint (or every one) has the server and the ensemble ready; returns the ready ones."""
         deadline = time.monotonic() + timeout
         while True:
-            ready = []
+            ready: list[str] = []
             for endpoint in self.pool.endpoints:
-                probe = min(self.options.health_timeout_s, max(0.1, deadline - time.monotonic()))
-                if await self._healthy(endpoint, probe):
-                    self.pool.mark_up(endpoint)
-                    ready.append(endpoint.url)
-                else:
-                    self.pool.mark_down(endpoint)
-            if ready and (not all_endpoints or len(ready) == len(self.pool.endpoints)):
+                healthy = await self._healthy(endpoint, self._probe_timeout(deadline, 0.1))
+                self._record_probe(endpoint, healthy, ready)
+            if self._ready_enough(ready, all_endpoints, deadline, timeout):
                 return ready
-            if time.monotonic() >= deadline:
-                raise UnavailableError(f"model {self.options.model!r} not ready within {timeout:g}s on "
-                                       f"{', '.join(self.urls)} (ready: {', '.join(ready) or 'none'})")
             await asyncio.sleep(0.25)
 
     async def rank(self, candidates: Sequence[Candidate], history, timeout: float | None = None) -> RankingResult:
         """Score `candidates` for a user with `history` (their recent item ids, or a [N, L] array)."""
-        items = {m: [c.payload(m) for c in candidates] for m in self.options.modalities}
-        return await self.rank_payloads(items, history, timeout=timeout)
+        return await self.rank_payloads(self._payloads(candidates), history, timeout=timeout)
 
     async def rank_payloads(self, items: Mapping[Modality, Sequence[bytes]], history,
                             timeout: float | None = None) -> RankingResult:
         """Score raw payloads; the chunks of a long candidate list run concurrently, merged in order."""
-        timeout = self.options.timeout_s if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        self.stats.calls += 1
+        timeout, deadline = self._begin(timeout)
         requests = self._requests(items, history)
         results = await asyncio.gather(*(self._call(r, deadline, timeout) for r in requests))
         return self._merge(list(results))
@@ -618,8 +622,7 @@ class AsyncRankingClient(_ClientBase):
         for endpoint, needs_check in self.pool.plan():
             if not needs_check:
                 return endpoint
-            probe = min(self.options.health_timeout_s, max(0.05, deadline - time.monotonic()))
-            if await self._healthy(endpoint, probe):
+            if await self._healthy(endpoint, self._probe_timeout(deadline, 0.05)):
                 self.pool.mark_up(endpoint)
                 return endpoint
             self.pool.mark_checked(endpoint)

@@ -19,10 +19,6 @@ class TensorSpec:
     dims: tuple[int, ...]
     axes: tuple[str, ...] = ()  # names of the dynamic dims in `dims`, in order
 
-    @property
-    def triton_dtype(self) -> str:
-        return {"bytes": "TYPE_STRING", "int64": "TYPE_INT64", "float32": "TYPE_FP32"}[self.dtype]
-
     def dynamic_axes(self) -> dict[int, str]:
         """ONNX dynamic axes (batch included, as axis 0)."""
         named = iter(self.axes)

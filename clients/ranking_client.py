@@ -3,7 +3,11 @@
 A ranking request is one user's candidate list. The client
 - splits a list longer than the ensemble's max batch (`serving.max_candidates`) into several requests and merges
   the scores back in the caller's order;
-- gives every call one deadline, shared by its chunks and retries;
+- gives every call one deadline, shared by its chunks and retries. A call whose deadline passes is abandoned, not
+  cancelled: its RPC keeps a longer gRPC deadline (`abandon_grace`) so the server finishes it. Triton 2.51 (the
+  server in the nvidia-pytriton wheel) segfaults when clients cancel in-flight ensemble requests
+  (triton-inference-server/server#7368, fixed upstream by #7840); the Go workaround in that issue does the same.
+  `close()` waits for abandoned calls, since closing a channel would cancel them;
 - retries with exponential backoff only on transient errors (UNAVAILABLE, connection reset), never on invalid input;
 - spreads calls round-robin over several endpoints, skips one that failed until a health check finds it ready again,
   and fails over to the next endpoint at once;
@@ -173,6 +177,7 @@ class ClientStats:
     retries: int = 0
     failovers: int = 0
     health_checks: int = 0
+    abandoned: int = 0  # calls whose deadline passed, left to finish on the server
 
 
 # --- endpoints -----------------------------------------------------------------------------------------------------
@@ -325,6 +330,11 @@ class ClientOptions:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     recheck_s: float = 1.0
     shared_memory_threshold: int | None = None  # payload bytes from which loopback calls use shared memory
+    abandon_grace_s: float = 30.0  # added to an inference RPC's gRPC deadline; 0: gRPC cancels at the deadline
+
+    def rpc_timeout(self, remaining: float) -> float:
+        """The gRPC deadline of an inference RPC with `remaining` seconds of the call's deadline left."""
+        return max(remaining, 1e-3) + self.abandon_grace_s
 
     @classmethod
     def from_spec(cls, spec: PipelineSpec, **overrides) -> ClientOptions:
@@ -339,10 +349,14 @@ class _ClientBase:
     def __init__(self, spec: PipelineSpec, urls: str | Sequence[str], *, timeout: float = 30.0,
                  health_timeout: float = 2.0, retry: RetryPolicy | None = None, recheck_interval: float = 1.0,
                  shared_memory_threshold: int | None = None, max_candidates: int | None = None,
-                 client_factory: Callable[[str], Any] | None = None, seed: int | None = None):
+                 abandon_grace: float = 30.0, client_factory: Callable[[str], Any] | None = None,
+                 seed: int | None = None):
+        if abandon_grace < 0:
+            raise ValueError(f"abandon_grace must be >= 0 seconds, got {abandon_grace}")
         self.options = ClientOptions.from_spec(
             spec, timeout_s=timeout, health_timeout_s=health_timeout, retry=retry or RetryPolicy(),
-            recheck_s=recheck_interval, shared_memory_threshold=shared_memory_threshold)
+            recheck_s=recheck_interval, shared_memory_threshold=shared_memory_threshold,
+            abandon_grace_s=abandon_grace)
         if max_candidates is not None:
             if not 0 < max_candidates <= spec.serving.max_candidates:
                 raise ValueError(f"max_candidates must be in [1, {spec.serving.max_candidates}], got {max_candidates}")
@@ -353,6 +367,7 @@ class _ClientBase:
         self._clients: dict[str, Any] = {}
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
+        self._abandoned: list = []  # calls past their deadline still running on the server (see close())
 
     @property
     def urls(self) -> list[str]:
@@ -441,6 +456,12 @@ class _ClientBase:
         detail = f"; last error: {last}" if last else ""
         return DeadlineExceededError(f"deadline of {timeout:g}s passed before the ranking request completed{detail}")
 
+    def _abandoned_error(self, endpoint: Endpoint) -> DeadlineExceededError:
+        self.stats.abandoned += 1
+        return DeadlineExceededError(
+            f"deadline passed before {endpoint.url} answered; the request was left to finish there "
+            f"(not cancelled) for up to {self.options.abandon_grace_s:g}s more", endpoint=endpoint.url)
+
     def _after_failure(self, endpoint: Endpoint, error: ClientError, attempt: int) -> float:
         """After a failed attempt: re-raise a non-transient error; else mark the endpoint down and return the seconds
         to wait before the next attempt (0: fail over to a healthy endpoint now; -1: attempts exhausted)."""
@@ -466,13 +487,26 @@ class RankingClient(_ClientBase):
         self.close()
 
     def close(self) -> None:
-        """Close every gRPC channel this client opened."""
+        """Wait for abandoned calls (at most until their gRPC deadlines), then close every gRPC channel."""
+        with self._lock:
+            pending, self._abandoned = self._abandoned, []
+        for call in pending:
+            call.done.wait(max(0.0, call.rpc_deadline - time.monotonic()))
+            call.release()
         clients, self._clients = self._clients, {}
         for client in clients.values():
             try:
                 client.close()
             except Exception:  # noqa: BLE001 - closing a broken channel must not mask the caller's error
                 log.debug("error closing gRPC client", exc_info=True)
+
+    def _reap(self) -> None:
+        """Release the shared memory of abandoned calls that have ended since."""
+        with self._lock:
+            ended = [c for c in self._abandoned if c.done.is_set()]
+            self._abandoned = [c for c in self._abandoned if not c.done.is_set()]
+        for call in ended:
+            call.release()
 
     def _new_client(self, url: str):
         import tritonclient.grpc as grpcclient
@@ -508,6 +542,7 @@ class RankingClient(_ClientBase):
         """Score raw payloads: `items[modality]` holds one bytes object per candidate."""
         timeout, deadline = self._begin(timeout)
         requests = self._requests(items, history)
+        self._reap()
         return self._merge([self._call(r, deadline, timeout) for r in requests])
 
     def _pick(self, deadline: float) -> Endpoint:
@@ -545,21 +580,23 @@ class RankingClient(_ClientBase):
 
         client = self._client(endpoint)
         shm = _ShmRegion(request) if self._use_shm(endpoint, request) else None
+        call = _SentCall(lambda: _release_sync(client, shm), time.monotonic() + self.options.rpc_timeout(remaining))
         try:
             if shm is not None:
                 client.register_system_shared_memory(shm.name, shm.key, shm.byte_size, client_timeout=remaining)
-            try:
-                result = client.infer(self.options.model, _infer_inputs(grpcclient, request, shm),
-                                      client_timeout=max(remaining, 1e-3))
-            finally:
-                if shm is not None:
-                    _quietly(client.unregister_system_shared_memory, shm.name)
-            return self._outputs(result, request)
+            client.async_infer(self.options.model, _infer_inputs(grpcclient, request, shm), callback=call.finish,
+                               client_timeout=self.options.rpc_timeout(remaining))
         except InferenceServerException as exc:
+            call.release()
             raise to_client_error(exc, endpoint.url) from None
-        finally:
-            if shm is not None:
-                shm.destroy()
+        if not call.done.wait(max(remaining, 0.0)):
+            with self._lock:
+                self._abandoned.append(call)
+            raise self._abandoned_error(endpoint)
+        call.release()
+        if call.error is not None:
+            raise to_client_error(call.error, endpoint.url)
+        return self._outputs(call.result, request)
 
 
 class AsyncRankingClient(_ClientBase):
@@ -572,7 +609,10 @@ class AsyncRankingClient(_ClientBase):
         await self.close()
 
     async def close(self) -> None:
-        """Close every gRPC channel this client opened."""
+        """Wait for abandoned calls (at most `abandon_grace` seconds), then close every gRPC channel."""
+        pending, self._abandoned = self._abandoned, []
+        if pending:
+            await asyncio.wait(pending, timeout=self.options.abandon_grace_s)
         clients, self._clients = self._clients, {}
         for client in clients.values():
             try:
@@ -657,18 +697,69 @@ class AsyncRankingClient(_ClientBase):
             if shm is not None:
                 await client.register_system_shared_memory(shm.name, shm.key, shm.byte_size,
                                                            client_timeout=remaining)
-            try:
-                result = await client.infer(self.options.model, _infer_inputs(aioclient, request, shm),
-                                            client_timeout=max(remaining, 1e-3))
-            finally:
-                if shm is not None:
-                    await _quietly_async(client.unregister_system_shared_memory, shm.name)
-            return self._outputs(result, request)
+            sent = asyncio.ensure_future(client.infer(self.options.model, _infer_inputs(aioclient, request, shm),
+                                                      client_timeout=self.options.rpc_timeout(remaining)))
+        except InferenceServerException as exc:
+            await _release_async(client, shm)
+            raise to_client_error(exc, endpoint.url) from None
+        try:
+            done, _ = await asyncio.wait({sent}, timeout=max(remaining, 0.0))
+        except asyncio.CancelledError:  # the caller gave up: leave the RPC to finish, as on a deadline
+            self._abandon(sent, client, shm)
+            raise
+        if not done:
+            self._abandon(sent, client, shm)
+            raise self._abandoned_error(endpoint)
+        await _release_async(client, shm)
+        try:
+            return self._outputs(sent.result(), request)
         except InferenceServerException as exc:
             raise to_client_error(exc, endpoint.url) from None
-        finally:
-            if shm is not None:
-                shm.destroy()
+
+    def _abandon(self, sent: asyncio.Future, client, shm: _ShmRegion | None) -> None:
+        async def finish() -> None:
+            try:
+                await sent
+            except Exception:  # noqa: BLE001 - nobody waits for this result any more
+                pass
+            finally:
+                await _release_async(client, shm)
+
+        task = asyncio.ensure_future(finish())
+        self._abandoned.append(task)
+        task.add_done_callback(lambda t: self._abandoned.remove(t) if t in self._abandoned else None)
+
+
+class _SentCall:
+    """An inference RPC of the sync client: its outcome, set by tritonclient's callback, and its clean-up."""
+
+    def __init__(self, release: Callable[[], None], rpc_deadline: float):
+        self.done = threading.Event()
+        self.result = self.error = None
+        self.rpc_deadline = rpc_deadline
+        self._release = release
+        self._released = False
+
+    def finish(self, result, error) -> None:
+        self.result, self.error = result, error
+        self.done.set()
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._release()
+
+
+def _release_sync(client, shm: _ShmRegion | None) -> None:
+    if shm is not None:
+        _quietly(client.unregister_system_shared_memory, shm.name)
+        shm.destroy()
+
+
+async def _release_async(client, shm: _ShmRegion | None) -> None:
+    if shm is not None:
+        await _quietly_async(client.unregister_system_shared_memory, shm.name)
+        shm.destroy()
 
 
 def _quietly(fn, *args) -> None:

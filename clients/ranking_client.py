@@ -586,9 +586,11 @@ class RankingClient(_ClientBase):
                 client.register_system_shared_memory(shm.name, shm.key, shm.byte_size, client_timeout=remaining)
             client.async_infer(self.options.model, _infer_inputs(grpcclient, request, shm), callback=call.finish,
                                client_timeout=self.options.rpc_timeout(remaining))
-        except InferenceServerException as exc:
+        except BaseException as exc:
             call.release()
-            raise to_client_error(exc, endpoint.url) from None
+            if isinstance(exc, InferenceServerException):
+                raise to_client_error(exc, endpoint.url) from None
+            raise
         if not call.done.wait(max(remaining, 0.0)):
             with self._lock:
                 self._abandoned.append(call)
@@ -699,9 +701,11 @@ class AsyncRankingClient(_ClientBase):
                                                            client_timeout=remaining)
             sent = asyncio.ensure_future(client.infer(self.options.model, _infer_inputs(aioclient, request, shm),
                                                       client_timeout=self.options.rpc_timeout(remaining)))
-        except InferenceServerException as exc:
+        except BaseException as exc:
             await _release_async(client, shm)
-            raise to_client_error(exc, endpoint.url) from None
+            if isinstance(exc, InferenceServerException):
+                raise to_client_error(exc, endpoint.url) from None
+            raise
         try:
             done, _ = await asyncio.wait({sent}, timeout=max(remaining, 0.0))
         except asyncio.CancelledError:  # the caller gave up: leave the RPC to finish, as on a deadline

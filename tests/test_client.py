@@ -37,7 +37,9 @@ def _decode(inputs) -> dict[str, np.ndarray]:
     out = {}
     for t in inputs:
         raw = t._get_content()
-        if t.datatype() == "BYTES":
+        if raw is None:  # sent through shared memory: only the shape is known here
+            out[t.name()] = np.zeros(t.shape(), dtype=np.int64)
+        elif t.datatype() == "BYTES":
             out[t.name()] = deserialize_bytes_tensor(raw).reshape(t.shape())
         else:
             out[t.name()] = np.frombuffer(raw, dtype=np.int64).reshape(t.shape())
@@ -266,6 +268,21 @@ def test_a_call_past_its_deadline_is_abandoned_not_cancelled(cls):
     assert fake.answered == 1 and fake.closed, "close() waits for the abandoned call before closing the channel"
     assert 2.0 < log[0][2] <= 2.05 and client.stats.retries == 0
 
+
+
+def test_an_abandoned_call_keeps_its_shared_memory_until_it_ends():
+    # The server still reads the inputs of an abandoned call: its region is unregistered only after the call ends.
+    log, events = [], []
+    fake = FakeTriton("127.0.0.1:1", log, delay=0.3)
+    fake.register_system_shared_memory = lambda name, key, size, client_timeout=None: events.append(("register", name))
+    fake.unregister_system_shared_memory = lambda name: events.append(("unregister", name))
+    client = _client({"127.0.0.1:1": fake}, shared_memory_threshold=0, abandon_grace=2.0)
+    with pytest.raises(DeadlineExceededError):
+        client.rank_payloads(_items(2), [1], timeout=0.05)
+    assert [e for e, _ in events] == ["register"] and fake.answered == 0
+    client.close()
+    assert fake.answered == 1 and [e for e, _ in events] == ["register", "unregister"]
+    assert events[0][1] == events[1][1]
 
 def test_history_matrix_pads_truncates_and_checks_shape():
     h = history_matrix([3, 4], rows=2, length=4)

@@ -591,9 +591,14 @@ class RankingClient(_ClientBase):
             if isinstance(exc, InferenceServerException):
                 raise to_client_error(exc, endpoint.url) from None
             raise
-        if not call.done.wait(max(remaining, 0.0)):
-            with self._lock:
-                self._abandoned.append(call)
+        answered = False
+        try:
+            answered = call.done.wait(max(remaining, 0.0))
+        finally:
+            if not answered:  # late, or interrupted (Ctrl-C, a Locust user killed at stop): close() waits for it
+                with self._lock:
+                    self._abandoned.append(call)
+        if not answered:
             raise self._abandoned_error(endpoint)
         call.release()
         if call.error is not None:

@@ -580,12 +580,13 @@ class RankingClient(_ClientBase):
 
         client = self._client(endpoint)
         shm = _ShmRegion(request) if self._use_shm(endpoint, request) else None
-        call = _SentCall(lambda: _release_sync(client, shm), time.monotonic() + self.options.rpc_timeout(remaining))
+        rpc_timeout = self.options.rpc_timeout(remaining)
+        call = _SentCall(lambda: _release_sync(client, shm), time.monotonic() + rpc_timeout)
         try:
             if shm is not None:
                 client.register_system_shared_memory(shm.name, shm.key, shm.byte_size, client_timeout=remaining)
             client.async_infer(self.options.model, _infer_inputs(grpcclient, request, shm), callback=call.finish,
-                               client_timeout=self.options.rpc_timeout(remaining))
+                               client_timeout=rpc_timeout)
         except BaseException as exc:
             call.release()
             if isinstance(exc, InferenceServerException):

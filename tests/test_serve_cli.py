@@ -33,6 +33,13 @@ class TritonPythonModel:
                 for r in requests]
 """
 
+HELPER_PROCESS = """
+    def initialize(self, args):
+        import subprocess
+
+        self.helper = subprocess.Popen(["sleep", "600"])
+"""
+
 
 def _descendants_named(pid: int, name: str) -> list[psutil.Process]:
     try:
@@ -78,3 +85,29 @@ def test_serve_prints_endpoints_and_stops_cleanly_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_stop_after_a_crash_leaves_nothing_of_the_server_behind(tmp_path):
+    # After tritonserver dies (Triton 2.51 segfaults on cancelled ensemble requests), processes of its group can
+    # outlive it: after a real crash, three Python-backend stubs of the CI repository were still running an hour
+    # later. stop() must still clean up the group. Here the model starts a helper process to stand in for them.
+    from fusionrank.serving.server import TritonServer
+
+    repo = tmp_path / "repo"
+    (repo / "echo" / "1").mkdir(parents=True)
+    (repo / "echo" / "config.pbtxt").write_text(ECHO_CONFIG)
+    (repo / "echo" / "1" / "model.py").write_text(ECHO_MODEL + HELPER_PROCESS)
+    server = TritonServer(repo, profile="cpu", log_file=tmp_path / "triton.log", cache=tmp_path / "backend")
+    server.start(timeout=120)
+    try:
+        left = _descendants_named(server.process.pid, "sleep")
+        assert left, "the echo model should have started its helper"
+        server.process.send_signal(signal.SIGSEGV)  # a crash
+        server.process.wait(timeout=30)
+        time.sleep(1.0)
+        assert all(p.is_running() for p in left), "the helper outlives the crash"
+    finally:
+        server.stop()
+    time.sleep(0.5)
+    assert not [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], \
+        "processes of the server's group left behind after stop()"

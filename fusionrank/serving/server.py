@@ -189,12 +189,14 @@ class TritonServer:
             return "(no log)"
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM the process group, then SIGKILL whatever is left after `timeout` seconds."""
-        if self.process is None or self.process.poll() is not None:
+        """SIGTERM the process group, then SIGKILL whatever is left after `timeout` seconds. A server that already
+        died (a crash) leaves its Python-backend stubs running in its group: they are killed too."""
+        if self.process is None:
             return
         try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout)
+            if self.process.poll() is None:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             log.warning("tritonserver did not stop in %.0fs; killing it", timeout)
         except ProcessLookupError:

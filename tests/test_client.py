@@ -267,7 +267,6 @@ def test_a_call_past_its_deadline_is_abandoned_not_cancelled(cls):
     assert 2.0 < log[0][2] <= 2.05 and client.stats.retries == 0
 
 
-
 def test_an_abandoned_call_keeps_its_shared_memory_until_it_ends():
     # The server still reads the inputs of an abandoned call: its region is unregistered only after the call ends.
     log, events = [], []
@@ -281,6 +280,7 @@ def test_an_abandoned_call_keeps_its_shared_memory_until_it_ends():
     client.close()
     assert fake.answered == 1 and [e for e, _ in events] == ["register", "unregister"]
     assert events[0][1] == events[1][1]
+
 
 def test_history_matrix_pads_truncates_and_checks_shape():
     h = history_matrix([3, 4], rows=2, length=4)

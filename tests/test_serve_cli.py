@@ -48,11 +48,20 @@ def _descendants_named(pid: int, name: str) -> list[psutil.Process]:
         return []
 
 
-def test_serve_prints_endpoints_and_stops_cleanly_on_sigterm(tmp_path):
+def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    return [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def _echo_repository(tmp_path, model: str = ECHO_MODEL):
     repo = tmp_path / "repo"
     (repo / "echo" / "1").mkdir(parents=True)
     (repo / "echo" / "config.pbtxt").write_text(ECHO_CONFIG)
-    (repo / "echo" / "1" / "model.py").write_text(ECHO_MODEL)
+    (repo / "echo" / "1" / "model.py").write_text(model)
+    return repo
+
+
+def test_serve_prints_endpoints_and_stops_cleanly_on_sigterm(tmp_path):
+    repo = _echo_repository(tmp_path)
     log_file = tmp_path / "triton.log"
     proc = subprocess.Popen([sys.executable, "-m", "fusionrank.cli", "serve", "--repository", str(repo),
                              "--profile", "cpu", "--log-file", str(log_file)],
@@ -79,8 +88,7 @@ def test_serve_prints_endpoints_and_stops_cleanly_on_sigterm(tmp_path):
         assert proc.wait(timeout=60) == 0
         assert "server stopped" in proc.stdout.read()
         time.sleep(0.5)
-        assert not [p for p in stubs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], \
-            "processes left behind after SIGTERM"
+        assert not _alive(stubs), "processes left behind after SIGTERM"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -93,11 +101,8 @@ def test_stop_after_a_crash_leaves_nothing_of_the_server_behind(tmp_path):
     # later. stop() must still clean up the group. Here the model starts a helper process to stand in for them.
     from fusionrank.serving.server import TritonServer
 
-    repo = tmp_path / "repo"
-    (repo / "echo" / "1").mkdir(parents=True)
-    (repo / "echo" / "config.pbtxt").write_text(ECHO_CONFIG)
-    (repo / "echo" / "1" / "model.py").write_text(ECHO_MODEL + HELPER_PROCESS)
-    server = TritonServer(repo, profile="cpu", log_file=tmp_path / "triton.log", cache=tmp_path / "backend")
+    server = TritonServer(_echo_repository(tmp_path, ECHO_MODEL + HELPER_PROCESS), profile="cpu",
+                          log_file=tmp_path / "triton.log", cache=tmp_path / "backend")
     server.start(timeout=120)
     try:
         left = _descendants_named(server.process.pid, "sleep")
@@ -109,5 +114,4 @@ def test_stop_after_a_crash_leaves_nothing_of_the_server_behind(tmp_path):
     finally:
         server.stop()
     time.sleep(0.5)
-    assert not [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], \
-        "processes of the server's group left behind after stop()"
+    assert not _alive(left), "processes of the server's group left behind after stop()"

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from clients.ranking_client import Candidate, RankingClient, RankingResult
+from fusionrank.benchmark import load_benchmark
 from fusionrank.errors import DataError
 from fusionrank.spec import PipelineSpec
 
@@ -34,8 +35,6 @@ class RankRequest:
 
 def benchmark_request(spec: PipelineSpec, user: int = 0, candidates: int = 10) -> RankRequest:
     """The candidates of one benchmark user's first session (topped up from the catalogue) and their history."""
-    from fusionrank.benchmark import load_benchmark
-
     if candidates < 1:
         raise DataError(f"--candidates must be >= 1, got {candidates}")
     bench = load_benchmark(spec)
@@ -125,15 +124,16 @@ def rank_benchmark_request(spec: PipelineSpec, url: str, user: int = 0, candidat
     return format_table(request, rank_request(spec, url, request), url)
 
 
-def run_rank(spec: PipelineSpec, args, out=None) -> int:
-    """`fusionrank rank` handler: candidates from --items files or the benchmark; a table or --json."""
+def run_rank(spec: PipelineSpec, url: str, items: Sequence[str] | None = None, user: int = 0, candidates: int = 10,
+             as_json: bool = False, out=None) -> int:
+    """`fusionrank rank`: candidates from `items` JSON files, else one benchmark user's; print a table or JSON."""
     out = out or sys.stdout
-    request = file_request(args.items) if args.items else benchmark_request(spec, args.user, args.candidates)
-    result = rank_request(spec, args.url, request)
-    if args.json:
-        out.write(json.dumps({"model": spec.serving.ensemble_name, "endpoint": args.url,
+    request = file_request(items) if items else benchmark_request(spec, user, candidates)
+    result = rank_request(spec, url, request)
+    if as_json:
+        out.write(json.dumps({"model": spec.serving.ensemble_name, "endpoint": url,
                               "request": request.description, "ranking": result_rows(request, result)},
                              indent=2) + "\n")
     else:
-        out.write(format_table(request, result, args.url) + "\n")
+        out.write(format_table(request, result, url) + "\n")
     return 0

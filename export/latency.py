@@ -3,7 +3,7 @@
 - Per model: the profile's runtime (cpu: ONNX Runtime on `model.onnx`; gpu: the TensorRT engine `model.plan`) runs
   the golden inputs tiled to each batch size the spec's dynamic batcher forms (1 and every preferred batch size);
   p50/p95/p99 per call and rows per second.
-- Ensemble: ranking requests from the load test's scenario (`loadtest.scenario.RequestFactory`) sent over gRPC to
+- Ensemble: ranking requests from the load test's scenario (`fusionrank.scenario.RequestFactory`) sent over gRPC to
   a running Triton server by `users` closed-loop clients; p50/p95/p99 per request, requests per second, errors.
 """
 
@@ -20,9 +20,11 @@ from typing import Protocol
 import numpy as np
 
 from export.manifest import find_manifest, onnx_path, plan_path, version_dir
+from fusionrank.benchmark import load_benchmark
 from fusionrank.errors import DataError, FusionRankError
+from fusionrank.scenario import RequestFactory, load_scenario
 from fusionrank.spec import PipelineSpec
-from fusionrank.tensors import CLICK_PROBABILITY, ITEM_INPUT, USER_HISTORY
+from fusionrank.tensors import CLICK_PROBABILITY, infer_inputs, request_arrays
 
 GOLDEN_FILE = "golden.npz"
 
@@ -213,9 +215,6 @@ class EnsembleStats:
 
 def scenario_requests(spec: PipelineSpec, scenario_path: str | Path | None = None, seed: int = 0):
     """(RequestFactory, Scenario) of the load test's scenario over the spec's benchmark catalogue."""
-    from fusionrank.benchmark import load_benchmark
-    from loadtest.scenario import RequestFactory, load_scenario
-
     scenario = load_scenario(scenario_path)
     return RequestFactory(spec, load_benchmark(spec), scenario, seed=seed), scenario
 
@@ -224,15 +223,7 @@ def ensemble_inputs(items: dict, history: np.ndarray):
     """gRPC inputs of one ranking request (BYTES per enabled modality, INT64 history)."""
     import tritonclient.grpc as grpcclient
 
-    inputs = []
-    for modality, rows in items.items():
-        t = grpcclient.InferInput(ITEM_INPUT[modality], [len(rows), 1], "BYTES")
-        t.set_data_from_numpy(np.array(rows, dtype=object).reshape(-1, 1))
-        inputs.append(t)
-    hist = np.ascontiguousarray(history, dtype=np.int64)
-    t = grpcclient.InferInput(USER_HISTORY, list(hist.shape), "INT64")
-    t.set_data_from_numpy(hist)
-    return [*inputs, t]
+    return infer_inputs(grpcclient, request_arrays(items, np.asarray(history, dtype=np.int64)))
 
 
 def benchmark_ensemble(spec: PipelineSpec, url: str, source: RequestSource, requests: int, users: int = 1,

@@ -420,19 +420,17 @@ def build_engines(spec: PipelineSpec, repo: Path, precision: Precision | str | N
     return results
 
 
-def build_engines_command(spec: PipelineSpec, repo: Path, args) -> int:
+def build_engines_command(spec: PipelineSpec, repo: Path, precision: Precision | None = None,
+                          models: list[str] | None = None, timing_cache: Path | None = None, out=None) -> int:
     """`fusionrank build-engines`: build, print a table; without TensorRT say what to install and exit 1."""
-    out = sys.stdout
+    out = out or sys.stdout
     if import_tensorrt() is None:
         out.write(INSTALL_HINT + "\n")
         return 1
     from tqdm import tqdm
 
-    models = args.models.split(",") if getattr(args, "models", None) else None
-    timing = Path(args.timing_cache) if getattr(args, "timing_cache", None) else None
     with tqdm(total=len(models or engine_models(spec)), desc="engines", unit="model", file=sys.stderr) as bar:
-        results = build_engines(spec, repo, getattr(args, "precision", None), models, timing,
-                                progress=lambda result: bar.update(1))
+        results = build_engines(spec, repo, precision, models, timing_cache, progress=lambda result: bar.update(1))
     out.write(f"{'model':<16} {'precision':<9} {'profiles':>8} {'size MiB':>9} {'seconds':>8}  plan\n")
     for r in results:
         out.write(f"{r.model:<16} {r.precision:<9} {len(r.profiles):>8} {r.size_bytes / 2**20:>9.1f} "

@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import logging
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +32,10 @@ from export.manifest import (
     sha256_file,
 )
 from export.profiles import engine_models, model_profiles
+from fusionrank.errors import FusionRankError
 from fusionrank.spec import PipelineSpec
+
+log = logging.getLogger(__name__)
 
 
 class MismatchKind(str, enum.Enum):
@@ -160,6 +165,21 @@ def preflight(spec: PipelineSpec, repo: Path, tensorrt_version: str | None = Non
     return [m for model in engine_models(spec) for m in check_model(spec, Path(repo), model, node)]
 
 
+class PreflightError(FusionRankError):
+    """The engines in the repository do not match this node (the GPU profile would fail to load or run them)."""
+
+
+def refuse_on_mismatch(spec: PipelineSpec, repo: Path, force: bool = False) -> list[Mismatch]:
+    """Gate before serving the GPU profile: log every mismatch and raise `PreflightError` unless `force`."""
+    mismatches = preflight(spec, repo)
+    for m in mismatches:
+        log.error("pre-flight: %s", m)
+    if mismatches and not force:
+        raise PreflightError(f"{len(mismatches)} engine mismatch(es) with this node; rebuild with "
+                             "`fusionrank build-engines`, or pass --force to serve anyway")
+    return mismatches
+
+
 def status_rows(spec: PipelineSpec, repo: Path, mismatches: list[Mismatch]) -> list[dict]:
     """One row per engine model for the table / JSON: what the manifest says and the verdict."""
     rows = []
@@ -190,16 +210,14 @@ def render_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def check_command(spec: PipelineSpec, repo: Path, args, probe: NodeProbe | None = None, out=None) -> int:
+def check_command(spec: PipelineSpec, repo: Path, tensorrt_version: str | None = None, as_json: bool = False,
+                  probe: NodeProbe | None = None, out=None) -> int:
     """`fusionrank check`: print a table (or JSON) of every engine; exit 1 naming each mismatch."""
-    import sys
-
     out = out or sys.stdout
-    version = getattr(args, "tensorrt_version", None)
-    node = probe() if probe else probe_node(version)
-    mismatches = preflight(spec, repo, tensorrt_version=version, probe=lambda: node)
+    node = probe() if probe else probe_node(tensorrt_version)
+    mismatches = preflight(spec, repo, tensorrt_version=tensorrt_version, probe=lambda: node)
     rows = status_rows(spec, repo, mismatches)
-    if getattr(args, "json", False):
+    if as_json:
         out.write(json.dumps({"node": node.as_dict(), "engines": rows,
                               "mismatches": [m.as_dict() for m in mismatches]}, indent=2) + "\n")
     else:

@@ -135,9 +135,10 @@ def export_all(spec: PipelineSpec, repo: Path, checkpoint: Path | None = None, m
     """Export the encoders and the ranker, prove parity (raises ParityError on failure), write golden outputs."""
     from fusionrank.models.encoders import build_encoder
     from fusionrank.models.fusion import load_ranker
-    from fusionrank.paths import checkpoint_path, resolve_text_checkpoint, tokenizer_dir
+    from fusionrank.paths import resolve_text_checkpoint, tokenizer_dir
     from fusionrank.preprocess import build_preprocessor
     from fusionrank.preprocess.text import load_tokenizer
+    from fusionrank.train import checkpoint_path
 
     repo = Path(repo)
     wanted = exportable_models(spec)

@@ -43,13 +43,13 @@ from export.latency import (
 from export.manifest import compare_manifests, find_manifest, probe_node
 from export.profiles import engine_models
 from fusionrank.errors import FusionRankError
-from fusionrank.spec import PipelineSpec, Tolerance
+from fusionrank.spec import PipelineSpec, ServingProfile, Tolerance
 from fusionrank.tensors import CLICK_PROBABILITY
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "fusionrank-upgrade-report/1"
-PROFILES = ("cpu", "gpu")
+UPGRADE_PROFILES = (ServingProfile.CPU, ServingProfile.GPU)  # what the report can measure: ORT or TensorRT
 DEFAULT_REQUESTS = 100
 # Sub-millisecond timings jitter by more than any sensible relative threshold on a shared machine: a latency change
 # smaller than this is never called a regression, however large it is relative to its baseline.
@@ -205,8 +205,8 @@ def measure(spec: PipelineSpec, repo: Path, profile: str = "cpu", requests: int 
             min_iterations: int = 3, budget_s: float = 1.0, progress=None,
             batch_sizes: tuple[int, ...] | None = None) -> dict:
     """Everything the report compares, measured on this node: the report JSON without its comparison."""
-    if profile not in PROFILES:
-        raise ReportError(f"unknown profile {profile!r}; allowed: {', '.join(PROFILES)}")
+    if profile not in UPGRADE_PROFILES:
+        raise ReportError(f"unknown profile {profile!r}; allowed: {', '.join(p.value for p in UPGRADE_PROFILES)}")
     repo = Path(repo)
     say = progress or (lambda msg: log.info("%s", msg))
     engines = {}
@@ -481,7 +481,7 @@ def upgrade_report(spec: PipelineSpec, repo: Path, profile: str = "cpu", baselin
     `url` measures the ensemble on a running server instead of starting one; `batch_sizes` replaces the spec's
     per-model batch sizes (a quick check; baseline batch sizes not measured are skipped in the comparison).
     """
-    from fusionrank.spec import REPO_ROOT
+    from fusionrank.project import REPO_ROOT
 
     base = load_report(baseline) if baseline else None  # fail before measuring on a bad baseline path
     out = Path(out) if out else REPO_ROOT / "reports" / f"upgrade-{profile}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -494,14 +494,14 @@ def upgrade_report(spec: PipelineSpec, repo: Path, profile: str = "cpu", baselin
     return report
 
 
-def upgrade_report_command(spec: PipelineSpec, repo: Path, args) -> int:
+def upgrade_report_command(spec: PipelineSpec, repo: Path, profile: str = "cpu", baseline: Path | None = None,
+                           out_dir: Path | None = None, save_baseline: Path | None = None,
+                           requests: int | None = None, out=None) -> int:
     """`fusionrank upgrade-report`: print the verdict and every regression; exit 1 on any regression."""
-    out = sys.stdout
-    profile = getattr(args, "profile", "cpu") or "cpu"
+    out = out or sys.stdout
     try:
-        report = upgrade_report(spec, repo, profile, baseline=getattr(args, "baseline", None),
-                                out=getattr(args, "out", None), save_baseline_to=getattr(args, "save_baseline", None),
-                                requests=getattr(args, "requests", None),
+        report = upgrade_report(spec, repo, profile, baseline=baseline, out=out_dir, save_baseline_to=save_baseline,
+                                requests=requests,
                                 progress=lambda msg: out.write(f"upgrade-report: {msg} ...\n") or out.flush())
     except BenchmarkError as exc:
         raise ReportError(f"latency benchmark failed: {exc}") from exc

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from fusionrank.errors import DataError
+from fusionrank.paths import cache_dir
 from fusionrank.spec import Modality, PipelineSpec, to_dict
 
 log = logging.getLogger(__name__)
@@ -265,8 +266,6 @@ def _generate(spec: PipelineSpec, root: Path) -> None:
 
 
 def benchmark_dir(spec: PipelineSpec) -> Path:
-    from fusionrank.paths import cache_dir
-
     return cache_dir(spec) / "benchmark" / data_key(spec)
 
 

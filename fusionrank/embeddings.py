@@ -15,6 +15,9 @@ import torch
 from tqdm import tqdm
 
 from fusionrank.benchmark import Benchmark, data_key
+from fusionrank.models.encoders import build_encoder
+from fusionrank.paths import cache_dir
+from fusionrank.preprocess import build_preprocessor
 from fusionrank.spec import Modality, PipelineSpec, to_dict
 
 log = logging.getLogger(__name__)
@@ -29,9 +32,6 @@ def _payloads(bench: Benchmark, modality: Modality) -> list[bytes]:
 def encode_payloads(spec: PipelineSpec, modality: Modality, payloads: list[bytes], encoder=None,
                     preprocessor=None, progress: str | None = None) -> np.ndarray:
     """Embeddings [N, D] of raw payloads, in batches, through the shared preprocessing and the PyTorch encoder."""
-    from fusionrank.models.encoders import build_encoder
-    from fusionrank.preprocess import build_preprocessor
-
     encoder = encoder or build_encoder(spec, modality)
     preprocessor = preprocessor or build_preprocessor(spec, modality)
     out = []
@@ -44,8 +44,6 @@ def encode_payloads(spec: PipelineSpec, modality: Modality, payloads: list[bytes
 
 def catalogue_embeddings(spec: PipelineSpec, bench: Benchmark) -> dict[Modality, np.ndarray]:
     """{modality: [num_items + 1, D]} with row 0 (padding id) all zeros; cached under the cache folder."""
-    from fusionrank.paths import cache_dir
-
     result = {}
     for modality in spec.modalities.enabled:
         config = to_dict(getattr(spec.modalities, modality.value))

@@ -10,7 +10,11 @@ from pathlib import Path
 import numpy as np
 
 from fusionrank.benchmark import TEST, load_benchmark
+from fusionrank.embeddings import catalogue_embeddings
+from fusionrank.metrics import evaluate_scores
+from fusionrank.models.fusion import load_ranker
 from fusionrank.spec import FusionType, PipelineSpec
+from fusionrank.train import checkpoint_path, predict, split_rows, train_ranker, variant_name
 
 COLUMNS = ("auc", "log_loss", "ndcg@10", "recall@10", "precision@0.5", "recall@0.5", "f1@0.5", "coverage@10",
            "diversity@10")
@@ -55,12 +59,6 @@ class EvaluationReport:
 def evaluate_all(spec: PipelineSpec, fusions: list[str] | None = None, baselines: bool = True,
                  progress: bool = True) -> EvaluationReport:
     """Train (or reuse) each variant and score the test users; the oracle row uses the true probabilities."""
-    from fusionrank.embeddings import catalogue_embeddings
-    from fusionrank.metrics import evaluate_scores
-    from fusionrank.models.fusion import load_ranker
-    from fusionrank.paths import checkpoint_path
-    from fusionrank.train import predict, split_rows, train_ranker, variant_name
-
     bench = load_benchmark(spec)
     tables = catalogue_embeddings(spec, bench)
     enabled = spec.modalities.enabled

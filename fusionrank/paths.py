@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 from fusionrank.errors import CheckpointError
-from fusionrank.spec import DEFAULT_TEXT_CHECKPOINT, REPO_ROOT, PipelineSpec
+from fusionrank.project import REPO_ROOT
+from fusionrank.spec import DEFAULT_TEXT_CHECKPOINT, PipelineSpec
 
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 
@@ -19,17 +20,6 @@ def cache_dir(spec: PipelineSpec) -> Path:
         path = REPO_ROOT / path
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def checkpoint_path(spec: PipelineSpec, name: str) -> Path:
-    """Ranker checkpoint of one trained variant (e.g. 'concat', 'text_only'), keyed by the spec's digest, the
-    generated data's key and the ranker's architecture version (a new data generator or architecture invalidates
-    checkpoints trained before it)."""
-    from fusionrank.benchmark import data_key
-    from fusionrank.models.fusion import ARCHITECTURE_VERSION
-
-    key = f"{spec.digest()}-{data_key(spec)}-a{ARCHITECTURE_VERSION}"
-    return cache_dir(spec) / "checkpoints" / key / f"ranker-{name}.pt"
 
 
 def resolve_text_checkpoint(checkpoint: str) -> Path:

@@ -7,7 +7,10 @@ is given in `axes`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from fusionrank.spec import Modality, PipelineSpec, member_models
 
@@ -75,3 +78,28 @@ def model_io(spec: PipelineSpec, model: str) -> ModelIO:
     if model == spec.serving.ensemble_name:
         return ModelIO(model, (*items, history), ranker_out)
     raise KeyError(f"unknown model {model!r}; known: {', '.join((*member_models(spec), spec.serving.ensemble_name))}")
+
+
+def request_arrays(items: Mapping[Modality, Sequence[bytes]], history: np.ndarray) -> dict[str, np.ndarray]:
+    """The ranking contract's input arrays of one request: one [N, 1] BYTES column per modality in `items` (its
+    payloads, one per candidate) and the history as given (int64 [N, L] in a valid request)."""
+    columns = {ITEM_INPUT[m]: np.array([bytes(b) for b in rows], dtype=object).reshape(-1, 1)
+               for m, rows in items.items()}
+    return {**columns, USER_HISTORY: np.ascontiguousarray(history)}
+
+
+def infer_input(module, name: str, array: np.ndarray, with_data: bool = True):
+    """A tritonclient `InferInput` named `name` with `array`'s shape and Triton dtype (`module` is
+    `tritonclient.grpc`, `tritonclient.grpc.aio` or `tritonclient.http`). with_data=False leaves the data to be set
+    later, e.g. from a shared-memory region."""
+    from tritonclient.utils import np_to_triton_dtype
+
+    tensor = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+    if with_data:
+        tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def infer_inputs(module, arrays: Mapping[str, np.ndarray]) -> list:
+    """One `InferInput` per named array, data included, in the mapping's order."""
+    return [infer_input(module, name, array) for name, array in arrays.items()]

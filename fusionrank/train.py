@@ -14,7 +14,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fusionrank.benchmark import TRAIN, VAL, Benchmark, load_benchmark
+from fusionrank.benchmark import TRAIN, VAL, Benchmark, data_key, load_benchmark
+from fusionrank.embeddings import catalogue_embeddings
+from fusionrank.models.fusion import ARCHITECTURE_VERSION, FusionRanker, RankerConfig, save_ranker
+from fusionrank.paths import cache_dir
 from fusionrank.spec import FusionType, Modality, PipelineSpec
 
 log = logging.getLogger(__name__)
@@ -26,6 +29,14 @@ def variant_name(spec: PipelineSpec, fusion: FusionType | None = None,
     if modalities and tuple(modalities) != spec.modalities.enabled:
         return "+".join(m.value for m in modalities) + "_only"
     return (fusion or spec.ranker.fusion).value
+
+
+def checkpoint_path(spec: PipelineSpec, name: str) -> Path:
+    """Ranker checkpoint of one trained variant (e.g. 'concat', 'text_only'), keyed by the spec's digest, the
+    generated data's key and the ranker's architecture version (a new data generator or architecture invalidates
+    checkpoints trained before it)."""
+    key = f"{spec.digest()}-{data_key(spec)}-a{ARCHITECTURE_VERSION}"
+    return cache_dir(spec) / "checkpoints" / key / f"ranker-{name}.pt"
 
 
 @dataclass
@@ -74,9 +85,6 @@ def train_ranker(spec: PipelineSpec, fusion: FusionType | None = None, modalitie
     """Train one ranker variant and return its checkpoint path."""
     from sklearn.metrics import roc_auc_score
 
-    from fusionrank.embeddings import catalogue_embeddings
-    from fusionrank.models.fusion import FusionRanker, RankerConfig, save_ranker
-    from fusionrank.paths import checkpoint_path
 
     fusion = fusion or spec.ranker.fusion
     modalities = tuple(modalities or spec.modalities.enabled)

@@ -21,15 +21,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+from clients.errors import ClientError, DeadlineExceededError
+from clients.ranking_client import NO_RETRY, RankingClient
+from fusionrank.benchmark import load_benchmark
+from fusionrank.paths import MODEL_REPOSITORY
+from fusionrank.serving.server import TritonServer
+from fusionrank.spec import ServingProfile, load_spec
+
 DEADLINES_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 
 
 def stress(spec, url: str, rounds: int, abandon_grace: float, alive=lambda: True, seed: int = 0, out=sys.stdout) -> int:
     """Run `rounds` rounds against `url`; returns how many completed before the server stopped serving."""
-    from clients.errors import ClientError, DeadlineExceededError
-    from clients.ranking_client import NO_RETRY, RankingClient
-    from fusionrank.benchmark import load_benchmark
-
     bench = load_benchmark(spec)
     session = int(bench.frozen_sessions(1)[0])
     ids = [int(i) for i in bench.sessions.candidates[session]]
@@ -58,10 +61,6 @@ def stress(spec, url: str, rounds: int, abandon_grace: float, alive=lambda: True
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fusionrank.paths import MODEL_REPOSITORY, cache_dir
-    from fusionrank.serving.server import TritonServer
-    from fusionrank.spec import load_spec
-
     p = argparse.ArgumentParser(prog="python -m loadtest.deadline_stress", description=__doc__.split("\n\n")[0])
     p.add_argument("--spec", default=None, help="pipeline spec (default: pipeline.yaml)")
     where = p.add_mutually_exclusive_group(required=True)
@@ -76,10 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         done = stress(spec, args.url, args.rounds, args.abandon_grace)
         return 0 if done == args.rounds else 1
-    log_file = cache_dir(spec) / "logs" / "tritonserver-deadline-stress.log"
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with TritonServer(Path(args.repository), profile="cpu", log_file=log_file,
-                      cache=cache_dir(spec) / "triton") as server:
+    with TritonServer.for_spec(spec, Path(args.repository), ServingProfile.CPU,
+                               log_name="tritonserver-deadline-stress") as server:
+        log_file = server.log_file
         done = stress(spec, server.grpc_url, args.rounds, args.abandon_grace,
                       alive=lambda: server.process.poll() is None)
         code = None

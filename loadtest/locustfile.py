@@ -5,7 +5,7 @@ docs/loadtest.md):
 
 - FUSIONRANK_LOADTEST_URL  gRPC endpoint(s), comma-separated (else Locust's --host)
 - FUSIONRANK_SPEC          pipeline spec (default: the repository's pipeline.yaml)
-- FUSIONRANK_SCENARIO      scenario YAML or name (default: scenarios/default.yaml)
+- FUSIONRANK_SCENARIO      scenario YAML or name (default: the packaged `default` scenario)
 - FUSIONRANK_LOADTEST_USERS  total users, to split a target request rate between them (default: the scenario's)
 - FUSIONRANK_LOADTEST_SAMPLES  folder for per-request samples (one CSV per process); unset: none recorded
 - FUSIONRANK_LOADTEST_SEED  base seed of the request streams (default 0): user k of worker w draws from seed
@@ -26,7 +26,9 @@ from locust import User, constant, constant_throughput, events, task  # noqa: E4
 
 from clients.errors import ClientError  # noqa: E402
 from clients.ranking_client import NO_RETRY, RankingClient  # noqa: E402
-from loadtest.scenario import RequestFactory, load_scenario  # noqa: E402
+from fusionrank.benchmark import load_benchmark  # noqa: E402
+from fusionrank.scenario import RequestFactory, load_scenario  # noqa: E402
+from fusionrank.spec import load_spec  # noqa: E402
 
 ENV_URL = "FUSIONRANK_LOADTEST_URL"
 ENV_SPEC = "FUSIONRANK_SPEC"
@@ -44,9 +46,6 @@ _shared: dict = {}
 def _spec_and_bench():
     """Spec and benchmark, loaded once per Locust process (the benchmark comes from the cache)."""
     if not _shared:
-        from fusionrank.benchmark import load_benchmark
-        from fusionrank.spec import load_spec
-
         spec = load_spec(os.environ.get(ENV_SPEC) or None)
         _shared.update(spec=spec, bench=load_benchmark(spec))
     return _shared["spec"], _shared["bench"]

@@ -17,7 +17,7 @@ import numpy as np
 
 from loadtest.metrics import MemberStats
 from loadtest.metrics import format_table as format_members
-from loadtest.scenario import Slo
+from loadtest.slo import Slo
 
 SAMPLE_FIELDS = ("start", "latency_ms", "candidates", "ok")
 

@@ -16,8 +16,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from clients.errors import ClientError
+from clients.ranking_client import RankingClient
+from fusionrank.benchmark import load_benchmark
 from fusionrank.errors import FusionRankError
-from fusionrank.spec import REPO_ROOT, PipelineSpec, member_models
+from fusionrank.project import REPO_ROOT
+from fusionrank.scenario import RequestFactory, Scenario, load_scenario, parse_duration
+from fusionrank.serving.server import TritonServer
+from fusionrank.spec import PipelineSpec, ServingProfile, member_models
 from loadtest import metrics as triton_metrics
 from loadtest.report import (
     Verdict,
@@ -28,11 +34,11 @@ from loadtest.report import (
     write_plots,
     write_summary,
 )
-from loadtest.scenario import LOADTEST_DIR, Scenario, Slo, load_scenario, load_slo, parse_duration
+from loadtest.slo import Slo, load_slo
 
 log = logging.getLogger(__name__)
 
-LOCUSTFILE = LOADTEST_DIR / "locustfile.py"
+LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 STOP_TIMEOUT_S = 5
 # Locust start-up (imports, benchmark from the cache) and shutdown on top of the run time, before it is killed.
 GRACE_S = 45.0
@@ -104,11 +110,6 @@ def _tail(path: Path, lines: int = 20) -> str:
 
 def warm_up(spec: PipelineSpec, url: str, scenario: Scenario, ready_timeout: float = 60.0) -> None:
     """Wait for the endpoint and send the scenario's warm-up requests (not measured)."""
-    from clients.errors import ClientError
-    from clients.ranking_client import RankingClient
-    from fusionrank.benchmark import load_benchmark
-    from loadtest.scenario import RequestFactory
-
     try:
         with RankingClient(spec, url, timeout=scenario.timeout_s) as client:
             client.wait_ready(ready_timeout)
@@ -135,7 +136,7 @@ def run_loadtest(spec: PipelineSpec, url: str, run_time: str = "30s", metrics_ur
                  users: int | None = None, out: str | Path | None = None, spawn_rate: float | None = None) -> Verdict:
     """Load `url` with the scenario for `run_time` (None: the scenario's) and judge the run against the SLOs."""
     scen = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
-    targets = slo if isinstance(slo, Slo) else load_slo(slo, scenario=scen.name, spec=spec)
+    targets = slo if isinstance(slo, Slo) else load_slo(spec, scen.name, slo)
     run_time = run_time or scen.run_time
     run_s = parse_duration(run_time)
     users = users or scen.users
@@ -192,27 +193,23 @@ def _metrics_url_for(url: str) -> str | None:
     return f"http://{host}:8002/metrics" if port == "8001" and host else None
 
 
-def run_loadtest_command(spec: PipelineSpec, args, out=None) -> int:
-    """`fusionrank loadtest` handler: prints the verdict; exit 1 when an SLO is missed."""
+def run_loadtest_command(spec: PipelineSpec, url: str | None = None, serve_repository: Path | None = None,
+                         metrics_url: str | None = None, run_time: str | None = None,
+                         scenario: str | Path | None = None, slo: str | Path | None = None, users: int | None = None,
+                         spawn_rate: float | None = None, out_dir: Path | None = None, out=None) -> int:
+    """`fusionrank loadtest`: load `url`, or a CPU server started on `serve_repository` for the run; print the
+    verdict; exit 1 when an SLO is missed."""
     out = out or sys.stdout
-    kwargs = dict(run_time=args.run_time, scenario=args.scenario, slo=args.slo, users=args.users, out=args.out,
-                  spawn_rate=args.spawn_rate)
-    if args.serve:
-        from fusionrank.paths import MODEL_REPOSITORY, cache_dir
-        from fusionrank.serving.server import TritonServer
-
-        repo = Path(args.repository) if getattr(args, "repository", None) else MODEL_REPOSITORY
-        logs = cache_dir(spec) / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        with TritonServer(repo, profile="cpu", log_file=logs / "tritonserver-loadtest.log",
-                          cache=cache_dir(spec) / "triton") as server:
+    kwargs = dict(run_time=run_time, scenario=scenario, slo=slo, users=users, out=out_dir, spawn_rate=spawn_rate)
+    if serve_repository is not None:
+        with TritonServer.for_spec(spec, serve_repository, ServingProfile.CPU, log_name="tritonserver-loadtest") \
+                as server:
             out.write(f"Triton ready: gRPC {server.grpc_url}, metrics {server.metrics_url}\n")
             out.flush()
             verdict = run_loadtest(spec, server.grpc_url, metrics_url=server.metrics_url, **kwargs)
     else:
-        if not args.url:
+        if not url:
             raise LoadTestError("no endpoint: pass --url HOST:PORT or --serve")
-        metrics_url = getattr(args, "metrics_url", None) or _metrics_url_for(args.url)
-        verdict = run_loadtest(spec, args.url, metrics_url=metrics_url, **kwargs)
+        verdict = run_loadtest(spec, url, metrics_url=metrics_url or _metrics_url_for(url), **kwargs)
     out.write(verdict.render() + "\n")
     return 0 if verdict.passed else 1

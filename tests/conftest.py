@@ -39,8 +39,7 @@ def default_spec():
 @pytest.fixture(scope="session")
 def ci_checkpoint(ci_spec) -> Path:
     """The CI spec's ranker, trained once (reused from the cache when it exists)."""
-    from fusionrank.paths import checkpoint_path
-    from fusionrank.train import train_ranker
+    from fusionrank.train import checkpoint_path, train_ranker
 
     path = checkpoint_path(ci_spec, ci_spec.ranker.fusion.value)
     return path if path.is_file() else train_ranker(ci_spec)
@@ -59,11 +58,11 @@ def built_repository(ci_spec, ci_checkpoint, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def offline_pipeline(ci_spec, ci_checkpoint, built_repository):
+def reference_pipeline(ci_spec, ci_checkpoint, built_repository):
     from fusionrank.paths import tokenizer_dir
-    from fusionrank.pipeline import OfflinePipeline
+    from fusionrank.reference import ReferencePipeline
 
-    return OfflinePipeline(ci_spec, ci_checkpoint, tokenizer_dir=tokenizer_dir(built_repository))
+    return ReferencePipeline(ci_spec, ci_checkpoint, tokenizer_dir=tokenizer_dir(built_repository))
 
 
 @pytest.fixture(scope="session")

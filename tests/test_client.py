@@ -361,21 +361,21 @@ def _request(bench, ids, session):
 
 
 @pytest.mark.e2e
-def test_ranking_matches_offline_pytorch(triton_server, ci_spec, bench, offline_pipeline):
+def test_ranking_matches_offline_pytorch(triton_server, ci_spec, bench, reference_pipeline):
     tol = ci_spec.export.tolerance(CLICK_PROBABILITY)
     with RankingClient(ci_spec, triton_server.grpc_url) as client:
         client.wait_ready(30)
         for session in bench.frozen_sessions(3):
             items, history = _request(bench, bench.sessions.candidates[session], int(session))
             served = client.rank_payloads(items, history)
-            offline, weights = offline_pipeline.score(items, history)
+            offline, weights = reference_pipeline.score(items, history)
             np.testing.assert_allclose(served.scores, offline, atol=tol.atol, rtol=tol.rtol)
             np.testing.assert_allclose(served.weights, weights, atol=1e-4)
             assert list(served.order()) == list(np.argsort(-offline, kind="stable"))
 
 
 @pytest.mark.e2e
-def test_more_candidates_than_the_max_batch_are_chunked(triton_server, ci_spec, bench, offline_pipeline):
+def test_more_candidates_than_the_max_batch_are_chunked(triton_server, ci_spec, bench, reference_pipeline):
     n = ci_spec.serving.max_candidates + 7
     ids = (np.arange(n) % bench.num_items) + 1
     session = int(bench.frozen_sessions(1)[0])
@@ -384,7 +384,7 @@ def test_more_candidates_than_the_max_batch_are_chunked(triton_server, ci_spec, 
     with RankingClient(ci_spec, triton_server.grpc_url, shared_memory_threshold=0) as client:
         served = client.rank_payloads(items, history[0])
         assert client.stats.attempts == 2  # two chunks, no retry
-    offline, _ = offline_pipeline.score(items, history)
+    offline, _ = reference_pipeline.score(items, history)
     np.testing.assert_allclose(served.scores, offline, atol=tol.atol, rtol=tol.rtol)
 
     async def over_aio():
@@ -470,7 +470,6 @@ def test_failover_between_two_real_servers_loses_no_call(triton_server, built_re
 @pytest.mark.e2e
 def test_rank_command_prints_a_ranked_table_and_json(triton_server, ci_spec, bench, tmp_path, capsys):
     import json
-    import types
 
     from clients.rank_command import rank_benchmark_request, run_rank
 
@@ -486,9 +485,8 @@ def test_rank_command_prints_a_ranked_table_and_json(triton_server, ci_spec, ben
     (tmp_path / "cands.json").write_text(json.dumps({"history": [5, 6], "candidates": [
         {"id": it.item_id, "text": it.title, "image": str(it.image_path), "audio": str(it.audio_path)}
         for it in items]}))
-    args = types.SimpleNamespace(url=f"127.0.0.1:1,{triton_server.grpc_url}", candidates=10, user=0,
-                                 items=[str(tmp_path / "cands.json")], json=True)
-    assert run_rank(ci_spec, args) == 0
+    assert run_rank(ci_spec, f"127.0.0.1:1,{triton_server.grpc_url}", items=[str(tmp_path / "cands.json")],
+                    as_json=True) == 0
     out = json.loads(capsys.readouterr().out)
     ranking = out["ranking"]
     assert sorted(r["item_id"] for r in ranking) == [3, 9] and ranking[0]["score"] >= ranking[1]["score"]

@@ -16,7 +16,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from fusionrank.spec import Modality
-from fusionrank.tensors import CLICK_PROBABILITY, ITEM_INPUT, MODALITY_WEIGHTS, USER_HISTORY
+from fusionrank.tensors import (
+    CLICK_PROBABILITY,
+    MODALITY_WEIGHTS,
+    infer_inputs,
+    request_arrays,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -29,15 +34,7 @@ def bench(ci_spec):
 
 
 def _inputs(items: dict[Modality, list[bytes]], history: np.ndarray, history_dtype=np.int64):
-    inputs = []
-    for modality, rows in items.items():
-        t = grpcclient.InferInput(ITEM_INPUT[modality], [len(rows), 1], "BYTES")
-        t.set_data_from_numpy(np.array(rows, dtype=object).reshape(-1, 1))
-        inputs.append(t)
-    hist = np.ascontiguousarray(history, dtype=history_dtype)
-    t = grpcclient.InferInput(USER_HISTORY, list(hist.shape), "INT64" if history_dtype == np.int64 else "FP32")
-    t.set_data_from_numpy(hist)
-    return [*inputs, t]
+    return infer_inputs(grpcclient, request_arrays(items, np.asarray(history, dtype=history_dtype)))
 
 
 def _rank(url, spec, items, history, **kw):
@@ -63,13 +60,13 @@ def test_every_member_is_ready(triton_server, ci_spec):
             assert client.is_model_ready(model), model
 
 
-def test_served_scores_equal_offline_pytorch(triton_server, ci_spec, bench, offline_pipeline):
+def test_served_scores_equal_offline_pytorch(triton_server, ci_spec, bench, reference_pipeline):
     tol = ci_spec.export.tolerance(CLICK_PROBABILITY)
     worst = 0.0
     for session in bench.frozen_sessions(4):
         items, history = _session_request(bench, ci_spec, int(session))
         served, weights = _rank(triton_server.grpc_url, ci_spec, items, history)
-        offline, offline_weights = offline_pipeline.score(items, history)
+        offline, offline_weights = reference_pipeline.score(items, history)
         worst = max(worst, float(np.max(np.abs(served - offline))))
         np.testing.assert_allclose(served, offline, atol=tol.atol, rtol=tol.rtol)
         np.testing.assert_allclose(weights, offline_weights, atol=1e-4)

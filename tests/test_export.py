@@ -11,11 +11,11 @@ import torch
 
 from export.parity import check_outputs, ranking_parity
 from export.torch2onnx import _ort_outputs, _session, _torch_outputs, export_onnx
-from fusionrank.cli import main
 from fusionrank.errors import ParityError
 from fusionrank.models.fusion import FusionRanker, RankerConfig
 from fusionrank.spec import FusionType, RankingParitySpec, Tolerance
 from fusionrank.tensors import model_io
+from fusionrank_cli.main import main
 
 pytestmark = pytest.mark.slow
 MODELS = ("text_encoder", "image_encoder", "audio_encoder", "fusion_ranker")

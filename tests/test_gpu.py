@@ -91,7 +91,7 @@ def test_every_text_bucket_runs_on_the_engine(ci_spec, built_repository, engines
         runner.close()
 
 
-def test_serve_gpu_profile_and_rank(ci_spec, built_repository, engines, offline_pipeline, tmp_path):
+def test_serve_gpu_profile_and_rank(ci_spec, built_repository, engines, reference_pipeline, tmp_path):
     """The production profile: TensorRT members in Triton, scores close to the offline PyTorch pipeline."""
     import tritonclient.grpc as grpcclient
 
@@ -107,7 +107,7 @@ def test_serve_gpu_profile_and_rank(ci_spec, built_repository, engines, offline_
              Modality.IMAGE: [bench.item(int(i)).image_bytes() for i in ids],
              Modality.AUDIO: [bench.item(int(i)).audio_bytes() for i in ids]}
     history = np.repeat(bench.sessions.history[session][None, :], len(ids), axis=0)
-    expected, _ = offline_pipeline.score(items, history)
+    expected, _ = reference_pipeline.score(items, history)
     with TritonServer(built_repository, profile="gpu", log_file=tmp_path / "triton.log",
                       cache=tmp_path / "backend") as server:
         with grpcclient.InferenceServerClient(server.grpc_url) as client:

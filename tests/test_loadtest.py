@@ -14,6 +14,14 @@ import psutil
 import pytest
 from PIL import Image
 
+from fusionrank.scenario import (
+    SCENARIO_DIR,
+    RequestFactory,
+    Scenario,
+    ScenarioError,
+    load_scenario,
+    parse_duration,
+)
 from fusionrank.spec import Modality, PipelineSpec, load_spec
 from loadtest import metrics
 from loadtest.report import (
@@ -26,18 +34,7 @@ from loadtest.report import (
     write_summary,
 )
 from loadtest.runner import run_locust
-from loadtest.scenario import (
-    CI_SLO,
-    DEFAULT_SLO,
-    SCENARIO_DIR,
-    RequestFactory,
-    Scenario,
-    ScenarioError,
-    Slo,
-    load_scenario,
-    load_slo,
-    parse_duration,
-)
+from loadtest.slo import CI_SLO, Slo, load_slo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,28 +68,28 @@ def test_bad_scenario_fields_are_named(tmp_path, text, field):
         load_scenario(path)
 
 
-def test_slo_yaml_mirrors_the_pipeline_spec():
-    """loadtest/slo.yaml's defaults are the spec's SLOs: the release gate cannot silently drift from pipeline.yaml."""
+def test_release_gate_comes_from_the_spec_with_its_scenario_overrides():
     spec = load_spec()
-    slo = load_slo(DEFAULT_SLO)
-    assert slo.targets() == {k: float(getattr(spec.slo, k)) for k in slo.targets()}
-    assert len(slo.targets()) == 5
+    gate, ci = load_slo(spec, "default"), load_slo(spec, "ci")
+    assert gate.targets() == {k: float(getattr(spec.slo, k)) for k in gate.targets()} and len(gate.targets()) == 5
+    assert ci.min_throughput_rps == spec.slo.scenarios["ci"].min_throughput_rps != gate.min_throughput_rps
+    assert ci.p95_ms == gate.p95_ms
 
 
 def test_slo_layers_spec_file_and_scenario(tmp_path):
     path = tmp_path / "slo.yaml"
     path.write_text("p95_ms: 900\nmin_throughput_rps: null\nscenarios:\n  fast: {p50_ms: 100}\n")
     spec = PipelineSpec()
-    plain, fast = load_slo(path, spec=spec), load_slo(path, scenario="fast", spec=spec)
+    plain, fast = load_slo(spec, path=path), load_slo(spec, scenario="fast", path=path)
     assert plain.p50_ms == spec.slo.p50_ms and plain.p95_ms == 900 and plain.min_throughput_rps is None
     assert fast.p50_ms == 100 and "min_throughput_rps" not in fast.targets()
     path.write_text("p95_ms: -1\n")
     with pytest.raises(ScenarioError, match="p95_ms"):
-        load_slo(path)
+        load_slo(spec, path=path)
     path.write_text("p96_ms: 1\n")
     with pytest.raises(ScenarioError, match="p96_ms"):
-        load_slo(path)
-    assert load_slo(CI_SLO).p95_ms >= 10 * PipelineSpec().slo.p95_ms / 2
+        load_slo(spec, path=path)
+    assert load_slo(spec, path=CI_SLO).p95_ms >= 10 * spec.slo.p95_ms / 2
 
 
 def test_parse_duration():
@@ -300,12 +297,6 @@ def test_locustfile_loads_without_a_server():
 # --- end to end ----------------------------------------------------------------------------------------------------
 
 
-def _args(**kw):
-    base = dict(url=None, serve=False, scenario="ci", slo=None, users=None, spawn_rate=None, run_time=None, out=None,
-                repository=None)
-    return types.SimpleNamespace(**{**base, **kw})
-
-
 @pytest.mark.e2e
 def test_ci_smoke_load_test_passes_the_ci_slos(triton_server, ci_spec, tmp_path):
     from loadtest.runner import run_loadtest
@@ -336,8 +327,8 @@ def test_impossible_slo_fails_the_gate_and_names_it(triton_server, ci_spec, tmp_
 
     slo = tmp_path / "impossible.yaml"
     slo.write_text("p95_ms: 0.001\nmax_error_rate: 0.5\n")
-    code = run_loadtest_command(ci_spec, _args(url=triton_server.grpc_url, slo=str(slo), run_time="4s",
-                                               out=str(tmp_path / "report")))
+    code = run_loadtest_command(ci_spec, url=triton_server.grpc_url, scenario="ci", slo=slo, run_time="4s",
+                                out_dir=tmp_path / "report")
     out = capsys.readouterr().out
     assert code == 1
     assert "SLO p95_ms MISSED: measured" in out and "target <= 0.001" in out

@@ -6,7 +6,6 @@ import dataclasses
 import io
 import json
 import subprocess
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -182,7 +181,7 @@ def test_compare_manifests_names_changed_fields(repo):
 def test_check_command_prints_a_table_and_names_each_mismatch(ci_spec, repo):
     (repo / "text_encoder" / "1" / "model.onnx").write_bytes(b"changed")
     out = io.StringIO()
-    rc = check_command(ci_spec, repo, Namespace(tensorrt_version=None, json=False),
+    rc = check_command(ci_spec, repo,
                        probe=lambda: _node(gpu_name="NVIDIA L4", compute_capability="8.9"), out=out)
     text = out.getvalue()
     assert rc == 1
@@ -199,7 +198,7 @@ def test_check_command_prints_a_table_and_names_each_mismatch(ci_spec, repo):
 
 def test_check_command_json_and_success(ci_spec, repo):
     out = io.StringIO()
-    assert check_command(ci_spec, repo, Namespace(tensorrt_version=None, json=True), probe=lambda: BUILD_NODE,
+    assert check_command(ci_spec, repo, as_json=True, probe=lambda: BUILD_NODE,
                          out=out) == 0
     data = json.loads(out.getvalue())
     assert data["mismatches"] == []
@@ -208,7 +207,7 @@ def test_check_command_json_and_success(ci_spec, repo):
 
 
 def test_cli_check_exits_non_zero_on_this_gpu_less_node(ci_spec, repo, capsys):
-    from fusionrank.cli import main
+    from fusionrank_cli.main import main
 
     node = probe_node()
     if node.has_gpu and node.gpu_name == BUILD_NODE.gpu_name:  # pragma: no cover - no such GPU exists
@@ -219,12 +218,13 @@ def test_cli_check_exits_non_zero_on_this_gpu_less_node(ci_spec, repo, capsys):
 
 
 def test_serve_gpu_profile_refuses_on_mismatch_unless_forced(ci_spec, repo):
-    from fusionrank.serving.server import ServerError, _preflight_or_refuse
+    from export.preflight import PreflightError, refuse_on_mismatch
 
     (repo / "audio_encoder" / "1" / "model.onnx").write_bytes(b"changed")
-    with pytest.raises(ServerError, match="mismatch"):
-        _preflight_or_refuse(ci_spec, repo, force=False)
-    _preflight_or_refuse(ci_spec, repo, force=True)
+    with pytest.raises(PreflightError, match=r"\d+ engine mismatch\(es\) with this node"):
+        refuse_on_mismatch(ci_spec, repo, force=False)
+    forced = refuse_on_mismatch(ci_spec, repo, force=True)
+    assert any(m.model == "audio_encoder" and "stale engine" in str(m) for m in forced)
 
 
 def test_probe_without_nvidia_smi_reports_no_gpu(monkeypatch):
@@ -269,6 +269,6 @@ def test_build_engines_without_tensorrt_says_what_to_install(ci_spec, tmp_path, 
 
     if import_tensorrt() is not None:
         pytest.skip("TensorRT is installed here")
-    rc = build_engines_command(ci_spec, tmp_path, Namespace(precision=None, models=None, timing_cache=None))
+    rc = build_engines_command(ci_spec, tmp_path)
     assert rc != 0
     assert "pip install '.[gpu]'" in capsys.readouterr().out

@@ -8,14 +8,13 @@ import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
 from fusionrank.serving.render import (
-    PROFILES,
     check_repository,
     ensemble_config,
     load_config,
     model_configs,
     render_repository,
 )
-from fusionrank.spec import ModalitiesSpec, from_dict, member_models
+from fusionrank.spec import ModalitiesSpec, ServingProfile, from_dict, member_models
 from fusionrank.tensors import model_io
 
 from .conftest import REPO_ROOT
@@ -35,10 +34,10 @@ def test_check_names_a_hand_edited_config(default_spec, tmp_path):
         "differs from the spec: text_encoder/configs/cpu.pbtxt (run `fusionrank render`)"]
 
 
-@pytest.mark.parametrize("profile", sorted(PROFILES))
+@pytest.mark.parametrize("profile", list(ServingProfile))
 def test_every_committed_config_parses_and_matches_the_contract(default_spec, profile):
     for model in (*member_models(default_spec), default_spec.serving.ensemble_name):
-        config = load_config(COMMITTED / model / PROFILES[profile])
+        config = load_config(COMMITTED / model / profile.config_file)
         assert config.name == model
         io_ = model_io(default_spec, model)
         assert [i.name for i in config.input] == [t.name for t in io_.inputs]
@@ -53,7 +52,7 @@ def test_profiles_pick_the_backend(default_spec):
     assert configs["text_encoder"]["cpu"].backend == "python"
     assert configs["text_encoder"]["cpu"].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
     assert configs["text_encoder"]["onnx_gpu"].platform == "onnxruntime_onnx"
-    for profile in PROFILES:
+    for profile in ServingProfile:
         assert configs["preprocess"][profile].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
 
 

@@ -63,7 +63,7 @@ def _echo_repository(tmp_path, model: str = ECHO_MODEL):
 def test_serve_prints_endpoints_and_stops_cleanly_on_sigterm(tmp_path):
     repo = _echo_repository(tmp_path)
     log_file = tmp_path / "triton.log"
-    proc = subprocess.Popen([sys.executable, "-m", "fusionrank.cli", "serve", "--repository", str(repo),
+    proc = subprocess.Popen([sys.executable, "-m", "fusionrank_cli", "serve", "--repository", str(repo),
                              "--profile", "cpu", "--log-file", str(log_file)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []

@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import yaml
 
-from fusionrank.cli import main
 from fusionrank.errors import SpecError
 from fusionrank.spec import FusionType, Modality, from_dict, load_spec, member_models
+from fusionrank_cli.main import main
 
 
 def test_default_spec_loads_and_is_frozen():

@@ -190,27 +190,24 @@ def test_benchmark_model_runs_every_batch_size():
 
 def test_command_exit_code_names_regressions_and_saves_baseline(ci_spec, tmp_path, monkeypatch, capsys):
     """The CLI handler on a fake measurement: exit 0 against itself, 1 naming the metric against a faster one."""
-    from argparse import Namespace
-
     import export.upgrade as upgrade
 
     monkeypatch.setattr(upgrade, "measure", lambda *a, **k: _report(ens_p95=300.0))
-    args = dict(profile="cpu", out=str(tmp_path / "r1"), requests=5, baseline=None,
-                save_baseline=str(tmp_path / "base.json"))
-    assert upgrade.upgrade_report_command(ci_spec, tmp_path, Namespace(**args)) == 0
+    args = dict(profile="cpu", out_dir=tmp_path / "r1", requests=5, baseline=None, save_baseline=tmp_path / "base.json")
+    assert upgrade.upgrade_report_command(ci_spec, tmp_path, **args) == 0
     out = capsys.readouterr().out
     assert "PASS: 0 regression(s)" in out and "baseline saved to" in out
     assert (tmp_path / "r1" / "report.md").is_file() and (tmp_path / "base.json").is_file()
 
-    args.update(out=str(tmp_path / "r2"), baseline=str(tmp_path / "base.json"), save_baseline=None)
-    assert upgrade.upgrade_report_command(ci_spec, tmp_path, Namespace(**args)) == 0
+    args.update(out_dir=tmp_path / "r2", baseline=tmp_path / "base.json", save_baseline=None)
+    assert upgrade.upgrade_report_command(ci_spec, tmp_path, **args) == 0
 
     faster = load_report(tmp_path / "base.json")
     faster["latency"]["ensemble"]["p95_ms"] = 30.0
     (tmp_path / "faster.json").write_text(json.dumps(faster))
     capsys.readouterr()
-    args.update(out=str(tmp_path / "r3"), baseline=str(tmp_path / "faster.json"))
-    assert upgrade.upgrade_report_command(ci_spec, tmp_path, Namespace(**args)) == 1
+    args.update(out_dir=tmp_path / "r3", baseline=tmp_path / "faster.json")
+    assert upgrade.upgrade_report_command(ci_spec, tmp_path, **args) == 1
     out = capsys.readouterr().out
     assert "REGRESSION latency.ensemble.p95_ms: p95 300.00 ms vs baseline 30.00 ms" in out
     assert "FAIL: 1 regression(s)" in out
@@ -241,11 +238,10 @@ def test_cpu_upgrade_report_end_to_end(ci_spec, built_repository, triton_server,
     """
     from export.upgrade import upgrade_report
     from fusionrank.spec import UpgradeSpec
-    from loadtest.scenario import SCENARIO_DIR
 
     spec = ci_spec.with_overrides(upgrade=UpgradeSpec(max_latency_regression=49.0, max_throughput_regression=0.98,
                                                       max_accuracy_delta=ci_spec.upgrade.max_accuracy_delta))
-    quick = dict(url=triton_server.grpc_url, requests=6, scenario=SCENARIO_DIR / "ci.yaml", batch_sizes=(1, 32),
+    quick = dict(url=triton_server.grpc_url, requests=6, scenario="ci", batch_sizes=(1, 32),
                  min_iterations=3, budget_s=0.3)
     base = tmp_path / "baseline.json"
     first = upgrade_report(spec, built_repository, "cpu", out=tmp_path / "first", save_baseline_to=base, **quick)

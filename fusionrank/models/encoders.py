@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fusionrank.errors import CheckpointError
+from fusionrank.paths import require_dir, resolve_text_checkpoint
 from fusionrank.spec import AudioSpec, ImageSpec, Modality, PipelineSpec, Pooling, ResNetArch, TextSpec
 
 
@@ -56,8 +57,6 @@ class ImageEncoder(nn.Module):
 
         enc = spec.encoder
         if enc.checkpoint:
-            from fusionrank.paths import require_dir
-
             self.model = ResNetModel.from_pretrained(str(require_dir(enc.checkpoint, "modalities.image.encoder."
                                                                      "checkpoint", "config.json")),
                                                      local_files_only=True)
@@ -100,8 +99,6 @@ class AudioEncoder(nn.Module):
 def build_encoder(spec: PipelineSpec, modality: Modality) -> nn.Module:
     """The frozen reference encoder of one modality, in eval mode."""
     if modality is Modality.TEXT:
-        from fusionrank.paths import resolve_text_checkpoint
-
         text = spec.modalities.text
         encoder = TextEncoder(text, resolve_text_checkpoint(text.encoder.checkpoint))
     elif modality is Modality.IMAGE:

@@ -25,7 +25,8 @@ class Preprocessor(Protocol):
 
 
 def build_preprocessor(spec: PipelineSpec, modality: Modality, tokenizer_dir: Path | None = None) -> Preprocessor:
-    """The preprocessor of one modality, configured from the spec."""
+    """The preprocessor of one modality, configured from the spec. Each module is imported on demand, so a process
+    that serves one modality does not load the others' decoders (transformers, Pillow, soundfile)."""
     if modality is Modality.TEXT:
         from fusionrank.preprocess.text import TextPreprocessor
 

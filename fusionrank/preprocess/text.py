@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from fusionrank.errors import PreprocessError
+from fusionrank.paths import resolve_text_checkpoint
 from fusionrank.spec import TextSpec
 from fusionrank.tensors import ITEM_INPUT, Modality
 
@@ -27,8 +28,6 @@ class TextPreprocessor:
 
     def __init__(self, spec: TextSpec, tokenizer_dir: Path | None = None):
         if tokenizer_dir is None:
-            from fusionrank.paths import resolve_text_checkpoint
-
             tokenizer_dir = resolve_text_checkpoint(spec.encoder.checkpoint)
         self.spec = spec
         self.tokenizer = load_tokenizer(Path(tokenizer_dir))

@@ -22,10 +22,9 @@ import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from fusionrank.spec import Modality, PipelineSpec, member_models, to_dict
+from fusionrank.spec import Modality, PipelineSpec, ServingProfile, member_models, to_dict
 from fusionrank.tensors import ITEM_INPUT, TensorSpec, model_io
 
-PROFILES = {"gpu": "config.pbtxt", "cpu": "configs/cpu.pbtxt", "onnx_gpu": "configs/onnx_gpu.pbtxt"}
 ENCODERS_AND_RANKER = ("text_encoder", "image_encoder", "audio_encoder", "fusion_ranker")
 HEADER = "# Rendered by `fusionrank render` from pipeline.yaml: do not edit by hand.\n"
 
@@ -159,18 +158,19 @@ def ensemble_config(spec: PipelineSpec) -> mc.ModelConfig:
     return config
 
 
-def model_configs(spec: PipelineSpec) -> dict[str, dict[str, mc.ModelConfig]]:
+def model_configs(spec: PipelineSpec) -> dict[str, dict[ServingProfile, mc.ModelConfig]]:
     """Every model's config per profile: {model: {profile: ModelConfig}}."""
-    configs: dict[str, dict[str, mc.ModelConfig]] = {}
+    configs: dict[str, dict[ServingProfile, mc.ModelConfig]] = {}
     for model in member_models(spec):
         if model in ENCODERS_AND_RANKER:
-            configs[model] = {"gpu": tensorrt_config(spec, model), "cpu": python_config(spec, model, "onnxruntime"),
-                              "onnx_gpu": onnx_gpu_config(spec, model)}
+            configs[model] = {ServingProfile.GPU: tensorrt_config(spec, model),
+                              ServingProfile.CPU: python_config(spec, model, "onnxruntime"),
+                              ServingProfile.ONNX_GPU: onnx_gpu_config(spec, model)}
         else:
             config = python_config(spec, model, "preprocess")
-            configs[model] = {profile: config for profile in PROFILES}
+            configs[model] = {profile: config for profile in ServingProfile}
     ensemble = ensemble_config(spec)
-    configs[spec.serving.ensemble_name] = {profile: ensemble for profile in PROFILES}
+    configs[spec.serving.ensemble_name] = {profile: ensemble for profile in ServingProfile}
     return configs
 
 
@@ -212,7 +212,7 @@ def rendered_files(spec: PipelineSpec) -> list[RenderedFile]:
     for model, profiles in model_configs(spec).items():
         for profile, config in profiles.items():
             text = HEADER + text_format.MessageToString(config)
-            files.append(RenderedFile(f"{model}/{PROFILES[profile]}", text.encode()))
+            files.append(RenderedFile(f"{model}/{profile.config_file}", text.encode()))
         if model == spec.serving.ensemble_name:
             files.append(RenderedFile(f"{model}/1/.gitkeep", b""))
         else:

@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fusionrank.errors import FusionRankError
+from fusionrank.paths import cache_dir
+from fusionrank.spec import PipelineSpec, ServingProfile
 
 log = logging.getLogger(__name__)
-
-CONFIG_NAMES = {"gpu": None, "cpu": "cpu", "onnx_gpu": "onnx_gpu"}
-
 
 class ServerError(FusionRankError):
     """The Triton server could not be found, started, or did not become ready."""
@@ -99,15 +98,18 @@ def find_triton(cache: Path | None = None) -> TritonInstall:
 class TritonServer:
     """A tritonserver process on loopback ports; a context manager that always stops it (process group included)."""
 
-    def __init__(self, repository: Path, profile: str = "cpu", grpc_port: int = 0, http_port: int = 0,
-                 metrics_port: int = 0, log_file: Path | None = None, extra_args: Sequence[str] = (),
-                 cache: Path | None = None, host: str = "127.0.0.1", exit_timeout_s: int = 10):
-        if profile not in CONFIG_NAMES:
-            raise ServerError(f"unknown profile {profile!r}; allowed: {', '.join(CONFIG_NAMES)}")
+    def __init__(self, repository: Path, profile: ServingProfile | str = ServingProfile.CPU, grpc_port: int = 0,
+                 http_port: int = 0, metrics_port: int = 0, log_file: Path | None = None,
+                 extra_args: Sequence[str] = (), cache: Path | None = None, host: str = "127.0.0.1",
+                 exit_timeout_s: int = 10):
+        try:
+            self.profile = ServingProfile(profile)
+        except ValueError:
+            raise ServerError(f"unknown profile {profile!r}; allowed: "
+                              f"{', '.join(p.value for p in ServingProfile)}") from None
         self.repository = Path(repository).resolve()
         if not self.repository.is_dir():
             raise ServerError(f"model repository {self.repository} does not exist")
-        self.profile = profile
         self.grpc_port = grpc_port or free_port()
         self.http_port = http_port or free_port()
         self.metrics_port = metrics_port or free_port()
@@ -142,8 +144,8 @@ class TritonServer:
                f"--grpc-port={self.grpc_port}", f"--http-port={self.http_port}",
                f"--metrics-port={self.metrics_port}", "--allow-metrics=true", "--exit-on-error=true",
                "--strict-readiness=true", f"--exit-timeout-secs={self.exit_timeout_s}", f"--log-file={self.log_file}"]
-        if CONFIG_NAMES[self.profile]:
-            cmd.append(f"--model-config-name={CONFIG_NAMES[self.profile]}")
+        if self.profile.config_name:
+            cmd.append(f"--model-config-name={self.profile.config_name}")
         if install.backend_dir:
             cmd.append(f"--backend-directory={install.backend_dir}")
         if install.cache_dir:
@@ -208,6 +210,17 @@ class TritonServer:
                 pass
             self.process.wait()
 
+    @classmethod
+    def for_spec(cls, spec: PipelineSpec, repository: Path, profile: ServingProfile | str = ServingProfile.CPU,
+                 log_name: str = "tritonserver", log_file: Path | None = None, **kwargs) -> TritonServer:
+        """A server for the spec's project: backend folder under the spec's cache, log in `<cache>/logs/<log_name>-
+        <time>.log` unless `log_file` is given."""
+        cache = cache_dir(spec)
+        if log_file is None:
+            log_file = cache / "logs" / f"{log_name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        return cls(repository, profile, log_file=log_file, cache=cache / "triton", **kwargs)
+
     def __enter__(self) -> TritonServer:
         return self.start() if self.process is None else self
 
@@ -215,23 +228,18 @@ class TritonServer:
         self.stop()
 
 
-def serve_forever(spec, repo: Path, profile: str = "cpu", grpc_port: int = 0, http_port: int = 0,
-                  metrics_port: int = 0, log_file: str | None = None, force: bool = False, out=None) -> int:
+def serve_forever(spec: PipelineSpec, repo: Path, profile: ServingProfile = ServingProfile.CPU, grpc_port: int = 0,
+                  http_port: int = 0, metrics_port: int = 0, log_file: str | None = None, out=None) -> int:
     """`fusionrank serve`: start, print the endpoints, run until Ctrl-C or SIGTERM, stop cleanly."""
-    from fusionrank.paths import cache_dir
-
-    if profile == "gpu":
-        _preflight_or_refuse(spec, repo, force)
-    cache = cache_dir(spec)
-    log_path = Path(log_file) if log_file else cache / "logs" / f"tritonserver-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    server = TritonServer(repo, profile, grpc_port, http_port, metrics_port, log_path, cache=cache / "triton")
+    server = TritonServer.for_spec(spec, repo, profile, log_name="tritonserver",
+                                   log_file=Path(log_file) if log_file else None, grpc_port=grpc_port,
+                                   http_port=http_port, metrics_port=metrics_port)
     out = out or sys.stdout
     stop = []
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     try:
         server.start()
-        out.write(f"Triton ready ({profile} profile) on {server.repository}\n")
+        out.write(f"Triton ready ({server.profile.value} profile) on {server.repository}\n")
         out.write(f"  gRPC     {server.grpc_url}\n")
         out.write(f"  HTTP     {server.http_url}\n")
         out.write(f"  metrics  {server.metrics_url}\n")
@@ -249,16 +257,3 @@ def serve_forever(spec, repo: Path, profile: str = "cpu", grpc_port: int = 0, ht
         server.stop()
         signal.signal(signal.SIGTERM, previous)
         out.write("server stopped\n")
-
-
-def _preflight_or_refuse(spec, repo: Path, force: bool) -> None:
-    from export.preflight import preflight
-
-    mismatches = preflight(spec, repo)
-    if not mismatches:
-        return
-    for m in mismatches:
-        log.error("pre-flight: %s", m)
-    if not force:
-        raise ServerError(f"{len(mismatches)} engine mismatch(es) with this node; rebuild with "
-                          "`fusionrank build-engines`, or pass --force to serve anyway")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fusionrank.errors import PreprocessError
+from fusionrank.preprocess import build_preprocessor, validate_history
 from fusionrank.spec import Modality, from_dict
 from fusionrank.tensors import USER_HISTORY
 
@@ -124,8 +125,6 @@ class PreprocessModel(_BatchedModel):
     other step of it runs (see `fusionrank.spec.member_models`)."""
 
     def setup(self):
-        from fusionrank.preprocess import build_preprocessor, validate_history
-
         self.spec = from_dict(json.loads(self.params["spec"]))
         tokenizer_dir = self.version_dir / "tokenizer"
         self.preprocessors = [build_preprocessor(self.spec, m, tokenizer_dir=tokenizer_dir if m is Modality.TEXT

@@ -6,12 +6,19 @@ serve the CPU profile -> rank one request over gRPC -> 30-second load test gated
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from clients.rank_command import rank_benchmark_request
+from export.torch2onnx import export_all
+from fusionrank.benchmark import load_benchmark
+from fusionrank.evaluate import evaluate_all
+from fusionrank.serving.render import render_repository
+from fusionrank.serving.server import TritonServer
+from fusionrank.spec import PipelineSpec, ServingProfile
+from fusionrank.train import checkpoint_path, train_ranker
+from loadtest.runner import run_loadtest
 
 
 def _banner(out, title: str) -> None:
@@ -19,16 +26,8 @@ def _banner(out, title: str) -> None:
     out.flush()
 
 
-def run_demo(spec, repo: Path, args, out=sys.stdout) -> int:
+def run_demo(spec: PipelineSpec, repo: Path, skip_loadtest: bool = False, out=sys.stdout) -> int:
     """Run every stage; returns non-zero when a gate (evaluation, parity, SLO) fails."""
-    from export.torch2onnx import export_all
-    from fusionrank.benchmark import load_benchmark
-    from fusionrank.evaluate import evaluate_all
-    from fusionrank.paths import cache_dir, checkpoint_path
-    from fusionrank.serving.render import render_repository
-    from fusionrank.serving.server import TritonServer
-    from fusionrank.train import train_ranker
-
     started = time.monotonic()
     _banner(out, "1. benchmark data")
     out.write(load_benchmark(spec).summary() + "\n")
@@ -50,18 +49,11 @@ def run_demo(spec, repo: Path, args, out=sys.stdout) -> int:
     out.write(parity.table() + "\n")
 
     _banner(out, "4. serve the CPU profile and rank one request over gRPC")
-    logs = cache_dir(spec) / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    with TritonServer(repo, profile="cpu", log_file=logs / "tritonserver-demo.log", cache=cache_dir(spec) / "triton") \
-            as server:
+    with TritonServer.for_spec(spec, repo, ServingProfile.CPU, log_name="tritonserver-demo") as server:
         out.write(f"Triton ready: gRPC {server.grpc_url}, metrics {server.metrics_url}, log {server.log_file}\n")
-        from clients.rank_command import rank_benchmark_request
-
         out.write(rank_benchmark_request(spec, server.grpc_url, user=0, candidates=10) + "\n")
-        if not args.skip_loadtest:
+        if not skip_loadtest:
             _banner(out, "5. 30-second load test of the default scenario, gated on the SLOs")
-            from loadtest.runner import run_loadtest
-
             verdict = run_loadtest(spec, url=server.grpc_url, run_time="30s", metrics_url=server.metrics_url)
             out.write(verdict.render() + "\n")
             status = status or (0 if verdict.passed else 1)

@@ -1,12 +1,13 @@
-"""Load-test scenarios and SLO files, and the request factory that turns a scenario into ranking requests.
+"""Load scenarios and the request factory that turns one into ranking requests from the benchmark catalogue.
 
-Importable without gevent or Locust: the upgrade report's latency benchmark reuses `load_scenario` and
-`RequestFactory`.
+Used by the Locust file, the load-test runner, the upgrade report's latency benchmark and `fusionrank bench`
+alike, so they all send the same requests for the same scenario and seed.
 
-A scenario YAML (see `loadtest/scenarios/default.yaml`) fixes the request mix: candidates per request (a weighted
-distribution), title lengths in words, image sizes, how many candidates carry real audio, the share of candidates
-drawn from a small set of repeated ("hot") items, and the pacing: a closed loop (each user sends its next request
-when the previous one returns, after an optional think time) or a target request rate shared by all users.
+A scenario YAML (see `fusionrank/scenarios/default.yaml`) fixes the request mix: candidates per request (a
+weighted distribution), title lengths in words, image sizes, how many candidates carry real audio, the share of
+candidates drawn from a small set of repeated ("hot") items, and the pacing: a closed loop (each user sends its
+next request when the previous one returns, after an optional think time) or a target request rate shared by all
+users. Named scenarios ship inside the package (`default`, `ci`, `heavy`); any other file is named by its path.
 """
 
 from __future__ import annotations
@@ -24,11 +25,8 @@ import yaml
 from fusionrank.errors import FusionRankError
 from fusionrank.spec import Modality, PipelineSpec
 
-LOADTEST_DIR = Path(__file__).resolve().parent
-SCENARIO_DIR = LOADTEST_DIR / "scenarios"
+SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 DEFAULT_SCENARIO = SCENARIO_DIR / "default.yaml"
-DEFAULT_SLO = LOADTEST_DIR / "slo.yaml"
-CI_SLO = LOADTEST_DIR / "slo.ci.yaml"
 
 PACING_MODES = ("closed_loop", "target_rps")
 
@@ -129,7 +127,7 @@ class Scenario:
         return max(self.candidates)
 
 
-def _read_yaml(path: Path, what: str) -> dict:
+def read_yaml(path: Path, what: str) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
@@ -142,7 +140,7 @@ def _read_yaml(path: Path, what: str) -> dict:
 
 
 def resolve_scenario_path(path: str | Path | None) -> Path:
-    """A scenario file by path, or by name from loadtest/scenarios/ ('ci' -> scenarios/ci.yaml)."""
+    """A scenario file by path, or by name from the packaged scenarios ('ci' -> scenarios/ci.yaml)."""
     if path is None:
         return DEFAULT_SCENARIO
     p = Path(path)
@@ -154,7 +152,7 @@ def resolve_scenario_path(path: str | Path | None) -> Path:
 def load_scenario(path: str | Path | None = None) -> Scenario:
     """Read a scenario YAML (the default scenario when None) into a validated `Scenario`."""
     path = resolve_scenario_path(path)
-    data = dict(_read_yaml(path, "scenario"))
+    data = dict(read_yaml(path, "scenario"))
     src = str(path)
     known = {f.name for f in dataclasses.fields(Scenario)} - {"source"}
     unknown = sorted(set(data) - known)
@@ -187,62 +185,6 @@ def load_scenario(path: str | Path | None = None) -> Scenario:
         raise ScenarioError(src, "<scenario>", str(exc), "fields of the types shown in scenarios/default.yaml") \
             from exc
 
-
-# --- SLOs ----------------------------------------------------------------------------------------------------------
-
-SLO_FIELDS = ("p50_ms", "p95_ms", "p99_ms", "max_error_rate", "min_throughput_rps")
-
-
-@dataclass(frozen=True)
-class Slo:
-    """Release-gate targets; a field set to None is not gated."""
-
-    p50_ms: float | None = None
-    p95_ms: float | None = None
-    p99_ms: float | None = None
-    max_error_rate: float | None = None
-    min_throughput_rps: float | None = None
-    source: str = "<defaults>"
-
-    def __post_init__(self):
-        for name in ("p50_ms", "p95_ms", "p99_ms", "min_throughput_rps"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ScenarioError(self.source, name, value, "a number > 0 (or null: not gated)")
-        if self.max_error_rate is not None and not 0 <= self.max_error_rate <= 1:
-            raise ScenarioError(self.source, "max_error_rate", self.max_error_rate, "a number in [0, 1]")
-
-    def targets(self) -> dict[str, float]:
-        return {k: getattr(self, k) for k in SLO_FIELDS if getattr(self, k) is not None}
-
-
-def _slo_values(data: dict, src: str, where: str) -> dict[str, float | None]:
-    out = {}
-    for key, value in data.items():
-        if key not in SLO_FIELDS:
-            raise ScenarioError(src, f"{where}{key}", value, "one of " + ", ".join(SLO_FIELDS))
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ScenarioError(src, f"{where}{key}", value, "a number or null")
-        out[key] = None if value is None else float(value)
-    return out
-
-
-def load_slo(path: str | Path | None = None, scenario: str | None = None, spec: PipelineSpec | None = None) -> Slo:
-    """SLO targets: the spec's `slo:` section, overridden by the file's top-level fields, then by
-    `scenarios.<scenario>` in the file (loadtest/slo.yaml when `path` is None)."""
-    path = Path(path) if path else DEFAULT_SLO
-    data = dict(_read_yaml(path, "SLO"))
-    src = str(path)
-    per_scenario = data.pop("scenarios", None) or {}
-    if not isinstance(per_scenario, dict):
-        raise ScenarioError(src, "scenarios", per_scenario, "a mapping {scenario name: {slo fields}}")
-    values: dict[str, float | None] = {}
-    if spec is not None:
-        values.update({k: float(getattr(spec.slo, k)) for k in SLO_FIELDS})
-    values.update(_slo_values(data, src, ""))
-    if scenario and scenario in per_scenario:
-        values.update(_slo_values(per_scenario[scenario] or {}, src, f"scenarios.{scenario}."))
-    return Slo(**values, source=src)
 
 
 # --- requests ------------------------------------------------------------------------------------------------------

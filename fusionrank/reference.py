@@ -1,7 +1,7 @@
-"""The offline reference pipeline: the same preprocessing as the server, PyTorch encoders and ranker.
+"""The offline reference: the server's preprocessing feeding the PyTorch encoders and ranker, in one process.
 
-Served scores are checked against this (tests, `fusionrank rank --compare`), so it must stay the plain composition
-of the library pieces, with no serving-specific code.
+The end-to-end tests check served scores against it, so it must stay the plain composition of the library pieces,
+with no serving-specific code.
 """
 
 from __future__ import annotations
@@ -12,17 +12,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fusionrank.models.encoders import build_encoder
+from fusionrank.models.fusion import load_ranker
+from fusionrank.preprocess import build_preprocessor
 from fusionrank.spec import Modality, PipelineSpec
 
 
-class OfflinePipeline:
+class ReferencePipeline:
     """Raw candidate bytes + user history -> click probabilities and modality weights, in PyTorch."""
 
     def __init__(self, spec: PipelineSpec, checkpoint: Path, tokenizer_dir: Path | None = None):
-        from fusionrank.models.encoders import build_encoder
-        from fusionrank.models.fusion import load_ranker
-        from fusionrank.preprocess import build_preprocessor
-
         self.spec = spec
         self.modalities = spec.modalities.enabled
         self.preprocessors = {m: build_preprocessor(spec, m, tokenizer_dir=tokenizer_dir if m is Modality.TEXT

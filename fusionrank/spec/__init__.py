@@ -1,0 +1,52 @@
+"""The pipeline spec: `pipeline.yaml` read in exactly one place (`loader`) into frozen, self-validating objects.
+
+Everything downstream (ONNX axes, tokenizer buckets, Triton configs, TensorRT profiles, load-test SLOs) is derived
+from a `PipelineSpec`, so no two parts of the project can disagree about a shape or a name. Sections live in
+`modalities` and `sections`, closed sets and shared checks in `base`.
+"""
+
+from fusionrank.spec.base import (
+    DEFAULT_TEXT_CHECKPOINT,
+    FusionType,
+    Modality,
+    Pooling,
+    Precision,
+    RecurrentCell,
+    ResNetArch,
+    ServingProfile,
+    choices,
+    to_dict,
+)
+from fusionrank.spec.loader import from_dict, load_spec
+from fusionrank.spec.modalities import (
+    AudioEncoderSpec,
+    AudioSpec,
+    ImageEncoderSpec,
+    ImageSpec,
+    ModalitiesSpec,
+    TextEncoderSpec,
+    TextSpec,
+)
+from fusionrank.spec.pipeline import PipelineSpec, member_models
+from fusionrank.spec.sections import (
+    BatchingSpec,
+    DataSpec,
+    ExportSpec,
+    HistorySpec,
+    RankerSpec,
+    RankingParitySpec,
+    SloOverride,
+    SloSpec,
+    TensorRTSpec,
+    Tolerance,
+    TrainSpec,
+    UpgradeSpec,
+)
+
+__all__ = [
+    "DEFAULT_TEXT_CHECKPOINT", "AudioEncoderSpec", "AudioSpec", "BatchingSpec", "DataSpec", "ExportSpec", "FusionType",
+    "HistorySpec", "ImageEncoderSpec", "ImageSpec", "ModalitiesSpec", "Modality", "PipelineSpec", "Pooling",
+    "Precision", "RankerSpec", "RankingParitySpec", "RecurrentCell", "ResNetArch", "ServingProfile", "SloOverride",
+    "SloSpec", "TensorRTSpec", "TextEncoderSpec", "TextSpec", "Tolerance", "TrainSpec", "UpgradeSpec", "choices",
+    "from_dict", "load_spec", "member_models", "to_dict",
+]

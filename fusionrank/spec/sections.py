@@ -1,0 +1,229 @@
+"""The model, data and operations sections: ranker, data, train, export, serving, slo, upgrade."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from fusionrank.spec.base import FusionType, Precision, RecurrentCell, check_positive, check_sorted_unique, fail
+
+# --- ranker, data, training -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HistorySpec:
+    length: int = 20
+    vocab_size: int = 801
+    embedding_dim: int = 64
+    cell: RecurrentCell = RecurrentCell.LSTM
+    hidden_size: int = 128
+
+    def __post_init__(self):
+        for name in ("length", "embedding_dim", "hidden_size"):
+            check_positive(f"ranker.history.{name}", getattr(self, name))
+        if self.vocab_size < 2:
+            fail("ranker.history.vocab_size", self.vocab_size, "an integer >= 2 (id 0 is padding)")
+
+
+@dataclass(frozen=True)
+class RankerSpec:
+    fusion: FusionType = FusionType.CONCAT
+    hidden_sizes: tuple[int, ...] = (512, 256)
+    projection_dim: int = 128
+    dropout: float = 0.1
+    history: HistorySpec = field(default_factory=HistorySpec)
+
+    def __post_init__(self):
+        if not self.hidden_sizes or any(h <= 0 for h in self.hidden_sizes):
+            fail("ranker.hidden_sizes", list(self.hidden_sizes), "a non-empty list of positive integers")
+        check_positive("ranker.projection_dim", self.projection_dim)
+        if not 0 <= self.dropout < 1:
+            fail("ranker.dropout", self.dropout, "a number in [0, 1)")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    seed: int = 0
+    num_users: int = 600
+    sessions_per_user: int = 6
+    candidates_per_session: int = 10
+    title_words: tuple[int, ...] = (4, 12)
+    cache_dir: str = ".cache/fusionrank"
+
+    def __post_init__(self):
+        for name in ("num_users", "sessions_per_user", "candidates_per_session"):
+            check_positive(f"data.{name}", getattr(self, name))
+        if len(self.title_words) != 2 or not 1 <= self.title_words[0] <= self.title_words[1]:
+            fail("data.title_words", list(self.title_words), "[min, max] with 1 <= min <= max")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    seed: int = 0
+    epochs: int = 8
+    batch_size: int = 256
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-5
+    validation_fraction: float = 0.2
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "learning_rate"):
+            check_positive(f"train.{name}", getattr(self, name))
+        if not 0 < self.validation_fraction < 1:
+            fail("train.validation_fraction", self.validation_fraction, "a number in (0, 1)")
+
+
+# --- export -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float = 1e-4
+    rtol: float = 1e-3
+
+    def __post_init__(self):
+        if self.atol < 0 or self.rtol < 0:
+            fail("tolerance", dataclasses.asdict(self), "atol >= 0 and rtol >= 0")
+
+    def describe(self) -> str:
+        return f"atol={self.atol:g} + rtol={self.rtol:g}*|reference|"
+
+
+@dataclass(frozen=True)
+class RankingParitySpec:
+    min_top10_overlap: float = 0.9
+    min_kendall_tau: float = 0.98
+    max_auc_diff: float = 0.005
+
+    def __post_init__(self):
+        for name in ("min_top10_overlap", "min_kendall_tau"):
+            if not 0 <= getattr(self, name) <= 1:
+                fail(f"export.ranking.{name}", getattr(self, name), "a number in [0, 1]")
+        if self.max_auc_diff < 0:
+            fail("export.ranking.max_auc_diff", self.max_auc_diff, "a number >= 0")
+
+
+@dataclass(frozen=True)
+class TensorRTSpec:
+    precision: Precision = Precision.FP16
+    workspace_mib: int = 2048
+    builder_optimization_level: int = 3
+    profile_per_bucket: bool = False
+    hardware_compatible: bool = False
+    version_compatible: bool = False
+    calibration_samples: int = 256
+    tolerances: dict[str, Tolerance] = field(default_factory=dict)
+
+    def __post_init__(self):
+        check_positive("export.tensorrt.workspace_mib", self.workspace_mib)
+        if not 0 <= self.builder_optimization_level <= 5:
+            fail("export.tensorrt.builder_optimization_level", self.builder_optimization_level, "an integer in [0, 5]")
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    opset: int = 18
+    parity_samples: int = 64
+    tolerances: dict[str, Tolerance] = field(default_factory=dict)
+    ranking: RankingParitySpec = field(default_factory=RankingParitySpec)
+    tensorrt: TensorRTSpec = field(default_factory=TensorRTSpec)
+
+    def __post_init__(self):
+        if not 13 <= self.opset <= 23:
+            fail("export.opset", self.opset, "an integer in [13, 23]")
+        check_positive("export.parity_samples", self.parity_samples)
+
+    def tolerance(self, output: str) -> Tolerance:
+        """Tolerance for one output tensor name; outputs the spec does not list get the default."""
+        return self.tolerances.get(output, Tolerance())
+
+
+# --- serving and SLOs -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchingSpec:
+    max_batch_size: int = 64
+    preferred_batch_sizes: tuple[int, ...] = (16, 32)
+    max_queue_delay_us: int = 2000
+    instances: int = 1
+
+    def __post_init__(self):
+        check_positive("serving.models.*.max_batch_size", self.max_batch_size)
+        check_sorted_unique("serving.models.*.preferred_batch_sizes", self.preferred_batch_sizes)
+        if self.preferred_batch_sizes[-1] > self.max_batch_size:
+            fail("serving.models.*.preferred_batch_sizes", list(self.preferred_batch_sizes),
+                  f"sizes <= max_batch_size ({self.max_batch_size})")
+        if self.max_queue_delay_us < 0:
+            fail("serving.models.*.max_queue_delay_us", self.max_queue_delay_us, "an integer >= 0")
+        check_positive("serving.models.*.instances", self.instances)
+
+
+@dataclass(frozen=True)
+class ServingSpec:
+    ensemble_name: str = "rank"
+    max_candidates: int = 64
+    models: dict[str, BatchingSpec] = field(default_factory=dict)
+    response_cache: bool = False
+
+    def __post_init__(self):
+        check_positive("serving.max_candidates", self.max_candidates)
+
+    def batching(self, model: str) -> BatchingSpec:
+        """Dynamic-batching settings of one member model (the defaults where the spec names none)."""
+        return self.models.get(model, BatchingSpec(max_batch_size=self.max_candidates,
+                                                   preferred_batch_sizes=_halves(self.max_candidates)))
+
+
+def _halves(n: int) -> tuple[int, ...]:
+    return tuple(sorted({max(1, n // 2), n}))
+
+
+@dataclass(frozen=True)
+class SloOverride:
+    """One scenario's SLO fields that differ from the release gate; a field left out keeps the gate's value."""
+
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    max_error_rate: float | None = None
+    min_throughput_rps: float | None = None
+
+    def __post_init__(self):
+        for name in ("p50_ms", "p95_ms", "p99_ms", "min_throughput_rps"):
+            if getattr(self, name) is not None:
+                check_positive(f"slo.scenarios.*.{name}", getattr(self, name))
+        if self.max_error_rate is not None and not 0 <= self.max_error_rate <= 1:
+            fail("slo.scenarios.*.max_error_rate", self.max_error_rate, "a number in [0, 1]")
+
+
+@dataclass(frozen=True)
+class SloSpec:
+    """The release gate of the default load-test scenario, with per-scenario overrides (the one source of SLOs)."""
+
+    p50_ms: float = 500.0
+    p95_ms: float = 1500.0
+    p99_ms: float = 2500.0
+    max_error_rate: float = 0.01
+    min_throughput_rps: float = 1.0
+    scenarios: dict[str, SloOverride] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("p50_ms", "p95_ms", "p99_ms"):
+            check_positive(f"slo.{name}", getattr(self, name))
+        if not self.p50_ms <= self.p95_ms <= self.p99_ms:
+            fail("slo.p95_ms", self.p95_ms, "p50_ms <= p95_ms <= p99_ms")
+        if not 0 <= self.max_error_rate <= 1:
+            fail("slo.max_error_rate", self.max_error_rate, "a number in [0, 1]")
+
+
+@dataclass(frozen=True)
+class UpgradeSpec:
+    max_latency_regression: float = 0.20
+    max_throughput_regression: float = 0.20
+    max_accuracy_delta: float = 1e-3
+
+    def __post_init__(self):
+        for name in ("max_latency_regression", "max_throughput_regression", "max_accuracy_delta"):
+            if getattr(self, name) < 0:
+                fail(f"upgrade.{name}", getattr(self, name), "a number >= 0")

@@ -1,0 +1,122 @@
+"""Subcommand handlers: each translates its parsed arguments into typed arguments of one library function.
+
+Modules that pull in torch (training, evaluation, ONNX export, the demo) are imported inside their handler, so
+`fusionrank --help` and the serving commands start without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from clients.rank_command import run_rank
+from export.onnx2trt import build_engines_command
+from export.preflight import check_command, refuse_on_mismatch
+from export.upgrade import upgrade_report_command
+from fusionrank.benchmark import load_benchmark
+from fusionrank.paths import MODEL_REPOSITORY
+from fusionrank.serving.render import check_repository, render_repository
+from fusionrank.serving.server import serve_forever
+from fusionrank.spec import FusionType, Modality, PipelineSpec, Precision, ServingProfile, load_spec
+from loadtest.runner import run_loadtest_command
+
+
+def _spec(args: argparse.Namespace) -> PipelineSpec:
+    return load_spec(args.spec)
+
+
+def _repo(args: argparse.Namespace) -> Path:
+    return Path(args.repository) if args.repository else MODEL_REPOSITORY
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return value.split(",") if value else None
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def generate_data(args) -> int:
+    print(load_benchmark(_spec(args)).summary())
+    return 0
+
+
+def train(args) -> int:
+    from fusionrank.train import train_ranker  # torch
+
+    modalities = tuple(Modality(m) for m in _csv(args.modalities)) if args.modalities else None
+    path = train_ranker(_spec(args), fusion=FusionType(args.fusion) if args.fusion else None, modalities=modalities)
+    print(f"checkpoint: {path}")
+    return 0
+
+
+def evaluate(args) -> int:
+    from fusionrank.evaluate import evaluate_all  # torch
+
+    report = evaluate_all(_spec(args), fusions=_csv(args.fusions))
+    print(report.table())
+    if args.json:
+        report.write_json(Path(args.json))
+        print(f"wrote {args.json}")
+    return 0 if report.fused_beats_baselines() or args.no_gate else 1
+
+
+def export(args) -> int:
+    from export.torch2onnx import export_all  # torch
+
+    report = export_all(_spec(args), _repo(args), checkpoint=_path(args.checkpoint), models=_csv(args.models))
+    print(report.table())
+    return 0
+
+
+def render(args) -> int:
+    spec, repo = _spec(args), _repo(args)
+    if args.check:
+        diffs = check_repository(spec, repo)
+        for d in diffs:
+            print(d)
+        return 1 if diffs else 0
+    for path in render_repository(spec, repo):
+        print(f"wrote {path}")
+    return 0
+
+
+def serve(args) -> int:
+    spec, repo, profile = _spec(args), _repo(args), ServingProfile(args.profile)
+    if profile is ServingProfile.GPU:
+        refuse_on_mismatch(spec, repo, force=args.force)
+    return serve_forever(spec, repo, profile, grpc_port=args.grpc_port, http_port=args.http_port,
+                         metrics_port=args.metrics_port, log_file=args.log_file)
+
+
+def rank(args) -> int:
+    return run_rank(_spec(args), args.url, items=args.items, user=args.user, candidates=args.candidates,
+                    as_json=args.json)
+
+
+def loadtest(args) -> int:
+    return run_loadtest_command(_spec(args), url=args.url, serve_repository=_repo(args) if args.serve else None,
+                                metrics_url=args.metrics_url, run_time=args.run_time, scenario=args.scenario,
+                                slo=args.slo, users=args.users, spawn_rate=args.spawn_rate, out_dir=_path(args.out))
+
+
+def build_engines(args) -> int:
+    return build_engines_command(_spec(args), _repo(args), precision=Precision(args.precision) if args.precision
+                                 else None, models=_csv(args.models), timing_cache=_path(args.timing_cache))
+
+
+def check(args) -> int:
+    return check_command(_spec(args), _repo(args), tensorrt_version=args.tensorrt_version, as_json=args.json)
+
+
+def upgrade_report(args) -> int:
+    return upgrade_report_command(_spec(args), _repo(args), ServingProfile(args.profile), baseline=_path(args.baseline),
+                                  out_dir=_path(args.out), save_baseline=_path(args.save_baseline),
+                                  requests=args.requests)
+
+
+def demo(args) -> int:
+    from fusionrank_cli.demo import run_demo  # torch
+
+    return run_demo(_spec(args), _repo(args), skip_loadtest=args.skip_loadtest)

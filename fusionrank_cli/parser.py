@@ -1,0 +1,112 @@
+"""The argument parser: one subparser per subcommand, each bound to its handler in `commands`.
+
+Closed sets (fusions, precisions, serving profiles) are offered from the spec's enums, never retyped here.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from export.upgrade import UPGRADE_PROFILES
+from fusionrank.spec import FusionType, Precision, ServingProfile, choices
+from fusionrank_cli import commands
+
+DESCRIPTION = "fusionrank: multimodal recommendation ranker, from PyTorch to a Triton ensemble"
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--spec", default=None, help="pipeline spec (default: pipeline.yaml of this repository)")
+    common.add_argument("--repository", default=None, help="Triton model repository (default: ./model_repository)")
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return common
+
+
+def _add_model_commands(add) -> None:
+    add("generate-data", commands.generate_data, "generate (or reuse) the benchmark catalogue and interactions")
+
+    p = add("train", commands.train, "train the fusion ranker on frozen-encoder embeddings")
+    p.add_argument("--fusion", choices=choices(FusionType))
+    p.add_argument("--modalities", help="comma-separated subset, e.g. 'text' for a single-modality baseline")
+
+    p = add("evaluate", commands.evaluate,
+            "evaluate every fusion type and single-modality baselines against the oracle")
+    p.add_argument("--fusions", help="comma-separated fusion types (default: all six)")
+    p.add_argument("--json", help="also write the table as JSON here")
+    p.add_argument("--no-gate", action="store_true", help="exit 0 even if a fused model loses to a baseline")
+
+    p = add("export", commands.export, "export encoders and ranker to ONNX and prove parity with PyTorch")
+    p.add_argument("--checkpoint", help="ranker checkpoint (default: the trained one for the spec's fusion)")
+    p.add_argument("--models", help="comma-separated subset of text_encoder,image_encoder,audio_encoder,fusion_ranker")
+
+
+def _add_serving_commands(add) -> None:
+    p = add("render", commands.render, "write model_repository/ configs and Python models from the spec")
+    p.add_argument("--check", action="store_true", help="exit 1 if the committed repository differs from the spec")
+
+    p = add("serve", commands.serve, "start a local Triton server on the model repository")
+    p.add_argument("--profile", choices=choices(ServingProfile), default=ServingProfile.CPU.value)
+    p.add_argument("--grpc-port", type=int, default=0, help="0 = a free port")
+    p.add_argument("--http-port", type=int, default=0, help="0 = a free port")
+    p.add_argument("--metrics-port", type=int, default=0, help="0 = a free port")
+    p.add_argument("--log-file", default=None, help="Triton log file (default: in the cache folder)")
+    p.add_argument("--force", action="store_true", help="gpu profile: start despite engine pre-flight mismatches")
+
+    p = add("rank", commands.rank, "rank candidates over gRPC and print a table")
+    p.add_argument("--url", default="localhost:8001", help="gRPC endpoint(s), comma-separated")
+    p.add_argument("--candidates", type=int, default=10, help="candidates from the benchmark catalogue")
+    p.add_argument("--user", type=int, default=0, help="benchmark user whose history is sent")
+    p.add_argument("--items", nargs="*", help="JSON file(s) describing candidates (text, image, audio paths)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = add("loadtest", commands.loadtest, "run a Locust load test and gate on the SLOs")
+    p.add_argument("--url", default=None, help="gRPC endpoint to load (default: with --serve, the local server)")
+    p.add_argument("--serve", action="store_true", help="start the local server (CPU profile) for the run")
+    p.add_argument("--metrics-url", default=None,
+                   help="Triton metrics URL for the server-side breakdown (default: $FUSIONRANK_METRICS_URL, or port "
+                        "8002 beside a gRPC endpoint on 8001)")
+    p.add_argument("--scenario", default=None, help="scenario name (default, ci, heavy) or a YAML file")
+    p.add_argument("--slo", default=None, help="SLO YAML overriding the spec's slo: section")
+    p.add_argument("--users", type=int, default=None)
+    p.add_argument("--spawn-rate", type=float, default=None)
+    p.add_argument("--run-time", default=None, help="e.g. 30s, 2m")
+    p.add_argument("--out", default=None, help="report folder (default: reports/loadtest-<time>)")
+
+
+def _add_engine_commands(add) -> None:
+    p = add("build-engines", commands.build_engines, "build TensorRT engines from the exported ONNX models (GPU)")
+    p.add_argument("--precision", choices=choices(Precision), default=None)
+    p.add_argument("--models", help="comma-separated subset of the encoders and the ranker")
+    p.add_argument("--timing-cache", default=None)
+
+    p = add("check", commands.check, "pre-flight: do the engines in the repository match this node and the ONNX files?")
+    p.add_argument("--tensorrt-version", default=None, help="TensorRT version of the serving image")
+    p.add_argument("--json", action="store_true")
+
+    p = add("upgrade-report", commands.upgrade_report, "rebuild, check parity and latency against a stored baseline")
+    p.add_argument("--baseline", default=None, help="baseline JSON from the previous node")
+    p.add_argument("--profile", choices=[p.value for p in UPGRADE_PROFILES], default=ServingProfile.CPU.value,
+                   help="cpu: ONNX Runtime; gpu: TensorRT engines")
+    p.add_argument("--out", default=None)
+    p.add_argument("--save-baseline", default=None, help="write this run as a baseline JSON here")
+    p.add_argument("--requests", type=int, default=None, help="benchmark requests (default from the scenario)")
+
+    p = add("demo", commands.demo, "train, export, prove parity, serve, rank one request and run a short load test")
+    p.add_argument("--skip-loadtest", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `fusionrank` parser with every subcommand."""
+    common = _common()
+    parser = argparse.ArgumentParser(prog="fusionrank", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, handler, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        return p
+
+    _add_model_commands(add)
+    _add_serving_commands(add)
+    _add_engine_commands(add)
+    return parser

@@ -1,6 +1,7 @@
 """Benchmark data with a known truth: a seeded catalogue and interaction log, generated on demand into the cache.
 
-No dataset is named by the seeds and none can be downloaded, so fusionrank generates one where the truth is known:
+No public dataset can be downloaded here, and none would tell the true click probabilities, so fusionrank
+generates one where the truth is known:
 
 - items carry hidden attributes, each visible in exactly one modality: a *topic* (title words), a *colour* and a
   *shape* (a Pillow drawing, saved as JPEG, some PNG/WebP), a *pitch* and a *tempo* (a WAV tone pulsing at a rate;

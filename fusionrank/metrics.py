@@ -1,4 +1,4 @@
-"""Ranking and classification metrics (the seeds' list), computed on the test users.
+"""Ranking and classification metrics (AUC, log-loss, NDCG/recall@10, P/R/F1, coverage, diversity) of the test users.
 
 Ranking metrics are per user over the pool of all candidates the user was shown in the test split (so top-10 is a
 real choice, not the whole 10-candidate session), then averaged over users with at least one click.

@@ -63,7 +63,7 @@ class _SampleLog:
             return
         if self._file is None:
             Path(folder).mkdir(parents=True, exist_ok=True)
-            self._file = open(Path(folder) / f"samples-{os.getpid()}.csv", "a", buffering=1)  # noqa: SIM115
+            self._file = open(Path(folder) / f"samples-{os.getpid()}.csv", "a", buffering=1)
         self._file.write(f"{start:.6f},{latency_ms:.3f},{candidates},{int(ok)}\n")
 
     def close(self) -> None:

@@ -52,6 +52,14 @@ def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
     return [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
+def _alive_after(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """The processes still alive once all have ended or `timeout` seconds have passed (polled, not slept)."""
+    deadline = time.monotonic() + timeout
+    while _alive(processes) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _alive(processes)
+
+
 def _echo_repository(tmp_path, model: str = ECHO_MODEL):
     repo = tmp_path / "repo"
     (repo / "echo" / "1").mkdir(parents=True)
@@ -87,8 +95,7 @@ def test_serve_prints_endpoints_and_stops_cleanly_on_sigterm(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         assert "server stopped" in proc.stdout.read()
-        time.sleep(0.5)
-        assert not _alive(stubs), "processes left behind after SIGTERM"
+        assert not _alive_after(stubs, timeout=10), "processes left behind after SIGTERM"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -109,9 +116,7 @@ def test_stop_after_a_crash_leaves_nothing_of_the_server_behind(tmp_path):
         assert left, "the echo model should have started its helper"
         server.process.send_signal(signal.SIGSEGV)  # a crash
         server.process.wait(timeout=30)
-        time.sleep(1.0)
-        assert all(p.is_running() for p in left), "the helper outlives the crash"
+        assert _alive(left) == left, "the helper outlives the crash"
     finally:
         server.stop()
-    time.sleep(0.5)
-    assert not _alive(left), "processes of the server's group left behind after stop()"
+    assert not _alive_after(left, timeout=10), "processes of the server's group left behind after stop()"

@@ -1,22 +1,22 @@
 """The fusion ranker: modality embeddings + user history -> click probability and per-modality weights.
 
-User tower (seed 000): item-id history (left-padded with 0) -> embedding -> LSTM/GRU -> last hidden state.
+User tower: item-id history (left-padded with 0) -> embedding -> LSTM/GRU -> last hidden state.
 Every modality embedding is layer-normalised and projected to `projection_dim`, then fused as the spec says:
 
 | fusion | score | modality_weights |
 |---|---|---|
-| concat (seed 000) | MLP(concat(projections, user)) | occlusion share: |logit - logit without m|, normalised |
-| weighted (seed 002) | MLP(sum_m softmax(a)_m * proj_m, user) | the learned softmax weights (same for every row) |
-| attention (seed 004) | MLP(sum_m attn_m * value_m, user); attention queried by the user vector | the attention |
-| gated (seed 004, M-way) | MLP(sum_m g_m * proj_m, user); g = softmax_m(W[proj..., user]) per feature | mean of g_m |
-| late (seed 002) | mean_m head_m(proj_m, user) | |head_m logit| share |
-| two_tower (seed 003) | <item_tower(projections), user_tower(user)> / sqrt(d) + b | occlusion share |
+| concat (early fusion) | MLP(concat(projections, user)) | occlusion share: |logit - logit without m|, normalised |
+| weighted | MLP(sum_m softmax(a)_m * proj_m, user) | the learned softmax weights (same for every row) |
+| attention | MLP(sum_m attn_m * value_m, user); attention queried by the user vector | the attention |
+| gated (M-way GMU) | MLP(sum_m g_m * proj_m, user); g = softmax_m(W[proj..., user]) per feature | mean of g_m |
+| late | mean_m head_m(proj_m, user) | |head_m logit| share |
+| two_tower | <item_tower(projections), user_tower(user)> / sqrt(d) + b | occlusion share |
 
-Gated gives every modality and feature its own gate (softmax over modalities), which for M=2 is seed 004's
-A*x + (1-A)*y with A a vector; one scalar gate per modality scored 0.70 AUC against 0.74 for these per-feature
-gates (docs/evaluation.md). Weights always sum to 1 per row. For concat and two_tower, which have no weights of their
-own, the occlusion share is an honest attribution computed in the same graph (one extra pass per modality with it
-zeroed).
+Gated gives every modality and feature its own gate (softmax over modalities), which for M=2 is the gated
+multimodal unit's (GMU) A*x + (1-A)*y with A a vector; one scalar gate per modality scored 0.70 AUC against 0.74
+for these per-feature gates (docs/evaluation.md). Weights always sum to 1 per row. For concat and two_tower, which
+have no weights of their own, the occlusion share is an honest attribution computed in the same graph (one extra
+pass per modality with it zeroed).
 """
 
 from __future__ import annotations

@@ -179,7 +179,7 @@ class TritonServer:
                 try:
                     if client.is_server_ready():
                         return
-                except Exception:  # noqa: BLE001 - not listening yet
+                except Exception:  # not listening yet
                     pass
                 time.sleep(0.5)
         raise ServerError(f"tritonserver not ready after {timeout:.0f}s; log: {self.log_file}\n{self.log_tail()}")

@@ -71,7 +71,7 @@ class _BatchedModel:
                 prepared.append((i, self.prepare(inputs)))
             except (PreprocessError, RequestError) as exc:
                 errors[i] = pb.TritonError(str(exc), pb.TritonError.INVALID_ARG)
-            except Exception:  # noqa: BLE001 - any other failure is ours: log it, answer INTERNAL, keep serving
+            except Exception:  # any other failure is ours: log it, answer INTERNAL, keep serving
                 self.logger.log_error(f"{self.name}: request {i} failed:\n{traceback.format_exc()}")
                 errors[i] = pb.TritonError(f"{self.name}: internal error (see server log)", pb.TritonError.INTERNAL)
         outputs_by_request = self._run_grouped(prepared, errors)
@@ -98,7 +98,7 @@ class _BatchedModel:
             counts = [len(arrays[names[0]]) for _, arrays in members]
             try:
                 out = self.run(batch)
-            except Exception:  # noqa: BLE001
+            except Exception:  # a failed batch is ours: log it, answer INTERNAL to its requests
                 self.logger.log_error(f"{self.name}: batch failed:\n{traceback.format_exc()}")
                 for i, _ in members:
                     errors[i] = pb.TritonError(f"{self.name}: internal error (see server log)",

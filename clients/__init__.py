@@ -1,5 +1,17 @@
-"""gRPC clients of the fusionrank ensemble: `RankingClient` (sync), `AsyncRankingClient` (asyncio), their errors."""
+"""gRPC clients of the fusionrank ensemble: `RankingClient` (sync), `AsyncRankingClient` (asyncio), their errors.
 
+A ranking request is one user's candidate list. Either client
+- splits a list longer than the ensemble's max batch into several requests and merges the scores back in order
+  (`clients.request`);
+- gives every call one deadline, shared by its chunks and retries, and abandons rather than cancels a late call,
+  because Triton 2.51 crashes when clients cancel in-flight ensemble requests (`clients.base`);
+- retries with exponential backoff only on transient errors, spreads calls round-robin over several endpoints and
+  fails over at once (`clients.retry`, `clients.endpoints`);
+- raises its own exceptions carrying the server's message (`clients.errors`);
+- optionally sends large payloads through system shared memory to a server on the same host (`clients.transport`).
+"""
+
+from clients.aio import AsyncRankingClient
 from clients.errors import (
     ClientError,
     DeadlineExceededError,
@@ -7,7 +19,10 @@ from clients.errors import (
     ServerError,
     UnavailableError,
 )
-from clients.ranking_client import AsyncRankingClient, Candidate, RankingClient, RankingResult, RetryPolicy
+from clients.request import Candidate, RankingResult
+from clients.retry import NO_RETRY, ClientStats, RetryPolicy
+from clients.sync import RankingClient
 
-__all__ = ["AsyncRankingClient", "Candidate", "ClientError", "DeadlineExceededError", "InvalidInputError",
-           "RankingClient", "RankingResult", "RetryPolicy", "ServerError", "UnavailableError"]
+__all__ = ["AsyncRankingClient", "Candidate", "ClientError", "ClientStats", "DeadlineExceededError",
+           "InvalidInputError", "NO_RETRY", "RankingClient", "RankingResult", "RetryPolicy", "ServerError",
+           "UnavailableError"]

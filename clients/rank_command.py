@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from clients.ranking_client import Candidate, RankingClient, RankingResult
+from clients.request import Candidate, RankingResult
+from clients.sync import RankingClient
 from fusionrank.benchmark import load_benchmark
 from fusionrank.errors import DataError
 from fusionrank.spec import PipelineSpec

@@ -21,8 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from clients import NO_RETRY, RankingClient
 from clients.errors import ClientError, DeadlineExceededError
-from clients.ranking_client import NO_RETRY, RankingClient
 from fusionrank.benchmark import load_benchmark
 from fusionrank.paths import MODEL_REPOSITORY
 from fusionrank.serving.server import TritonServer

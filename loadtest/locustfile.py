@@ -24,8 +24,8 @@ from pathlib import Path  # noqa: E402
 
 from locust import User, constant, constant_throughput, events, task  # noqa: E402
 
+from clients import NO_RETRY, RankingClient  # noqa: E402
 from clients.errors import ClientError  # noqa: E402
-from clients.ranking_client import NO_RETRY, RankingClient  # noqa: E402
 from fusionrank.benchmark import load_benchmark  # noqa: E402
 from fusionrank.scenario import RequestFactory, load_scenario  # noqa: E402
 from fusionrank.spec import load_spec  # noqa: E402

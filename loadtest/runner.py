@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from clients import RankingClient
 from clients.errors import ClientError
-from clients.ranking_client import RankingClient
 from fusionrank.benchmark import load_benchmark
 from fusionrank.errors import FusionRankError
 from fusionrank.project import REPO_ROOT

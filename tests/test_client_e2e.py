@@ -13,7 +13,7 @@ import pytest
 
 from clients import AsyncRankingClient, DeadlineExceededError, InvalidInputError, RankingClient, RetryPolicy
 from fusionrank.spec import Modality
-from fusionrank.tensors import CLICK_PROBABILITY
+from fusionrank.tensors import CLICK_PROBABILITY, MODALITY_WEIGHTS
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def _request(bench, ids, session):
 
 @pytest.mark.e2e
 def test_ranking_matches_offline_pytorch(triton_server, ci_spec, bench, reference_pipeline):
-    tol = ci_spec.export.tolerance(CLICK_PROBABILITY)
+    tol, weight_tol = ci_spec.export.tolerance(CLICK_PROBABILITY), ci_spec.export.tolerance(MODALITY_WEIGHTS)
     with RankingClient(ci_spec, triton_server.grpc_url) as client:
         client.wait_ready(30)
         for session in bench.frozen_sessions(3):
@@ -40,7 +40,7 @@ def test_ranking_matches_offline_pytorch(triton_server, ci_spec, bench, referenc
             served = client.rank_payloads(items, history)
             offline, weights = reference_pipeline.score(items, history)
             np.testing.assert_allclose(served.scores, offline, atol=tol.atol, rtol=tol.rtol)
-            np.testing.assert_allclose(served.weights, weights, atol=1e-4)
+            np.testing.assert_allclose(served.weights, weights, atol=weight_tol.atol, rtol=weight_tol.rtol)
             assert list(served.order()) == list(np.argsort(-offline, kind="stable"))
 
 

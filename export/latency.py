@@ -19,14 +19,13 @@ from typing import Protocol
 
 import numpy as np
 
-from export.manifest import find_manifest, onnx_path, plan_path, version_dir
+from export.manifest import find_manifest, golden_path, onnx_path, plan_path
+from export.trt_runner import TensorRTRunner
 from fusionrank.benchmark import load_benchmark
 from fusionrank.errors import DataError, FusionRankError
 from fusionrank.scenario import RequestFactory, load_scenario
 from fusionrank.spec import PipelineSpec
 from fusionrank.tensors import CLICK_PROBABILITY, infer_inputs, request_arrays
-
-GOLDEN_FILE = "golden.npz"
 
 
 class BenchmarkError(FusionRankError):
@@ -96,8 +95,6 @@ def make_runner(profile: str, repo: Path, model: str) -> Runner:
     if profile == "cpu":
         return OnnxRuntimeRunner(onnx_path(repo, model))
     if profile == "gpu":
-        from export.onnx2trt import TensorRTRunner
-
         plan = plan_path(repo, model)
         if not plan.is_file():
             raise BenchmarkError(f"{plan} not found; run `fusionrank build-engines` first")
@@ -125,7 +122,7 @@ class Golden:
 
 def load_golden(repo: Path, model: str) -> Golden:
     """PyTorch inputs and outputs stored at export time (`<model>/1/golden.npz`)."""
-    path = version_dir(repo, model) / GOLDEN_FILE
+    path = golden_path(repo, model)
     if not path.is_file():
         raise DataError(f"{path} not found; run `fusionrank export` (it stores golden outputs)")
     with np.load(path) as z:
@@ -256,7 +253,7 @@ def benchmark_ensemble(spec: PipelineSpec, url: str, source: RequestSource, requ
                     return
                 try:
                     elapsed = call(client, inputs)
-                except Exception as exc:  # noqa: BLE001 - every failure counts as an error of the run
+                except Exception as exc:  # every failure counts as an error of the run
                     with lock:
                         errors.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                     continue
@@ -267,7 +264,7 @@ def benchmark_ensemble(spec: PipelineSpec, url: str, source: RequestSource, requ
         with grpcclient.InferenceServerClient(url) as client:
             for inputs in payloads[:warmup]:
                 call(client, inputs)
-    except Exception as exc:  # noqa: BLE001 - a server that cannot answer the warm-up cannot be measured
+    except Exception as exc:  # a server that cannot answer the warm-up cannot be measured
         raise BenchmarkError(f"ensemble {spec.serving.ensemble_name!r} at {url} failed its warm-up request: "
                              f"{exc}") from exc
     started = time.perf_counter()

@@ -30,6 +30,7 @@ from fusionrank.tensors import model_io
 MANIFEST_FILE = "manifest.json"
 PLAN_FILE = "model.plan"
 ONNX_FILE = "model.onnx"
+GOLDEN_FILE = "golden.npz"
 SCHEMA_VERSION = 1
 
 
@@ -55,6 +56,11 @@ def onnx_path(repo: Path, model: str) -> Path:
 def manifest_path(repo: Path, model: str) -> Path:
     """The manifest beside the plan."""
     return version_dir(repo, model) / MANIFEST_FILE
+
+
+def golden_path(repo: Path, model: str) -> Path:
+    """PyTorch inputs and outputs stored at export time, for checking runtimes and engines later."""
+    return version_dir(repo, model) / GOLDEN_FILE
 
 
 def sha256_file(path: Path) -> str:

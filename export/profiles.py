@@ -21,6 +21,7 @@ from fusionrank.spec import PipelineSpec
 from fusionrank.tensors import TensorSpec, model_io
 
 SEQUENCE_AXIS = "sequence"
+RANKER = "fusion_ranker"
 
 
 class ProfileError(FusionRankError):
@@ -28,8 +29,8 @@ class ProfileError(FusionRankError):
 
 
 def engine_models(spec: PipelineSpec) -> tuple[str, ...]:
-    """Models built as TensorRT engines: one encoder per enabled modality, then the fusion ranker."""
-    return (*(f"{m.value}_encoder" for m in spec.modalities.enabled), "fusion_ranker")
+    """Models exported to ONNX and built as TensorRT engines: one encoder per enabled modality, then the ranker."""
+    return (*(f"{m.value}_encoder" for m in spec.modalities.enabled), RANKER)
 
 
 @dataclass(frozen=True)

@@ -26,18 +26,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export.manifest import golden_path, onnx_path
 from export.parity import OutputParity, RankingParity, check_outputs, ranking_parity
+from export.profiles import RANKER, engine_models
 from fusionrank.benchmark import Benchmark, load_benchmark
 from fusionrank.errors import CheckpointError, FusionRankError
+from fusionrank.models.encoders import build_encoder
+from fusionrank.models.fusion import load_ranker
+from fusionrank.paths import resolve_text_checkpoint, tokenizer_dir
+from fusionrank.preprocess import build_preprocessor
+from fusionrank.preprocess.text import load_tokenizer
 from fusionrank.spec import Modality, PipelineSpec
-from fusionrank.tensors import model_io
+from fusionrank.tensors import CLICK_PROBABILITY, model_io
+from fusionrank.train import checkpoint_path
 
 log = logging.getLogger(__name__)
-RANKER = "fusion_ranker"
-
-
-def exportable_models(spec: PipelineSpec) -> tuple[str, ...]:
-    return (*(f"{m.value}_encoder" for m in spec.modalities.enabled), RANKER)
 
 
 @dataclass
@@ -92,7 +95,7 @@ def export_onnx(module: torch.nn.Module, spec: PipelineSpec, model: str, sample:
         torch.onnx.export(module, args, str(path), input_names=[t.name for t in io.inputs],
                           output_names=[t.name for t in io.outputs], dynamic_axes=axes,
                           opset_version=spec.export.opset, dynamo=False)
-    except Exception as exc:  # noqa: BLE001 - the exporter raises many types; name the model
+    except Exception as exc:  # the exporter raises many types; name the model
         raise FusionRankError(f"torch.onnx.export failed for {model}: {exc}") from exc
     return path
 
@@ -130,18 +133,9 @@ def _sample_items(bench: Benchmark, spec: PipelineSpec) -> tuple[np.ndarray, lis
     return sessions, items
 
 
-def export_all(spec: PipelineSpec, repo: Path, checkpoint: Path | None = None, models: list[str] | None = None,
-               ) -> ExportReport:
-    """Export the encoders and the ranker, prove parity (raises ParityError on failure), write golden outputs."""
-    from fusionrank.models.encoders import build_encoder
-    from fusionrank.models.fusion import load_ranker
-    from fusionrank.paths import resolve_text_checkpoint, tokenizer_dir
-    from fusionrank.preprocess import build_preprocessor
-    from fusionrank.preprocess.text import load_tokenizer
-    from fusionrank.train import checkpoint_path
-
-    repo = Path(repo)
-    wanted = exportable_models(spec)
+def _models_to_export(spec: PipelineSpec, models: list[str] | None, checkpoint: Path | None) -> tuple[list[str], Path]:
+    """The models asked for (all by default) and the ranker checkpoint; FusionRankError/CheckpointError when wrong."""
+    wanted = engine_models(spec)
     models = list(models or wanted)
     unknown = [m for m in models if m not in wanted]
     if unknown:
@@ -149,59 +143,64 @@ def export_all(spec: PipelineSpec, repo: Path, checkpoint: Path | None = None, m
     checkpoint = Path(checkpoint) if checkpoint else checkpoint_path(spec, spec.ranker.fusion.value)
     if RANKER in models and not checkpoint.is_file():
         raise CheckpointError(f"ranker checkpoint {checkpoint} does not exist; run `fusionrank train` first")
+    return models, checkpoint
 
-    bench = load_benchmark(spec)
-    sessions, items = _sample_items(bench, spec)
-    report = ExportReport()
-    text_dir = resolve_text_checkpoint(spec.modalities.text.encoder.checkpoint) if spec.modalities.text.enabled \
-        else None
-    if spec.modalities.text.enabled:
-        load_tokenizer(text_dir).save_pretrained(str(tokenizer_dir(repo)))
 
-    # The frozen candidate set, preprocessed once; encoders of both runtimes see identical inputs.
-    cand = bench.sessions.candidates[sessions]
-    cand_items = cand.ravel()
-    chain_inputs, torch_emb, ort_emb = {}, {}, {}
-    for modality in spec.modalities.enabled:
-        model = f"{modality.value}_encoder"
-        started = time.monotonic()
-        encoder = build_encoder(spec, modality)
-        pre = build_preprocessor(spec, modality, tokenizer_dir=text_dir)
-        if modality is Modality.TEXT:
-            sample_groups = [pre(rows) for rows in _text_samples(bench, items, spec, pre.tokenizer)]
-        else:
-            sample_groups = [pre([bench.item(i).payload(modality) for i in items])]
-        path = repo / model / "1" / "model.onnx"
-        if model in models:
-            export_onnx(encoder, spec, model, sample_groups[0], path)
-        session = _session(path)
-        golden = None
-        for group in sample_groups:
-            reference = _torch_outputs(encoder, spec, model, group)
-            report.outputs += _checked(model, reference, _ort_outputs(session, spec, model, group), spec, group)
-            golden = golden or {**{f"in.{k}": v for k, v in group.items()},
-                                **{f"out.{k}": v for k, v in reference.items()}}
-        np.savez(repo / model / "1" / "golden.npz", **golden)
-        # Whole candidate set through both runtimes, in request-sized chunks (one request = one bucket).
-        per = cand.shape[1]
-        t_parts, o_parts = [], []
-        for start in range(0, len(cand_items), per):
-            arrays = pre([bench.item(int(i)).payload(modality) for i in cand_items[start:start + per]])
-            t_parts.append(_torch_outputs(encoder, spec, model, arrays))
-            o_parts.append(_ort_outputs(session, spec, model, arrays))
-        name = model_io(spec, model).outputs[0].name
-        torch_emb[name] = np.concatenate([p[name] for p in t_parts])
-        ort_emb[name] = np.concatenate([p[name] for p in o_parts])
-        report.files[model] = str(path)
-        report.seconds[model] = round(time.monotonic() - started, 2)
+def _save_tokenizer(spec: PipelineSpec, repo: Path) -> Path | None:
+    """The text encoder checkpoint's tokenizer, copied for the preprocessing model; None when text is disabled."""
+    if not spec.modalities.text.enabled:
+        return None
+    text_dir = resolve_text_checkpoint(spec.modalities.text.encoder.checkpoint)
+    load_tokenizer(text_dir).save_pretrained(str(tokenizer_dir(repo)))
+    return text_dir
 
+
+def _export_encoder(spec: PipelineSpec, repo: Path, modality: Modality, bench: Benchmark, items: list[int],
+                    candidates: np.ndarray, text_dir: Path | None, write_onnx: bool, report: ExportReport,
+                    ) -> tuple[str, np.ndarray, np.ndarray]:
+    """Export one encoder (when asked), prove parity on samples, store golden outputs, and embed the frozen candidate
+    set with both runtimes; returns (output name, PyTorch embeddings, ONNX Runtime embeddings)."""
+    model = f"{modality.value}_encoder"
+    started = time.monotonic()
+    encoder = build_encoder(spec, modality)
+    pre = build_preprocessor(spec, modality, tokenizer_dir=text_dir)
+    if modality is Modality.TEXT:
+        sample_groups = [pre(rows) for rows in _text_samples(bench, items, spec, pre.tokenizer)]
+    else:
+        sample_groups = [pre([bench.item(i).payload(modality) for i in items])]
+    path = onnx_path(repo, model)
+    if write_onnx:
+        export_onnx(encoder, spec, model, sample_groups[0], path)
+    session = _session(path)
+    golden = None
+    for group in sample_groups:
+        reference = _torch_outputs(encoder, spec, model, group)
+        report.outputs += _checked(model, reference, _ort_outputs(session, spec, model, group), spec, group)
+        golden = golden or {**{f"in.{k}": v for k, v in group.items()}, **{f"out.{k}": v for k, v in reference.items()}}
+    np.savez(golden_path(repo, model), **golden)
+    # Whole candidate set through both runtimes, in request-sized chunks (one request = one bucket).
+    t_parts, o_parts = [], []
+    for row in candidates:
+        arrays = pre([bench.item(int(i)).payload(modality) for i in row])
+        t_parts.append(_torch_outputs(encoder, spec, model, arrays))
+        o_parts.append(_ort_outputs(session, spec, model, arrays))
+    name = model_io(spec, model).outputs[0].name
+    report.files[model] = str(path)
+    report.seconds[model] = round(time.monotonic() - started, 2)
+    return name, np.concatenate([p[name] for p in t_parts]), np.concatenate([p[name] for p in o_parts])
+
+
+def _export_ranker(spec: PipelineSpec, repo: Path, checkpoint: Path, bench: Benchmark, sessions: np.ndarray,
+                   torch_emb: dict[str, np.ndarray], ort_emb: dict[str, np.ndarray], write_onnx: bool,
+                   report: ExportReport) -> None:
+    """Export the ranker (when asked), prove output parity and ranking parity of the whole chain, store golden data."""
     started = time.monotonic()
     ranker = load_ranker(checkpoint, spec=spec)
-    per = cand.shape[1]
+    per = bench.sessions.candidates.shape[1]
     history = np.repeat(bench.sessions.history[sessions], per, axis=0)
     chain_inputs = {**torch_emb, "history": history}
-    path = repo / RANKER / "1" / "model.onnx"
-    if RANKER in models:
+    path = onnx_path(repo, RANKER)
+    if write_onnx:
         export_onnx(ranker, spec, RANKER, {k: v[:8] for k, v in chain_inputs.items()}, path)
     session = _session(path)
     reference = _torch_outputs(ranker, spec, RANKER, chain_inputs)
@@ -210,11 +209,29 @@ def export_all(spec: PipelineSpec, repo: Path, checkpoint: Path | None = None, m
     onnx_chain = _ort_outputs(session, spec, RANKER, {**ort_emb, "history": history})
     labels = bench.sessions.clicks[sessions].ravel()
     groups = np.repeat(bench.sessions.user[sessions], per)
-    report.ranking = ranking_parity(reference["click_probability"], onnx_chain["click_probability"], labels, groups,
+    report.ranking = ranking_parity(reference[CLICK_PROBABILITY], onnx_chain[CLICK_PROBABILITY], labels, groups,
                                     spec.export.ranking, model="onnx pipeline", raise_on_fail=True)
-    np.savez(repo / RANKER / "1" / "golden.npz", **{f"in.{k}": v for k, v in chain_inputs.items()},
+    np.savez(golden_path(repo, RANKER), **{f"in.{k}": v for k, v in chain_inputs.items()},
              **{f"out.{k}": v for k, v in reference.items()}, labels=labels, groups=groups)
     report.files[RANKER] = str(path)
     report.seconds[RANKER] = round(time.monotonic() - started, 2)
+
+
+def export_all(spec: PipelineSpec, repo: Path, checkpoint: Path | None = None, models: list[str] | None = None,
+               ) -> ExportReport:
+    """Export the encoders and the ranker, prove parity (raises ParityError on failure), write golden outputs."""
+    repo = Path(repo)
+    models, checkpoint = _models_to_export(spec, models, checkpoint)
+    bench = load_benchmark(spec)
+    sessions, items = _sample_items(bench, spec)
+    text_dir = _save_tokenizer(spec, repo)
+    report = ExportReport()
+    # The frozen candidate set: encoders of both runtimes see identical inputs, one request per session.
+    candidates = bench.sessions.candidates[sessions]
+    torch_emb, ort_emb = {}, {}
+    for modality in spec.modalities.enabled:
+        name, torch_emb[name], ort_emb[name] = _export_encoder(
+            spec, repo, modality, bench, items, candidates, text_dir, f"{modality.value}_encoder" in models, report)
+    _export_ranker(spec, repo, checkpoint, bench, sessions, torch_emb, ort_emb, RANKER in models, report)
     (repo / "parity.json").write_text(json.dumps(report.as_dict(), indent=2))
     return report

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from export.upgrade import UPGRADE_PROFILES
+from export.upgrade_measure import UPGRADE_PROFILES
 from fusionrank.spec import FusionType, Precision, ServingProfile, choices
 from fusionrank_cli import commands
 

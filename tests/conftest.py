@@ -1,18 +1,23 @@
 """Session fixtures shared by every test layer.
 
-- `ci_spec`: the small test spec (tests/pipeline.ci.yaml).
+- `ci_spec`: the small test spec (tests/pipeline.ci.yaml); `per_bucket_spec`: the same with one TensorRT profile
+  per text padding bucket.
 - `built_repository`: a temporary model repository rendered, trained and exported for `ci_spec`.
 - `triton_server`: a real tritonserver (CPU profile) on that repository, started once per session.
+- `fake_trt`, `fake_cuda`: fake `tensorrt` / cuda-python modules (tests/fake_tensorrt.py) for one test.
 
 In CI the server must be found (it installs with the project), so e2e tests fail rather than silently skip there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import pytest
+
+from tests import fake_tensorrt
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CI_SPEC = REPO_ROOT / "tests" / "pipeline.ci.yaml"
@@ -27,6 +32,13 @@ def ci_spec():
     from fusionrank.spec import load_spec
 
     return load_spec(CI_SPEC)
+
+
+@pytest.fixture(scope="session")
+def per_bucket_spec(ci_spec):
+    """`ci_spec` with one TensorRT optimisation profile per text padding bucket."""
+    trt = dataclasses.replace(ci_spec.export.tensorrt, profile_per_bucket=True)
+    return ci_spec.with_overrides(export=dataclasses.replace(ci_spec.export, tensorrt=trt))
 
 
 @pytest.fixture(scope="session")
@@ -76,3 +88,15 @@ def triton_server(built_repository, tmp_path_factory):
     server.start(timeout=300)
     yield server
     server.stop()
+
+
+@pytest.fixture
+def fake_trt(monkeypatch):
+    """The fake `tensorrt` module in sys.modules for this test; `fake_tensorrt.FakeTRT.builds` records builds."""
+    return fake_tensorrt.install_tensorrt(monkeypatch)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """The fake cuda-python runtime (host memory) in sys.modules for this test."""
+    return fake_tensorrt.install_cuda(monkeypatch)

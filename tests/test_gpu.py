@@ -57,7 +57,7 @@ def test_engine_parity_with_golden_outputs(ci_spec, built_repository, engines):
     """Engines vs PyTorch golden outputs within the spec's TensorRT tolerances (ParityError otherwise)."""
     from export.latency import load_golden, make_runner, run_batched
     from export.parity import check_outputs, ranking_parity
-    from export.upgrade import tolerance_for
+    from export.upgrade_measure import tolerance_for
 
     for model in engines:
         golden = load_golden(built_repository, model)

@@ -265,7 +265,8 @@ def test_manifest_round_trips_through_json(repo):
 
 
 def test_build_engines_without_tensorrt_says_what_to_install(ci_spec, tmp_path, capsys):
-    from export.onnx2trt import build_engines_command, import_tensorrt
+    from export.onnx2trt import build_engines_command
+    from export.trt_api import import_tensorrt
 
     if import_tensorrt() is not None:
         pytest.skip("TensorRT is installed here")

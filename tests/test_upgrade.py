@@ -10,16 +10,11 @@ import numpy as np
 import pytest
 
 from export.latency import LatencyStats, benchmark_model, summarize, tile_rows
-from export.upgrade import (
-    NOISE_FLOOR_MS,
-    SCHEMA,
-    ReportError,
-    build_report,
-    compare,
-    load_report,
-    render_markdown,
-    save_baseline,
-)
+from export.upgrade import build_report, save_baseline
+from export.upgrade_compare import NOISE_FLOOR_MS, compare, load_report
+from export.upgrade_markdown import render_markdown
+from export.upgrade_measure import SCHEMA, ReportError
+from fusionrank.spec import ServingProfile
 
 CI_SPEC = Path(__file__).parent / "pipeline.ci.yaml"
 
@@ -31,7 +26,7 @@ def _stats(p50: float, p95: float, throughput: float) -> dict:
 
 def _report(profile: str = "cpu", ranker_diff: float = 2e-6, ens_p95: float = 120.0, ens_rps: float = 10.0,
             encoder_p95: float = 40.0, encoder_p50: float = 30.0, errors: int = 0) -> dict:
-    """A measured report as `export.upgrade.measure` returns it, with numbers chosen by the test."""
+    """A measured report as `export.upgrade_measure.measure` returns it, with numbers chosen by the test."""
     out = {"max_abs_diff": ranker_diff, "atol": 1e-5, "rtol": 1e-4, "passed": ranker_diff <= 1e-5, "samples": 160}
     return {
         "schema": SCHEMA, "created_utc": "2026-11-23T10:00:00Z", "profile": profile, "spec_digest": "abc",
@@ -66,7 +61,7 @@ def test_latency_within_threshold_passes_and_beyond_fails(ci_spec):
     assert compare(ci_spec, _report(ens_p95=120.0 * (1 + allowed * 0.9)), _report()).passed
     result = compare(ci_spec, _report(ens_p95=120.0 * (1 + allowed * 1.5)), _report())
     assert _metrics(result) == {"latency.ensemble.p95_ms"}
-    assert "allowed +25%" in str(result.regressions[0])
+    assert f"allowed +{allowed:.0%}" in str(result.regressions[0])
 
 
 def test_per_model_latency_regression_names_model_and_batch(ci_spec):
@@ -215,6 +210,18 @@ def test_command_exit_code_names_regressions_and_saves_baseline(ci_spec, tmp_pat
     assert saved["comparison"]["regressions"][0]["metric"] == "latency.ensemble.p95_ms"
 
 
+def test_profile_is_named_by_its_value_in_the_default_report_folder(ci_spec, tmp_path, monkeypatch):
+    """The CLI passes a ServingProfile: the report folder says `cpu`; a profile the report cannot measure is refused."""
+    import export.upgrade as upgrade
+
+    monkeypatch.setattr(upgrade, "measure", lambda *a, **k: _report())
+    monkeypatch.setattr(upgrade, "REPO_ROOT", tmp_path)
+    report = upgrade.upgrade_report(ci_spec, tmp_path, ServingProfile.CPU)
+    assert Path(report["files"]["markdown"]).parent.name.startswith("upgrade-cpu-")
+    with pytest.raises(ReportError, match="unknown profile 'onnx_gpu'; allowed: cpu, gpu"):
+        upgrade.upgrade_report(ci_spec, tmp_path, ServingProfile.ONNX_GPU)
+
+
 def test_bad_baseline_fails_before_measuring(ci_spec, tmp_path, monkeypatch):
     import export.upgrade as upgrade
 
@@ -244,9 +251,12 @@ def test_cpu_upgrade_report_end_to_end(ci_spec, built_repository, triton_server,
     quick = dict(url=triton_server.grpc_url, requests=6, scenario="ci", batch_sizes=(1, 32),
                  min_iterations=3, budget_s=0.3)
     base = tmp_path / "baseline.json"
-    first = upgrade_report(spec, built_repository, "cpu", out=tmp_path / "first", save_baseline_to=base, **quick)
+    # The profile as the CLI passes it (an enum): the report names it by its value.
+    first = upgrade_report(spec, built_repository, ServingProfile.CPU, out=tmp_path / "first", save_baseline_to=base,
+                           **quick)
     assert first["comparison"]["passed"], first["comparison"]["regressions"]
-    assert base.is_file() and (tmp_path / "first" / "report.md").read_text().startswith("# Upgrade report (cpu")
+    assert first["profile"] == "cpu" and base.is_file()
+    assert (tmp_path / "first" / "report.md").read_text().startswith("# Upgrade report (cpu profile)")
     assert set(first["accuracy"]) == {"text_encoder", "image_encoder", "audio_encoder", "fusion_ranker"}
     assert all(entry["passed"] for entry in first["accuracy"].values())
     assert first["accuracy"]["fusion_ranker"]["ranking"]["passed"]

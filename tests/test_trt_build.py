@@ -1,0 +1,129 @@
+"""The engine builder (`export.onnx2trt`) against the fake TensorRT of tests/fake_tensorrt.py: the spec's profiles,
+precision, limits, timing cache, INT8 calibration and error reporting reach TensorRT; test_gpu.py builds for real."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+
+from export.manifest import NodeInfo, find_manifest
+from export.onnx2trt import build_engines
+from export.preflight import preflight
+from export.profiles import engine_models, model_profiles
+from export.trt_api import EngineBuildError
+from fusionrank.spec import Precision
+from fusionrank.tensors import model_io
+from tests.fake_tensorrt import FAKE_TENSORRT_VERSION, Builder, Config, FakeCudart, FakeTRT
+
+
+def _onnx_repo(spec, root, broken: str | None = None):
+    """A repository whose model.onnx files list the contract's input names (`BROKEN` for `broken`)."""
+    repo = root / "repo"
+    for model in engine_models(spec):
+        (repo / model / "1").mkdir(parents=True)
+        names = [t.name for t in model_io(spec, model).inputs]
+        (repo / model / "1" / "model.onnx").write_text("BROKEN" if model == broken else json.dumps(names))
+    return repo
+
+
+def _probe():
+    return NodeInfo(gpu_name="Fake GPU X1", compute_capability="9.0", driver_version="570.1", cuda_version="12.8")
+
+
+def test_builder_gets_the_spec_profiles_precision_and_limits(per_bucket_spec, tmp_path, fake_trt):
+    spec = per_bucket_spec
+    assert spec.export.tensorrt.precision is Precision.FP16  # the CI spec's precision, whose flags are checked here
+    repo = _onnx_repo(spec, tmp_path)
+    timing = tmp_path / "cache" / "timing.cache"
+    results = build_engines(spec, repo, timing_cache=timing, probe=_probe)
+    assert [r.model for r in results] == list(engine_models(spec))
+    configs = dict(zip(engine_models(spec), FakeTRT.builds))
+    for model, config in configs.items():
+        expected = [{n: (r.min, r.opt, r.max) for n, r in p.inputs} for p in model_profiles(spec, model)]
+        assert [p.shapes for p in config.profiles] == expected, model
+        assert config.flags == {"FP16"}
+        assert config.pool == {"WORKSPACE": spec.export.tensorrt.workspace_mib << 20}
+        assert config.builder_optimization_level == spec.export.tensorrt.builder_optimization_level
+        assert config.hardware_compatibility_level is None
+        assert (repo / model / "1" / "model.plan").read_bytes() == b"PLAN:FP16"
+        manifest = find_manifest(repo, model)
+        assert manifest.tensorrt_version == FAKE_TENSORRT_VERSION and manifest.gpu_name == "Fake GPU X1"
+    assert len(configs["text_encoder"].profiles) == len(spec.modalities.text.buckets)
+    # The timing cache is written and fed to the next build (it grows with each one).
+    assert timing.read_bytes() == b"+timings" * len(configs)
+    assert configs["image_encoder"].cache.blob == b"+timings"
+    # What was just built passes pre-flight on the node that built it.
+    node = NodeInfo(**{**_probe().as_dict(), "notes": (), "tensorrt_version": FAKE_TENSORRT_VERSION})
+    assert preflight(spec, repo, probe=lambda: node) == []
+
+
+def test_builder_flags_for_fp32_and_compatibility(ci_spec, tmp_path, fake_trt):
+    trt = dataclasses.replace(ci_spec.export.tensorrt, hardware_compatible=True, version_compatible=True)
+    spec = ci_spec.with_overrides(export=dataclasses.replace(ci_spec.export, tensorrt=trt))
+    repo = _onnx_repo(spec, tmp_path)
+    build_engines(spec, repo, precision="fp32", models=["fusion_ranker"], probe=_probe,
+                  timing_cache=tmp_path / "t.cache")
+    (config,) = FakeTRT.builds
+    assert config.flags == {"VERSION_COMPATIBLE"}
+    assert config.hardware_compatibility_level == "AMPERE_PLUS"
+    flags = find_manifest(repo, "fusion_ranker").build_flags
+    assert flags["precision"] == "fp32" and flags["hardware_compatibility_level"] == "ampere_plus"
+    assert flags["version_compatible"] is True
+
+
+def test_parser_and_builder_errors_are_reported_in_full(ci_spec, tmp_path, fake_trt, monkeypatch):
+    repo = _onnx_repo(ci_spec, tmp_path, broken="audio_encoder")
+    with pytest.raises(EngineBuildError) as err:
+        build_engines(ci_spec, repo, models=["audio_encoder"], probe=_probe, timing_cache=tmp_path / "t")
+    text = str(err.value)
+    assert "could not parse" in text and "node 7: no importer for op FancyOp" in text
+    assert "onnxOpImporters.cpp:42 importFancyOp" in text and "failed to import node 7" in text
+
+    monkeypatch.setattr(Builder, "fail", True)
+    with pytest.raises(EngineBuildError, match="failed to build the engine:\n  Skipping tactic: out of memory"):
+        build_engines(ci_spec, repo, models=["image_encoder"], probe=_probe, timing_cache=tmp_path / "t")
+    assert not (repo / "image_encoder" / "1" / "model.plan").exists()
+
+
+def test_onnx_inputs_must_match_the_contract(ci_spec, tmp_path, fake_trt):
+    repo = _onnx_repo(ci_spec, tmp_path)
+    (repo / "text_encoder" / "1" / "model.onnx").write_text(json.dumps(["input.1", "attention_mask"]))
+    with pytest.raises(EngineBuildError, match="input.1"):
+        build_engines(ci_spec, repo, models=["text_encoder"], probe=_probe, timing_cache=tmp_path / "t")
+
+
+def test_no_gpu_no_build(ci_spec, tmp_path, fake_trt):
+    with pytest.raises(EngineBuildError, match="no GPU on this node"):
+        build_engines(ci_spec, _onnx_repo(ci_spec, tmp_path), probe=lambda: NodeInfo(notes=("nvidia-smi not found",)))
+
+
+def test_a_timing_cache_from_another_node_is_replaced(ci_spec, tmp_path, fake_trt, monkeypatch):
+    timing = tmp_path / "timing.cache"
+    timing.write_bytes(b"from-another-gpu")
+    monkeypatch.setattr(Config, "set_timing_cache", lambda self, cache, ignore_mismatch: (
+        setattr(self, "cache", cache) or not cache.blob.startswith(b"from-another")))
+    build_engines(ci_spec, _onnx_repo(ci_spec, tmp_path), models=["audio_encoder"], probe=_probe,
+                  timing_cache=timing)
+    assert timing.read_bytes() == b"+timings"
+
+
+def test_int8_build_calibrates_on_catalogue_samples(ci_spec, built_repository, tmp_path, fake_trt, fake_cuda):
+    repo = tmp_path / "repo"
+    for part in ("text_encoder/1/model.onnx", "preprocess/1/tokenizer"):
+        copy = shutil.copytree if (built_repository / part).is_dir() else shutil.copy
+        (repo / part).parent.mkdir(parents=True, exist_ok=True)
+        copy(built_repository / part, repo / part)
+    (result,) = build_engines(ci_spec, repo, precision="int8", models=["text_encoder"], probe=_probe,
+                              timing_cache=tmp_path / "trt" / "timing.cache")
+    (config,) = FakeTRT.builds
+    assert config.flags == {"INT8", "FP16"} and result.precision == "int8"
+    batch = ci_spec.serving.batching("text_encoder").preferred_batch_sizes[-1]
+    shape = (batch, ci_spec.modalities.text.max_length)  # padded to max_length: every title fits, none is cut
+    assert config.calibration_profile.shapes == {"input_ids": (shape, shape, shape),
+                                                 "attention_mask": (shape, shape, shape)}
+    assert len(config.calibrated) == -(-ci_spec.export.tensorrt.calibration_samples // batch)
+    assert all(len(pointers) == 2 and all(pointers) for pointers in config.calibrated)
+    assert FakeCudart.memory == {}  # calibration buffers freed after the build

@@ -1,8 +1,9 @@
 """`fusionrank rank`: rank candidates from JSON files or from the benchmark catalogue over gRPC; print a table.
 
 A candidates file is JSON: either a list of candidates or `{"history": [item ids], "candidates": [...]}`, each
-candidate `{"id": ..., "text": "title", "image": "a.jpg", "audio": "a.wav"}` (paths relative to the file). Without a
-`history` the request is sent for a cold-start user (an all-padding history).
+candidate `{"id": ..., "text": "title", "image": "a.jpg", "audio": "a.wav", "video": "a.mp4"}` (paths relative to
+the file). Every field but one of text/image/audio/video may be left out (or null): the candidate is then sent with
+that modality absent. Without a `history` the request is sent for a cold-start user (an all-padding history).
 """
 
 from __future__ import annotations
@@ -74,14 +75,16 @@ def file_request(paths: Sequence[str]) -> RankRequest:
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             raise DataError(f"{path}: expected a list of candidate objects (or {{'candidates': [...]}})")
         for n, entry in enumerate(entries):
-            unknown = set(entry) - {"id", "text", "image", "audio", "title"}
+            unknown = set(entry) - {"id", "text", "image", "audio", "video", "title"}
             if unknown:
                 raise DataError(f"{path}: candidate {n} has unknown field(s) {sorted(unknown)}; "
-                                "allowed: id, text, image, audio")
+                                "allowed: id, text, image, audio, video")
             item_id = entry.get("id", f"{path.stem}[{n}]")
             text = entry.get("text", entry.get("title"))
-            candidates.append(Candidate(text=text, image=_beside(path, entry.get("image")),
-                                        audio=_beside(path, entry.get("audio")), item_id=item_id))
+            media = {k: _beside(path, entry.get(k)) for k in ("image", "audio", "video")}
+            if text is None and not any(media.values()):
+                raise DataError(f"{path}: candidate {n} has none of text, image, audio, video")
+            candidates.append(Candidate(text=text, item_id=item_id, **media))
             titles.append(str(text or ""))
     if not candidates:
         raise DataError("no candidates in " + ", ".join(paths))

@@ -95,7 +95,9 @@ def test_disabled_modality_disappears_from_the_contract(default_spec):
     ensemble = configs[spec.serving.ensemble_name]["cpu"]
     assert [i.name for i in ensemble.input] == ["item_text", "item_image", "user_history"]
     assert list(ensemble.output[1].dims) == [2]
-    assert [i.name for i in configs["fusion_ranker"]["cpu"].input] == ["text_embedding", "image_embedding", "history"]
+    assert [i.name for i in configs["fusion_ranker"]["cpu"].input] == ["text_embedding", "image_embedding", "history",
+                                                                       "modality_mask"]
+    assert list(configs["fusion_ranker"]["cpu"].input[-1].dims) == [2]
 
 
 def test_python_models_get_their_spec_slice(default_spec):

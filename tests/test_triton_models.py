@@ -115,6 +115,8 @@ def test_preprocess_outputs_every_encoder_input(preprocess, ci_spec):
     assert out["pixel_values"].shape == (3, 3, size, size)
     assert out["log_mel"].shape == (3, audio.n_mels, audio.num_frames)
     np.testing.assert_array_equal(out["history"], _history(ci_spec, 3))
+    # The ensemble takes complete candidates only: the ranker is told every modality is present.
+    np.testing.assert_array_equal(out["modality_mask"], np.ones((3, 3), dtype=np.float32))
 
 
 def test_bad_request_fails_alone_naming_input_and_row(preprocess, ci_spec):

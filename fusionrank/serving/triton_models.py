@@ -17,7 +17,7 @@ import numpy as np
 from fusionrank.errors import PreprocessError
 from fusionrank.preprocess import build_preprocessor, validate_history
 from fusionrank.spec import Modality, from_dict
-from fusionrank.tensors import USER_HISTORY
+from fusionrank.tensors import MODALITY_MASK, USER_HISTORY
 
 
 def _pb():
@@ -136,6 +136,8 @@ class PreprocessModel(_BatchedModel):
         arrays = {"history": self.validate_history(inputs[USER_HISTORY], self.spec)}
         for pre in self.preprocessors:
             arrays.update(pre(_as_bytes_rows(inputs[pre.input_name], pre.input_name)))
+        # The ensemble's contract has no `modality_present`: every candidate it takes is complete.
+        arrays[MODALITY_MASK] = np.ones((len(arrays["history"]), len(self.preprocessors)), dtype=np.float32)
         return arrays
 
     def run(self, batch):

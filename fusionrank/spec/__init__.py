@@ -26,6 +26,7 @@ from fusionrank.spec.modalities import (
     ModalitiesSpec,
     TextEncoderSpec,
     TextSpec,
+    VideoSpec,
 )
 from fusionrank.spec.pipeline import PipelineSpec, member_models
 from fusionrank.spec.sections import (
@@ -47,6 +48,6 @@ __all__ = [
     "DEFAULT_TEXT_CHECKPOINT", "AudioEncoderSpec", "AudioSpec", "BatchingSpec", "DataSpec", "ExportSpec", "FusionType",
     "HistorySpec", "ImageEncoderSpec", "ImageSpec", "ModalitiesSpec", "Modality", "PipelineSpec", "Pooling",
     "Precision", "RankerSpec", "RankingParitySpec", "RecurrentCell", "ResNetArch", "ServingProfile", "SloOverride",
-    "SloSpec", "TensorRTSpec", "TextEncoderSpec", "TextSpec", "Tolerance", "TrainSpec", "UpgradeSpec", "choices",
-    "from_dict", "load_spec", "member_models", "to_dict",
+    "SloSpec", "TensorRTSpec", "TextEncoderSpec", "TextSpec", "Tolerance", "TrainSpec", "UpgradeSpec", "VideoSpec",
+    "choices", "from_dict", "load_spec", "member_models", "to_dict",
 ]

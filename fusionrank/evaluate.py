@@ -118,11 +118,13 @@ class Variant:
 def _variants(spec: PipelineSpec, fusions: list[str] | None, baselines: bool) -> list[Variant]:
     enabled = spec.modalities.enabled
     chosen = [FusionType(f) for f in (fusions or [f.value for f in FusionType])]
-    variants = [Variant(f, enabled, "fused") for f in chosen]
-    if len(enabled) > 1:
-        variants += [Variant(f, enabled, "variant", modality_dropout=False) for f in chosen]
-        if baselines:
-            variants += [Variant(FusionType.CONCAT, (m,), "single") for m in enabled]
+    if len(enabled) == 1:
+        return [Variant(f, enabled, "fused") for f in chosen]
+    # Each fusion beside its variant trained without modality dropout, then the baselines.
+    variants = [v for f in chosen for v in (Variant(f, enabled, "fused"),
+                                            Variant(f, enabled, "variant", modality_dropout=False))]
+    if baselines:
+        variants += [Variant(FusionType.CONCAT, (m,), "single") for m in enabled]
     return variants
 
 

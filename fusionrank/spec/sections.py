@@ -179,9 +179,13 @@ def _halves(n: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, n // 2), n}))
 
 
+SLO_FIELDS = ("p50_ms", "p95_ms", "p99_ms", "max_error_rate", "min_throughput_rps")
+
+
 @dataclass(frozen=True)
-class SloOverride:
-    """One scenario's SLO fields that differ from the release gate; a field left out keeps the gate's value."""
+class SloTargets:
+    """SLO fields of which any may be None (not set). As a spec section: one scenario's override of the release
+    gate; the load test's gate (`loadtest.slo.Slo`) extends it with where its values came from."""
 
     p50_ms: float | None = None
     p95_ms: float | None = None
@@ -190,11 +194,23 @@ class SloOverride:
     min_throughput_rps: float | None = None
 
     def __post_init__(self):
+        problem = self.problem()
+        if problem:
+            fail(f"slo.scenarios.*.{problem[0]}", problem[1], problem[2])
+
+    def problem(self) -> tuple[str, float, str] | None:
+        """The first field with a bad value as (field, value, allowed), or None when all are fine."""
         for name in ("p50_ms", "p95_ms", "p99_ms", "min_throughput_rps"):
-            if getattr(self, name) is not None:
-                check_positive(f"slo.scenarios.*.{name}", getattr(self, name))
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                return name, value, "a number > 0 (or null: not set)"
         if self.max_error_rate is not None and not 0 <= self.max_error_rate <= 1:
-            fail("slo.scenarios.*.max_error_rate", self.max_error_rate, "a number in [0, 1]")
+            return "max_error_rate", self.max_error_rate, "a number in [0, 1]"
+        return None
+
+    def targets(self) -> dict[str, float]:
+        """The fields that are set."""
+        return {k: getattr(self, k) for k in SLO_FIELDS if getattr(self, k) is not None}
 
 
 @dataclass(frozen=True)
@@ -206,7 +222,7 @@ class SloSpec:
     p99_ms: float = 2500.0
     max_error_rate: float = 0.01
     min_throughput_rps: float = 1.0
-    scenarios: dict[str, SloOverride] = field(default_factory=dict)
+    scenarios: dict[str, SloTargets] = field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("p50_ms", "p95_ms", "p99_ms"):

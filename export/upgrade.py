@@ -43,6 +43,7 @@ from export.latency import (
 from export.manifest import compare_manifests, find_manifest, probe_node
 from export.profiles import engine_models
 from fusionrank.errors import FusionRankError
+from fusionrank.project import reports_dir
 from fusionrank.spec import PipelineSpec, ServingProfile, Tolerance
 from fusionrank.tensors import CLICK_PROBABILITY
 
@@ -481,10 +482,8 @@ def upgrade_report(spec: PipelineSpec, repo: Path, profile: str = "cpu", baselin
     `url` measures the ensemble on a running server instead of starting one; `batch_sizes` replaces the spec's
     per-model batch sizes (a quick check; baseline batch sizes not measured are skipped in the comparison).
     """
-    from fusionrank.project import REPO_ROOT
-
     base = load_report(baseline) if baseline else None  # fail before measuring on a bad baseline path
-    out = Path(out) if out else REPO_ROOT / "reports" / f"upgrade-{profile}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(out) if out else reports_dir() / f"upgrade-{profile}-{time.strftime('%Y%m%d-%H%M%S')}"
     measured = measure(spec, repo, profile, requests or DEFAULT_REQUESTS, url, scenario, out, min_iterations,
                        budget_s, progress, batch_sizes)
     report = build_report(spec, measured, base, str(baseline) if baseline else None)

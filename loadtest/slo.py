@@ -7,10 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from fusionrank.project import packaged
 from fusionrank.scenario import ScenarioError, read_yaml
 from fusionrank.spec import PipelineSpec
 
-CI_SLO = Path(__file__).resolve().parent / "slo.ci.yaml"
+CI_SLO = Path(str(packaged("loadtest", "slo.ci.yaml")))  # package data, a real file once pip-installed
 SLO_FIELDS = ("p50_ms", "p95_ms", "p99_ms", "max_error_rate", "min_throughput_rps")
 
 

@@ -42,6 +42,14 @@ def test_hadolint_passes(dockerfile):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_shellcheck_passes_on_the_entrypoint():
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.fail("shellcheck not found: `make test` installs the Debian package")
+    result = subprocess.run([shellcheck, str(DOCKER / "entrypoint.sh")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def _args(text: str) -> dict[str, str]:
     return dict(re.findall(r"^ARG (\w+)=(\S*)$", text, flags=re.M))
 

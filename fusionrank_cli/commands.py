@@ -14,7 +14,7 @@ from export.onnx2trt import build_engines_command
 from export.preflight import check_command, refuse_on_mismatch
 from export.upgrade import upgrade_report_command
 from fusionrank.benchmark import load_benchmark
-from fusionrank.paths import MODEL_REPOSITORY
+from fusionrank.project import model_repository_dir
 from fusionrank.serving.render import check_repository, render_repository
 from fusionrank.serving.server import serve_forever
 from fusionrank.spec import FusionType, Modality, PipelineSpec, Precision, ServingProfile, load_spec
@@ -26,7 +26,7 @@ def _spec(args: argparse.Namespace) -> PipelineSpec:
 
 
 def _repo(args: argparse.Namespace) -> Path:
-    return Path(args.repository) if args.repository else MODEL_REPOSITORY
+    return Path(args.repository) if args.repository else model_repository_dir()
 
 
 def _csv(value: str | None) -> list[str] | None:

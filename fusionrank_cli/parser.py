@@ -16,8 +16,13 @@ DESCRIPTION = "fusionrank: multimodal recommendation ranker, from PyTorch to a T
 
 def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--spec", default=None, help="pipeline spec (default: pipeline.yaml of this repository)")
-    common.add_argument("--repository", default=None, help="Triton model repository (default: ./model_repository)")
+    common.add_argument("--project", default=None,
+                        help="project folder holding pipeline.yaml, model_repository/, reports/ and the cache "
+                             "(default: $FUSIONRANK_HOME, else the working directory)")
+    common.add_argument("--spec", default=None,
+                        help="pipeline spec (default: the project's pipeline.yaml, else the packaged default spec)")
+    common.add_argument("--repository", default=None,
+                        help="Triton model repository (default: the project's model_repository/)")
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return common
 

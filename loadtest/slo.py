@@ -7,10 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from fusionrank.project import packaged
 from fusionrank.scenario import ScenarioError, read_yaml
 from fusionrank.spec import SLO_FIELDS, PipelineSpec, SloTargets
 
-CI_SLO = Path(__file__).resolve().parent / "slo.ci.yaml"
+CI_SLO = Path(str(packaged("loadtest", "slo.ci.yaml")))  # package data, a real file once pip-installed
 
 
 @dataclass(frozen=True)

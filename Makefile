@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all test-gpu lint install clean
+.PHONY: demo test test-all test-gpu gpu-check lint install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ test-all: test
 test-gpu: $(STAMP)
 	$(PY) -m pip install -q -e '.[gpu]'
 	$(PY) -m pytest -m gpu -q
+
+# On any node: every GPU step the node allows (TensorRT installed where nvidia-smi shows a GPU), the rest reported
+# as skipped with the reason; results in docs/gpu/<date>-<gpu>/. Ends by itself within its 540-s budget.
+gpu-check: $(STAMP)
+	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q -e '.[gpu]' || \
+		echo "could not install the [gpu] extra: the TensorRT steps will say why"; fi
+	$(PY) -m fusionrank_cli.gpu_check
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

@@ -15,7 +15,7 @@ TRITON_DIGEST ?= $(call release,digest)
 BUILD = docker build -f docker/Dockerfile --build-arg TRITON_DIGEST=$(TRITON_DIGEST) \
 	$(if $(RANKER_CHECKPOINT),--build-arg RANKER_CHECKPOINT=$(RANKER_CHECKPOINT))
 
-.PHONY: demo test test-all test-gpu lint install system-deps deploy-render image push pin-triton clean
+.PHONY: demo test test-all test-gpu gpu-check lint install system-deps deploy-render image push pin-triton clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,13 @@ pin-triton:
 	digest=$$(docker buildx imagetools inspect $(call release,image):$(call release,tag) \
 	  --format '{{json .Manifest.Digest}}' | tr -d '"') && test -n "$$digest" && \
 	sed -i "s/^digest: .*/digest: \"$$digest\"/" $(RELEASE) && echo "pinned $$digest"
+
+# On any node: every GPU step the node allows (TensorRT installed where nvidia-smi shows a GPU), the rest reported
+# as skipped with the reason; results in docs/gpu/<date>-<gpu>/. Ends by itself within its 540-s budget.
+gpu-check: $(STAMP)
+	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q -e '.[gpu]' || \
+		echo "could not install the [gpu] extra: the TensorRT steps will say why"; fi
+	$(PY) -m fusionrank_cli.gpu_check
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

@@ -8,6 +8,8 @@
 #                          $ENGINE_STORE/$ENGINE_SET; a set that already passes `fusionrank check` is kept.
 #   fetch-engines          the init container: copy the image's repository to $FUSIONRANK_REPOSITORY, add the
 #                          engines of $ENGINE_STORE/$ENGINE_SET, and refuse (exit 1) unless `fusionrank check` passes.
+# In gpu mode, version-compatible engines get the Triton backend config they need (`fusionrank check
+# --print-backend-config`).
 set -euo pipefail
 mode="${1:-gpu}"
 image_repo="${FUSIONRANK_IMAGE_REPOSITORY:-/opt/fusionrank/model_repository}"
@@ -60,10 +62,12 @@ case "$mode" in
     # Compose has no init containers: with ENGINE_SET named, the serving container fetches the set itself.
     if [ -n "${ENGINE_SET:-}" ] && [ "$repo" != "$image_repo" ]; then fetch_engines; fi
     has_engines "$repo" || { echo "no TensorRT engines in $repo: run the engine Job (or fetch-engines)" >&2; exit 1; }
+    config=()
+    while IFS= read -r value || [ -n "$value" ]; do config+=(--backend-config="$value"); done \
+      < <(fusionrank check --repository "$repo" --print-backend-config)
     if ! fusionrank check --repository "$repo"; then
       [ "${FUSIONRANK_FORCE:-0}" = 1 ] || { echo "engine pre-flight failed; rebuild or set FUSIONRANK_FORCE=1" >&2; exit 1; }
-    fi
-    config=() ;;
+    fi ;;
   onnx_gpu|cpu) config=(--model-config-name="$mode") ;;
   *) echo "unknown mode '$mode' (gpu | onnx_gpu | cpu | build-engines | fetch-engines)" >&2; exit 2 ;;
 esac

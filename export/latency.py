@@ -73,12 +73,17 @@ class Runner(Protocol):
 class OnnxRuntimeRunner:
     """The CPU profile's runtime: ONNX Runtime on `<model>/1/model.onnx`, as the Python-backend model runs it."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, providers: tuple = ("CPUExecutionProvider",)):
         import onnxruntime as ort
 
         if not Path(path).is_file():
             raise BenchmarkError(f"{path} not found; run `fusionrank export` first")
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), providers=list(providers))
+        wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        # ONNX Runtime falls back to the CPU when a provider cannot load (e.g. CUDA or cuDNN libraries missing).
+        if self.session.get_providers()[0] != wanted:
+            raise BenchmarkError(f"{path}: ONNX Runtime runs on {self.session.get_providers()} instead of {wanted} "
+                                 "(are the libraries that provider needs installed?)")
         self.inputs = {i.name: np.int64 if "int64" in i.type else np.float32 for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
 

@@ -87,6 +87,10 @@ def _add_engine_commands(add) -> None:
     p = add("check", commands.check, "pre-flight: do the engines in the repository match this node and the ONNX files?")
     p.add_argument("--tensorrt-version", default=None, help="TensorRT version of the serving image")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--backend-config", action="append", default=None,
+                   help="a --backend-config value Triton will run with (repeatable; default: as fusionrank starts it)")
+    p.add_argument("--print-backend-config", action="store_true",
+                   help="print only the --backend-config values these engines need, one per line")
 
     p = add("upgrade-report", commands.upgrade_report, "rebuild, check parity and latency against a stored baseline")
     p.add_argument("--baseline", default=None, help="baseline JSON from the previous node")

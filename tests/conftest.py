@@ -4,7 +4,8 @@
   per text padding bucket.
 - `built_repository`: a temporary model repository rendered, trained and exported for `ci_spec`.
 - `triton_server`: a real tritonserver (CPU profile) on that repository, started once per session.
-- `fake_trt`, `fake_cuda`: fake `tensorrt` / cuda-python modules (tests/fake_tensorrt.py) for one test.
+- `fake_trt`, `fake_cuda`: fake `tensorrt` / cuda-python modules (tests/fake_tensorrt.py, tests/fake_cuda.py) for
+  one test.
 
 In CI the server must be found (it installs with the project), so e2e tests fail rather than silently skip there.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import fake_cuda as fake_cuda_module
 from tests import fake_tensorrt
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -99,4 +101,4 @@ def fake_trt(monkeypatch):
 @pytest.fixture
 def fake_cuda(monkeypatch):
     """The fake cuda-python runtime (host memory) in sys.modules for this test."""
-    return fake_tensorrt.install_cuda(monkeypatch)
+    return fake_cuda_module.install_cuda(monkeypatch)

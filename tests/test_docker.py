@@ -100,12 +100,6 @@ def test_image_is_pinned_to_the_chosen_release_by_tag_and_digest():
     assert re.search(r"^FROM \$\{TRITON_IMAGE\}@\$\{TRITON_DIGEST\} AS ", text, flags=re.M)
 
 
-def test_gpu_extra_pins_the_tensorrt_of_the_chosen_release():
-    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    cuda_major = RELEASE["cuda"].split(".")[0]
-    assert f"tensorrt-cu{cuda_major}=={RELEASE['tensorrt']}" in extras["gpu"], extras["gpu"]
-
-
 def test_serving_image_is_slim_non_root_and_keeps_nvidias_entrypoint():
     stages = _stages((DOCKER / "Dockerfile").read_text())
     assert list(stages)[-1] == "serve", "serve must be the default (last) target"

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from fusionrank.errors import FusionRankError
 from fusionrank.paths import cache_dir
+from fusionrank.serving.backends import default_backend_dir, missing_backends
 from fusionrank.spec import PipelineSpec, ServingProfile
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,11 @@ class TritonInstall:
     backend_dir: Path | None  # None: the binary's own default (/opt/tritonserver/backends in the NGC image)
     cache_dir: Path | None
     env: dict[str, str]
+
+    @property
+    def backends(self) -> Path:
+        """The folder this binary loads backends from."""
+        return self.backend_dir or default_backend_dir(self.binary)
 
 
 def free_port() -> int:
@@ -100,7 +106,7 @@ class TritonServer:
     def __init__(self, repository: Path, profile: ServingProfile | str = ServingProfile.CPU, grpc_port: int = 0,
                  http_port: int = 0, metrics_port: int = 0, log_file: Path | None = None,
                  extra_args: Sequence[str] = (), cache: Path | None = None, host: str = "127.0.0.1",
-                 exit_timeout_s: int = 10):
+                 exit_timeout_s: int = 10, backend_config: Sequence[str] = ()):
         try:
             self.profile = ServingProfile(profile)
         except ValueError:
@@ -114,6 +120,8 @@ class TritonServer:
         self.metrics_port = metrics_port or free_port()
         self.log_file = Path(log_file) if log_file else Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
         self.extra_args = list(extra_args)
+        # `--backend-config` values, e.g. "tensorrt,version-compatible=true" for version-compatible plans.
+        self.backend_config = list(backend_config)
         self.cache = cache
         self.host = host
         # Triton 2.51 keeps an ensemble request cancelled by a client deadline counted as in flight, so a stop
@@ -151,11 +159,16 @@ class TritonServer:
             cmd.append(f"--backend-directory={install.backend_dir}")
         if install.cache_dir:
             cmd.append(f"--cache-directory={install.cache_dir}")
+        cmd += [f"--backend-config={value}" for value in self.backend_config]
         return cmd + self.extra_args
 
     def start(self, timeout: float = 300.0) -> TritonServer:
         """Start the server and wait until it and every model in the repository are ready."""
         install = find_triton(self.cache)
+        # Refuse before starting: Triton would start, fail to load those models and exit with a long log.
+        lacking = missing_backends(self.repository, self.profile, install.backends)
+        if lacking:
+            raise ServerError(f"{install.binary}: {lacking}")
         cmd = self.command(install)
         log.info("starting %s", " ".join(cmd))
         # A new session, so stop() can signal the server and its Python-backend stubs together.
@@ -230,11 +243,12 @@ class TritonServer:
 
 
 def serve_forever(spec: PipelineSpec, repo: Path, profile: ServingProfile = ServingProfile.CPU, grpc_port: int = 0,
-                  http_port: int = 0, metrics_port: int = 0, log_file: str | None = None, out=None) -> int:
+                  http_port: int = 0, metrics_port: int = 0, log_file: str | None = None, out=None,
+                  backend_config: Sequence[str] = ()) -> int:
     """`fusionrank serve`: start, print the endpoints, run until Ctrl-C or SIGTERM, stop cleanly."""
     server = TritonServer.for_spec(spec, repo, profile, log_name="tritonserver",
                                    log_file=Path(log_file) if log_file else None, grpc_port=grpc_port,
-                                   http_port=http_port, metrics_port=metrics_port)
+                                   http_port=http_port, metrics_port=metrics_port, backend_config=backend_config)
     out = out or sys.stdout
     stop = []
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(1))

@@ -6,7 +6,7 @@ row are bounded (figures in the README). Mix down to mono, refuse non-finite sam
 (polyphase, scipy; the rate ratio is taken as a fraction with a bounded denominator, exact for every standard rate,
 and its filter is designed once per ratio), pad or trim to one clip, then a centred STFT (Hann window) through a
 Slaney mel filter bank and log10: the computation of transformers' `spectrogram_batch` (the feature extractors'
-own), vectorised over every frame of every clip in one numpy rfft.
+own), vectorised over every frame of every clip in one numpy rfft and one sparse product with the filter bank.
 
 Stateless: the window, filter bank and cached resampling filters are read-only once built.
 """
@@ -21,6 +21,7 @@ import numpy as np
 import soundfile as sf
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.signal import firwin, resample_poly
+from scipy.sparse import csr_matrix
 from transformers.audio_utils import mel_filter_bank, window_function
 
 from fusionrank.errors import PreprocessError
@@ -54,6 +55,11 @@ class AudioPreprocessor:
                                            sampling_rate=spec.sample_rate, norm="slaney", mel_scale="slaney")
         for array in (self.window, self.mel_filters):
             array.flags.writeable = False
+        # The triangular filters touch about 2 % of the (frequency, mel) pairs: a sparse product is the same sum
+        # at a fraction of the work. Canonical format now, so no thread ever triggers scipy's lazy clean-up.
+        self.mel_sparse = csr_matrix(self.mel_filters.T)
+        self.mel_sparse.sum_duplicates()
+        self.mel_sparse.sort_indices()
 
     def check_header(self, info: sf.SoundFile, name: str) -> None:
         """Refuse a format, sample format, rate, channel count or duration over the spec's limits."""
@@ -115,9 +121,12 @@ class AudioPreprocessor:
         padded = np.pad(np.stack(clips).astype(np.float64), ((0, 0), (half, half)), mode="reflect")
         frames = sliding_window_view(padded, spec.n_fft, axis=1)[:, ::spec.hop_length] * self.window
         # complex64, then power in float64: the precision transformers' spectrogram keeps.
-        power = np.abs(np.fft.rfft(frames, axis=-1).astype(np.complex64), dtype=np.float64) ** 2
-        mel = np.maximum(MEL_FLOOR, np.tensordot(power, self.mel_filters, axes=([2], [0])))
-        return np.log10(mel).astype(np.float32).transpose(0, 2, 1)
+        power = np.abs(np.fft.rfft(frames, axis=-1).astype(np.complex64), dtype=np.float64)
+        np.square(power, out=power)
+        n, frames_per_clip, bins = power.shape
+        mel = np.asarray(self.mel_sparse @ power.reshape(n * frames_per_clip, bins).T)  # [n_mels, n * frames]
+        np.log10(np.maximum(MEL_FLOOR, mel, out=mel), out=mel)
+        return mel.astype(np.float32).reshape(spec.n_mels, n, frames_per_clip).transpose(1, 0, 2)
 
     def __call__(self, rows: list[bytes]) -> dict[str, np.ndarray]:
         # Huge finite float samples may overflow to infinity on the way; the check below refuses those rows, so

@@ -12,7 +12,11 @@ numbers as before:
 - large sources are first shrunk by an integer box filter (`Image.reduce`) that keeps them at least twice the
   target, then resized (`Image.resize(reducing_gap=...)`); the aspect-ratio limit bounds the resized image before
   the crop to `max_aspect_ratio * size**2` pixels;
-- normalisation is a per-channel lookup table over the uint8 pixels (the float32 values of the old arithmetic).
+- normalisation is a per-channel lookup table over the uint8 pixels (the float32 values of the old arithmetic), so
+  every output value is one of 768 finite numbers.
+
+Only the first frame of an animated PNG or WebP is decoded (Pillow decodes frames on demand), so the frame count
+costs nothing and needs no limit.
 
 Stateless: every call works on its own Image objects; the tables are read-only after construction.
 """
@@ -37,6 +41,7 @@ class ImagePreprocessor:
 
     def __init__(self, spec: ImageSpec):
         self.spec = spec
+        Image.init()  # register every format plugin now, not lazily from several threads at the first call
         mean = np.asarray(spec.mean, dtype=np.float32).reshape(3, 1)
         std = np.asarray(spec.std, dtype=np.float32).reshape(3, 1)
         levels = np.arange(256, dtype=np.float32).reshape(1, 256)

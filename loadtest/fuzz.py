@@ -8,7 +8,8 @@ Properties, each over thousands of drawn inputs:
 - request: whole requests with inputs dropped, rows added or removed, wrong dtypes and mutated payloads give the
   encoder inputs or one error naming an input of the request.
 
-`make test` runs a seeded slice (tests/test_fuzz.py); the long run is this command, which ends by itself:
+`make test` runs a seeded slice (tests/test_fuzz.py); the long run is this command (Hypothesis comes with the
+`dev` extra), which ends by itself:
 
     python -m loadtest.fuzz --cases 50000 [--seed N] [--spec tests/pipeline.ci.yaml]
 """

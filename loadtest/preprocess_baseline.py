@@ -21,13 +21,12 @@ import soundfile as sf
 from PIL import Image, ImageOps
 from scipy.signal import resample_poly
 
+from fusionrank.preprocess.text import load_tokenizer
 from fusionrank.spec import AudioSpec, ImageSpec, TextSpec
 
 
 def previous_text(spec: TextSpec, tokenizer_dir) -> Callable[[list[str]], dict[str, np.ndarray]]:
     """texts -> input_ids, attention_mask, as the previous TextPreprocessor computed them."""
-    from fusionrank.preprocess.text import load_tokenizer
-
     hf = load_tokenizer(tokenizer_dir)
 
     def previous(texts: list[str]) -> dict[str, np.ndarray]:

@@ -2,11 +2,12 @@
 
 Decode with soundfile: the header (format, sample format, rate, channels, duration) is checked against the spec's
 limits before any sample is read, and only the first clip (plus a filter margin) is read, so memory and time per
-row are bounded (figures in the README). Mix down to mono, refuse non-finite samples, resample to the spec's rate
-(polyphase, scipy; the rate ratio is taken as a fraction with a bounded denominator, exact for every standard rate,
-and its filter is designed once per ratio), pad or trim to one clip, then a centred STFT (Hann window) through a
-Slaney mel filter bank and log10: the computation of transformers' `spectrogram_batch` (the feature extractors'
-own), vectorised over every frame of every clip in one numpy rfft and one sparse product with the filter bank.
+row are bounded (figures in docs/preprocessing.md). Mix down to mono, refuse non-finite samples, resample to the
+spec's rate (polyphase, scipy; the rate ratio is taken as a fraction with a bounded denominator, exact for every
+standard rate, and its filter is designed once per ratio), pad or trim to one clip, then a centred STFT (Hann
+window) through a Slaney mel filter bank and log10: the computation of transformers' `spectrogram_batch` (the
+feature extractors' own), vectorised over every frame of every clip in one numpy rfft and one sparse product with
+the filter bank.
 
 Stateless: the window, filter bank and cached resampling filters are read-only once built.
 """

@@ -1,7 +1,8 @@
 """Image: encoded JPEG/PNG/WebP -> normalised CHW float32, as the ResNet encoder expects.
 
 Decode with Pillow; reject formats the spec does not allow and headers over the spec's limits (bytes, width,
-height, pixels, aspect ratio) *before* decoding, so memory and time per row are bounded (figures in the README).
+height, pixels, aspect ratio) *before* decoding, so memory and time per row are bounded (figures in
+docs/preprocessing.md).
 Apply EXIF orientation, convert to RGB, resize the shorter side to `size` and centre-crop to `size x size`, scale
 to [0, 1] and normalise with the spec's mean/std.
 

@@ -64,7 +64,7 @@ class ImageSpec:
     size: int = 112
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    # Limits checked on the header, before any pixel is decoded (bounded memory and time per row; see README).
+    # Checked on the header before any pixel is decoded: bounded memory and time per row (docs/preprocessing.md).
     max_bytes: int = 10_000_000
     max_pixels: int = 16_000_000
     max_width: int = 8192
@@ -119,7 +119,7 @@ class AudioSpec:
     n_fft: int = 512
     hop_length: int = 160
     clip_seconds: float = 1.0
-    # Limits checked on the WAV header, before any sample is decoded (bounded memory and time per row; see README).
+    # Checked on the WAV header before any sample is decoded: bounded memory and time per row (docs/preprocessing.md).
     max_bytes: int = 16_000_000
     max_seconds: float = 30.0
     min_sample_rate: int = 8000

@@ -115,7 +115,7 @@ def _bad_cases(bench, spec):
     def set_history(value):
         def mutate(items, history):
             history = history.copy()
-            history[1, 3] = value
+            history[1, 3] = value(history[0, 3]) if callable(value) else value
             return items, history, {}
         return mutate
 
@@ -130,6 +130,8 @@ def _bad_cases(bench, spec):
         ("audio too long", set_row(Modality.AUDIO, _wav(spec.modalities.audio.max_seconds + 1)), "item_audio"),
         ("negative history id", set_history(-5), "user_history"),
         ("out-of-vocabulary history id", set_history(vocab + 10), "user_history"),
+        ("history differs between candidates", set_history(lambda v: v % (vocab - 1) + 1),
+         "user_history[1]: differs from row 0"),
         ("wrong history shape", lambda i, h: (i, h[:, :-1], {}), "user_history"),
         ("wrong history dtype", lambda i, h: (i, h, {"history_dtype": np.float32}), "user_history"),
         ("too many candidates",

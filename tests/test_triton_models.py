@@ -103,8 +103,9 @@ def preprocess(pb, ci_spec, tmp_path):
 
 
 def _history(ci_spec, n):
+    """One user's history, repeated for each of the n candidates."""
     length, vocab = ci_spec.ranker.history.length, ci_spec.ranker.history.vocab_size
-    return np.arange(n * length, dtype=np.int64).reshape(n, length) % vocab
+    return np.repeat(np.arange(length, dtype=np.int64)[None, :] % vocab, n, axis=0)
 
 
 def test_preprocess_outputs_every_encoder_input(preprocess, ci_spec):

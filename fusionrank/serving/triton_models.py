@@ -15,27 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from fusionrank.errors import PreprocessError
-from fusionrank.preprocess import build_preprocessor, validate_history
-from fusionrank.spec import Modality, from_dict
-from fusionrank.tensors import USER_HISTORY
+from fusionrank.preprocess.request import RequestPreprocessor
+from fusionrank.spec import from_dict
 
 
 def _pb():
     # Only importable inside the Python backend's stub process; tests install a fake module under this name.
     return sys.modules.get("triton_python_backend_utils") or __import__("triton_python_backend_utils")
-
-
-class RequestError(Exception):
-    """One request cannot be served; answered to that request alone with INVALID_ARG."""
-
-
-def _as_bytes_rows(array: np.ndarray, name: str) -> list[bytes]:
-    if array.dtype != np.object_:
-        raise RequestError(f"{name}: expected BYTES, got {array.dtype}")
-    rows = array.reshape(len(array), -1)
-    if rows.shape[1] != 1:
-        raise RequestError(f"{name}: expected one element per candidate, got shape {list(array.shape)}")
-    return [r[0] if isinstance(r[0], bytes) else str(r[0]).encode() for r in rows]
 
 
 class _BatchedModel:
@@ -56,7 +42,7 @@ class _BatchedModel:
         raise NotImplementedError
 
     def prepare(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Validate and transform one request's inputs; raise RequestError or PreprocessError on bad input."""
+        """Validate and transform one request's inputs; raise PreprocessError on bad input."""
         return inputs
 
     def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -69,7 +55,7 @@ class _BatchedModel:
             try:
                 inputs = {n: pb.get_input_tensor_by_name(request, n).as_numpy() for n in self.input_names}
                 prepared.append((i, self.prepare(inputs)))
-            except (PreprocessError, RequestError) as exc:
+            except PreprocessError as exc:  # RequestValidationError included
                 errors[i] = pb.TritonError(str(exc), pb.TritonError.INVALID_ARG)
             except Exception:  # any other failure is ours: log it, answer INTERNAL, keep serving
                 self.logger.log_error(f"{self.name}: request {i} failed:\n{traceback.format_exc()}")
@@ -126,17 +112,13 @@ class PreprocessModel(_BatchedModel):
 
     def setup(self):
         self.spec = from_dict(json.loads(self.params["spec"]))
-        tokenizer_dir = self.version_dir / "tokenizer"
-        self.preprocessors = [build_preprocessor(self.spec, m, tokenizer_dir=tokenizer_dir if m is Modality.TEXT
-                                                 else None) for m in self.spec.modalities.enabled]
-        self.validate_history = validate_history
+        # Triton's max_batch_size is this route's candidate limit (the spec parameter carries no serving section).
+        self.preprocess = RequestPreprocessor(self.spec, tokenizer_dir=self.version_dir / "tokenizer",
+                                              max_candidates=int(self.model_config["max_batch_size"]))
 
     def prepare(self, inputs):
         # Per request (text is padded to the request's own bucket), so it runs here, not in run().
-        arrays = {"history": self.validate_history(inputs[USER_HISTORY], self.spec)}
-        for pre in self.preprocessors:
-            arrays.update(pre(_as_bytes_rows(inputs[pre.input_name], pre.input_name)))
-        return arrays
+        return self.preprocess(inputs)
 
     def run(self, batch):
         return batch

@@ -188,13 +188,11 @@ def measure_ensemble(spec: PipelineSpec, repo: Path, profile: str, requests: int
     if url:
         stats = benchmark_ensemble(spec, url, source, requests, sc.users, sc.warmup_requests, sc.timeout_s)
     else:
-        from fusionrank.paths import cache_dir
-
         log_file = None
         if out:
             out.mkdir(parents=True, exist_ok=True)
             log_file = out / "tritonserver.log"
-        with TritonServer(repo, profile=profile, log_file=log_file, cache=cache_dir(spec) / "triton") as server:
+        with TritonServer.for_spec(spec, repo, profile, log_file=log_file) as server:
             stats = benchmark_ensemble(spec, server.grpc_url, source, requests, sc.users, sc.warmup_requests,
                                        sc.timeout_s)
     return {"scenario": sc.name, **stats.as_dict()}

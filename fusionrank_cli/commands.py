@@ -87,7 +87,8 @@ def serve(args) -> int:
     if profile is ServingProfile.GPU:
         refuse_on_mismatch(spec, repo, force=args.force)
     return serve_forever(spec, repo, profile, grpc_port=args.grpc_port, http_port=args.http_port,
-                         metrics_port=args.metrics_port, log_file=args.log_file)
+                         metrics_port=args.metrics_port, log_file=args.log_file,
+                         reference_ensemble=args.with_reference_ensemble, models=args.model)
 
 
 def rank(args) -> int:

@@ -27,7 +27,7 @@ from fusionrank.spec.modalities import (
     TextEncoderSpec,
     TextSpec,
 )
-from fusionrank.spec.pipeline import PipelineSpec, member_models
+from fusionrank.spec.pipeline import PipelineSpec, member_models, served_models
 from fusionrank.spec.sections import (
     BatchingSpec,
     DataSpec,
@@ -48,5 +48,5 @@ __all__ = [
     "HistorySpec", "ImageEncoderSpec", "ImageSpec", "ModalitiesSpec", "Modality", "PipelineSpec", "Pooling",
     "Precision", "RankerSpec", "RankingParitySpec", "RecurrentCell", "ResNetArch", "ServingProfile", "SloOverride",
     "SloSpec", "TensorRTSpec", "TextEncoderSpec", "TextSpec", "Tolerance", "TrainSpec", "UpgradeSpec", "choices",
-    "from_dict", "load_spec", "member_models", "to_dict",
+    "from_dict", "load_spec", "member_models", "served_models", "to_dict",
 ]

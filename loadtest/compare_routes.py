@@ -77,6 +77,18 @@ def closed_loop(url: str, model: str, requests: list[dict[str, np.ndarray]], use
             "p99_ms": float(np.percentile(ms, 99)), "first_error": errors[0] if errors else None}
 
 
+def _settled_scrape(metrics_url: str, before: str, model: str, answered: int, timeout_s: float = 5.0) -> str:
+    """A scrape that counts every request `model` answered since `before`: Triton counts an ensemble's request a
+    moment after its response has left."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        after = triton_metrics.scrape(metrics_url)
+        (stats,) = triton_metrics.breakdown(before, after, [model])
+        if stats.requests >= answered or time.monotonic() > deadline:
+            return after
+        time.sleep(0.1)
+
+
 def compare(spec: PipelineSpec, url: str, metrics_url: str | None, requests: list, users: int, rounds: int,
             out=sys.stdout) -> list[dict]:
     """Warm both routes, then measure each in turn for `rounds` rounds; prints and returns the results."""
@@ -89,7 +101,7 @@ def compare(spec: PipelineSpec, url: str, metrics_url: str | None, requests: lis
             before = triton_metrics.scrape(metrics_url) if metrics_url else None
             result = {"round": round_, **closed_loop(url, model, requests, users)}
             if before is not None:
-                after = triton_metrics.scrape(metrics_url)
+                after = _settled_scrape(metrics_url, before, model, len(requests) - result["errors"])
                 result["members"] = triton_metrics.breakdown(before, after, [model, *member_models(spec)])
             results.append(result)
             out.write(f"round {round_} {model:<14} {result['candidates_per_s']:7.1f} candidates/s  "

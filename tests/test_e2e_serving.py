@@ -61,6 +61,17 @@ def test_every_served_model_is_ready(triton_server, ci_spec):
             assert client.is_model_ready(model), model
 
 
+def test_load_and_unload_are_closed_to_callers_without_the_admin_header(triton_server, ci_spec):
+    """Explicit model control opens Triton's model-repository API; a plain caller must not unload the route."""
+    with grpcclient.InferenceServerClient(triton_server.grpc_url) as client:
+        with pytest.raises(InferenceServerException) as info:
+            client.unload_model(ci_spec.serving.route)
+        assert info.value.status() == "StatusCode.UNAVAILABLE" and "protocol is restricted" in info.value.message()
+        assert client.is_model_ready(ci_spec.serving.route)
+        index = client.get_model_repository_index(headers=triton_server.grpc_admin_header, as_json=True)
+        assert {m["name"] for m in index["models"]} >= {ci_spec.serving.route, ci_spec.serving.reference_ensemble}
+
+
 def test_served_scores_equal_offline_pytorch_and_the_reference_ensemble(triton_server, ci_spec, bench,
                                                                         reference_pipeline):
     tol, weight_tol = ci_spec.export.tolerance(CLICK_PROBABILITY), ci_spec.export.tolerance(MODALITY_WEIGHTS)

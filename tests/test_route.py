@@ -323,3 +323,9 @@ def test_shell_maps_member_errors_to_status_codes(route_model, ci_spec):
     pb.members["text_encoder"] = lambda arrays: FakeMemberError("onnxruntime: bad alloc", FakeError.INTERNAL)
     (response,) = asyncio.run(model.execute([FakeRequest(_request(ci_spec, 1))]))
     assert response.error.code == FakeError.INTERNAL and "bad alloc" not in response.error.message
+    # A stopping server: the Python backend reports the call it could not submit with its own code (INTERNAL) and
+    # Triton's message; the caller must be able to retry on another server.
+    pb.members["text_encoder"] = lambda arrays: FakeMemberError(
+        "Model text_encoder - Error when running inference: Server not ready", FakeError.INTERNAL)
+    (response,) = asyncio.run(model.execute([FakeRequest(_request(ci_spec, 1))]))
+    assert response.error.code == FakeError.UNAVAILABLE

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -28,6 +29,8 @@ from fusionrank.paths import cache_dir
 from fusionrank.spec import PipelineSpec, ServingProfile, served_models
 
 log = logging.getLogger(__name__)
+
+ADMIN_HEADER = "fusionrank-admin-key"  # header a caller needs for the model-repository (load/unload) API
 
 class ServerError(FusionRankError):
     """The Triton server could not be found, started, or did not become ready."""
@@ -101,7 +104,7 @@ class TritonServer:
     def __init__(self, repository: Path, profile: ServingProfile | str = ServingProfile.CPU, grpc_port: int = 0,
                  http_port: int = 0, metrics_port: int = 0, log_file: Path | None = None,
                  extra_args: Sequence[str] = (), cache: Path | None = None, host: str = "127.0.0.1",
-                 exit_timeout_s: int = 10, models: Sequence[str] | None = None):
+                 exit_timeout_s: int = 10, models: Sequence[str] | None = None, admin_key: str | None = None):
         try:
             self.profile = ServingProfile(profile)
         except ValueError:
@@ -118,6 +121,8 @@ class TritonServer:
         self.console_file = self.log_file.with_name(self.log_file.stem + ".console.log")
         # Explicit model control with exactly these models loaded (None: every model in the repository).
         self.models = tuple(models) if models is not None else None
+        # Explicit control opens Triton's load/unload API: only callers sending the admin key may use it.
+        self.admin_key = admin_key or secrets.token_urlsafe(16)
         self.extra_args = list(extra_args)
         self.cache = cache
         self.host = host
@@ -126,6 +131,16 @@ class TritonServer:
         # may be loaded).
         self.exit_timeout_s = exit_timeout_s
         self.process: subprocess.Popen | None = None
+
+    @property
+    def grpc_admin_header(self) -> dict[str, str]:
+        """gRPC metadata that opens the model-repository API (Triton prefixes restricted gRPC header keys)."""
+        return {f"triton-grpc-protocol-{ADMIN_HEADER}": self.admin_key}
+
+    @property
+    def http_admin_header(self) -> dict[str, str]:
+        """HTTP header that opens the model-repository API."""
+        return {ADMIN_HEADER: self.admin_key}
 
     @property
     def grpc_url(self) -> str:
@@ -158,13 +173,15 @@ class TritonServer:
         if self.models is not None:
             cmd.append("--model-control-mode=explicit")
             cmd.extend(f"--load-model={m}" for m in self.models)
+            restricted = f"model-repository:{ADMIN_HEADER}={self.admin_key}"
+            cmd += [f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}"]
         return cmd + self.extra_args
 
     def start(self, timeout: float = 300.0) -> TritonServer:
         """Start the server and wait until it and every model in the repository are ready."""
         install = find_triton(self.cache)
         cmd = self.command(install)
-        log.info("starting %s", " ".join(cmd))
+        log.info("starting %s", " ".join(cmd).replace(self.admin_key, "***"))
         # A new session, so stop() can signal the server and its Python-backend stubs together.
         with open(self.console_file, "wb") as console:
             self.process = subprocess.Popen(cmd, env=install.env, stdout=console, stderr=subprocess.STDOUT,

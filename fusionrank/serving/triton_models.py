@@ -1,8 +1,9 @@
 """Triton Python-backend models. Each rendered `model.py` imports one of these classes as `TritonPythonModel`.
 
-`execute` batches across requests: every request's rows are validated on their own (a bad request gets its own
-INVALID_ARG error, its neighbours in the dynamic batch are unaffected), the good rows are concatenated, run once
-and split back, and the row count of every response is checked against its request.
+Members (`PreprocessModel`, `OnnxRuntimeModel`): `execute` batches across requests: every request's rows are
+validated on their own (a bad request gets its own INVALID_ARG error, its neighbours in the dynamic batch are
+unaffected), the good rows are concatenated, run once and split back, and the row count of every response is
+checked against its request. The route (`RouteModel`) is a shell over `fusionrank.serving.route`.
 """
 
 from __future__ import annotations
@@ -176,6 +177,23 @@ class OnnxRuntimeModel(_BatchedModel):
                                    "it cannot be scored")
 
 
+# Triton's messages when a model cannot take a request (the server is stopping, the model is not loaded). The Python
+# backend reports a BLS call it could not submit as "Model X - Error when running inference: <Triton's message>"
+# without Triton's status code, so these are recognised by text (Triton 2.51).
+_UNAVAILABLE_MESSAGES = ("server not ready", "server is stopping", "is not ready", "unknown model",
+                         "has no available versions", "stopped accepting new inference requests")
+
+
+def member_status(pb, code: int, message: str) -> Status:
+    """How the route answers a member's failed BLS call: INVALID_ARG names the caller's own row (the ranker's finite
+    guard), UNAVAILABLE lets the caller retry on another server, anything else is INTERNAL."""
+    if code == pb.TritonError.INVALID_ARG:
+        return Status.INVALID_ARG
+    if code in (pb.TritonError.UNAVAILABLE, pb.TritonError.NOT_FOUND) or any(
+            m in message.lower() for m in _UNAVAILABLE_MESSAGES):
+        return Status.UNAVAILABLE
+    return Status.INTERNAL
+
 
 class RouteModel:
     """The route callers use (`serving.route`): a thin shell over `fusionrank.serving.route.RankingRoute`.
@@ -207,11 +225,7 @@ class RouteModel:
         response = await request.async_exec()
         if response.has_error():
             error = response.error()
-            code = error.code()
-            status = (Status.INVALID_ARG if code == pb.TritonError.INVALID_ARG else
-                      Status.UNAVAILABLE if code in (pb.TritonError.UNAVAILABLE, pb.TritonError.NOT_FOUND) else
-                      Status.INTERNAL)
-            raise MemberCallError(model, error.message(), status)
+            raise MemberCallError(model, error.message(), member_status(pb, error.code(), error.message()))
         # Copied: the arrays outlive the response whose buffers they view.
         return {n: np.array(pb.get_output_tensor_by_name(response, n).as_numpy()) for n in outputs}
 

@@ -243,7 +243,7 @@ def benchmark_ensemble(spec: PipelineSpec, url: str, source: RequestSource, requ
 
     def call(client, inputs) -> float:
         t0 = time.perf_counter()
-        result = client.infer(spec.serving.ensemble_name, inputs, client_timeout=timeout_s)
+        result = client.infer(spec.serving.route, inputs, client_timeout=timeout_s)
         elapsed = time.perf_counter() - t0
         if result.as_numpy(CLICK_PROBABILITY) is None:
             raise BenchmarkError("response without click_probability")
@@ -270,7 +270,7 @@ def benchmark_ensemble(spec: PipelineSpec, url: str, source: RequestSource, requ
             for inputs in payloads[:warmup]:
                 call(client, inputs)
     except Exception as exc:  # a server that cannot answer the warm-up cannot be measured
-        raise BenchmarkError(f"ensemble {spec.serving.ensemble_name!r} at {url} failed its warm-up request: "
+        raise BenchmarkError(f"route {spec.serving.route!r} at {url} failed its warm-up request: "
                              f"{exc}") from exc
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, users)) as pool:

@@ -89,7 +89,8 @@ def serve(args) -> int:
         backend_config = triton_backend_config(spec, repo)
         refuse_on_mismatch(spec, repo, force=args.force, backend_config=backend_config)
     return serve_forever(spec, repo, profile, grpc_port=args.grpc_port, http_port=args.http_port,
-                         metrics_port=args.metrics_port, log_file=args.log_file, backend_config=backend_config)
+                         metrics_port=args.metrics_port, log_file=args.log_file, backend_config=backend_config,
+                         reference_ensemble=args.with_reference_ensemble, models=args.model)
 
 
 def rank(args) -> int:

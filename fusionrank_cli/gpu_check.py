@@ -127,7 +127,7 @@ def serve_step(spec: PipelineSpec, repo: Path, readiness: GpuReadiness, requests
             stats = benchmark_ensemble(spec, server.grpc_url, factory.next, requests, users,
                                        scenario.warmup_requests, scenario.timeout_s)
             members = breakdown(before, scrape(server.metrics_url), [*member_models(spec),
-                                                                     spec.serving.ensemble_name])
+                                                                     spec.serving.route])
     except FusionRankError as exc:
         return StepResult("serve-gpu-profile", FAILED, str(exc), seconds=time.monotonic() - started)
     data = {"ensemble": stats.as_dict(), "members": [m.as_dict() for m in members], "scenario": scenario.name}

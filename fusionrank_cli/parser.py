@@ -56,6 +56,11 @@ def _add_serving_commands(add) -> None:
     p.add_argument("--metrics-port", type=int, default=0, help="0 = a free port")
     p.add_argument("--log-file", default=None, help="Triton log file (default: in the cache folder)")
     p.add_argument("--force", action="store_true", help="gpu profile: start despite engine pre-flight mismatches")
+    p.add_argument("--with-reference-ensemble", action="store_true",
+                   help="also load the plain Triton ensemble (serving.reference_ensemble) for comparisons; Triton "
+                        "2.51 crashes when callers cancel requests to it")
+    p.add_argument("--model", action="append", default=None, metavar="NAME",
+                   help="load exactly this model (repeatable) instead of the spec's route and its members")
 
     p = add("rank", commands.rank, "rank candidates over gRPC and print a table")
     p.add_argument("--url", default="localhost:8001", help="gRPC endpoint(s), comma-separated")

@@ -1,8 +1,8 @@
 """Replay ranking calls that miss their deadline against a server, and say whether it survived.
 
 Triton 2.51 segfaults when clients cancel in-flight ensemble requests (triton-inference-server/server#7368, fixed
-upstream by #7840), which is why `RankingClient` abandons a late call instead of cancelling it.
-This script measures both:
+upstream by #7840), which is why `RankingClient` abandons a late call instead of cancelling it. The route callers
+use is no longer an ensemble (`fusionrank.serving.route`); this script measures both client behaviours against it:
 
     python -m loadtest.deadline_stress --serve --rounds 60                     # abandon (the client's default)
     python -m loadtest.deadline_stress --serve --rounds 60 --abandon-grace 0   # cancel at the deadline

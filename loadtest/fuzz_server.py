@@ -190,7 +190,7 @@ def run_server_fuzz(url: str, spec: PipelineSpec, bench: Benchmark, cases: int, 
     report = ServerFuzzReport()
     names = (*(ITEM_INPUT[m] for m in spec.modalities.enabled), USER_HISTORY)
     neighbours = [request_arrays(*_session_items(spec, bench, int(s), 3)) for s in bench.frozen_sessions(4)]
-    call = _Caller(url, spec.serving.ensemble_name)
+    call = _Caller(url, spec.serving.route)
     try:
         clean = [call(arrays) for arrays in neighbours]
         if any(status != OK for status, _, _ in clean):

@@ -23,7 +23,7 @@ from fusionrank.errors import FusionRankError
 from fusionrank.project import project_dir, reports_dir
 from fusionrank.scenario import RequestFactory, Scenario, load_scenario, parse_duration
 from fusionrank.serving.server import TritonServer
-from fusionrank.spec import PipelineSpec, ServingProfile, member_models
+from fusionrank.spec import PipelineSpec, ServingProfile, served_models
 from loadtest import metrics as triton_metrics
 from loadtest.report import (
     Verdict,
@@ -176,7 +176,7 @@ def run_loadtest(spec: PipelineSpec, url: str, run_time: str = "30s", metrics_ur
 
     members = []
     if before is not None and after is not None:
-        members = triton_metrics.breakdown(before, after, [*member_models(spec), spec.serving.ensemble_name])
+        members = triton_metrics.breakdown(before, after, served_models(spec))
     elif not metrics_url:
         notes.append("no metrics URL: server-side breakdown skipped (pass --serve or set FUSIONRANK_METRICS_URL)")
     verdict = Verdict(evaluate_slo(targets, summary), summary, members, out, notes, scen.name, targets.source)

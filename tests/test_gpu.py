@@ -107,7 +107,7 @@ def test_serve_gpu_profile_and_rank(ci_spec, built_repository, engines, referenc
     from export.latency import ensemble_inputs
     from fusionrank.benchmark import load_benchmark
     from fusionrank.serving.server import TritonServer
-    from fusionrank.spec import Modality
+    from fusionrank.spec import Modality, served_models
 
     _needs_triton_tensorrt()
     bench = load_benchmark(ci_spec)
@@ -119,9 +119,9 @@ def test_serve_gpu_profile_and_rank(ci_spec, built_repository, engines, referenc
     history = np.repeat(bench.sessions.history[session][None, :], len(ids), axis=0)
     expected, _ = reference_pipeline.score(items, history)
     with TritonServer(built_repository, profile="gpu", log_file=tmp_path / "triton.log",
-                      cache=tmp_path / "backend") as server:
+                      cache=tmp_path / "backend", models=served_models(ci_spec)) as server:
         with grpcclient.InferenceServerClient(server.grpc_url) as client:
-            result = client.infer(ci_spec.serving.ensemble_name, ensemble_inputs(items, history),
+            result = client.infer(ci_spec.serving.route, ensemble_inputs(items, history),
                                   client_timeout=120)
     probs = result.as_numpy("click_probability")[:, 0]
     tol = ci_spec.export.tensorrt.tolerances.get("click_probability", ci_spec.export.tolerance("click_probability"))

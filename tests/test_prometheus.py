@@ -109,7 +109,7 @@ def _load(grpc_url: str, spec, seconds: float) -> int:
         with grpcclient.InferenceServerClient(grpc_url) as client:
             while time.monotonic() < stop:
                 items, history = factory.next()
-                client.infer(spec.serving.ensemble_name, infer_inputs(grpcclient, request_arrays(items, history)),
+                client.infer(spec.serving.route, infer_inputs(grpcclient, request_arrays(items, history)),
                              client_timeout=60)
                 done.append(1)
 
@@ -119,7 +119,7 @@ def _load(grpc_url: str, spec, seconds: float) -> int:
     items, history = RequestFactory(spec, bench, load_scenario("ci"), seed=9).next()
     bad = np.full_like(history, spec.ranker.history.vocab_size + 5)
     with grpcclient.InferenceServerClient(grpc_url) as client, pytest.raises(Exception, match="user_history"):
-        client.infer(spec.serving.ensemble_name, infer_inputs(grpcclient, request_arrays(items, bad)))
+        client.infer(spec.serving.route, infer_inputs(grpcclient, request_arrays(items, bad)))
     for t in threads:
         t.join()
     return len(done)

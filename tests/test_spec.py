@@ -38,6 +38,11 @@ def test_default_spec_loads_and_is_frozen():
     ({"modalities": {"audio": {"max_channels": 0}}}, "modalities.audio.max_channels", "[1, 64]"),
     ({"modalities": {"audio": {"sample_formats": ["MPEG_LAYER_III"]}}}, "modalities.audio.sample_formats",
      "'PCM_16'"),
+    ({"serving": {"route": "preprocess"}}, "serving.route", "no member model uses"),
+    ({"serving": {"reference_ensemble": "Rank-Ensemble"}}, "serving.reference_ensemble", "lower_snake"),
+    ({"serving": {"reference_ensemble": "rank"}}, "serving.reference_ensemble", "other than the route's"),
+    ({"serving": {"models": {"rank": {"max_batch_size": 32, "preferred_batch_sizes": [32]}}}},
+     "serving.max_candidates", "the route's"),
     ({"slo": {"p50_ms": 900, "p95_ms": 100}}, "slo.p95_ms", "p50_ms <= p95_ms"),
 ])
 def test_bad_field_names_field_value_and_allowed(data, field, allowed):

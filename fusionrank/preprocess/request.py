@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fusionrank.errors import RequestValidationError
+from fusionrank.errors import PreprocessError, RequestValidationError
 from fusionrank.preprocess import build_preprocessor, validate_history
 from fusionrank.spec import Modality, PipelineSpec
 from fusionrank.tensors import ITEM_INPUT, USER_HISTORY
@@ -92,18 +92,50 @@ class RankRequest:
         return ValidRequest(rows=rows, history=history)
 
 
+def non_finite_row(array: np.ndarray) -> int | None:
+    """The first row (first axis) holding a NaN or an infinity; None when every value is finite."""
+    if array.dtype.kind not in "fc" or array.size == 0 or np.isfinite(array).all():
+        return None
+    bad = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+    return int(np.argmax(bad))
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """Every encoder's input arrays per modality (all rows of the request) and the checked history."""
+
+    rows: int
+    encoder_inputs: dict[Modality, dict[str, np.ndarray]]
+    history: np.ndarray
+
+    def flat(self) -> dict[str, np.ndarray]:
+        """Every tensor by name, as the reference ensemble's `preprocess` model outputs them."""
+        arrays = {name: a for inputs in self.encoder_inputs.values() for name, a in inputs.items()}
+        return {**arrays, "history": self.history}
+
+
 class RequestPreprocessor:
-    """A request's inputs -> every encoder's input tensors and the checked history (`history`)."""
+    """A request's inputs -> every encoder's input tensors per modality and the checked history. Safe to call from
+    several threads (the preprocessors keep no per-call state)."""
 
     def __init__(self, spec: PipelineSpec, tokenizer_dir: Path | None = None, max_candidates: int | None = None):
         self.spec = spec
         self.max_candidates = max_candidates or spec.serving.max_candidates
-        self.preprocessors = [build_preprocessor(spec, m, tokenizer_dir=tokenizer_dir if m is Modality.TEXT else None)
-                              for m in spec.modalities.enabled]
+        self.preprocessors = {m: build_preprocessor(spec, m, tokenizer_dir=tokenizer_dir if m is Modality.TEXT
+                                                    else None) for m in spec.modalities.enabled}
 
-    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> PreparedRequest:
+        """Raises PreprocessError (RequestValidationError for the request as a whole) naming the input and row."""
         request = RankRequest(inputs, self.spec, self.max_candidates).validate()
-        arrays = {"history": request.history}
-        for pre in self.preprocessors:
-            arrays.update(pre(request.rows[pre.input_name]))
-        return arrays
+        encoder_inputs = {}
+        for modality, preprocess in self.preprocessors.items():
+            name = ITEM_INPUT[modality]
+            arrays = preprocess(request.rows[name])
+            for array in arrays.values():
+                # A last guard behind the decoders' own checks: an encoder must never see a NaN or an infinity.
+                row = non_finite_row(array)
+                if row is not None:
+                    raise PreprocessError(f"{name}[{row}]", "preprocessing produced non-finite values (NaN or "
+                                                            "infinity); the payload cannot be scored")
+            encoder_inputs[modality] = arrays
+        return PreparedRequest(len(request.history), encoder_inputs, request.history)

@@ -27,7 +27,7 @@ from fusionrank.spec.modalities import (
     TextEncoderSpec,
     TextSpec,
 )
-from fusionrank.spec.pipeline import PipelineSpec, member_models
+from fusionrank.spec.pipeline import PipelineSpec, member_models, served_models
 from fusionrank.spec.sections import (
     SLO_FIELDS,
     BatchingSpec,
@@ -49,5 +49,6 @@ __all__ = [
     "ExportSpec", "FusionType", "HistorySpec", "ImageEncoderSpec", "ImageSpec", "ModalitiesSpec", "Modality",
     "PipelineSpec", "Pooling", "Precision", "RankerSpec", "RankingParitySpec", "RecurrentCell", "ResNetArch",
     "ServingProfile", "SloSpec", "SloTargets", "TensorRTSpec", "TextEncoderSpec", "TextSpec", "Tolerance",
-    "TrainSpec", "UpgradeSpec", "choices", "from_dict", "load_spec", "member_models", "to_dict",
+    "TrainSpec", "UpgradeSpec", "choices", "from_dict", "load_spec", "member_models", "served_models",
+    "to_dict",
 ]

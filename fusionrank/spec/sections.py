@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 from fusionrank.spec.base import FusionType, Precision, RecurrentCell, check_positive, check_sorted_unique, fail
@@ -159,15 +160,33 @@ class BatchingSpec:
         check_positive("serving.models.*.instances", self.instances)
 
 
+_MODEL_NAME = re.compile(r"[a-z][a-z0-9_]*")
+# Names the pipeline's members already use (`member_models`): a route or ensemble must not shadow one.
+_MEMBER_NAMES = ("preprocess", "text_encoder", "image_encoder", "audio_encoder", "fusion_ranker")
+
+
 @dataclass(frozen=True)
 class ServingSpec:
-    ensemble_name: str = "rank"
+    """How the pipeline is served. `route` is the one model callers use (the BLS route,
+    `fusionrank.serving.route`); `reference_ensemble` is the plain Triton ensemble of the same members, loaded only
+    on request (`fusionrank serve --with-reference-ensemble`) because Triton 2.51 crashes when callers cancel
+    requests to an ensemble."""
+
+    route: str = "rank"
+    reference_ensemble: str = "rank_ensemble"
     max_candidates: int = 64
     models: dict[str, BatchingSpec] = field(default_factory=dict)
     response_cache: bool = False
 
     def __post_init__(self):
         check_positive("serving.max_candidates", self.max_candidates)
+        for name in ("route", "reference_ensemble"):
+            value = getattr(self, name)
+            if not _MODEL_NAME.fullmatch(value) or value in _MEMBER_NAMES:
+                fail(f"serving.{name}", value, "a lower_snake model name that no member model uses "
+                                               f"({', '.join(_MEMBER_NAMES)})")
+        if self.route == self.reference_ensemble:
+            fail("serving.reference_ensemble", self.reference_ensemble, f"a name other than the route's ({self.route})")
 
     def batching(self, model: str) -> BatchingSpec:
         """Dynamic-batching settings of one member model (the defaults where the spec names none)."""

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from fusionrank.benchmark import Benchmark, data_key
 from fusionrank.models.encoders import build_encoder
 from fusionrank.paths import cache_dir
+from fusionrank.preprocess import PREPROCESS_VERSION
 from fusionrank.ragged import CandidatePreparer
 from fusionrank.spec import Modality, PipelineSpec, to_dict
 
@@ -62,16 +63,19 @@ def _cached(path: Path, compute: Callable[[], np.ndarray]) -> np.ndarray:
     return table
 
 
-def _table_path(spec: PipelineSpec, modality: Modality, kind: str = "") -> Path:
-    config = [to_dict(getattr(spec.modalities, modality.value))]
+def embeddings_path(spec: PipelineSpec, modality: Modality, kind: str = "") -> Path:
+    """Cache file of one modality's catalogue embeddings, keyed by the data, the modality's spec (for the image,
+    the video spec too: video items are embedded from their clip) and the preprocessing version (any change to what
+    the encoder sees gives a new file)."""
+    key = [data_key(spec), to_dict(getattr(spec.modalities, modality.value)), PREPROCESS_VERSION]
     if modality is Modality.IMAGE and spec.modalities.video_enabled:
-        config.append(to_dict(spec.modalities.video))
-    digest = hashlib.sha256(json.dumps([data_key(spec), config], sort_keys=True).encode()).hexdigest()[:12]
+        key.append(to_dict(spec.modalities.video))
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return cache_dir(spec) / "embeddings" / f"{modality.value}{kind}-{digest}.npy"
 
 
 def catalogue_embeddings(spec: PipelineSpec, bench: Benchmark) -> dict[Modality, np.ndarray]:
-    """{modality: [num_items + 1, D]} with row 0 (padding id) all zeros; cached under the cache folder. Video items
+    """{modality: [num_items + 1, D]} with row 0 (padding id) all zeros; cached (see `embeddings_path`). Video items
     are embedded from their clip when video is enabled, else from their cover."""
     result = {}
     preparer = None
@@ -89,7 +93,7 @@ def catalogue_embeddings(spec: PipelineSpec, bench: Benchmark) -> dict[Modality,
                                progress=f"encode {modality.value}")
             return np.concatenate([np.zeros((1, emb.shape[1]), dtype=np.float32), emb])
 
-        result[modality] = _cached(_table_path(spec, modality), compute)
+        result[modality] = _cached(embeddings_path(spec, modality), compute)
     return result
 
 
@@ -105,4 +109,4 @@ def cover_embeddings(spec: PipelineSpec, bench: Benchmark, tables: dict[Modality
                                       progress="encode covers")
         return table
 
-    return _cached(_table_path(spec, Modality.IMAGE, "-covers"), compute)
+    return _cached(embeddings_path(spec, Modality.IMAGE, "-covers"), compute)

@@ -38,7 +38,8 @@ def _pre(ci_spec, **video) -> VideoPreprocessor:
 
 def _mean_rgb(pre: VideoPreprocessor, pixels: np.ndarray) -> np.ndarray:
     """The mean colour of one preprocessed frame, back in 0..255."""
-    return (pixels * pre.image.std + pre.image.mean).mean(axis=(1, 2)) * 255
+    spec = pre.image.spec
+    return (pixels.mean(axis=(1, 2)) * np.array(spec.std) + np.array(spec.mean)) * 255
 
 
 def test_sample_indices_are_segment_centres():
@@ -60,7 +61,7 @@ def test_k_frames_sampled_evenly_through_the_image_preprocessing(ci_spec, clips,
     # Each frame is exactly what the image preprocessing makes of that frame as a still.
     with av.open(io.BytesIO(clips[container])) as container_:
         still = [f.to_image() for f in container_.decode(video=0)][3]
-    np.testing.assert_array_equal(pixels[1], pre.image.to_array(still))
+    np.testing.assert_array_equal(pixels[1], pre.image.normalise(pre.image.to_pixels(still)[None])[0])
 
 
 @pytest.mark.parametrize("case, video, spec, message", [
@@ -69,6 +70,7 @@ def test_k_frames_sampled_evenly_through_the_image_preprocessing(ci_spec, clips,
     ("not a video", lambda c: b"GIF89a" + bytes(200), {}, "unsupported video container"),
     ("container not allowed", lambda c: c["mp4"], {"containers": ("webm",)}, "unsupported video container mp4"),
     ("codec not allowed", lambda c: c["mp4"], {"codecs": ("vp9",)}, "unsupported video codec h264"),
+    ("codec unknown to FFmpeg", lambda c: c["mp4"].replace(b"avc1", b"zzzz"), {}, "codec is unknown"),
     ("too many pixels", lambda c: c["big"], {"max_pixels": 320 * 240 - 1}, "320x240 = 76800 pixels"),
     ("too long", lambda c: c["long"], {"max_seconds": 2.0}, "3.0 s long"),
     ("too many frames (declared)", lambda c: c["mp4"], {"max_frames": 5}, "declares 8 frames"),

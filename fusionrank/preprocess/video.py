@@ -8,7 +8,10 @@ Decoded with PyAV (FFmpeg with its codecs in the wheel). Nothing is decoded befo
 4. one decode pass converts only the K sampled frames, checking every frame's size again (a stream may change
    resolution midway or lie in its header).
 Frame k of K is the centre of the k-th of K equal segments: frame floor((k + 0.5) * n / K) of the n frames; a
-video shorter than K frames repeats frames. Bad video raises `PreprocessError` naming the input and row.
+video shorter than K frames repeats frames. Each sampled frame is resized, cropped and normalised by the image
+preprocessing, exactly as a still. Bad video raises `PreprocessError` naming the input and row.
+
+Stateless like the other preprocessors: every call opens its own containers, so one instance serves many threads.
 """
 
 from __future__ import annotations
@@ -75,6 +78,9 @@ class VideoPreprocessor:
             container.close()
             raise PreprocessError(name, "the container has no video stream")
         stream = container.streams.video[0]
+        if stream.codec_context is None:  # no FFmpeg decoder for the codec the header names (e.g. a corrupt fourcc)
+            container.close()
+            raise PreprocessError(name, "the video stream's codec is unknown")
         stream.codec_context.thread_count = 1  # the serving stubs already keep every core busy
         return container, stream
 
@@ -164,9 +170,9 @@ class VideoPreprocessor:
 
     def __call__(self, rows: list[bytes]) -> dict[str, np.ndarray]:
         """pixel_values [len(rows) * K, 3, size, size]: the K frames of row 0, then of row 1, ..."""
-        arrays = [self.image.to_array(image) for i, raw in enumerate(rows)
+        pixels = [self.image.to_pixels(image) for i, raw in enumerate(rows)
                   for image in self.frames(raw, f"{self.input_name}[{i}]")]
-        size = self.image.spec.size
-        if not arrays:
+        if not pixels:
+            size = self.image.spec.size
             return {"pixel_values": np.zeros((0, 3, size, size), dtype=np.float32)}
-        return {"pixel_values": np.stack(arrays).astype(np.float32)}
+        return {"pixel_values": self.image.normalise(np.stack(pixels))}

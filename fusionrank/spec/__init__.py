@@ -28,16 +28,17 @@ from fusionrank.spec.modalities import (
     TextSpec,
     VideoSpec,
 )
-from fusionrank.spec.pipeline import PipelineSpec, member_models
+from fusionrank.spec.pipeline import PipelineSpec, member_models, served_models
 from fusionrank.spec.sections import (
+    SLO_FIELDS,
     BatchingSpec,
     DataSpec,
     ExportSpec,
     HistorySpec,
     RankerSpec,
     RankingParitySpec,
-    SloOverride,
     SloSpec,
+    SloTargets,
     TensorRTSpec,
     Tolerance,
     TrainSpec,
@@ -45,9 +46,10 @@ from fusionrank.spec.sections import (
 )
 
 __all__ = [
-    "DEFAULT_TEXT_CHECKPOINT", "AudioEncoderSpec", "AudioSpec", "BatchingSpec", "DataSpec", "ExportSpec", "FusionType",
-    "HistorySpec", "ImageEncoderSpec", "ImageSpec", "ModalitiesSpec", "Modality", "PipelineSpec", "Pooling",
-    "Precision", "RankerSpec", "RankingParitySpec", "RecurrentCell", "ResNetArch", "ServingProfile", "SloOverride",
-    "SloSpec", "TensorRTSpec", "TextEncoderSpec", "TextSpec", "Tolerance", "TrainSpec", "UpgradeSpec", "VideoSpec",
-    "choices", "from_dict", "load_spec", "member_models", "to_dict",
+    "DEFAULT_TEXT_CHECKPOINT", "SLO_FIELDS", "AudioEncoderSpec", "AudioSpec", "BatchingSpec", "DataSpec",
+    "ExportSpec", "FusionType", "HistorySpec", "ImageEncoderSpec", "ImageSpec", "ModalitiesSpec", "Modality",
+    "PipelineSpec", "Pooling", "Precision", "RankerSpec", "RankingParitySpec", "RecurrentCell", "ResNetArch",
+    "ServingProfile", "SloSpec", "SloTargets", "TensorRTSpec", "TextEncoderSpec", "TextSpec", "Tolerance",
+    "TrainSpec", "UpgradeSpec", "VideoSpec", "choices", "from_dict", "load_spec", "member_models", "served_models",
+    "to_dict",
 ]

@@ -130,7 +130,8 @@ class PreparedCandidates:
 
 
 class CandidatePreparer:
-    """Validates and preprocesses one request at a time (the text preprocessor's tokenizer is not thread-safe)."""
+    """Validates and preprocesses one request's candidates; safe to call from several threads (the preprocessors
+    keep no per-call state)."""
 
     def __init__(self, spec: PipelineSpec, tokenizer_dir: Path | None = None):
         self.spec = spec

@@ -16,6 +16,10 @@ Ragged candidates (the contract's answer to "this item has no audio", README "Ra
 - `modality_mask` (FP32 [N, M], 1 present / 0 absent): the fusion ranker's input saying the same, after
   validation. Float, not BOOL, so every runtime (ONNX Runtime, TensorRT, INT8 calibration) takes it as it takes
   the embeddings.
+- Inside the reference ensemble, `preprocess` sends each encoder only the rows that have its modality (a video's K
+  frames are image rows too) with `<modality>_owner` (INT64 [R, 1]: the candidate each row belongs to), and
+  `pool_embeddings` (no batching: its inputs hold R rows, its outputs N) puts the encoders' rows back in candidate
+  order, mean-pooling a candidate's frames, zeros where absent: the route does the same in process.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fusionrank.spec import Modality, PipelineSpec, member_models
+from fusionrank.spec import POOL_MODEL, Modality, PipelineSpec, member_models
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class TensorSpec:
     dtype: str  # numpy dtype name; "bytes" for Triton BYTES
     dims: tuple[int, ...]
     axes: tuple[str, ...] = ()  # names of the dynamic dims in `dims`, in order
+    optional: bool = False  # a request may leave it out (Triton's `optional: true`)
 
     def dynamic_axes(self) -> dict[int, str]:
         """ONNX dynamic axes (batch included, as axis 0)."""
@@ -62,6 +67,16 @@ def embedding_name(modality: Modality) -> str:
     return f"{modality.value}_embedding"
 
 
+def owner_name(modality: Modality) -> str:
+    """`preprocess` output: the candidate each of the modality's encoder rows belongs to (-1: a placeholder)."""
+    return f"{modality.value}_owner"
+
+
+def rows_name(modality: Modality) -> str:
+    """Ensemble tensor: the modality's encoder output, one row per encoded row (before `pool_embeddings`)."""
+    return f"{modality.value}_rows"
+
+
 def encoder_inputs(spec: PipelineSpec, modality: Modality) -> tuple[TensorSpec, ...]:
     """Inputs of one modality's encoder, which are also outputs of the preprocessing model."""
     m = spec.modalities
@@ -75,8 +90,8 @@ def encoder_inputs(spec: PipelineSpec, modality: Modality) -> tuple[TensorSpec, 
 
 def optional_request_inputs(spec: PipelineSpec) -> tuple[TensorSpec, ...]:
     """The ranking contract's optional inputs: `modality_present` and, with video enabled, `item_video`."""
-    present = TensorSpec(MODALITY_PRESENT, "bool", (len(spec.modalities.enabled),))
-    video = (TensorSpec(ITEM_VIDEO, "bytes", (1,)),) if spec.modalities.video_enabled else ()
+    present = TensorSpec(MODALITY_PRESENT, "bool", (len(spec.modalities.enabled),), optional=True)
+    video = (TensorSpec(ITEM_VIDEO, "bytes", (1,), optional=True),) if spec.modalities.video_enabled else ()
     return (present, *video)
 
 
@@ -86,11 +101,19 @@ def model_io(spec: PipelineSpec, model: str) -> ModelIO:
     history = TensorSpec(USER_HISTORY, "int64", (spec.ranker.history.length,))
     ranker_out = (TensorSpec(CLICK_PROBABILITY, "float32", (1,)),
                   TensorSpec(MODALITY_WEIGHTS, "float32", (len(enabled),)))
-    items = tuple(TensorSpec(ITEM_INPUT[mod], "bytes", (1,)) for mod in enabled)
+    items = (*(TensorSpec(ITEM_INPUT[mod], "bytes", (1,)) for mod in enabled), history,
+             *optional_request_inputs(spec))
     mask = TensorSpec(MODALITY_MASK, "float32", (len(enabled),))
     if model == "preprocess":
-        outputs = tuple(t for mod in enabled for t in encoder_inputs(spec, mod))
-        return ModelIO(model, (*items, history), (*outputs, TensorSpec("history", "int64", history.dims), mask))
+        outputs = tuple(t for mod in enabled for t in (*encoder_inputs(spec, mod),
+                                                       TensorSpec(owner_name(mod), "int64", (1,))))
+        return ModelIO(model, items, (*outputs, TensorSpec("history", "int64", history.dims), mask))
+    if model == POOL_MODEL:  # max_batch_size 0: full shapes
+        dims = {mod: spec.modalities.embedding_dim(mod) for mod in enabled}
+        inputs = tuple(t for mod in enabled for t in (TensorSpec(rows_name(mod), "float32", (-1, dims[mod])),
+                                                      TensorSpec(owner_name(mod), "int64", (-1, 1))))
+        outputs = tuple(TensorSpec(embedding_name(mod), "float32", (-1, dims[mod])) for mod in enabled)
+        return ModelIO(model, (*inputs, TensorSpec(MODALITY_MASK, "float32", (-1, len(enabled)))), outputs)
     for modality in enabled:
         if model == f"{modality.value}_encoder":
             out = TensorSpec(embedding_name(modality), "float32", (spec.modalities.embedding_dim(modality),))
@@ -101,7 +124,7 @@ def model_io(spec: PipelineSpec, model: str) -> ModelIO:
         return ModelIO(model, (*embeddings, TensorSpec("history", "int64", history.dims), mask), ranker_out)
     routes = (spec.serving.route, spec.serving.reference_ensemble)
     if model in routes:
-        return ModelIO(model, (*items, history), ranker_out)
+        return ModelIO(model, items, ranker_out)
     raise KeyError(f"unknown model {model!r}; known: {', '.join((*routes, *member_models(spec)))}")
 
 

@@ -11,7 +11,8 @@ from google.protobuf import json_format
 from onnx import TensorProto, helper
 
 from fusionrank.serving.render import model_configs
-from fusionrank.serving.triton_models import OnnxRuntimeModel, PreprocessModel
+from fusionrank.serving.triton_models import OnnxRuntimeModel, PoolModel, PreprocessModel
+from fusionrank.spec import Modality
 
 from .fake_pb_utils import FakeError, FakeRequest, install
 
@@ -48,6 +49,15 @@ def _payloads(n: int, size=(80, 60)):
             "item_audio": np.array([[wav.getvalue()]] * n, dtype=object)}
 
 
+@pytest.fixture(scope="module")
+def clip():
+    from PIL import Image
+
+    from fusionrank.preprocess.video import encode_video
+
+    return encode_video([Image.new("RGB", (32, 32), c) for c in ((0, 0, 255), (0, 255, 0), (255, 0, 0))])
+
+
 @pytest.fixture
 def preprocess(pb, ci_spec, tmp_path):
     from fusionrank.paths import resolve_text_checkpoint
@@ -71,9 +81,47 @@ def test_preprocess_outputs_every_encoder_input(preprocess, ci_spec):
     assert out["input_ids"].shape == (3, 16) and out["attention_mask"].shape == (3, 16)
     assert out["pixel_values"].shape == (3, 3, size, size)
     assert out["log_mel"].shape == (3, audio.n_mels, audio.num_frames)
+    for m in ("text", "image", "audio"):
+        np.testing.assert_array_equal(out[f"{m}_owner"], [[0], [1], [2]])
     np.testing.assert_array_equal(out["history"], _history(ci_spec, 3))
-    # The ensemble takes complete candidates only: the ranker is told every modality is present.
     np.testing.assert_array_equal(out["modality_mask"], np.ones((3, 3), dtype=np.float32))
+
+
+def test_preprocess_sends_only_present_rows_and_video_frames(preprocess, ci_spec, clip):
+    """No audio anywhere, no image for row 1, a video for row 2: the encoders get only rows that have their
+    modality (one placeholder owned by no one where none has it), the ranker the mask."""
+    payloads = _payloads(3)
+    payloads["item_audio"] = np.array([[b""]] * 3, dtype=object)
+    payloads["item_image"][1, 0] = b""
+    present = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 0]], dtype=bool)
+    videos = np.array([[b""], [b""], [clip]], dtype=object)
+    request = {**payloads, "user_history": _history(ci_spec, 3), "modality_present": present, "item_video": videos}
+    (response,) = preprocess.execute([FakeRequest(request)])
+    out = _outputs(response)
+    frames = ci_spec.modalities.video.frames
+    np.testing.assert_array_equal(out["image_owner"][:, 0], [0, 2] + [2] * frames)
+    assert out["pixel_values"].shape[0] == 2 + frames
+    np.testing.assert_array_equal(out["audio_owner"], [[-1]])
+    assert out["log_mel"].shape[0] == 1
+    np.testing.assert_array_equal(out["modality_mask"], present.astype(np.float32))
+
+
+def test_pool_model_puts_rows_back_in_candidate_order(pb, ci_spec, tmp_path):
+    pool = _init(PoolModel, ci_spec, "pool_embeddings", tmp_path)
+    dims = {m: ci_spec.modalities.embedding_dim(m) for m in ci_spec.modalities.enabled}
+    rng = np.random.default_rng(0)
+    inputs = {"modality_mask": np.ones((3, 3), np.float32)}
+    owners = {"text": [0, 1, 2], "image": [2, 0, 2, 2], "audio": [-1]}
+    for m, d in dims.items():
+        inputs[f"{m.value}_rows"] = rng.normal(size=(len(owners[m.value]), d)).astype(np.float32)
+        inputs[f"{m.value}_owner"] = np.array(owners[m.value], np.int64)[:, None]
+    (response,) = pool.execute([FakeRequest(inputs)])
+    out = _outputs(response)
+    np.testing.assert_array_equal(out["text_embedding"], inputs["text_rows"])
+    image = inputs["image_rows"]
+    np.testing.assert_allclose(out["image_embedding"], [image[1], np.zeros_like(image[0]), image[[0, 2, 3]].mean(0)],
+                               rtol=1e-6)
+    np.testing.assert_array_equal(out["audio_embedding"], np.zeros((3, dims[Modality.AUDIO]), np.float32))
 
 
 def test_bad_request_fails_alone_naming_input_and_row(preprocess, ci_spec):

@@ -6,9 +6,12 @@ One `rank()` call serves one execute of the route model (a dynamic batch of requ
    alone, before any member runs for it;
 2. answer cancelled requests CANCELLED and leave them out of the next stage (checked before preprocessing each
    request, before encoding and before ranking);
-3. encode: per modality, the rows of every live request are concatenated (grouped by shape: text is padded per
-   request to its bucket), cut at the encoder's max batch and sent to the encoder model through BLS, so its dynamic
-   batcher still merges them with other route instances' calls; the modalities run concurrently;
+3. encode: per modality, the rows of every live request that have the modality are concatenated (grouped by
+   shape: text is padded per request to its bucket; an absent row is never sent; a video candidate sends its K
+   sampled frames as image rows), cut at the encoder's max batch and sent to the encoder model through BLS, so its
+   dynamic batcher still merges them with other route instances' calls; the modalities run concurrently; each
+   request's rows come back pooled per candidate (`fusionrank.ragged.pool_rows`: a video's frames and its still
+   mean-pooled, zeros where absent, which the ranker's `modality_mask` masks);
 4. rank all live rows through `fusion_ranker` the same way and split the outputs back per request;
 5. no NaN or infinity leaves the route: a non-finite embedding or output answers its request INVALID_ARG naming
    the candidate row.
@@ -31,6 +34,7 @@ import numpy as np
 
 from fusionrank.errors import FusionRankError, PreprocessError
 from fusionrank.preprocess.request import PreparedRequest, non_finite_row
+from fusionrank.ragged import pool_rows
 from fusionrank.spec import Modality, PipelineSpec
 from fusionrank.tensors import ITEM_INPUT, MODALITY_MASK, embedding_name, model_io
 
@@ -90,9 +94,9 @@ class _Flight:
             self.error = error
 
     def encode_rows(self, modality: Modality) -> np.ndarray:
-        """The rows whose `modality` the encoder must compute: all of them today. An embedding cache (hits) or an
-        absent modality leaves rows out here, and `embeddings[modality]` gets those rows from elsewhere."""
-        return np.arange(self.prepared.rows)
+        """The encoder-input rows of `modality` to compute: the candidates that have it (a video's frames are
+        rows of their candidate, `prepared.owners`); an absent modality's row is never among them."""
+        return np.arange(len(self.prepared.owners[modality]))
 
 
 class RankingRoute:
@@ -154,25 +158,26 @@ class RankingRoute:
             f.embeddings[modality] = np.zeros((f.prepared.rows, self.spec.modalities.embedding_dim(modality)),
                                               dtype=np.float32)
             rows = f.encode_rows(modality)
-            inputs = f.prepared.encoder_inputs[modality]
-            if len(rows) < f.prepared.rows:
-                inputs = {n: a[rows] for n, a in inputs.items()}
-            if len(rows):
+            if len(rows):  # a request none of whose candidates has the modality makes no call
+                inputs = f.prepared.encoder_inputs[modality]
+                if len(rows) < len(f.prepared.owners[modality]):
+                    inputs = {n: a[rows] for n, a in inputs.items()}
                 parts.append((f, rows, inputs))
         results = await self.call_member(f"{modality.value}_encoder", [p[2] for p in parts], (name,))
         for (f, rows, _), result in zip(parts, results):
             if isinstance(result, RouteError):
                 f.fail(result)
                 continue
+            owners = f.prepared.owners[modality][rows]
             bad = non_finite_row(result[name])
             if bad is not None:
-                row = int(rows[bad])
+                row = int(owners[bad])
                 self._log_non_finite(name, row)
                 f.fail(RouteError(Status.INVALID_ARG, f"{ITEM_INPUT[modality]}[{row}]: the {modality.value} encoder "
                                                       "produced a non-finite embedding; this candidate cannot be "
                                                       "scored"))
                 continue
-            f.embeddings[modality][rows] = result[name]
+            f.embeddings[modality] = pool_rows(result[name], owners, f.prepared.rows)
 
     async def _rank(self, flights: list[_Flight]) -> None:
         parts = [{**{embedding_name(m): f.embeddings[m] for m in self.modalities}, "history": f.prepared.history,

@@ -28,7 +28,7 @@ from fusionrank.spec.modalities import (
     TextSpec,
     VideoSpec,
 )
-from fusionrank.spec.pipeline import PipelineSpec, member_models, served_models
+from fusionrank.spec.pipeline import POOL_MODEL, PipelineSpec, member_models, served_models
 from fusionrank.spec.sections import (
     SLO_FIELDS,
     BatchingSpec,
@@ -46,7 +46,7 @@ from fusionrank.spec.sections import (
 )
 
 __all__ = [
-    "DEFAULT_TEXT_CHECKPOINT", "SLO_FIELDS", "AudioEncoderSpec", "AudioSpec", "BatchingSpec", "DataSpec",
+    "DEFAULT_TEXT_CHECKPOINT", "POOL_MODEL", "SLO_FIELDS", "AudioEncoderSpec", "AudioSpec", "BatchingSpec", "DataSpec",
     "ExportSpec", "FusionType", "HistorySpec", "ImageEncoderSpec", "ImageSpec", "ModalitiesSpec", "Modality",
     "PipelineSpec", "Pooling", "Precision", "RankerSpec", "RankingParitySpec", "RecurrentCell", "ResNetArch",
     "ServingProfile", "SloSpec", "SloTargets", "TensorRTSpec", "TextEncoderSpec", "TextSpec", "Tolerance",

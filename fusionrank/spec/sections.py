@@ -167,7 +167,7 @@ class BatchingSpec:
 
 _MODEL_NAME = re.compile(r"[a-z][a-z0-9_]*")
 # Names the pipeline's members already use (`member_models`): a route or ensemble must not shadow one.
-_MEMBER_NAMES = ("preprocess", "text_encoder", "image_encoder", "audio_encoder", "fusion_ranker")
+_MEMBER_NAMES = ("preprocess", "text_encoder", "image_encoder", "audio_encoder", "pool_embeddings", "fusion_ranker")
 
 
 @dataclass(frozen=True)

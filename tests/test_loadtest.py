@@ -51,6 +51,8 @@ def test_shipped_scenarios_load():
     assert default.max_candidates <= PipelineSpec().serving.max_candidates
     heavy = load_scenario("heavy")
     assert heavy.users > default.users and heavy.max_candidates <= PipelineSpec().serving.max_candidates
+    for scenario in (default, ci, heavy):  # a real catalogue's mix: items without audio, video items as clips
+        assert scenario.audio_presence < 1 and scenario.video_share > 0, scenario.name
 
 
 @pytest.mark.parametrize("text,field", [

@@ -10,6 +10,8 @@ it, so they agree on every rule and every error message.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ import numpy as np
 
 from fusionrank.errors import PreprocessError
 from fusionrank.preprocess import build_preprocessor
-from fusionrank.spec import Modality, PipelineSpec
+from fusionrank.spec import Modality, PipelineSpec, to_dict
 from fusionrank.tensors import ITEM_INPUT, ITEM_VIDEO, MODALITY_PRESENT
 
 _ROW = re.compile(r"^(?P<input>.*)\[(?P<row>\d+)\]$")
@@ -79,6 +81,14 @@ def presence_patterns(modalities: int, rows: int) -> np.ndarray:
     patterns = sorted((p for p in range(1, 2 ** modalities)), key=lambda p: (-bin(p).count("1"), p))
     table = np.array([[bool(p >> (modalities - 1 - j) & 1) for j in range(modalities)] for p in patterns])
     return table[np.arange(rows) % len(table)]
+
+
+def image_cache_payload(spec: PipelineSpec, still: bytes, video: bytes) -> bytes:
+    """What the embedding cache keys a candidate with a video by: its still, its video and the video section of the
+    spec (K frames, limits), so a changed K never serves an old pooled embedding. It starts with bytes no image
+    format starts with, so it cannot collide with a still's key."""
+    section = json.dumps(to_dict(spec.modalities.video), sort_keys=True).encode()
+    return b"fusionrank-video-v1\0" + b"\0".join(hashlib.sha256(part).digest() for part in (section, still, video))
 
 
 def pool_rows(values: np.ndarray, owners: np.ndarray, rows: int) -> np.ndarray:

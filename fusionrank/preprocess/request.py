@@ -11,8 +11,10 @@ serving route (the ensemble's `preprocess` model, a BLS route) and every in-proc
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import numpy as np
 
 from fusionrank.errors import PreprocessError, RequestValidationError
 from fusionrank.preprocess import validate_history
-from fusionrank.ragged import CandidatePreparer, PreparedCandidates
+from fusionrank.ragged import CandidatePreparer, PreparedCandidates, check_presence
 from fusionrank.serving.samples import warmup_samples
 from fusionrank.spec import Modality, PipelineSpec
 from fusionrank.tensors import ITEM_INPUT, ITEM_VIDEO, MODALITY_MASK, MODALITY_PRESENT, USER_HISTORY, owner_name
@@ -30,7 +32,7 @@ from fusionrank.tensors import ITEM_INPUT, ITEM_VIDEO, MODALITY_MASK, MODALITY_P
 class ValidRequest:
     rows: dict[str, list[bytes]]  # item input name -> one payload per candidate
     history: np.ndarray  # [N, L] int64, the same row N times
-    present: np.ndarray | None = None  # `modality_present` as sent (checked by fusionrank.ragged); None: all present
+    present: np.ndarray | None = None  # `modality_present` as sent; RequestPreprocessor.validate: checked, [N, M]
     videos: list[bytes] | None = None  # `item_video` rows; None: the request has no video input
 
 
@@ -156,6 +158,26 @@ class PreparedRequest:
         return {**arrays, "history": self.history, MODALITY_MASK: self.modality_mask()}
 
 
+@dataclass(frozen=True)
+class EncoderGroup:
+    """Some rows of one request and one modality, preprocessed: the encoder's inputs for exactly those rows (one
+    shape, so they can be concatenated with other requests' groups of the same shape)."""
+
+    rows: np.ndarray  # int64 row indices in the request
+    inputs: dict[str, np.ndarray]
+
+
+_ROW = re.compile(r"\[(\d+)\]$")
+
+
+def _in_request(exc: PreprocessError, rows: Sequence[int]) -> PreprocessError:
+    """The error of a preprocessor called with some of a request's rows, naming the row as the request numbers it."""
+    match = _ROW.search(exc.input_name)
+    if match is None or int(match.group(1)) >= len(rows):
+        return exc
+    return PreprocessError(f"{exc.input_name[:match.start()]}[{rows[int(match.group(1))]}]", exc.problem)
+
+
 class RequestPreprocessor:
     """A request's inputs -> the encoder inputs of the rows that have each modality, their owners, the presence
     mask and the checked history. Safe to call from several threads (the preprocessors keep no per-call state)."""
@@ -177,14 +199,60 @@ class RequestPreprocessor:
     def __call__(self, inputs: Mapping[str, np.ndarray], placeholders: bool = False) -> PreparedRequest:
         """Raises PreprocessError (RequestValidationError for the request as a whole) naming the input and row.
         `placeholders=True` attaches the placeholder rows `PreparedRequest.flat()` needs."""
-        request = RankRequest(inputs, self.spec, self.max_candidates).validate()
+        request = self.validate(inputs)
         payloads = {m: request.rows[ITEM_INPUT[m]] for m in self.spec.modalities.enabled}
         prepared = self.candidates(payloads, request.present, request.videos)
         for m, arrays in prepared.inputs.items():
-            for array in arrays.values():
-                # A last guard behind the decoders' own checks: an encoder must never see a NaN or an infinity.
-                row = non_finite_row(array)
-                if row is not None:
-                    raise PreprocessError(f"{ITEM_INPUT[m]}[{int(prepared.owners[m][row])}]", "preprocessing "
-                                          "produced non-finite values (NaN or infinity); the payload cannot be scored")
+            _check_finite(ITEM_INPUT[m], arrays, prepared.owners[m])
         return PreparedRequest(prepared, request.history, self.placeholders() if placeholders else None)
+
+    def validate(self, inputs: Mapping[str, np.ndarray]) -> ValidRequest:
+        """The checks of the request as a whole (inputs, row counts, candidate limit, history, the presence rules of
+        `fusionrank.ragged.check_presence`); no payload is decoded. Raises PreprocessError naming the input."""
+        request = RankRequest(inputs, self.spec, self.max_candidates).validate()
+        payloads = {m: request.rows[ITEM_INPUT[m]] for m in self.spec.modalities.enabled}
+        present = check_presence(self.spec, payloads, request.present, request.videos)
+        return dataclasses.replace(request, present=present)
+
+    def encoder_groups(self, request: ValidRequest, modality: Modality, rows: Sequence[int]) -> list[EncoderGroup]:
+        """Validate and preprocess the payloads of `rows` only (the rest may come from an embedding cache), grouped
+        by shape; text rows are padded to their own bucket, so a row's inputs never depend on the other rows. Every
+        row must have the modality (`request.present`); an image row is its still and/or its video's K frames (a
+        group's `rows` then repeat the candidate once per frame). Raises PreprocessError naming the input and the
+        row as the request numbers it."""
+        if modality is Modality.IMAGE and request.videos is not None:
+            stills = [r for r in rows if request.rows[ITEM_INPUT[modality]][r]]
+            clips = [r for r in rows if request.videos[r]]
+            groups = self._groups(request.rows[ITEM_INPUT[modality]], ITEM_INPUT[modality], stills,
+                                  self.preprocessors[modality])
+            video = self._groups(request.videos, ITEM_VIDEO, clips, self.candidates.video)
+            frames = self.spec.modalities.video.frames
+            return groups + [EncoderGroup(np.repeat(g.rows, frames), g.inputs) for g in video]
+        return self._groups(request.rows[ITEM_INPUT[modality]], ITEM_INPUT[modality], rows,
+                            self.preprocessors[modality])
+
+    @staticmethod
+    def _groups(column: list[bytes], name: str, rows: Sequence[int], preprocess) -> list[EncoderGroup]:
+        if not len(rows):
+            return []
+        payloads = [column[r] for r in rows]
+        by_shape = getattr(preprocess, "by_shape", None)
+        try:
+            groups = by_shape(payloads) if by_shape else [(list(range(len(payloads))), preprocess(payloads))]
+            for members, arrays in groups:
+                # A video's arrays hold K frames per row: the finite check names the row that owns the frame.
+                frames = len(next(iter(arrays.values()))) // max(1, len(members))
+                _check_finite(name, arrays, np.repeat(np.asarray(members), frames))
+        except PreprocessError as exc:
+            raise _in_request(exc, rows) from None
+        index = np.asarray(rows, dtype=np.int64)
+        return [EncoderGroup(index[np.asarray(members, dtype=np.int64)], arrays) for members, arrays in groups]
+
+
+def _check_finite(name: str, arrays: dict[str, np.ndarray], rows: Sequence[int]) -> None:
+    """A last guard behind the decoders' own checks: an encoder must never see a NaN or an infinity."""
+    for array in arrays.values():
+        row = non_finite_row(array)
+        if row is not None:
+            raise PreprocessError(f"{name}[{int(rows[row])}]", "preprocessing produced non-finite values (NaN or "
+                                                               "infinity); the payload cannot be scored")

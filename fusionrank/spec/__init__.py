@@ -32,6 +32,7 @@ from fusionrank.spec.pipeline import POOL_MODEL, PipelineSpec, member_models, se
 from fusionrank.spec.sections import (
     SLO_FIELDS,
     BatchingSpec,
+    CacheSpec,
     DataSpec,
     ExportSpec,
     HistorySpec,
@@ -46,7 +47,8 @@ from fusionrank.spec.sections import (
 )
 
 __all__ = [
-    "DEFAULT_TEXT_CHECKPOINT", "POOL_MODEL", "SLO_FIELDS", "AudioEncoderSpec", "AudioSpec", "BatchingSpec", "DataSpec",
+    "DEFAULT_TEXT_CHECKPOINT", "POOL_MODEL", "SLO_FIELDS", "AudioEncoderSpec", "AudioSpec", "BatchingSpec",
+    "CacheSpec", "DataSpec",
     "ExportSpec", "FusionType", "HistorySpec", "ImageEncoderSpec", "ImageSpec", "ModalitiesSpec", "Modality",
     "PipelineSpec", "Pooling", "Precision", "RankerSpec", "RankingParitySpec", "RecurrentCell", "ResNetArch",
     "ServingProfile", "SloSpec", "SloTargets", "TensorRTSpec", "TextEncoderSpec", "TextSpec", "Tolerance",

@@ -92,3 +92,27 @@ def test_presence_errors_answer_their_request_alone(ci_spec, preparer, clip):
                                             "item_audio[1]: audio is marked absent")):
         assert isinstance(result, RouteError) and result.status is Status.INVALID_ARG
         assert result.message.startswith(start), result.message
+
+
+def test_with_a_cache_absent_rows_are_not_looked_up_and_a_clip_is_keyed_by_its_bytes(ci_spec, preparer, clip):
+    from .test_route_cache import _cache
+
+    cache = _cache(ci_spec)
+    members = Members(ci_spec)
+    route = RankingRoute(ci_spec, preparer, members, log_error=print, cache=cache)
+    request = _ragged(ci_spec, clip)
+    (first,) = _rank(route, request)
+    stats = cache.stats()
+    # Present rows only: text 4, image 3 (two stills, one clip), audio 2.
+    assert {m: stats.misses[m] for m in (TEXT, IMAGE, AUDIO)} == {TEXT: 4, IMAGE: 3, AUDIO: 2}
+    members.calls.clear()
+    (second,) = _rank(route, request)
+    assert [m for m, _ in members.calls] == ["fusion_ranker"], "every present row was a hit, the clip too"
+    np.testing.assert_array_equal(second[CLICK_PROBABILITY], first[CLICK_PROBABILITY])
+    other = encode_video([Image.new("RGB", (32, 32), c) for c in ((250, 250, 0), (0, 250, 250), (90, 9, 9))])
+    members.calls.clear()
+    changed = {**request, "item_video": request["item_video"].copy()}
+    changed["item_video"][3, 0] = other
+    (third,) = _rank(route, changed)
+    assert sorted(members.calls) == [("fusion_ranker", 4), ("image_encoder", ci_spec.modalities.video.frames)]
+    assert third[CLICK_PROBABILITY][3, 0] != first[CLICK_PROBABILITY][3, 0]

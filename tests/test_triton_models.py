@@ -206,3 +206,27 @@ def test_ensembles_ranker_step_answers_a_non_finite_output_invalid_naming_the_ro
     assert responses[1].error.message.startswith("click_probability[2]: fusion_ranker produced a non-finite value")
     assert responses[2].error.code == FakeError.INVALID_ARG
     assert responses[2].error.message.startswith("modality_weights[0]: ")
+
+
+def test_preprocess_refuses_more_image_rows_than_the_encoder_takes_in_one_call(pb, ci_spec, tmp_path, clip):
+    """The ensemble sends a modality's rows in one call: a request whose clips need more frames than the image
+    encoder's max batch is INVALID_ARG naming item_video (the route would cut its calls instead)."""
+    import dataclasses
+
+    from fusionrank.paths import resolve_text_checkpoint
+    from fusionrank.spec import BatchingSpec
+
+    models = {**ci_spec.serving.models, "image_encoder": BatchingSpec(max_batch_size=4, preferred_batch_sizes=(4,))}
+    spec = ci_spec.with_overrides(serving=dataclasses.replace(ci_spec.serving, max_candidates=4, models=models))
+    version_dir = tmp_path / "preprocess" / "1"
+    version_dir.mkdir(parents=True)
+    (version_dir / "tokenizer").symlink_to(resolve_text_checkpoint(spec.modalities.text.encoder.checkpoint))
+    model = _init(PreprocessModel, spec, "preprocess", version_dir)
+    request = {**_payloads(2), "user_history": _history(spec, 2), "item_video": np.array([[clip]] * 2, dtype=object)}
+    (too_many,) = model.execute([FakeRequest(request)])
+    assert too_many.error.code == FakeError.INVALID_ARG
+    assert too_many.error.message.startswith("item_video: the request needs 8 image encoder rows")
+    video_only = np.array([[b""], [request["item_image"][1, 0]]], dtype=object)  # row 0: its clip, no still
+    (fits,) = model.execute([FakeRequest({**request, "item_image": video_only,
+                                          "item_video": np.array([[clip], [b""]], dtype=object)})])
+    assert fits.error is None and _outputs(fits)["image_owner"][:, 0].tolist() == [1, 0, 0, 0]

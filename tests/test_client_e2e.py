@@ -156,8 +156,11 @@ def test_rank_command_prints_a_ranked_table_and_json(triton_server, ci_spec, ben
     rows = [r.split() for r in ragged.splitlines()[3:-1]]
     sent = {r[-1] for r in rows}
     assert {"TI--", "T---", "T-AV"} <= sent, sent
-    for r in rows:  # an absent modality's weight is exactly 0
-        assert all(float(w) == 0.0 for w, letter in zip(r[-4:-1], r[-1][:3]) if letter == "-"), r
+    for r in rows:  # an absent modality's weight is exactly 0 (a clip is the image)
+        text, image, audio, video = (letter != "-" for letter in r[-1])
+        weights = [float(w) for w in r[-4:-1]]
+        assert all(w == 0.0 for w, sent in zip(weights, (text, image or video, audio)) if not sent), r
+        assert abs(sum(weights) - 1) < 0.01, r
 
     items = [bench.item(i) for i in (3, 9)]
     (tmp_path / "cands.json").write_text(json.dumps({"history": [5, 6], "candidates": [

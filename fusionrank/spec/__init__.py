@@ -7,6 +7,7 @@ from a `PipelineSpec`, so no two parts of the project can disagree about a shape
 
 from fusionrank.spec.base import (
     DEFAULT_TEXT_CHECKPOINT,
+    CalibrationMethod,
     FusionType,
     Modality,
     Pooling,
@@ -29,7 +30,11 @@ from fusionrank.spec.modalities import (
 )
 from fusionrank.spec.pipeline import PipelineSpec, member_models
 from fusionrank.spec.sections import (
+    CPU_MODELS,
+    INT8_FILE,
+    OPTIMIZED_FILE,
     BatchingSpec,
+    CpuExportSpec,
     DataSpec,
     ExportSpec,
     HistorySpec,
@@ -44,7 +49,8 @@ from fusionrank.spec.sections import (
 )
 
 __all__ = [
-    "DEFAULT_TEXT_CHECKPOINT", "AudioEncoderSpec", "AudioSpec", "BatchingSpec", "DataSpec", "ExportSpec", "FusionType",
+    "CPU_MODELS", "DEFAULT_TEXT_CHECKPOINT", "INT8_FILE", "OPTIMIZED_FILE", "AudioEncoderSpec", "CalibrationMethod",
+    "CpuExportSpec", "AudioSpec", "BatchingSpec", "DataSpec", "ExportSpec", "FusionType",
     "HistorySpec", "ImageEncoderSpec", "ImageSpec", "ModalitiesSpec", "Modality", "PipelineSpec", "Pooling",
     "Precision", "RankerSpec", "RankingParitySpec", "RecurrentCell", "ResNetArch", "ServingProfile", "SloOverride",
     "SloSpec", "TensorRTSpec", "TextEncoderSpec", "TextSpec", "Tolerance", "TrainSpec", "UpgradeSpec", "choices",

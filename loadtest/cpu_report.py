@@ -113,11 +113,12 @@ def run_cpu_report(spec: PipelineSpec, repo: Path, out_dir: Path, rounds: int = 
         report["models_table"] = speed_table(speeds)
         say("per-node profiles")
         report["kernels"] = _kernels(spec, repo, variants)
-    if served:
-        results = compare_served(spec, repo, default_variants(spec, threads), rounds, requests, users, scenario,
-                                 log_dir=out_dir, progress=say)
-        report["served"] = [r.as_dict() for r in results]
-        report["served_table"], report["members_table"] = served_table(results), members_table(results)
+        if served:  # inside: the served variants link graphs built in the scratch folder
+            graphs = {m: {p.name: p for p in files.values()} for m, files in variants.items()}
+            results = compare_served(spec, repo, default_variants(spec, threads), rounds, requests, users, scenario,
+                                     log_dir=out_dir, progress=say, graphs=graphs)
+            report["served"] = [r.as_dict() for r in results]
+            report["served_table"], report["members_table"] = served_table(results), members_table(results)
     report["seconds"] = round(time.monotonic() - started, 1)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(_markdown(report, _accuracy_table(accuracy)))

@@ -4,13 +4,17 @@ Each variant is the spec with other `export.cpu` settings (and optionally anothe
 into its own scratch repository over the same exported graphs (symlinks), so only the graph each member loads
 differs. All servers start first; then bursts of the scenario's requests (the same requests for every variant in a
 round) go to each server in turn, round by round, so a busy machine slows every variant alike. Per variant:
-candidates/s and p50/p99 per request (median over rounds) and the per-member breakdown from Triton's metrics.
+candidates/s and p50/p99 per request (median over rounds), the per-member breakdown from Triton's metrics, and the
+server's CPU time per candidate: the CPU seconds its process group (tritonserver and every Python-backend stub) used
+during the bursts, from /proc. Other work on a shared machine stretches latency but not that cost, so it shows what a
+variant saves even where the wall-clock figures are noisy.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import statistics
 import tempfile
 from dataclasses import dataclass, field
@@ -63,17 +67,21 @@ def variant_spec(spec: PipelineSpec, variant: ServedVariant) -> PipelineSpec:
     return spec.with_overrides(export=dataclasses.replace(spec.export, cpu=cpu))
 
 
-def prepare_repository(spec: PipelineSpec, variant: ServedVariant, source: Path, target: Path) -> Path:
-    """Render the variant's repository at `target`, link the exported graphs and tokenizer from `source`, and set
-    the intra-op threads of the ONNX Runtime members."""
+def prepare_repository(spec: PipelineSpec, variant: ServedVariant, source: Path, target: Path,
+                       graphs: dict[str, dict[str, Path]] | None = None) -> Path:
+    """Render the variant's repository at `target`, link the exported graphs and tokenizer from `source` (and the
+    `graphs` built elsewhere, {model: {file name: path}}, e.g. an INT8 graph the spec does not serve), and set the
+    intra-op threads of the ONNX Runtime members."""
     vspec = variant_spec(spec, variant)
     render_repository(vspec, target)
     for model in member_models(vspec):
-        for path in version_dir(source, model).iterdir():
-            if path.suffix == ".onnx" or path.name == "tokenizer":
-                link = version_dir(target, model) / path.name
-                link.unlink(missing_ok=True)
-                link.symlink_to(path.resolve())
+        files = {p.name: p for p in version_dir(source, model).iterdir()
+                 if p.suffix == ".onnx" or p.name == "tokenizer"}
+        files.update((graphs or {}).get(model, {}))
+        for name, path in files.items():
+            link = version_dir(target, model) / name
+            link.unlink(missing_ok=True)
+            link.symlink_to(Path(path).resolve())
     if variant.threads != 1:
         for model in ENCODERS_AND_RANKER:
             path = target / model / ServingProfile.CPU.config_file
@@ -84,11 +92,30 @@ def prepare_repository(spec: PipelineSpec, variant: ServedVariant, source: Path,
     return target
 
 
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of every live process in process group `pgid` (Linux /proc; NaN elsewhere)."""
+    if not os.path.isdir("/proc"):
+        return float("nan")
+    ticks = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields[2]) == pgid:  # fields after "(comm)": state, ppid, pgrp, ..., utime (12), stime (13)
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class ServedResult:
     variant: ServedVariant
     rounds: list[EnsembleStats]
     members: list[triton_metrics.MemberStats]
+    cpu_seconds: float = float("nan")  # the server's process group, over every measured burst
 
     def _median(self, key) -> float:
         values = [key(r) for r in self.rounds if r.latency]
@@ -107,18 +134,25 @@ class ServedResult:
         return self._median(lambda r: r.latency.p99_ms)
 
     @property
+    def cpu_ms_per_candidate(self) -> float:
+        candidates = sum(r.latency.samples * r.candidates_per_request for r in self.rounds if r.latency)
+        return 1000.0 * self.cpu_seconds / candidates if candidates else float("nan")
+
+    @property
     def errors(self) -> int:
         return sum(r.errors for r in self.rounds)
 
     def as_dict(self) -> dict:
         return {"variant": dataclasses.asdict(self.variant), "candidates_per_s": round(self.candidates_per_s, 2),
                 "p50_ms": round(self.p50_ms, 1), "p99_ms": round(self.p99_ms, 1), "errors": self.errors,
+                "cpu_seconds": round(self.cpu_seconds, 2), "cpu_ms_per_candidate": round(self.cpu_ms_per_candidate, 2),
                 "rounds": [r.as_dict() for r in self.rounds], "members": [m.as_dict() for m in self.members]}
 
 
 def compare_served(spec: PipelineSpec, repo: Path, variants: list[ServedVariant], rounds: int = 3,
                    requests: int = 30, users: int = 4, scenario: str | Path | None = None,
-                   log_dir: Path | None = None, progress=None) -> list[ServedResult]:
+                   log_dir: Path | None = None, progress=None,
+                   graphs: dict[str, dict[str, Path]] | None = None) -> list[ServedResult]:
     """Serve every variant, then interleave request bursts round by round; one result per variant."""
     say = progress or (lambda msg: None)
     sc = load_scenario(scenario)
@@ -128,36 +162,44 @@ def compare_served(spec: PipelineSpec, repo: Path, variants: list[ServedVariant]
         for i, variant in enumerate(variants):
             say(f"starting the server for {variant.name}")
             vspec = variant_spec(spec, variant)
-            vrepo = prepare_repository(spec, variant, Path(repo), Path(tmp) / f"v{i}")
+            vrepo = prepare_repository(spec, variant, Path(repo), Path(tmp) / f"v{i}", graphs)
             log_file = log_dir / f"tritonserver-v{i}.log" if log_dir else None
             server = TritonServer.for_spec(vspec, vrepo, ServingProfile.CPU, log_name=f"cpu-served-v{i}",
                                            log_file=log_file)
             servers.append((variant, vspec, stack.enter_context(server)))
         before = {id(s): triton_metrics.scrape(s.metrics_url) for _, _, s in servers}
         stats: dict[int, list[EnsembleStats]] = {id(s): [] for _, _, s in servers}
+        cpu = dict.fromkeys(stats, 0.0)
         for r in range(rounds):
             for variant, vspec, server in servers:
                 say(f"round {r + 1}/{rounds}: {variant.name}")
                 source = RequestFactory(vspec, bench, sc, seed=r).next
+                # Warm-up requests outside the CPU count (benchmark_ensemble's own warm-up would fall inside it).
+                benchmark_ensemble(vspec, server.grpc_url, source, sc.warmup_requests, users, warmup=0,
+                                   timeout_s=sc.timeout_s)
+                started = group_cpu_seconds(server.process.pid)
                 stats[id(server)].append(benchmark_ensemble(vspec, server.grpc_url, source, requests, users,
-                                                            warmup=sc.warmup_requests, timeout_s=sc.timeout_s))
+                                                            warmup=0, timeout_s=sc.timeout_s))
+                cpu[id(server)] += group_cpu_seconds(server.process.pid) - started
         return [ServedResult(variant, stats[id(server)],
                              triton_metrics.breakdown(before[id(server)], triton_metrics.scrape(server.metrics_url),
-                                                      member_models(vspec)))
+                                                      member_models(vspec)), cpu[id(server)])
                 for variant, vspec, server in servers]
 
 
 def served_table(results: list[ServedResult]) -> str:
     """Markdown: candidates/s and p50/p99 per variant, with the speed-up over the first (the FP32 baseline)."""
     base = results[0].candidates_per_s if results else float("nan")
-    lines = ["| variant | graphs (export.cpu) | threads | candidates/s | vs first | p50 ms | p99 ms | errors |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | graphs (export.cpu) | threads | candidates/s | vs first | p50 ms | p99 ms | errors "
+             "| server CPU ms / candidate | vs first |", "|---|---|---|---|---|---|---|---|---|---|"]
+    base_cpu = results[0].cpu_ms_per_candidate if results else float("nan")
     for res in results:
         v = res.variant
         graphs = ", ".join(f"{m.removesuffix('_encoder')}: int8" for m, p in v.precision.items()
                            if p is Precision.INT8) or ("optimised" if v.optimize else "model.onnx")
         lines.append(f"| {v.name} | {graphs} | {v.threads} | {res.candidates_per_s:.1f} | "
-                     f"{res.candidates_per_s / base:.2f}x | {res.p50_ms:.0f} | {res.p99_ms:.0f} | {res.errors} |")
+                     f"{res.candidates_per_s / base:.2f}x | {res.p50_ms:.0f} | {res.p99_ms:.0f} | {res.errors} | "
+                     f"{res.cpu_ms_per_candidate:.1f} | {res.cpu_ms_per_candidate / base_cpu:.2f}x |")
     return "\n".join(lines)
 
 

@@ -63,7 +63,7 @@ def test_cpu_profile_loads_the_graph_the_spec_names(default_spec):
             # The GPU profiles keep the FP32 export (TensorRT builds from it).
             assert configs[model][ServingProfile.ONNX_GPU].default_model_filename == "model.onnx"
     assert default_spec.export.cpu.onnx_file("fusion_ranker") == OPTIMIZED_FILE
-    assert default_spec.export.cpu.quantized() == ("text_encoder", "image_encoder", "audio_encoder")
+    assert default_spec.export.cpu.quantized() == ("text_encoder", "image_encoder")
 
 
 # --- export: optimised FP32 graphs for the CI spec (built by the session fixture) ---------------------------------
@@ -196,7 +196,11 @@ def test_served_variant_repository_links_graphs_and_sets_threads(int8_repository
 
     spec, repo, _ = int8_repository
     variant = ServedVariant("int8, 2 threads", True, dict(INT8_ENCODERS), threads=2)
-    target = prepare_repository(spec, variant, repo, tmp_path / "repo")
+    elsewhere = tmp_path / "scratch" / INT8_FILE  # a graph built outside the repository (cpu-report's scratch)
+    elsewhere.parent.mkdir()
+    elsewhere.symlink_to((repo / "audio_encoder" / "1" / INT8_FILE).resolve())
+    target = prepare_repository(spec, variant, repo, tmp_path / "repo", {"audio_encoder": {INT8_FILE: elsewhere}})
+    assert (target / "audio_encoder" / "1" / INT8_FILE).resolve() == elsewhere.resolve()
     config = load_config(target / "text_encoder" / ServingProfile.CPU.config_file)
     assert config.parameters["onnx_file"].string_value == INT8_FILE
     assert config.parameters["intra_op_threads"].string_value == "2"
@@ -211,3 +215,19 @@ def test_gemm_probe_measures_both_precisions():
     probe = gemm_probe(rows=16, inner=64, cols=64, budget_s=0.02, rounds=1)
     assert probe["shape"] == [16, 64, 64] and probe["fp32_gops"] > 0 and probe["int8_gops"] > 0
     assert probe["int8_speedup"] == pytest.approx(probe["int8_gops"] / probe["fp32_gops"], rel=0.05)
+
+
+def test_server_cpu_is_counted_over_its_process_group():
+    import subprocess
+    import sys
+
+    from loadtest.cpu_served import group_cpu_seconds
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass"
+    child = subprocess.Popen([sys.executable, "-c", burn], start_new_session=True)
+    try:
+        time.sleep(0.3)
+        assert group_cpu_seconds(child.pid) >= 0.05
+    finally:
+        child.wait(timeout=30)
+    assert group_cpu_seconds(child.pid) == 0.0  # gone: nothing left to count

@@ -3,8 +3,19 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Debian packages the tests run for real (Prometheus and promtool; shellcheck for the entrypoint), installed with
+# apt-get when missing (CI runs as root).
+SYSTEM_PACKAGES := prometheus shellcheck
+# Images: `make image push REGISTRY=registry.example.com/ml TAG=0.1.0` (needs a Docker engine).
+REGISTRY ?= registry.example.com/ml
+TAG ?= 0.1.0
+RELEASE := docker/triton-release.yaml
+release = $(shell sed -n 's/^$(1): *"\{0,1\}\([^"]*\)"\{0,1\} *$$/\1/p' $(RELEASE))
+TRITON_DIGEST ?= $(call release,digest)
+BUILD = docker build -f docker/Dockerfile --build-arg TRITON_DIGEST=$(TRITON_DIGEST) \
+	$(if $(RANKER_CHECKPOINT),--build-arg RANKER_CHECKPOINT=$(RANKER_CHECKPOINT))
 
-.PHONY: demo test test-all test-gpu lint install clean
+.PHONY: demo test test-all test-gpu gpu-check lint install system-deps deploy-render image push pin-triton clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,13 +25,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+system-deps:
+	@missing=""; for tool in prometheus promtool shellcheck; do command -v $$tool >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $(SYSTEM_PACKAGES)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    $(SYSTEM_PACKAGES) >/dev/null; \
+	fi
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 demo: $(STAMP)
 	$(VENV)/bin/fusionrank demo
 
-test: lint
+test: lint system-deps
 	$(PY) -m pytest -m "not gpu" -q
 
 test-all: test
@@ -28,6 +47,32 @@ test-all: test
 test-gpu: $(STAMP)
 	$(PY) -m pip install -q -e '.[gpu]'
 	$(PY) -m pytest -m gpu -q
+
+# Generated deployment files: the PrometheusRule (from docker/monitoring/rules.yml) and the rendered overlays.
+deploy-render: $(STAMP)
+	$(PY) docker/render_manifests.py
+
+image:
+	@test -n "$(TRITON_DIGEST)" || { echo "$(RELEASE) has no digest: run 'make pin-triton' where nvcr.io is reachable"; exit 1; }
+	$(BUILD) --target serve -t $(REGISTRY)/fusionrank:$(TAG) .
+	$(BUILD) --target engine-builder -t $(REGISTRY)/fusionrank-engine-builder:$(TAG) .
+
+push: image
+	docker push $(REGISTRY)/fusionrank:$(TAG)
+	docker push $(REGISTRY)/fusionrank-engine-builder:$(TAG)
+
+# Resolves the release's tag to its digest once and records it in docker/triton-release.yaml.
+pin-triton:
+	digest=$$(docker buildx imagetools inspect $(call release,image):$(call release,tag) \
+	  --format '{{json .Manifest.Digest}}' | tr -d '"') && test -n "$$digest" && \
+	sed -i "s/^digest: .*/digest: \"$$digest\"/" $(RELEASE) && echo "pinned $$digest"
+
+# On any node: every GPU step the node allows (TensorRT installed where nvidia-smi shows a GPU), the rest reported
+# as skipped with the reason; results in docs/gpu/<date>-<gpu>/. Ends by itself within its 540-s budget.
+gpu-check: $(STAMP)
+	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q -e '.[gpu]' || \
+		echo "could not install the [gpu] extra: the TensorRT steps will say why"; fi
+	$(PY) -m fusionrank_cli.gpu_check
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

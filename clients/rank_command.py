@@ -132,7 +132,7 @@ def run_rank(spec: PipelineSpec, url: str, items: Sequence[str] | None = None, u
     request = file_request(items) if items else benchmark_request(spec, user, candidates)
     result = rank_request(spec, url, request)
     if as_json:
-        out.write(json.dumps({"model": spec.serving.ensemble_name, "endpoint": url,
+        out.write(json.dumps({"model": spec.serving.route, "endpoint": url,
                               "request": request.description, "ranking": result_rows(request, result)},
                              indent=2) + "\n")
     else:

@@ -73,12 +73,17 @@ class Runner(Protocol):
 class OnnxRuntimeRunner:
     """The CPU profile's runtime: ONNX Runtime on `<model>/1/model.onnx`, as the Python-backend model runs it."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, providers: tuple = ("CPUExecutionProvider",)):
         import onnxruntime as ort
 
         if not Path(path).is_file():
             raise BenchmarkError(f"{path} not found; run `fusionrank export` first")
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), providers=list(providers))
+        wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        # ONNX Runtime falls back to the CPU when a provider cannot load (e.g. CUDA or cuDNN libraries missing).
+        if self.session.get_providers()[0] != wanted:
+            raise BenchmarkError(f"{path}: ONNX Runtime runs on {self.session.get_providers()} instead of {wanted} "
+                                 "(are the libraries that provider needs installed?)")
         self.inputs = {i.name: np.int64 if "int64" in i.type else np.float32 for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
 
@@ -238,7 +243,7 @@ def benchmark_ensemble(spec: PipelineSpec, url: str, source: RequestSource, requ
 
     def call(client, inputs) -> float:
         t0 = time.perf_counter()
-        result = client.infer(spec.serving.ensemble_name, inputs, client_timeout=timeout_s)
+        result = client.infer(spec.serving.route, inputs, client_timeout=timeout_s)
         elapsed = time.perf_counter() - t0
         if result.as_numpy(CLICK_PROBABILITY) is None:
             raise BenchmarkError("response without click_probability")
@@ -265,7 +270,7 @@ def benchmark_ensemble(spec: PipelineSpec, url: str, source: RequestSource, requ
             for inputs in payloads[:warmup]:
                 call(client, inputs)
     except Exception as exc:  # a server that cannot answer the warm-up cannot be measured
-        raise BenchmarkError(f"ensemble {spec.serving.ensemble_name!r} at {url} failed its warm-up request: "
+        raise BenchmarkError(f"route {spec.serving.route!r} at {url} failed its warm-up request: "
                              f"{exc}") from exc
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, users)) as pool:

@@ -4,24 +4,21 @@ A TensorRT plan only runs on the TensorRT version and GPU (compute capability) i
 for the ONNX file and spec it was built from. `<repo>/<model>/1/manifest.json` records all of that beside the plan,
 so `fusionrank check` can tell before serving whether an engine still fits the node and the repository.
 
-Node facts come from a `NodeProbe` (nvidia-smi, cuda-python, the TensorRT library when present) that tests replace
-with a fake, so every comparison here is unit-tested without a GPU.
+Node facts come from `export.node`. Files here are written atomically (a temporary file in the same folder, then
+`os.replace`), so a crash or a full disk never leaves half a plan, cache or manifest for the next reader.
 """
 
 from __future__ import annotations
 
-import ctypes
 import datetime as _dt
 import hashlib
 import json
 import os
-import re
-import shutil
-import subprocess
-from collections.abc import Callable
+import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from export.node import NodeInfo
 from export.profiles import OptimizationProfile
 from fusionrank.errors import FusionRankError
 from fusionrank.spec import PipelineSpec
@@ -72,99 +69,22 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-# --- the node -----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NodeInfo:
-    """What a node offers an engine: GPU, compute capability, driver, CUDA and TensorRT versions (None: unknown)."""
-
-    gpu_name: str | None = None
-    compute_capability: str | None = None  # "9.0"
-    driver_version: str | None = None  # "570.124.06"
-    cuda_version: str | None = None  # "12.8"
-    tensorrt_version: str | None = None  # "10.13.3.9"
-    notes: tuple[str, ...] = ()  # why a fact is unknown, e.g. "nvidia-smi not found: no GPU on this node"
-
-    @property
-    def has_gpu(self) -> bool:
-        return self.gpu_name is not None
-
-    def as_dict(self) -> dict:
-        data = asdict(self)
-        data["notes"] = list(self.notes)
-        return data
-
-
-NodeProbe = Callable[[], NodeInfo]
-
-
-def _nvidia_smi() -> tuple[dict[str, str], list[str]]:
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return {}, ["nvidia-smi not found: no NVIDIA GPU or driver on this node"]
+def write_atomic(path: Path, data: bytes) -> Path:
+    """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        out = subprocess.run([exe, "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
-        header = subprocess.run([exe], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        return {}, [f"nvidia-smi failed: {exc}"]
-    lines = [line for line in out.strip().splitlines() if line.strip()]
-    if not lines:
-        return {}, ["nvidia-smi lists no GPU"]
-    name, cc, driver = (part.strip() for part in lines[0].split(",")[:3])
-    facts = {"gpu_name": name, "compute_capability": cc, "driver_version": driver}
-    cuda = re.search(r"CUDA Version:\s*([\d.]+)", header)
-    if cuda:
-        facts["cuda_version"] = cuda.group(1)
-    notes = [f"{len(lines)} GPUs; engines are checked against GPU 0"] if len(lines) > 1 else []
-    return facts, notes
-
-
-def _cuda_runtime_version() -> str | None:
-    """CUDA runtime version from cuda-python (the `[gpu]` extra), e.g. '12.8'."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart
-        except ImportError:
-            return None
-    err, version = cudart.cudaRuntimeGetVersion()
-    if int(err) != 0:
-        return None
-    return f"{version // 1000}.{(version % 1000) // 10}"
-
-
-def tensorrt_version_here() -> str | None:
-    """TensorRT version of this node: the Python package, else libnvinfer, else $TRT_VERSION (NGC images)."""
-    try:
-        import tensorrt
-
-        return tensorrt.__version__
-    except ImportError:
-        pass
-    for lib in ("libnvinfer.so.10", "libnvinfer.so"):
-        try:
-            # getInferLibVersion(): major*10000 + minor*100 + patch for TensorRT >= 10.
-            code = ctypes.CDLL(lib).getInferLibVersion()
-        except (OSError, AttributeError):
-            continue
-        return f"{code // 10000}.{(code // 100) % 100}.{code % 100}"
-    return os.environ.get("TRT_VERSION") or None
-
-
-def probe_node(tensorrt_version: str | None = None) -> NodeInfo:
-    """Facts of the node this runs on; `tensorrt_version` overrides the probed one (the serving image's)."""
-    facts, notes = _nvidia_smi()
-    cuda = _cuda_runtime_version()
-    if cuda:
-        facts["cuda_version"] = cuda
-    trt = tensorrt_version or tensorrt_version_here()
-    if trt is None:
-        notes.append("TensorRT not found on this node (no tensorrt package, no libnvinfer, no $TRT_VERSION); "
-                     "pass --tensorrt-version with the serving image's version")
-    return NodeInfo(tensorrt_version=trt, notes=tuple(notes), **facts)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the serving user must read what the build user wrote
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 # --- the manifest -------------------------------------------------------------------------------------------------
@@ -222,8 +142,7 @@ class EngineManifest:
         return asdict(self)
 
     def write(self, path: Path) -> Path:
-        path.write_text(json.dumps(self.as_dict(), indent=2, sort_keys=True) + "\n")
-        return path
+        return write_atomic(path, (json.dumps(self.as_dict(), indent=2, sort_keys=True) + "\n").encode())
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<dict>") -> EngineManifest:

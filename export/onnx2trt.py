@@ -1,18 +1,21 @@
 """onnx2trt: TensorRT engines from the exported ONNX models (GPU nodes only; `pip install '.[gpu]'`).
 
 For each engine model this parses `<repo>/<model>/1/model.onnx` with TensorRT's ONNX parser, adds the optimisation
-profiles derived from the spec (`export.profiles`), builds with the spec's precision (FP16 by default; FP32; INT8
-with entropy calibration over catalogue samples, `export.trt_calibration`), a reused timing cache, a workspace limit,
-the builder optimisation level and optional hardware/version compatibility, and writes `<repo>/<model>/1/model.plan`
-plus `manifest.json` (`export.manifest`). Parser and builder errors are collected from the parser and the logger and
-raised in full as `EngineBuildError`. `export.trt_runner` runs the built plans.
+profiles derived from the spec (`export.profiles`), builds with the spec's precision (`export.trt_precision`: a
+strongly typed network for an explicitly quantized graph, else FP16 by default, FP32, or INT8 with entropy
+calibration over catalogue samples, `export.trt_calibration`), a reused timing cache, a workspace limit, the builder
+optimisation level and optional hardware/version compatibility, and writes `<repo>/<model>/1/model.plan` plus
+`manifest.json` (`export.manifest`), each atomically: the old manifest is removed before the new plan replaces the
+old one, so a reader never sees a plan with the manifest of another. Parser and builder errors are collected from
+the parser and the process's TensorRT logger and raised in full as `EngineBuildError`. `export.trt_runner` runs the
+built plans.
 
-Written against the TensorRT 10.13 Python API pinned in the `[gpu]` extra (`tensorrt-cu12==10.13.3.9`):
-`Builder.create_network(0)` (explicit batch is the only mode in TensorRT 10), `OnnxParser.parse_from_file` +
-`get_error`, `IBuilderConfig.set_memory_pool_limit(MemoryPoolType.WORKSPACE, ...)`, `builder_optimization_level`,
-`set_flag(BuilderFlag.FP16 / INT8 / VERSION_COMPATIBLE)`, `hardware_compatibility_level`,
-`create_timing_cache`/`set_timing_cache`/`get_timing_cache().serialize()`, `create_optimization_profile` +
-`set_shape`, `set_calibration_profile` + `int8_calibrator`, `build_serialized_network`.
+Written against the TensorRT 10.13 Python API pinned in the `[gpu]` extra: `Builder.create_network(flags)`,
+`OnnxParser.parse_from_file` + `get_error`, `IBuilderConfig.set_memory_pool_limit(MemoryPoolType.WORKSPACE, ...)`,
+`builder_optimization_level`, `set_flag(BuilderFlag.FP16 / INT8 / VERSION_COMPATIBLE)`,
+`hardware_compatibility_level`, `create_timing_cache`/`set_timing_cache`/`get_timing_cache().serialize()`,
+`create_optimization_profile` + `set_shape`, `set_calibration_profile` + `int8_calibrator`,
+`build_serialized_network`.
 """
 
 from __future__ import annotations
@@ -27,19 +30,18 @@ from pathlib import Path
 from tqdm import tqdm
 
 from export.manifest import (
-    NodeInfo,
-    NodeProbe,
     create_manifest,
     manifest_path,
     onnx_path,
     plan_path,
-    probe_node,
-    sha256_file,
     version_dir,
+    write_atomic,
 )
+from export.node import NodeInfo, NodeProbe, probe_node, same_version
 from export.profiles import OptimizationProfile, engine_models, model_profiles, validate_profiles
-from export.trt_api import INSTALL_HINT, EngineBuildError, import_tensorrt, make_logger, require_tensorrt
-from export.trt_calibration import calibration_batches, make_calibrator
+from export.trt_api import INSTALL_HINT, EngineBuildError, describe, import_tensorrt, process_logger, require_tensorrt
+from export.trt_calibration import calibration_batches, calibration_table, make_calibrator
+from export.trt_precision import explicitly_quantized, network_flags, weak_typing_flags
 from fusionrank.paths import cache_dir
 from fusionrank.spec import PipelineSpec, Precision
 from fusionrank.tensors import model_io
@@ -76,13 +78,14 @@ class BuildOptions:
                    trt_spec.builder_optimization_level, trt_spec.hardware_compatible, trt_spec.version_compatible,
                    trt_spec.calibration_samples)
 
-    def flags(self) -> dict:
+    def flags(self, strongly_typed: bool = False) -> dict:
         """Build flags as recorded in the manifest (and compared by `check`)."""
+        calibrated = self.precision is Precision.INT8 and not strongly_typed
         return {"precision": self.precision.value, "workspace_mib": self.workspace_mib,
                 "builder_optimization_level": self.builder_optimization_level,
                 "hardware_compatibility_level": "ampere_plus" if self.hardware_compatible else "none",
-                "version_compatible": self.version_compatible,
-                "calibration_samples": self.calibration_samples if self.precision is Precision.INT8 else 0}
+                "version_compatible": self.version_compatible, "strongly_typed": strongly_typed,
+                "calibration_samples": self.calibration_samples if calibrated else 0}
 
 
 @dataclass
@@ -128,13 +131,13 @@ def _load_timing_cache(config, path: Path | None):
 
 
 def _configure(trt, builder, config, spec: PipelineSpec, model: str, options: BuildOptions,
-               profiles: tuple[OptimizationProfile, ...], repo: Path, calibration_cache: Path):
+               profiles: tuple[OptimizationProfile, ...], repo: Path, strongly_typed: bool, calibration_dir: Path):
     """Apply the build options and profiles; returns the INT8 calibrator (keep it alive until the build ends)."""
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
     config.builder_optimization_level = options.builder_optimization_level
-    if options.precision in (Precision.FP16, Precision.INT8):
-        # For INT8, FP16 is the fallback of layers without an INT8 kernel (instead of FP32).
-        config.set_flag(trt.BuilderFlag.FP16)
+    # A strongly typed network takes its precision from the graph: TensorRT refuses precision flags on it.
+    for flag in [] if strongly_typed else weak_typing_flags(trt, options.precision.value):
+        config.set_flag(flag)
     if options.hardware_compatible:
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
     if options.version_compatible:
@@ -145,18 +148,60 @@ def _configure(trt, builder, config, spec: PipelineSpec, model: str, options: Bu
             p.set_shape(name, r.min, r.opt, r.max)
         if config.add_optimization_profile(p) < 0:
             raise EngineBuildError(f"{model}: TensorRT rejected optimisation profile {profile.as_dict()}")
-    if options.precision is Precision.INT8:
+    if options.precision is Precision.INT8 and not strongly_typed:
         batch = profiles[0].ranges()[profiles[0].inputs[0][0]].opt[0]
         batches = calibration_batches(spec, repo, model, batch, options.calibration_samples)
         calib = builder.create_optimization_profile()
         for name, array in batches[0].items():
             calib.set_shape(name, array.shape, array.shape, array.shape)
-        config.set_flag(trt.BuilderFlag.INT8)
         config.set_calibration_profile(calib)
-        calibrator = make_calibrator(trt, batches, calibration_cache)
+        table = calibration_table(calibration_dir, spec, model, onnx_path(repo, model), batches[0], trt.__version__)
+        calibrator = make_calibrator(trt, batches, table)
         config.int8_calibrator = calibrator
         return calibrator
     return None
+
+
+def _strongly_typed(source: Path, model: str, options: BuildOptions) -> bool:
+    if not explicitly_quantized(source):
+        return False
+    if options.precision is not Precision.INT8:
+        raise EngineBuildError(f"{model}: {source} is explicitly quantized (Q/DQ nodes); build it with precision "
+                               f"int8 (a strongly typed engine, no calibration), not {options.precision.value}")
+    return True
+
+
+def _serialize(trt, spec: PipelineSpec, repo: Path, model: str, options: BuildOptions,
+               profiles: tuple[OptimizationProfile, ...], timing_cache: Path | None, strongly_typed: bool):
+    """Parse, configure and build; (serialized plan, the timing cache to save or None)."""
+    source = onnx_path(repo, model)
+    logger = process_logger(trt)
+    with logger.capture() as errors:
+        builder = trt.Builder(logger)
+        network = builder.create_network(network_flags(trt, strongly_typed))
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(source)):
+            details = "\n  ".join(_parser_errors(parser) + errors) or "(no details)"
+            raise EngineBuildError(f"{model}: TensorRT could not parse {source}:\n  {details}")
+        _check_network_inputs(network, spec, model)
+        config = builder.create_builder_config()
+        calibration_dir = timing_cache.parent if timing_cache else version_dir(repo, model)
+        calibrator = _configure(trt, builder, config, spec, model, options, profiles, repo, strongly_typed,
+                                calibration_dir)
+    # Outside any capture: a refused timing cache is logged by TensorRT as an error, but it is handled (a new cache)
+    # and must not appear in the message of a build that fails later for another reason.
+    cache = _load_timing_cache(config, timing_cache)
+    with logger.capture() as errors:
+        try:
+            serialized = builder.build_serialized_network(network, config)
+        finally:
+            if calibrator is not None:
+                for problem in calibrator.device.close():
+                    log.warning("%s: calibration buffers: %s", model, problem)
+        if serialized is None:
+            raise EngineBuildError(f"{model}: TensorRT failed to build the engine:\n  "
+                                   + describe(errors, "(no error logged; run with -v for the builder log)"))
+    return bytes(serialized), (config.get_timing_cache() if cache is not None and timing_cache else None)
 
 
 def build_engine(spec: PipelineSpec, repo: Path, model: str, options: BuildOptions, node: NodeInfo,
@@ -169,36 +214,18 @@ def build_engine(spec: PipelineSpec, repo: Path, model: str, options: BuildOptio
         raise EngineBuildError(f"{model}: {source} not found; run `fusionrank export` first")
     profiles = model_profiles(spec, model)
     validate_profiles(spec, model, profiles)
+    strongly_typed = _strongly_typed(source, model, options)
     started = time.monotonic()
-    logger = make_logger(trt)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(source)):
-        details = "\n  ".join(_parser_errors(parser) + logger.errors) or "(no details)"
-        raise EngineBuildError(f"{model}: TensorRT could not parse {source}:\n  {details}")
-    _check_network_inputs(network, spec, model)
-    config = builder.create_builder_config()
-    # The calibration table is only valid for this exact ONNX graph: key it by the graph's hash.
-    calib_name = f"{model}-{sha256_file(source)[:12]}.calib"
-    calibration_cache = (timing_cache.parent if timing_cache else version_dir(repo, model)) / calib_name
-    calibrator = _configure(trt, builder, config, spec, model, options, profiles, repo, calibration_cache)
-    cache = _load_timing_cache(config, timing_cache)
-    try:
-        serialized = builder.build_serialized_network(network, config)
-    finally:
-        if calibrator is not None:
-            calibrator.device.close()
-    if serialized is None:
-        details = "\n  ".join(logger.errors) or "(no error logged; run with -v for the builder log)"
-        raise EngineBuildError(f"{model}: TensorRT failed to build the engine:\n  {details}")
-    plan = plan_path(repo, model)
-    plan.write_bytes(bytes(serialized))
-    if cache is not None and timing_cache is not None:
-        timing_cache.parent.mkdir(parents=True, exist_ok=True)
-        timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+    plan_bytes, cache = _serialize(trt, spec, repo, model, options, profiles, timing_cache, strongly_typed)
+    # The old manifest goes first: until the new one is written the plan has none, which `check` refuses, instead
+    # of a new plan beside the manifest of the old one.
+    manifest_path(repo, model).unlink(missing_ok=True)
+    plan = write_atomic(plan_path(repo, model), plan_bytes)
+    if cache is not None:
+        write_atomic(timing_cache, bytes(cache.serialize()))
     built_on = dataclasses.replace(node, tensorrt_version=trt.__version__)
-    manifest = create_manifest(spec, repo, model, built_on, options.precision.value, profiles, options.flags(), plan)
+    manifest = create_manifest(spec, repo, model, built_on, options.precision.value, profiles,
+                               options.flags(strongly_typed), plan)
     manifest.write(manifest_path(repo, model))
     return BuildResult(model, plan, manifest_path(repo, model), round(time.monotonic() - started, 1),
                        plan.stat().st_size, options.precision.value, profiles)
@@ -217,6 +244,10 @@ def build_engines(spec: PipelineSpec, repo: Path, precision: Precision | str | N
     if not node.has_gpu:
         raise EngineBuildError("no GPU on this node (" + "; ".join(node.notes) + "); engines must be built on "
                                "the GPU model they will serve on")
+    builder_version = require_tensorrt().__version__
+    if node.tensorrt_version and not same_version(builder_version, node.tensorrt_version):
+        log.warning("building with TensorRT %s, but this node's Triton loads TensorRT %s: these plans will not load "
+                    "in it (install the [gpu] extra's pinned TensorRT)", builder_version, node.tensorrt_version)
     options = BuildOptions.from_spec(spec, precision)
     if timing_cache is None:
         timing_cache = cache_dir(spec) / "tensorrt" / "timing.cache"

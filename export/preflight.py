@@ -4,7 +4,12 @@ For every engine model it compares `<model>/1/manifest.json` with
 - the repository: the plan exists, the ONNX file it was built from is unchanged (sha256), the spec still asks for
   the same tensor contract and optimisation profiles;
 - the node: a GPU of the compute capability (and model) the engine was built on, unless it was built
-  hardware-compatible; the TensorRT version of the serving image, unless it was built version-compatible.
+  hardware-compatible; the TensorRT Triton loads plans with (`export.node`: its TensorRT backend's libnvinfer and
+  the image's $TRT_VERSION, never the `tensorrt` Python package that built them), unless it was built
+  version-compatible;
+- Triton's backend config: a version-compatible plan carries TensorRT's lean runtime and loads only when Triton runs
+  with `--backend-config=tensorrt,version-compatible=true`; `fusionrank serve` and the image entrypoint add it
+  from `triton_backend_config`, and a caller that says how Triton will run (`backend_config`) is checked for it.
 `fusionrank serve --profile gpu` runs the same `preflight` first and refuses to start on any mismatch.
 """
 
@@ -14,23 +19,21 @@ import dataclasses
 import enum
 import json
 import logging
-import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from export.manifest import (
     EngineManifest,
     ManifestError,
-    NodeInfo,
-    NodeProbe,
     engine_contract_digest,
     find_manifest,
     onnx_path,
     plan_path,
-    probe_node,
     sha256_file,
 )
+from export.node import NodeInfo, NodeProbe, probe_node, same_version, version_parts
 from export.profiles import engine_models, model_profiles
 from fusionrank.errors import FusionRankError
 from fusionrank.spec import PipelineSpec
@@ -46,6 +49,10 @@ class MismatchKind(str, enum.Enum):
     SPEC_CHANGED = "spec changed"
     WRONG_GPU = "wrong GPU"
     TENSORRT_MISMATCH = "TensorRT mismatch"
+    BACKEND_CONFIG = "Triton backend config"
+
+
+VERSION_COMPATIBLE_CONFIG = "tensorrt,version-compatible=true"
 
 
 @dataclass(frozen=True)
@@ -63,11 +70,6 @@ class Mismatch:
         return {"model": self.model, "kind": self.kind.value, "detail": self.detail}
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
-    """'10.13.3.9' -> (10, 13, 3, 9); '10.13.3.9.post1' -> (10, 13, 3, 9)."""
-    return tuple(int(p) for p in re.findall(r"\d+", version.split(".post")[0])[:4])
-
-
 def _cc_tuple(cc: str) -> tuple[int, int]:
     major, _, minor = cc.partition(".")
     return int(major), int(minor or 0)
@@ -78,16 +80,16 @@ def tensorrt_mismatch(manifest: EngineManifest, node_version: str | None) -> str
     if node_version is None:
         return (f"built with TensorRT {manifest.tensorrt_version}; this node's TensorRT version is unknown "
                 "(pass --tensorrt-version with the serving image's version)")
-    built, here = _version_tuple(manifest.tensorrt_version), _version_tuple(node_version)
     if manifest.version_compatible:
         # Version-compatible plans run on the same or a later TensorRT (never an older one).
-        if here < built:
+        built, here = version_parts(manifest.tensorrt_version), version_parts(node_version)
+        if here[:len(built)] < built[:len(here)]:
             return (f"built version-compatible with TensorRT {manifest.tensorrt_version}; this node has the older "
                     f"{node_version}")
         return None
-    # A plain plan needs exactly the TensorRT it was built with (major, minor, patch and build).
-    n = max(len(built), len(here))
-    if built + (0,) * (n - len(built)) != here + (0,) * (n - len(here)):
+    # A plain plan needs exactly the TensorRT it was built with (major, minor, patch and build; a version read
+    # without its build number matches on the other three).
+    if not same_version(manifest.tensorrt_version, node_version):
         return f"built with TensorRT {manifest.tensorrt_version}, this node has {node_version}"
     return None
 
@@ -120,7 +122,30 @@ def gpu_mismatch(manifest: EngineManifest, node: NodeInfo) -> str | None:
     return None
 
 
-def check_model(spec: PipelineSpec, repo: Path, model: str, node: NodeInfo) -> list[Mismatch]:
+def backend_config_mismatch(manifest: EngineManifest, backend_config: Sequence[str] | None) -> str | None:
+    """Why Triton started with `backend_config` cannot load this plan (None: it can, or fusionrank starts Triton)."""
+    if not manifest.version_compatible or backend_config is None:
+        return None
+    if any(VERSION_COMPATIBLE_CONFIG == value.replace(" ", "") for value in backend_config):
+        return None
+    return (f"built version-compatible: Triton must run with --backend-config={VERSION_COMPATIBLE_CONFIG} "
+            "(fusionrank serve and the image entrypoint add it)")
+
+
+def triton_backend_config(spec: PipelineSpec, repo: Path) -> list[str]:
+    """`--backend-config` values Triton needs for the engines in `repo` (version-compatible plans need one)."""
+    for model in engine_models(spec):
+        try:
+            manifest = find_manifest(repo, model)
+        except ManifestError:
+            continue
+        if manifest is not None and manifest.version_compatible:
+            return [VERSION_COMPATIBLE_CONFIG]
+    return []
+
+
+def check_model(spec: PipelineSpec, repo: Path, model: str, node: NodeInfo,
+                backend_config: Sequence[str] | None = None) -> list[Mismatch]:
     """Every mismatch of one engine model with the repository and the node."""
     plan = plan_path(repo, model)
     if not plan.is_file():
@@ -153,25 +178,32 @@ def check_model(spec: PipelineSpec, repo: Path, model: str, node: NodeInfo) -> l
     why = tensorrt_mismatch(manifest, node.tensorrt_version)
     if why:
         found.append(Mismatch(model, MismatchKind.TENSORRT_MISMATCH, why))
+    why = backend_config_mismatch(manifest, backend_config)
+    if why:
+        found.append(Mismatch(model, MismatchKind.BACKEND_CONFIG, why))
     return found
 
 
 def preflight(spec: PipelineSpec, repo: Path, tensorrt_version: str | None = None,
-              probe: NodeProbe | None = None) -> list[Mismatch]:
-    """Mismatches of every engine in `repo` with this node and the repository (empty: safe to serve)."""
+              probe: NodeProbe | None = None, backend_config: Sequence[str] | None = None) -> list[Mismatch]:
+    """Mismatches of every engine in `repo` with this node and the repository (empty: safe to serve).
+
+    `backend_config`: the `--backend-config` values Triton will run with; None when fusionrank starts it (it adds
+    `triton_backend_config`)."""
     node = probe() if probe else probe_node(tensorrt_version)
     if tensorrt_version and node.tensorrt_version != tensorrt_version:
-        node = dataclasses.replace(node, tensorrt_version=tensorrt_version)
-    return [m for model in engine_models(spec) for m in check_model(spec, Path(repo), model, node)]
+        node = dataclasses.replace(node, tensorrt_version=tensorrt_version, tensorrt_source="--tensorrt-version")
+    return [m for model in engine_models(spec) for m in check_model(spec, Path(repo), model, node, backend_config)]
 
 
 class PreflightError(FusionRankError):
     """The engines in the repository do not match this node (the GPU profile would fail to load or run them)."""
 
 
-def refuse_on_mismatch(spec: PipelineSpec, repo: Path, force: bool = False) -> list[Mismatch]:
+def refuse_on_mismatch(spec: PipelineSpec, repo: Path, force: bool = False,
+                       backend_config: Sequence[str] | None = None) -> list[Mismatch]:
     """Gate before serving the GPU profile: log every mismatch and raise `PreflightError` unless `force`."""
-    mismatches = preflight(spec, repo)
+    mismatches = preflight(spec, repo, backend_config=backend_config)
     for m in mismatches:
         log.error("pre-flight: %s", m)
     if mismatches and not force:
@@ -211,23 +243,36 @@ def render_table(rows: list[dict]) -> str:
 
 
 def check_command(spec: PipelineSpec, repo: Path, tensorrt_version: str | None = None, as_json: bool = False,
-                  probe: NodeProbe | None = None, out=None) -> int:
-    """`fusionrank check`: print a table (or JSON) of every engine; exit 1 naming each mismatch."""
+                  probe: NodeProbe | None = None, out=None, backend_config: Sequence[str] | None = None,
+                  print_backend_config: bool = False) -> int:
+    """`fusionrank check`: print a table (or JSON) of every engine; exit 1 naming each mismatch.
+
+    `print_backend_config`: print only the `--backend-config` values Triton needs for these engines, one per line
+    (the image entrypoint passes them on), and exit 0."""
     out = out or sys.stdout
+    needed = triton_backend_config(spec, repo)
+    if print_backend_config:
+        out.write("".join(f"{value}\n" for value in needed))
+        return 0
     node = probe() if probe else probe_node(tensorrt_version)
-    mismatches = preflight(spec, repo, tensorrt_version=tensorrt_version, probe=lambda: node)
+    mismatches = preflight(spec, repo, tensorrt_version=tensorrt_version, probe=lambda: node,
+                           backend_config=backend_config)
     rows = status_rows(spec, repo, mismatches)
     if as_json:
-        out.write(json.dumps({"node": node.as_dict(), "engines": rows,
+        out.write(json.dumps({"node": node.as_dict(), "engines": rows, "triton_backend_config": needed,
                               "mismatches": [m.as_dict() for m in mismatches]}, indent=2) + "\n")
-    else:
-        gpu = f"{node.gpu_name} (cc {node.compute_capability})" if node.has_gpu else "no GPU"
-        out.write(f"node: {gpu}, driver {node.driver_version or '-'}, CUDA {node.cuda_version or '-'}, "
-                  f"TensorRT {node.tensorrt_version or 'unknown'}\n")
-        for note in node.notes:
-            out.write(f"  note: {note}\n")
-        out.write(render_table(rows) + "\n")
-        for m in mismatches:
-            out.write(f"MISMATCH {m}\n")
-        out.write(f"{len(mismatches)} mismatch(es)\n" if mismatches else "all engines match this node\n")
+        return 1 if mismatches else 0
+    gpu = f"{node.gpu_name} (cc {node.compute_capability})" if node.has_gpu else "no GPU"
+    source = f" from {node.tensorrt_source}" if node.tensorrt_source else ""
+    out.write(f"node: {gpu}, driver {node.driver_version or '-'}, CUDA {node.cuda_version or '-'}, "
+              f"Triton's TensorRT {node.tensorrt_version or 'unknown'}{source}\n")
+    for note in node.notes:
+        out.write(f"  note: {note}\n")
+    out.write(render_table(rows) + "\n")
+    for value in needed:
+        out.write(f"Triton needs --backend-config={value} for these engines (fusionrank serve and the image "
+                  "entrypoint add it)\n")
+    for m in mismatches:
+        out.write(f"MISMATCH {m}\n")
+    out.write(f"{len(mismatches)} mismatch(es)\n" if mismatches else "all engines match this node\n")
     return 1 if mismatches else 0

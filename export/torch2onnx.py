@@ -146,7 +146,7 @@ def _text_samples(bench: Benchmark, items: list[int], spec: PipelineSpec, tokeni
     for joined in range(1, 12):
         for start in range(0, len(titles) - joined + 1, joined):
             sample = " ".join(titles[start:start + joined])
-            tokens = len(tokenizer(sample, truncation=True, max_length=text.max_length)["input_ids"])
+            tokens = len(tokenizer.encode(sample).ids)  # the preprocessor's tokenizer truncates at max_length
             by_bucket[text.bucket_for(tokens)].append(sample.encode())
     return [rows[: spec.export.parity_samples] for rows in by_bucket.values() if rows]
 

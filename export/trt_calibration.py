@@ -1,18 +1,24 @@
 """INT8 entropy calibration for `export.onnx2trt`: fixed-shape batches of real catalogue samples, fed to TensorRT.
 
 Implicit INT8 calibration (`IBuilderConfig.int8_calibrator` + `set_calibration_profile`) is deprecated since
-TensorRT 10.1, still supported in 10.x and removed in TensorRT 11.
+TensorRT 10.1, still supported in 10.x and removed in TensorRT 11 (`export.trt_precision` says what replaces it).
+
+The calibration table TensorRT writes is reused by later builds, so its name carries everything it depends on: the
+ONNX graph, the spec (catalogue, preprocessing, `calibration_samples`), the calibration batch shape and the TensorRT
+version; a change in any of them calibrates again instead of reusing a stale table.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 
 from export.cuda_memory import DeviceBuffers
-from export.manifest import onnx_path
+from export.manifest import onnx_path, sha256_file, write_atomic
 from export.profiles import RANKER
 from fusionrank.benchmark import Benchmark, load_benchmark
 from fusionrank.paths import tokenizer_dir
@@ -69,6 +75,15 @@ def _onnx_run(path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray
     return dict(zip(names, session.run(names, {k: v for k, v in inputs.items() if k in wanted})))
 
 
+def calibration_table(folder: Path, spec: PipelineSpec, model: str, onnx_file: Path, batch: dict[str, np.ndarray],
+                      tensorrt_version: str) -> Path:
+    """Where the calibration table of this exact graph, spec, batch shape and TensorRT version is kept."""
+    key = {"onnx": sha256_file(onnx_file), "spec": spec.digest(), "tensorrt": tensorrt_version,
+           "batch": {name: list(array.shape) for name, array in sorted(batch.items())}}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(folder) / f"{model}-{digest}.calib"
+
+
 def make_calibrator(trt, batches: list[dict[str, np.ndarray]], cache_file: Path):
     """A TensorRT entropy calibrator over `batches`; close its `device` buffers once the build is done."""
 
@@ -87,13 +102,12 @@ def make_calibrator(trt, batches: list[dict[str, np.ndarray]], cache_file: Path)
                 return None
             batch = self.batches[self.index]
             self.index += 1
-            return [self.device.upload(n, batch[n]) for n in names]
+            return [self.device.upload_blocking(n, batch[n]) for n in names]
 
         def read_calibration_cache(self):
             return cache_file.read_bytes() if cache_file.is_file() else None
 
         def write_calibration_cache(self, cache):
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            cache_file.write_bytes(bytes(cache))
+            write_atomic(cache_file, bytes(cache))
 
     return EntropyCalibrator()

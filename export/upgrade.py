@@ -30,7 +30,7 @@ from export.latency import BenchmarkError
 from export.upgrade_compare import NOISE_FLOOR_MS, compare, load_report
 from export.upgrade_markdown import fmt, render_markdown
 from export.upgrade_measure import DEFAULT_REQUESTS, ReportError, json_safe, measure, upgrade_profile
-from fusionrank.project import REPO_ROOT
+from fusionrank.project import reports_dir
 from fusionrank.spec import PipelineSpec, ServingProfile
 
 MEASURED_KEYS = ("schema", "created_utc", "profile", "spec_digest", "node", "engines", "manifests", "accuracy",
@@ -77,7 +77,7 @@ def upgrade_report(spec: PipelineSpec, repo: Path, profile: ServingProfile | str
     """
     profile = upgrade_profile(profile)
     base = load_report(baseline) if baseline else None  # fail before measuring on a bad baseline path
-    out = Path(out) if out else REPO_ROOT / "reports" / f"upgrade-{profile.value}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(out) if out else reports_dir() / f"upgrade-{profile.value}-{time.strftime('%Y%m%d-%H%M%S')}"
     measured = measure(spec, repo, profile, requests or DEFAULT_REQUESTS, url, scenario, out, min_iterations,
                        budget_s, progress, batch_sizes)
     report = build_report(spec, measured, base, str(baseline) if baseline else None)

@@ -27,10 +27,11 @@ from export.latency import (
     run_batched,
     scenario_requests,
 )
-from export.manifest import find_manifest, probe_node
+from export.manifest import find_manifest
+from export.node import probe_node
 from export.onnx2trt import build_engines
 from export.parity import check_outputs, ranking_parity
-from export.preflight import preflight
+from export.preflight import preflight, triton_backend_config
 from export.profiles import engine_models
 from fusionrank.errors import FusionRankError
 from fusionrank.serving.server import TritonServer
@@ -146,7 +147,8 @@ def measure_ensemble(spec: PipelineSpec, repo: Path, profile: ServingProfile, re
     if url:
         stats = benchmark_ensemble(spec, url, source, requests, sc.users, sc.warmup_requests, sc.timeout_s)
     else:
-        with TritonServer.for_spec(spec, repo, profile, log_name="upgrade",
+        backend_config = triton_backend_config(spec, repo) if profile is ServingProfile.GPU else []
+        with TritonServer.for_spec(spec, repo, profile, log_name="upgrade", backend_config=backend_config,
                                    log_file=out / "tritonserver.log" if out else None) as server:
             stats = benchmark_ensemble(spec, server.grpc_url, source, requests, sc.users, sc.warmup_requests,
                                        sc.timeout_s)

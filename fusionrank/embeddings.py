@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from tqdm import tqdm
 from fusionrank.benchmark import Benchmark, data_key
 from fusionrank.models.encoders import build_encoder
 from fusionrank.paths import cache_dir
-from fusionrank.preprocess import build_preprocessor
+from fusionrank.preprocess import PREPROCESS_VERSION, build_preprocessor
 from fusionrank.spec import Modality, PipelineSpec, to_dict
 
 log = logging.getLogger(__name__)
@@ -42,13 +43,19 @@ def encode_payloads(spec: PipelineSpec, modality: Modality, payloads: list[bytes
     return np.concatenate(out).astype(np.float32)
 
 
+def embeddings_path(spec: PipelineSpec, modality: Modality) -> Path:
+    """Cache file of one modality's catalogue embeddings, keyed by the data, the modality's spec and the
+    preprocessing version (any change to what the encoder sees gives a new file)."""
+    key = [data_key(spec), to_dict(getattr(spec.modalities, modality.value)), PREPROCESS_VERSION]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_dir(spec) / "embeddings" / f"{modality.value}-{digest}.npy"
+
+
 def catalogue_embeddings(spec: PipelineSpec, bench: Benchmark) -> dict[Modality, np.ndarray]:
-    """{modality: [num_items + 1, D]} with row 0 (padding id) all zeros; cached under the cache folder."""
+    """{modality: [num_items + 1, D]} with row 0 (padding id) all zeros; cached (see `embeddings_path`)."""
     result = {}
     for modality in spec.modalities.enabled:
-        config = to_dict(getattr(spec.modalities, modality.value))
-        digest = hashlib.sha256(json.dumps([data_key(spec), config], sort_keys=True).encode()).hexdigest()[:12]
-        path = cache_dir(spec) / "embeddings" / f"{modality.value}-{digest}.npy"
+        path = embeddings_path(spec, modality)
         if path.is_file():
             result[modality] = np.load(path)
             continue

@@ -34,6 +34,11 @@ class PreprocessError(FusionRankError):
         super().__init__(f"{input_name}: {problem}")
 
 
+class RequestValidationError(PreprocessError):
+    """A ranking request is malformed as a whole (missing input, rows that disagree, no candidates); the message
+    names the offending input."""
+
+
 class ParityError(FusionRankError):
     """An exported model disagrees with its PyTorch reference beyond the spec's tolerance."""
 

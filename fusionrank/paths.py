@@ -1,4 +1,4 @@
-"""Where generated artefacts live: one cache folder (never committed) and the model repository."""
+"""Where generated artefacts live: one cache folder (never committed), and checkpoint folders."""
 
 from __future__ import annotations
 
@@ -6,18 +6,16 @@ import os
 from pathlib import Path
 
 from fusionrank.errors import CheckpointError
-from fusionrank.project import REPO_ROOT
+from fusionrank.project import project_dir
 from fusionrank.spec import DEFAULT_TEXT_CHECKPOINT, PipelineSpec
-
-MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 
 
 def cache_dir(spec: PipelineSpec) -> Path:
-    """Cache root: $FUSIONRANK_CACHE if set, else the spec's `data.cache_dir` (relative to the repository)."""
+    """Cache root: $FUSIONRANK_CACHE if set, else the spec's `data.cache_dir` (relative to the project folder)."""
     root = os.environ.get("FUSIONRANK_CACHE") or spec.data.cache_dir
     path = Path(root)
     if not path.is_absolute():
-        path = REPO_ROOT / path
+        path = project_dir() / path
     path.mkdir(parents=True, exist_ok=True)
     return path
 

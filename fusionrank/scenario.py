@@ -23,9 +23,10 @@ import numpy as np
 import yaml
 
 from fusionrank.errors import FusionRankError
+from fusionrank.project import packaged
 from fusionrank.spec import Modality, PipelineSpec
 
-SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
+SCENARIO_DIR = Path(str(packaged("fusionrank", "scenarios")))  # package data, a real folder once pip-installed
 DEFAULT_SCENARIO = SCENARIO_DIR / "default.yaml"
 
 PACING_MODES = ("closed_loop", "target_rps")

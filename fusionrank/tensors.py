@@ -35,7 +35,7 @@ class ModelIO:
     outputs: tuple[TensorSpec, ...]
 
 
-# Ensemble (client-facing) tensor names, one row per candidate.
+# The ranking contract's tensor names (the route and the reference ensemble), one row per candidate.
 ITEM_INPUT = {Modality.TEXT: "item_text", Modality.IMAGE: "item_image", Modality.AUDIO: "item_audio"}
 USER_HISTORY = "user_history"
 CLICK_PROBABILITY = "click_probability"
@@ -58,7 +58,7 @@ def encoder_inputs(spec: PipelineSpec, modality: Modality) -> tuple[TensorSpec, 
 
 
 def model_io(spec: PipelineSpec, model: str) -> ModelIO:
-    """Inputs and outputs of one member model (or the ensemble) by its Triton name."""
+    """Inputs and outputs of one model (a member, the route or the reference ensemble) by its Triton name."""
     enabled = spec.modalities.enabled
     history = TensorSpec(USER_HISTORY, "int64", (spec.ranker.history.length,))
     ranker_out = (TensorSpec(CLICK_PROBABILITY, "float32", (1,)),
@@ -75,9 +75,10 @@ def model_io(spec: PipelineSpec, model: str) -> ModelIO:
         embeddings = tuple(TensorSpec(embedding_name(mod), "float32", (spec.modalities.embedding_dim(mod),))
                            for mod in enabled)
         return ModelIO(model, (*embeddings, TensorSpec("history", "int64", history.dims)), ranker_out)
-    if model == spec.serving.ensemble_name:
+    routes = (spec.serving.route, spec.serving.reference_ensemble)
+    if model in routes:
         return ModelIO(model, (*items, history), ranker_out)
-    raise KeyError(f"unknown model {model!r}; known: {', '.join((*member_models(spec), spec.serving.ensemble_name))}")
+    raise KeyError(f"unknown model {model!r}; known: {', '.join((*routes, *member_models(spec)))}")
 
 
 def request_arrays(items: Mapping[Modality, Sequence[bytes]], history: np.ndarray) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ from fusionrank.benchmark import TRAIN, VAL, Benchmark, data_key, load_benchmark
 from fusionrank.embeddings import catalogue_embeddings
 from fusionrank.models.fusion import ARCHITECTURE_VERSION, FusionRanker, RankerConfig, save_ranker
 from fusionrank.paths import cache_dir
+from fusionrank.preprocess import PREPROCESS_VERSION
 from fusionrank.spec import FusionType, Modality, PipelineSpec
 
 log = logging.getLogger(__name__)
@@ -33,9 +34,9 @@ def variant_name(spec: PipelineSpec, fusion: FusionType | None = None,
 
 def checkpoint_path(spec: PipelineSpec, name: str) -> Path:
     """Ranker checkpoint of one trained variant (e.g. 'concat', 'text_only'), keyed by the spec's digest, the
-    generated data's key and the ranker's architecture version (a new data generator or architecture invalidates
-    checkpoints trained before it)."""
-    key = f"{spec.digest()}-{data_key(spec)}-a{ARCHITECTURE_VERSION}"
+    generated data's key, the ranker's architecture version and the preprocessing version (a new data generator,
+    architecture or preprocessing invalidates checkpoints trained before it)."""
+    key = f"{spec.digest()}-{data_key(spec)}-a{ARCHITECTURE_VERSION}-p{PREPROCESS_VERSION}"
     return cache_dir(spec) / "checkpoints" / key / f"ranker-{name}.pt"
 
 

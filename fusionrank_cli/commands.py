@@ -11,10 +11,10 @@ from pathlib import Path
 
 from clients.rank_command import run_rank
 from export.onnx2trt import build_engines_command
-from export.preflight import check_command, refuse_on_mismatch
+from export.preflight import check_command, refuse_on_mismatch, triton_backend_config
 from export.upgrade import upgrade_report_command
 from fusionrank.benchmark import load_benchmark
-from fusionrank.paths import MODEL_REPOSITORY
+from fusionrank.project import model_repository_dir
 from fusionrank.serving.render import check_repository, render_repository
 from fusionrank.serving.server import serve_forever
 from fusionrank.spec import FusionType, Modality, PipelineSpec, Precision, ServingProfile, load_spec
@@ -26,7 +26,7 @@ def _spec(args: argparse.Namespace) -> PipelineSpec:
 
 
 def _repo(args: argparse.Namespace) -> Path:
-    return Path(args.repository) if args.repository else MODEL_REPOSITORY
+    return Path(args.repository) if args.repository else model_repository_dir()
 
 
 def _csv(value: str | None) -> list[str] | None:
@@ -84,10 +84,13 @@ def render(args) -> int:
 
 def serve(args) -> int:
     spec, repo, profile = _spec(args), _repo(args), ServingProfile(args.profile)
+    backend_config = []
     if profile is ServingProfile.GPU:
-        refuse_on_mismatch(spec, repo, force=args.force)
+        backend_config = triton_backend_config(spec, repo)
+        refuse_on_mismatch(spec, repo, force=args.force, backend_config=backend_config)
     return serve_forever(spec, repo, profile, grpc_port=args.grpc_port, http_port=args.http_port,
-                         metrics_port=args.metrics_port, log_file=args.log_file)
+                         metrics_port=args.metrics_port, log_file=args.log_file, backend_config=backend_config,
+                         reference_ensemble=args.with_reference_ensemble, models=args.model)
 
 
 def rank(args) -> int:
@@ -107,7 +110,8 @@ def build_engines(args) -> int:
 
 
 def check(args) -> int:
-    return check_command(_spec(args), _repo(args), tensorrt_version=args.tensorrt_version, as_json=args.json)
+    return check_command(_spec(args), _repo(args), tensorrt_version=args.tensorrt_version, as_json=args.json,
+                         backend_config=args.backend_config, print_backend_config=args.print_backend_config)
 
 
 def upgrade_report(args) -> int:

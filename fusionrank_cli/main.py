@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from pathlib import Path
 
 from fusionrank.errors import FusionRankError
+from fusionrank.project import ENV_HOME
 from fusionrank_cli.parser import build_parser
 
 
@@ -13,6 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; returns its exit code (2 on a fusionrank error, 130 on Ctrl-C)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    if args.project:
+        # Through the environment, so Locust and Triton's Python-backend stubs started below see the same project.
+        os.environ[ENV_HOME] = str(Path(args.project).expanduser().resolve())
     try:
         return int(args.handler(args) or 0)
     except FusionRankError as exc:

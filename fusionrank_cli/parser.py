@@ -16,8 +16,13 @@ DESCRIPTION = "fusionrank: multimodal recommendation ranker, from PyTorch to a T
 
 def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--spec", default=None, help="pipeline spec (default: pipeline.yaml of this repository)")
-    common.add_argument("--repository", default=None, help="Triton model repository (default: ./model_repository)")
+    common.add_argument("--project", default=None,
+                        help="project folder holding pipeline.yaml, model_repository/, reports/ and the cache "
+                             "(default: $FUSIONRANK_HOME, else the working directory)")
+    common.add_argument("--spec", default=None,
+                        help="pipeline spec (default: the project's pipeline.yaml, else the packaged default spec)")
+    common.add_argument("--repository", default=None,
+                        help="Triton model repository (default: the project's model_repository/)")
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return common
 
@@ -51,6 +56,11 @@ def _add_serving_commands(add) -> None:
     p.add_argument("--metrics-port", type=int, default=0, help="0 = a free port")
     p.add_argument("--log-file", default=None, help="Triton log file (default: in the cache folder)")
     p.add_argument("--force", action="store_true", help="gpu profile: start despite engine pre-flight mismatches")
+    p.add_argument("--with-reference-ensemble", action="store_true",
+                   help="also load the plain Triton ensemble (serving.reference_ensemble) for comparisons; Triton "
+                        "2.51 crashes when callers cancel requests to it")
+    p.add_argument("--model", action="append", default=None, metavar="NAME",
+                   help="load exactly this model (repeatable) instead of the spec's route and its members")
 
     p = add("rank", commands.rank, "rank candidates over gRPC and print a table")
     p.add_argument("--url", default="localhost:8001", help="gRPC endpoint(s), comma-separated")
@@ -82,6 +92,10 @@ def _add_engine_commands(add) -> None:
     p = add("check", commands.check, "pre-flight: do the engines in the repository match this node and the ONNX files?")
     p.add_argument("--tensorrt-version", default=None, help="TensorRT version of the serving image")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--backend-config", action="append", default=None,
+                   help="a --backend-config value Triton will run with (repeatable; default: as fusionrank starts it)")
+    p.add_argument("--print-backend-config", action="store_true",
+                   help="print only the --backend-config values these engines need, one per line")
 
     p = add("upgrade-report", commands.upgrade_report, "rebuild, check parity and latency against a stored baseline")
     p.add_argument("--baseline", default=None, help="baseline JSON from the previous node")

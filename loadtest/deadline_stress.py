@@ -1,8 +1,8 @@
 """Replay ranking calls that miss their deadline against a server, and say whether it survived.
 
 Triton 2.51 segfaults when clients cancel in-flight ensemble requests (triton-inference-server/server#7368, fixed
-upstream by #7840), which is why `RankingClient` abandons a late call instead of cancelling it.
-This script measures both:
+upstream by #7840), which is why `RankingClient` abandons a late call instead of cancelling it. The route callers
+use is no longer an ensemble (`fusionrank.serving.route`); this script measures both client behaviours against it:
 
     python -m loadtest.deadline_stress --serve --rounds 60                     # abandon (the client's default)
     python -m loadtest.deadline_stress --serve --rounds 60 --abandon-grace 0   # cancel at the deadline
@@ -24,7 +24,7 @@ from pathlib import Path
 from clients import NO_RETRY, RankingClient
 from clients.errors import ClientError, DeadlineExceededError
 from fusionrank.benchmark import load_benchmark
-from fusionrank.paths import MODEL_REPOSITORY
+from fusionrank.project import model_repository_dir
 from fusionrank.serving.server import TritonServer
 from fusionrank.spec import ServingProfile, load_spec
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="gRPC endpoint of a running server")
     where.add_argument("--serve", action="store_true", help="start the local CPU server on --repository")
-    p.add_argument("--repository", default=str(MODEL_REPOSITORY), help="model repository for --serve")
+    p.add_argument("--repository", default=str(model_repository_dir()), help="model repository for --serve")
     p.add_argument("--rounds", type=int, default=60)
     p.add_argument("--abandon-grace", type=float, default=30.0,
                    help="seconds a late call stays on the server; 0 cancels it at its deadline")

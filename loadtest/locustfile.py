@@ -4,7 +4,7 @@ Configured by environment variables (set by `fusionrank loadtest`; set them your
 docs/loadtest.md):
 
 - FUSIONRANK_LOADTEST_URL  gRPC endpoint(s), comma-separated (else Locust's --host)
-- FUSIONRANK_SPEC          pipeline spec (default: the repository's pipeline.yaml)
+- FUSIONRANK_SPEC          pipeline spec (default: the project's pipeline.yaml, else the packaged one)
 - FUSIONRANK_SCENARIO      scenario YAML or name (default: the packaged `default` scenario)
 - FUSIONRANK_LOADTEST_USERS  total users, to split a target request rate between them (default: the scenario's)
 - FUSIONRANK_LOADTEST_SAMPLES  folder for per-request samples (one CSV per process); unset: none recorded

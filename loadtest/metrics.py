@@ -1,7 +1,7 @@
 """Server-side breakdown of a load test from Triton's Prometheus metrics.
 
 Two scrapes of `/metrics`, one before and one after the run, parsed with prometheus_client's parser; the per-model
-differences give each ensemble member's requests, queue time and compute time per request, and the batch size the
+differences give each served model's requests, queue time and compute time per request, and the batch size the
 dynamic batcher achieved (inference count / execution count). A missed SLO then shows where the time went.
 """
 

@@ -187,10 +187,10 @@ class Verdict:
                  f"errors {100 * s.get('error_rate', 0):.2f}%",
                  "", self.slo_table(), ""]
         if self.members:
-            lines += ["server-side breakdown per ensemble member (Triton metrics, this run only):",
+            lines += ["server-side breakdown per model (Triton metrics, this run only):",
                       format_members(self.members),
-                      "(the ensemble row's queue and compute are Triton's sums over its members; its total is end to "
-                      "end, shorter than the sum because the encoders run in parallel)", ""]
+                      "(the route's row is end to end inside the server: its compute is its in-process preprocessing "
+                      "plus the wait for its members, whose own rows follow)", ""]
         lines += [f"note: {n}" for n in self.notes]
         lines += [c.describe() for c in self.missed]
         lines.append(f"SLO verdict: {'PASS' if self.passed else 'FAIL'} ({self.slo_source})")

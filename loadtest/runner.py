@@ -20,10 +20,10 @@ from clients import RankingClient
 from clients.errors import ClientError
 from fusionrank.benchmark import load_benchmark
 from fusionrank.errors import FusionRankError
-from fusionrank.project import REPO_ROOT
+from fusionrank.project import project_dir, reports_dir
 from fusionrank.scenario import RequestFactory, Scenario, load_scenario, parse_duration
 from fusionrank.serving.server import TritonServer
-from fusionrank.spec import PipelineSpec, ServingProfile, member_models
+from fusionrank.spec import PipelineSpec, ServingProfile, served_models
 from loadtest import metrics as triton_metrics
 from loadtest.report import (
     Verdict,
@@ -57,7 +57,8 @@ class LocustRun:
 
 
 def default_out_dir() -> Path:
-    return REPO_ROOT / "reports" / f"loadtest-{time.strftime('%Y%m%d-%H%M%S')}"
+    """`<project>/reports/loadtest-<time>`."""
+    return reports_dir() / f"loadtest-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def locust_command(out: Path, users: int, spawn_rate: float, run_time: str, url: str) -> list[str]:
@@ -73,7 +74,7 @@ def run_locust(cmd: list[str], env: dict[str, str], timeout: float, log_file: Pa
     started = time.monotonic()
     with log_file.open("w") as logf:
         proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=REPO_ROOT)
+                                start_new_session=True, cwd=project_dir())
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -175,7 +176,7 @@ def run_loadtest(spec: PipelineSpec, url: str, run_time: str = "30s", metrics_ur
 
     members = []
     if before is not None and after is not None:
-        members = triton_metrics.breakdown(before, after, [*member_models(spec), spec.serving.ensemble_name])
+        members = triton_metrics.breakdown(before, after, served_models(spec))
     elif not metrics_url:
         notes.append("no metrics URL: server-side breakdown skipped (pass --serve or set FUSIONRANK_METRICS_URL)")
     verdict = Verdict(evaluate_slo(targets, summary), summary, members, out, notes, scen.name, targets.source)

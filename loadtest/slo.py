@@ -7,34 +7,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from fusionrank.project import packaged
 from fusionrank.scenario import ScenarioError, read_yaml
-from fusionrank.spec import PipelineSpec
+from fusionrank.spec import SLO_FIELDS, PipelineSpec, SloTargets
 
-CI_SLO = Path(__file__).resolve().parent / "slo.ci.yaml"
-SLO_FIELDS = ("p50_ms", "p95_ms", "p99_ms", "max_error_rate", "min_throughput_rps")
+CI_SLO = Path(str(packaged("loadtest", "slo.ci.yaml")))  # package data, a real file once pip-installed
 
 
 @dataclass(frozen=True)
-class Slo:
-    """Release-gate targets; a field set to None is not gated."""
+class Slo(SloTargets):
+    """Release-gate targets and the file (or spec) they came from; a field set to None is not gated."""
 
-    p50_ms: float | None = None
-    p95_ms: float | None = None
-    p99_ms: float | None = None
-    max_error_rate: float | None = None
-    min_throughput_rps: float | None = None
     source: str = "<defaults>"
 
     def __post_init__(self):
-        for name in ("p50_ms", "p95_ms", "p99_ms", "min_throughput_rps"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ScenarioError(self.source, name, value, "a number > 0 (or null: not gated)")
-        if self.max_error_rate is not None and not 0 <= self.max_error_rate <= 1:
-            raise ScenarioError(self.source, "max_error_rate", self.max_error_rate, "a number in [0, 1]")
-
-    def targets(self) -> dict[str, float]:
-        return {k: getattr(self, k) for k in SLO_FIELDS if getattr(self, k) is not None}
+        problem = self.problem()
+        if problem:
+            raise ScenarioError(self.source, *problem)
 
 
 def _slo_values(data: dict, src: str, where: str) -> dict[str, float | None]:

@@ -3,8 +3,10 @@
 - `ci_spec`: the small test spec (tests/pipeline.ci.yaml); `per_bucket_spec`: the same with one TensorRT profile
   per text padding bucket.
 - `built_repository`: a temporary model repository rendered, trained and exported for `ci_spec`.
-- `triton_server`: a real tritonserver (CPU profile) on that repository, started once per session.
-- `fake_trt`, `fake_cuda`: fake `tensorrt` / cuda-python modules (tests/fake_tensorrt.py) for one test.
+- `triton_server`: a real tritonserver (CPU profile) on that repository, started once per session (the route, its
+  members and the reference ensemble loaded).
+- `fake_trt`, `fake_cuda`: fake `tensorrt` / cuda-python modules (tests/fake_tensorrt.py, tests/fake_cuda.py) for
+  one test.
 
 In CI the server must be found (it installs with the project), so e2e tests fail rather than silently skip there.
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import fake_cuda as fake_cuda_module
 from tests import fake_tensorrt
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -78,13 +81,16 @@ def reference_pipeline(ci_spec, ci_checkpoint, built_repository):
 
 
 @pytest.fixture(scope="session")
-def triton_server(built_repository, tmp_path_factory):
-    """A started tritonserver (CPU profile) on `built_repository`; stopped at the end of the session."""
+def triton_server(ci_spec, built_repository, tmp_path_factory):
+    """A started tritonserver (CPU profile) on `built_repository`, with the route callers use, its members and the
+    reference ensemble (for the tests that compare with it); stopped at the end of the session."""
     from fusionrank.serving.server import TritonServer
+    from fusionrank.spec import served_models
 
     log_file = tmp_path_factory.mktemp("triton-log") / "tritonserver.log"
     server = TritonServer(built_repository, profile="cpu", log_file=log_file,
-                          cache=tmp_path_factory.mktemp("triton-backend"))
+                          cache=tmp_path_factory.mktemp("triton-backend"),
+                          models=served_models(ci_spec, reference_ensemble=True))
     server.start(timeout=300)
     yield server
     server.stop()
@@ -99,4 +105,4 @@ def fake_trt(monkeypatch):
 @pytest.fixture
 def fake_cuda(monkeypatch):
     """The fake cuda-python runtime (host memory) in sys.modules for this test."""
-    return fake_tensorrt.install_cuda(monkeypatch)
+    return fake_cuda_module.install_cuda(monkeypatch)

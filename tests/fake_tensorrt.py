@@ -1,21 +1,24 @@
-"""Fake `tensorrt` and cuda-python modules for unit tests of the engine builder and runner (no GPU here).
+"""A fake `tensorrt` module for unit tests of the engine builder and runner (no GPU here).
 
-TensorRT needs a GPU, so these fakes stand in for the documented API surface (names checked against the
-tensorrt_cu12_bindings 10.13.3.9 wheel): they record what `export.onnx2trt` and `export.trt_runner` ask for, so the
-wiring of profiles, precision, timing cache, error reporting and the runner's profile choice and chunking is tested
-without one; tests/test_gpu.py runs the real thing on a GPU node. `install_tensorrt` / `install_cuda` put them into
-`sys.modules` (the `fake_trt` / `fake_cuda` fixtures in conftest.py) and reset what they recorded.
+TensorRT needs a GPU, so this fake stands in for the documented API surface (names checked against the
+tensorrt_cu12_bindings 10.13.3.9 wheel): it records what `export.onnx2trt` and `export.trt_runner` ask for (the
+logger every Builder and Runtime gets, network flags, builder config), returns False / None where TensorRT does on
+failure (refused shapes and profiles, no execution context), and runs the engine on the fake CUDA stream of
+tests/fake_cuda.py, so the wiring of profiles, precision, timing cache, error reporting and the runner's profile
+choice, chunking and stream use is tested without one; tests/test_gpu.py runs the real thing on a GPU node.
+`install_tensorrt` puts it into `sys.modules` (the `fake_trt` fixture in conftest.py) and resets what it recorded.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import sys
 import types
 from pathlib import Path
 
 import numpy as np
+
+from tests.fake_cuda import FakeCudart
 
 FAKE_TENSORRT_VERSION = "10.13.3.9"
 
@@ -44,15 +47,21 @@ class FakeTRT:
     class TensorIOMode:
         INPUT, OUTPUT = "INPUT", "OUTPUT"
 
+    class NetworkDefinitionCreationFlag:
+        STRONGLY_TYPED = 1
+
     class IInt8EntropyCalibrator2:
         def __init__(self):
             pass
 
-    int64, float32 = "int64", "float32"
+    int64, float32, float16, bfloat16, fp8 = "int64", "float32", "float16", "bfloat16", "fp8"
     builds: list = []  # every builder config passed to build_serialized_network, in order
+    loggers: list = []  # the logger passed to every Builder, OnnxParser and Runtime, in order
 
     @staticmethod
     def nptype(dtype):
+        if dtype in ("bfloat16", "fp8"):  # as tensorrt.nptype: no numpy equivalent
+            raise TypeError("Could not resolve TensorRT datatype to an equivalent numpy datatype.")
         return np.dtype(dtype).type
 
 
@@ -65,8 +74,8 @@ class Tensor:
 
 
 class Network:
-    def __init__(self):
-        self.inputs = []
+    def __init__(self, flags=0):
+        self.inputs, self.flags = [], flags
 
     @property
     def num_inputs(self):
@@ -88,6 +97,7 @@ class Parser:
 
     def __init__(self, network, logger):
         self.network, self.logger, self.num_errors = network, logger, 0
+        FakeTRT.loggers.append(logger)
 
     def parse_from_file(self, path):
         blob = Path(path).read_bytes()
@@ -159,17 +169,22 @@ class Builder:
 
     def __init__(self, logger):
         self.logger = logger
+        FakeTRT.loggers.append(logger)
 
     def create_network(self, flags):
-        return Network()
+        self.network = Network(flags)
+        return self.network
 
     def create_builder_config(self):
-        return Config()
+        config = Config()
+        config.logger = self.logger
+        return config
 
     def create_optimization_profile(self):
         return Profile()
 
     def build_serialized_network(self, network, config):
+        config.network_flags = network.flags
         FakeTRT.builds.append(config)
         if "INT8" in config.flags:  # TensorRT pulls calibration batches until the calibrator returns None
             names = list(config.calibration_profile.shapes)
@@ -185,50 +200,14 @@ class Builder:
 # --- running ------------------------------------------------------------------------------------------------------
 
 
-class FakeCudart:
-    """cuda-python's runtime module over host memory: enough for the runner's malloc/memcpy/stream calls."""
-
-    memory: dict[int, bytearray] = {}
-    allocations = 0
-
-    class cudaMemcpyKind:
-        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = 1, 2
-
-    @classmethod
-    def cudaMalloc(cls, n):
-        cls.allocations += 1
-        ptr = 0x1000 * cls.allocations
-        cls.memory[ptr] = bytearray(n)
-        return 0, ptr
-
-    @classmethod
-    def cudaFree(cls, ptr):
-        cls.memory.pop(ptr)
-        return (0,)
-
-    @classmethod
-    def cudaMemcpy(cls, dst, src, n, kind):
-        if kind == cls.cudaMemcpyKind.cudaMemcpyHostToDevice:
-            cls.memory[dst][:n] = ctypes.string_at(src, n)
-        else:
-            ctypes.memmove(dst, bytes(cls.memory[src][:n]), n)
-        return (0,)
-
-    @staticmethod
-    def cudaStreamCreate():
-        return 0, 99
-
-    @staticmethod
-    def cudaStreamSynchronize(stream):
-        return (0,)
-
-    @staticmethod
-    def cudaStreamDestroy(stream):
-        return (0,)
-
-
 class FakeEngine:
-    """A text encoder engine with the given profiles; output row = (sum of input_ids, profile index)."""
+    """A text encoder engine with the given profiles; output row = (sum of input_ids, profile index).
+
+    `dtypes` overrides tensor types (e.g. a bfloat16 output); `no_context` makes create_execution_context return
+    None, as TensorRT does when the context's memory cannot be allocated."""
+
+    dtypes: dict = {}
+    no_context = False
 
     def __init__(self, profiles):
         self.profiles = profiles
@@ -243,43 +222,75 @@ class FakeEngine:
         return "OUTPUT" if name == "text_embedding" else "INPUT"
 
     def get_tensor_dtype(self, name):
-        return "float32" if name == "text_embedding" else "int64"
+        return FakeEngine.dtypes.get(name, "float32" if name == "text_embedding" else "int64")
+
+    def get_tensor_shape(self, name):
+        return (-1, 2) if name == "text_embedding" else (-1, -1)
 
     def get_tensor_profile_shape(self, name, index):
         r = self.profiles[index].ranges()[name]
         return [r.min, r.opt, r.max]
 
     def create_execution_context(self):
-        return FakeContext(self)
+        return None if FakeEngine.no_context else FakeContext(self)
+
+
+def _log_error(logger, message: str) -> None:
+    logger.log(FakeTRT.ILogger.Severity.ERROR, message)
 
 
 class FakeContext:
-    calls: list = []  # (profile, rows, sequence length) of every execute_async_v3
+    """Returns False and logs an error where TensorRT does: a shape outside the profile, a `refused` profile, and
+    every execution while `fail_execution` is set."""
+
+    calls: list = []  # (profile, rows, sequence length) of every execute_async_v3, when it runs on the stream
+    refused: set = set()  # profile indices set_optimization_profile_async refuses
+    fail_execution = False
+    executions = 0
 
     def __init__(self, engine):
         self.engine, self.profile, self.shapes, self.addresses = engine, 0, {}, {}
+        self.logger = FakeRuntime.last_logger
 
     def set_optimization_profile_async(self, index, stream):
+        if index in FakeContext.refused:
+            _log_error(self.logger, f"setOptimizationProfileAsync: profile {index} is in use by another context")
+            return False
         self.profile = index
         return True
 
     def set_input_shape(self, name, shape):
         r = self.engine.profiles[self.profile].ranges()[name]
-        assert r.contains(tuple(shape)), f"{name} {shape} outside profile {self.profile}"
+        if not r.contains(tuple(shape)):
+            _log_error(self.logger, f"{name}: dimensions {tuple(shape)} outside profile {self.profile}")
+            return False
         self.shapes[name] = tuple(shape)
+        return True
 
     def get_tensor_shape(self, name):
         return (self.shapes["input_ids"][0], 2)
 
     def set_tensor_address(self, name, ptr):
         self.addresses[name] = ptr
+        return True
 
     def execute_async_v3(self, stream):
+        FakeContext.executions += 1
+        if FakeContext.fail_execution:
+            _log_error(self.logger, f"enqueue failed: illegal memory access (execution {FakeContext.executions})")
+            return False
         rows, seq = self.shapes["input_ids"]
-        ids = np.frombuffer(bytes(FakeCudart.memory[self.addresses["input_ids"]][:rows * seq * 8]), np.int64)
-        out = np.stack([ids.reshape(rows, seq).sum(1), np.full(rows, self.profile)], 1).astype(np.float32)
-        FakeCudart.memory[self.addresses["text_embedding"]][:out.nbytes] = out.tobytes()
-        FakeContext.calls.append((self.profile, rows, seq))
+        profile, addresses, dtype = self.profile, dict(self.addresses), self.engine.get_tensor_dtype("text_embedding")
+
+        def run():  # on the stream: reads what the copies before it put on the device
+            ids = np.frombuffer(bytes(FakeCudart.memory[addresses["input_ids"]][:rows * seq * 8]), np.int64)
+            out = np.stack([ids.reshape(rows, seq).sum(1), np.full(rows, profile)], 1).astype(np.float32)
+            if dtype == "bfloat16":  # the upper half of each float32
+                out = (out.view(np.uint32) >> 16).astype(np.uint16)
+            FakeCudart.memory[addresses["text_embedding"]][:out.nbytes] = out.tobytes()
+            FakeContext.calls.append((profile, rows, seq))
+
+        FakeCudart.enqueue(stream, run)
         return True
 
 
@@ -287,9 +298,12 @@ class FakeRuntime:
     """Deserializes `GARBAGE` as a failure and anything else as a FakeEngine over `FakeRuntime.profiles`."""
 
     profiles: tuple = ()
+    last_logger = None
 
     def __init__(self, logger):
         self.logger, self.engine_host_code_allowed = logger, False
+        FakeTRT.loggers.append(logger)
+        FakeRuntime.last_logger = logger
 
     def deserialize_cuda_engine(self, blob):
         if blob == b"GARBAGE":
@@ -308,21 +322,11 @@ def install_tensorrt(monkeypatch) -> types.ModuleType:
         if not name.startswith("__") or name == "__version__":
             setattr(module, name, getattr(FakeTRT, name))
     FakeTRT.builds.clear()
+    FakeTRT.loggers.clear()
     monkeypatch.setattr(Builder, "fail", False)
-    monkeypatch.setattr(FakeContext, "calls", [])
+    for name, value in (("calls", []), ("refused", set()), ("fail_execution", False), ("executions", 0)):
+        monkeypatch.setattr(FakeContext, name, value)
+    monkeypatch.setattr(FakeEngine, "dtypes", {})
+    monkeypatch.setattr(FakeEngine, "no_context", False)
     monkeypatch.setitem(sys.modules, "tensorrt", module)
     return module
-
-
-def install_cuda(monkeypatch) -> type[FakeCudart]:
-    """Put the fake `cuda.bindings.runtime` into sys.modules (undone by `monkeypatch`), with no memory allocated."""
-    monkeypatch.setattr(FakeCudart, "memory", {})
-    cuda, bindings, runtime = (types.ModuleType(n) for n in ("cuda", "cuda.bindings", "cuda.bindings.runtime"))
-    for name in ("cudaMemcpyKind", "cudaMalloc", "cudaFree", "cudaMemcpy", "cudaStreamCreate",
-                 "cudaStreamSynchronize", "cudaStreamDestroy"):
-        setattr(runtime, name, getattr(FakeCudart, name))
-    bindings.runtime, cuda.bindings = runtime, bindings
-    monkeypatch.setitem(sys.modules, "cuda", cuda)
-    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
-    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", runtime)
-    return FakeCudart

@@ -37,9 +37,10 @@ def _inputs(items: dict[Modality, list[bytes]], history: np.ndarray, history_dty
     return infer_inputs(grpcclient, request_arrays(items, np.asarray(history, dtype=history_dtype)))
 
 
-def _rank(url, spec, items, history, **kw):
+def _rank(url, spec, items, history, model: str | None = None, **kw):
+    """Scores and modality weights from the route callers use (or `model`, e.g. the reference ensemble)."""
     with grpcclient.InferenceServerClient(url) as client:
-        result = client.infer(spec.serving.ensemble_name, _inputs(items, history, **kw), client_timeout=120)
+        result = client.infer(model or spec.serving.route, _inputs(items, history, **kw), client_timeout=120)
         return result.as_numpy(CLICK_PROBABILITY)[:, 0], result.as_numpy(MODALITY_WEIGHTS)
 
 
@@ -52,17 +53,29 @@ def _session_request(bench, spec, session: int, n: int | None = None):
     return items, history
 
 
-def test_every_member_is_ready(triton_server, ci_spec):
-    from fusionrank.spec import member_models
+def test_every_served_model_is_ready(triton_server, ci_spec):
+    from fusionrank.spec import served_models
 
     with grpcclient.InferenceServerClient(triton_server.grpc_url) as client:
-        for model in (*member_models(ci_spec), ci_spec.serving.ensemble_name):
+        for model in served_models(ci_spec, reference_ensemble=True):
             assert client.is_model_ready(model), model
 
 
-def test_served_scores_equal_offline_pytorch(triton_server, ci_spec, bench, reference_pipeline):
+def test_load_and_unload_are_closed_to_callers_without_the_admin_header(triton_server, ci_spec):
+    """Explicit model control opens Triton's model-repository API; a plain caller must not unload the route."""
+    with grpcclient.InferenceServerClient(triton_server.grpc_url) as client:
+        with pytest.raises(InferenceServerException) as info:
+            client.unload_model(ci_spec.serving.route)
+        assert info.value.status() == "StatusCode.UNAVAILABLE" and "protocol is restricted" in info.value.message()
+        assert client.is_model_ready(ci_spec.serving.route)
+        index = client.get_model_repository_index(headers=triton_server.grpc_admin_header, as_json=True)
+        assert {m["name"] for m in index["models"]} >= {ci_spec.serving.route, ci_spec.serving.reference_ensemble}
+
+
+def test_served_scores_equal_offline_pytorch_and_the_reference_ensemble(triton_server, ci_spec, bench,
+                                                                        reference_pipeline):
     tol, weight_tol = ci_spec.export.tolerance(CLICK_PROBABILITY), ci_spec.export.tolerance(MODALITY_WEIGHTS)
-    worst = 0.0
+    worst = worst_vs_ensemble = 0.0
     for session in bench.frozen_sessions(4):
         items, history = _session_request(bench, ci_spec, int(session))
         served, weights = _rank(triton_server.grpc_url, ci_spec, items, history)
@@ -71,7 +84,12 @@ def test_served_scores_equal_offline_pytorch(triton_server, ci_spec, bench, refe
         np.testing.assert_allclose(served, offline, atol=tol.atol, rtol=tol.rtol)
         np.testing.assert_allclose(weights, offline_weights, atol=weight_tol.atol, rtol=weight_tol.rtol)
         assert list(np.argsort(-served, kind="stable")) == list(np.argsort(-offline, kind="stable"))
-    print(f"served vs offline: max |diff| = {worst:.3g}")
+        ensemble, ensemble_weights = _rank(triton_server.grpc_url, ci_spec, items, history,
+                                           model=ci_spec.serving.reference_ensemble)
+        worst_vs_ensemble = max(worst_vs_ensemble, float(np.max(np.abs(served - ensemble))))
+        np.testing.assert_allclose(served, ensemble, atol=tol.atol, rtol=tol.rtol)
+        np.testing.assert_allclose(weights, ensemble_weights, atol=weight_tol.atol, rtol=weight_tol.rtol)
+    print(f"route vs offline: max |diff| = {worst:.3g}; route vs reference ensemble: {worst_vs_ensemble:.3g}")
 
 
 def _png_claiming(width: int, height: int) -> bytes:
@@ -115,7 +133,7 @@ def _bad_cases(bench, spec):
     def set_history(value):
         def mutate(items, history):
             history = history.copy()
-            history[1, 3] = value
+            history[1, 3] = value(history[0, 3]) if callable(value) else value
             return items, history, {}
         return mutate
 
@@ -130,10 +148,12 @@ def _bad_cases(bench, spec):
         ("audio too long", set_row(Modality.AUDIO, _wav(spec.modalities.audio.max_seconds + 1)), "item_audio"),
         ("negative history id", set_history(-5), "user_history"),
         ("out-of-vocabulary history id", set_history(vocab + 10), "user_history"),
+        ("history differs between candidates", set_history(lambda v: v % (vocab - 1) + 1),
+         "user_history[1]: differs from row 0"),
         ("wrong history shape", lambda i, h: (i, h[:, :-1], {}), "user_history"),
         ("wrong history dtype", lambda i, h: (i, h, {"history_dtype": np.float32}), "user_history"),
-        ("too many candidates",
-         lambda i, h: ({m: v * 40 for m, v in i.items()}, np.repeat(h, 40, axis=0), {}), "batch"),
+        ("too many candidates", lambda i, h: ({m: v * 40 for m, v in i.items()}, np.repeat(h, 40, axis=0), {}),
+         f"item_text: 120 candidates; at most {spec.serving.max_candidates} per request"),
     ]
 
 
@@ -185,10 +205,10 @@ def _scrape(url: str) -> dict[tuple[str, str], float]:
 
 
 def test_dynamic_batching_merges_concurrent_requests(triton_server, ci_spec, bench):
-    """Single-candidate requests sent together are executed in shared batches by every encoder.
+    """Single-candidate requests sent together to the route are executed in shared batches by the route and by every
+    member it calls (prometheus_client's parser reports Triton's counters with the `_total` suffix)."""
+    from fusionrank.spec import served_models
 
-    (prometheus_client's parser reports Triton's counters with the `_total` suffix.)
-    """
     before = _scrape(triton_server.metrics_url)
     requests = [_session_request(bench, ci_spec, int(s), n=1) for s in bench.frozen_sessions(8)] * 4
 
@@ -200,13 +220,27 @@ def test_dynamic_batching_merges_concurrent_requests(triton_server, ci_spec, ben
         return after.get((metric, model), 0.0) - before.get((metric, model), 0.0)
 
     report = {}
-    for modality in ci_spec.modalities.enabled:
-        model = f"{modality.value}_encoder"
-        # prometheus_client's parser reports Triton's counters with the `_total` suffix.
+    for model in served_models(ci_spec):
         inferences = delta("nv_inference_count_total", model)
         executions = delta("nv_inference_exec_count_total", model)
-        assert inferences == len(requests)
+        assert inferences == len(requests), model
         report[model] = inferences / executions
-    print("average batch per encoder:", {k: round(v, 2) for k, v in report.items()})
+    print("average batch per model:", {k: round(v, 2) for k, v in report.items()})
     for model, average in report.items():
         assert average > 1.0, f"{model}: no dynamic batching ({average:.2f} inferences per execution)"
+
+
+def test_route_comparison_measures_both_routes_side_by_side(triton_server, ci_spec):
+    """`python -m loadtest.compare_routes` on a few requests: both routes answer every request, and the breakdown
+    shows each route's own requests and the members it called."""
+    from loadtest.compare_routes import build_requests, compare
+
+    out = io.StringIO()
+    results = compare(ci_spec, triton_server.grpc_url, triton_server.metrics_url, build_requests(ci_spec, 4, 3),
+                      users=2, rounds=1, out=out)
+    assert [r["model"] for r in results] == [ci_spec.serving.route, ci_spec.serving.reference_ensemble]
+    for result in results:
+        assert result["errors"] == 0 and result["candidates_per_s"] > 0, out.getvalue()
+        members = {m.model: m for m in result["members"]}
+        assert members[result["model"]].requests == 4 and members["image_encoder"].inferences == 12
+    assert "candidates/s" in out.getvalue()

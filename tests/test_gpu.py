@@ -1,27 +1,34 @@
 """GPU node only (`make test-gpu`): build TensorRT engines for the built repository, prove them against the golden
-PyTorch outputs, serve the gpu profile and rank. Skipped cleanly without TensorRT or a CUDA GPU."""
+PyTorch outputs, serve the gpu profile and rank.
+
+What a node lacks is said once, by `export.gpu_steps.gpu_readiness` (the same reasons `make gpu-check` reports):
+without a CUDA GPU, or without TensorRT and cuda-python, the whole module is skipped with that reason; without a
+TensorRT backend in the Triton `fusionrank serve` would start (the nvidia-pytriton server has only the Python
+backend; the NGC image has it), the engines are still built and checked and the serving tests are skipped with it.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from export.gpu_steps import gpu_readiness
+
+from .conftest import REPO_ROOT
+
 pytestmark = pytest.mark.gpu
 
-# Checked at import, before any session fixture (export, training) is built for tests that cannot run here.
-trt = pytest.importorskip("tensorrt", reason="TensorRT not installed (pip install '.[gpu]')")
-pytest.importorskip("cuda", reason="cuda-python not installed (pip install '.[gpu]')")
+# Decided at import, before any session fixture (export, training) is built for tests that cannot run here.
+READINESS = gpu_readiness(REPO_ROOT / "model_repository")
+if READINESS.no_cuda or READINESS.no_tensorrt:
+    pytest.skip(READINESS.no_cuda or READINESS.no_tensorrt, allow_module_level=True)
+
+trt = pytest.importorskip("tensorrt")  # installed: the skip above did not apply
 
 
-def _gpu_or_skip() -> None:
-    from export.manifest import probe_node
-
-    node = probe_node()
-    if not node.has_gpu:
-        pytest.skip("no CUDA GPU on this node: " + "; ".join(node.notes), allow_module_level=True)
-
-
-_gpu_or_skip()
+def _needs_triton_tensorrt() -> None:
+    if READINESS.no_triton_tensorrt:
+        pytest.skip(READINESS.no_triton_tensorrt)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +55,10 @@ def test_engines_and_manifests_are_written(ci_spec, built_repository, engines):
 
 
 def test_preflight_passes_on_the_build_node(ci_spec, built_repository, engines):
+    """Triton's own TensorRT (its backend's libnvinfer) must be the one that built the plans: the [gpu] pin."""
     from export.preflight import preflight
 
+    _needs_triton_tensorrt()
     assert preflight(ci_spec, built_repository) == []
 
 
@@ -98,8 +107,9 @@ def test_serve_gpu_profile_and_rank(ci_spec, built_repository, engines, referenc
     from export.latency import ensemble_inputs
     from fusionrank.benchmark import load_benchmark
     from fusionrank.serving.server import TritonServer
-    from fusionrank.spec import Modality
+    from fusionrank.spec import Modality, served_models
 
+    _needs_triton_tensorrt()
     bench = load_benchmark(ci_spec)
     session = int(bench.frozen_sessions(1)[0])
     ids = bench.sessions.candidates[session]
@@ -109,9 +119,9 @@ def test_serve_gpu_profile_and_rank(ci_spec, built_repository, engines, referenc
     history = np.repeat(bench.sessions.history[session][None, :], len(ids), axis=0)
     expected, _ = reference_pipeline.score(items, history)
     with TritonServer(built_repository, profile="gpu", log_file=tmp_path / "triton.log",
-                      cache=tmp_path / "backend") as server:
+                      cache=tmp_path / "backend", models=served_models(ci_spec)) as server:
         with grpcclient.InferenceServerClient(server.grpc_url) as client:
-            result = client.infer(ci_spec.serving.ensemble_name, ensemble_inputs(items, history),
+            result = client.infer(ci_spec.serving.route, ensemble_inputs(items, history),
                                   client_timeout=120)
     probs = result.as_numpy("click_probability")[:, 0]
     tol = ci_spec.export.tensorrt.tolerances.get("click_probability", ci_spec.export.tolerance("click_probability"))
@@ -123,6 +133,7 @@ def test_serve_gpu_profile_and_rank(ci_spec, built_repository, engines, referenc
 def test_gpu_upgrade_report_passes_parity(ci_spec, built_repository, engines, tmp_path):
     from export.upgrade import upgrade_report
 
+    _needs_triton_tensorrt()
     report = upgrade_report(ci_spec, built_repository, "gpu", out=tmp_path / "report", requests=20,
                             save_baseline_to=tmp_path / "baseline.json")
     assert report["engines"]["rebuilt"] == []

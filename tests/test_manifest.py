@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,15 +13,14 @@ from export import manifest as manifest_mod
 from export.manifest import (
     EngineManifest,
     ManifestError,
-    NodeInfo,
     compare_manifests,
     create_manifest,
     find_manifest,
     load_manifest,
     manifest_path,
     plan_path,
-    probe_node,
 )
+from export.node import NodeInfo, probe_node
 from export.preflight import MismatchKind, check_command, preflight
 from export.profiles import engine_models, model_profiles
 from fusionrank.spec import BatchingSpec
@@ -128,6 +126,8 @@ def test_wrong_gpu_is_detected(ci_spec, repo, node, fragment):
 @pytest.mark.parametrize("node_version, compatible, ok", [
     ("10.13.3.9", False, True),
     ("10.13.3.9.post1", False, True),
+    ("10.13.3", False, True),     # read from libnvinfer, which has no build number
+    ("10.13.2", False, False),
     ("10.13.2.6", False, False),
     ("10.14.1.48", False, False),
     (None, False, False),
@@ -138,6 +138,28 @@ def test_tensorrt_version_rules(ci_spec, tmp_path, node_version, compatible, ok)
     repo = _engine_repo(ci_spec, tmp_path, {**FLAGS, "version_compatible": compatible})
     found = preflight(ci_spec, repo, probe=lambda: _node(tensorrt_version=node_version))
     assert _kinds(found) == (set() if ok else {MismatchKind.TENSORRT_MISMATCH})
+
+
+def test_version_compatible_plans_need_the_backend_config_triton_runs_with(ci_spec, tmp_path):
+    from export.preflight import VERSION_COMPATIBLE_CONFIG, triton_backend_config
+
+    repo = _engine_repo(ci_spec, tmp_path, {**FLAGS, "version_compatible": True})
+    newer = _node(tensorrt_version="10.14.1.48")
+    found = preflight(ci_spec, repo, probe=lambda: newer, backend_config=[])
+    assert _kinds(found) == {MismatchKind.BACKEND_CONFIG} and len(found) == len(engine_models(ci_spec))
+    assert f"--backend-config={VERSION_COMPATIBLE_CONFIG}" in found[0].detail
+    assert preflight(ci_spec, repo, probe=lambda: newer, backend_config=[VERSION_COMPATIBLE_CONFIG]) == []
+    assert triton_backend_config(ci_spec, repo) == [VERSION_COMPATIBLE_CONFIG]
+    out = io.StringIO()
+    assert check_command(ci_spec, repo, probe=lambda: newer, out=out, print_backend_config=True) == 0
+    assert out.getvalue() == f"{VERSION_COMPATIBLE_CONFIG}\n"
+
+
+def test_plain_plans_need_no_backend_config(ci_spec, repo):
+    from export.preflight import triton_backend_config
+
+    assert triton_backend_config(ci_spec, repo) == []
+    assert preflight(ci_spec, repo, probe=lambda: BUILD_NODE, backend_config=[]) == []
 
 
 def test_tensorrt_version_argument_overrides_the_probe(ci_spec, repo):
@@ -225,32 +247,6 @@ def test_serve_gpu_profile_refuses_on_mismatch_unless_forced(ci_spec, repo):
         refuse_on_mismatch(ci_spec, repo, force=False)
     forced = refuse_on_mismatch(ci_spec, repo, force=True)
     assert any(m.model == "audio_encoder" and "stale engine" in str(m) for m in forced)
-
-
-def test_probe_without_nvidia_smi_reports_no_gpu(monkeypatch):
-    monkeypatch.setattr(manifest_mod.shutil, "which", lambda name: None)
-    monkeypatch.setattr(manifest_mod, "_cuda_runtime_version", lambda: None)
-    node = probe_node(tensorrt_version="10.13.3.9")
-    assert not node.has_gpu and node.tensorrt_version == "10.13.3.9"
-    assert any("nvidia-smi not found" in n for n in node.notes)
-
-
-def test_probe_parses_nvidia_smi(monkeypatch):
-    def fake_run(cmd, **kwargs):
-        text = ("NVIDIA H100 80GB HBM3, 9.0, 570.124.06\nNVIDIA H100 80GB HBM3, 9.0, 570.124.06\n"
-                if "--query-gpu=name,compute_cap,driver_version" in cmd else
-                "| NVIDIA-SMI 570.124.06   Driver Version: 570.124.06   CUDA Version: 12.8 |\n")
-        return subprocess.CompletedProcess(cmd, 0, stdout=text, stderr="")
-
-    monkeypatch.setattr(manifest_mod.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
-    monkeypatch.setattr(manifest_mod.subprocess, "run", fake_run)
-    monkeypatch.setattr(manifest_mod, "_cuda_runtime_version", lambda: None)
-    monkeypatch.setattr(manifest_mod, "tensorrt_version_here", lambda: None)
-    node = probe_node()
-    assert (node.gpu_name, node.compute_capability, node.driver_version, node.cuda_version) == \
-        ("NVIDIA H100 80GB HBM3", "9.0", "570.124.06", "12.8")
-    assert node.tensorrt_version is None
-    assert any("2 GPUs" in n for n in node.notes) and any("--tensorrt-version" in n for n in node.notes)
 
 
 def test_manifest_needs_the_tensorrt_version(ci_spec, repo):

@@ -86,8 +86,8 @@ def test_image_bad_rows(ci_spec):
     pre = build_preprocessor(ci_spec, Modality.IMAGE)
     good = _encode(Image.new("RGB", (64, 64)), "JPEG")
     gif = _encode(Image.new("RGB", (8, 8)), "GIF")
-    for raw, problem in [(b"", "empty"), (b"not an image", "cannot decode"), (good[:100], "cannot decode"),
-                         (gif, "unsupported image format GIF")]:
+    for raw, problem in [(b"", "empty"), (b"not an image", "unsupported image format or not an image"),
+                         (good[:100], "cannot decode"), (gif, "unsupported image format")]:
         with pytest.raises(PreprocessError) as info:
             pre([good, raw])
         assert str(info.value).startswith("item_image[1]") and problem in str(info.value), info.value
@@ -153,3 +153,97 @@ def test_history_validation(ci_spec):
         validate_history(ok[:, 1:], ci_spec)
     with pytest.raises(PreprocessError, match="INT64"):
         validate_history(ok.astype(np.float32), ci_spec)
+
+
+def _spec_with(ci_spec, section: str, **fields):
+    from fusionrank.spec import from_dict, to_dict
+
+    data = to_dict(ci_spec, drop=("source",))
+    data["modalities"][section].update(fields)
+    return from_dict(data)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height, with almost no pixel data behind it."""
+    import struct
+    import zlib
+
+    raw = _encode(Image.new("RGB", (4, 4)), "PNG")
+    ihdr = raw[12:16] + struct.pack(">II", width, height) + raw[24:29]
+    return raw[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + raw[33:]
+
+
+@pytest.mark.parametrize("width, height, problem", [
+    (9000, 100, "at most 8192x8192"), (100, 9000, "at most 8192x8192"), (5000, 5000, "exceeds the limit"),
+    (8000, 700, "aspect ratio of 8000x700 exceeds 10:1"), (30, 400, "aspect ratio of 30x400"),
+])
+def test_image_header_limits_refuse_before_decoding(ci_spec, width, height, problem):
+    pre = build_preprocessor(ci_spec, Modality.IMAGE)
+    with pytest.raises(PreprocessError) as info:
+        pre([_encode(Image.new("RGB", (8, 8)), "PNG"), _png_header(width, height)])
+    # The header alone decides: these payloads have no pixel data a decoder could even try.
+    assert str(info.value).startswith("item_image[1]") and problem in str(info.value), info.value
+
+
+def test_image_limits_come_from_the_spec(ci_spec):
+    pre = build_preprocessor(_spec_with(ci_spec, "image", max_aspect_ratio=2.0, max_width=300), Modality.IMAGE)
+    assert pre([_encode(Image.new("RGB", (200, 100)), "PNG")])["pixel_values"].shape[0] == 1
+    for size, problem in [((201, 100), "exceeds 2:1"), ((301, 200), "at most 300x8192")]:
+        with pytest.raises(PreprocessError, match=problem):
+            pre([_encode(Image.new("RGB", size), "PNG")])
+
+
+def _wav_bytes(samples: np.ndarray, rate: int, subtype: str = "PCM_16") -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, samples, rate, format="WAV", subtype=subtype)
+    return buf.getvalue()
+
+
+def test_audio_header_limits_refuse_before_decoding(ci_spec):
+    import struct
+
+    pre = build_preprocessor(ci_spec, Modality.AUDIO)
+    good = _wav_bytes(np.zeros(1600), 16000)
+    absurd = good[:24] + struct.pack("<II", 2_000_000_000, 4_000_000_000) + good[32:]  # rate, byte rate
+    nan, inf = np.zeros(1600, np.float32), np.zeros(1600, np.float32)
+    nan[7], inf[9] = np.nan, -np.inf
+    cases = [(absurd, "sample rate 2000000000 Hz outside the allowed 8000..192000 Hz"),
+             (_wav_bytes(np.zeros(400), 4000), "sample rate 4000 Hz"),
+             (_wav_bytes(np.zeros((160, 12)), 16000), "12 channels; 1 to 8 allowed"),
+             (_wav_bytes(np.zeros(1600), 16000, "IMA_ADPCM"), "unsupported WAV sample format IMA_ADPCM"),
+             (_wav_bytes(nan, 16000, "FLOAT"), "non-finite samples"),
+             (_wav_bytes(inf, 16000, "FLOAT"), "non-finite samples"),
+             (_wav_bytes(np.full(1600, 3e38, np.float32), 16000, "FLOAT"), "log-mel spectrogram is not finite"),
+             (b"RIFF" + b"\0" * 20_000_000, "at most 16000000 allowed")]
+    for raw, problem in cases:
+        with pytest.raises(PreprocessError) as info:
+            pre([good, raw])
+        assert str(info.value).startswith("item_audio[1]") and problem in str(info.value), info.value
+
+
+def test_audio_reads_only_the_first_clip_and_odd_rates_stay_cheap(ci_spec):
+    pre = build_preprocessor(ci_spec, Modality.AUDIO)
+    rng = np.random.default_rng(0)
+    long_noise = 0.1 * rng.standard_normal(16000 * 20)
+    np.testing.assert_array_equal(pre([_wav_bytes(long_noise, 16000)])["log_mel"],
+                                  pre([_wav_bytes(long_noise[:16000 + 64], 16000)])["log_mel"])
+    # A prime rate shares no factor with 16 kHz: it is resampled at the nearest ratio with a denominator <= 1000
+    # (before: a 20 x 47999-tap filter, 0.4 s per row).
+    from fusionrank.preprocess.audio import _resampling_filter
+
+    out = pre([_wav_bytes(0.1 * np.sin(np.arange(47999) * 0.1), 47999)])["log_mel"]
+    assert np.isfinite(out).all() and _resampling_filter.cache_info().currsize <= 16
+    assert max(len(_resampling_filter(1, 3)), len(_resampling_filter(320, 441))) < 20_000
+
+
+def test_text_bytes_limit_refuses_before_decoding(text, ci_spec):
+    limit = ci_spec.modalities.text.max_chars
+    with pytest.raises(PreprocessError, match=rf"item_text\[0\]: text has {4 * limit + 1} bytes"):
+        text([b"\xff" * (4 * limit + 1)])
+
+
+def test_history_rows_must_be_one_user(ci_spec):
+    history = np.zeros((3, ci_spec.ranker.history.length), dtype=np.int64)
+    history[2, 5] = 7
+    with pytest.raises(PreprocessError, match=r"user_history\[2\]: differs from row 0"):
+        validate_history(history, ci_spec)

@@ -14,7 +14,7 @@ from fusionrank.serving.render import (
     model_configs,
     render_repository,
 )
-from fusionrank.spec import ModalitiesSpec, ServingProfile, from_dict, member_models
+from fusionrank.spec import ModalitiesSpec, ServingProfile, from_dict, member_models, served_models
 from fusionrank.tensors import model_io
 
 from .conftest import REPO_ROOT
@@ -36,7 +36,8 @@ def test_check_names_a_hand_edited_config(default_spec, tmp_path):
 
 @pytest.mark.parametrize("profile", list(ServingProfile))
 def test_every_committed_config_parses_and_matches_the_contract(default_spec, profile):
-    for model in (*member_models(default_spec), default_spec.serving.ensemble_name):
+    serving = default_spec.serving
+    for model in (*member_models(default_spec), serving.route, serving.reference_ensemble):
         config = load_config(COMMITTED / model / profile.config_file)
         assert config.name == model
         io_ = model_io(default_spec, model)
@@ -68,7 +69,39 @@ def test_every_member_batches_dynamically_and_warms_up(default_spec):
             assert len(config.model_warmup) >= 1, (model, profile)
     text_warmups = configs["text_encoder"]["gpu"].model_warmup
     assert sorted(w.inputs["input_ids"].dims[0] for w in text_warmups) == list(default_spec.modalities.text.buckets)
-    assert not configs[default_spec.serving.ensemble_name]["cpu"].HasField("dynamic_batching")
+    assert not configs[default_spec.serving.reference_ensemble]["cpu"].HasField("dynamic_batching")
+
+
+def test_route_is_a_python_model_batching_as_the_spec_says(default_spec):
+    """The route callers use: a BLS Python model on the CPU in every profile, its batcher and instances from the
+    spec, and the members' max batch sizes in its spec slice (it cuts its member calls at them)."""
+    route = default_spec.serving.route
+    batching = default_spec.serving.batching(route)
+    for profile, config in model_configs(default_spec)[route].items():
+        assert config.backend == "python" and config.parameters["role"].string_value == "route", profile
+        assert config.max_batch_size == batching.max_batch_size >= default_spec.serving.max_candidates
+        assert list(config.dynamic_batching.preferred_batch_size) == list(batching.preferred_batch_sizes)
+        assert config.dynamic_batching.max_queue_delay_microseconds == batching.max_queue_delay_us
+        assert config.instance_group[0].count == batching.instances
+        assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+        rebuilt = from_dict(__import__("json").loads(config.parameters["spec"].string_value))
+        assert rebuilt.serving == default_spec.serving and rebuilt.modalities == default_spec.modalities
+    assert (COMMITTED / route / "1" / "model.py").read_text().count("RouteModel as TritonPythonModel") == 1
+
+
+def test_only_the_ensembles_ranker_step_guards_finite_outputs(default_spec):
+    configs = model_configs(default_spec)
+    assert configs["fusion_ranker"]["cpu"].parameters["check_finite_outputs"].string_value == "true"
+    for model in ("text_encoder", "image_encoder", "audio_encoder"):
+        assert "check_finite_outputs" not in configs[model]["cpu"].parameters
+
+
+def test_served_models_leave_the_reference_ensemble_out_unless_asked(default_spec):
+    serving = default_spec.serving
+    assert served_models(default_spec) == (serving.route, "text_encoder", "image_encoder", "audio_encoder",
+                                           "fusion_ranker")
+    with_reference = served_models(default_spec, reference_ensemble=True)
+    assert set(with_reference) - set(served_models(default_spec)) == {serving.reference_ensemble, "preprocess"}
 
 
 def test_ensemble_wiring_is_closed(default_spec):
@@ -92,9 +125,9 @@ def test_disabled_modality_disappears_from_the_contract(default_spec):
     assert "audio_encoder" not in configs
     assert "item_audio" not in [i.name for i in configs["preprocess"]["cpu"].input]
     assert "log_mel" not in [o.name for o in configs["preprocess"]["cpu"].output]
-    ensemble = configs[spec.serving.ensemble_name]["cpu"]
-    assert [i.name for i in ensemble.input] == ["item_text", "item_image", "user_history"]
-    assert list(ensemble.output[1].dims) == [2]
+    for route in (spec.serving.route, spec.serving.reference_ensemble):
+        assert [i.name for i in configs[route]["cpu"].input] == ["item_text", "item_image", "user_history"]
+        assert list(configs[route]["cpu"].output[1].dims) == [2]
     assert [i.name for i in configs["fusion_ranker"]["cpu"].input] == ["text_embedding", "image_embedding", "history"]
 
 

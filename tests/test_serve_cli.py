@@ -1,4 +1,5 @@
-"""`fusionrank serve` lifecycle with the real tritonserver: endpoints printed, SIGTERM stops everything."""
+"""`fusionrank serve` lifecycle with the real tritonserver: endpoints printed, SIGTERM stops everything, a dead
+server is reported and ends the command with a non-zero status."""
 
 from __future__ import annotations
 
@@ -68,25 +69,30 @@ def _echo_repository(tmp_path, model: str = ECHO_MODEL):
     return repo
 
 
-def test_serve_prints_endpoints_and_stops_cleanly_on_sigterm(tmp_path):
-    repo = _echo_repository(tmp_path)
-    log_file = tmp_path / "triton.log"
+def _start_serve(repo, log_file) -> tuple[subprocess.Popen, str]:
+    """`fusionrank serve` on the echo repository, read up to its "Ctrl-C ..." line: (process, output so far)."""
     proc = subprocess.Popen([sys.executable, "-m", "fusionrank_cli", "serve", "--repository", str(repo),
-                             "--profile", "cpu", "--log-file", str(log_file)],
+                             "--profile", "cpu", "--log-file", str(log_file), "--model", "echo"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("Ctrl-C"):
+            break
+    return proc, "".join(lines)
+
+
+def test_serve_prints_endpoints_and_stops_cleanly_on_sigterm(tmp_path):
+    log_file = tmp_path / "triton.log"
+    proc, output = _start_serve(_echo_repository(tmp_path), log_file)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("Ctrl-C"):
-                break
-        output = "".join(lines)
         grpc_url = re.search(r"gRPC\s+(\S+)", output).group(1)
         assert re.search(r"metrics\s+http://127\.0\.0\.1:\d+/metrics", output)
+        assert re.search(r"models\s+echo\n", output)
         assert str(log_file) in output
         with grpcclient.InferenceServerClient(grpc_url) as client:
             assert client.is_model_ready("echo")
@@ -96,6 +102,31 @@ def test_serve_prints_endpoints_and_stops_cleanly_on_sigterm(tmp_path):
         assert proc.wait(timeout=60) == 0
         assert "server stopped" in proc.stdout.read()
         assert not _alive_after(stubs, timeout=10), "processes left behind after SIGTERM"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_reports_a_dead_server_and_exits_non_zero(tmp_path):
+    """A crashed server (a segfault, as Triton 2.51's on cancelled ensemble requests) is reported with how it ended
+    and the tails of its log and console, and `fusionrank serve` exits non-zero so a supervisor restarts it."""
+    log_file = tmp_path / "triton.log"
+    proc, _ = _start_serve(_echo_repository(tmp_path), log_file)
+    try:
+        (server,) = [p for p in psutil.Process(proc.pid).children() if p.name() == "tritonserver"]
+        stubs = _descendants_named(server.pid, "triton")
+        server.send_signal(signal.SIGSEGV)
+        assert proc.wait(timeout=60) == 128 + signal.SIGSEGV
+        report = proc.stdout.read()
+        assert "tritonserver died: killed by signal 11 (SIGSEGV)" in report
+        assert f"lines of its log ({log_file}):" in report
+        last_logged = log_file.read_text().splitlines()[-1]
+        assert last_logged in report, "the log tail is in the report"
+        assert "lines of its console (" in report and "Signal (11) received" in report, "the crash trace is in it"
+        assert "exits with status 139 so that a supervisor restarts it" in report
+        assert "server stopped" not in report
+        assert not _alive_after(stubs, timeout=10), "processes of the dead server left behind"
     finally:
         if proc.poll() is None:
             proc.kill()

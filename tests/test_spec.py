@@ -32,6 +32,17 @@ def test_default_spec_loads_and_is_frozen():
     ({"ranker": {"hidden_size": 3}}, "ranker.hidden_size", "no such field"),
     ({"train": {"epochs": "many"}}, "train.epochs", "an integer"),
     ({"serving": {"max_candidates": 500}}, "serving.max_candidates", "max_batch_size"),
+    ({"modalities": {"image": {"max_aspect_ratio": 0.5}}}, "modalities.image.max_aspect_ratio", ">= 1"),
+    ({"modalities": {"image": {"max_width": 0}}}, "modalities.image.max_width", "> 0"),
+    ({"modalities": {"audio": {"max_sample_rate": 4000}}}, "modalities.audio.max_sample_rate", "min_sample_rate"),
+    ({"modalities": {"audio": {"max_channels": 0}}}, "modalities.audio.max_channels", "[1, 64]"),
+    ({"modalities": {"audio": {"sample_formats": ["MPEG_LAYER_III"]}}}, "modalities.audio.sample_formats",
+     "'PCM_16'"),
+    ({"serving": {"route": "preprocess"}}, "serving.route", "no member model uses"),
+    ({"serving": {"reference_ensemble": "Rank-Ensemble"}}, "serving.reference_ensemble", "lower_snake"),
+    ({"serving": {"reference_ensemble": "rank"}}, "serving.reference_ensemble", "other than the route's"),
+    ({"serving": {"models": {"rank": {"max_batch_size": 32, "preferred_batch_sizes": [32]}}}},
+     "serving.max_candidates", "the route's"),
     ({"slo": {"p50_ms": 900, "p95_ms": 100}}, "slo.p95_ms", "p50_ms <= p95_ms"),
 ])
 def test_bad_field_names_field_value_and_allowed(data, field, allowed):

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -16,53 +13,12 @@ from onnx import TensorProto, helper
 from fusionrank.serving.render import model_configs
 from fusionrank.serving.triton_models import OnnxRuntimeModel, PreprocessModel
 
-
-@dataclass
-class FakeTensor:
-    name: str
-    array: np.ndarray
-
-    def as_numpy(self):
-        return self.array
-
-
-@dataclass
-class FakeError:
-    message: str
-    code: int = 0
-    INVALID_ARG = 3
-    INTERNAL = 13
-
-    def __str__(self):
-        return self.message
-
-
-@dataclass
-class FakeResponse:
-    output_tensors: list = field(default_factory=list)
-    error: FakeError | None = None
-
-
-@dataclass
-class FakeRequest:
-    inputs: dict
-
-
-class FakeLogger:
-    errors: list = []
-
-    @classmethod
-    def log_error(cls, msg):
-        cls.errors.append(msg)
+from .fake_pb_utils import FakeError, FakeRequest, install
 
 
 @pytest.fixture
 def pb(monkeypatch):
-    module = types.SimpleNamespace(
-        Tensor=FakeTensor, InferenceResponse=FakeResponse, TritonError=FakeError, Logger=FakeLogger,
-        get_input_tensor_by_name=lambda request, name: FakeTensor(name, request.inputs[name]))
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", module)
-    return module
+    return install(monkeypatch)
 
 
 def _init(model_cls, spec, name, version_dir):
@@ -103,8 +59,9 @@ def preprocess(pb, ci_spec, tmp_path):
 
 
 def _history(ci_spec, n):
+    """One user's history, repeated for each of the n candidates."""
     length, vocab = ci_spec.ranker.history.length, ci_spec.ranker.history.vocab_size
-    return np.arange(n * length, dtype=np.int64).reshape(n, length) % vocab
+    return np.repeat(np.arange(length, dtype=np.int64)[None, :] % vocab, n, axis=0)
 
 
 def test_preprocess_outputs_every_encoder_input(preprocess, ci_spec):
@@ -158,3 +115,42 @@ def test_onnx_model_concatenates_runs_once_and_splits(pb, ci_spec, tmp_path, mon
     assert calls == [6], "all requests of the dynamic batch run in one session call"
     for batch, response in zip(batches, responses):
         np.testing.assert_array_equal(_outputs(response)["audio_embedding"], batch * 2)
+
+
+def _tiny_ranker_onnx(path):
+    """click_probability = log(mean(text_embedding)) (NaN for a negative mean), modality_weights = image_embedding:
+    stands in for the exported ranker, with its tensor names; the other inputs are unused."""
+    def value(name, dims):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT if name != "history" else TensorProto.INT64, dims)
+
+    inputs = [value("text_embedding", ["batch", "d"]), value("image_embedding", ["batch", 3]),
+              value("audio_embedding", ["batch", "a"]), value("history", ["batch", "h"])]
+    outputs = [value("click_probability", ["batch", 1]), value("modality_weights", ["batch", 3])]
+    nodes = [helper.make_node("ReduceMean", ["text_embedding"], ["mean"], keepdims=1, axes=[1]),
+             helper.make_node("Log", ["mean"], ["click_probability"]),
+             helper.make_node("Identity", ["image_embedding"], ["modality_weights"])]
+    graph = helper.make_graph(nodes, "g", inputs, outputs)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_ensembles_ranker_step_answers_a_non_finite_output_invalid_naming_the_row(pb, ci_spec, tmp_path):
+    version_dir = tmp_path / "fusion_ranker" / "1"
+    version_dir.mkdir(parents=True)
+    _tiny_ranker_onnx(version_dir / "model.onnx")
+    model = _init(OnnxRuntimeModel, ci_spec, "fusion_ranker", version_dir)
+
+    def request(text_means):
+        n = len(text_means)
+        return FakeRequest({"text_embedding": np.array(text_means, np.float32)[:, None].repeat(4, axis=1),
+                            "image_embedding": np.full((n, 3), 1 / 3, np.float32),
+                            "audio_embedding": np.zeros((n, 2), np.float32), "history": np.zeros((n, 5), np.int64)})
+
+    good, bad, weights_bad = request([0.5, 0.25]), request([0.5, 0.5, -1.0]), request([0.5])
+    weights_bad.inputs["image_embedding"][0, 2] = np.inf
+    responses = model.execute([good, bad, weights_bad])
+    assert responses[0].error is None
+    np.testing.assert_allclose(_outputs(responses[0])["click_probability"][:, 0], np.log([0.5, 0.25]), rtol=1e-6)
+    assert responses[1].error.code == FakeError.INVALID_ARG
+    assert responses[1].error.message.startswith("click_probability[2]: fusion_ranker produced a non-finite value")
+    assert responses[2].error.code == FakeError.INVALID_ARG
+    assert responses[2].error.message.startswith("modality_weights[0]: ")

@@ -9,14 +9,16 @@ import shutil
 
 import pytest
 
-from export.manifest import NodeInfo, find_manifest
+from export.manifest import find_manifest
+from export.node import NodeInfo
 from export.onnx2trt import build_engines
 from export.preflight import preflight
 from export.profiles import engine_models, model_profiles
 from export.trt_api import EngineBuildError
 from fusionrank.spec import Precision
 from fusionrank.tensors import model_io
-from tests.fake_tensorrt import FAKE_TENSORRT_VERSION, Builder, Config, FakeCudart, FakeTRT
+from tests.fake_cuda import FakeCudart
+from tests.fake_tensorrt import FAKE_TENSORRT_VERSION, Builder, Config, FakeTRT
 
 
 def _onnx_repo(spec, root, broken: str | None = None):
@@ -127,3 +129,131 @@ def test_int8_build_calibrates_on_catalogue_samples(ci_spec, built_repository, t
     assert len(config.calibrated) == -(-ci_spec.export.tensorrt.calibration_samples // batch)
     assert all(len(pointers) == 2 and all(pointers) for pointers in config.calibrated)
     assert FakeCudart.memory == {}  # calibration buffers freed after the build
+
+
+def test_builds_share_the_process_logger_and_report_only_their_own_errors(ci_spec, tmp_path, fake_trt, monkeypatch):
+    from export.trt_api import process_logger
+
+    repo = _onnx_repo(ci_spec, tmp_path, broken="audio_encoder")
+    build_engines(ci_spec, repo, models=["text_encoder", "image_encoder"], probe=_probe, timing_cache=tmp_path / "t")
+    assert len(FakeTRT.loggers) == 4 and all(logger is process_logger(fake_trt) for logger in FakeTRT.loggers)
+    with pytest.raises(EngineBuildError, match="failed to import node 7"):
+        build_engines(ci_spec, repo, models=["audio_encoder"], probe=_probe, timing_cache=tmp_path / "t")
+    monkeypatch.setattr(Builder, "fail", True)
+    with pytest.raises(EngineBuildError) as err:
+        build_engines(ci_spec, repo, models=["fusion_ranker"], probe=_probe, timing_cache=tmp_path / "t")
+    assert "out of memory" in str(err.value) and "failed to import node 7" not in str(err.value)
+
+
+def test_plan_and_manifest_are_replaced_atomically_manifest_last(ci_spec, tmp_path, fake_trt, monkeypatch):
+    import os
+
+    from export.manifest import manifest_path, plan_path
+
+    repo = _onnx_repo(ci_spec, tmp_path)
+    build_engines(ci_spec, repo, models=["fusion_ranker"], probe=_probe, timing_cache=tmp_path / "t")
+    plan, manifest = plan_path(repo, "fusion_ranker"), manifest_path(repo, "fusion_ranker")
+    plan.write_bytes(b"OLD PLAN")
+    seen = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        seen.append((os.path.basename(dst), manifest.exists()))
+        if dst == str(plan) or dst == plan:
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="No space left"):
+        build_engines(ci_spec, repo, models=["fusion_ranker"], probe=_probe, timing_cache=tmp_path / "t")
+    assert seen == [("model.plan", False)]  # the old manifest was gone before the new plan could appear
+    assert plan.read_bytes() == b"OLD PLAN" and not manifest.exists()
+    assert [p.name for p in plan.parent.iterdir() if p.name.endswith(".tmp")] == []  # no half-written file left
+    assert preflight(ci_spec, repo, probe=lambda: dataclasses.replace(_probe(), tensorrt_version="10.13.3.9")) != []
+
+
+def test_calibration_table_is_keyed_by_what_it_depends_on(ci_spec, tmp_path):
+    import numpy as np
+
+    from export.trt_calibration import calibration_table
+
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"graph")
+    batch = {"input_ids": np.zeros((64, 32), np.int64)}
+    base = calibration_table(tmp_path, ci_spec, "text_encoder", onnx, batch, "10.13.3.9")
+    assert calibration_table(tmp_path, ci_spec, "text_encoder", onnx, batch, "10.13.3.9") == base
+    more = ci_spec.with_overrides(export=dataclasses.replace(ci_spec.export, tensorrt=dataclasses.replace(
+        ci_spec.export.tensorrt, calibration_samples=ci_spec.export.tensorrt.calibration_samples * 2)))
+    changed = {
+        calibration_table(tmp_path, more, "text_encoder", onnx, batch, "10.13.3.9"),
+        calibration_table(tmp_path, ci_spec, "text_encoder", onnx, {"input_ids": np.zeros((32, 32))}, "10.13.3.9"),
+        calibration_table(tmp_path, ci_spec, "text_encoder", onnx, batch, "10.14.1.48"),
+    }
+    onnx.write_bytes(b"another graph")
+    changed.add(calibration_table(tmp_path, ci_spec, "text_encoder", onnx, batch, "10.13.3.9"))
+    assert base not in changed and len(changed) == 4
+
+
+def _qdq_onnx(path, input_name: str, zero_point: int, zero_type: int) -> None:
+    """A Q/DQ graph on one float input, its zero point constant of ONNX element type `zero_type`."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    zero = helper.make_tensor("zero", zero_type, [], [zero_point])
+    scale = onnx.numpy_helper.from_array(np.array(0.05, np.float32), "scale")
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", [input_name, "scale", "zero"], ["q"], name="quantize_input"),
+         helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["out"], name="dequantize_input")],
+        "qdq", [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 4])], [scale, zero])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+
+
+def test_an_explicitly_quantized_graph_builds_strongly_typed(ci_spec, tmp_path, fake_trt):
+    from onnx import TensorProto
+
+    repo = _onnx_repo(ci_spec, tmp_path)
+    (name,) = [t.name for t in model_io(ci_spec, "audio_encoder").inputs]
+    _qdq_onnx(repo / "audio_encoder" / "1" / "model.onnx", name, 0, TensorProto.INT8)
+    (result,) = build_engines(ci_spec, repo, precision="int8", models=["audio_encoder"], probe=_probe,
+                              timing_cache=tmp_path / "t")
+    (config,) = FakeTRT.builds
+    assert config.network_flags == 1 << fake_trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED
+    assert config.flags == set() and not hasattr(config, "int8_calibrator")  # the graph carries the precision
+    flags = find_manifest(repo, "audio_encoder").build_flags
+    assert flags["strongly_typed"] is True and flags["calibration_samples"] == 0 and result.precision == "int8"
+    with pytest.raises(EngineBuildError, match="explicitly quantized .* build it with precision int8"):
+        build_engines(ci_spec, repo, precision="fp16", models=["audio_encoder"], probe=_probe,
+                      timing_cache=tmp_path / "t")
+
+
+@pytest.mark.parametrize("zero_point, zero_type, fragment", [(128, 2, "element type 2"), (3, 3, "is not 0")])
+def test_a_graph_quantized_for_another_runtime_is_refused_by_node(ci_spec, tmp_path, fake_trt, zero_point, zero_type,
+                                                                   fragment):
+    repo = _onnx_repo(ci_spec, tmp_path)
+    (name,) = [t.name for t in model_io(ci_spec, "audio_encoder").inputs]
+    _qdq_onnx(repo / "audio_encoder" / "1" / "model.onnx", name, zero_point, zero_type)
+    with pytest.raises(EngineBuildError, match=f"QuantizeLinear 'quantize_input': zero point 'zero' .*{fragment}"):
+        build_engines(ci_spec, repo, precision="int8", models=["audio_encoder"], probe=_probe,
+                      timing_cache=tmp_path / "t")
+    assert FakeTRT.builds == []
+
+
+def test_a_refused_timing_cache_stays_out_of_a_later_build_error(ci_spec, tmp_path, fake_trt, monkeypatch):
+    timing = tmp_path / "timing.cache"
+    timing.write_bytes(b"from-another-gpu")
+
+    def refuse_foreign(self, cache, ignore_mismatch):
+        if cache.blob.startswith(b"from-another"):
+            self.logger.log(FakeTRT.ILogger.Severity.ERROR, "Timing cache was created for a different device")
+            return False
+        self.cache = cache
+        return True
+
+    monkeypatch.setattr(Config, "set_timing_cache", refuse_foreign)
+    monkeypatch.setattr(Builder, "fail", True)
+    with pytest.raises(EngineBuildError) as err:
+        build_engines(ci_spec, _onnx_repo(ci_spec, tmp_path), models=["audio_encoder"], probe=_probe,
+                      timing_cache=timing)
+    assert "out of memory" in str(err.value) and "different device" not in str(err.value)

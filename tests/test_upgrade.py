@@ -215,9 +215,10 @@ def test_profile_is_named_by_its_value_in_the_default_report_folder(ci_spec, tmp
     import export.upgrade as upgrade
 
     monkeypatch.setattr(upgrade, "measure", lambda *a, **k: _report())
-    monkeypatch.setattr(upgrade, "REPO_ROOT", tmp_path)
+    monkeypatch.setenv("FUSIONRANK_HOME", str(tmp_path))
     report = upgrade.upgrade_report(ci_spec, tmp_path, ServingProfile.CPU)
-    assert Path(report["files"]["markdown"]).parent.name.startswith("upgrade-cpu-")
+    folder = Path(report["files"]["markdown"]).parent
+    assert folder.parent == tmp_path / "reports" and folder.name.startswith("upgrade-cpu-")
     with pytest.raises(ReportError, match="unknown profile 'onnx_gpu'; allowed: cpu, gpu"):
         upgrade.upgrade_report(ci_spec, tmp_path, ServingProfile.ONNX_GPU)
 

@@ -2,6 +2,11 @@
 
 Padding to a fixed set of lengths lets requests of similar length batch together in Triton (shapes must agree to
 be concatenated) and keeps every shape inside a TensorRT optimisation profile.
+
+Stateless and thread-safe: the `tokenizers.Tokenizer` is configured once (truncation at max_length, no padding)
+and never changed afterwards; each request is tokenized once and padded to its bucket with numpy. (Calling the
+HF tokenizer with per-call padding/truncation arguments rewrites that state on the shared Rust object at every
+call, which gave ragged arrays when two threads tokenized at once.)
 """
 
 from __future__ import annotations
@@ -9,16 +14,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 
-from fusionrank.errors import PreprocessError
+from fusionrank.errors import CheckpointError, PreprocessError
 from fusionrank.paths import resolve_text_checkpoint
 from fusionrank.spec import TextSpec
 from fusionrank.tensors import ITEM_INPUT, Modality
 
 
 def load_tokenizer(directory: Path):
-    """The checkpoint's fast tokenizer, from a local directory only (no hub access)."""
-    from transformers import AutoTokenizer
+    """The checkpoint's HF fast tokenizer, from a local directory only (no hub access)."""
+    from transformers import AutoTokenizer  # heavy import, only where a tokenizer is loaded
 
     return AutoTokenizer.from_pretrained(str(directory), use_fast=True, local_files_only=True)
 
@@ -30,12 +36,25 @@ class TextPreprocessor:
         if tokenizer_dir is None:
             tokenizer_dir = resolve_text_checkpoint(spec.encoder.checkpoint)
         self.spec = spec
-        self.tokenizer = load_tokenizer(Path(tokenizer_dir))
+        hf = load_tokenizer(Path(tokenizer_dir))
+        if hf.pad_token_id is None:
+            raise CheckpointError(f"tokenizer in {tokenizer_dir} has no padding token")
+        # A private copy of the checkpoint's Rust tokenizer (normaliser, vocabulary and special tokens exactly as
+        # transformers configures them), set up once and only read afterwards.
+        self.tokenizer = Tokenizer.from_str(hf.backend_tokenizer.to_str())
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(max_length=spec.max_length)
+        self.pad_id = int(hf.pad_token_id)
+        self.pad_left = hf.padding_side == "left"
 
     def decode(self, rows: list[bytes]) -> list[str]:
+        """UTF-8 text of every row; empty, invalid or too long rows raise PreprocessError naming the row."""
+        limit = self.spec.max_chars
         texts = []
         for i, raw in enumerate(rows):
             name = f"{self.input_name}[{i}]"
+            if len(raw) > 4 * limit:  # more bytes than `limit` characters can take in UTF-8: refuse before decoding
+                raise PreprocessError(name, f"text has {len(raw)} bytes; at most {limit} characters allowed")
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -43,15 +62,22 @@ class TextPreprocessor:
                 raise PreprocessError(name, f"text is not valid UTF-8 (byte {bad!r} at offset {exc.start})") from None
             if not text.strip():
                 raise PreprocessError(name, "text is empty")
-            if len(text) > self.spec.max_chars:
-                raise PreprocessError(name, f"text has {len(text)} characters; at most {self.spec.max_chars} allowed")
+            if len(text) > limit:
+                raise PreprocessError(name, f"text has {len(text)} characters; at most {limit} allowed")
             texts.append(text)
         return texts
 
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, special tokens included, truncated to max_length (no padding)."""
+        return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=True)]
+
     def __call__(self, rows: list[bytes]) -> dict[str, np.ndarray]:
-        texts = self.decode(rows)
-        lengths = self.tokenizer(texts, truncation=True, max_length=self.spec.max_length)["input_ids"]
-        bucket = self.spec.bucket_for(max(len(ids) for ids in lengths))
-        encoded = self.tokenizer(texts, truncation=True, max_length=bucket, padding="max_length", return_tensors="np")
-        return {"input_ids": encoded["input_ids"].astype(np.int64),
-                "attention_mask": encoded["attention_mask"].astype(np.int64)}
+        ids = self.token_ids(self.decode(rows))
+        bucket = self.spec.bucket_for(max(len(row) for row in ids))
+        input_ids = np.full((len(ids), bucket), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(ids), bucket), dtype=np.int64)
+        for i, row in enumerate(ids):
+            span = slice(bucket - len(row), bucket) if self.pad_left else slice(0, len(row))
+            input_ids[i, span] = row
+            mask[i, span] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}

@@ -4,25 +4,23 @@ Three serving profiles, chosen at start-up with Triton's `--model-config-name`:
 - `config.pbtxt` (gpu): encoders and ranker as TensorRT plans on the GPU; the production profile.
 - `configs/cpu.pbtxt` (cpu): encoders and ranker as ONNX Runtime sessions inside Python-backend models.
 - `configs/onnx_gpu.pbtxt` (onnx_gpu): Triton's onnxruntime backend on the GPU (no engine build needed).
-Preprocessing (every modality and the history check, in one `preprocess` model, so a bad input fails the request
-before any other step runs) is a Python-backend model on the CPU in every profile. The ensemble config is the same
-in all three.
+The route callers use (`serving.route`, a BLS Python model that validates and preprocesses in process, then calls
+the encoders and the ranker) and the reference ensemble (`serving.reference_ensemble`, whose first step is the
+`preprocess` Python model) are the same in all three profiles, as is `preprocess`.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import struct
-import wave
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from fusionrank.spec import Modality, PipelineSpec, ServingProfile, member_models, to_dict
+from fusionrank.serving.samples import warmup_samples
+from fusionrank.spec import PipelineSpec, ServingProfile, member_models, to_dict
 from fusionrank.tensors import ITEM_INPUT, TensorSpec, model_io
 
 ENCODERS_AND_RANKER = ("text_encoder", "image_encoder", "audio_encoder", "fusion_ranker")
@@ -49,9 +47,10 @@ def _tensor(spec_tensor: TensorSpec, cls):
 
 def _spec_parameter(spec: PipelineSpec, model: str) -> str:
     """The slice of the spec a Python model needs, as JSON (rebuilt there with `spec.from_dict`)."""
-    if model == "preprocess":
-        return json.dumps({"modalities": to_dict(spec.modalities), "ranker": {"history": to_dict(spec.ranker.history)}},
-                          sort_keys=True)
+    if model in ("preprocess", spec.serving.route):
+        # serving: max_candidates for both, and the members' max batch sizes for the route.
+        return json.dumps({"modalities": to_dict(spec.modalities), "ranker": {"history": to_dict(spec.ranker.history)},
+                           "serving": to_dict(spec.serving)}, sort_keys=True)
     return ""
 
 
@@ -112,7 +111,23 @@ def python_config(spec: PipelineSpec, model: str, role: str) -> mc.ModelConfig:
         # One thread per session: the three encoders run concurrently in their own stubs, and several threads each
         # oversubscribe the cores (measured on 2 cores: a 10-candidate request 436 ms with the default, 352 ms with 1).
         config.parameters["intra_op_threads"].string_value = "1"
+        if model == "fusion_ranker":
+            config.parameters["check_finite_outputs"].string_value = "true"
     _add_warmup(config, spec)
+    return config
+
+
+def route_config(spec: PipelineSpec) -> mc.ModelConfig:
+    """The route callers use: a BLS Python model (`fusionrank.serving.route`) with the contract's inputs and outputs,
+    its own dynamic batcher and instance count from the spec.
+
+    No `model_warmup`: its warm-up would call members that may not be loaded yet (Triton loads models in parallel);
+    the members are warmed themselves and the route warms its in-process preprocessing in `initialize`."""
+    config = _base_config(spec, spec.serving.route)
+    config.backend = "python"
+    _instance(config, spec, mc.ModelInstanceGroup.KIND_CPU)
+    config.parameters["role"].string_value = "route"
+    config.parameters["spec"].string_value = _spec_parameter(spec, spec.serving.route)
     return config
 
 
@@ -139,8 +154,9 @@ def onnx_gpu_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
 
 
 def ensemble_config(spec: PipelineSpec) -> mc.ModelConfig:
-    """The client-facing ensemble: preprocess (all inputs) -> one encoder per modality -> fuse and score."""
-    name = spec.serving.ensemble_name
+    """The reference ensemble, loaded only on request: preprocess (all inputs) -> one encoder per modality -> fuse
+    and score. Same contract as the route."""
+    name = spec.serving.reference_ensemble
     io_ = model_io(spec, name)
     config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=spec.serving.max_candidates)
     config.input.extend(_tensor(t, mc.ModelInput) for t in io_.inputs)
@@ -170,41 +186,21 @@ def model_configs(spec: PipelineSpec) -> dict[str, dict[ServingProfile, mc.Model
         else:
             config = python_config(spec, model, "preprocess")
             configs[model] = {profile: config for profile in ServingProfile}
-    ensemble = ensemble_config(spec)
-    configs[spec.serving.ensemble_name] = {profile: ensemble for profile in ServingProfile}
+    ensemble, route = ensemble_config(spec), route_config(spec)
+    configs[spec.serving.reference_ensemble] = {profile: ensemble for profile in ServingProfile}
+    configs[spec.serving.route] = {profile: route for profile in ServingProfile}
     return configs
 
 
-def _python_class(model: str) -> str:
+def _python_class(spec: PipelineSpec, model: str) -> str:
     if model in ENCODERS_AND_RANKER:
         return "OnnxRuntimeModel"
-    return "PreprocessModel"
+    return "RouteModel" if model == spec.serving.route else "PreprocessModel"
 
 
 def _length_prefixed(data: bytes) -> bytes:
     """Triton's raw layout of one BYTES element (4-byte little-endian length, then the bytes)."""
     return struct.pack("<I", len(data)) + data
-
-
-def _warmup_samples(spec: PipelineSpec) -> dict[Modality, bytes]:
-    """Small, deterministic, valid samples for the BYTES inputs of the preprocessing models' warm-up."""
-    from PIL import Image
-
-    size = spec.modalities.image.size
-    image = Image.new("RGB", (size + 16, size), (200, 40, 40))
-    png = io.BytesIO()
-    image.save(png, format="PNG", compress_level=9)
-    audio = spec.modalities.audio
-    t = np.arange(audio.clip_samples) / audio.sample_rate
-    pcm = (0.3 * np.sin(2 * np.pi * 440.0 * t) * 32767).astype("<i2").tobytes()
-    wav = io.BytesIO()
-    with wave.open(wav, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(audio.sample_rate)
-        w.writeframes(pcm)
-    return {Modality.TEXT: "warm-up title for the text preprocessor".encode(), Modality.IMAGE: png.getvalue(),
-            Modality.AUDIO: wav.getvalue()}
 
 
 def rendered_files(spec: PipelineSpec) -> list[RenderedFile]:
@@ -214,12 +210,12 @@ def rendered_files(spec: PipelineSpec) -> list[RenderedFile]:
         for profile, config in profiles.items():
             text = HEADER + text_format.MessageToString(config)
             files.append(RenderedFile(f"{model}/{profile.config_file}", text.encode()))
-        if model == spec.serving.ensemble_name:
+        if model == spec.serving.reference_ensemble:
             files.append(RenderedFile(f"{model}/1/.gitkeep", b""))
         else:
-            shell = _PYTHON_SHELL.format(model=model, cls=_python_class(model))
+            shell = _PYTHON_SHELL.format(model=model, cls=_python_class(spec, model))
             files.append(RenderedFile(f"{model}/1/model.py", shell.encode()))
-    samples = _warmup_samples(spec)
+    samples = warmup_samples(spec)
     for modality in spec.modalities.enabled:
         files.append(RenderedFile(f"preprocess/warmup/{ITEM_INPUT[modality]}",
                                   _length_prefixed(samples[modality])))

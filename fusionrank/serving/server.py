@@ -9,8 +9,10 @@ the first `python3` on PATH, so this interpreter's `bin/` goes first.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -25,9 +27,12 @@ from pathlib import Path
 
 from fusionrank.errors import FusionRankError
 from fusionrank.paths import cache_dir
-from fusionrank.spec import PipelineSpec, ServingProfile
+from fusionrank.serving.backends import default_backend_dir, missing_backends
+from fusionrank.spec import PipelineSpec, ServingProfile, served_models
 
 log = logging.getLogger(__name__)
+
+ADMIN_HEADER = "fusionrank-admin-key"  # header a caller needs for the model-repository (load/unload) API
 
 class ServerError(FusionRankError):
     """The Triton server could not be found, started, or did not become ready."""
@@ -40,6 +45,11 @@ class TritonInstall:
     cache_dir: Path | None
     env: dict[str, str]
 
+    @property
+    def backends(self) -> Path:
+        """The folder this binary loads backends from."""
+        return self.backend_dir or default_backend_dir(self.binary)
+
 
 def free_port() -> int:
     """A TCP port free on loopback right now (the OS picks it)."""
@@ -49,11 +59,9 @@ def free_port() -> int:
 
 
 def _pytriton_root() -> Path | None:
-    try:
-        import pytriton
-    except ImportError:
-        return None
-    return Path(pytriton.__file__).resolve().parent
+    # Located, not imported: only its tritonserver is used, and importing pytriton pulls in its client stack.
+    found = importlib.util.find_spec("pytriton")
+    return Path(found.origin).resolve().parent if found and found.origin else None
 
 
 def _build_backend_dir(server_root: Path, cache: Path) -> Path:
@@ -101,7 +109,8 @@ class TritonServer:
     def __init__(self, repository: Path, profile: ServingProfile | str = ServingProfile.CPU, grpc_port: int = 0,
                  http_port: int = 0, metrics_port: int = 0, log_file: Path | None = None,
                  extra_args: Sequence[str] = (), cache: Path | None = None, host: str = "127.0.0.1",
-                 exit_timeout_s: int = 10):
+                 exit_timeout_s: int = 10, backend_config: Sequence[str] = (), models: Sequence[str] | None = None,
+                 admin_key: str | None = None):
         try:
             self.profile = ServingProfile(profile)
         except ValueError:
@@ -114,13 +123,32 @@ class TritonServer:
         self.http_port = http_port or free_port()
         self.metrics_port = metrics_port or free_port()
         self.log_file = Path(log_file) if log_file else Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
+        # Triton's own stdout/stderr: a crash's "Signal (11) received" and stack trace go there, not to the log file.
+        self.console_file = self.log_file.with_name(self.log_file.stem + ".console.log")
+        # Explicit model control with exactly these models loaded (None: every model in the repository).
+        self.models = tuple(models) if models is not None else None
+        # Explicit control opens Triton's load/unload API: only callers sending the admin key may use it.
+        self.admin_key = admin_key or secrets.token_urlsafe(16)
         self.extra_args = list(extra_args)
+        # `--backend-config` values, e.g. "tensorrt,version-compatible=true" for version-compatible plans.
+        self.backend_config = list(backend_config)
         self.cache = cache
         self.host = host
         # Triton 2.51 keeps an ensemble request cancelled by a client deadline counted as in flight, so a stop
-        # waits the whole exit timeout (30 s by default) before exiting: keep it short.
+        # waits the whole exit timeout (30 s by default) before exiting: keep it short (the reference ensemble
+        # may be loaded).
         self.exit_timeout_s = exit_timeout_s
         self.process: subprocess.Popen | None = None
+
+    @property
+    def grpc_admin_header(self) -> dict[str, str]:
+        """gRPC metadata that opens the model-repository API (Triton prefixes restricted gRPC header keys)."""
+        return {f"triton-grpc-protocol-{ADMIN_HEADER}": self.admin_key}
+
+    @property
+    def http_admin_header(self) -> dict[str, str]:
+        """HTTP header that opens the model-repository API."""
+        return {ADMIN_HEADER: self.admin_key}
 
     @property
     def grpc_url(self) -> str:
@@ -142,7 +170,9 @@ class TritonServer:
         cmd = [str(install.binary), f"--model-repository={self.repository}",
                f"--grpc-address={self.host}", f"--http-address={self.host}", f"--metrics-address={self.host}",
                f"--grpc-port={self.grpc_port}", f"--http-port={self.http_port}",
-               f"--metrics-port={self.metrics_port}", "--allow-metrics=true", "--exit-on-error=true",
+               f"--metrics-port={self.metrics_port}", "--allow-metrics=true",
+               # Latency summaries (p50..p99.9 per model): what the p99 alert and dashboard read, as in the image.
+               "--metrics-config=summary_latencies=true", "--exit-on-error=true",
                "--strict-readiness=true", f"--exit-timeout-secs={self.exit_timeout_s}", f"--log-file={self.log_file}"]
         if self.profile.config_name:
             cmd.append(f"--model-config-name={self.profile.config_name}")
@@ -150,16 +180,27 @@ class TritonServer:
             cmd.append(f"--backend-directory={install.backend_dir}")
         if install.cache_dir:
             cmd.append(f"--cache-directory={install.cache_dir}")
+        cmd += [f"--backend-config={value}" for value in self.backend_config]
+        if self.models is not None:
+            cmd.append("--model-control-mode=explicit")
+            cmd.extend(f"--load-model={m}" for m in self.models)
+            restricted = f"model-repository:{ADMIN_HEADER}={self.admin_key}"
+            cmd += [f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}"]
         return cmd + self.extra_args
 
     def start(self, timeout: float = 300.0) -> TritonServer:
         """Start the server and wait until it and every model in the repository are ready."""
         install = find_triton(self.cache)
+        # Refuse before starting: Triton would start, fail to load those models and exit with a long log.
+        lacking = missing_backends(self.repository, self.profile, install.backends)
+        if lacking:
+            raise ServerError(f"{install.binary}: {lacking}")
         cmd = self.command(install)
-        log.info("starting %s", " ".join(cmd))
+        log.info("starting %s", " ".join(cmd).replace(self.admin_key, "***"))
         # A new session, so stop() can signal the server and its Python-backend stubs together.
-        self.process = subprocess.Popen(cmd, env=install.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        start_new_session=True)
+        with open(self.console_file, "wb") as console:
+            self.process = subprocess.Popen(cmd, env=install.env, stdout=console, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
         try:
             self.wait_ready(timeout)
         except BaseException:
@@ -174,8 +215,8 @@ class TritonServer:
         with grpcclient.InferenceServerClient(self.grpc_url) as client:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
-                    raise ServerError(f"tritonserver exited with code {self.process.returncode} during start-up; "
-                                      f"last log lines:\n{self.log_tail()}")
+                    raise ServerError(f"tritonserver {describe_exit(self.process.returncode)} during start-up\n"
+                                      f"{self.log_tail()}")
                 try:
                     if client.is_server_ready():
                         return
@@ -185,10 +226,16 @@ class TritonServer:
         raise ServerError(f"tritonserver not ready after {timeout:.0f}s; log: {self.log_file}\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        """The last lines of Triton's log file and of its console output (where a crash's trace goes)."""
+        parts = []
+        for label, path in (("log", self.log_file), ("console", self.console_file)):
+            try:
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+            except OSError:
+                tail = []
+            body = "\n".join(f"  {line}" for line in tail) if tail else "  (empty)"
+            parts.append(f"last {len(tail)} lines of its {label} ({path}):\n{body}")
+        return "\n".join(parts)
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the process group, then SIGKILL whatever is left after `timeout` seconds. A server that already
@@ -212,13 +259,16 @@ class TritonServer:
 
     @classmethod
     def for_spec(cls, spec: PipelineSpec, repository: Path, profile: ServingProfile | str = ServingProfile.CPU,
-                 log_name: str = "tritonserver", log_file: Path | None = None, **kwargs) -> TritonServer:
-        """A server for the spec's project: backend folder under the spec's cache, log in `<cache>/logs/<log_name>-
-        <time>.log` unless `log_file` is given."""
+                 log_name: str = "tritonserver", log_file: Path | None = None, reference_ensemble: bool = False,
+                 **kwargs) -> TritonServer:
+        """A server for the spec's project: the spec's served models (the route and its members; the reference
+        ensemble too when asked), backend folder under the spec's cache, log in `<cache>/logs/<log_name>-<time>.log`
+        unless `log_file` is given. `models=` names other models to load instead."""
         cache = cache_dir(spec)
         if log_file is None:
             log_file = cache / "logs" / f"{log_name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        kwargs.setdefault("models", served_models(spec, reference_ensemble))
         return cls(repository, profile, log_file=log_file, cache=cache / "triton", **kwargs)
 
     def __enter__(self) -> TritonServer:
@@ -228,32 +278,73 @@ class TritonServer:
         self.stop()
 
 
+def describe_exit(returncode: int) -> str:
+    """How a process ended, in words: `killed by signal 11 (SIGSEGV)` or `exited with status 1`."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "unknown signal"
+        return f"killed by signal {-returncode} ({name})"
+    return f"exited with status {returncode}"
+
+
+def exit_status_for(returncode: int) -> int:
+    """The exit status `fusionrank serve` passes on for a server that died: a shell's 128+N for signal N, the
+    server's own status otherwise, 1 for a server that exited 0 without being asked to (never 0: a supervisor
+    must restart it)."""
+    if returncode < 0:
+        return 128 - returncode
+    return returncode or 1
+
+
 def serve_forever(spec: PipelineSpec, repo: Path, profile: ServingProfile = ServingProfile.CPU, grpc_port: int = 0,
-                  http_port: int = 0, metrics_port: int = 0, log_file: str | None = None, out=None) -> int:
-    """`fusionrank serve`: start, print the endpoints, run until Ctrl-C or SIGTERM, stop cleanly."""
+                  http_port: int = 0, metrics_port: int = 0, log_file: str | None = None,
+                  reference_ensemble: bool = False, models: Sequence[str] | None = None, out=None, err=None,
+                  backend_config: Sequence[str] = ()) -> int:
+    """`fusionrank serve`: start, print the endpoints, run until Ctrl-C or SIGTERM (exit 0), stop cleanly. A server
+    that dies is reported on `err` (how it ended, the tails of its log and console) and gives a non-zero status."""
+    extra = {"models": tuple(models)} if models else {}
     server = TritonServer.for_spec(spec, repo, profile, log_name="tritonserver",
                                    log_file=Path(log_file) if log_file else None, grpc_port=grpc_port,
-                                   http_port=http_port, metrics_port=metrics_port)
-    out = out or sys.stdout
+                                   http_port=http_port, metrics_port=metrics_port,
+                                   reference_ensemble=reference_ensemble, backend_config=backend_config, **extra)
+    out, err = out or sys.stdout, err or sys.stderr
     stop = []
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    died = False
     try:
         server.start()
-        out.write(f"Triton ready ({server.profile.value} profile) on {server.repository}\n")
-        out.write(f"  gRPC     {server.grpc_url}\n")
-        out.write(f"  HTTP     {server.http_url}\n")
-        out.write(f"  metrics  {server.metrics_url}\n")
-        out.write(f"  log      {server.log_file}\n")
-        out.write("Ctrl-C or SIGTERM stops the server.\n")
+        _print_endpoints(server, out)
         while not stop and server.process.poll() is None:
             time.sleep(0.5)
-        if server.process.poll() is not None:
-            log.error("tritonserver exited with code %s; log: %s", server.process.returncode, server.log_file)
-            return 1
-        return 0
+        died = not stop
+        return _report_death(server, err) if died else 0
     except KeyboardInterrupt:
         return 0
     finally:
         server.stop()
         signal.signal(signal.SIGTERM, previous)
-        out.write("server stopped\n")
+        if not died:
+            out.write("server stopped\n")
+            out.flush()
+
+
+def _print_endpoints(server: TritonServer, out) -> None:
+    out.write(f"Triton ready ({server.profile.value} profile) on {server.repository}\n")
+    out.write(f"  models   {', '.join(server.models) if server.models is not None else 'all in the repository'}\n")
+    out.write(f"  gRPC     {server.grpc_url}\n")
+    out.write(f"  HTTP     {server.http_url}\n")
+    out.write(f"  metrics  {server.metrics_url}\n")
+    out.write(f"  log      {server.log_file}\n")
+    out.write("Ctrl-C or SIGTERM stops the server.\n")
+    out.flush()
+
+
+def _report_death(server: TritonServer, err) -> int:
+    returncode = server.process.returncode
+    status = exit_status_for(returncode)
+    err.write(f"tritonserver died: {describe_exit(returncode)}\n{server.log_tail()}\n"
+              f"fusionrank serve exits with status {status} so that a supervisor restarts it\n")
+    err.flush()
+    return status

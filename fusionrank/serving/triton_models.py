@@ -1,8 +1,9 @@
 """Triton Python-backend models. Each rendered `model.py` imports one of these classes as `TritonPythonModel`.
 
-`execute` batches across requests: every request's rows are validated on their own (a bad request gets its own
-INVALID_ARG error, its neighbours in the dynamic batch are unaffected), the good rows are concatenated, run once
-and split back, and the row count of every response is checked against its request.
+Members (`PreprocessModel`, `OnnxRuntimeModel`): `execute` batches across requests: every request's rows are
+validated on their own (a bad request gets its own INVALID_ARG error, its neighbours in the dynamic batch are
+unaffected), the good rows are concatenated, run once and split back, and the row count of every response is
+checked against its request. The route (`RouteModel`) is a shell over `fusionrank.serving.route`.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from fusionrank.errors import PreprocessError
-from fusionrank.preprocess import build_preprocessor, validate_history
-from fusionrank.spec import Modality, from_dict
-from fusionrank.tensors import USER_HISTORY
+from fusionrank.paths import tokenizer_dir
+from fusionrank.preprocess.request import RequestPreprocessor, non_finite_row
+from fusionrank.serving.route import MemberCallError, RankingRoute, RouteError, RouteRequest, Status
+from fusionrank.serving.samples import warmup_samples
+from fusionrank.spec import from_dict
+from fusionrank.tensors import request_arrays
 
 
 def _pb():
@@ -25,17 +29,11 @@ def _pb():
     return sys.modules.get("triton_python_backend_utils") or __import__("triton_python_backend_utils")
 
 
-class RequestError(Exception):
-    """One request cannot be served; answered to that request alone with INVALID_ARG."""
-
-
-def _as_bytes_rows(array: np.ndarray, name: str) -> list[bytes]:
-    if array.dtype != np.object_:
-        raise RequestError(f"{name}: expected BYTES, got {array.dtype}")
-    rows = array.reshape(len(array), -1)
-    if rows.shape[1] != 1:
-        raise RequestError(f"{name}: expected one element per candidate, got shape {list(array.shape)}")
-    return [r[0] if isinstance(r[0], bytes) else str(r[0]).encode() for r in rows]
+def _model_args(args) -> tuple[dict, Path, dict[str, str]]:
+    """The parsed model config, the version folder and the string parameters of a model's `initialize` args."""
+    config = json.loads(args["model_config"])
+    version_dir = Path(args["model_repository"]) / args["model_version"]
+    return config, version_dir, {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
 
 
 class _BatchedModel:
@@ -43,10 +41,8 @@ class _BatchedModel:
 
     def initialize(self, args):
         pb = _pb()
-        self.model_config = json.loads(args["model_config"])
+        self.model_config, self.version_dir, self.params = _model_args(args)
         self.name = self.model_config["name"]
-        self.version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.params = {k: v["string_value"] for k, v in self.model_config.get("parameters", {}).items()}
         self.output_names = [o["name"] for o in self.model_config["output"]]
         self.input_names = [i["name"] for i in self.model_config["input"]]
         self.logger = pb.Logger
@@ -56,11 +52,14 @@ class _BatchedModel:
         raise NotImplementedError
 
     def prepare(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Validate and transform one request's inputs; raise RequestError or PreprocessError on bad input."""
+        """Validate and transform one request's inputs; raise PreprocessError on bad input."""
         return inputs
 
     def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    def check(self, outputs: dict[str, np.ndarray]) -> None:
+        """Check one request's outputs before they leave; raise PreprocessError to answer it INVALID_ARG."""
 
     def execute(self, requests):
         pb = _pb()
@@ -69,7 +68,7 @@ class _BatchedModel:
             try:
                 inputs = {n: pb.get_input_tensor_by_name(request, n).as_numpy() for n in self.input_names}
                 prepared.append((i, self.prepare(inputs)))
-            except (PreprocessError, RequestError) as exc:
+            except PreprocessError as exc:  # RequestValidationError included
                 errors[i] = pb.TritonError(str(exc), pb.TritonError.INVALID_ARG)
             except Exception:  # any other failure is ours: log it, answer INTERNAL, keep serving
                 self.logger.log_error(f"{self.name}: request {i} failed:\n{traceback.format_exc()}")
@@ -110,8 +109,13 @@ class _BatchedModel:
                 if any(len(v) != stop - start for v in part.values()):
                     errors[i] = pb.TritonError(f"{self.name}: output rows do not match input rows",
                                                pb.TritonError.INTERNAL)
-                else:
-                    results[i] = part
+                    continue
+                try:
+                    self.check(part)
+                except PreprocessError as exc:
+                    errors[i] = pb.TritonError(str(exc), pb.TritonError.INVALID_ARG)
+                    continue
+                results[i] = part
         return results
 
     def finalize(self):
@@ -125,18 +129,12 @@ class PreprocessModel(_BatchedModel):
     other step of it runs (see `fusionrank.spec.member_models`)."""
 
     def setup(self):
-        self.spec = from_dict(json.loads(self.params["spec"]))
-        tokenizer_dir = self.version_dir / "tokenizer"
-        self.preprocessors = [build_preprocessor(self.spec, m, tokenizer_dir=tokenizer_dir if m is Modality.TEXT
-                                                 else None) for m in self.spec.modalities.enabled]
-        self.validate_history = validate_history
+        spec = from_dict(json.loads(self.params["spec"]))
+        self.preprocess = RequestPreprocessor(spec, tokenizer_dir=self.version_dir / "tokenizer")
 
     def prepare(self, inputs):
         # Per request (text is padded to the request's own bucket), so it runs here, not in run().
-        arrays = {"history": self.validate_history(inputs[USER_HISTORY], self.spec)}
-        for pre in self.preprocessors:
-            arrays.update(pre(_as_bytes_rows(inputs[pre.input_name], pre.input_name)))
-        return arrays
+        return self.preprocess(inputs).flat()
 
     def run(self, batch):
         return batch
@@ -165,3 +163,85 @@ class OnnxRuntimeModel(_BatchedModel):
     def run(self, batch):
         values = self.session.run(self.output_names, batch)
         return dict(zip(self.output_names, values))
+
+    def check(self, outputs):
+        # The ranker's outputs are the reference ensemble's: no NaN or infinity may leave (a last guard; the GPU
+        # profile's TensorRT ranker has none, the route checks in every profile).
+        if self.params.get("check_finite_outputs") != "true":
+            return
+        for name, array in outputs.items():
+            row = non_finite_row(array)
+            if row is not None:
+                self.logger.log_error(f"{self.name}: non-finite {name} at row {row} from finite inputs")
+                raise PreprocessError(f"{name}[{row}]", f"{self.name} produced a non-finite value for candidate "
+                                                        f"{row}; it cannot be scored")
+
+
+# Triton's messages when a model cannot take a request (the server is stopping, the model is not loaded). The Python
+# backend reports a BLS call it could not submit as "Model X - Error when running inference: <Triton's message>"
+# without Triton's status code, so these are recognised by text (Triton 2.51).
+_UNAVAILABLE_MESSAGES = ("server not ready", "server is stopping", "is not ready", "unknown model",
+                         "has no available versions", "stopped accepting new inference requests")
+
+
+def member_status(pb, code: int, message: str) -> Status:
+    """How the route answers a member's failed BLS call: INVALID_ARG names the caller's own row (the ranker's finite
+    guard), UNAVAILABLE lets the caller retry on another server, anything else is INTERNAL."""
+    if code == pb.TritonError.INVALID_ARG:
+        return Status.INVALID_ARG
+    if code in (pb.TritonError.UNAVAILABLE, pb.TritonError.NOT_FOUND) or any(
+            m in message.lower() for m in _UNAVAILABLE_MESSAGES):
+        return Status.UNAVAILABLE
+    return Status.INTERNAL
+
+
+class RouteModel:
+    """The route callers use (`serving.route`): a thin shell over `fusionrank.serving.route.RankingRoute`.
+
+    Async `execute`: the member calls of one execute (`pb_utils.InferenceRequest.async_exec`) run concurrently. Triton
+    runs one execute per instance at a time for a model that is not decoupled, so the spec's instance count sets how
+    many batches of requests are in flight."""
+
+    def initialize(self, args):
+        pb = _pb()
+        config, _, params = _model_args(args)
+        spec = from_dict(json.loads(params["spec"]))
+        # The tokenizer export writes for `preprocess` (a folder of the same repository).
+        preparer = RequestPreprocessor(spec, tokenizer_dir=tokenizer_dir(Path(args["model_repository"]).parent))
+        self.input_names = [i["name"] for i in config["input"]]
+        self.output_names = [o["name"] for o in config["output"]]
+        self.route = RankingRoute(spec, preparer, self._infer, pb.Logger.log_error)
+        self.codes = {Status.INVALID_ARG: pb.TritonError.INVALID_ARG, Status.CANCELLED: pb.TritonError.CANCELLED,
+                      Status.UNAVAILABLE: pb.TritonError.UNAVAILABLE, Status.INTERNAL: pb.TritonError.INTERNAL}
+        # Members are warmed by Triton; the in-process preprocessing is warmed here (first decode, tokenizer).
+        samples = warmup_samples(spec)
+        length = spec.ranker.history.length
+        preparer(request_arrays({m: [samples[m]] for m in spec.modalities.enabled}, np.zeros((1, length), np.int64)))
+
+    async def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> dict:
+        pb = _pb()
+        request = pb.InferenceRequest(model_name=model, inputs=[pb.Tensor(n, a) for n, a in inputs.items()],
+                                      requested_output_names=list(outputs))
+        response = await request.async_exec()
+        if response.has_error():
+            error = response.error()
+            raise MemberCallError(model, error.message(), member_status(pb, error.code(), error.message()))
+        # Copied: the arrays outlive the response whose buffers they view.
+        return {n: np.array(pb.get_output_tensor_by_name(response, n).as_numpy()) for n in outputs}
+
+    async def execute(self, requests):
+        pb = _pb()
+        plain = [RouteRequest({n: pb.get_input_tensor_by_name(r, n).as_numpy() for n in self.input_names},
+                              r.is_cancelled) for r in requests]
+        responses = []
+        for result in await self.route.rank(plain):
+            if isinstance(result, RouteError):
+                error = pb.TritonError(result.message, self.codes[result.status])
+                responses.append(pb.InferenceResponse(output_tensors=[], error=error))
+            else:
+                responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(n, result[n])
+                                                                      for n in self.output_names]))
+        return responses
+
+    def finalize(self):
+        pass

@@ -28,11 +28,12 @@ from fusionrank.spec.modalities import (
     TextEncoderSpec,
     TextSpec,
 )
-from fusionrank.spec.pipeline import PipelineSpec, member_models
+from fusionrank.spec.pipeline import PipelineSpec, member_models, served_models
 from fusionrank.spec.sections import (
     CPU_MODELS,
     INT8_FILE,
     OPTIMIZED_FILE,
+    SLO_FIELDS,
     BatchingSpec,
     CpuExportSpec,
     DataSpec,
@@ -40,8 +41,8 @@ from fusionrank.spec.sections import (
     HistorySpec,
     RankerSpec,
     RankingParitySpec,
-    SloOverride,
     SloSpec,
+    SloTargets,
     TensorRTSpec,
     Tolerance,
     TrainSpec,
@@ -49,10 +50,10 @@ from fusionrank.spec.sections import (
 )
 
 __all__ = [
-    "CPU_MODELS", "DEFAULT_TEXT_CHECKPOINT", "INT8_FILE", "OPTIMIZED_FILE", "AudioEncoderSpec", "CalibrationMethod",
-    "CpuExportSpec", "AudioSpec", "BatchingSpec", "DataSpec", "ExportSpec", "FusionType",
+    "CPU_MODELS", "DEFAULT_TEXT_CHECKPOINT", "INT8_FILE", "OPTIMIZED_FILE", "SLO_FIELDS", "AudioEncoderSpec",
+    "AudioSpec", "BatchingSpec", "CalibrationMethod", "CpuExportSpec", "DataSpec", "ExportSpec", "FusionType",
     "HistorySpec", "ImageEncoderSpec", "ImageSpec", "ModalitiesSpec", "Modality", "PipelineSpec", "Pooling",
-    "Precision", "RankerSpec", "RankingParitySpec", "RecurrentCell", "ResNetArch", "ServingProfile", "SloOverride",
-    "SloSpec", "TensorRTSpec", "TextEncoderSpec", "TextSpec", "Tolerance", "TrainSpec", "UpgradeSpec", "choices",
-    "from_dict", "load_spec", "member_models", "to_dict",
+    "Precision", "RankerSpec", "RankingParitySpec", "RecurrentCell", "ResNetArch", "ServingProfile", "SloSpec",
+    "SloTargets", "TensorRTSpec", "TextEncoderSpec", "TextSpec", "Tolerance", "TrainSpec", "UpgradeSpec", "choices",
+    "from_dict", "load_spec", "member_models", "served_models", "to_dict",
 ]

@@ -83,7 +83,7 @@ def from_dict(data: dict, source: str = "<dict>") -> PipelineSpec:
 
 
 def load_spec(path: str | Path | None = None) -> PipelineSpec:
-    """Read `pipeline.yaml` (the repository's by default) into a validated `PipelineSpec`."""
+    """Read a spec file (default: the project's `pipeline.yaml`, else the packaged one) into a `PipelineSpec`."""
     path = Path(path) if path else default_spec_path()
     try:
         text = path.read_text()

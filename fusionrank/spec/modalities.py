@@ -64,8 +64,12 @@ class ImageSpec:
     size: int = 112
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    max_pixels: int = 16_000_000
+    # Checked on the header before any pixel is decoded: bounded memory and time per row (docs/preprocessing.md).
     max_bytes: int = 10_000_000
+    max_pixels: int = 16_000_000
+    max_width: int = 8192
+    max_height: int = 8192
+    max_aspect_ratio: float = 10.0
     formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
 
     def __post_init__(self):
@@ -77,11 +81,18 @@ class ImageSpec:
                 fail(f"modalities.image.{name}", list(values), "exactly 3 numbers (R, G, B)")
         if any(s <= 0 for s in self.std):
             fail("modalities.image.std", list(self.std), "3 numbers > 0")
-        check_positive("modalities.image.max_pixels", self.max_pixels)
-        check_positive("modalities.image.max_bytes", self.max_bytes)
+        for name in ("max_bytes", "max_pixels", "max_width", "max_height"):
+            check_positive(f"modalities.image.{name}", getattr(self, name))
+        if self.max_aspect_ratio < 1:
+            fail("modalities.image.max_aspect_ratio", self.max_aspect_ratio, "a number >= 1 (longer side / shorter)")
         allowed = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"}
         if not self.formats or not set(self.formats) <= allowed:
             fail("modalities.image.formats", list(self.formats), f"a non-empty subset of {sorted(allowed)}")
+
+
+# WAV sample formats (libsndfile subtypes) whose decoding costs one pass over the samples; compressed ones (ADPCM,
+# GSM, MPEG inside WAV) are refused.
+AUDIO_SAMPLE_FORMATS = ("PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE", "ULAW", "ALAW")
 
 
 @dataclass(frozen=True)
@@ -108,7 +119,13 @@ class AudioSpec:
     n_fft: int = 512
     hop_length: int = 160
     clip_seconds: float = 1.0
+    # Checked on the WAV header before any sample is decoded: bounded memory and time per row (docs/preprocessing.md).
+    max_bytes: int = 16_000_000
     max_seconds: float = 30.0
+    min_sample_rate: int = 8000
+    max_sample_rate: int = 192000
+    max_channels: int = 8
+    sample_formats: tuple[str, ...] = AUDIO_SAMPLE_FORMATS
 
     def __post_init__(self):
         check_positive("modalities.audio.sample_rate", self.sample_rate)
@@ -122,6 +139,16 @@ class AudioSpec:
         check_positive("modalities.audio.clip_seconds", self.clip_seconds)
         if self.max_seconds < self.clip_seconds:
             fail("modalities.audio.max_seconds", self.max_seconds, f"a number >= clip_seconds ({self.clip_seconds})")
+        check_positive("modalities.audio.max_bytes", self.max_bytes)
+        check_positive("modalities.audio.min_sample_rate", self.min_sample_rate)
+        if self.max_sample_rate < self.min_sample_rate:
+            fail("modalities.audio.max_sample_rate", self.max_sample_rate,
+                 f"an integer >= min_sample_rate ({self.min_sample_rate})")
+        if not 1 <= self.max_channels <= 64:
+            fail("modalities.audio.max_channels", self.max_channels, "an integer in [1, 64]")
+        if not self.sample_formats or not set(self.sample_formats) <= set(AUDIO_SAMPLE_FORMATS):
+            fail("modalities.audio.sample_formats", list(self.sample_formats),
+                 f"a non-empty subset of {list(AUDIO_SAMPLE_FORMATS)}")
 
     @property
     def clip_samples(self) -> int:

@@ -1,4 +1,4 @@
-"""`PipelineSpec`: the whole `pipeline.yaml`, and the ensemble's member models derived from it."""
+"""`PipelineSpec`: the whole `pipeline.yaml`, and the served models derived from it."""
 
 from __future__ import annotations
 
@@ -25,9 +25,11 @@ class PipelineSpec:
     source: str = "<defaults>"
 
     def __post_init__(self):
-        if self.serving.max_candidates > min(self.serving.batching(m).max_batch_size for m in member_models(self)):
+        batched = (self.serving.route, *member_models(self))
+        if self.serving.max_candidates > min(self.serving.batching(m).max_batch_size for m in batched):
             fail("serving.max_candidates", self.serving.max_candidates,
-                  "a value <= every member model's max_batch_size (one ranking request is one batch)")
+                  "a value <= the route's and every member model's max_batch_size (one ranking request is one "
+                  "batch)")
 
     @property
     def num_items(self) -> int:
@@ -51,3 +53,11 @@ def member_models(spec: PipelineSpec) -> tuple[str, ...]:
     were still queued; Triton 2.51 then released the request's input buffers under them, which crashed the server
     or corrupted other requests in our concurrent bad-input test.)"""
     return ("preprocess", *(f"{m.value}_encoder" for m in spec.modalities.enabled), "fusion_ranker")
+
+
+def served_models(spec: PipelineSpec, reference_ensemble: bool = False) -> tuple[str, ...]:
+    """The models a server loads: the route callers use and the members it calls (it preprocesses in process, so
+    `preprocess` is not among them); with `reference_ensemble`, also the plain ensemble and its `preprocess` step."""
+    members = tuple(m for m in member_models(spec) if m != "preprocess")
+    reference = (spec.serving.reference_ensemble, "preprocess") if reference_ensemble else ()
+    return (spec.serving.route, *members, *reference)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 from fusionrank.spec.base import (
@@ -220,15 +221,33 @@ class BatchingSpec:
         check_positive("serving.models.*.instances", self.instances)
 
 
+_MODEL_NAME = re.compile(r"[a-z][a-z0-9_]*")
+# Names the pipeline's members already use (`member_models`): a route or ensemble must not shadow one.
+_MEMBER_NAMES = ("preprocess", "text_encoder", "image_encoder", "audio_encoder", "fusion_ranker")
+
+
 @dataclass(frozen=True)
 class ServingSpec:
-    ensemble_name: str = "rank"
+    """How the pipeline is served. `route` is the one model callers use (the BLS route,
+    `fusionrank.serving.route`); `reference_ensemble` is the plain Triton ensemble of the same members, loaded only
+    on request (`fusionrank serve --with-reference-ensemble`) because Triton 2.51 crashes when callers cancel
+    requests to an ensemble."""
+
+    route: str = "rank"
+    reference_ensemble: str = "rank_ensemble"
     max_candidates: int = 64
     models: dict[str, BatchingSpec] = field(default_factory=dict)
     response_cache: bool = False
 
     def __post_init__(self):
         check_positive("serving.max_candidates", self.max_candidates)
+        for name in ("route", "reference_ensemble"):
+            value = getattr(self, name)
+            if not _MODEL_NAME.fullmatch(value) or value in _MEMBER_NAMES:
+                fail(f"serving.{name}", value, "a lower_snake model name that no member model uses "
+                                               f"({', '.join(_MEMBER_NAMES)})")
+        if self.route == self.reference_ensemble:
+            fail("serving.reference_ensemble", self.reference_ensemble, f"a name other than the route's ({self.route})")
 
     def batching(self, model: str) -> BatchingSpec:
         """Dynamic-batching settings of one member model (the defaults where the spec names none)."""
@@ -240,9 +259,13 @@ def _halves(n: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, n // 2), n}))
 
 
+SLO_FIELDS = ("p50_ms", "p95_ms", "p99_ms", "max_error_rate", "min_throughput_rps")
+
+
 @dataclass(frozen=True)
-class SloOverride:
-    """One scenario's SLO fields that differ from the release gate; a field left out keeps the gate's value."""
+class SloTargets:
+    """SLO fields of which any may be None (not set). As a spec section: one scenario's override of the release
+    gate; the load test's gate (`loadtest.slo.Slo`) extends it with where its values came from."""
 
     p50_ms: float | None = None
     p95_ms: float | None = None
@@ -251,11 +274,23 @@ class SloOverride:
     min_throughput_rps: float | None = None
 
     def __post_init__(self):
+        problem = self.problem()
+        if problem:
+            fail(f"slo.scenarios.*.{problem[0]}", problem[1], problem[2])
+
+    def problem(self) -> tuple[str, float, str] | None:
+        """The first field with a bad value as (field, value, allowed), or None when all are fine."""
         for name in ("p50_ms", "p95_ms", "p99_ms", "min_throughput_rps"):
-            if getattr(self, name) is not None:
-                check_positive(f"slo.scenarios.*.{name}", getattr(self, name))
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                return name, value, "a number > 0 (or null: not set)"
         if self.max_error_rate is not None and not 0 <= self.max_error_rate <= 1:
-            fail("slo.scenarios.*.max_error_rate", self.max_error_rate, "a number in [0, 1]")
+            return "max_error_rate", self.max_error_rate, "a number in [0, 1]"
+        return None
+
+    def targets(self) -> dict[str, float]:
+        """The fields that are set."""
+        return {k: getattr(self, k) for k in SLO_FIELDS if getattr(self, k) is not None}
 
 
 @dataclass(frozen=True)
@@ -267,7 +302,7 @@ class SloSpec:
     p99_ms: float = 2500.0
     max_error_rate: float = 0.01
     min_throughput_rps: float = 1.0
-    scenarios: dict[str, SloOverride] = field(default_factory=dict)
+    scenarios: dict[str, SloTargets] = field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("p50_ms", "p95_ms", "p99_ms"):

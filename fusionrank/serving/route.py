@@ -1,0 +1,256 @@
+"""The route callers use (`serving.route`): a BLS model that serves the ranking contract over the member models.
+
+One `rank()` call serves one execute of the route model (a dynamic batch of requests), stage by stage:
+
+1. validate and preprocess each request in process (`RequestPreprocessor`): a bad request is answered INVALID_ARG
+   alone, before any member runs for it;
+2. answer cancelled requests CANCELLED and leave them out of the next stage (checked before preprocessing each
+   request, before encoding and before ranking);
+3. encode: per modality, the rows of every live request are concatenated (grouped by shape: text is padded per
+   request to its bucket), cut at the encoder's max batch and sent to the encoder model through BLS, so its dynamic
+   batcher still merges them with other route instances' calls; the modalities run concurrently;
+4. rank all live rows through `fusion_ranker` the same way and split the outputs back per request;
+5. no NaN or infinity leaves the route: a non-finite embedding or output answers its request INVALID_ARG naming
+   the candidate row.
+
+Why a route instead of the Triton ensemble: Triton 2.51 crashes (SIGSEGV) when callers cancel requests to an ensemble
+(server#7368, fixed by #7840); cancelled requests to a Python-backend model leave it alive. Member calls go through
+an `Infer` callable, so this class is tested without a server (`fusionrank.serving.triton_models.RouteModel` binds
+it to `pb_utils.InferenceRequest.async_exec`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import traceback
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fusionrank.errors import FusionRankError, PreprocessError
+from fusionrank.preprocess.request import PreparedRequest, non_finite_row
+from fusionrank.spec import Modality, PipelineSpec
+from fusionrank.tensors import ITEM_INPUT, embedding_name, model_io
+
+RANKER = "fusion_ranker"
+
+
+class Status(enum.Enum):
+    """The status a request is answered with when it is not answered with outputs."""
+
+    INVALID_ARG = "invalid_arg"  # the request's own input: retrying it cannot help
+    CANCELLED = "cancelled"  # the caller cancelled it (a deadline passed)
+    UNAVAILABLE = "unavailable"  # a member is not loaded or the server is stopping: another server may serve it
+    INTERNAL = "internal"  # our fault; the details are in the server log
+
+
+@dataclass(frozen=True)
+class RouteError:
+    status: Status
+    message: str
+
+
+class MemberCallError(FusionRankError):
+    """A member model answered a BLS call with an error."""
+
+    def __init__(self, model: str, message: str, status: Status = Status.INTERNAL):
+        self.model, self.message, self.status = model, message, status
+        super().__init__(f"{model}: {message}")
+
+
+def _never() -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    inputs: Mapping[str, np.ndarray]  # the contract's input arrays, by name
+    is_cancelled: Callable[[], bool] = _never
+
+
+RouteResult = dict[str, np.ndarray] | RouteError
+# (member model, input arrays by name, output names) -> output arrays by name; raises MemberCallError.
+Infer = Callable[[str, dict[str, np.ndarray], tuple[str, ...]], Awaitable[dict[str, np.ndarray]]]
+
+
+@dataclass(eq=False)
+class _Flight:
+    """One request on its way through the stages."""
+
+    request: RouteRequest
+    prepared: PreparedRequest | None = None
+    embeddings: dict[Modality, np.ndarray] = field(default_factory=dict)
+    error: RouteError | None = None
+    outputs: dict[str, np.ndarray] | None = None
+
+    def fail(self, error: RouteError) -> None:
+        if self.error is None:  # the first error is the one the caller sees
+            self.error = error
+
+    def encode_rows(self, modality: Modality) -> np.ndarray:
+        """The rows whose `modality` the encoder must compute: all of them today. An embedding cache (hits) or an
+        absent modality leaves rows out here, and `embeddings[modality]` gets those rows from elsewhere."""
+        return np.arange(self.prepared.rows)
+
+
+class RankingRoute:
+    """Serves batches of ranking requests through the member models; each request is answered on its own."""
+
+    def __init__(self, spec: PipelineSpec, prepare: Callable[[Mapping[str, np.ndarray]], PreparedRequest],
+                 infer: Infer, log_error: Callable[[str], None] = lambda message: None):
+        self.spec = spec
+        self.prepare = prepare
+        self.infer = infer
+        self.log_error = log_error
+        self.modalities = spec.modalities.enabled
+        self.ranker_outputs = tuple(t.name for t in model_io(spec, RANKER).outputs)
+
+    async def rank(self, requests: Sequence[RouteRequest]) -> list[RouteResult]:
+        """Outputs by name, or a RouteError, per request and in the requests' order."""
+        flights = [_Flight(r) for r in requests]
+        live = self._drop_cancelled(self._prepare(flights))
+        live = self._drop_cancelled(await self._encode(live))
+        await self._rank(live)
+        return [f.error if f.error is not None else f.outputs for f in flights]
+
+    @staticmethod
+    def _drop_cancelled(flights: list[_Flight]) -> list[_Flight]:
+        live = []
+        for f in flights:
+            if f.request.is_cancelled():
+                f.fail(RouteError(Status.CANCELLED, "request cancelled by the caller"))
+            else:
+                live.append(f)
+        return live
+
+    def _prepare(self, flights: list[_Flight]) -> list[_Flight]:
+        live = []
+        for i, f in enumerate(flights):
+            if f.request.is_cancelled():  # before its CPU work: a caller that gave up costs nothing more
+                f.fail(RouteError(Status.CANCELLED, "request cancelled by the caller"))
+                continue
+            try:
+                f.prepared = self.prepare(f.request.inputs)
+            except PreprocessError as exc:
+                f.fail(RouteError(Status.INVALID_ARG, str(exc)))
+                continue
+            except Exception:  # any other failure is ours: log it, answer INTERNAL, keep serving
+                self.log_error(f"route: preprocessing request {i} failed:\n{traceback.format_exc()}")
+                f.fail(RouteError(Status.INTERNAL, "route: internal error in preprocessing (see server log)"))
+                continue
+            live.append(f)
+        return live
+
+    async def _encode(self, flights: list[_Flight]) -> list[_Flight]:
+        await asyncio.gather(*(self._encode_modality(flights, m) for m in self.modalities))
+        return [f for f in flights if f.error is None]
+
+    async def _encode_modality(self, flights: list[_Flight], modality: Modality) -> None:
+        name = embedding_name(modality)
+        parts = []
+        for f in flights:
+            f.embeddings[modality] = np.zeros((f.prepared.rows, self.spec.modalities.embedding_dim(modality)),
+                                              dtype=np.float32)
+            rows = f.encode_rows(modality)
+            inputs = f.prepared.encoder_inputs[modality]
+            if len(rows) < f.prepared.rows:
+                inputs = {n: a[rows] for n, a in inputs.items()}
+            if len(rows):
+                parts.append((f, rows, inputs))
+        results = await self.call_member(f"{modality.value}_encoder", [p[2] for p in parts], (name,))
+        for (f, rows, _), result in zip(parts, results):
+            if isinstance(result, RouteError):
+                f.fail(result)
+                continue
+            bad = non_finite_row(result[name])
+            if bad is not None:
+                row = int(rows[bad])
+                self._log_non_finite(name, row)
+                f.fail(RouteError(Status.INVALID_ARG, f"{ITEM_INPUT[modality]}[{row}]: the {modality.value} encoder "
+                                                      "produced a non-finite embedding; this candidate cannot be "
+                                                      "scored"))
+                continue
+            f.embeddings[modality][rows] = result[name]
+
+    async def _rank(self, flights: list[_Flight]) -> None:
+        parts = [{**{embedding_name(m): f.embeddings[m] for m in self.modalities}, "history": f.prepared.history}
+                 for f in flights]
+        # One call per request (the ranker's dynamic batcher merges them): the ranker model answers a non-finite
+        # output INVALID_ARG naming the row (the reference ensemble's guard), which then concerns this request alone.
+        results = await self.call_member(RANKER, parts, self.ranker_outputs, concatenate=False)
+        for f, result in zip(flights, results):
+            if isinstance(result, RouteError):
+                f.fail(result)
+                continue
+            for name in self.ranker_outputs:
+                row = non_finite_row(result[name])
+                if row is not None:
+                    self._log_non_finite(name, row)
+                    f.fail(RouteError(Status.INVALID_ARG, f"{name}[{row}]: the ranker produced a non-finite value "
+                                                          f"for candidate {row}; it cannot be scored"))
+                    break
+            else:
+                f.outputs = result
+
+    def _log_non_finite(self, name: str, row: int) -> None:
+        # Answered INVALID_ARG (the payload passed validation but drives the model out of range; retrying cannot
+        # help), and logged: a model that turns finite inputs into NaN for many requests is a defect to see.
+        self.log_error(f"route: non-finite {name} at row {row} from finite inputs")
+
+    async def call_member(self, model: str, parts: Sequence[dict[str, np.ndarray]], outputs: tuple[str, ...],
+                          concatenate: bool = True) -> list[RouteResult]:
+        """Run every part (input arrays of some rows) through `model`: parts whose shapes agree are concatenated
+        (unless `concatenate` is False), cut at the model's max batch and sent concurrently. Returns each part's
+        outputs, or the error of a call that held some of its rows."""
+        groups: dict[tuple, list[int]] = {}
+        for i, arrays in enumerate(parts):
+            key = tuple((n, a.shape[1:]) for n, a in sorted(arrays.items())) if concatenate else i
+            groups.setdefault(key, []).append(i)
+        results: list[RouteResult] = [RouteError(Status.INTERNAL, "unreached")] * len(parts)
+        answered = await asyncio.gather(*(self._call_group(model, [parts[i] for i in members], outputs)
+                                          for members in groups.values()))
+        for members, group_results in zip(groups.values(), answered):
+            for i, result in zip(members, group_results):
+                results[i] = result
+        return results
+
+    async def _call_group(self, model: str, parts: list[dict[str, np.ndarray]],
+                          outputs: tuple[str, ...]) -> list[RouteResult]:
+        names = list(parts[0])
+        batch = {n: parts[0][n] if len(parts) == 1 else np.concatenate([p[n] for p in parts]) for n in names}
+        total, step = len(batch[names[0]]), self.spec.serving.batching(model).max_batch_size
+        starts = list(range(0, total, step))
+        own = len(parts) == 1 and len(starts) == 1  # the call holds exactly one part's rows, in order
+        chunks = await asyncio.gather(*(self._call_chunk(model, {n: a[s:s + step] for n, a in batch.items()}, outputs,
+                                                         own) for s in starts))
+        results, lo = [], 0
+        for part in parts:
+            hi = lo + len(part[names[0]])
+            pieces = [(c, max(lo, s) - s, min(hi, s + step) - s)
+                      for s, c in zip(starts, chunks) if s < hi and lo < s + step]
+            failed = next((c for c, _, _ in pieces if isinstance(c, RouteError)), None)
+            results.append(failed or {n: np.concatenate([c[n][a:b] for c, a, b in pieces]) for n in outputs})
+            lo = hi
+        return results
+
+    async def _call_chunk(self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...],
+                          own: bool) -> RouteResult:
+        rows = len(next(iter(inputs.values())))
+        try:
+            result = await self.infer(model, {n: np.ascontiguousarray(a) for n, a in inputs.items()}, outputs)
+        except MemberCallError as exc:
+            if exc.status is Status.INVALID_ARG and own:
+                return RouteError(Status.INVALID_ARG, exc.message)  # names a row of this request: pass it on
+            self.log_error(f"route: {exc}")
+            if exc.status is Status.UNAVAILABLE:
+                return RouteError(Status.UNAVAILABLE, f"{model} is unavailable: {exc.message}")
+            return RouteError(Status.INTERNAL, f"route: {model} failed (see server log)")
+        except Exception:
+            self.log_error(f"route: call to {model} failed:\n{traceback.format_exc()}")
+            return RouteError(Status.INTERNAL, f"route: call to {model} failed (see server log)")
+        if any(n not in result or len(result[n]) != rows for n in outputs):
+            self.log_error(f"route: {model} answered {rows} input rows with other row counts or outputs")
+            return RouteError(Status.INTERNAL, f"route: {model} output rows do not match its input rows")
+        return result

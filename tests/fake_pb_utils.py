@@ -1,0 +1,114 @@
+"""A fake `triton_python_backend_utils` made of small dataclasses, for Python-backend models tested without a server.
+
+`install(monkeypatch, members)` puts it in `sys.modules`; `members` maps a model name to a function that answers a
+BLS call (`dict of input arrays -> dict of output arrays`, or a `FakeMemberError`), and records every call in
+`calls` as (model, rows).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class FakeTensor:
+    name: str
+    array: np.ndarray
+
+    def as_numpy(self):
+        return self.array
+
+
+@dataclass
+class FakeError:
+    message: str
+    code: int = 0
+    INVALID_ARG = 3
+    INTERNAL = 13
+    NOT_FOUND = 5
+    UNAVAILABLE = 14
+    CANCELLED = 1
+
+    def __str__(self):
+        return self.message
+
+
+@dataclass
+class FakeResponse:
+    output_tensors: list = field(default_factory=list)
+    error: FakeError | None = None
+
+
+@dataclass
+class FakeRequest:
+    inputs: dict
+    cancelled: bool = False
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled
+
+
+class FakeLogger:
+    errors: list = []
+
+    @classmethod
+    def log_error(cls, msg):
+        cls.errors.append(msg)
+
+
+@dataclass
+class FakeMemberError:
+    """What `response.error()` of a failed BLS call gives: methods, as in pb_utils."""
+
+    text: str
+    status: int = FakeError.INTERNAL
+
+    def message(self) -> str:
+        return self.text
+
+    def code(self) -> int:
+        return self.status
+
+
+@dataclass
+class FakeBlsResponse:
+    outputs: dict
+    failure: FakeMemberError | None = None
+
+    def has_error(self) -> bool:
+        return self.failure is not None
+
+    def error(self) -> FakeMemberError | None:
+        return self.failure
+
+
+def install(monkeypatch, members: dict[str, Callable] | None = None) -> types.SimpleNamespace:
+    """The fake module, installed as `triton_python_backend_utils` for the test."""
+    module = types.SimpleNamespace(
+        Tensor=FakeTensor, InferenceResponse=FakeResponse, TritonError=FakeError, Logger=FakeLogger,
+        members=dict(members or {}), calls=[],
+        get_input_tensor_by_name=lambda request, name: FakeTensor(name, request.inputs[name]),
+        get_output_tensor_by_name=lambda response, name: FakeTensor(name, response.outputs[name]))
+
+    @dataclass
+    class InferenceRequest:
+        model_name: str
+        inputs: list
+        requested_output_names: list
+
+        async def async_exec(self):
+            arrays = {t.name: t.array for t in self.inputs}
+            module.calls.append((self.model_name, len(next(iter(arrays.values())))))
+            answer = module.members[self.model_name](arrays)
+            if isinstance(answer, FakeMemberError):
+                return FakeBlsResponse({}, answer)
+            return FakeBlsResponse({n: answer[n] for n in self.requested_output_names})
+
+    module.InferenceRequest = InferenceRequest
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", module)
+    return module

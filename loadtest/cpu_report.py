@@ -20,7 +20,7 @@ from export.cpu_gates import REPORT_FILE
 from export.latency import load_golden
 from fusionrank.errors import DataError
 from fusionrank.spec import PipelineSpec
-from loadtest.cpu_served import compare_served, default_variants, members_table, served_table
+from loadtest.cpu_served import compare_served, default_variants, goal_line, members_table, served_table
 
 CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16")
 
@@ -69,7 +69,8 @@ def _markdown(report: dict, accuracy_table: str) -> str:
     features = ", ".join(f for f, on in node["features"].items() if on) or "none of " + ", ".join(CPU_FEATURES)
     lines = [f"# CPU profile: FP32 vs optimised FP32 vs INT8 ({report['created_utc']})", "",
              f"Node: {node['processor']}, {node['cores']} cores, ONNX Runtime {node['onnxruntime']}; "
-             f"features: {features}; load average at start {node['load_average'][0]:.1f}.", "",
+             f"features: {features}; load average (1 min) at start {node['load_average'][0]:.1f}, at the end "
+             f"{report['load_average_end'][0]:.1f} (other work on the machine slows every variant alike).", "",
              f"INT8 vs FP32 on this processor, one [{gemm}] MatMul, one thread: FP32 {probe['fp32_gops']} GOPS, "
              f"INT8 {probe['int8_gops']} GOPS ({probe['int8_speedup']}x).", "",
              "## Per model (one intra-op thread, rows/s, best of interleaved rounds)", "", report["models_table"], "",
@@ -77,7 +78,8 @@ def _markdown(report: dict, accuracy_table: str) -> str:
              "## Accuracy of the served chain (cpu_parity.json, gates of `fusionrank export`)", "", accuracy_table]
     if report.get("served"):
         lines += ["", "## Served end to end (CPU profile, median of interleaved rounds)", "", report["served_table"],
-                  "", "Where the time goes (Triton metrics, ms per request):", "", report["members_table"]]
+                  "", report["served_goal"], "", "Where the time goes (Triton metrics, ms per request):", "",
+                  report["members_table"]]
     return "\n".join(lines) + "\n"
 
 
@@ -119,7 +121,9 @@ def run_cpu_report(spec: PipelineSpec, repo: Path, out_dir: Path, rounds: int = 
                                      log_dir=out_dir, progress=say, graphs=graphs)
             report["served"] = [r.as_dict() for r in results]
             report["served_table"], report["members_table"] = served_table(results), members_table(results)
+            report["served_goal"] = goal_line(spec, results)
     report["seconds"] = round(time.monotonic() - started, 1)
+    report["load_average_end"] = list(os.getloadavg())
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(_markdown(report, _accuracy_table(accuracy)))
     return report

@@ -28,7 +28,7 @@ from fusionrank.benchmark import load_benchmark
 from fusionrank.scenario import RequestFactory, load_scenario
 from fusionrank.serving.render import ENCODERS_AND_RANKER, HEADER, load_config, render_repository
 from fusionrank.serving.server import TritonServer
-from fusionrank.spec import Modality, PipelineSpec, Precision, ServingProfile, member_models
+from fusionrank.spec import Modality, PipelineSpec, Precision, ServingProfile, member_models, served_models
 from loadtest import metrics as triton_metrics
 
 INT8_ENCODERS = {f"{m.value}_encoder": Precision.INT8 for m in Modality}
@@ -183,7 +183,7 @@ def compare_served(spec: PipelineSpec, repo: Path, variants: list[ServedVariant]
                 cpu[id(server)] += group_cpu_seconds(server.process.pid) - started
         return [ServedResult(variant, stats[id(server)],
                              triton_metrics.breakdown(before[id(server)], triton_metrics.scrape(server.metrics_url),
-                                                      member_models(vspec)), cpu[id(server)])
+                                                      served_models(vspec)), cpu[id(server)])
                 for variant, vspec, server in servers]
 
 
@@ -201,6 +201,21 @@ def served_table(results: list[ServedResult]) -> str:
                      f"{res.candidates_per_s / base:.2f}x | {res.p50_ms:.0f} | {res.p99_ms:.0f} | {res.errors} | "
                      f"{res.cpu_ms_per_candidate:.1f} | {res.cpu_ms_per_candidate / base_cpu:.2f}x |")
     return "\n".join(lines)
+
+
+def goal_line(spec: PipelineSpec, results: list[ServedResult], speedup: float = 2.0) -> str:
+    """The spec's served choice against the first variant (FP32 model.onnx): candidates/s ratio and p99, against the
+    goal of issue 13 (`speedup` times the candidates/s at equal or lower p99)."""
+    mine = _graphs(ServedVariant("spec", spec.export.cpu.optimize, dict(spec.export.cpu.precision)))
+    chosen = next((r for r in results if _graphs(r.variant) == mine and r.variant.threads == 1), None)
+    if not results or chosen is None:
+        return "Goal: no served variant with the spec's graphs was measured."
+    base = results[0]
+    ratio = chosen.candidates_per_s / base.candidates_per_s
+    met = ratio >= speedup and chosen.p99_ms <= base.p99_ms
+    return (f"Goal ({speedup:g}x the candidates/s of {base.variant.name} at equal or lower p99): "
+            f"{chosen.variant.name} {ratio:.2f}x, p99 {chosen.p99_ms:.0f} ms vs {base.p99_ms:.0f} ms: "
+            f"{'met' if met else 'MISSED'}.")
 
 
 def members_table(results: list[ServedResult]) -> str:

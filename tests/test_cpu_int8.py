@@ -231,3 +231,20 @@ def test_server_cpu_is_counted_over_its_process_group():
     finally:
         child.wait(timeout=30)
     assert group_cpu_seconds(child.pid) == 0.0  # gone: nothing left to count
+
+
+def test_served_goal_compares_the_spec_choice_with_fp32(default_spec):
+    from export.latency import EnsembleStats, LatencyStats
+    from loadtest.cpu_served import ServedResult, default_variants, goal_line
+
+    def served(variant, requests_per_s, p99_ms):
+        stats = EnsembleStats(LatencyStats(p99_ms / 2, p99_ms, p99_ms, p99_ms / 2, requests_per_s, 20), 20, 0, 4, 10.0)
+        return ServedResult(variant, [stats], [])
+
+    fp32, opt, all_int8, mine = default_variants(default_spec)  # the spec serves text + image as INT8
+    assert mine.precision == dict(default_spec.export.cpu.precision)
+    fast = [served(fp32, 1.0, 900), served(opt, 1.2, 800), served(all_int8, 3.0, 400), served(mine, 2.1, 700)]
+    assert goal_line(default_spec, fast).endswith("spec (pipeline.yaml) 2.10x, p99 700 ms vs 900 ms: met.")
+    slower_tail = [fast[0], served(mine, 2.5, 950)]
+    assert goal_line(default_spec, slower_tail).endswith("2.50x, p99 950 ms vs 900 ms: MISSED.")
+    assert "MISSED" in goal_line(default_spec, [fast[0], served(mine, 1.5, 500)])

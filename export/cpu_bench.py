@@ -26,7 +26,7 @@ import numpy as np
 
 from export.latency import load_golden, tile_rows
 from export.manifest import onnx_path, version_dir
-from export.onnx2cpu import build_graphs
+from export.onnx2cpu import build_graphs, quantizer_sandbox
 from export.profiles import engine_models
 from fusionrank.benchmark import Benchmark, load_benchmark
 from fusionrank.spec import INT8_FILE, OPTIMIZED_FILE, PipelineSpec
@@ -84,10 +84,9 @@ def _feed(session, inputs: dict[str, np.ndarray], batch: int) -> dict[str, np.nd
 
 
 def _timed_round(session, feed: dict[str, np.ndarray], budget_s: float) -> tuple[float, float, int]:
-    """(wall s, CPU s, calls) of one round: calls until `budget_s` has passed (at least 2)."""
-    session.run(None, feed)
+    """(wall s, CPU s, calls) of one round: calls until `budget_s` has passed (at least one; the caller warms up)."""
     calls, wall0, cpu0 = 0, time.perf_counter(), time.thread_time()
-    while calls < 2 or time.perf_counter() - wall0 < budget_s:
+    while calls < 1 or time.perf_counter() - wall0 < budget_s:
         session.run(None, feed)
         calls += 1
     return time.perf_counter() - wall0, time.thread_time() - cpu0, calls
@@ -105,9 +104,12 @@ def compare_models(spec: PipelineSpec, repo: Path, variants: dict[str, dict[str,
             if progress:
                 progress(f"{model} batch {batch}")
             best: dict[str, tuple[float, float]] = defaultdict(lambda: (0.0, 0.0))
+            feeds = {variant: _feed(session, inputs, batch) for variant, session in sessions.items()}
+            for variant, session in sessions.items():  # once per shape, not per round: a batch-64 image call is seconds
+                session.run(None, feeds[variant])
             for _ in range(rounds):
                 for variant, session in sessions.items():
-                    wall, cpu, calls = _timed_round(session, _feed(session, inputs, batch), budget_s)
+                    wall, cpu, calls = _timed_round(session, feeds[variant], budget_s)
                     rows = batch * calls
                     best[variant] = (max(best[variant][0], rows / wall), max(best[variant][1], rows / max(cpu, 1e-9)))
             results += [VariantSpeed(model, v, batch, *best[v], rounds) for v in sessions]
@@ -162,8 +164,11 @@ def gemm_probe(rows: int = 256, inner: int = 384, cols: int = 1536, budget_s: fl
     with tempfile.TemporaryDirectory(prefix="gemm-probe-") as tmp:
         fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(fp32))
-        quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8)
+        with quantizer_sandbox(Path(tmp)):
+            quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8)
         sessions = {"fp32": _session(fp32), "int8": _session(int8)}
+        for session in sessions.values():
+            session.run(None, feed)
         for _ in range(rounds):
             for name, session in sessions.items():
                 _, cpu, calls = _timed_round(session, feed, budget_s)

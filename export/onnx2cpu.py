@@ -56,7 +56,7 @@ class CpuExportError(FusionRankError):
 
 
 @contextlib.contextmanager
-def _quantizer_sandbox(path: Path) -> Iterator[None]:
+def quantizer_sandbox(path: Path) -> Iterator[None]:
     """Run ONNX Runtime's quantizer inside `path` with the root logger at WARNING: the quantizer can leave a
     uuid-named external-data file (90 MB seen) in the current directory, and it logs every tensor through the root
     logger at INFO. Export is single-threaded, so changing the process's directory is safe."""
@@ -150,7 +150,7 @@ def quantize_graph(spec: PipelineSpec, model: str, fp32: Path, optimized: Path |
     from onnxruntime import quantization as q
 
     cpu = spec.export.cpu
-    with _quantizer_sandbox(workdir):
+    with quantizer_sandbox(workdir):
         if model in DYNAMIC:
             if optimized is None:
                 raise CpuExportError(f"{model}: dynamic quantization starts from the optimised graph; none given")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from clients.embed_catalogue import catalogue
+from clients.embed_catalogue import embed_catalogue as embed_items
 from clients.rank_command import run_rank
 from export.onnx2trt import build_engines_command
 from export.preflight import check_command, refuse_on_mismatch, triton_backend_config
@@ -18,6 +20,8 @@ from fusionrank.project import model_repository_dir
 from fusionrank.serving.render import check_repository, render_repository
 from fusionrank.serving.server import serve_forever
 from fusionrank.spec import FusionType, Modality, PipelineSpec, Precision, ServingProfile, load_spec
+from loadtest.bench import BenchConfig
+from loadtest.bench_report import bench_command
 from loadtest.runner import run_loadtest_command
 
 
@@ -102,6 +106,21 @@ def loadtest(args) -> int:
     return run_loadtest_command(_spec(args), url=args.url, serve_repository=_repo(args) if args.serve else None,
                                 metrics_url=args.metrics_url, run_time=args.run_time, scenario=args.scenario,
                                 slo=args.slo, users=args.users, spawn_rate=args.spawn_rate, out_dir=_path(args.out))
+
+
+def embed_catalogue(args) -> int:
+    spec = _spec(args)
+    report = embed_items(spec, _repo(args), args.url, args.redis, ServingProfile(args.profile),
+                   items=catalogue(spec, args.items))
+    print(report.summary())
+    return 1 if report.refused else 0
+
+
+def bench(args) -> int:
+    config = BenchConfig(candidates=args.candidates, callers=args.callers, zipf_exponent=args.zipf,
+                         novel_share=args.novel_share, seconds=args.seconds, inprocess_seconds=args.inprocess_seconds,
+                         shared_tier=not args.no_shared_tier, seed=args.seed)
+    return bench_command(_spec(args), _repo(args), config, out_dir=_path(args.out), gate=args.gate)
 
 
 def build_engines(args) -> int:

@@ -28,7 +28,7 @@ from fusionrank.benchmark import load_benchmark
 from fusionrank.scenario import RequestFactory, load_scenario
 from fusionrank.serving.render import ENCODERS_AND_RANKER, HEADER, load_config, render_repository
 from fusionrank.serving.server import TritonServer
-from fusionrank.spec import Modality, PipelineSpec, Precision, ServingProfile, member_models, served_models
+from fusionrank.spec import CacheSpec, Modality, PipelineSpec, Precision, ServingProfile, member_models, served_models
 from loadtest import metrics as triton_metrics
 
 INT8_ENCODERS = {f"{m.value}_encoder": Precision.INT8 for m in Modality}
@@ -62,9 +62,11 @@ def default_variants(spec: PipelineSpec, threads: tuple[int, ...] = ()) -> list[
 
 
 def variant_spec(spec: PipelineSpec, variant: ServedVariant) -> PipelineSpec:
-    """The spec with the variant's export.cpu settings."""
+    """The spec with the variant's export.cpu settings and the route's item-embedding cache off: the rounds repeat
+    the same catalogue items, and a warm cache would answer them without the encoders this comparison is about."""
     cpu = dataclasses.replace(spec.export.cpu, optimize=variant.optimize, precision=dict(variant.precision))
-    return spec.with_overrides(export=dataclasses.replace(spec.export, cpu=cpu))
+    serving = dataclasses.replace(spec.serving, cache=CacheSpec(lru_bytes=0, redis_url=None))
+    return spec.with_overrides(export=dataclasses.replace(spec.export, cpu=cpu), serving=serving)
 
 
 def prepare_repository(spec: PipelineSpec, variant: ServedVariant, source: Path, target: Path,

@@ -235,7 +235,7 @@ def test_server_cpu_is_counted_over_its_process_group():
 
 def test_served_goal_compares_the_spec_choice_with_fp32(default_spec):
     from export.latency import EnsembleStats, LatencyStats
-    from loadtest.cpu_served import ServedResult, default_variants, goal_line
+    from loadtest.cpu_served import ServedResult, default_variants, goal_line, variant_spec
 
     def served(variant, requests_per_s, p99_ms):
         stats = EnsembleStats(LatencyStats(p99_ms / 2, p99_ms, p99_ms, p99_ms / 2, requests_per_s, 20), 20, 0, 4, 10.0)
@@ -243,6 +243,8 @@ def test_served_goal_compares_the_spec_choice_with_fp32(default_spec):
 
     fp32, opt, all_int8, mine = default_variants(default_spec)  # the spec serves text + image as INT8
     assert mine.precision == dict(default_spec.export.cpu.precision)
+    # Served variants measure the encoders: the route's item-embedding cache is off in every one.
+    assert default_spec.serving.cache.enabled and not variant_spec(default_spec, mine).serving.cache.enabled
     fast = [served(fp32, 1.0, 900), served(opt, 1.2, 800), served(all_int8, 3.0, 400), served(mine, 2.1, 700)]
     assert goal_line(default_spec, fast).endswith("spec (pipeline.yaml) 2.10x, p99 700 ms vs 900 ms: met.")
     slower_tail = [fast[0], served(mine, 2.5, 950)]

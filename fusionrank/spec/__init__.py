@@ -35,6 +35,7 @@ from fusionrank.spec.sections import (
     OPTIMIZED_FILE,
     SLO_FIELDS,
     BatchingSpec,
+    CacheSpec,
     CpuExportSpec,
     DataSpec,
     ExportSpec,
@@ -51,9 +52,9 @@ from fusionrank.spec.sections import (
 
 __all__ = [
     "CPU_MODELS", "DEFAULT_TEXT_CHECKPOINT", "INT8_FILE", "OPTIMIZED_FILE", "SLO_FIELDS", "AudioEncoderSpec",
-    "AudioSpec", "BatchingSpec", "CalibrationMethod", "CpuExportSpec", "DataSpec", "ExportSpec", "FusionType",
-    "HistorySpec", "ImageEncoderSpec", "ImageSpec", "ModalitiesSpec", "Modality", "PipelineSpec", "Pooling",
-    "Precision", "RankerSpec", "RankingParitySpec", "RecurrentCell", "ResNetArch", "ServingProfile", "SloSpec",
-    "SloTargets", "TensorRTSpec", "TextEncoderSpec", "TextSpec", "Tolerance", "TrainSpec", "UpgradeSpec", "choices",
-    "from_dict", "load_spec", "member_models", "served_models", "to_dict",
+    "AudioSpec", "BatchingSpec", "CacheSpec", "CalibrationMethod", "CpuExportSpec", "DataSpec", "ExportSpec",
+    "FusionType", "HistorySpec", "ImageEncoderSpec", "ImageSpec", "ModalitiesSpec", "Modality", "PipelineSpec",
+    "Pooling", "Precision", "RankerSpec", "RankingParitySpec", "RecurrentCell", "ResNetArch", "ServingProfile",
+    "SloSpec", "SloTargets", "TensorRTSpec", "TextEncoderSpec", "TextSpec", "Tolerance", "TrainSpec", "UpgradeSpec",
+    "choices", "from_dict", "load_spec", "member_models", "served_models", "to_dict",
 ]

@@ -7,6 +7,7 @@ itself and leaves nothing running. Triton's metrics are scraped before and after
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -134,8 +135,10 @@ def _scrape_or_note(url: str | None, notes: list[str]) -> str | None:
 
 def run_loadtest(spec: PipelineSpec, url: str, run_time: str = "30s", metrics_url: str | None = None,
                  scenario: str | Path | Scenario | None = None, slo: str | Path | Slo | None = None,
-                 users: int | None = None, out: str | Path | None = None, spawn_rate: float | None = None) -> Verdict:
-    """Load `url` with the scenario for `run_time` (None: the scenario's) and judge the run against the SLOs."""
+                 users: int | None = None, out: str | Path | None = None, spawn_rate: float | None = None,
+                 attempts: int = 1) -> Verdict:
+    """Load `url` with the scenario for `run_time` (None: the scenario's) and judge the run against the SLOs.
+    `attempts` > 1 lets each Locust user's client retry and fail over (the summary then counts its retries)."""
     scen = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
     targets = slo if isinstance(slo, Slo) else load_slo(spec, scen.name, slo)
     run_time = run_time or scen.run_time
@@ -146,7 +149,7 @@ def run_loadtest(spec: PipelineSpec, url: str, run_time: str = "30s", metrics_ur
     out.mkdir(parents=True, exist_ok=True)
     samples_dir = out / "samples"
     samples_dir.mkdir(exist_ok=True)
-    for old in samples_dir.glob("*.csv"):
+    for old in [*samples_dir.glob("*.csv"), *samples_dir.glob("client-stats-*.json")]:
         old.unlink()
     notes: list[str] = []
 
@@ -154,7 +157,8 @@ def run_loadtest(spec: PipelineSpec, url: str, run_time: str = "30s", metrics_ur
     before = _scrape_or_note(metrics_url, notes)
     env = {**os.environ, "FUSIONRANK_LOADTEST_URL": url, "FUSIONRANK_SPEC": spec.source
            if Path(spec.source).is_file() else "", "FUSIONRANK_SCENARIO": scen.source,
-           "FUSIONRANK_LOADTEST_USERS": str(users), "FUSIONRANK_LOADTEST_SAMPLES": str(samples_dir)}
+           "FUSIONRANK_LOADTEST_USERS": str(users), "FUSIONRANK_LOADTEST_SAMPLES": str(samples_dir),
+           "FUSIONRANK_LOADTEST_ATTEMPTS": str(attempts)}
     cmd = locust_command(out, users, spawn_rate, run_time, url)
     log.info("running %s", " ".join(cmd))
     run = run_locust(cmd, env, timeout=run_s + STOP_TIMEOUT_S + GRACE_S, log_file=out / "locust.log")
@@ -172,7 +176,8 @@ def run_loadtest(spec: PipelineSpec, url: str, run_time: str = "30s", metrics_ur
         notes.append("no per-request samples; figures from Locust's CSV (percentiles rounded)")
     else:
         raise LoadTestError(f"Locust produced no results; log {run.log_file}:\n{_tail(run.log_file)}")
-    summary.update(url=url, users=users, spawn_rate=spawn_rate, run_time=run_time, scenario=scen.name)
+    summary.update(url=url, users=users, spawn_rate=spawn_rate, run_time=run_time, scenario=scen.name,
+                   client=_client_stats(samples_dir))
 
     members = []
     if before is not None and after is not None:
@@ -183,6 +188,15 @@ def run_loadtest(spec: PipelineSpec, url: str, run_time: str = "30s", metrics_ur
     plots = write_plots(out, samples, out / "locust_stats_history.csv")
     write_summary(verdict, out, plots)
     return verdict
+
+
+def _client_stats(folder: Path) -> dict[str, int]:
+    """The Locust processes' client counters (attempts, retries, failovers, ...), summed."""
+    totals: dict[str, int] = {}
+    for path in folder.glob("client-stats-*.json"):
+        for name, value in json.loads(path.read_text()).items():
+            totals[name] = totals.get(name, 0) + int(value)
+    return totals
 
 
 def _metrics_url_for(url: str) -> str | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from fusionrank.benchmark import load_benchmark
-from fusionrank.paths import MODEL_REPOSITORY
+from fusionrank.project import model_repository_dir
 from fusionrank.serving.server import TritonServer
 from fusionrank.spec import PipelineSpec, ServingProfile, load_spec, member_models
 from fusionrank.tensors import CLICK_PROBABILITY, infer_inputs, request_arrays
@@ -116,7 +116,7 @@ def compare(spec: PipelineSpec, url: str, metrics_url: str | None, requests: lis
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtest.compare_routes", description=__doc__.split("\n\n")[0])
     p.add_argument("--spec", default=None, help="pipeline spec (default: pipeline.yaml)")
-    p.add_argument("--repository", default=str(MODEL_REPOSITORY), help="built model repository to serve")
+    p.add_argument("--repository", default=str(model_repository_dir()), help="built model repository to serve")
     p.add_argument("--url", default=None, help="gRPC endpoint of a running server with both routes loaded")
     p.add_argument("--metrics-url", default=None, help="its Triton metrics URL (with --url)")
     p.add_argument("--candidates", type=int, default=16, help="candidates per request")

@@ -105,7 +105,7 @@ class Fuzzer:
         self.spec = spec
         self.time_limit_s = time_limit_s
         self.request = RequestPreprocessor(spec)
-        self.pre = {m: p for m, p in zip(spec.modalities.enabled, self.request.preprocessors)}
+        self.pre = dict(self.request.preprocessors)
         self.seeds = seeds()
         self.stats = FuzzStats()
         self.last_error = ""
@@ -177,7 +177,7 @@ class Fuzzer:
     def request_case(self, inputs: dict[str, np.ndarray]) -> None:
         """Property of whole requests."""
         shapes = {k: getattr(v, "shape", v) for k, v in inputs.items()}
-        out = self._timed("request", lambda: self.request(inputs), shapes)
+        out = self._timed("request", lambda: self.request(inputs).flat(), shapes)
         names = (*(ITEM_INPUT[m] for m in self.spec.modalities.enabled), USER_HISTORY)
         if out is None:
             if not self.last_error.startswith(names):

@@ -29,7 +29,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from fusionrank.benchmark import Benchmark, load_benchmark
-from fusionrank.paths import MODEL_REPOSITORY
+from fusionrank.project import model_repository_dir
 from fusionrank.serving.server import TritonServer
 from fusionrank.spec import PipelineSpec, ServingProfile, load_spec
 from fusionrank.tensors import (
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="gRPC endpoint of a running server")
     where.add_argument("--serve", action="store_true", help="start the local CPU server on --repository")
-    p.add_argument("--repository", default=str(MODEL_REPOSITORY), help="model repository for --serve")
+    p.add_argument("--repository", default=str(model_repository_dir()), help="model repository for --serve")
     p.add_argument("--cases", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--concurrency", type=int, default=8)

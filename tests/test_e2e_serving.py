@@ -152,8 +152,8 @@ def _bad_cases(bench, spec):
          "user_history[1]: differs from row 0"),
         ("wrong history shape", lambda i, h: (i, h[:, :-1], {}), "user_history"),
         ("wrong history dtype", lambda i, h: (i, h, {"history_dtype": np.float32}), "user_history"),
-        ("too many candidates",
-         lambda i, h: ({m: v * 40 for m, v in i.items()}, np.repeat(h, 40, axis=0), {}), "batch"),
+        ("too many candidates", lambda i, h: ({m: v * 40 for m, v in i.items()}, np.repeat(h, 40, axis=0), {}),
+         f"item_text: 120 candidates; at most {spec.serving.max_candidates} per request"),
     ]
 
 

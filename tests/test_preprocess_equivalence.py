@@ -115,7 +115,7 @@ def test_cache_keys_follow_the_preprocessing_version(ci_spec, monkeypatch):
 def _thread_jobs(ci_spec, bench):
     """(callable, argument) pairs touching every preprocessor with inputs that need different shapes."""
     request = RequestPreprocessor(ci_spec)
-    pre = dict(zip(ci_spec.modalities.enabled, request.preprocessors))
+    pre = dict(request.preprocessors)
     titles = [b"red tent", " ".join(["hiking"] * 25).encode(), " ".join(["boots"] * 200).encode()]
     jobs = [(pre[Modality.TEXT], [t]) for t in titles] + [(pre[Modality.TEXT], titles[:2])]
     jobs += [(pre[Modality.IMAGE], [bench.item(i).image_bytes(), _photo(600, 400, "JPEG")]) for i in (1, 2, 3)]
@@ -124,7 +124,8 @@ def _thread_jobs(ci_spec, bench):
     jobs += [(lambda h: {"history": validate_history(h, ci_spec)}, h) for h in history]
     for n in (1, 3):
         items = {m: [bench.item(i).payload(m) for i in range(5, 5 + n)] for m in ci_spec.modalities.enabled}
-        jobs.append((request, request_arrays(items, np.repeat(history[0][:1], n, axis=0))))
+        arrays = request_arrays(items, np.repeat(history[0][:1], n, axis=0))
+        jobs.append((lambda inputs: request(inputs).flat(), arrays))
     return jobs
 
 

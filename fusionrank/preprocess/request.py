@@ -118,9 +118,9 @@ class RequestPreprocessor:
     """A request's inputs -> every encoder's input tensors per modality and the checked history. Safe to call from
     several threads (the preprocessors keep no per-call state)."""
 
-    def __init__(self, spec: PipelineSpec, tokenizer_dir: Path | None = None, max_candidates: int | None = None):
+    def __init__(self, spec: PipelineSpec, tokenizer_dir: Path | None = None):
         self.spec = spec
-        self.max_candidates = max_candidates or spec.serving.max_candidates
+        self.max_candidates = spec.serving.max_candidates
         self.preprocessors = {m: build_preprocessor(spec, m, tokenizer_dir=tokenizer_dir if m is Modality.TEXT
                                                     else None) for m in spec.modalities.enabled}
 

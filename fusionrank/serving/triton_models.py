@@ -130,9 +130,7 @@ class PreprocessModel(_BatchedModel):
 
     def setup(self):
         spec = from_dict(json.loads(self.params["spec"]))
-        # Triton's max_batch_size is this step's candidate limit (the spec parameter carries no serving section).
-        self.preprocess = RequestPreprocessor(spec, tokenizer_dir=self.version_dir / "tokenizer",
-                                              max_candidates=int(self.model_config["max_batch_size"]))
+        self.preprocess = RequestPreprocessor(spec, tokenizer_dir=self.version_dir / "tokenizer")
 
     def prepare(self, inputs):
         # Per request (text is padded to the request's own bucket), so it runs here, not in run().
@@ -209,8 +207,7 @@ class RouteModel:
         config, _, params = _model_args(args)
         spec = from_dict(json.loads(params["spec"]))
         # The tokenizer export writes for `preprocess` (a folder of the same repository).
-        preparer = RequestPreprocessor(spec, tokenizer_dir=tokenizer_dir(Path(args["model_repository"]).parent),
-                                       max_candidates=int(config["max_batch_size"]))
+        preparer = RequestPreprocessor(spec, tokenizer_dir=tokenizer_dir(Path(args["model_repository"]).parent))
         self.input_names = [i["name"] for i in config["input"]]
         self.output_names = [o["name"] for o in config["output"]]
         self.route = RankingRoute(spec, preparer, self._infer, pb.Logger.log_error)

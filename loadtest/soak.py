@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 from clients import NO_RETRY, RankingClient
 from clients.errors import ClientError
@@ -129,7 +128,7 @@ def _mib(mem: Memory | None, attr: str) -> str:
     return f"{getattr(mem, attr):.1f}" if mem else "-"
 
 
-def _name(proc: psutil.Process) -> str:
+def _name(proc) -> str:
     """tritonserver, or `stub <model>` from a Python-backend stub's first argument (<repo>/<model>/<v>/model.py)."""
     cmd = proc.cmdline()
     if "python_backend_stub" in proc.name() and len(cmd) > 1:
@@ -139,6 +138,10 @@ def _name(proc: psutil.Process) -> str:
 
 def memory(server_pid: int) -> dict[int, Memory]:
     """RSS and PSS (MiB) of the server and every process below it, by pid."""
+    # psutil comes with the loadtest extra; imported here so the command line (which lists `soak`) still imports in
+    # the serving image, which has only the serve extra.
+    import psutil
+
     try:
         root = psutil.Process(server_pid)
         procs = [root, *root.children(recursive=True)]

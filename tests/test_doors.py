@@ -1,21 +1,24 @@
 """Doors of a served Triton: model control, shared memory, trace and logging refused to callers without the admin key
 and open with it, over gRPC and HTTP, while inference, health and metadata stay open; the key never in a log; gRPC
-over one-way TLS with certificates made here. (Mutual TLS through `fusionrank serve` and the ranking client is in
-tests/test_faults.py, on the server that test module starts the way production runs it.)"""
+over mutual TLS through `fusionrank serve`, with certificates made here and the key from the environment."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import urllib.error
 import urllib.request
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from clients import AccessDeniedError, AsyncRankingClient, RankingClient
-from fusionrank.serving.doors import DoorError, GrpcTls, check_admin_key
+from clients import AccessDeniedError, AsyncRankingClient, ClientTls, RankingClient, UnavailableError
+from fusionrank.serving.doors import DoorError, GrpcTls, check_admin_key, grpc_admin_header, http_admin_header
 from fusionrank.serving.server import TritonServer, policy_args
 from fusionrank.spec import Modality
 
@@ -125,28 +128,51 @@ def test_the_key_is_in_no_log(triton_server):
         assert triton_server.admin_key not in path.read_text(errors="replace"), path
 
 
+def _echo_infer(client, timeout: float | None = None) -> list:
+    inp = grpcclient.InferInput("x", [1, 1], "INT64")
+    inp.set_data_from_numpy(np.ones((1, 1), np.int64))
+    return client.infer("echo", [inp], client_timeout=timeout).as_numpy("y").tolist()
+
+
 @pytest.mark.e2e
-def test_one_way_tls_on_a_small_server(tmp_path):
-    """gRPC over TLS: a client trusting the CA is served, a plaintext client and one trusting another CA are not;
-    Triton's HTTP endpoint (no TLS) then wants the key for inference too."""
-    from .test_serve_cli import _echo_repository
+def test_serve_over_mutual_tls_with_the_key_from_the_environment(tmp_path, ci_spec):
+    """`fusionrank serve` with certificates made here and $FUSIONRANK_ADMIN_KEY, on a small repository: a client
+    with the CA and its certificate is served (inference, and the admin APIs with the key); a plaintext client, one
+    without a certificate and one trusting another CA are refused, the ranking client saying why; Triton's HTTP
+    endpoint (no TLS) then wants the key for inference too, and leaves health open."""
+    from .test_serve_cli import _echo_repository, _start_serve
 
     pki, other = make_pki(tmp_path / "pki"), make_pki(tmp_path / "other", ca_name="other-ca")
-    tls = GrpcTls(pki.crt("server"), pki.key("server"))
-    x = np.ones((1, 1), np.int64)
-    with TritonServer(_echo_repository(tmp_path), profile="cpu", log_file=tmp_path / "triton.log",
-                      cache=tmp_path / "backend", tls=tls, exit_timeout_s=3) as server:
-        inp = grpcclient.InferInput("x", [1, 1], "INT64")
-        inp.set_data_from_numpy(x)
-        with grpcclient.InferenceServerClient(server.grpc_url, ssl=True,
-                                              root_certificates=str(pki.crt("ca"))) as client:
-            assert client.infer("echo", [inp]).as_numpy("y").tolist() == [[1]]
-        for kwargs, message in (({}, "Socket closed"),
-                                ({"ssl": True, "root_certificates": str(other.crt("other-ca"))}, "andshake failed")):
-            with grpcclient.InferenceServerClient(server.grpc_url, **kwargs) as client:
-                with pytest.raises(InferenceServerException, match=message):
-                    client.infer("echo", [inp], client_timeout=10)
+    key = "k-" + "7" * 20
+    proc, output = _start_serve(_echo_repository(tmp_path), tmp_path / "triton.log", "--grpc-tls-cert",
+                                str(pki.crt("server")), "--grpc-tls-key", str(pki.key("server")),
+                                "--grpc-tls-client-ca", str(pki.crt("ca")),
+                                env={**os.environ, "FUSIONRANK_ADMIN_KEY": key})
+    try:
+        found = re.search(r"gRPC\s+(\S+) \(mutual TLS\)", output)
+        assert found and "need the key in $FUSIONRANK_ADMIN_KEY" in output and key not in output, output
+        url, http = found.group(1), re.search(r"HTTP\s+(\S+)", output).group(1)
+        full = ClientTls(pki.crt("ca"), pki.key("client"), pki.crt("client"))
+        with grpcclient.InferenceServerClient(url, **full.channel_kwargs()) as client:
+            assert _echo_infer(client) == [[1]]
+            assert client.get_model_repository_index(headers=grpc_admin_header(key)).models
+            with pytest.raises(InferenceServerException, match="protocol is restricted"):
+                client.get_model_repository_index()
+        untrusting = ClientTls(other.crt("other-ca"), pki.key("client"), pki.crt("client"))
+        with grpcclient.InferenceServerClient(url, **untrusting.channel_kwargs()) as client:
+            with pytest.raises(InferenceServerException, match="andshake failed"):
+                _echo_infer(client, timeout=10)
+        for tls, hint in ((None, "a TLS endpoint does that to a plaintext client"),
+                          (ClientTls(pki.crt("ca")), "a mutual-TLS endpoint to a client without a certificate")):
+            with RankingClient(ci_spec, url, tls=tls) as ranking:
+                with pytest.raises(UnavailableError, match=hint):
+                    ranking.wait_ready(2)
         body = json.dumps({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "INT64", "data": [1]}]}).encode()
+        server = SimpleNamespace(http_url=http)
         assert _http(server, "POST", "/v2/models/echo/infer", body) == 403
-        assert _http(server, "POST", "/v2/models/echo/infer", body, server.http_admin_header) == 200
+        assert _http(server, "POST", "/v2/models/echo/infer", body, http_admin_header(key)) == 200
         assert _http(server, "GET", "/v2/health/ready", None) == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert key not in (tmp_path / "triton.log").read_text(errors="replace")

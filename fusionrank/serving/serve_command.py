@@ -76,6 +76,7 @@ def _print_endpoints(server: TritonServer, out, key_given: bool) -> None:
     out.write(f"  HTTP     {server.http_url}\n")
     out.write(f"  metrics  {server.metrics_url}\n")
     out.write(f"  log      {server.log_file}\n")
+    out.write(f"  pid      {server.process.pid} (tritonserver: `fusionrank soak --pid` measures it)\n")
     out.write(f"  admin    {', '.join(RESTRICTED_APIS)}: {doors}\n")
     out.write("Ctrl-C or SIGTERM stops the server.\n")
     out.flush()

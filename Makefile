@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Debian packages the tests run for real (Prometheus and promtool; shellcheck for the entrypoint), installed with
-# apt-get when missing (CI runs as root).
-SYSTEM_PACKAGES := prometheus shellcheck
+# Debian packages the tests run for real (Prometheus and promtool; shellcheck for the entrypoint; redis-server for
+# the route's shared embedding cache), installed with apt-get when missing (CI runs as root).
+SYSTEM_PACKAGES := prometheus shellcheck redis-server
 # Images: `make image push REGISTRY=registry.example.com/ml TAG=0.1.0` (needs a Docker engine).
 REGISTRY ?= registry.example.com/ml
 TAG ?= 0.1.0
@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 system-deps:
-	@missing=""; for tool in prometheus promtool shellcheck; do command -v $$tool >/dev/null || missing=1; done; \
+	@missing=""; for tool in prometheus promtool shellcheck redis-server; do command -v $$tool >/dev/null || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages: $(SYSTEM_PACKAGES)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \

@@ -83,6 +83,8 @@ class Scenario:
     audio_presence: float = 1.0  # share of candidates with their audio clip; the rest send a short silent WAV
     repeat_share: float = 0.0  # share of candidates drawn from the hot set
     hot_items: int = 32
+    zipf_exponent: float | None = None  # item popularity: P(rank r) ~ r^-a over the catalogue; None = uniform
+    novel_share: float = 0.0  # share of candidates that are never-seen items (catalogue payloads, perturbed)
     pacing: Pacing = field(default_factory=Pacing)
     timeout_s: float = 30.0  # per-request deadline of the load-test client
     warmup_requests: int = 2
@@ -108,9 +110,11 @@ class Scenario:
             bad("text_words", "[min, max] with 1 <= min <= max")
         if any(s < 8 or s > 4096 for s in self.image_sizes):
             bad("image_sizes", "sizes in [8, 4096] pixels")
-        for name in ("audio_presence", "repeat_share"):
+        for name in ("audio_presence", "repeat_share", "novel_share"):
             if not 0 <= getattr(self, name) <= 1:
                 bad(name, "a number in [0, 1]")
+        if self.zipf_exponent is not None and not self.zipf_exponent > 0:
+            bad("zipf_exponent", "a number > 0, or null for uniform popularity")
         if self.hot_items < 1:
             bad("hot_items", "an integer >= 1")
         self.pacing.validate(self.source)
@@ -211,6 +215,42 @@ def _reencode_jpeg(data: bytes, size: int) -> bytes:
         return out.getvalue()
 
 
+def novel_payload(modality: Modality, payload: bytes, nonce: int) -> bytes:
+    """A never-seen item made from a catalogue payload: still valid and of the same format and size, with different
+    content and bytes for every nonce (a cache keyed on bytes misses it; the route still decodes and encodes it).
+    Text gets one more word; an image a small block of a nonce-derived colour (JPEG: and the nonce as a comment,
+    since quantisation may merge close colours); audio the nonce's bits added to its first samples (inaudible)."""
+    if modality is Modality.TEXT:
+        return payload + f" n{nonce:x}".encode()
+    if modality is Modality.IMAGE:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(payload)) as img:
+            fmt, rgb = img.format, img.convert("RGB")
+        colour = tuple(int(b) for b in nonce.to_bytes(8, "little")[:3])
+        rgb.paste(colour, (0, 0, 6, 6))
+        out = io.BytesIO()
+        options = {"JPEG": {"quality": 90, "comment": f"novel {nonce}"}, "WEBP": {"lossless": True}}.get(fmt, {})
+        rgb.save(out, format=fmt, **options)
+        return out.getvalue()
+    import soundfile as sf
+
+    samples, rate = sf.read(io.BytesIO(payload), dtype="int16", always_2d=True)
+    info = sf.info(io.BytesIO(payload))
+    bits = np.array([(nonce >> i) & 1 for i in range(min(48, len(samples)))], dtype=np.int16)
+    samples[:len(bits), 0] = np.where(samples[:len(bits), 0] < 32767, samples[:len(bits), 0] + bits,
+                                      samples[:len(bits), 0] - bits)
+    out = io.BytesIO()
+    sf.write(out, samples, rate, format="WAV", subtype=info.subtype)
+    return out.getvalue()
+
+
+def zipf_weights(items: int, exponent: float) -> np.ndarray:
+    """P(rank r) proportional to r^-exponent for ranks 1..items (a finite Zipf law)."""
+    weights = np.arange(1, items + 1, dtype=np.float64) ** -exponent
+    return weights / weights.sum()
+
+
 def _fit_words(title: str, words: int) -> str:
     tokens = title.split() or ["item"]
     return " ".join(tokens[i % len(tokens)] for i in range(words))
@@ -234,11 +274,22 @@ class RequestFactory:
         self._cache: dict[tuple, bytes] = {}
         self._silent = silent_wav(rate=spec.modalities.audio.sample_rate) if Modality.AUDIO in self.modalities else b""
         self.requests = 0
+        # Popularity ranks are the same for every seed (like the hot set): every caller favours the same items.
+        self.by_rank = np.random.default_rng(spec.data.seed + 1).permutation(np.arange(1, bench.num_items + 1))
+        self._zipf = zipf_weights(bench.num_items, scenario.zipf_exponent) if scenario.zipf_exponent else None
+        # Never-seen items are numbered per factory; the seed keeps factories (callers, runs) apart.
+        self._novel = int(seed) << 32
+        self.novel_candidates = 0
 
     def candidate_ids(self) -> np.ndarray:
-        """Item ids of the next request: its size drawn from the scenario, some from the hot set."""
+        """Item ids of the next request: its size drawn from the scenario, distinct items by the scenario's
+        popularity, some from the hot set."""
         n = int(self.rng.choice(self._sizes, p=self._size_p))
-        ids = self.rng.integers(1, self.bench.num_items + 1, size=n)
+        if self._zipf is not None:
+            ids = self.by_rank[self.rng.choice(len(self.by_rank), size=min(n, len(self.by_rank)), replace=False,
+                                               p=self._zipf)]
+        else:
+            ids = self.rng.integers(1, self.bench.num_items + 1, size=n)
         hot = self.rng.random(n) < self.scenario.repeat_share
         if hot.any():
             ids[hot] = self.rng.choice(self.hot, size=int(hot.sum()))
@@ -272,6 +323,12 @@ class RequestFactory:
         """(items: one payload list per enabled modality, history [N, L] int64: one user's history per row)."""
         ids = [int(i) for i in self.candidate_ids()]
         items = {m: [self.payload(m, i) for i in ids] for m in self.modalities}
+        if self.scenario.novel_share:
+            for row in np.flatnonzero(self.rng.random(len(ids)) < self.scenario.novel_share):
+                self._novel += 1
+                self.novel_candidates += 1
+                for m in self.modalities:
+                    items[m][row] = novel_payload(m, items[m][row], self._novel)
         histories = np.asarray(self.bench.sessions.history)
         session = int(self.rng.integers(0, len(histories)))
         history = np.repeat(histories[session][None, :].astype(np.int64), len(ids), axis=0)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from clients.embed_catalogue import catalogue
+from clients.embed_catalogue import embed_catalogue as embed_items
 from clients.rank_command import run_rank
 from clients.tls import ClientTls
 from export.onnx2trt import build_engines_command
@@ -20,6 +22,8 @@ from fusionrank.serving.doors import GrpcTls
 from fusionrank.serving.render import check_repository, render_repository
 from fusionrank.serving.serve_command import print_triton_args, serve_forever
 from fusionrank.spec import FusionType, Modality, PipelineSpec, Precision, ServingProfile, load_spec
+from loadtest.bench import BenchConfig
+from loadtest.bench_report import bench_command
 from loadtest.runner import run_loadtest_command
 from loadtest.soak import run_soak_command
 
@@ -126,6 +130,21 @@ def soak(args) -> int:
     return run_soak_command(_spec(args), args.minutes, url=args.url, pid=args.pid,
                             serve_repository=_repo(args) if args.serve else None, users=args.users,
                             scenario=args.scenario, max_growth_mb=args.max_growth_mb)
+
+
+def embed_catalogue(args) -> int:
+    spec = _spec(args)
+    report = embed_items(spec, _repo(args), args.url, args.redis, ServingProfile(args.profile),
+                   items=catalogue(spec, args.items))
+    print(report.summary())
+    return 1 if report.refused else 0
+
+
+def bench(args) -> int:
+    config = BenchConfig(candidates=args.candidates, callers=args.callers, zipf_exponent=args.zipf,
+                         novel_share=args.novel_share, seconds=args.seconds, inprocess_seconds=args.inprocess_seconds,
+                         shared_tier=not args.no_shared_tier, seed=args.seed)
+    return bench_command(_spec(args), _repo(args), config, out_dir=_path(args.out), gate=args.gate)
 
 
 def build_engines(args) -> int:

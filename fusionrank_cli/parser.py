@@ -102,6 +102,30 @@ def _add_serving_commands(add) -> None:
     p = add("soak", commands.soak, "steady load for some minutes; fail when a Triton process's memory grows")
     soak_arguments(p)
 
+    p = add("embed-catalogue", commands.embed_catalogue,
+            "pre-compute item embeddings through the served encoders into the route's shared cache tier (Redis)")
+    p.add_argument("--url", default="localhost:8001", help="gRPC endpoint of a server with the encoders loaded")
+    p.add_argument("--redis", default=None, help="the shared tier, redis://host:port/db (default: serving.cache."
+                                                 "redis_url of the spec)")
+    p.add_argument("--profile", choices=choices(ServingProfile), default=ServingProfile.CPU.value,
+                   help="the profile the server runs (its encoders' files are part of the cache keys)")
+    p.add_argument("--items", nargs="*", help="candidates JSON file(s) as for `rank --items` (default: the "
+                                              "benchmark catalogue)")
+
+    p = add("bench", commands.bench, "in-process pipeline, plain ensemble and cached route (cold, warm) side by side "
+                                     "on one Zipf candidate stream: table, bench.json, bench.png")
+    p.add_argument("--candidates", type=int, default=16, help="candidates per request (N)")
+    p.add_argument("--callers", type=int, default=8, help="concurrent closed-loop callers (C)")
+    p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of item popularity")
+    p.add_argument("--novel-share", type=float, default=0.05, help="share of never-seen candidates")
+    p.add_argument("--seconds", type=float, default=30.0, help="length of each served phase")
+    p.add_argument("--inprocess-seconds", type=float, default=15.0, help="length of each in-process phase")
+    p.add_argument("--no-shared-tier", action="store_true",
+                   help="no local redis-server: the route's in-process cache only, warm after the cold phase")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gate", action="store_true", help="exit 1 when a goal is missed")
+    p.add_argument("--out", default=None, help="report folder (default: reports/bench-<time>)")
+
 
 def _add_engine_commands(add) -> None:
     p = add("build-engines", commands.build_engines, "build TensorRT engines from the exported ONNX models (GPU)")

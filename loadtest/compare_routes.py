@@ -77,18 +77,6 @@ def closed_loop(url: str, model: str, requests: list[dict[str, np.ndarray]], use
             "p99_ms": float(np.percentile(ms, 99)), "first_error": errors[0] if errors else None}
 
 
-def _settled_scrape(metrics_url: str, before: str, model: str, answered: int, timeout_s: float = 5.0) -> str:
-    """A scrape that counts every request `model` answered since `before`: Triton counts an ensemble's request a
-    moment after its response has left."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        after = triton_metrics.scrape(metrics_url)
-        (stats,) = triton_metrics.breakdown(before, after, [model])
-        if stats.requests >= answered or time.monotonic() > deadline:
-            return after
-        time.sleep(0.1)
-
-
 def compare(spec: PipelineSpec, url: str, metrics_url: str | None, requests: list, users: int, rounds: int,
             out=sys.stdout) -> list[dict]:
     """Warm both routes, then measure each in turn for `rounds` rounds; prints and returns the results."""
@@ -101,7 +89,7 @@ def compare(spec: PipelineSpec, url: str, metrics_url: str | None, requests: lis
             before = triton_metrics.scrape(metrics_url) if metrics_url else None
             result = {"round": round_, **closed_loop(url, model, requests, users)}
             if before is not None:
-                after = _settled_scrape(metrics_url, before, model, len(requests) - result["errors"])
+                after = triton_metrics.settled_scrape(metrics_url, before, model, len(requests) - result["errors"])
                 result["members"] = triton_metrics.breakdown(before, after, [model, *member_models(spec)])
             results.append(result)
             out.write(f"round {round_} {model:<14} {result['candidates_per_s']:7.1f} candidates/s  "
@@ -116,7 +104,7 @@ def compare(spec: PipelineSpec, url: str, metrics_url: str | None, requests: lis
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtest.compare_routes", description=__doc__.split("\n\n")[0])
     p.add_argument("--spec", default=None, help="pipeline spec (default: pipeline.yaml)")
-    p.add_argument("--repository", default=str(model_repository_dir()), help="built model repository to serve")
+    p.add_argument("--repository", default=None, help="built model repository to serve (default: the project's)")
     p.add_argument("--url", default=None, help="gRPC endpoint of a running server with both routes loaded")
     p.add_argument("--metrics-url", default=None, help="its Triton metrics URL (with --url)")
     p.add_argument("--candidates", type=int, default=16, help="candidates per request")
@@ -130,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         results = compare(spec, args.url, args.metrics_url, requests, args.users, args.rounds)
     else:
-        with TritonServer.for_spec(spec, Path(args.repository), ServingProfile.CPU, log_name="tritonserver-compare",
+        repo = Path(args.repository) if args.repository else model_repository_dir()
+        with TritonServer.for_spec(spec, repo, ServingProfile.CPU, log_name="tritonserver-compare",
                                    reference_ensemble=True) as server:
             results = compare(spec, server.grpc_url, server.metrics_url, requests, args.users, args.rounds)
     return 1 if any(r["errors"] for r in results) else 0

@@ -2,11 +2,14 @@
 
 Two scrapes of `/metrics`, one before and one after the run, parsed with prometheus_client's parser; the per-model
 differences give each served model's requests, queue time and compute time per request, and the batch size the
-dynamic batcher achieved (inference count / execution count). A missed SLO then shows where the time went.
+dynamic batcher achieved (inference count / execution count). A missed SLO then shows where the time went. The
+route's embedding-cache metrics (`fusionrank_cache_*`, custom metrics of the route's Python model) give the cache's
+share of the run: hits per tier, misses, evictions, store errors, bytes held.
 """
 
 from __future__ import annotations
 
+import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
@@ -105,6 +108,18 @@ def breakdown(before_text: str, after_text: str, models: Sequence[str] | None = 
     return diff(parse_counters(before_text), parse_counters(after_text), models)
 
 
+def settled_scrape(metrics_url: str, before: str, model: str, answered: int, timeout_s: float = 5.0) -> str:
+    """A scrape that counts every request `model` answered since `before`: Triton counts an ensemble's request a
+    moment after its response has left."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        after = scrape(metrics_url)
+        (stats,) = breakdown(before, after, [model])
+        if stats.requests >= answered or time.monotonic() > deadline:
+            return after
+        time.sleep(0.1)
+
+
 def format_table(stats: Sequence[MemberStats]) -> str:
     """Plain-text table of the per-member breakdown."""
     header = (f"{'model':<20} {'requests':>9} {'failures':>8} {'rows':>8} {'execs':>7} {'avg batch':>9} "
@@ -114,3 +129,71 @@ def format_table(stats: Sequence[MemberStats]) -> str:
         lines.append(f"{s.model:<20} {s.requests:>9} {s.failures:>8} {s.inferences:>8} {s.executions:>7} "
                      f"{s.avg_batch:>9.2f} {s.queue_ms:>9.1f} {s.compute_ms:>10.1f} {s.request_ms:>9.1f}")
     return "\n".join(lines)
+
+
+# --- the route's embedding cache --------------------------------------------------------------------------------
+
+CACHE_HITS = "fusionrank_cache_hits"
+CACHE_MISSES = "fusionrank_cache_misses"
+CACHE_EVICTIONS = "fusionrank_cache_evictions"
+CACHE_STORE_ERRORS = "fusionrank_cache_store_errors"
+CACHE_BYTES = "fusionrank_cache_bytes"
+_CACHE_METRICS = (CACHE_HITS, CACHE_MISSES, CACHE_EVICTIONS, CACHE_STORE_ERRORS, CACHE_BYTES)
+
+
+def parse_cache(text: str, model: str) -> dict[str, float]:
+    """One route model's cache metrics in a scrape, summed over its instances and modalities (hits also per tier,
+    as `fusionrank_cache_hits:<tier>`)."""
+    out: dict[str, float] = defaultdict(float)
+    for family in text_string_to_metric_families(text):
+        if family.name not in _CACHE_METRICS:
+            continue
+        for sample in family.samples:
+            if sample.name in (family.name, f"{family.name}_total") and sample.labels.get("model") == model:
+                out[family.name] += float(sample.value)
+                if family.name == CACHE_HITS:
+                    out[f"{CACHE_HITS}:{sample.labels.get('tier', '?')}"] += float(sample.value)
+    return dict(out)
+
+
+@dataclass(frozen=True)
+class CacheShare:
+    """The route's embedding cache over a run: rows found per tier, rows encoded, evictions, store errors, and the
+    bytes its instances held at the end."""
+
+    model: str
+    lru_hits: int
+    redis_hits: int
+    misses: int
+    evictions: int
+    store_errors: int
+    bytes: float
+
+    @property
+    def hits(self) -> int:
+        return self.lru_hits + self.redis_hits
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.hits / (self.hits + self.misses) if self.hits + self.misses else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "hits": self.hits, "hit_ratio": round(self.hit_ratio, 4)}
+
+    def describe(self) -> str:
+        return (f"embedding cache of {self.model}: hit ratio {100 * self.hit_ratio:.1f}% ({self.hits} rows found: "
+                f"{self.lru_hits} in-process, {self.redis_hits} shared; {self.misses} encoded), {self.evictions} "
+                f"evictions, {self.store_errors} store errors, {self.bytes / 2**20:.1f} MiB held")
+
+
+def cache_share(before_text: str, after_text: str, model: str) -> CacheShare | None:
+    """The cache's share of a run from the scrapes before and after it; None when the model reports no cache."""
+    before, after = parse_cache(before_text, model), parse_cache(after_text, model)
+    if not after:
+        return None
+
+    def delta(name: str) -> int:
+        return int(round(max(0.0, after.get(name, 0.0) - before.get(name, 0.0))))
+
+    return CacheShare(model, delta(f"{CACHE_HITS}:lru"), delta(f"{CACHE_HITS}:redis"), delta(CACHE_MISSES),
+                      delta(CACHE_EVICTIONS), delta(CACHE_STORE_ERRORS), after.get(CACHE_BYTES, 0.0))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loadtest.metrics import MemberStats
+from loadtest.metrics import CacheShare, MemberStats
 from loadtest.metrics import format_table as format_members
 from loadtest.slo import Slo
 
@@ -159,6 +159,7 @@ class Verdict:
     notes: list[str] = field(default_factory=list)
     scenario: str = ""
     slo_source: str = ""
+    cache: CacheShare | None = None  # the route's embedding cache over the run
 
     @property
     def passed(self) -> bool:
@@ -195,6 +196,8 @@ class Verdict:
                       format_members(self.members),
                       "(the route's row is end to end inside the server: its compute is its in-process preprocessing "
                       "plus the wait for its members, whose own rows follow)", ""]
+        if self.cache:
+            lines += [self.cache.describe(), ""]
         lines += [f"note: {n}" for n in self.notes]
         lines += [c.describe() for c in self.missed]
         lines.append(f"SLO verdict: {'PASS' if self.passed else 'FAIL'} ({self.slo_source})")
@@ -207,7 +210,8 @@ class Verdict:
                 "summary": _json_safe(self.summary),
                 "slo": [{"name": c.name, "measured": _json_safe(c.measured), "target": c.target,
                          "comparison": c.comparison, "passed": c.passed} for c in self.checks],
-                "members": [m.as_dict() for m in self.members], "notes": self.notes}
+                "members": [m.as_dict() for m in self.members], "notes": self.notes,
+                "cache": self.cache.as_dict() if self.cache else None}
 
 
 def _json_safe(value):

@@ -179,12 +179,13 @@ def run_loadtest(spec: PipelineSpec, url: str, run_time: str = "30s", metrics_ur
     summary.update(url=url, users=users, spawn_rate=spawn_rate, run_time=run_time, scenario=scen.name,
                    client=_client_stats(samples_dir))
 
-    members = []
+    members, cache = [], None
     if before is not None and after is not None:
         members = triton_metrics.breakdown(before, after, served_models(spec))
+        cache = triton_metrics.cache_share(before, after, spec.serving.route)
     elif not metrics_url:
         notes.append("no metrics URL: server-side breakdown skipped (pass --serve or set FUSIONRANK_METRICS_URL)")
-    verdict = Verdict(evaluate_slo(targets, summary), summary, members, out, notes, scen.name, targets.source)
+    verdict = Verdict(evaluate_slo(targets, summary), summary, members, out, notes, scen.name, targets.source, cache)
     plots = write_plots(out, samples, out / "locust_stats_history.csv")
     write_summary(verdict, out, plots)
     return verdict

@@ -5,6 +5,7 @@
 - `built_repository`: a temporary model repository rendered, trained and exported for `ci_spec`.
 - `triton_server`: a real tritonserver (CPU profile) on that repository, started once per session (the route, its
   members and the reference ensemble loaded).
+- `redis_server`, `black_hole`: a real redis-server on loopback, and a port that never answers (tests/redis_server.py).
 - `fake_trt`, `fake_cuda`: fake `tensorrt` / cuda-python modules (tests/fake_tensorrt.py, tests/fake_cuda.py) for
   one test.
 
@@ -94,6 +95,26 @@ def triton_server(ci_spec, built_repository, tmp_path_factory):
     server.start(timeout=300)
     yield server
     server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server on a free loopback port for one test (tests/redis_server.py); stopped after it."""
+    from tests.redis_server import start_redis
+
+    server = start_redis(tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def black_hole():
+    """A loopback port that accepts connections and never answers."""
+    from tests.redis_server import BlackHole
+
+    hole = BlackHole()
+    yield hole
+    hole.close()
 
 
 @pytest.fixture

@@ -55,10 +55,57 @@ class FakeRequest:
 
 class FakeLogger:
     errors: list = []
+    infos: list = []
 
     @classmethod
     def log_error(cls, msg):
         cls.errors.append(msg)
+
+    @classmethod
+    def log_info(cls, msg):
+        cls.infos.append(msg)
+
+
+@dataclass
+class FakeMetric:
+    family: FakeMetricFamily
+    labels: dict
+    value: float = 0.0
+
+    def increment(self, value: float) -> None:
+        if self.family.kind == FakeMetricFamily.COUNTER and value < 0:
+            raise ValueError("a counter cannot decrease")
+        self.value += value
+
+    def set(self, value: float) -> None:
+        if self.family.kind != FakeMetricFamily.GAUGE:
+            raise ValueError("set() is for gauges only")
+        self.value = value
+
+
+@dataclass
+class FakeMetricFamily:
+    """pb_utils.MetricFamily: every family made is kept in `families` by name, as Triton keeps them."""
+
+    name: str
+    description: str
+    kind: int
+    COUNTER = 0
+    GAUGE = 1
+    families = {}
+
+    def __post_init__(self):
+        self.metrics: list[FakeMetric] = []
+        FakeMetricFamily.families[self.name] = self
+
+    def Metric(self, labels=None):
+        metric = FakeMetric(self, dict(labels or {}))
+        self.metrics.append(metric)
+        return metric
+
+    def total(self, **labels) -> float:
+        """Sum over the metrics whose labels include `labels`."""
+        return sum(m.value for m in self.metrics if labels.items() <= m.labels.items())
 
 
 @dataclass
@@ -89,8 +136,10 @@ class FakeBlsResponse:
 
 def install(monkeypatch, members: dict[str, Callable] | None = None) -> types.SimpleNamespace:
     """The fake module, installed as `triton_python_backend_utils` for the test."""
+    FakeMetricFamily.families = {}
     module = types.SimpleNamespace(
         Tensor=FakeTensor, InferenceResponse=FakeResponse, TritonError=FakeError, Logger=FakeLogger,
+        MetricFamily=FakeMetricFamily,
         members=dict(members or {}), calls=[],
         get_input_tensor_by_name=lambda request, name: FakeTensor(name, request.inputs[name]),
         get_output_tensor_by_name=lambda response, name: FakeTensor(name, response.outputs[name]))

@@ -319,6 +319,9 @@ def test_ci_smoke_load_test_passes_the_ci_slos(triton_server, ci_spec, tmp_path)
     assert members["rank"].requests >= s["requests"]  # warm-up requests are outside the window
     for name in ("text_encoder", "image_encoder", "audio_encoder", "fusion_ranker"):
         assert members[name].executions > 0 and members[name].avg_batch >= 1.0
+    cache = verdict.cache  # every candidate row of every modality is a hit or a miss of the route's cache
+    assert cache is not None and cache.hits + cache.misses == 3 * members["rank"].inferences, cache
+    assert f"embedding cache of rank: hit ratio {100 * cache.hit_ratio:.1f}%" in verdict.render()
     report = tmp_path / "report"
     for name in ("locust.html", "locust_stats.csv", "locust_stats_history.csv", "summary.md", "summary.json",
                  "latency_histogram.png", "throughput.png", "latency_percentiles.png"):

@@ -183,6 +183,8 @@ def test_every_autoscaler_alert_and_dashboard_expression_returns_data(prometheus
     batch = [s for s in _instant(prometheus, DASHBOARD["panels"][6]["targets"][0]["expr"])
              if s["metric"]["model"] == "text_encoder"]
     assert float(batch[0]["value"][1]) >= 1.0
+    hit_ratio = float(_instant(prometheus, "fusionrank:cache_hit_ratio")[0]["value"][1])
+    assert 0 < hit_ratio <= 1, "the load repeats hot items: the route's embedding cache must have found some"
     hpa = _instant(prometheus, _adapter_query(ADAPTER["rules"]["custom"][0]))
     assert [s["metric"] for s in hpa] == [{"pod": TARGET_LABELS["pod"]}]
     print(f"\nprometheus test: {answered} requests, {len(exprs)} expressions with data, "

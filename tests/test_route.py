@@ -13,11 +13,11 @@ from google.protobuf import json_format
 
 from fusionrank.preprocess.request import RequestPreprocessor
 from fusionrank.serving.render import model_configs
-from fusionrank.serving.route import MemberCallError, RankingRoute, RouteError, RouteRequest, Status, _Flight
+from fusionrank.serving.route import MemberCallError, RankingRoute, RouteError, RouteRequest, Status
 from fusionrank.spec import Modality
 from fusionrank.tensors import CLICK_PROBABILITY, MODALITY_WEIGHTS, request_arrays
 
-from .fake_pb_utils import FakeError, FakeMemberError, FakeRequest, install
+from .fake_pb_utils import FakeError, FakeMemberError, FakeMetricFamily, FakeRequest, install
 
 
 def _one_column(values: np.ndarray, dim: int) -> np.ndarray:
@@ -68,9 +68,10 @@ def preparer(ci_spec):
     return RequestPreprocessor(ci_spec)
 
 
-def _route(spec, preparer, members=None, errors=None):
+def _route(spec, preparer, members=None, errors=None, cache=None):
     members = members or Members(spec)
-    return RankingRoute(spec, preparer, members, log_error=(errors.append if errors is not None else print)), members
+    return RankingRoute(spec, preparer, members, log_error=(errors.append if errors is not None else print),
+                        cache=cache), members
 
 
 def _request(spec, n: int, seed: int = 0, title: bytes = b"hiking boots for wet trails") -> dict[str, np.ndarray]:
@@ -158,9 +159,20 @@ class CancelAfter:
         return self.left < 0
 
 
+class ValidateSpy(RequestPreprocessor):
+    """The real preprocessor, recording the row count of every request it validates."""
+
+    def __init__(self, real: RequestPreprocessor):
+        self.__dict__.update(real.__dict__)
+        self.validated: list[int] = []
+
+    def validate(self, inputs):
+        self.validated.append(len(inputs["user_history"]))
+        return super().validate(inputs)
+
+
 def test_cancelled_requests_are_answered_cancelled_and_skip_the_remaining_stages(ci_spec, preparer, monkeypatch):
-    prepared = []
-    spy = lambda inputs: prepared.append(len(inputs["user_history"])) or preparer(inputs)  # noqa: E731
+    spy = ValidateSpy(preparer)
     route, members = _route(ci_spec, spy)
     # Rows 2, 3, 4, 5: cancelled from the start, after preprocessing, after encoding, never.
     requests = [RouteRequest(_request(ci_spec, n), CancelAfter(checks)) for n, checks in ((2, 0), (3, 1), (4, 2),
@@ -168,7 +180,7 @@ def test_cancelled_requests_are_answered_cancelled_and_skip_the_remaining_stages
     results = asyncio.run(route.rank(requests))
     assert [r.status for r in results[:3]] == [Status.CANCELLED] * 3
     assert results[3][CLICK_PROBABILITY].shape == (5, 1)
-    assert prepared == [3, 4, 5], "a request cancelled before its turn is not preprocessed"
+    assert spy.validated == [3, 4, 5], "a request cancelled before its turn is not validated nor preprocessed"
     assert members.rows("image_encoder") == [9], "cancelled after preprocessing: not encoded"
     assert members.rows("fusion_ranker") == [5], "cancelled after encoding: not ranked"
 
@@ -261,27 +273,6 @@ def test_member_calls_are_cut_at_the_members_max_batch(ci_spec, preparer):
         np.testing.assert_array_equal(result[CLICK_PROBABILITY], alone[CLICK_PROBABILITY])
 
 
-def test_rows_left_out_of_encoding_are_not_sent(ci_spec, preparer, monkeypatch):
-    """The hook an embedding cache (hits) and absent modalities use: only the rows `encode_rows` names are encoded,
-    and their embeddings land on their own rows."""
-    def ranked_audio(route, members):
-        seen = []
-        real_ranker = members.functions["fusion_ranker"]
-        members.functions["fusion_ranker"] = lambda a: seen.append(a["audio_embedding"][:, 0].copy()) or real_ranker(a)
-        _rank(route, _request(ci_spec, 3))
-        return seen[0]
-
-    full = ranked_audio(*_route(ci_spec, preparer))
-    real = _Flight.encode_rows
-    monkeypatch.setattr(_Flight, "encode_rows", lambda self, m: real(self, m)[1:] if m is Modality.AUDIO
-                        else real(self, m))
-    route, members = _route(ci_spec, preparer)
-    partial = ranked_audio(route, members)
-    assert members.rows("audio_encoder") == [2] and members.rows("image_encoder") == [3]
-    assert partial[0] == 0.0 and full[0] != 0.0, "row 0 was not encoded: filled from elsewhere (zeros here)"
-    np.testing.assert_array_equal(partial[1:], full[1:])
-
-
 # --- the Triton shell ---------------------------------------------------------------------------------------------
 
 
@@ -295,6 +286,9 @@ def route_model(monkeypatch, ci_spec, tmp_path):
     (repo / "preprocess" / "1").mkdir(parents=True)
     (repo / "preprocess" / "1" / "tokenizer").symlink_to(resolve_text_checkpoint(ci_spec.modalities.text.encoder
                                                                                  .checkpoint))
+    for modality in ci_spec.modalities.enabled:  # the files the cache keys digest (stand-ins: members are fakes)
+        (repo / f"{modality.value}_encoder" / "1").mkdir(parents=True)
+        (repo / f"{modality.value}_encoder" / "1" / "model.onnx").write_bytes(modality.value.encode())
     config = model_configs(ci_spec)[ci_spec.serving.route]["cpu"]
     model = RouteModel()
     model.initialize({"model_config": json_format.MessageToJson(config, preserving_proto_field_name=True),
@@ -330,3 +324,15 @@ def test_shell_maps_member_errors_to_status_codes(route_model, ci_spec):
         "Model text_encoder - Error when running inference: Server not ready", FakeError.INTERNAL)
     (response,) = asyncio.run(model.execute([FakeRequest(_request(ci_spec, 1))]))
     assert response.error.code == FakeError.UNAVAILABLE
+
+
+def test_shell_publishes_the_cache_counters_as_triton_metrics(route_model, ci_spec):
+    model, pb = route_model
+    for _ in range(2):
+        asyncio.run(model.execute([FakeRequest(_request(ci_spec, 3))]))
+    families = FakeMetricFamily.families
+    hits, misses = families["fusionrank_cache_hits"], families["fusionrank_cache_misses"]
+    assert misses.total() == 9 and hits.total(tier="lru") == 9 and hits.total(modality="image") == 3
+    assert families["fusionrank_cache_bytes"].total() > 0
+    assert families["fusionrank_cache_store_errors"].total() == 0
+    assert {m.labels["instance"] for m in hits.metrics} == {model.metrics.hits[Modality.TEXT, "lru"].labels["instance"]}

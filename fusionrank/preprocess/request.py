@@ -9,8 +9,9 @@ ensemble's `preprocess` model, a BLS route) and every in-process caller validate
 
 from __future__ import annotations
 
+import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +115,26 @@ class PreparedRequest:
         return {**arrays, "history": self.history}
 
 
+@dataclass(frozen=True)
+class EncoderGroup:
+    """Some rows of one request and one modality, preprocessed: the encoder's inputs for exactly those rows (one
+    shape, so they can be concatenated with other requests' groups of the same shape)."""
+
+    rows: np.ndarray  # int64 row indices in the request
+    inputs: dict[str, np.ndarray]
+
+
+_ROW = re.compile(r"\[(\d+)\]$")
+
+
+def _in_request(exc: PreprocessError, rows: Sequence[int]) -> PreprocessError:
+    """The error of a preprocessor called with some of a request's rows, naming the row as the request numbers it."""
+    match = _ROW.search(exc.input_name)
+    if match is None or int(match.group(1)) >= len(rows):
+        return exc
+    return PreprocessError(f"{exc.input_name[:match.start()]}[{rows[int(match.group(1))]}]", exc.problem)
+
+
 class RequestPreprocessor:
     """A request's inputs -> every encoder's input tensors per modality and the checked history. Safe to call from
     several threads (the preprocessors keep no per-call state)."""
@@ -126,16 +147,44 @@ class RequestPreprocessor:
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> PreparedRequest:
         """Raises PreprocessError (RequestValidationError for the request as a whole) naming the input and row."""
-        request = RankRequest(inputs, self.spec, self.max_candidates).validate()
+        request = self.validate(inputs)
         encoder_inputs = {}
         for modality, preprocess in self.preprocessors.items():
             name = ITEM_INPUT[modality]
             arrays = preprocess(request.rows[name])
-            for array in arrays.values():
-                # A last guard behind the decoders' own checks: an encoder must never see a NaN or an infinity.
-                row = non_finite_row(array)
-                if row is not None:
-                    raise PreprocessError(f"{name}[{row}]", "preprocessing produced non-finite values (NaN or "
-                                                            "infinity); the payload cannot be scored")
+            _check_finite(name, arrays, range(len(request.history)))
             encoder_inputs[modality] = arrays
         return PreparedRequest(len(request.history), encoder_inputs, request.history)
+
+    def validate(self, inputs: Mapping[str, np.ndarray]) -> ValidRequest:
+        """The checks of the request as a whole (inputs, row counts, candidate limit, history); no payload is
+        decoded. Raises RequestValidationError naming the input."""
+        return RankRequest(inputs, self.spec, self.max_candidates).validate()
+
+    def encoder_groups(self, request: ValidRequest, modality: Modality, rows: Sequence[int]) -> list[EncoderGroup]:
+        """Validate and preprocess the payloads of `rows` only (the rest may come from an embedding cache), grouped
+        by shape; text rows are padded to their own bucket, so a row's inputs never depend on the other rows.
+        Raises PreprocessError naming the input and the row as the request numbers it."""
+        if not len(rows):
+            return []
+        name = ITEM_INPUT[modality]
+        payloads = [request.rows[name][r] for r in rows]
+        preprocess = self.preprocessors[modality]
+        by_shape = getattr(preprocess, "by_shape", None)
+        try:
+            groups = by_shape(payloads) if by_shape else [(list(range(len(payloads))), preprocess(payloads))]
+            for members, arrays in groups:
+                _check_finite(name, arrays, members)
+        except PreprocessError as exc:
+            raise _in_request(exc, rows) from None
+        index = np.asarray(rows, dtype=np.int64)
+        return [EncoderGroup(index[np.asarray(members, dtype=np.int64)], arrays) for members, arrays in groups]
+
+
+def _check_finite(name: str, arrays: dict[str, np.ndarray], rows: Sequence[int]) -> None:
+    """A last guard behind the decoders' own checks: an encoder must never see a NaN or an infinity."""
+    for array in arrays.values():
+        row = non_finite_row(array)
+        if row is not None:
+            raise PreprocessError(f"{name}[{rows[row]}]", "preprocessing produced non-finite values (NaN or "
+                                                          "infinity); the payload cannot be scored")

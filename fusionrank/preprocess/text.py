@@ -73,7 +73,21 @@ class TextPreprocessor:
 
     def __call__(self, rows: list[bytes]) -> dict[str, np.ndarray]:
         ids = self.token_ids(self.decode(rows))
-        bucket = self.spec.bucket_for(max(len(row) for row in ids))
+        return self.padded(ids, self.spec.bucket_for(max(len(row) for row in ids)))
+
+    def by_shape(self, rows: list[bytes]) -> list[tuple[list[int], dict[str, np.ndarray]]]:
+        """The rows grouped by their own padding bucket: (row indices, encoder inputs) per bucket. A row's inputs
+        then depend on that row alone, so its embedding is the same whatever request it comes in (what an
+        embedding cache needs); the ensemble's `preprocess` pads a whole request to one bucket instead."""
+        ids = self.token_ids(self.decode(rows))
+        buckets: dict[int, list[int]] = {}
+        for i, row in enumerate(ids):
+            buckets.setdefault(self.spec.bucket_for(len(row)), []).append(i)
+        return [(members, self.padded([ids[i] for i in members], bucket))
+                for bucket, members in sorted(buckets.items())]
+
+    def padded(self, ids: list[list[int]], bucket: int) -> dict[str, np.ndarray]:
+        """Token ids padded to `bucket` and their attention mask."""
         input_ids = np.full((len(ids), bucket), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(ids), bucket), dtype=np.int64)
         for i, row in enumerate(ids):

@@ -19,6 +19,8 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from fusionrank.errors import FusionRankError
+from fusionrank.serving.item_keys import MEMBER_FILES
 from fusionrank.serving.samples import warmup_samples
 from fusionrank.spec import PipelineSpec, ServingProfile, member_models, to_dict
 from fusionrank.tensors import ITEM_INPUT, TensorSpec, model_io
@@ -116,9 +118,10 @@ def python_config(spec: PipelineSpec, model: str, role: str) -> mc.ModelConfig:
     return config
 
 
-def route_config(spec: PipelineSpec) -> mc.ModelConfig:
+def route_config(spec: PipelineSpec, member_files: dict[str, str]) -> mc.ModelConfig:
     """The route callers use: a BLS Python model (`fusionrank.serving.route`) with the contract's inputs and outputs,
-    its own dynamic batcher and instance count from the spec.
+    its own dynamic batcher and instance count from the spec. `member_files` (encoder -> the file it serves under
+    this profile) lets the route's embedding cache key on the served models (`fusionrank.serving.item_keys`).
 
     No `model_warmup`: its warm-up would call members that may not be loaded yet (Triton loads models in parallel);
     the members are warmed themselves and the route warms its in-process preprocessing in `initialize`."""
@@ -127,7 +130,26 @@ def route_config(spec: PipelineSpec) -> mc.ModelConfig:
     _instance(config, spec, mc.ModelInstanceGroup.KIND_CPU)
     config.parameters["role"].string_value = "route"
     config.parameters["spec"].string_value = _spec_parameter(spec, spec.serving.route)
+    config.parameters[MEMBER_FILES].string_value = json.dumps(member_files, sort_keys=True)
     return config
+
+
+def _served_file(config: mc.ModelConfig) -> str:
+    """The file a member's config serves from its version folder (a Python model's ONNX file, else the default)."""
+    if config.backend == "python":
+        return config.parameters["onnx_file"].string_value
+    return config.default_model_filename
+
+
+def route_member_files(spec: PipelineSpec, repo: Path, profile: ServingProfile | str) -> dict[str, str]:
+    """The `member_files` parameter of the route's config for `profile` as written in `repo` (what the served route
+    reads, so callers outside the server compute the same cache keys)."""
+    path = Path(repo) / spec.serving.route / ServingProfile(profile).config_file
+    try:
+        return json.loads(load_config(path).parameters[MEMBER_FILES].string_value)
+    except (OSError, ValueError, text_format.ParseError) as exc:
+        raise FusionRankError(f"{path}: no {MEMBER_FILES} parameter to read ({exc}); run `fusionrank render`") \
+            from None
 
 
 def tensorrt_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
@@ -185,9 +207,11 @@ def model_configs(spec: PipelineSpec) -> dict[str, dict[ServingProfile, mc.Model
         else:
             config = python_config(spec, model, "preprocess")
             configs[model] = {profile: config for profile in ServingProfile}
-    ensemble, route = ensemble_config(spec), route_config(spec)
+    ensemble = ensemble_config(spec)
     configs[spec.serving.reference_ensemble] = {profile: ensemble for profile in ServingProfile}
-    configs[spec.serving.route] = {profile: route for profile in ServingProfile}
+    encoders = [f"{m.value}_encoder" for m in spec.modalities.enabled]
+    configs[spec.serving.route] = {profile: route_config(spec, {m: _served_file(configs[m][profile]) for m in encoders})
+                                   for profile in ServingProfile}
     return configs
 
 

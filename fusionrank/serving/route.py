@@ -2,15 +2,22 @@
 
 One `rank()` call serves one execute of the route model (a dynamic batch of requests), stage by stage:
 
-1. validate and preprocess each request in process (`RequestPreprocessor`): a bad request is answered INVALID_ARG
-   alone, before any member runs for it;
-2. answer cancelled requests CANCELLED and leave them out of the next stage (checked before preprocessing each
+1. validate each request as a whole (inputs, row counts, candidate limit, history; nothing decoded): a bad request
+   is answered INVALID_ARG alone, before any member runs for it;
+2. look every candidate's payload up in the embedding cache (`fusionrank.serving.cache`, one key per payload and
+   modality from `fusionrank.serving.item_keys`): a hit skips both preprocessing and encoding of that row;
+3. validate and preprocess the misses in process (`RequestPreprocessor.encoder_groups`): a bad payload answers its
+   request INVALID_ARG naming the row, hits or not (a hit's bytes are bytes that passed the same checks, so they
+   need no decoding; the request-level checks of stage 1 ran for every row);
+4. answer cancelled requests CANCELLED and leave them out of the next stage (checked before validating each
    request, before encoding and before ranking);
-3. encode: per modality, the rows of every live request are concatenated (grouped by shape: text is padded per
-   request to its bucket), cut at the encoder's max batch and sent to the encoder model through BLS, so its dynamic
-   batcher still merges them with other route instances' calls; the modalities run concurrently;
-4. rank all live rows through `fusion_ranker` the same way and split the outputs back per request;
-5. no NaN or infinity leaves the route: a non-finite embedding or output answers its request INVALID_ARG naming
+5. encode: per modality, the missed rows of every live request are concatenated (grouped by shape: text rows are
+   padded to their own bucket), cut at the encoder's max batch and sent to the encoder model through BLS, so its
+   dynamic batcher still merges them with other route instances' calls; the modalities run concurrently; the
+   fresh embeddings of requests that encoded cleanly are stored in the cache (only finite ones: nothing bad is
+   ever cached);
+6. rank all live rows through `fusion_ranker` and split the outputs back per request;
+7. no NaN or infinity leaves the route: a non-finite embedding or output answers its request INVALID_ARG naming
    the candidate row.
 
 Why a route instead of the Triton ensemble: Triton 2.51 crashes (SIGSEGV) when callers cancel requests to an ensemble
@@ -30,7 +37,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fusionrank.errors import FusionRankError, PreprocessError
-from fusionrank.preprocess.request import PreparedRequest, non_finite_row
+from fusionrank.preprocess.request import EncoderGroup, RequestPreprocessor, ValidRequest, non_finite_row
+from fusionrank.serving.cache import EmbeddingCache
 from fusionrank.spec import Modality, PipelineSpec
 from fusionrank.tensors import ITEM_INPUT, embedding_name, model_io
 
@@ -80,37 +88,48 @@ class _Flight:
     """One request on its way through the stages."""
 
     request: RouteRequest
-    prepared: PreparedRequest | None = None
+    valid: ValidRequest | None = None
+    keys: dict[Modality, list[str]] = field(default_factory=dict)  # cache key per row (with a cache)
+    misses: dict[Modality, list[int]] = field(default_factory=dict)  # rows the cache did not hold
+    groups: dict[Modality, list[EncoderGroup]] = field(default_factory=dict)  # preprocessed misses, by shape
     embeddings: dict[Modality, np.ndarray] = field(default_factory=dict)
     error: RouteError | None = None
     outputs: dict[str, np.ndarray] | None = None
+
+    @property
+    def rows(self) -> int:
+        return len(self.valid.history)
 
     def fail(self, error: RouteError) -> None:
         if self.error is None:  # the first error is the one the caller sees
             self.error = error
 
     def encode_rows(self, modality: Modality) -> np.ndarray:
-        """The rows whose `modality` the encoder must compute: all of them today. An embedding cache (hits) or an
-        absent modality leaves rows out here, and `embeddings[modality]` gets those rows from elsewhere."""
-        return np.arange(self.prepared.rows)
+        """The rows whose `modality` the encoder computes: the cache's misses (all rows without a cache); the other
+        rows' `embeddings[modality]` come from the cache."""
+        groups = self.groups.get(modality, [])
+        return np.concatenate([g.rows for g in groups]) if groups else np.zeros(0, dtype=np.int64)
 
 
 class RankingRoute:
     """Serves batches of ranking requests through the member models; each request is answered on its own."""
 
-    def __init__(self, spec: PipelineSpec, prepare: Callable[[Mapping[str, np.ndarray]], PreparedRequest],
-                 infer: Infer, log_error: Callable[[str], None] = lambda message: None):
+    def __init__(self, spec: PipelineSpec, preparer: RequestPreprocessor, infer: Infer,
+                 log_error: Callable[[str], None] = lambda message: None, cache: EmbeddingCache | None = None):
         self.spec = spec
-        self.prepare = prepare
+        self.preparer = preparer
         self.infer = infer
         self.log_error = log_error
+        self.cache = cache
         self.modalities = spec.modalities.enabled
         self.ranker_outputs = tuple(t.name for t in model_io(spec, RANKER).outputs)
 
     async def rank(self, requests: Sequence[RouteRequest]) -> list[RouteResult]:
         """Outputs by name, or a RouteError, per request and in the requests' order."""
         flights = [_Flight(r) for r in requests]
-        live = self._drop_cancelled(self._prepare(flights))
+        live = self._validate(flights)
+        self._lookup(live)
+        live = self._drop_cancelled(self._preprocess(live))
         live = self._drop_cancelled(await self._encode(live))
         await self._rank(live)
         return [f.error if f.error is not None else f.outputs for f in flights]
@@ -125,57 +144,108 @@ class RankingRoute:
                 live.append(f)
         return live
 
-    def _prepare(self, flights: list[_Flight]) -> list[_Flight]:
+    def _guarded(self, flights: list[_Flight], stage: str, work: Callable[[_Flight], None]) -> list[_Flight]:
+        """Run `work` on each flight: bad input answers its request INVALID_ARG, any other failure INTERNAL (logged);
+        returns the flights that passed."""
         live = []
         for i, f in enumerate(flights):
-            if f.request.is_cancelled():  # before its CPU work: a caller that gave up costs nothing more
-                f.fail(RouteError(Status.CANCELLED, "request cancelled by the caller"))
-                continue
             try:
-                f.prepared = self.prepare(f.request.inputs)
-            except PreprocessError as exc:
+                work(f)
+            except PreprocessError as exc:  # RequestValidationError included
                 f.fail(RouteError(Status.INVALID_ARG, str(exc)))
                 continue
             except Exception:  # any other failure is ours: log it, answer INTERNAL, keep serving
-                self.log_error(f"route: preprocessing request {i} failed:\n{traceback.format_exc()}")
-                f.fail(RouteError(Status.INTERNAL, "route: internal error in preprocessing (see server log)"))
+                self.log_error(f"route: {stage} of request {i} failed:\n{traceback.format_exc()}")
+                f.fail(RouteError(Status.INTERNAL, f"route: internal error in {stage} (see server log)"))
                 continue
             live.append(f)
         return live
 
+    def _validate(self, flights: list[_Flight]) -> list[_Flight]:
+        for f in flights:
+            if f.request.is_cancelled():  # before its CPU work: a caller that gave up costs nothing more
+                f.fail(RouteError(Status.CANCELLED, "request cancelled by the caller"))
+
+        def validate(f: _Flight) -> None:
+            f.valid = self.preparer.validate(f.request.inputs)
+
+        return self._guarded([f for f in flights if f.error is None], "validation", validate)
+
+    def _lookup(self, flights: list[_Flight]) -> None:
+        """Fill every row the cache holds; the rest are the misses (every row without a cache). A failing cache
+        costs misses, never a request."""
+        for f in flights:
+            for m in self.modalities:
+                f.embeddings[m] = np.zeros((f.rows, self.spec.modalities.embedding_dim(m)), dtype=np.float32)
+                f.misses[m] = list(range(f.rows))
+        if self.cache is None or not flights:
+            return
+        try:
+            wanted = []
+            for f in flights:
+                for m in self.modalities:
+                    f.keys[m] = [self.cache.key(m, payload) for payload in f.valid.rows[ITEM_INPUT[m]]]
+                    wanted += [(m, key) for key in f.keys[m]]
+            found = iter(self.cache.lookup(wanted))
+        except Exception:
+            self.log_error(f"route: embedding cache lookup failed; encoding every row:\n{traceback.format_exc()}")
+            return
+        for f in flights:
+            for m in self.modalities:
+                misses = []
+                for row in range(f.rows):
+                    value = next(found)
+                    if value is None:
+                        misses.append(row)
+                    else:
+                        f.embeddings[m][row] = value
+                f.misses[m] = misses
+
+    def _preprocess(self, flights: list[_Flight]) -> list[_Flight]:
+        def preprocess(f: _Flight) -> None:
+            for m in self.modalities:
+                f.groups[m] = self.preparer.encoder_groups(f.valid, m, f.misses[m])
+
+        return self._guarded(flights, "preprocessing", preprocess)
+
     async def _encode(self, flights: list[_Flight]) -> list[_Flight]:
         await asyncio.gather(*(self._encode_modality(flights, m) for m in self.modalities))
-        return [f for f in flights if f.error is None]
+        live = [f for f in flights if f.error is None]
+        self._store(live)
+        return live
 
     async def _encode_modality(self, flights: list[_Flight], modality: Modality) -> None:
         name = embedding_name(modality)
-        parts = []
-        for f in flights:
-            f.embeddings[modality] = np.zeros((f.prepared.rows, self.spec.modalities.embedding_dim(modality)),
-                                              dtype=np.float32)
-            rows = f.encode_rows(modality)
-            inputs = f.prepared.encoder_inputs[modality]
-            if len(rows) < f.prepared.rows:
-                inputs = {n: a[rows] for n, a in inputs.items()}
-            if len(rows):
-                parts.append((f, rows, inputs))
-        results = await self.call_member(f"{modality.value}_encoder", [p[2] for p in parts], (name,))
-        for (f, rows, _), result in zip(parts, results):
+        parts = [(f, group) for f in flights for group in f.groups[modality]]
+        results = await self.call_member(f"{modality.value}_encoder", [g.inputs for _, g in parts], (name,))
+        for (f, group), result in zip(parts, results):
+            if f.error is not None:
+                continue
             if isinstance(result, RouteError):
                 f.fail(result)
                 continue
             bad = non_finite_row(result[name])
             if bad is not None:
-                row = int(rows[bad])
+                row = int(group.rows[bad])
                 self._log_non_finite(name, row)
                 f.fail(RouteError(Status.INVALID_ARG, f"{ITEM_INPUT[modality]}[{row}]: the {modality.value} encoder "
                                                       "produced a non-finite embedding; this candidate cannot be "
                                                       "scored"))
                 continue
-            f.embeddings[modality][rows] = result[name]
+            f.embeddings[modality][group.rows] = result[name]
+
+    def _store(self, flights: list[_Flight]) -> None:
+        """Cache the fresh embeddings of requests whose every row validated and encoded to finite values."""
+        if self.cache is None:
+            return
+        try:
+            self.cache.store([(m, f.keys[m][row], f.embeddings[m][row]) for f in flights for m in self.modalities
+                              if m in f.keys for row in f.encode_rows(m)])
+        except Exception:  # the requests are served all the same; the next ones miss
+            self.log_error(f"route: storing embeddings failed:\n{traceback.format_exc()}")
 
     async def _rank(self, flights: list[_Flight]) -> None:
-        parts = [{**{embedding_name(m): f.embeddings[m] for m in self.modalities}, "history": f.prepared.history}
+        parts = [{**{embedding_name(m): f.embeddings[m] for m in self.modalities}, "history": f.valid.history}
                  for f in flights]
         # One call per request (the ranker's dynamic batcher merges them): the ranker model answers a non-finite
         # output INVALID_ARG naming the row (the reference ensemble's guard), which then concerns this request alone.

@@ -31,6 +31,7 @@ from fusionrank.spec.pipeline import PipelineSpec, member_models, served_models
 from fusionrank.spec.sections import (
     SLO_FIELDS,
     BatchingSpec,
+    CacheSpec,
     DataSpec,
     ExportSpec,
     HistorySpec,
@@ -45,7 +46,7 @@ from fusionrank.spec.sections import (
 )
 
 __all__ = [
-    "DEFAULT_TEXT_CHECKPOINT", "SLO_FIELDS", "AudioEncoderSpec", "AudioSpec", "BatchingSpec", "DataSpec",
+    "DEFAULT_TEXT_CHECKPOINT", "SLO_FIELDS", "AudioEncoderSpec", "AudioSpec", "BatchingSpec", "CacheSpec", "DataSpec",
     "ExportSpec", "FusionType", "HistorySpec", "ImageEncoderSpec", "ImageSpec", "ModalitiesSpec", "Modality",
     "PipelineSpec", "Pooling", "Precision", "RankerSpec", "RankingParitySpec", "RecurrentCell", "ResNetArch",
     "ServingProfile", "SloSpec", "SloTargets", "TensorRTSpec", "TextEncoderSpec", "TextSpec", "Tolerance",

@@ -160,6 +160,36 @@ class BatchingSpec:
         check_positive("serving.models.*.instances", self.instances)
 
 
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """The route's item-embedding cache (`fusionrank.serving.cache`, docs/cache.md): an in-process LRU per route
+    instance and an optional shared tier on Redis, keyed by payload bytes and the encoder's identity."""
+
+    lru_bytes: int = 64 * 2**20  # per route instance (keys and embeddings); 0 = no in-process tier
+    redis_url: str | None = None  # shared tier, e.g. redis://cache:6379/0; null = none
+    redis_timeout_ms: int = 25  # per store round trip (connect, read, write); slower counts as a store error
+    redis_retry_s: float = 5.0  # after a store error the shared tier is skipped this long (the route encodes)
+    redis_ttl_s: int = 7 * 86400  # expiry of stored embeddings; 0 = none
+
+    def __post_init__(self):
+        if self.lru_bytes < 0:
+            fail("serving.cache.lru_bytes", self.lru_bytes, "an integer >= 0 (0: no in-process tier)")
+        if self.redis_url is not None and not self.redis_url.startswith(_REDIS_SCHEMES):
+            fail("serving.cache.redis_url", self.redis_url, "null or a URL starting with " + ", ".join(_REDIS_SCHEMES))
+        check_positive("serving.cache.redis_timeout_ms", self.redis_timeout_ms)
+        if self.redis_retry_s < 0:
+            fail("serving.cache.redis_retry_s", self.redis_retry_s, "a number >= 0")
+        if self.redis_ttl_s < 0:
+            fail("serving.cache.redis_ttl_s", self.redis_ttl_s, "an integer >= 0 (0: no expiry)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.lru_bytes > 0 or self.redis_url is not None
+
+
 _MODEL_NAME = re.compile(r"[a-z][a-z0-9_]*")
 # Names the pipeline's members already use (`member_models`): a route or ensemble must not shadow one.
 _MEMBER_NAMES = ("preprocess", "text_encoder", "image_encoder", "audio_encoder", "fusion_ranker")
@@ -177,6 +207,7 @@ class ServingSpec:
     max_candidates: int = 64
     models: dict[str, BatchingSpec] = field(default_factory=dict)
     response_cache: bool = False
+    cache: CacheSpec = field(default_factory=CacheSpec)
 
     def __post_init__(self):
         check_positive("serving.max_candidates", self.max_candidates)

@@ -13,6 +13,7 @@ docs/loadtest.md):
 - FUSIONRANK_LOADTEST_ATTEMPTS  attempts per request (default 1: what a caller sees on the first attempt); more
   lets each user's client retry and fail over as a service would (fault tests); the clients' retry and failover
   counts are written beside the samples as `client-stats-<pid>.json`
+- FUSIONRANK_LOADTEST_DONE  a file touched when Locust has written its results (its `quit` event)
 """
 
 # gRPC's C core must cooperate with gevent before any channel exists, or greenlets block each other on I/O.
@@ -42,6 +43,7 @@ ENV_USERS = "FUSIONRANK_LOADTEST_USERS"
 ENV_SAMPLES = "FUSIONRANK_LOADTEST_SAMPLES"
 ENV_SEED = "FUSIONRANK_LOADTEST_SEED"
 ENV_ATTEMPTS = "FUSIONRANK_LOADTEST_ATTEMPTS"
+ENV_DONE = "FUSIONRANK_LOADTEST_DONE"
 
 SCENARIO = load_scenario(os.environ.get(ENV_SCENARIO) or None)
 _USERS = int(os.environ.get(ENV_USERS) or SCENARIO.users)
@@ -91,6 +93,13 @@ def _close_samples(**_kwargs):
     if folder and _client_stats:
         totals = {f.name: sum(getattr(s, f.name) for s in _client_stats) for f in dataclasses.fields(ClientStats)}
         (Path(folder) / f"client-stats-{os.getpid()}.json").write_text(json.dumps(totals))
+
+
+@events.quit.add_listener
+def _mark_done(**_kwargs):
+    # The results are written: the runner stops waiting for an exit that gRPC under gevent can delay (runner.py).
+    if os.environ.get(ENV_DONE):
+        Path(os.environ[ENV_DONE]).touch()
 
 
 class RankingUser(User):

@@ -54,6 +54,9 @@ def test_soak_verdict_names_growth_vanished_processes_and_failures():
                         Load(latencies_ms=[10.0]), 10.0, max_growth_mb=64)
     assert leaked.problems == ["stub rank (pid 2) grew +100.0 MiB (PSS), bound 64"]
     assert "soak verdict: FAIL" in leaked.render()
+    cached = SoakResult(start, leaked.end, Load(latencies_ms=[10.0]), 10.0, max_growth_mb=64,
+                        allowance_mb={"stub rank": 64.0})
+    assert cached.problems == [] and "stub rank +64 MiB (its cache)" in cached.render()
 
 
 @pytest.mark.e2e

@@ -40,13 +40,16 @@ class AsyncRankingClient(ClientBase):
 
     async def rank(self, candidates: Sequence[Candidate], history, timeout: float | None = None) -> RankingResult:
         """Score `candidates` for a user with `history` (their recent item ids, or a [N, L] array)."""
-        return await self.rank_payloads(self._payloads(candidates), history, timeout=timeout)
+        items, videos = self._payloads(candidates)
+        return await self.rank_payloads(items, history, timeout=timeout, videos=videos)
 
-    async def rank_payloads(self, items: Mapping[Modality, Sequence[bytes]], history,
-                            timeout: float | None = None) -> RankingResult:
-        """Score raw payloads; the chunks of a long candidate list run concurrently, merged in order."""
+    async def rank_payloads(self, items: Mapping[Modality, Sequence[bytes | None]], history,
+                            timeout: float | None = None,
+                            videos: Sequence[bytes | None] | None = None) -> RankingResult:
+        """Score raw payloads (None: the candidate has none; `videos`: one video or None per candidate); the chunks
+        of a long candidate list run concurrently, merged in order."""
         timeout, deadline = self._begin(timeout)
-        chunks = self._chunks(items, history)
+        chunks = self._chunks(items, history, videos)
         results = await asyncio.gather(*(run_async(self.planner.call(deadline, timeout), self._healthy,
                                                    partial(self._infer, chunk)) for chunk in chunks))
         return merge_outputs(list(results), self.options.modalities)

@@ -32,6 +32,7 @@ class ClientOptions:
     modalities: tuple[Modality, ...]
     max_candidates: int
     history_length: int
+    video_enabled: bool = True
     timeout_s: float = 30.0
     health_timeout_s: float = 2.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -48,7 +49,7 @@ class ClientOptions:
         """Options for the spec's ensemble, with `overrides` for the call settings."""
         return cls(model=spec.serving.route, modalities=spec.modalities.enabled,
                    max_candidates=spec.serving.max_candidates, history_length=spec.ranker.history.length,
-                   **overrides)
+                   video_enabled=spec.modalities.video_enabled, **overrides)
 
 
 class ClientBase:
@@ -107,7 +108,8 @@ class ClientBase:
         clients, self._clients = self._clients, {}
         return list(clients.values())
 
-    def _payloads(self, candidates: Sequence[Candidate]) -> dict[Modality, list[bytes]]:
+    def _payloads(self, candidates: Sequence[Candidate],
+                  ) -> tuple[dict[Modality, list[bytes | None]], list[bytes | None] | None]:
         return candidate_payloads(candidates, self.options.modalities)
 
     def _begin(self, timeout: float | None) -> tuple[float, float]:
@@ -116,9 +118,11 @@ class ClientBase:
         self.stats.calls += 1
         return timeout, self.planner.clock() + timeout
 
-    def _chunks(self, items: Mapping[Modality, Sequence[bytes]], history) -> list[Chunk]:
+    def _chunks(self, items: Mapping[Modality, Sequence[bytes | None]], history,
+                videos: Sequence[bytes | None] | None = None) -> list[Chunk]:
         opts = self.options
-        return build_chunks(items, history, opts.modalities, opts.history_length, opts.max_candidates)
+        return build_chunks(items, history, opts.modalities, opts.history_length, opts.max_candidates, videos,
+                            opts.video_enabled)
 
     def _use_shm(self, endpoint: Endpoint, chunk: Chunk) -> bool:
         threshold = self.options.shared_memory_threshold

@@ -114,8 +114,10 @@ class _Embedder:
         payloads, rows = [], []
         for row, item in enumerate(items):
             try:
-                payloads.append(item.payload(modality))
-                rows.append(row)
+                payload = item.payload(modality)
+                payloads.append(payload or b"")  # None: the item has none (a clip is not embedded: cover only)
+                if payload is not None:
+                    rows.append(row)
             except InvalidInputError as exc:
                 payloads.append(b"")
                 self.report.refused.append(str(exc))

@@ -1,8 +1,9 @@
 """Request and response shaping of the ranking client, free of I/O.
 
 A ranking request is one user's candidate list. It is checked before anything is sent, and a list longer than the
-ensemble's max batch (`serving.max_candidates`) is split into chunks whose scores are merged back in the caller's
-order.
+server's max batch (`serving.max_candidates`) is split into chunks whose scores are merged back in the caller's
+order. A candidate may lack modalities (None): the request then says so in `modality_present` and sends an empty
+payload for each absent one; a candidate's video goes in `item_video` (see `fusionrank.tensors`).
 """
 
 from __future__ import annotations
@@ -20,34 +21,49 @@ from fusionrank.tensors import CLICK_PROBABILITY, MODALITY_WEIGHTS, USER_HISTORY
 
 @dataclass(frozen=True)
 class Candidate:
-    """One item to rank: its title and its image and audio, each as bytes or a file path."""
+    """One item to rank: its title, its image, audio and video, each as bytes or a file path; None = the item has
+    none (at least one must be given). A video stands in for the image, or is pooled with it when both are given."""
 
     text: str | bytes | None = None
     image: bytes | str | Path | None = None
     audio: bytes | str | Path | None = None
     item_id: int | str | None = None
+    video: bytes | str | Path | None = None
 
-    def payload(self, modality: Modality) -> bytes:
-        """The raw bytes sent for one modality (text as UTF-8; image and audio read from a path if given one)."""
-        value = getattr(self, modality.value)
-        label = f"candidate {self.item_id}" if self.item_id is not None else "candidate"
-        if value is None:
-            raise InvalidInputError(f"{label}: no {modality.value} given, but the ensemble needs {modality.value}")
+    @property
+    def label(self) -> str:
+        return f"candidate {self.item_id}" if self.item_id is not None else "candidate"
+
+    def _read(self, value, what: str) -> bytes:
         if isinstance(value, (bytes, bytearray, memoryview)):
             return bytes(value)
-        if modality is Modality.TEXT:
-            return str(value).encode("utf-8")
         path = Path(value).expanduser()
         try:
             return path.read_bytes()
         except OSError as exc:
-            raise InvalidInputError(f"{label}: cannot read {modality.value} file {str(path)!r}: {exc.strerror}") \
-                from exc
+            raise InvalidInputError(f"{self.label}: cannot read {what} file {str(path)!r}: {exc.strerror}") from exc
+
+    def payload(self, modality: Modality) -> bytes | None:
+        """The raw bytes sent for one modality (text as UTF-8; image and audio read from a path if given one);
+        None when the candidate has none."""
+        value = getattr(self, modality.value)
+        if value is None:
+            return None
+        if modality is Modality.TEXT and not isinstance(value, (bytes, bytearray, memoryview)):
+            return str(value).encode("utf-8")
+        return self._read(value, modality.value)
+
+    def video_payload(self) -> bytes | None:
+        return None if self.video is None else self._read(self.video, "video")
 
 
-def candidate_payloads(candidates: Sequence[Candidate], modalities: Sequence[Modality]) -> dict[Modality, list[bytes]]:
-    """The payloads of `candidates`, one list per modality, in the candidates' order."""
-    return {m: [c.payload(m) for c in candidates] for m in modalities}
+def candidate_payloads(candidates: Sequence[Candidate], modalities: Sequence[Modality],
+                       ) -> tuple[dict[Modality, list[bytes | None]], list[bytes | None] | None]:
+    """(payloads per modality, videos) of `candidates` in their order; None where a candidate has none, and videos
+    None when no candidate has one."""
+    items = {m: [c.payload(m) for c in candidates] for m in modalities}
+    videos = [c.video_payload() for c in candidates]
+    return items, videos if any(v is not None for v in videos) else None
 
 
 @dataclass(frozen=True)
@@ -106,20 +122,38 @@ def chunk_bounds(rows: int, max_rows: int) -> list[tuple[int, int]]:
     return [(start, min(start + max_rows, rows)) for start in range(0, rows, max_rows)]
 
 
-def build_chunks(items: Mapping[Modality, Sequence[bytes]], history, modalities: Sequence[Modality],
-                 history_length: int, max_rows: int) -> list[Chunk]:
-    """Validate one ranking request and split it into chunks of at most `max_rows` candidates."""
+def _check_rows(items: Mapping[Modality, Sequence[bytes | None]], videos: Sequence[bytes | None] | None,
+                modalities: Sequence[Modality], video_enabled: bool) -> int:
+    """The candidate count of a ranking request whose columns agree and whose every candidate has a modality."""
     missing = [m.value for m in modalities if m not in items]
     if missing:
-        raise InvalidInputError(f"no payloads for enabled modalities: {', '.join(missing)}")
-    counts = {m: len(items[m]) for m in modalities}
+        raise InvalidInputError(f"no payloads for enabled modalities: {', '.join(missing)} (None per candidate "
+                                "marks a modality absent)")
+    counts = {m.value: len(items[m]) for m in modalities}
+    if videos is not None:
+        if not video_enabled:
+            raise InvalidInputError("videos given, but video is disabled in the spec (modalities.video)")
+        counts["video"] = len(videos)
     rows = next(iter(counts.values()))
     if len(set(counts.values())) != 1:
-        raise InvalidInputError("every modality needs one payload per candidate; got "
-                                + ", ".join(f"{m.value}={n}" for m, n in counts.items()))
+        raise InvalidInputError("every modality needs one payload per candidate (None where absent); got "
+                                + ", ".join(f"{m}={n}" for m, n in counts.items()))
     if rows == 0:
         raise InvalidInputError("no candidates to rank")
-    arrays = request_arrays({m: items[m] for m in modalities}, history_matrix(history, rows, history_length))
+    for row in range(rows):
+        if all(items[m][row] is None for m in modalities) and (videos is None or videos[row] is None):
+            raise InvalidInputError(f"candidate {row} has no modality: give at least one of "
+                                    + ", ".join(m.value for m in modalities))
+    return rows
+
+
+def build_chunks(items: Mapping[Modality, Sequence[bytes | None]], history, modalities: Sequence[Modality],
+                 history_length: int, max_rows: int, videos: Sequence[bytes | None] | None = None,
+                 video_enabled: bool = True) -> list[Chunk]:
+    """Validate one ranking request and split it into chunks of at most `max_rows` candidates (None payloads mark
+    absent modalities)."""
+    rows = _check_rows(items, videos, modalities, video_enabled)
+    arrays = request_arrays({m: items[m] for m in modalities}, history_matrix(history, rows, history_length), videos)
     return [Chunk({name: array[a:b] for name, array in arrays.items()}) for a, b in chunk_bounds(rows, max_rows)]
 
 

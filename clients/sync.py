@@ -43,13 +43,15 @@ class RankingClient(ClientBase):
 
     def rank(self, candidates: Sequence[Candidate], history, timeout: float | None = None) -> RankingResult:
         """Score `candidates` for a user with `history` (their recent item ids, or a [N, L] array)."""
-        return self.rank_payloads(self._payloads(candidates), history, timeout=timeout)
+        items, videos = self._payloads(candidates)
+        return self.rank_payloads(items, history, timeout=timeout, videos=videos)
 
-    def rank_payloads(self, items: Mapping[Modality, Sequence[bytes]], history,
-                      timeout: float | None = None) -> RankingResult:
-        """Score raw payloads: `items[modality]` holds one bytes object per candidate."""
+    def rank_payloads(self, items: Mapping[Modality, Sequence[bytes | None]], history,
+                      timeout: float | None = None, videos: Sequence[bytes | None] | None = None) -> RankingResult:
+        """Score raw payloads: `items[modality]` holds one bytes object per candidate (None: the candidate has
+        none), `videos` one video or None per candidate."""
         timeout, deadline = self._begin(timeout)
-        chunks = self._chunks(items, history)
+        chunks = self._chunks(items, history, videos)
         self._reap()
         return merge_outputs([run(self.planner.call(deadline, timeout), self._healthy, partial(self._infer, chunk))
                               for chunk in chunks], self.options.modalities)

@@ -23,7 +23,7 @@ from export.manifest import find_manifest, golden_path, onnx_path, plan_path
 from export.trt_runner import TensorRTRunner
 from fusionrank.benchmark import load_benchmark
 from fusionrank.errors import DataError, FusionRankError
-from fusionrank.scenario import RequestFactory, load_scenario
+from fusionrank.scenario import RequestFactory, ScenarioRequest, load_scenario
 from fusionrank.spec import PipelineSpec
 from fusionrank.tensors import CLICK_PROBABILITY, infer_inputs, request_arrays
 
@@ -187,7 +187,7 @@ def benchmark_model(runner: Runner, inputs: dict[str, np.ndarray], batch_sizes: 
 # --- ensemble latency ---------------------------------------------------------------------------------------------
 
 
-RequestSource = Callable[[], tuple[dict, np.ndarray]]
+RequestSource = Callable[[], ScenarioRequest]
 
 
 @dataclass(frozen=True)
@@ -235,8 +235,8 @@ def benchmark_ensemble(spec: PipelineSpec, url: str, source: RequestSource, requ
 
     lock = threading.Lock()
     prepared = [source() for _ in range(requests + warmup)]
-    payloads = [ensemble_inputs(items, history) for items, history in prepared]
-    candidates = float(np.mean([len(h) for _, h in prepared[warmup:]])) if requests else 0.0
+    payloads = [infer_inputs(grpcclient, request.arrays()) for request in prepared]
+    candidates = float(np.mean([len(request) for request in prepared[warmup:]])) if requests else 0.0
     times: list[float] = []
     errors: list[str] = []
     queue = iter(payloads[warmup:])

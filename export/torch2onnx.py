@@ -10,8 +10,10 @@ TensorRT profiles use). For each model this writes into the repository:
 - `parity.json` at the repository root: the parity table.
 
 Parity samples are real: catalogue items of frozen test sessions, with titles joined so every padding bucket is
-exercised. Ranking parity scores the frozen candidate set through the whole chain twice (PyTorch encoders +
-ranker vs ONNX Runtime encoders + ranker).
+exercised. The ranker is checked on complete candidates and on every presence pattern (`modality_mask` cycling
+through every non-empty subset of modalities, down to text alone); its golden data holds the mixed patterns.
+Ranking parity scores the frozen candidate set through the whole chain twice (PyTorch encoders + ranker vs ONNX
+Runtime encoders + ranker).
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ from fusionrank.models.fusion import load_ranker
 from fusionrank.paths import resolve_text_checkpoint, tokenizer_dir
 from fusionrank.preprocess import build_preprocessor
 from fusionrank.preprocess.text import load_tokenizer
+from fusionrank.ragged import presence_patterns
 from fusionrank.spec import Modality, PipelineSpec
-from fusionrank.tensors import CLICK_PROBABILITY, model_io
+from fusionrank.tensors import CLICK_PROBABILITY, MODALITY_MASK, model_io
 from fusionrank.train import checkpoint_path
 
 log = logging.getLogger(__name__)
@@ -70,7 +73,12 @@ class ExportReport:
 
 
 def _describe(inputs: dict[str, np.ndarray]) -> str:
-    return ", ".join(f"{k} {list(v.shape)}" for k, v in inputs.items() if k != "attention_mask" and k != "history")
+    hidden = ("attention_mask", "history", MODALITY_MASK)
+    shapes = [f"{k} {list(v.shape)}" for k, v in inputs.items() if k not in hidden]
+    if MODALITY_MASK in inputs:
+        patterns = len(np.unique(inputs[MODALITY_MASK], axis=0))
+        shapes.append("all present" if inputs[MODALITY_MASK].all() else f"{patterns} presence patterns")
+    return ", ".join(shapes)
 
 
 def _checked(model: str, reference, actual, spec: PipelineSpec, inputs) -> list[OutputParity]:
@@ -193,26 +201,30 @@ def _export_encoder(spec: PipelineSpec, repo: Path, modality: Modality, bench: B
 def _export_ranker(spec: PipelineSpec, repo: Path, checkpoint: Path, bench: Benchmark, sessions: np.ndarray,
                    torch_emb: dict[str, np.ndarray], ort_emb: dict[str, np.ndarray], write_onnx: bool,
                    report: ExportReport) -> None:
-    """Export the ranker (when asked), prove output parity and ranking parity of the whole chain, store golden data."""
+    """Export the ranker (when asked), prove output parity on complete candidates and on every presence pattern,
+    ranking parity of the whole chain, and store golden data (the mixed presence patterns)."""
     started = time.monotonic()
     ranker = load_ranker(checkpoint, spec=spec)
     per = bench.sessions.candidates.shape[1]
     history = np.repeat(bench.sessions.history[sessions], per, axis=0)
-    chain_inputs = {**torch_emb, "history": history}
+    rows, modalities = len(history), len(spec.modalities.enabled)
+    complete = {**torch_emb, "history": history, MODALITY_MASK: np.ones((rows, modalities), dtype=np.float32)}
+    mixed = {**complete, MODALITY_MASK: presence_patterns(modalities, rows).astype(np.float32)}
     path = onnx_path(repo, RANKER)
     if write_onnx:
-        export_onnx(ranker, spec, RANKER, {k: v[:8] for k, v in chain_inputs.items()}, path)
+        export_onnx(ranker, spec, RANKER, {k: v[:8] for k, v in mixed.items()}, path)
     session = _session(path)
-    reference = _torch_outputs(ranker, spec, RANKER, chain_inputs)
-    report.outputs += _checked(RANKER, reference, _ort_outputs(session, spec, RANKER, chain_inputs), spec,
-                               chain_inputs)
-    onnx_chain = _ort_outputs(session, spec, RANKER, {**ort_emb, "history": history})
+    reference = _torch_outputs(ranker, spec, RANKER, complete)
+    report.outputs += _checked(RANKER, reference, _ort_outputs(session, spec, RANKER, complete), spec, complete)
+    golden = _torch_outputs(ranker, spec, RANKER, mixed)
+    report.outputs += _checked(RANKER, golden, _ort_outputs(session, spec, RANKER, mixed), spec, mixed)
+    onnx_chain = _ort_outputs(session, spec, RANKER, {**complete, **ort_emb})
     labels = bench.sessions.clicks[sessions].ravel()
     groups = np.repeat(bench.sessions.user[sessions], per)
     report.ranking = ranking_parity(reference[CLICK_PROBABILITY], onnx_chain[CLICK_PROBABILITY], labels, groups,
                                     spec.export.ranking, model="onnx pipeline", raise_on_fail=True)
-    np.savez(golden_path(repo, RANKER), **{f"in.{k}": v for k, v in chain_inputs.items()},
-             **{f"out.{k}": v for k, v in reference.items()}, labels=labels, groups=groups)
+    np.savez(golden_path(repo, RANKER), **{f"in.{k}": v for k, v in mixed.items()},
+             **{f"out.{k}": v for k, v in golden.items()}, labels=labels, groups=groups)
     report.files[RANKER] = str(path)
     report.seconds[RANKER] = round(time.monotonic() - started, 2)
 

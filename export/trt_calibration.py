@@ -23,7 +23,9 @@ from export.profiles import RANKER
 from fusionrank.benchmark import Benchmark, load_benchmark
 from fusionrank.paths import tokenizer_dir
 from fusionrank.preprocess import build_preprocessor
+from fusionrank.ragged import presence_patterns
 from fusionrank.spec import Modality, PipelineSpec
+from fusionrank.tensors import MODALITY_MASK
 
 PREPROCESS_ROWS = 64  # items per preprocessor call, which is built to take one request's rows at a time
 
@@ -49,6 +51,8 @@ def calibration_batches(spec: PipelineSpec, repo: Path, model: str, batch_size: 
             arrays.update(_onnx_run(onnx_path(repo, encoder), inputs))
         sessions = rng.integers(0, len(bench.sessions), size=n)
         arrays["history"] = bench.sessions.history[sessions].astype(np.int64)
+        # Calibrate on every presence pattern the ranker serves, complete candidates included.
+        arrays[MODALITY_MASK] = presence_patterns(len(enabled), n).astype(np.float32)
     else:
         modality = next(m for m in enabled if f"{m.value}_encoder" == model)
         arrays = _encoder_inputs(spec, repo, modality, bench, items)

@@ -6,6 +6,10 @@ generates one where the truth is known:
 - items carry hidden attributes, each visible in exactly one modality: a *topic* (title words), a *colour* and a
   *shape* (a Pillow drawing, saved as JPEG, some PNG/WebP), a *pitch* and a *tempo* (a WAV tone pulsing at a rate;
   some files at 22.05 kHz stereo so resampling and mix-down are exercised);
+- every fourth item is a *video item*: besides its still (its cover image) it has a one-second clip (8 frames, MP4
+  H.264, every third one WebM VP9) of its shape in its colour moving across the frame. Training and evaluation see
+  a video item through its clip alone (K frames mean-pooled), so the evaluation can compare video candidates with
+  image candidates; clients that cannot send video send the cover;
 - users have hidden preferences = population taste (N(0, 1) per attribute value) + a personal deviation
   (N(0, 0.5)), over topic, colour and pitch; their
   histories are items drawn in proportion to exp(affinity);
@@ -51,7 +55,11 @@ PITCHES_HZ = (220.0, 349.2, 554.4, 880.0, 1396.9)
 TEMPOS_HZ = (2.0, 6.0)
 TRAIN, VAL, TEST = 0, 1, 2
 TEST_FRACTION = 0.2
-GENERATOR_VERSION = 2
+VIDEO_EVERY = 4  # item ids 2, 6, 10, ... are video items
+VIDEO_FRAMES, VIDEO_FPS = 8, 8
+# 3: video items (a clip beside the cover image), from their own random stream: titles, images, audio and sessions
+# are those of version 2.
+GENERATOR_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -65,15 +73,28 @@ class Item:
     tempo: int
     image_path: Path
     audio_path: Path
+    video_path: Path | None = None
+
+    @property
+    def is_video(self) -> bool:
+        return self.video_path is not None
 
     def text_bytes(self) -> bytes:
         return self.title.encode("utf-8")
 
     def image_bytes(self) -> bytes:
+        """The still: the image of an image item, the cover of a video item."""
         return self.image_path.read_bytes()
 
     def audio_bytes(self) -> bytes:
         return self.audio_path.read_bytes()
+
+    def video_bytes(self) -> bytes | None:
+        return self.video_path.read_bytes() if self.video_path is not None else None
+
+    def visual(self) -> tuple[bytes, bytes | None]:
+        """(item_image, item_video) as training and evaluation see the item: a video item by its clip alone."""
+        return (b"", self.video_bytes()) if self.is_video else (self.image_bytes(), None)
 
     def payload(self, modality: Modality) -> bytes:
         """The raw bytes a client sends for this item's `modality` (title, encoded image or WAV)."""
@@ -113,7 +134,8 @@ class Benchmark:
         self._catalogue = catalogue
         self.items = [Item(item_id=i + 1, title=row["title"], topic=row["topic"], colour=row["colour"],
                            shape=row["shape"], pitch=row["pitch"], tempo=row["tempo"],
-                           image_path=root / "items" / row["image"], audio_path=root / "items" / row["audio"])
+                           image_path=root / "items" / row["image"], audio_path=root / "items" / row["audio"],
+                           video_path=root / "items" / row["video"] if row.get("video") else None)
                       for i, row in enumerate(catalogue["items"])]
 
     @property
@@ -127,6 +149,11 @@ class Benchmark:
 
     def split_sessions(self, split: int) -> np.ndarray:
         return np.flatnonzero(self.sessions.split == split)
+
+    @cached_property
+    def video_items(self) -> np.ndarray:
+        """bool [num_items + 1]: whether each item id is a video item (row 0 is padding)."""
+        return np.array([False] + [it.is_video for it in self.items])
 
     def frozen_sessions(self, n: int) -> np.ndarray:
         """The first `n` test sessions: a frozen candidate set for parity and serving checks."""
@@ -150,7 +177,8 @@ class Benchmark:
         s = self.sessions
         counts = [len(self.split_sessions(k)) for k in (TRAIN, VAL, TEST)]
         return (f"benchmark {self.root}\n"
-                f"  catalogue: {self.num_items} items (title text, image, WAV audio), {len(TOPICS)} topics, "
+                f"  catalogue: {self.num_items} items (title text, image, WAV audio; {int(self.video_items.sum())} "
+                f"also with a video clip), {len(TOPICS)} topics, "
                 f"{len(COLOURS)} colours x {len(SHAPES)} shapes, {len(PITCHES_HZ)} pitches x {len(TEMPOS_HZ)} tempos\n"
                 f"  interactions: {len(np.unique(s.user))} users, {len(s)} sessions x {s.candidates.shape[1]} "
                 f"candidates (train/val/test sessions {counts[0]}/{counts[1]}/{counts[2]}, split by user)\n"
@@ -193,6 +221,32 @@ def _image(rng: np.random.Generator, colour: int, shape: int, fmt: str) -> bytes
     return buf.getvalue()
 
 
+def _video(rng: np.random.Generator, colour: int, shape: int, container: str) -> bytes:
+    """A one-second clip: the item's shape in its colour crossing the frame from left to right."""
+    from PIL import Image, ImageDraw
+
+    from fusionrank.preprocess.video import encode_video  # PyAV: only while generating
+
+    width, height = (2 * int(v) for v in rng.integers(48, 80, size=2))  # even sizes: YUV 4:2:0
+    background = tuple(int(v) for v in rng.integers(215, 250, size=3))
+    rgb = tuple(int(np.clip(c + rng.integers(-15, 16), 0, 255)) for c in list(COLOURS.values())[colour])
+    r = int(min(width, height) * rng.uniform(0.2, 0.3))
+    cy = height // 2 + int(rng.integers(-6, 7))
+    frames = []
+    for x in np.linspace(r + 2, width - r - 2, VIDEO_FRAMES).astype(int).tolist():
+        image = Image.new("RGB", (width, height), background)
+        box = (x - r, cy - r, x + r, cy + r)
+        draw = ImageDraw.Draw(image)
+        if SHAPES[shape] == "circle":
+            draw.ellipse(box, fill=rgb)
+        elif SHAPES[shape] == "square":
+            draw.rectangle(box, fill=rgb)
+        else:
+            draw.polygon([(x, cy - r), (x - r, cy + r), (x + r, cy + r)], fill=rgb)
+        frames.append(image)
+    return encode_video(frames, container=container, fps=VIDEO_FPS)
+
+
 def _audio(rng: np.random.Generator, pitch: int, tempo: int, stereo_22k: bool) -> bytes:
     import soundfile as sf
 
@@ -223,6 +277,7 @@ def _generate(spec: PipelineSpec, root: Path) -> None:
     items_dir = root / "items"
     items_dir.mkdir(parents=True, exist_ok=True)
     rows = []
+    video_rng = np.random.default_rng([data.seed, GENERATOR_VERSION])
     for i, (topic, colour, shape, pitch, tempo) in enumerate(attrs.tolist()):
         item_id = i + 1
         fmt = "PNG" if item_id % 7 == 0 else "WEBP" if item_id % 11 == 0 else "JPEG"
@@ -230,8 +285,13 @@ def _generate(spec: PipelineSpec, root: Path) -> None:
         (items_dir / image_name).write_bytes(_image(rng, colour, shape, fmt))
         audio_name = f"{item_id:05d}.wav"
         (items_dir / audio_name).write_bytes(_audio(rng, pitch, tempo, stereo_22k=item_id % 5 == 0))
+        video_name = None
+        if item_id % VIDEO_EVERY == 2:
+            container = "webm" if item_id % (3 * VIDEO_EVERY) == 2 else "mp4"
+            video_name = f"{item_id:05d}.{container}"
+            (items_dir / video_name).write_bytes(_video(video_rng, colour, shape, container))
         rows.append({"title": _title(rng, topic, data.title_words), "topic": topic, "colour": colour, "shape": shape,
-                     "pitch": pitch, "tempo": tempo, "image": image_name, "audio": audio_name})
+                     "pitch": pitch, "tempo": tempo, "image": image_name, "audio": audio_name, "video": video_name})
 
     # Hidden tastes: population effects + personal deviations, over the three signal-carrying attributes.
     population = [rng.normal(0, 1.0, k) for k in (len(TOPICS), len(COLOURS), len(PITCHES_HZ))]

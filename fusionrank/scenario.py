@@ -4,10 +4,12 @@ Used by the Locust file, the load-test runner, the upgrade report's latency benc
 alike, so they all send the same requests for the same scenario and seed.
 
 A scenario YAML (see `fusionrank/scenarios/default.yaml`) fixes the request mix: candidates per request (a
-weighted distribution), title lengths in words, image sizes, how many candidates carry real audio, the share of
-candidates drawn from a small set of repeated ("hot") items, and the pacing: a closed loop (each user sends its
-next request when the previous one returns, after an optional think time) or a target request rate shared by all
-users. Named scenarios ship inside the package (`default`, `ci`, `heavy`); any other file is named by its path.
+weighted distribution), title lengths in words, image sizes, how many candidates have audio (the others are sent
+with audio absent, `modality_present`), how many video items are sent as their clip instead of their cover
+(`item_video`), the share of candidates drawn from a small set of repeated ("hot") items, and the pacing: a closed
+loop (each user sends its next request when the previous one returns, after an optional think time) or a target
+request rate shared by all users. Named scenarios ship inside the package (`default`, `ci`, `heavy`); any other file
+is named by its path.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import re
-import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import yaml
 from fusionrank.errors import FusionRankError
 from fusionrank.project import packaged
 from fusionrank.spec import Modality, PipelineSpec
+from fusionrank.tensors import request_arrays
 
 SCENARIO_DIR = Path(str(packaged("fusionrank", "scenarios")))  # package data, a real folder once pip-installed
 DEFAULT_SCENARIO = SCENARIO_DIR / "default.yaml"
@@ -80,7 +82,8 @@ class Scenario:
     candidates: dict[int, float] = field(default_factory=lambda: {10: 1.0})  # candidates per request -> weight
     text_words: tuple[int, int] | None = None  # [min, max] words per title; None = titles as generated
     image_sizes: tuple[int, ...] = ()  # square sizes (px) images are re-encoded to; () = as generated
-    audio_presence: float = 1.0  # share of candidates with their audio clip; the rest send a short silent WAV
+    audio_presence: float = 1.0  # share of candidates sent with their audio; the rest with audio absent
+    video_share: float = 0.0  # share of video items sent as their clip (item_video) instead of their cover image
     repeat_share: float = 0.0  # share of candidates drawn from the hot set
     hot_items: int = 32
     zipf_exponent: float | None = None  # item popularity: P(rank r) ~ r^-a over the catalogue; None = uniform
@@ -110,7 +113,7 @@ class Scenario:
             bad("text_words", "[min, max] with 1 <= min <= max")
         if any(s < 8 or s > 4096 for s in self.image_sizes):
             bad("image_sizes", "sizes in [8, 4096] pixels")
-        for name in ("audio_presence", "repeat_share", "novel_share"):
+        for name in ("audio_presence", "video_share", "repeat_share", "novel_share"):
             if not 0 <= getattr(self, name) <= 1:
                 bad(name, "a number in [0, 1]")
         if self.zipf_exponent is not None and not self.zipf_exponent > 0:
@@ -195,17 +198,6 @@ def load_scenario(path: str | Path | None = None) -> Scenario:
 # --- requests ------------------------------------------------------------------------------------------------------
 
 
-def silent_wav(seconds: float = 0.1, rate: int = 16000) -> bytes:
-    """A short silent mono WAV: the payload of an item without audio (the ensemble needs one per candidate)."""
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(b"\x00\x00" * max(1, int(seconds * rate)))
-    return buf.getvalue()
-
-
 def _reencode_jpeg(data: bytes, size: int) -> bytes:
     from PIL import Image
 
@@ -256,6 +248,22 @@ def _fit_words(title: str, words: int) -> str:
     return " ".join(tokens[i % len(tokens)] for i in range(words))
 
 
+@dataclass(frozen=True)
+class ScenarioRequest:
+    """One ranking request: payloads per modality (None: absent), history [N, L] int64, videos (None: none)."""
+
+    items: dict[Modality, list[bytes | None]]
+    history: np.ndarray
+    videos: list[bytes | None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.history)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The contract's named input arrays (`fusionrank.tensors.request_arrays`)."""
+        return request_arrays(self.items, self.history, self.videos)
+
+
 class RequestFactory:
     """Ranking requests drawn from the benchmark catalogue as a scenario describes; deterministic per seed."""
 
@@ -272,7 +280,7 @@ class RequestFactory:
         hot = np.random.default_rng(spec.data.seed).permutation(np.arange(1, bench.num_items + 1))
         self.hot = hot[: min(scenario.hot_items, bench.num_items)]
         self._cache: dict[tuple, bytes] = {}
-        self._silent = silent_wav(rate=spec.modalities.audio.sample_rate) if Modality.AUDIO in self.modalities else b""
+        self.video = spec.modalities.video_enabled and scenario.video_share > 0
         self.requests = 0
         # Popularity ranks are the same for every seed (like the hot set): every caller favours the same items.
         self.by_rank = np.random.default_rng(spec.data.seed + 1).permutation(np.arange(1, bench.num_items + 1))
@@ -295,8 +303,9 @@ class RequestFactory:
             ids[hot] = self.rng.choice(self.hot, size=int(hot.sum()))
         return ids
 
-    def payload(self, modality: Modality, item_id: int) -> bytes:
-        """One candidate's payload for one modality, after the scenario's text/image/audio variation."""
+    def payload(self, modality: Modality, item_id: int) -> bytes | None:
+        """One candidate's payload for one modality, after the scenario's text/image/audio variation; None when
+        the scenario sends it without (audio)."""
         sc = self.scenario
         if modality is Modality.TEXT:
             words = None if sc.text_words is None else int(self.rng.integers(sc.text_words[0], sc.text_words[1] + 1))
@@ -313,24 +322,43 @@ class RequestFactory:
                 self._cache[key] = raw if size is None else _reencode_jpeg(raw, size)
             return self._cache[key]
         if self.rng.random() >= sc.audio_presence:
-            return self._silent
+            return None
         key = ("audio", item_id)
         if key not in self._cache:
             self._cache[key] = self.bench.item(item_id).audio_bytes()
         return self._cache[key]
 
-    def next(self) -> tuple[dict[Modality, list[bytes]], np.ndarray]:
-        """(items: one payload list per enabled modality, history [N, L] int64: one user's history per row)."""
+    def clip(self, item_id: int) -> bytes | None:
+        """The item's video clip when the scenario sends this video item as a clip, else None (its cover)."""
+        item = self.bench.item(item_id)
+        if not self.video or item.video_path is None or self.rng.random() >= self.scenario.video_share:
+            return None
+        key = ("video", item_id)
+        if key not in self._cache:
+            self._cache[key] = item.video_bytes()
+        return self._cache[key]
+
+    def next(self) -> ScenarioRequest:
+        """The next request: one payload list per enabled modality, history [N, L] int64 (one user's history per
+        row) and, when any candidate is sent as a clip, the videos (the clip replaces the candidate's image)."""
         ids = [int(i) for i in self.candidate_ids()]
         items = {m: [self.payload(m, i) for i in ids] for m in self.modalities}
+        clips = [self.clip(i) for i in ids]
         if self.scenario.novel_share:
             for row in np.flatnonzero(self.rng.random(len(ids)) < self.scenario.novel_share):
                 self._novel += 1
                 self.novel_candidates += 1
+                clips[row] = None  # never seen: sent with its perturbed cover (its clip's bytes would be seen ones)
                 for m in self.modalities:
-                    items[m][row] = novel_payload(m, items[m][row], self._novel)
+                    if items[m][row] is not None:
+                        items[m][row] = novel_payload(m, items[m][row], self._novel)
+        videos = None
+        if any(c is not None for c in clips):
+            videos = clips
+            if Modality.IMAGE in items:
+                items[Modality.IMAGE] = [None if c is not None else b for b, c in zip(items[Modality.IMAGE], clips)]
         histories = np.asarray(self.bench.sessions.history)
         session = int(self.rng.integers(0, len(histories)))
         history = np.repeat(histories[session][None, :].astype(np.int64), len(ids), axis=0)
         self.requests += 1
-        return items, history
+        return ScenarioRequest(items, history, videos)

@@ -1,7 +1,10 @@
 """`fusionrank train`: the fusion ranker on frozen-encoder embeddings of the benchmark catalogue.
 
 Training rows are (session, candidate) pairs of training users; the validation users pick the best epoch (by
-AUC). A run takes seconds to a few minutes on 2 CPU cores and writes a checkpoint keyed by the spec's digest.
+AUC on complete candidates). Modality dropout (`train.modality_dropout`) marks each modality of each training row
+absent with that probability, keeping at least one per row, so the ranker learns to score candidates that lack a
+modality (see `fusionrank.models.fusion`). A run takes seconds to a few minutes on 2 CPU cores and writes a
+checkpoint keyed by the spec's digest.
 """
 
 from __future__ import annotations
@@ -24,12 +27,16 @@ from fusionrank.spec import FusionType, Modality, PipelineSpec
 log = logging.getLogger(__name__)
 
 
+NO_DROPOUT_SUFFIX = "_no_dropout"
+
+
 def variant_name(spec: PipelineSpec, fusion: FusionType | None = None,
-                 modalities: tuple[Modality, ...] | None = None) -> str:
-    """Checkpoint name: the fusion type for the full model, e.g. `text_only` for a single-modality baseline."""
+                 modalities: tuple[Modality, ...] | None = None, modality_dropout: bool = True) -> str:
+    """Checkpoint name: the fusion type for the full model, e.g. `text_only` for a single-modality baseline and
+    `concat_no_dropout` for the full model trained on complete candidates only."""
     if modalities and tuple(modalities) != spec.modalities.enabled:
         return "+".join(m.value for m in modalities) + "_only"
-    return (fusion or spec.ranker.fusion).value
+    return (fusion or spec.ranker.fusion).value + ("" if modality_dropout else NO_DROPOUT_SUFFIX)
 
 
 def checkpoint_path(spec: PipelineSpec, name: str) -> Path:
@@ -72,24 +79,37 @@ def split_rows(bench: Benchmark, tables: dict[Modality, np.ndarray], modalities:
 
 
 @torch.inference_mode()
-def predict(model, rows: Rows) -> np.ndarray:
-    """Click probabilities of every row; the user tower runs once per session (rows of a session share history)."""
+def predict(model, rows: Rows, present: np.ndarray | None = None) -> np.ndarray:
+    """Click probabilities of every row (`present` [rows, M] bool: which modalities each row has; None: all); the
+    user tower runs once per session (rows of a session share history)."""
     model.eval()
     sessions, first, inverse = np.unique(rows.sessions, return_index=True, return_inverse=True)
     user = model.user_vector(torch.from_numpy(rows.history[first]))[torch.from_numpy(inverse.ravel())]
-    probs, _ = model.score([torch.from_numpy(e) for e in rows.embeddings], user, with_weights=False)
+    mask = None if present is None else torch.from_numpy(np.asarray(present, dtype=np.float32))
+    probs, _ = model.score([torch.from_numpy(e) for e in rows.embeddings], user, mask, with_weights=False)
     return probs[:, 0].numpy()
 
 
-def train_ranker(spec: PipelineSpec, fusion: FusionType | None = None, modalities: tuple[Modality, ...] | None = None,
-                 bench: Benchmark | None = None, progress: bool = True) -> Path:
-    """Train one ranker variant and return its checkpoint path."""
-    from sklearn.metrics import roc_auc_score
+def dropout_mask(rng: np.random.Generator, rows: int, modalities: int, rate: float) -> np.ndarray:
+    """float32 [rows, modalities]: each entry 0 (absent) with probability `rate`; a row that lost every modality
+    gets one back, chosen uniformly, so no training row is empty (an empty candidate is invalid input)."""
+    keep = rng.random((rows, modalities)) >= rate
+    empty = np.flatnonzero(~keep.any(axis=1))
+    keep[empty, rng.integers(0, modalities, size=len(empty))] = True
+    return keep.astype(np.float32)
 
+
+def train_ranker(spec: PipelineSpec, fusion: FusionType | None = None, modalities: tuple[Modality, ...] | None = None,
+                 bench: Benchmark | None = None, progress: bool = True, modality_dropout: bool = True) -> Path:
+    """Train one ranker variant and return its checkpoint path (`modality_dropout=False`: on complete candidates
+    only, the variant the evaluation compares against)."""
+    from sklearn.metrics import roc_auc_score
 
     fusion = fusion or spec.ranker.fusion
     modalities = tuple(modalities or spec.modalities.enabled)
-    name = variant_name(spec, fusion, modalities)
+    name = variant_name(spec, fusion, modalities, modality_dropout)
+    # One modality alone cannot be dropped: a single-modality baseline always trains on complete rows.
+    drop_rate = spec.train.modality_dropout if modality_dropout and len(modalities) > 1 else 0.0
     bench = bench or load_benchmark(spec)
     tables = catalogue_embeddings(spec, bench)
     train, val = split_rows(bench, tables, modalities, TRAIN), split_rows(bench, tables, modalities, VAL)
@@ -100,6 +120,7 @@ def train_ranker(spec: PipelineSpec, fusion: FusionType | None = None, modalitie
     optimiser = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
     loss_fn = torch.nn.BCELoss()
     rng = np.random.default_rng(t.seed)
+    drop_rng = np.random.default_rng([t.seed, 14])  # its own stream: the batch order does not depend on the rate
     per = bench.sessions.candidates.shape[1]
     n_sessions = len(train.labels) // per
     sessions_per_batch = max(1, t.batch_size // per)
@@ -117,7 +138,9 @@ def train_ranker(spec: PipelineSpec, fusion: FusionType | None = None, modalitie
             batch = torch.from_numpy(order[start:start + sessions_per_batch])
             rows = (batch[:, None] * per + torch.arange(per)).reshape(-1)
             user = model.user_vector(history[batch]).repeat_interleave(per, dim=0)
-            probs, _ = model.score([e[rows] for e in embeddings], user, with_weights=False)
+            mask = torch.from_numpy(dropout_mask(drop_rng, len(rows), len(modalities), drop_rate)) if drop_rate \
+                else None
+            probs, _ = model.score([e[rows] for e in embeddings], user, mask, with_weights=False)
             loss = loss_fn(probs[:, 0].clamp(1e-7, 1 - 1e-7), labels[rows])
             optimiser.zero_grad()
             loss.backward()
@@ -128,6 +151,7 @@ def train_ranker(spec: PipelineSpec, fusion: FusionType | None = None, modalitie
         if val_auc > best[0]:
             best = (val_auc, {k: v.clone() for k, v in model.state_dict().items()}, epoch + 1)
     model.load_state_dict(best[1])
-    path = save_ranker(model, checkpoint_path(spec, name), metrics={"val_auc": best[0], "best_epoch": best[2]})
+    path = save_ranker(model, checkpoint_path(spec, name), metrics={"val_auc": best[0], "best_epoch": best[2],
+                                                                    "modality_dropout": drop_rate})
     log.info("trained %s: best val AUC %.4f at epoch %d -> %s", name, best[0], best[2], path)
     return path

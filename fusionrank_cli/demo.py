@@ -1,7 +1,8 @@
 """`fusionrank demo`: the main job on the embedded default spec, end to end on CPU.
 
 data -> train -> evaluate (every fusion vs single-modality baselines, oracle beside) -> export with parity ->
-serve the CPU profile -> rank one request over gRPC -> 30-second load test gated on the SLOs -> stop.
+serve the CPU profile -> rank one request over gRPC, then the same user's candidates as a real catalogue has
+them (some without audio, one title only, a video item as its clip) -> 30-second load test gated on the SLOs -> stop.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def run_demo(spec: PipelineSpec, repo: Path, skip_loadtest: bool = False, out=sy
     _banner(out, "4. serve the CPU profile and rank one request over gRPC")
     with TritonServer.for_spec(spec, repo, ServingProfile.CPU, log_name="tritonserver-demo") as server:
         out.write(f"Triton ready: gRPC {server.grpc_url}, metrics {server.metrics_url}, log {server.log_file}\n")
-        out.write(rank_benchmark_request(spec, server.grpc_url, user=0, candidates=10) + "\n")
+        out.write(rank_benchmark_request(spec, server.grpc_url, user=0, candidates=10) + "\n\n")
+        # A catalogue as it comes: candidates without audio, one with its title only, a video item as its clip.
+        out.write(rank_benchmark_request(spec, server.grpc_url, user=0, candidates=10, ragged=True) + "\n")
         if not skip_loadtest:
             _banner(out, "5. 30-second load test of the default scenario, gated on the SLOs")
             verdict = run_loadtest(spec, url=server.grpc_url, run_time="30s", metrics_url=server.metrics_url)

@@ -33,7 +33,7 @@ from fusionrank.scenario import RequestFactory, Scenario
 from fusionrank.serving.render import rendered_files
 from fusionrank.serving.server import TritonServer
 from fusionrank.spec import PipelineSpec, ServingProfile, member_models
-from fusionrank.tensors import CLICK_PROBABILITY, infer_inputs, request_arrays
+from fusionrank.tensors import CLICK_PROBABILITY, infer_inputs
 from loadtest import metrics as triton_metrics
 from loadtest.bench_inprocess import InProcessPipeline, run_inprocess
 from loadtest.local_redis import LocalRedis
@@ -152,8 +152,8 @@ def closed_loop(url: str, model: str, factories: list[RequestFactory], seconds: 
     def caller(factory: RequestFactory) -> None:
         with grpcclient.InferenceServerClient(url) as client:
             while time.monotonic() < deadline:
-                items, history = factory.next()
-                inputs = infer_inputs(grpcclient, request_arrays(items, history))
+                request = factory.next()
+                inputs = infer_inputs(grpcclient, request.arrays())
                 started = time.perf_counter()
                 try:
                     result = client.infer(model, inputs, client_timeout=timeout_s)
@@ -164,7 +164,7 @@ def closed_loop(url: str, model: str, factories: list[RequestFactory], seconds: 
                 with lock:
                     if problem is None:
                         latencies.append(elapsed)
-                        scored[0] += len(history)
+                        scored[0] += len(request)
                     else:
                         errors.append(problem)
 

@@ -18,12 +18,14 @@ import numpy as np
 from export.latency import OnnxRuntimeRunner, run_batched
 from fusionrank.paths import tokenizer_dir
 from fusionrank.preprocess.request import PreparedRequest, RequestPreprocessor
+from fusionrank.ragged import pool_rows
+from fusionrank.scenario import ScenarioRequest
 from fusionrank.serving.render import ENCODERS_AND_RANKER
 from fusionrank.spec import PipelineSpec
-from fusionrank.tensors import embedding_name, request_arrays
+from fusionrank.tensors import MODALITY_MASK, embedding_name
 
-# (items, history) of the next ranking request, as `RequestFactory.next` makes them.
-NextRequest = Callable[[], tuple[dict, np.ndarray]]
+# The next ranking request, as `RequestFactory.next` makes it.
+NextRequest = Callable[[], ScenarioRequest]
 
 
 class InProcessPipeline:
@@ -42,29 +44,33 @@ class InProcessPipeline:
 
     def _embed(self, prepared: list[PreparedRequest]) -> dict[str, np.ndarray]:
         """Every modality's embeddings of the requests' rows, in order; requests whose encoder inputs share a shape
-        are encoded together (text of different buckets cannot be)."""
+        are encoded together (text of different buckets cannot be); each request's encoded rows (only those that
+        have the modality, a video's frames among them) pooled per candidate as the route does."""
         out = {}
         for modality in self.spec.modalities.enabled:
             model, name = f"{modality.value}_encoder", embedding_name(modality)
-            rows: list[np.ndarray | None] = [None] * len(prepared)
+            rows = [np.zeros((p.rows, self.spec.modalities.embedding_dim(modality)), np.float32) for p in prepared]
             groups: dict[tuple, list[int]] = {}
             for i, p in enumerate(prepared):
+                if not len(p.owners[modality]):
+                    continue
                 shapes = tuple((n, a.shape[1:]) for n, a in sorted(p.encoder_inputs[modality].items()))
                 groups.setdefault(shapes, []).append(i)
             for members in groups.values():
                 inputs = {n: np.concatenate([prepared[i].encoder_inputs[modality][n] for i in members])
                           for n in prepared[members[0]].encoder_inputs[modality]}
                 result = run_batched(self.runners[model], inputs, self.max_batch)[name]
-                offsets = np.cumsum([0] + [prepared[i].rows for i in members])
+                offsets = np.cumsum([0] + [len(prepared[i].owners[modality]) for i in members])
                 for i, start, stop in zip(members, offsets[:-1], offsets[1:]):
-                    rows[i] = result[start:stop]
+                    rows[i] = pool_rows(result[start:stop], prepared[i].owners[modality], prepared[i].rows)
             out[name] = np.concatenate(rows)
         return out
 
-    def rank(self, requests: list[tuple[dict, np.ndarray]]) -> np.ndarray:
+    def rank(self, requests: list[ScenarioRequest]) -> np.ndarray:
         """Click probabilities of the requests' candidates, encoded together and ranked together."""
-        prepared = [self.preparer(request_arrays(items, history)) for items, history in requests]
-        inputs = {**self._embed(prepared), "history": np.concatenate([p.history for p in prepared])}
+        prepared = [self.preparer(request.arrays()) for request in requests]
+        inputs = {**self._embed(prepared), "history": np.concatenate([p.history for p in prepared]),
+                  MODALITY_MASK: np.concatenate([p.modality_mask() for p in prepared])}
         return run_batched(self.runners["fusion_ranker"], inputs, self.max_batch)["click_probability"]
 
 
@@ -77,7 +83,7 @@ def run_inprocess(pipeline: InProcessPipeline, next_request: NextRequest, second
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline or len(latencies) < 2:
         requests = [next_request()]
-        while batch_rows and sum(len(h) for _, h in requests) + len(requests[0][1]) <= batch_rows:
+        while batch_rows and sum(len(r) for r in requests) + len(requests[0]) <= batch_rows:
             requests.append(next_request())
         started = time.perf_counter()
         scores = pipeline.rank(requests)

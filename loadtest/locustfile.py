@@ -129,13 +129,13 @@ class RankingUser(User):
 
     @task
     def rank(self):
-        items, history = self.factory.next()
-        n = len(history)
+        request = self.factory.next()
+        n = len(request)
         started = time.time()
         t0 = time.perf_counter()
         error = None
         try:
-            self.client.rank_payloads(items, history)
+            self.client.rank_payloads(request.items, request.history, videos=request.videos)
         except ClientError as exc:
             error = exc
         latency_ms = (time.perf_counter() - t0) * 1000.0

@@ -134,7 +134,8 @@ def warm_up(spec: PipelineSpec, url: str, scenario: Scenario, ready_timeout: flo
             if scenario.warmup_requests:
                 factory = RequestFactory(spec, load_benchmark(spec), scenario, seed=7)
                 for _ in range(scenario.warmup_requests):
-                    client.rank_payloads(*factory.next())
+                    request = factory.next()
+                    client.rank_payloads(request.items, request.history, videos=request.videos)
     except ClientError as exc:
         raise LoadTestError(f"endpoint {url} failed before the load test: {exc}") from exc
 

@@ -6,7 +6,7 @@ import asyncio
 import threading
 
 import numpy as np
-from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
+from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor, triton_to_np_dtype
 
 from fusionrank.spec import Modality
 from fusionrank.tensors import CLICK_PROBABILITY, ITEM_INPUT, MODALITY_WEIGHTS, USER_HISTORY
@@ -31,7 +31,7 @@ def _decode(inputs) -> dict[str, np.ndarray]:
         elif t.datatype() == "BYTES":
             out[t.name()] = deserialize_bytes_tensor(raw).reshape(t.shape())
         else:
-            out[t.name()] = np.frombuffer(raw, dtype=np.int64).reshape(t.shape())
+            out[t.name()] = np.frombuffer(raw, dtype=triton_to_np_dtype(t.datatype())).reshape(t.shape())
     return out
 
 
@@ -50,9 +50,11 @@ class FakeTriton:
         self.url, self.log, self.failures, self.ready, self.delay = url, log, list(failures), ready, delay
         self.closed = False
         self.answered = 0
+        self.requests: list[dict[str, np.ndarray]] = []  # every request's decoded inputs
 
     def _answer(self, model, inputs, client_timeout):
         arrays = _decode(inputs)
+        self.requests.append(arrays)
         self.log.append((self.url, len(arrays[USER_HISTORY]), client_timeout))
         if self.failures:
             raise self.failures.pop(0)

@@ -141,7 +141,9 @@ def install(monkeypatch, members: dict[str, Callable] | None = None) -> types.Si
         Tensor=FakeTensor, InferenceResponse=FakeResponse, TritonError=FakeError, Logger=FakeLogger,
         MetricFamily=FakeMetricFamily,
         members=dict(members or {}), calls=[],
-        get_input_tensor_by_name=lambda request, name: FakeTensor(name, request.inputs[name]),
+        # Like the Python backend: None for an input the request does not carry (an optional one left out).
+        get_input_tensor_by_name=lambda request, name: (FakeTensor(name, request.inputs[name])
+                                                        if name in request.inputs else None),
         get_output_tensor_by_name=lambda response, name: FakeTensor(name, response.outputs[name]))
 
     @dataclass

@@ -13,7 +13,6 @@ from export.latency import LatencyStats
 from fusionrank.preprocess.request import RequestPreprocessor
 from fusionrank.scenario import RequestFactory, Scenario, novel_payload, zipf_weights
 from fusionrank.spec import Modality
-from fusionrank.tensors import request_arrays
 from loadtest.bench import BenchConfig, BenchError, BenchResult, Phase
 from loadtest.bench_report import goals, render, write_chart
 
@@ -50,10 +49,10 @@ def test_never_seen_items_are_valid_distinct_and_at_the_requested_share(ci_spec,
     catalogue = {m: {bench.item(i).payload(m) for i in ids} for m in ci_spec.modalities.enabled}
     seen: dict[Modality, set] = {m: set() for m in ci_spec.modalities.enabled}
     for _ in range(12):
-        items, history = factory.next()
-        preparer(request_arrays(items, history))  # every payload decodes and passes the spec's limits
-        for m, rows in items.items():
-            seen[m].update(p for p in rows if p not in catalogue[m])
+        request = factory.next()
+        preparer(request.arrays())  # every payload decodes and passes the spec's limits
+        for m, rows in request.items.items():
+            seen[m].update(p for p in rows if p is not None and p not in catalogue[m])
     share = factory.novel_candidates / (12 * 16)
     assert 0.1 < share < 0.4
     assert all(len(payloads) == factory.novel_candidates for payloads in seen.values()), "each one distinct"

@@ -41,6 +41,26 @@ def test_attributes_are_visible_in_their_modality(ci_spec):
     assert abs(peak_hz - PITCHES_HZ[item.pitch]) / PITCHES_HZ[item.pitch] < 0.05
 
 
+def test_video_items_carry_their_colour_in_moving_frames(ci_spec):
+    import av
+
+    bench = load_benchmark(ci_spec)
+    videos = [it for it in bench.items if it.is_video]
+    assert len(videos) == bench.num_items // 4 and bench.video_items.sum() == len(videos)
+    assert {it.video_path.suffix for it in videos} == {".mp4", ".webm"}
+    item = videos[1]
+    with av.open(io.BytesIO(item.video_bytes())) as container:
+        frames = [f.to_ndarray(format="rgb24").astype(float) for f in container.decode(video=0)]
+    assert len(frames) == 8
+    centres = []
+    for frame in frames:
+        shape = np.linalg.norm(frame - frame[0, 0], axis=2) > 60  # pixels that are not background
+        assert np.abs(np.median(frame[shape], axis=0) - list(COLOURS.values())[item.colour]).max() < 40
+        centres.append(np.argwhere(shape)[:, 1].mean())
+    assert centres == sorted(centres) and centres[-1] - centres[0] > 20  # it moves left to right
+    assert item.visual() == (b"", item.video_bytes()) and bench.item(1).visual() == (bench.item(1).image_bytes(), None)
+
+
 def test_generation_is_deterministic(ci_spec, tmp_path, monkeypatch):
     first = load_benchmark(ci_spec)
     monkeypatch.setenv("FUSIONRANK_CACHE", str(tmp_path))
@@ -49,4 +69,5 @@ def test_generation_is_deterministic(ci_spec, tmp_path, monkeypatch):
     np.testing.assert_array_equal(first.sessions.clicks, second.sessions.clicks)
     assert first.item(7).image_bytes() == second.item(7).image_bytes()
     assert first.item(7).audio_bytes() == second.item(7).audio_bytes()
+    assert first.item(2).video_bytes() == second.item(2).video_bytes() and first.item(2).is_video
     assert "oracle AUC" in second.summary()

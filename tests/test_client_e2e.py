@@ -147,12 +147,23 @@ def test_rank_command_prints_a_ranked_table_and_json(triton_server, ci_spec, ben
     from clients.rank_command import rank_benchmark_request, run_rank
 
     table = rank_benchmark_request(ci_spec, triton_server.grpc_url, user=0, candidates=12).splitlines()
-    rows = table[3:]
+    rows = table[3:-1]
     assert table[1].split()[:4] == ["rank", "item", "title", "score"] and table[1].split()[4:] == ["text", "image",
-                                                                                                  "audio"]
+                                                                                                  "audio", "sent"]
     assert [int(r.split()[0]) for r in rows] == list(range(1, 13))
-    scores = [float(r.split()[-4]) for r in rows]
+    scores = [float(r.split()[-5]) for r in rows]
     assert scores == sorted(scores, reverse=True)
+    assert {r.split()[-1] for r in rows} == {"TIA-"}
+
+    ragged = rank_benchmark_request(ci_spec, triton_server.grpc_url, user=0, candidates=12, ragged=True)
+    rows = [r.split() for r in ragged.splitlines()[3:-1]]
+    sent = {r[-1] for r in rows}
+    assert {"TI--", "T---", "T-AV"} <= sent, sent
+    for r in rows:  # an absent modality's weight is exactly 0 (a clip is the image)
+        text, image, audio, video = (letter != "-" for letter in r[-1])
+        weights = [float(w) for w in r[-4:-1]]
+        assert all(w == 0.0 for w, sent in zip(weights, (text, image or video, audio)) if not sent), r
+        assert abs(sum(weights) - 1) < 0.01, r
 
     items = [bench.item(i) for i in (3, 9)]
     (tmp_path / "cands.json").write_text(json.dumps({"history": [5, 6], "candidates": [

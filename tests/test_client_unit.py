@@ -25,10 +25,10 @@ from clients import (
 )
 from clients.endpoints import parse_urls
 from clients.errors import to_client_error
-from clients.request import Chunk, chunk_bounds, history_matrix
+from clients.request import Chunk, build_chunks, chunk_bounds, history_matrix
 from clients.transport import ShmRegion
 from fusionrank.spec import Modality, PipelineSpec
-from fusionrank.tensors import ITEM_INPUT, USER_HISTORY
+from fusionrank.tensors import ITEM_INPUT, ITEM_VIDEO, MODALITY_PRESENT, USER_HISTORY
 from tests.client_fakes import FakeAsyncTriton, FakeClock, FakeTriton
 
 SPEC = PipelineSpec()
@@ -78,6 +78,49 @@ def test_candidate_reads_files_and_names_missing_ones(tmp_path):
     assert c.payload(Modality.TEXT) == b"red shoes" and c.payload(Modality.IMAGE) == b"jpeg-bytes"
     with pytest.raises(InvalidInputError, match="candidate 7: cannot read audio file"):
         c.payload(Modality.AUDIO)
+
+
+def test_candidate_fields_may_be_none_but_not_all(tmp_path):
+    (tmp_path / "a.mp4").write_bytes(b"mp4-bytes")
+    c = Candidate(text="title only", item_id=3, video=tmp_path / "a.mp4")
+    assert c.payload(Modality.IMAGE) is None and c.payload(Modality.AUDIO) is None
+    assert c.video_payload() == b"mp4-bytes"
+    with pytest.raises(InvalidInputError, match="candidate 1 has no modality"):
+        build_chunks({m: [b"1", None] for m in SPEC.modalities.enabled}, [1], SPEC.modalities.enabled, 20, 64)
+    with pytest.raises(InvalidInputError, match="video is disabled"):
+        build_chunks(_items(1), [1], SPEC.modalities.enabled, 20, 64, videos=[b"v"], video_enabled=False)
+
+
+def test_absent_modalities_and_videos_are_said_in_the_request():
+    log = []
+    fakes = {"a:1": FakeTriton("a:1", log)}
+    candidates = [Candidate(text="1", image=b"img", audio=b"wav"), Candidate(text="2", video=b"clip"),
+                  Candidate(text="3", image=b"img"), Candidate(text="4", image=b"img", audio=b"wav", video=b"clip")]
+    with _client(fakes, max_candidates=3) as client:
+        client.rank(candidates[:1], [1])
+        client.rank(candidates, [1])
+    first, *chunks = fakes["a:1"].requests
+    assert MODALITY_PRESENT not in first and ITEM_VIDEO not in first  # complete: the request as it always was
+    present = np.concatenate([c[MODALITY_PRESENT] for c in chunks])
+    assert present.dtype == np.bool_ and present.tolist() == [[1, 1, 1], [1, 1, 0], [1, 1, 0], [1, 1, 1]]
+    assert np.concatenate([c[ITEM_VIDEO] for c in chunks])[:, 0].tolist() == [b"", b"clip", b"", b"clip"]
+    assert np.concatenate([c[ITEM_INPUT[Modality.IMAGE]] for c in chunks])[:, 0].tolist() == [b"img", b"", b"img",
+                                                                                             b"img"]
+    assert chunks[0][ITEM_INPUT[Modality.AUDIO]][1:, 0].tolist() == [b"", b""]
+
+
+def test_rank_items_file_takes_video_and_missing_fields(tmp_path):
+    from clients.rank_command import file_request
+    from fusionrank.errors import DataError
+
+    (tmp_path / "c.json").write_text('{"history": [4], "candidates": [{"id": 1, "text": "a"}, '
+                                     '{"id": 2, "video": "a.mp4", "audio": null}]}')
+    request = file_request([str(tmp_path / "c.json")])
+    assert request.candidates[0].image is None and request.candidates[1].video == tmp_path / "a.mp4"
+    assert request.candidates[1].text is None and request.candidates[1].audio is None
+    (tmp_path / "bad.json").write_text('[{"id": 1}]')
+    with pytest.raises(DataError, match="candidate 0 has none of text, image, audio, video"):
+        file_request([str(tmp_path / "bad.json")])
 
 
 def test_error_mapping_and_urls():

@@ -13,8 +13,9 @@ from export.parity import check_outputs, ranking_parity
 from export.torch2onnx import _ort_outputs, _session, _torch_outputs, export_onnx
 from fusionrank.errors import ParityError
 from fusionrank.models.fusion import FusionRanker, RankerConfig
+from fusionrank.ragged import presence_patterns
 from fusionrank.spec import FusionType, RankingParitySpec, Tolerance
-from fusionrank.tensors import model_io
+from fusionrank.tensors import MODALITY_MASK, MODALITY_WEIGHTS, model_io
 from fusionrank_cli.main import main
 
 pytestmark = pytest.mark.slow
@@ -42,6 +43,8 @@ def test_parity_report_and_golden_outputs(built_repository, ci_spec):
     assert {o["model"] for o in report["outputs"]} == set(MODELS)
     assert all(o["passed"] for o in report["outputs"])
     assert report["ranking"]["passed"] and report["ranking"]["kendall_tau"] > 0.99
+    ranker_rows = [o["inputs"] for o in report["outputs"] if o["model"] == "fusion_ranker"]
+    assert any("all present" in r for r in ranker_rows) and any("7 presence patterns" in r for r in ranker_rows)
     # text parity covered every padding bucket
     seqs = {int(o["inputs"].split("]")[0].split(",")[-1]) for o in report["outputs"] if o["model"] == "text_encoder"}
     assert seqs == set(ci_spec.modalities.text.buckets)
@@ -97,21 +100,28 @@ def test_export_without_checkpoint_is_a_clear_error(ci_spec, tmp_path, capsys):
 
 @pytest.mark.parametrize("fusion", list(FusionType))
 def test_every_fusion_exports_with_parity_at_another_batch_size(ci_spec, tmp_path, fusion):
-    """Each fusion (seeded, untrained) exported with a batch of 4 matches PyTorch at a batch of 9 within the spec."""
+    """Each fusion (seeded, untrained) exported with a batch of 4 matches PyTorch at a batch of 14 within the spec,
+    on every presence pattern (down to text alone) as well as on complete candidates."""
     torch.manual_seed(0)
     module = FusionRanker(RankerConfig.from_spec(ci_spec, fusion=fusion)).eval()
+    torch.nn.init.normal_(module.missing)  # as after training with modality dropout
     rng = np.random.default_rng(1)
+    io = model_io(ci_spec, "fusion_ranker")
+    assert io.inputs[-1].name == MODALITY_MASK
 
-    def inputs(n):
-        io = model_io(ci_spec, "fusion_ranker")
-        return {t.name: (rng.integers(0, ci_spec.ranker.history.vocab_size, (n, *t.dims)).astype(np.int64)
-                         if t.dtype == "int64" else rng.standard_normal((n, *t.dims)).astype(np.float32))
-                for t in io.inputs}
+    def inputs(n, mask):
+        arrays = {t.name: (rng.integers(0, ci_spec.ranker.history.vocab_size, (n, *t.dims)).astype(np.int64)
+                           if t.dtype == "int64" else rng.standard_normal((n, *t.dims)).astype(np.float32))
+                  for t in io.inputs}
+        return {**arrays, MODALITY_MASK: mask.astype(np.float32)}
 
-    path = export_onnx(module, ci_spec, "fusion_ranker", inputs(4), tmp_path / "model.onnx")
-    batch = inputs(9)
-    results = check_outputs(f"fusion_ranker[{fusion.value}]", _torch_outputs(module, ci_spec, "fusion_ranker", batch),
-                            _ort_outputs(_session(path), ci_spec, "fusion_ranker", batch),
-                            ci_spec.export.tolerance)
-    assert {r.output for r in results} == {"click_probability", "modality_weights"}
-    assert all(r.passed for r in results)
+    path = export_onnx(module, ci_spec, "fusion_ranker", inputs(4, presence_patterns(3, 4)), tmp_path / "model.onnx")
+    session = _session(path)
+    for mask in (np.ones((14, 3), dtype=bool), presence_patterns(3, 14)):
+        batch = inputs(14, mask)
+        reference = _torch_outputs(module, ci_spec, "fusion_ranker", batch)
+        actual = _ort_outputs(session, ci_spec, "fusion_ranker", batch)
+        results = check_outputs(f"fusion_ranker[{fusion.value}]", reference, actual, ci_spec.export.tolerance)
+        assert {r.output for r in results} == {"click_probability", "modality_weights"}
+        assert all(r.passed for r in results)
+        assert np.array_equal(actual[MODALITY_WEIGHTS] == 0, ~mask)  # exactly 0 in ONNX Runtime too

@@ -1,4 +1,5 @@
-"""Reference models: encoders' shapes and pooling, every fusion's outputs, checkpoint round trip and mismatch."""
+"""Reference models: encoders' shapes and pooling, every fusion's outputs (complete and with absent modalities),
+checkpoint round trip and mismatch."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import torch
 
 from fusionrank.errors import CheckpointError
 from fusionrank.models.encoders import build_encoder
-from fusionrank.models.fusion import FusionRanker, RankerConfig, load_ranker, save_ranker
+from fusionrank.models.fusion import FusionRanker, RankerConfig, load_ranker, masked_softmax, save_ranker
+from fusionrank.ragged import presence_patterns
 from fusionrank.spec import FusionType, Modality, from_dict, to_dict
+from fusionrank.train import dropout_mask
 
 
 def _inputs(spec, n=6, seed=0):
@@ -32,6 +35,46 @@ def test_every_fusion_outputs_probabilities_and_weights(ci_spec, fusion):
     # Row-independent: scoring one candidate alone gives the same result as in a batch.
     alone, _ = model(*(e[2:3] for e in embs), history[2:3])
     torch.testing.assert_close(alone, probs[2:3], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", list(FusionType))
+def test_absent_modalities_weigh_exactly_zero_and_their_content_is_ignored(ci_spec, fusion):
+    torch.manual_seed(0)
+    model = FusionRanker(RankerConfig.from_spec(ci_spec, fusion=fusion)).eval()
+    torch.nn.init.normal_(model.missing)  # as after training: the missing vectors are not zeros
+    embs, history = _inputs(ci_spec, n=14)
+    mask = torch.from_numpy(presence_patterns(3, 14).astype(np.float32))  # rows 4-6: a single modality, 6: text
+    probs, weights = model(*embs, history, mask)
+    assert torch.equal(weights[mask == 0], torch.zeros(int((mask == 0).sum())))
+    torch.testing.assert_close(weights.sum(1), torch.ones(14))
+    assert torch.equal(weights[6], torch.tensor([1.0, 0.0, 0.0]))  # text alone carries the whole score
+    # Whatever an absent row's embedding holds (the route sends zeros; NaN here) changes nothing.
+    poisoned = [torch.where(mask[:, i:i + 1] > 0, e, torch.full_like(e, float("nan"))) for i, e in enumerate(embs)]
+    probs_poisoned, weights_poisoned = model(*poisoned, history, mask)
+    assert torch.equal(probs_poisoned, probs) and torch.equal(weights_poisoned, weights)
+    # Absence changes the score (the ranker is told), and a complete row scores as without a mask.
+    assert not torch.allclose(probs[1:4], model(*(e[1:4] for e in embs), history[1:4])[0])
+    torch.testing.assert_close(probs[0], model(*(e[:1] for e in embs), history[:1])[0][0])
+    alone, _ = model(*(e[5:6] for e in embs), history[5:6], mask[5:6])
+    torch.testing.assert_close(alone, probs[5:6], atol=1e-6, rtol=1e-5)
+
+
+def test_masked_softmax_keeps_gradients_finite_when_everything_is_absent():
+    logits = torch.tensor([[200.0, -3.0, 1.0], [0.5, 0.2, 9.0]], requires_grad=True)
+    present = torch.tensor([[False, True, True], [False, False, False]])
+    weights = masked_softmax(logits, present, 1)
+    assert weights[0, 0] == 0 and torch.equal(weights[1], torch.zeros(3))
+    torch.testing.assert_close(weights[0].sum(), torch.tensor(1.0))
+    (weights * torch.arange(3.0)).sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_dropout_mask_keeps_a_modality_in_every_row():
+    mask = dropout_mask(np.random.default_rng(0), 20000, 3, 0.3)
+    assert mask.dtype == np.float32 and (mask.sum(1) >= 1).all()
+    assert 0.27 < 1 - mask.mean() < 0.31  # ~0.3 dropped, a little less after refilling the empty rows
+    assert np.array_equal(mask, dropout_mask(np.random.default_rng(0), 20000, 3, 0.3))
+    assert dropout_mask(np.random.default_rng(0), 10, 3, 0.0).all()
 
 
 def test_weights_follow_the_inputs_for_attention_and_gated(ci_spec):

@@ -108,15 +108,14 @@ def _load(grpc_url: str, spec, seconds: float) -> int:
         factory = RequestFactory(spec, bench, load_scenario("ci"), seed=seed)
         with grpcclient.InferenceServerClient(grpc_url) as client:
             while time.monotonic() < stop:
-                items, history = factory.next()
-                client.infer(spec.serving.route, infer_inputs(grpcclient, request_arrays(items, history)),
-                             client_timeout=60)
+                client.infer(spec.serving.route, infer_inputs(grpcclient, factory.next().arrays()), client_timeout=60)
                 done.append(1)
 
     threads = [threading.Thread(target=user, args=(seed,)) for seed in range(3)]
     for t in threads:
         t.start()
-    items, history = RequestFactory(spec, bench, load_scenario("ci"), seed=9).next()
+    request = RequestFactory(spec, bench, load_scenario("ci"), seed=9).next()
+    items, history = request.items, request.history
     bad = np.full_like(history, spec.ranker.history.vocab_size + 5)
     with grpcclient.InferenceServerClient(grpc_url) as client, pytest.raises(Exception, match="user_history"):
         client.infer(spec.serving.route, infer_inputs(grpcclient, request_arrays(items, bad)))

@@ -14,7 +14,7 @@ from fusionrank.serving.render import (
     model_configs,
     render_repository,
 )
-from fusionrank.spec import ModalitiesSpec, ServingProfile, from_dict, member_models, served_models
+from fusionrank.spec import POOL_MODEL, ModalitiesSpec, ServingProfile, from_dict, member_models, served_models
 from fusionrank.tensors import model_io
 
 from .conftest import REPO_ROOT
@@ -60,6 +60,9 @@ def test_profiles_pick_the_backend(default_spec):
 def test_every_member_batches_dynamically_and_warms_up(default_spec):
     configs = model_configs(default_spec)
     for model in member_models(default_spec):
+        if model == POOL_MODEL:  # inputs hold the encoded rows, outputs the candidates: no batching
+            assert {c.max_batch_size for c in configs[model].values()} == {0}
+            continue
         for profile, config in configs[model].items():
             batching = default_spec.serving.batching(model)
             assert config.HasField("dynamic_batching"), (model, profile)
@@ -101,7 +104,8 @@ def test_served_models_leave_the_reference_ensemble_out_unless_asked(default_spe
     assert served_models(default_spec) == (serving.route, "text_encoder", "image_encoder", "audio_encoder",
                                            "fusion_ranker")
     with_reference = served_models(default_spec, reference_ensemble=True)
-    assert set(with_reference) - set(served_models(default_spec)) == {serving.reference_ensemble, "preprocess"}
+    assert set(with_reference) - set(served_models(default_spec)) == {serving.reference_ensemble, "preprocess",
+                                                                      POOL_MODEL}
 
 
 def test_ensemble_wiring_is_closed(default_spec):
@@ -126,9 +130,14 @@ def test_disabled_modality_disappears_from_the_contract(default_spec):
     assert "item_audio" not in [i.name for i in configs["preprocess"]["cpu"].input]
     assert "log_mel" not in [o.name for o in configs["preprocess"]["cpu"].output]
     for route in (spec.serving.route, spec.serving.reference_ensemble):
-        assert [i.name for i in configs[route]["cpu"].input] == ["item_text", "item_image", "user_history"]
+        assert [i.name for i in configs[route]["cpu"].input] == ["item_text", "item_image", "user_history",
+                                                                 "modality_present", "item_video"]
+        assert [i.optional for i in configs[route]["cpu"].input] == [False, False, False, True, True]
+        assert list(configs[route]["cpu"].input[3].dims) == [2]
         assert list(configs[route]["cpu"].output[1].dims) == [2]
-    assert [i.name for i in configs["fusion_ranker"]["cpu"].input] == ["text_embedding", "image_embedding", "history"]
+    assert [i.name for i in configs["fusion_ranker"]["cpu"].input] == ["text_embedding", "image_embedding", "history",
+                                                                       "modality_mask"]
+    assert list(configs["fusion_ranker"]["cpu"].input[-1].dims) == [2]
 
 
 def test_python_models_get_their_spec_slice(default_spec):

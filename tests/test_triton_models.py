@@ -11,7 +11,8 @@ from google.protobuf import json_format
 from onnx import TensorProto, helper
 
 from fusionrank.serving.render import model_configs
-from fusionrank.serving.triton_models import OnnxRuntimeModel, PreprocessModel
+from fusionrank.serving.triton_models import OnnxRuntimeModel, PoolModel, PreprocessModel
+from fusionrank.spec import Modality
 
 from .fake_pb_utils import FakeError, FakeRequest, install
 
@@ -48,6 +49,15 @@ def _payloads(n: int, size=(80, 60)):
             "item_audio": np.array([[wav.getvalue()]] * n, dtype=object)}
 
 
+@pytest.fixture(scope="module")
+def clip():
+    from PIL import Image
+
+    from fusionrank.preprocess.video import encode_video
+
+    return encode_video([Image.new("RGB", (32, 32), c) for c in ((0, 0, 255), (0, 255, 0), (255, 0, 0))])
+
+
 @pytest.fixture
 def preprocess(pb, ci_spec, tmp_path):
     from fusionrank.paths import resolve_text_checkpoint
@@ -71,7 +81,47 @@ def test_preprocess_outputs_every_encoder_input(preprocess, ci_spec):
     assert out["input_ids"].shape == (3, 16) and out["attention_mask"].shape == (3, 16)
     assert out["pixel_values"].shape == (3, 3, size, size)
     assert out["log_mel"].shape == (3, audio.n_mels, audio.num_frames)
+    for m in ("text", "image", "audio"):
+        np.testing.assert_array_equal(out[f"{m}_owner"], [[0], [1], [2]])
     np.testing.assert_array_equal(out["history"], _history(ci_spec, 3))
+    np.testing.assert_array_equal(out["modality_mask"], np.ones((3, 3), dtype=np.float32))
+
+
+def test_preprocess_sends_only_present_rows_and_video_frames(preprocess, ci_spec, clip):
+    """No audio anywhere, no image for row 1, a video for row 2: the encoders get only rows that have their
+    modality (one placeholder owned by no one where none has it), the ranker the mask."""
+    payloads = _payloads(3)
+    payloads["item_audio"] = np.array([[b""]] * 3, dtype=object)
+    payloads["item_image"][1, 0] = b""
+    present = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 0]], dtype=bool)
+    videos = np.array([[b""], [b""], [clip]], dtype=object)
+    request = {**payloads, "user_history": _history(ci_spec, 3), "modality_present": present, "item_video": videos}
+    (response,) = preprocess.execute([FakeRequest(request)])
+    out = _outputs(response)
+    frames = ci_spec.modalities.video.frames
+    np.testing.assert_array_equal(out["image_owner"][:, 0], [0, 2] + [2] * frames)
+    assert out["pixel_values"].shape[0] == 2 + frames
+    np.testing.assert_array_equal(out["audio_owner"], [[-1]])
+    assert out["log_mel"].shape[0] == 1
+    np.testing.assert_array_equal(out["modality_mask"], present.astype(np.float32))
+
+
+def test_pool_model_puts_rows_back_in_candidate_order(pb, ci_spec, tmp_path):
+    pool = _init(PoolModel, ci_spec, "pool_embeddings", tmp_path)
+    dims = {m: ci_spec.modalities.embedding_dim(m) for m in ci_spec.modalities.enabled}
+    rng = np.random.default_rng(0)
+    inputs = {"modality_mask": np.ones((3, 3), np.float32)}
+    owners = {"text": [0, 1, 2], "image": [2, 0, 2, 2], "audio": [-1]}
+    for m, d in dims.items():
+        inputs[f"{m.value}_rows"] = rng.normal(size=(len(owners[m.value]), d)).astype(np.float32)
+        inputs[f"{m.value}_owner"] = np.array(owners[m.value], np.int64)[:, None]
+    (response,) = pool.execute([FakeRequest(inputs)])
+    out = _outputs(response)
+    np.testing.assert_array_equal(out["text_embedding"], inputs["text_rows"])
+    image = inputs["image_rows"]
+    np.testing.assert_allclose(out["image_embedding"], [image[1], np.zeros_like(image[0]), image[[0, 2, 3]].mean(0)],
+                               rtol=1e-6)
+    np.testing.assert_array_equal(out["audio_embedding"], np.zeros((3, dims[Modality.AUDIO]), np.float32))
 
 
 def test_bad_request_fails_alone_naming_input_and_row(preprocess, ci_spec):
@@ -124,7 +174,8 @@ def _tiny_ranker_onnx(path):
         return helper.make_tensor_value_info(name, TensorProto.FLOAT if name != "history" else TensorProto.INT64, dims)
 
     inputs = [value("text_embedding", ["batch", "d"]), value("image_embedding", ["batch", 3]),
-              value("audio_embedding", ["batch", "a"]), value("history", ["batch", "h"])]
+              value("audio_embedding", ["batch", "a"]), value("history", ["batch", "h"]),
+              value("modality_mask", ["batch", 3])]
     outputs = [value("click_probability", ["batch", 1]), value("modality_weights", ["batch", 3])]
     nodes = [helper.make_node("ReduceMean", ["text_embedding"], ["mean"], keepdims=1, axes=[1]),
              helper.make_node("Log", ["mean"], ["click_probability"]),
@@ -143,7 +194,8 @@ def test_ensembles_ranker_step_answers_a_non_finite_output_invalid_naming_the_ro
         n = len(text_means)
         return FakeRequest({"text_embedding": np.array(text_means, np.float32)[:, None].repeat(4, axis=1),
                             "image_embedding": np.full((n, 3), 1 / 3, np.float32),
-                            "audio_embedding": np.zeros((n, 2), np.float32), "history": np.zeros((n, 5), np.int64)})
+                            "audio_embedding": np.zeros((n, 2), np.float32), "history": np.zeros((n, 5), np.int64),
+                            "modality_mask": np.ones((n, 3), np.float32)})
 
     good, bad, weights_bad = request([0.5, 0.25]), request([0.5, 0.5, -1.0]), request([0.5])
     weights_bad.inputs["image_embedding"][0, 2] = np.inf
@@ -154,3 +206,27 @@ def test_ensembles_ranker_step_answers_a_non_finite_output_invalid_naming_the_ro
     assert responses[1].error.message.startswith("click_probability[2]: fusion_ranker produced a non-finite value")
     assert responses[2].error.code == FakeError.INVALID_ARG
     assert responses[2].error.message.startswith("modality_weights[0]: ")
+
+
+def test_preprocess_refuses_more_image_rows_than_the_encoder_takes_in_one_call(pb, ci_spec, tmp_path, clip):
+    """The ensemble sends a modality's rows in one call: a request whose clips need more frames than the image
+    encoder's max batch is INVALID_ARG naming item_video (the route would cut its calls instead)."""
+    import dataclasses
+
+    from fusionrank.paths import resolve_text_checkpoint
+    from fusionrank.spec import BatchingSpec
+
+    models = {**ci_spec.serving.models, "image_encoder": BatchingSpec(max_batch_size=4, preferred_batch_sizes=(4,))}
+    spec = ci_spec.with_overrides(serving=dataclasses.replace(ci_spec.serving, max_candidates=4, models=models))
+    version_dir = tmp_path / "preprocess" / "1"
+    version_dir.mkdir(parents=True)
+    (version_dir / "tokenizer").symlink_to(resolve_text_checkpoint(spec.modalities.text.encoder.checkpoint))
+    model = _init(PreprocessModel, spec, "preprocess", version_dir)
+    request = {**_payloads(2), "user_history": _history(spec, 2), "item_video": np.array([[clip]] * 2, dtype=object)}
+    (too_many,) = model.execute([FakeRequest(request)])
+    assert too_many.error.code == FakeError.INVALID_ARG
+    assert too_many.error.message.startswith("item_video: the request needs 8 image encoder rows")
+    video_only = np.array([[b""], [request["item_image"][1, 0]]], dtype=object)  # row 0: its clip, no still
+    (fits,) = model.execute([FakeRequest({**request, "item_image": video_only,
+                                          "item_video": np.array([[clip], [b""]], dtype=object)})])
+    assert fits.error is None and _outputs(fits)["image_owner"][:, 0].tolist() == [1, 0, 0, 0]

@@ -1,22 +1,30 @@
-"""The fusion ranker: modality embeddings + user history -> click probability and per-modality weights.
+"""The fusion ranker: modality embeddings + user history + presence mask -> click probability and modality weights.
 
 User tower: item-id history (left-padded with 0) -> embedding -> LSTM/GRU -> last hidden state.
 Every modality embedding is layer-normalised and projected to `projection_dim`, then fused as the spec says:
 
 | fusion | score | modality_weights |
 |---|---|---|
-| concat (early fusion) | MLP(concat(projections, user)) | occlusion share: |logit - logit without m|, normalised |
-| weighted | MLP(sum_m softmax(a)_m * proj_m, user) | the learned softmax weights (same for every row) |
-| attention | MLP(sum_m attn_m * value_m, user); attention queried by the user vector | the attention |
-| gated (M-way GMU) | MLP(sum_m g_m * proj_m, user); g = softmax_m(W[proj..., user]) per feature | mean of g_m |
-| late | mean_m head_m(proj_m, user) | |head_m logit| share |
+| concat (early fusion) | MLP(concat(projections, user)) | occlusion share: |logit - logit with m absent|, normalised |
+| weighted | MLP(sum_m softmax(a)_m * proj_m, user, mask) | the learned softmax weights, over present modalities |
+| attention | MLP(sum_m attn_m * value_m, user, mask); attention queried by the user vector | the attention |
+| gated (M-way GMU) | MLP(sum_m g_m * proj_m, user, mask); g = softmax_m(W[proj..., user]) per feature | mean of g_m |
+| late | mean over present m of head_m(proj_m, user) | |head_m logit| share |
 | two_tower | <item_tower(projections), user_tower(user)> / sqrt(d) + b | occlusion share |
+
+Absent modalities (`modality_mask` 0, see `fusionrank.tensors`): concat, two_tower and gated put a learned "missing"
+vector (one per modality, trained by modality dropout, `train.modality_dropout`) where the projection would be;
+weighted, attention and gated take the absent modality out of their softmax, late out of its mean, and the heads
+of weighted, attention and gated also see the mask (which modalities exist shifts the click rate they should
+predict). Every fusion gives an absent modality a weight of exactly 0, and the present ones still sum to 1. A row
+with no modality present is invalid input (the preprocessing rejects it); the graph still returns finite values
+for it (weights all 0), so Triton's zero-filled warm-up runs.
 
 Gated gives every modality and feature its own gate (softmax over modalities), which for M=2 is the gated
 multimodal unit's (GMU) A*x + (1-A)*y with A a vector; one scalar gate per modality scored 0.70 AUC against 0.74
-for these per-feature gates (docs/evaluation.md). Weights always sum to 1 per row. For concat and two_tower, which
-have no weights of their own, the occlusion share is an honest attribution computed in the same graph (one extra
-pass per modality with it zeroed).
+for these per-feature gates (docs/evaluation.md). For concat and two_tower, which have no weights of their own, the
+occlusion share is an honest attribution computed in the same graph (one extra pass per modality with it marked
+absent).
 """
 
 from __future__ import annotations
@@ -34,8 +42,9 @@ from fusionrank.errors import CheckpointError
 from fusionrank.spec import FusionType, Modality, PipelineSpec
 
 # Bump when FusionRanker's parameters change shape or meaning: checkpoints are keyed by it, so old ones are retrained
-# instead of failing to load. 2: gated fusion gates every feature, not only every modality.
-ARCHITECTURE_VERSION = 2
+# instead of failing to load. 2: gated fusion gates every feature, not only every modality. 3: presence mask input,
+# learned missing-modality vectors, mask-aware heads (weighted, attention, gated).
+ARCHITECTURE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,17 @@ def _share(magnitudes: torch.Tensor) -> torch.Tensor:
     return magnitudes / magnitudes.sum(dim=1, keepdim=True).clamp(min=1e-12)
 
 
+def masked_softmax(logits: torch.Tensor, present: torch.Tensor, dim: int) -> torch.Tensor:
+    """Softmax over the present entries only: absent ones get exactly 0, present ones sum to 1 (all absent: all 0).
+
+    Absent logits never reach exp(): they are replaced by 0 before it and multiplied out after, so neither an
+    overflow nor a NaN gradient can come from a row's absent entries."""
+    masked_max = torch.where(present, logits, torch.full_like(logits, float("-inf"))).amax(dim, keepdim=True)
+    shifted = torch.where(present, logits - masked_max, torch.zeros_like(logits))
+    exps = shifted.exp() * present.to(logits.dtype)
+    return exps / exps.sum(dim, keepdim=True).clamp(min=1e-30)
+
+
 class FusionRanker(nn.Module):
     def __init__(self, config: RankerConfig):
         super().__init__()
@@ -84,6 +104,9 @@ class FusionRanker(nn.Module):
         m, p = len(c.dims), c.projection_dim
         self.norms = nn.ModuleList(nn.LayerNorm(d) for d in c.dims)
         self.projections = nn.ModuleList(nn.Linear(d, p) for d in c.dims)
+        # Stands in for an absent modality's projection. Zeros at init: a ranker trained without modality dropout
+        # never updates it, so it scores an absent modality as a zero projection (the plain imputation baseline).
+        self.missing = nn.Parameter(torch.zeros(m, p))
         self.item_embedding = nn.Embedding(c.vocab_size, c.embedding_dim, padding_idx=0)
         rnn = nn.LSTM if c.cell == "lstm" else nn.GRU
         self.rnn = rnn(c.embedding_dim, c.hidden_size, batch_first=True)
@@ -92,14 +115,14 @@ class FusionRanker(nn.Module):
             self.head = _mlp(m * p + user, c.hidden_sizes, c.dropout)
         elif self.fusion is FusionType.WEIGHTED:
             self.modality_logits = nn.Parameter(torch.zeros(m))
-            self.head = _mlp(p + user, c.hidden_sizes, c.dropout)
+            self.head = _mlp(p + user + m, c.hidden_sizes, c.dropout)
         elif self.fusion is FusionType.ATTENTION:
             self.query = nn.Linear(user, p)
             self.value = nn.Linear(p, p)
-            self.head = _mlp(p + user, c.hidden_sizes, c.dropout)
+            self.head = _mlp(p + user + m, c.hidden_sizes, c.dropout)
         elif self.fusion is FusionType.GATED:
             self.gate = nn.Linear(m * p + user, m * p)
-            self.head = _mlp(p + user, c.hidden_sizes, c.dropout)
+            self.head = _mlp(p + user + m, c.hidden_sizes, c.dropout)
         elif self.fusion is FusionType.LATE:
             self.heads = nn.ModuleList(_mlp(p + user, c.hidden_sizes, c.dropout) for _ in c.dims)
         else:  # two_tower
@@ -118,45 +141,61 @@ class FusionRanker(nn.Module):
         return (item * self.user_tower(user)).sum(1, keepdim=True) / math.sqrt(item.shape[1]) + self.bias
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """forward(emb_1, ..., emb_M, history) -> (click_probability [B, 1], modality_weights [B, M])."""
-        *embeddings, history = inputs
-        return self.score(embeddings, self.user_vector(history))
+        """forward(emb_1, ..., emb_M, history[, modality_mask]) -> (click_probability [B, 1], modality_weights
+        [B, M]); without a mask every modality is present."""
+        m = len(self.config.dims)
+        embeddings, history = list(inputs[:m]), inputs[m]
+        mask = inputs[m + 1] if len(inputs) > m + 1 else None
+        return self.score(embeddings, self.user_vector(history), mask)
 
-    def score(self, embeddings: list[torch.Tensor], user: torch.Tensor,
+    def _occlusion_weights(self, projected, absent, user, logit, present) -> torch.Tensor:
+        """|logit - logit with modality i marked absent|, shared out; exactly 0 for an absent modality."""
+        deltas = [(logit - self._concat_logit([absent[j] if j == i else q for j, q in enumerate(projected)],
+                                              user)).abs() * present[:, i:i + 1].to(logit.dtype)
+                  for i in range(len(projected))]
+        return _share(torch.cat(deltas, dim=1))
+
+    def score(self, embeddings: list[torch.Tensor], user: torch.Tensor, mask: torch.Tensor | None = None,
               with_weights: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Fusion given precomputed user vectors (training runs the user tower once per session, not per row).
 
-        `with_weights=False` skips the occlusion passes of concat/two_tower (training does not need weights)."""
-        projected = [proj(norm(e)) for e, norm, proj in zip(embeddings, self.norms, self.projections)]
-        m = len(projected)
+        `mask` [B, M] (1 present, 0 absent; None: all present). `with_weights=False` skips the occlusion passes of
+        concat/two_tower (training does not need weights)."""
+        m = len(embeddings)
+        if mask is None:
+            mask = torch.ones(embeddings[0].shape[0], m, dtype=embeddings[0].dtype)
+        present = mask > 0.5
+        absent = [self.missing[i].unsqueeze(0).expand(e.shape[0], -1) for i, e in enumerate(embeddings)]
+        # torch.where, not a product with the mask: an absent row's embedding may hold anything, even NaN.
+        projected = [torch.where(present[:, i:i + 1], proj(norm(e)), absent[i])
+                     for i, (e, norm, proj) in enumerate(zip(embeddings, self.norms, self.projections))]
         if self.fusion in (FusionType.CONCAT, FusionType.TWO_TOWER):
             logit = self._concat_logit(projected, user)
-            if m == 1 or not with_weights:
-                weights = torch.ones_like(logit) if m == 1 else None
-            else:
-                deltas = [(logit - self._concat_logit([torch.zeros_like(q) if j == i else q
-                                                       for j, q in enumerate(projected)], user)).abs()
-                          for i in range(m)]
-                weights = _share(torch.cat(deltas, dim=1))
+            weights = None
+            if m == 1:
+                weights = present.to(logit.dtype)
+            elif with_weights:
+                weights = self._occlusion_weights(projected, absent, user, logit, present)
         elif self.fusion is FusionType.LATE:
             logits = torch.cat([head(torch.cat([q, user], dim=1)) for q, head in zip(projected, self.heads)], dim=1)
-            logit = logits.mean(dim=1, keepdim=True)
-            weights = _share(logits.abs()) if m > 1 else torch.ones_like(logit)
+            kept = present.to(logits.dtype)
+            logit = (logits * kept).sum(1, keepdim=True) / kept.sum(1, keepdim=True).clamp(min=1.0)
+            weights = _share(logits.abs() * kept)
         else:
             tokens = torch.stack(projected, dim=1)  # [B, M, P]
             if self.fusion is FusionType.WEIGHTED:
-                weights = torch.softmax(self.modality_logits, dim=0).unsqueeze(0).expand(tokens.shape[0], m)
+                weights = masked_softmax(self.modality_logits.unsqueeze(0).expand(tokens.shape[0], m), present, 1)
                 fused = (weights.unsqueeze(-1) * tokens).sum(1)
             elif self.fusion is FusionType.ATTENTION:
                 scores = (tokens * self.query(user).unsqueeze(1)).sum(-1) / math.sqrt(tokens.shape[-1])
-                weights = torch.softmax(scores, dim=1)
+                weights = masked_softmax(scores, present, 1)
                 fused = (weights.unsqueeze(-1) * self.value(tokens)).sum(1)
             else:  # gated: a gate per modality and feature, softmax over modalities (GMU's A*x + (1-A)*y for M)
-                gates = torch.softmax(self.gate(torch.cat([*projected, user], dim=1)).view(-1, m, tokens.shape[-1]),
-                                      dim=1)
+                gates = masked_softmax(self.gate(torch.cat([*projected, user], dim=1)).view(-1, m, tokens.shape[-1]),
+                                       present.unsqueeze(-1), 1)
                 fused = (gates * tokens).sum(1)
                 weights = gates.mean(-1)  # each modality's average gate: still sums to 1 per row
-            logit = self.head(torch.cat([fused, user], dim=1))
+            logit = self.head(torch.cat([fused, user, mask.to(fused.dtype)], dim=1))
         return torch.sigmoid(logit), weights
 
 

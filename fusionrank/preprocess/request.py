@@ -1,14 +1,17 @@
 """One ranking request as a whole, checked before any payload is decoded, and its preprocessing.
 
 `RankRequest.validate()` checks what no single payload can tell: every input present, one row per candidate in
-each of them, at least one and at most `max_candidates` candidates, and the history (ids in the vocabulary, one
-user's row repeated for every candidate). It raises one `RequestValidationError` naming the offending input, and
-`RequestPreprocessor` then runs every modality's preprocessing. Library code, so every serving route (the
-ensemble's `preprocess` model, a BLS route) and every in-process caller validates the same way.
+each of them (the optional `modality_present` and `item_video` included), at least one and at most
+`max_candidates` candidates, and the history (ids in the vocabulary, one user's row repeated for every candidate).
+It raises one `RequestValidationError` naming the offending input, and `RequestPreprocessor` then checks presence
+and preprocesses the rows that have each modality (`fusionrank.ragged.CandidatePreparer`: an absent row is never
+preprocessed or encoded; a video's K frames are image rows owned by their candidate). Library code, so every
+serving route (the ensemble's `preprocess` model, a BLS route) and every in-process caller validates the same way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -18,15 +21,19 @@ from pathlib import Path
 import numpy as np
 
 from fusionrank.errors import PreprocessError, RequestValidationError
-from fusionrank.preprocess import build_preprocessor, validate_history
+from fusionrank.preprocess import validate_history
+from fusionrank.ragged import CandidatePreparer, PreparedCandidates, check_presence
+from fusionrank.serving.samples import warmup_samples
 from fusionrank.spec import Modality, PipelineSpec
-from fusionrank.tensors import ITEM_INPUT, USER_HISTORY
+from fusionrank.tensors import ITEM_INPUT, ITEM_VIDEO, MODALITY_MASK, MODALITY_PRESENT, USER_HISTORY, owner_name
 
 
 @dataclass(frozen=True)
 class ValidRequest:
     rows: dict[str, list[bytes]]  # item input name -> one payload per candidate
     history: np.ndarray  # [N, L] int64, the same row N times
+    present: np.ndarray | None = None  # `modality_present` as sent; RequestPreprocessor.validate: checked, [N, M]
+    videos: list[bytes] | None = None  # `item_video` rows; None: the request has no video input
 
 
 def _bytes_rows(array: np.ndarray, name: str) -> list[bytes]:
@@ -80,17 +87,23 @@ class RankRequest:
     def validate(self) -> ValidRequest:
         """The request's rows and checked history; raises RequestValidationError naming the offending input."""
         arrays = {}
-        for name in self.names:
-            if name not in self.inputs:
+        optional = (MODALITY_PRESENT, ITEM_VIDEO)
+        for name in (*self.names, *optional):
+            if self.inputs.get(name) is None:
+                if name in optional:
+                    continue
                 raise RequestValidationError(name, "missing input")
             array = np.asarray(self.inputs[name])
             if array.ndim == 0:
                 raise RequestValidationError(name, "expected one row per candidate, got a scalar")
             arrays[name] = array
+        if ITEM_VIDEO in arrays and not self.spec.modalities.video_enabled:
+            raise RequestValidationError(ITEM_VIDEO, "video input is disabled in this deployment (modalities.video)")
         history = validate_history(arrays[USER_HISTORY], self.spec)
         self._row_count(arrays)
         rows = {name: _bytes_rows(arrays[name], name) for name in self.names if name != USER_HISTORY}
-        return ValidRequest(rows=rows, history=history)
+        videos = _bytes_rows(arrays[ITEM_VIDEO], ITEM_VIDEO) if ITEM_VIDEO in arrays else None
+        return ValidRequest(rows=rows, history=history, present=arrays.get(MODALITY_PRESENT), videos=videos)
 
 
 def non_finite_row(array: np.ndarray) -> int | None:
@@ -103,16 +116,46 @@ def non_finite_row(array: np.ndarray) -> int | None:
 
 @dataclass(frozen=True)
 class PreparedRequest:
-    """Every encoder's input arrays per modality (all rows of the request) and the checked history."""
+    """One validated request: the encoder inputs of the rows that have each modality (`candidates.inputs`, with the
+    candidate each row belongs to in `candidates.owners`), the presence mask and the checked history."""
 
-    rows: int
-    encoder_inputs: dict[Modality, dict[str, np.ndarray]]
+    candidates: PreparedCandidates
     history: np.ndarray
+    placeholders: Mapping[Modality, dict[str, np.ndarray]] | None = None  # one row per modality, for `flat()`
+
+    @property
+    def rows(self) -> int:
+        return self.candidates.rows
+
+    @property
+    def encoder_inputs(self) -> dict[Modality, dict[str, np.ndarray]]:
+        """Per modality, the encoder's input arrays of the rows to encode ({} when no candidate has it)."""
+        return self.candidates.inputs
+
+    @property
+    def owners(self) -> dict[Modality, np.ndarray]:
+        """Per modality, the candidate each encoder-input row belongs to (a video's frames share their owner)."""
+        return self.candidates.owners
+
+    def modality_mask(self) -> np.ndarray:
+        """The ranker's `modality_mask` (FP32 [N, M], 1 present, 0 absent)."""
+        return self.candidates.mask()
 
     def flat(self) -> dict[str, np.ndarray]:
-        """Every tensor by name, as the reference ensemble's `preprocess` model outputs them."""
-        arrays = {name: a for inputs in self.encoder_inputs.values() for name, a in inputs.items()}
-        return {**arrays, "history": self.history}
+        """Every tensor by name, as the reference ensemble's `preprocess` model outputs them: per modality the rows
+        to encode and their owners ([R, 1] int64), the history and the mask. Triton cannot run a step on zero rows,
+        so a modality no candidate has sends one placeholder row (the warm-up sample's) owned by no one (-1):
+        `pool_embeddings` drops it and the ranker masks the modality."""
+        arrays = {}
+        for m, inputs in self.candidates.inputs.items():
+            owners = self.candidates.owners[m]
+            if not len(owners):
+                if self.placeholders is None:
+                    raise ValueError("flat() needs the preprocessor's placeholders for a modality no candidate has")
+                inputs, owners = self.placeholders[m], np.full(1, -1, dtype=np.int64)
+            arrays.update(inputs)
+            arrays[owner_name(m)] = owners.astype(np.int64).reshape(-1, 1)
+        return {**arrays, "history": self.history, MODALITY_MASK: self.modality_mask()}
 
 
 @dataclass(frozen=True)
@@ -136,45 +179,70 @@ def _in_request(exc: PreprocessError, rows: Sequence[int]) -> PreprocessError:
 
 
 class RequestPreprocessor:
-    """A request's inputs -> every encoder's input tensors per modality and the checked history. Safe to call from
-    several threads (the preprocessors keep no per-call state)."""
+    """A request's inputs -> the encoder inputs of the rows that have each modality, their owners, the presence
+    mask and the checked history. Safe to call from several threads (the preprocessors keep no per-call state)."""
 
     def __init__(self, spec: PipelineSpec, tokenizer_dir: Path | None = None):
         self.spec = spec
         self.max_candidates = spec.serving.max_candidates
-        self.preprocessors = {m: build_preprocessor(spec, m, tokenizer_dir=tokenizer_dir if m is Modality.TEXT
-                                                    else None) for m in spec.modalities.enabled}
+        self.candidates = CandidatePreparer(spec, tokenizer_dir=tokenizer_dir)
+        self.preprocessors = self.candidates.preprocessors  # by modality
+        self._placeholders: dict[Modality, dict[str, np.ndarray]] | None = None
 
-    def __call__(self, inputs: Mapping[str, np.ndarray]) -> PreparedRequest:
-        """Raises PreprocessError (RequestValidationError for the request as a whole) naming the input and row."""
+    def placeholders(self) -> dict[Modality, dict[str, np.ndarray]]:
+        """One encoder-input row per modality (the warm-up sample's preprocessing), computed once."""
+        if self._placeholders is None:
+            samples = warmup_samples(self.spec)
+            self._placeholders = {m: self.preprocessors[m]([samples[m]]) for m in self.spec.modalities.enabled}
+        return self._placeholders
+
+    def __call__(self, inputs: Mapping[str, np.ndarray], placeholders: bool = False) -> PreparedRequest:
+        """Raises PreprocessError (RequestValidationError for the request as a whole) naming the input and row.
+        `placeholders=True` attaches the placeholder rows `PreparedRequest.flat()` needs."""
         request = self.validate(inputs)
-        encoder_inputs = {}
-        for modality, preprocess in self.preprocessors.items():
-            name = ITEM_INPUT[modality]
-            arrays = preprocess(request.rows[name])
-            _check_finite(name, arrays, range(len(request.history)))
-            encoder_inputs[modality] = arrays
-        return PreparedRequest(len(request.history), encoder_inputs, request.history)
+        payloads = {m: request.rows[ITEM_INPUT[m]] for m in self.spec.modalities.enabled}
+        prepared = self.candidates(payloads, request.present, request.videos)
+        for m, arrays in prepared.inputs.items():
+            _check_finite(ITEM_INPUT[m], arrays, prepared.owners[m])
+        return PreparedRequest(prepared, request.history, self.placeholders() if placeholders else None)
 
     def validate(self, inputs: Mapping[str, np.ndarray]) -> ValidRequest:
-        """The checks of the request as a whole (inputs, row counts, candidate limit, history); no payload is
-        decoded. Raises RequestValidationError naming the input."""
-        return RankRequest(inputs, self.spec, self.max_candidates).validate()
+        """The checks of the request as a whole (inputs, row counts, candidate limit, history, the presence rules of
+        `fusionrank.ragged.check_presence`); no payload is decoded. Raises PreprocessError naming the input."""
+        request = RankRequest(inputs, self.spec, self.max_candidates).validate()
+        payloads = {m: request.rows[ITEM_INPUT[m]] for m in self.spec.modalities.enabled}
+        present = check_presence(self.spec, payloads, request.present, request.videos)
+        return dataclasses.replace(request, present=present)
 
     def encoder_groups(self, request: ValidRequest, modality: Modality, rows: Sequence[int]) -> list[EncoderGroup]:
         """Validate and preprocess the payloads of `rows` only (the rest may come from an embedding cache), grouped
-        by shape; text rows are padded to their own bucket, so a row's inputs never depend on the other rows.
-        Raises PreprocessError naming the input and the row as the request numbers it."""
+        by shape; text rows are padded to their own bucket, so a row's inputs never depend on the other rows. Every
+        row must have the modality (`request.present`); an image row is its still and/or its video's K frames (a
+        group's `rows` then repeat the candidate once per frame). Raises PreprocessError naming the input and the
+        row as the request numbers it."""
+        if modality is Modality.IMAGE and request.videos is not None:
+            stills = [r for r in rows if request.rows[ITEM_INPUT[modality]][r]]
+            clips = [r for r in rows if request.videos[r]]
+            groups = self._groups(request.rows[ITEM_INPUT[modality]], ITEM_INPUT[modality], stills,
+                                  self.preprocessors[modality])
+            video = self._groups(request.videos, ITEM_VIDEO, clips, self.candidates.video)
+            frames = self.spec.modalities.video.frames
+            return groups + [EncoderGroup(np.repeat(g.rows, frames), g.inputs) for g in video]
+        return self._groups(request.rows[ITEM_INPUT[modality]], ITEM_INPUT[modality], rows,
+                            self.preprocessors[modality])
+
+    @staticmethod
+    def _groups(column: list[bytes], name: str, rows: Sequence[int], preprocess) -> list[EncoderGroup]:
         if not len(rows):
             return []
-        name = ITEM_INPUT[modality]
-        payloads = [request.rows[name][r] for r in rows]
-        preprocess = self.preprocessors[modality]
+        payloads = [column[r] for r in rows]
         by_shape = getattr(preprocess, "by_shape", None)
         try:
             groups = by_shape(payloads) if by_shape else [(list(range(len(payloads))), preprocess(payloads))]
             for members, arrays in groups:
-                _check_finite(name, arrays, members)
+                # A video's arrays hold K frames per row: the finite check names the row that owns the frame.
+                frames = len(next(iter(arrays.values()))) // max(1, len(members))
+                _check_finite(name, arrays, np.repeat(np.asarray(members), frames))
         except PreprocessError as exc:
             raise _in_request(exc, rows) from None
         index = np.asarray(rows, dtype=np.int64)
@@ -186,5 +254,5 @@ def _check_finite(name: str, arrays: dict[str, np.ndarray], rows: Sequence[int])
     for array in arrays.values():
         row = non_finite_row(array)
         if row is not None:
-            raise PreprocessError(f"{name}[{rows[row]}]", "preprocessing produced non-finite values (NaN or "
-                                                          "infinity); the payload cannot be scored")
+            raise PreprocessError(f"{name}[{int(rows[row])}]", "preprocessing produced non-finite values (NaN or "
+                                                               "infinity); the payload cannot be scored")

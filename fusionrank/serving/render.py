@@ -6,7 +6,8 @@ Three serving profiles, chosen at start-up with Triton's `--model-config-name`:
 - `configs/onnx_gpu.pbtxt` (onnx_gpu): Triton's onnxruntime backend on the GPU (no engine build needed).
 The route callers use (`serving.route`, a BLS Python model that validates and preprocesses in process, then calls
 the encoders and the ranker) and the reference ensemble (`serving.reference_ensemble`, whose first step is the
-`preprocess` Python model) are the same in all three profiles, as is `preprocess`.
+`preprocess` Python model and whose `pool_embeddings` step puts the encoders' rows back in candidate order) are the
+same in all three profiles, as are `preprocess` and `pool_embeddings`.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ from tritonclient.grpc import model_config_pb2 as mc
 from fusionrank.errors import FusionRankError
 from fusionrank.serving.item_keys import MEMBER_FILES
 from fusionrank.serving.samples import warmup_samples
-from fusionrank.spec import PipelineSpec, ServingProfile, member_models, to_dict
-from fusionrank.tensors import ITEM_INPUT, TensorSpec, model_io
+from fusionrank.spec import POOL_MODEL, PipelineSpec, ServingProfile, member_models, to_dict
+from fusionrank.tensors import ITEM_INPUT, TensorSpec, embedding_name, model_io, rows_name
 
 ENCODERS_AND_RANKER = ("text_encoder", "image_encoder", "audio_encoder", "fusion_ranker")
 HEADER = "# Rendered by `fusionrank render` from pipeline.yaml: do not edit by hand.\n"
 
-_DTYPES = {"bytes": mc.TYPE_STRING, "int64": mc.TYPE_INT64, "float32": mc.TYPE_FP32}
+_DTYPES = {"bytes": mc.TYPE_STRING, "int64": mc.TYPE_INT64, "float32": mc.TYPE_FP32, "bool": mc.TYPE_BOOL}
 
 # Python-backend shells: the logic lives in fusionrank.serving.triton_models and is unit-tested without a server.
 _PYTHON_SHELL = '''"""Triton Python model `{model}`: a thin shell over fusionrank.serving.triton_models ({cls})."""
@@ -44,7 +45,10 @@ class RenderedFile:
 
 
 def _tensor(spec_tensor: TensorSpec, cls):
-    return cls(name=spec_tensor.name, data_type=_DTYPES[spec_tensor.dtype], dims=list(spec_tensor.dims))
+    tensor = cls(name=spec_tensor.name, data_type=_DTYPES[spec_tensor.dtype], dims=list(spec_tensor.dims))
+    if spec_tensor.optional:
+        tensor.optional = True
+    return tensor
 
 
 def _spec_parameter(spec: PipelineSpec, model: str) -> str:
@@ -75,6 +79,8 @@ def _instance(config: mc.ModelConfig, spec: PipelineSpec, kind: int) -> None:
 def _warmup_inputs(spec: PipelineSpec, model: str, bucket: int | None = None) -> dict[str, mc.ModelWarmup.Input]:
     inputs = {}
     for t in model_io(spec, model).inputs:
+        if t.optional:  # warm-up requests are complete candidates without video
+            continue
         dims = [bucket if d == -1 else d for d in t.dims]
         entry = mc.ModelWarmup.Input(data_type=_DTYPES[t.dtype], dims=dims)
         if t.dtype == "bytes":
@@ -115,6 +121,18 @@ def python_config(spec: PipelineSpec, model: str, role: str) -> mc.ModelConfig:
         if model == "fusion_ranker":
             config.parameters["check_finite_outputs"].string_value = "true"
     _add_warmup(config, spec)
+    return config
+
+
+def pool_config(spec: PipelineSpec) -> mc.ModelConfig:
+    """The reference ensemble's `pool_embeddings` step: no batching (its inputs hold the encoded rows, its outputs
+    one row per candidate), full shapes, one instance (a scatter-add per modality)."""
+    io_ = model_io(spec, POOL_MODEL)
+    config = mc.ModelConfig(name=POOL_MODEL, max_batch_size=0, backend="python")
+    config.input.extend(_tensor(t, mc.ModelInput) for t in io_.inputs)
+    config.output.extend(_tensor(t, mc.ModelOutput) for t in io_.outputs)
+    config.instance_group.append(mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.KIND_CPU))
+    config.parameters["role"].string_value = "pool"
     return config
 
 
@@ -175,22 +193,24 @@ def onnx_gpu_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
 
 
 def ensemble_config(spec: PipelineSpec) -> mc.ModelConfig:
-    """The reference ensemble, loaded only on request: preprocess (all inputs) -> one encoder per modality -> fuse
-    and score. Same contract as the route."""
+    """The reference ensemble, loaded only on request: preprocess (all inputs) -> one encoder per modality (the rows
+    that have it) -> pool_embeddings (rows back in candidate order) -> fuse and score. Same contract as the route."""
     name = spec.serving.reference_ensemble
     io_ = model_io(spec, name)
     config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=spec.serving.max_candidates)
     config.input.extend(_tensor(t, mc.ModelInput) for t in io_.inputs)
     config.output.extend(_tensor(t, mc.ModelOutput) for t in io_.outputs)
     steps = config.ensemble_scheduling.step
-    # Every tensor keeps its contract name inside the ensemble (names are unique across models).
+    # Every tensor keeps its contract name inside the ensemble (names are unique across models), but an encoder's
+    # output: its rows go to `pool_embeddings` as `<modality>_rows`, whose output is the candidates' embedding.
+    rows = {embedding_name(m): rows_name(m) for m in spec.modalities.enabled}
     for model in member_models(spec):
         member = model_io(spec, model)
         step = steps.add(model_name=model, model_version=-1)
         for t in member.inputs:
             step.input_map[t.name] = t.name
         for t in member.outputs:
-            step.output_map[t.name] = t.name
+            step.output_map[t.name] = rows[t.name] if model.endswith("_encoder") else t.name
     if spec.serving.response_cache:
         config.response_cache.enable = True
     return config
@@ -204,6 +224,9 @@ def model_configs(spec: PipelineSpec) -> dict[str, dict[ServingProfile, mc.Model
             configs[model] = {ServingProfile.GPU: tensorrt_config(spec, model),
                               ServingProfile.CPU: python_config(spec, model, "onnxruntime"),
                               ServingProfile.ONNX_GPU: onnx_gpu_config(spec, model)}
+        elif model == POOL_MODEL:
+            config = pool_config(spec)
+            configs[model] = {profile: config for profile in ServingProfile}
         else:
             config = python_config(spec, model, "preprocess")
             configs[model] = {profile: config for profile in ServingProfile}
@@ -218,6 +241,8 @@ def model_configs(spec: PipelineSpec) -> dict[str, dict[ServingProfile, mc.Model
 def _python_class(spec: PipelineSpec, model: str) -> str:
     if model in ENCODERS_AND_RANKER:
         return "OnnxRuntimeModel"
+    if model == POOL_MODEL:
+        return "PoolModel"
     return "RouteModel" if model == spec.serving.route else "PreprocessModel"
 
 

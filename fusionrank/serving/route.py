@@ -2,20 +2,24 @@
 
 One `rank()` call serves one execute of the route model (a dynamic batch of requests), stage by stage:
 
-1. validate each request as a whole (inputs, row counts, candidate limit, history; nothing decoded): a bad request
-   is answered INVALID_ARG alone, before any member runs for it;
-2. look every candidate's payload up in the embedding cache (`fusionrank.serving.cache`, one key per payload and
-   modality from `fusionrank.serving.item_keys`): a hit skips both preprocessing and encoding of that row;
+1. validate each request as a whole (inputs, row counts, candidate limit, history, the presence rules of
+   `modality_present` and `item_video`; nothing decoded): a bad request is answered INVALID_ARG alone, before any
+   member runs for it;
+2. look every present payload up in the embedding cache (`fusionrank.serving.cache`, one key per payload and
+   modality from `fusionrank.serving.item_keys`; a candidate with a video is keyed by its still and its video,
+   `fusionrank.ragged.image_cache_payload`): a hit skips both preprocessing and encoding of that row; an absent
+   modality's row is neither looked up nor encoded (its embedding stays zeros, which the ranker's mask masks);
 3. validate and preprocess the misses in process (`RequestPreprocessor.encoder_groups`): a bad payload answers its
    request INVALID_ARG naming the row, hits or not (a hit's bytes are bytes that passed the same checks, so they
    need no decoding; the request-level checks of stage 1 ran for every row);
 4. answer cancelled requests CANCELLED and leave them out of the next stage (checked before validating each
    request, before encoding and before ranking);
 5. encode: per modality, the missed rows of every live request are concatenated (grouped by shape: text rows are
-   padded to their own bucket), cut at the encoder's max batch and sent to the encoder model through BLS, so its
-   dynamic batcher still merges them with other route instances' calls; the modalities run concurrently; the
-   fresh embeddings of requests that encoded cleanly are stored in the cache (only finite ones: nothing bad is
-   ever cached);
+   padded to their own bucket; a video's K sampled frames are image rows of their candidate), cut at the
+   encoder's max batch and sent to the encoder model through BLS, so its dynamic batcher still merges them with
+   other route instances' calls; the modalities run concurrently; each candidate's rows are mean-pooled
+   (`fusionrank.ragged.pool_rows`: frames and still); the fresh embeddings of requests that encoded cleanly are
+   stored in the cache (only finite ones: nothing bad is ever cached);
 6. rank all live rows through `fusion_ranker` and split the outputs back per request;
 7. no NaN or infinity leaves the route: a non-finite embedding or output answers its request INVALID_ARG naming
    the candidate row.
@@ -38,9 +42,10 @@ import numpy as np
 
 from fusionrank.errors import FusionRankError, PreprocessError
 from fusionrank.preprocess.request import EncoderGroup, RequestPreprocessor, ValidRequest, non_finite_row
+from fusionrank.ragged import image_cache_payload, pool_rows
 from fusionrank.serving.cache import EmbeddingCache
 from fusionrank.spec import Modality, PipelineSpec
-from fusionrank.tensors import ITEM_INPUT, embedding_name, model_io
+from fusionrank.tensors import ITEM_INPUT, MODALITY_MASK, embedding_name, model_io
 
 RANKER = "fusion_ranker"
 
@@ -89,7 +94,7 @@ class _Flight:
 
     request: RouteRequest
     valid: ValidRequest | None = None
-    keys: dict[Modality, list[str]] = field(default_factory=dict)  # cache key per row (with a cache)
+    keys: dict[Modality, list[str | None]] = field(default_factory=dict)  # per row, with a cache; None: absent
     misses: dict[Modality, list[int]] = field(default_factory=dict)  # rows the cache did not hold
     groups: dict[Modality, list[EncoderGroup]] = field(default_factory=dict)  # preprocessed misses, by shape
     embeddings: dict[Modality, np.ndarray] = field(default_factory=dict)
@@ -105,10 +110,14 @@ class _Flight:
             self.error = error
 
     def encode_rows(self, modality: Modality) -> np.ndarray:
-        """The rows whose `modality` the encoder computes: the cache's misses (all rows without a cache); the other
-        rows' `embeddings[modality]` come from the cache."""
+        """The rows whose `modality` the encoder computes: the cache's misses among the rows that have it (every
+        such row without a cache); the other present rows' `embeddings[modality]` come from the cache."""
         groups = self.groups.get(modality, [])
-        return np.concatenate([g.rows for g in groups]) if groups else np.zeros(0, dtype=np.int64)
+        return np.unique(np.concatenate([g.rows for g in groups])) if groups else np.zeros(0, dtype=np.int64)
+
+    def present_rows(self, modality: Modality, index: int) -> list[int]:
+        """The candidates that have `modality` (the `index`-th enabled one)."""
+        return [int(r) for r in np.flatnonzero(self.valid.present[:, index])]
 
 
 class RankingRoute:
@@ -175,17 +184,19 @@ class RankingRoute:
         """Fill every row the cache holds; the rest are the misses (every row without a cache). A failing cache
         costs misses, never a request."""
         for f in flights:
-            for m in self.modalities:
+            for j, m in enumerate(self.modalities):
                 f.embeddings[m] = np.zeros((f.rows, self.spec.modalities.embedding_dim(m)), dtype=np.float32)
-                f.misses[m] = list(range(f.rows))
+                f.misses[m] = f.present_rows(m, j)
         if self.cache is None or not flights:
             return
         try:
             wanted = []
             for f in flights:
                 for m in self.modalities:
-                    f.keys[m] = [self.cache.key(m, payload) for payload in f.valid.rows[ITEM_INPUT[m]]]
-                    wanted += [(m, key) for key in f.keys[m]]
+                    f.keys[m] = [None] * f.rows
+                    for row in f.misses[m]:
+                        f.keys[m][row] = self.cache.key(m, self._cache_payload(f.valid, m, row))
+                    wanted += [(m, f.keys[m][row]) for row in f.misses[m]]
             found = iter(self.cache.lookup(wanted))
         except Exception:
             self.log_error(f"route: embedding cache lookup failed; encoding every row:\n{traceback.format_exc()}")
@@ -193,13 +204,20 @@ class RankingRoute:
         for f in flights:
             for m in self.modalities:
                 misses = []
-                for row in range(f.rows):
+                for row in f.misses[m]:
                     value = next(found)
                     if value is None:
                         misses.append(row)
                     else:
                         f.embeddings[m][row] = value
                 f.misses[m] = misses
+
+    def _cache_payload(self, valid: ValidRequest, modality: Modality, row: int) -> bytes:
+        """What a row's cache key hashes: its payload; for an image with a video, its still and its video."""
+        payload = valid.rows[ITEM_INPUT[modality]][row]
+        if modality is Modality.IMAGE and valid.videos is not None and valid.videos[row]:
+            return image_cache_payload(self.spec, payload, valid.videos[row])
+        return payload
 
     def _preprocess(self, flights: list[_Flight]) -> list[_Flight]:
         def preprocess(f: _Flight) -> None:
@@ -218,6 +236,7 @@ class RankingRoute:
         name = embedding_name(modality)
         parts = [(f, group) for f in flights for group in f.groups[modality]]
         results = await self.call_member(f"{modality.value}_encoder", [g.inputs for _, g in parts], (name,))
+        encoded: dict[_Flight, list[tuple[np.ndarray, np.ndarray]]] = {}
         for (f, group), result in zip(parts, results):
             if f.error is not None:
                 continue
@@ -232,7 +251,13 @@ class RankingRoute:
                                                       "produced a non-finite embedding; this candidate cannot be "
                                                       "scored"))
                 continue
-            f.embeddings[modality][group.rows] = result[name]
+            encoded.setdefault(f, []).append((group.rows, result[name]))
+        for f, pieces in encoded.items():
+            if f.error is None:  # a candidate's rows (a video's frames and its still) pooled into one embedding
+                owners = np.concatenate([rows for rows, _ in pieces])
+                pooled = pool_rows(np.concatenate([values for _, values in pieces]), owners, f.rows)
+                rows = np.unique(owners)
+                f.embeddings[modality][rows] = pooled[rows]
 
     def _store(self, flights: list[_Flight]) -> None:
         """Cache the fresh embeddings of requests whose every row validated and encoded to finite values."""
@@ -245,8 +270,8 @@ class RankingRoute:
             self.log_error(f"route: storing embeddings failed:\n{traceback.format_exc()}")
 
     async def _rank(self, flights: list[_Flight]) -> None:
-        parts = [{**{embedding_name(m): f.embeddings[m] for m in self.modalities}, "history": f.valid.history}
-                 for f in flights]
+        parts = [{**{embedding_name(m): f.embeddings[m] for m in self.modalities}, "history": f.valid.history,
+                  MODALITY_MASK: f.valid.present.astype(np.float32)} for f in flights]
         # One call per request (the ranker's dynamic batcher merges them): the ranker model answers a non-finite
         # output INVALID_ARG naming the row (the reference ensemble's guard), which then concerns this request alone.
         results = await self.call_member(RANKER, parts, self.ranker_outputs, concatenate=False)

@@ -1,9 +1,10 @@
 """Triton Python-backend models. Each rendered `model.py` imports one of these classes as `TritonPythonModel`.
 
-Members (`PreprocessModel`, `OnnxRuntimeModel`): `execute` batches across requests: every request's rows are
-validated on their own (a bad request gets its own INVALID_ARG error, its neighbours in the dynamic batch are
-unaffected), the good rows are concatenated, run once and split back, and the row count of every response is
-checked against its request. The route (`RouteModel`) is a shell over `fusionrank.serving.route`.
+Members (`PreprocessModel`, `OnnxRuntimeModel`, `PoolModel`): `execute` batches across requests: every request's
+rows are validated on their own (a bad request gets its own INVALID_ARG error, its neighbours in the dynamic batch
+are unaffected), the good rows are concatenated, run once and split back, and the row count of every response is
+checked against its request (`preprocess` and `pool_embeddings` work per request: their outputs' row counts are
+not their inputs'). The route (`RouteModel`) is a shell over `fusionrank.serving.route`.
 """
 
 from __future__ import annotations
@@ -18,12 +19,27 @@ import numpy as np
 from fusionrank.errors import PreprocessError
 from fusionrank.paths import tokenizer_dir
 from fusionrank.preprocess.request import RequestPreprocessor, non_finite_row
+from fusionrank.ragged import pool_rows
 from fusionrank.serving.cache import CacheStats, EmbeddingCache
 from fusionrank.serving.item_keys import MEMBER_FILES, encoder_identities
 from fusionrank.serving.route import MemberCallError, RankingRoute, RouteError, RouteRequest, Status
 from fusionrank.serving.samples import warmup_samples
-from fusionrank.spec import from_dict
-from fusionrank.tensors import request_arrays
+from fusionrank.spec import Modality, from_dict
+from fusionrank.tensors import (
+    ITEM_INPUT,
+    ITEM_VIDEO,
+    MODALITY_MASK,
+    embedding_name,
+    owner_name,
+    request_arrays,
+    rows_name,
+)
+
+
+def _inputs(pb, request, names) -> dict:
+    """A request's input arrays by name; an optional input the caller left out is None."""
+    tensors = {n: pb.get_input_tensor_by_name(request, n) for n in names}
+    return {n: None if t is None else t.as_numpy() for n, t in tensors.items()}
 
 
 def _pb():
@@ -40,6 +56,8 @@ def _model_args(args) -> tuple[dict, Path, dict[str, str]]:
 
 class _BatchedModel:
     """Shared request loop: per-request prepare, one batched run, per-request split and response."""
+
+    per_request = False  # True: all the work is in prepare() and its outputs are the response as they are
 
     def initialize(self, args):
         pb = _pb()
@@ -68,8 +86,7 @@ class _BatchedModel:
         prepared, errors = [], {}
         for i, request in enumerate(requests):
             try:
-                inputs = {n: pb.get_input_tensor_by_name(request, n).as_numpy() for n in self.input_names}
-                prepared.append((i, self.prepare(inputs)))
+                prepared.append((i, self.prepare(_inputs(pb, request, self.input_names))))
             except PreprocessError as exc:  # RequestValidationError included
                 errors[i] = pb.TritonError(str(exc), pb.TritonError.INVALID_ARG)
             except Exception:  # any other failure is ours: log it, answer INTERNAL, keep serving
@@ -87,6 +104,8 @@ class _BatchedModel:
 
     def _run_grouped(self, prepared, errors) -> dict[int, dict[str, np.ndarray]]:
         """Concatenate rows of requests whose shapes agree, run each group once, split back by row counts."""
+        if self.per_request:
+            return dict(prepared)
         pb = _pb()
         groups: dict[tuple, list[tuple[int, dict]]] = {}
         for i, arrays in prepared:
@@ -125,21 +144,51 @@ class _BatchedModel:
 
 
 class PreprocessModel(_BatchedModel):
+    per_request = True  # its outputs hold one row per encoder row of each modality, not one per candidate
+
     """preprocess: one request's raw payloads and history -> every encoder's input tensors and the checked history.
 
     Every input of a request is validated here, in the ensemble's first step, so a bad request fails before any
     other step of it runs (see `fusionrank.spec.member_models`)."""
 
     def setup(self):
-        spec = from_dict(json.loads(self.params["spec"]))
-        self.preprocess = RequestPreprocessor(spec, tokenizer_dir=self.version_dir / "tokenizer")
+        self.spec = from_dict(json.loads(self.params["spec"]))
+        self.preprocess = RequestPreprocessor(self.spec, tokenizer_dir=self.version_dir / "tokenizer")
 
     def prepare(self, inputs):
         # Per request (text is padded to the request's own bucket), so it runs here, not in run().
-        return self.preprocess(inputs).flat()
+        prepared = self.preprocess(inputs, placeholders=True)
+        for m, owners in prepared.owners.items():
+            # The ensemble sends a modality's rows to its encoder in one call: a request with more (its videos'
+            # frames) than the encoder's batch is refused here, not by Triton after the preprocessing.
+            limit = self.spec.serving.batching(f"{m.value}_encoder").max_batch_size
+            if len(owners) > limit:
+                raise PreprocessError(ITEM_VIDEO if m is Modality.IMAGE else ITEM_INPUT[m],
+                                      f"the request needs {len(owners)} {m.value} encoder rows (stills and "
+                                      f"{self.spec.modalities.video.frames} frames per video) and the reference "
+                                      f"ensemble sends at most {limit} in one call; send fewer videos per request "
+                                      f"or use the route ({self.spec.serving.route})")
+        return prepared.flat()
 
-    def run(self, batch):
-        return batch
+
+class PoolModel(_BatchedModel):
+    """pool_embeddings (the reference ensemble's step after the encoders): each encoder's rows -> one embedding per
+    candidate in candidate order (a video's frames and still mean-pooled, zeros where absent; placeholder rows,
+    owner -1, dropped). The same `pool_rows` as the route and the PyTorch reference."""
+
+    per_request = True  # no batching: inputs hold the encoded rows, outputs one row per candidate
+
+    def setup(self):
+        self.modalities = [m for m in Modality if embedding_name(m) in self.output_names]
+
+    def prepare(self, inputs):
+        rows = len(inputs[MODALITY_MASK])
+        out = {}
+        for m in self.modalities:
+            values, owners = inputs[rows_name(m)], inputs[owner_name(m)].reshape(-1)
+            keep = owners >= 0
+            out[embedding_name(m)] = pool_rows(values[keep], owners[keep], rows)
+        return out
 
 
 class OnnxRuntimeModel(_BatchedModel):
@@ -294,8 +343,7 @@ class RouteModel:
 
     async def execute(self, requests):
         pb = _pb()
-        plain = [RouteRequest({n: pb.get_input_tensor_by_name(r, n).as_numpy() for n in self.input_names},
-                              r.is_cancelled) for r in requests]
+        plain = [RouteRequest(_inputs(pb, r, self.input_names), r.is_cancelled) for r in requests]
         results = await self.route.rank(plain)
         if self.metrics is not None:
             try:

@@ -26,8 +26,9 @@ from fusionrank.spec.modalities import (
     ModalitiesSpec,
     TextEncoderSpec,
     TextSpec,
+    VideoSpec,
 )
-from fusionrank.spec.pipeline import PipelineSpec, member_models, served_models
+from fusionrank.spec.pipeline import POOL_MODEL, PipelineSpec, member_models, served_models
 from fusionrank.spec.sections import (
     SLO_FIELDS,
     BatchingSpec,
@@ -46,10 +47,11 @@ from fusionrank.spec.sections import (
 )
 
 __all__ = [
-    "DEFAULT_TEXT_CHECKPOINT", "SLO_FIELDS", "AudioEncoderSpec", "AudioSpec", "BatchingSpec", "CacheSpec", "DataSpec",
+    "DEFAULT_TEXT_CHECKPOINT", "POOL_MODEL", "SLO_FIELDS", "AudioEncoderSpec", "AudioSpec", "BatchingSpec",
+    "CacheSpec", "DataSpec",
     "ExportSpec", "FusionType", "HistorySpec", "ImageEncoderSpec", "ImageSpec", "ModalitiesSpec", "Modality",
     "PipelineSpec", "Pooling", "Precision", "RankerSpec", "RankingParitySpec", "RecurrentCell", "ResNetArch",
     "ServingProfile", "SloSpec", "SloTargets", "TensorRTSpec", "TextEncoderSpec", "TextSpec", "Tolerance",
-    "TrainSpec", "UpgradeSpec", "choices", "from_dict", "load_spec", "member_models", "served_models",
+    "TrainSpec", "UpgradeSpec", "VideoSpec", "choices", "from_dict", "load_spec", "member_models", "served_models",
     "to_dict",
 ]

@@ -160,15 +160,56 @@ class AudioSpec:
         return 1 + self.clip_samples // self.hop_length
 
 
+VIDEO_CONTAINERS = ("mp4", "webm")
+VIDEO_CODECS = ("h264", "hevc", "vp8", "vp9", "av1", "mpeg4")
+
+
+@dataclass(frozen=True)
+class VideoSpec:
+    """Item videos (`item_video`): a source of the image modality, not a modality of their own. `frames` frames are
+    sampled evenly, each goes through the image preprocessing and encoder, and their embeddings are mean-pooled into
+    the item's image embedding. The limits are checked on the sizes the container declares, before any frame is
+    decoded, and again while decoding (a container can lie)."""
+
+    enabled: bool = True
+    frames: int = 4
+    max_bytes: int = 20_000_000
+    max_seconds: float = 60.0
+    max_frames: int = 1800
+    max_pixels: int = 8_294_400  # per frame: 3840 x 2160
+    containers: tuple[str, ...] = VIDEO_CONTAINERS
+    codecs: tuple[str, ...] = ("h264", "vp8", "vp9", "av1")
+
+    def __post_init__(self):
+        if not 1 <= self.frames <= 64:
+            fail("modalities.video.frames", self.frames, "an integer in [1, 64]")
+        for name in ("max_bytes", "max_seconds", "max_frames", "max_pixels"):
+            check_positive(f"modalities.video.{name}", getattr(self, name))
+        if not self.containers or not set(self.containers) <= set(VIDEO_CONTAINERS):
+            fail("modalities.video.containers", list(self.containers),
+                 f"a non-empty subset of {list(VIDEO_CONTAINERS)}")
+        if not self.codecs or not set(self.codecs) <= set(VIDEO_CODECS):
+            fail("modalities.video.codecs", list(self.codecs), f"a non-empty subset of {list(VIDEO_CODECS)}")
+
+
 @dataclass(frozen=True)
 class ModalitiesSpec:
     text: TextSpec = field(default_factory=TextSpec)
     image: ImageSpec = field(default_factory=ImageSpec)
     audio: AudioSpec = field(default_factory=AudioSpec)
+    video: VideoSpec = field(default_factory=VideoSpec)
 
     def __post_init__(self):
         if not self.enabled:
             fail("modalities", "all disabled", "at least one enabled modality")
+        if self.video.enabled and not self.image.enabled:
+            fail("modalities.video.enabled", True, "false while modalities.image is disabled (video frames go "
+                                                   "through the image encoder)")
+
+    @property
+    def video_enabled(self) -> bool:
+        """Whether requests may carry `item_video` (the image modality's second source)."""
+        return self.video.enabled and self.image.enabled
 
     @property
     def enabled(self) -> tuple[Modality, ...]:

@@ -25,7 +25,7 @@ class PipelineSpec:
     source: str = "<defaults>"
 
     def __post_init__(self):
-        batched = (self.serving.route, *member_models(self))
+        batched = (self.serving.route, *(m for m in member_models(self) if m not in UNBATCHED))
         if self.serving.max_candidates > min(self.serving.batching(m).max_batch_size for m in batched):
             fail("serving.max_candidates", self.serving.max_candidates,
                   "a value <= the route's and every member model's max_batch_size (one ranking request is one "
@@ -45,6 +45,14 @@ class PipelineSpec:
         return dataclasses.replace(self, **changes)
 
 
+# The reference ensemble's step that puts each encoder's rows back in candidate order (pooling a video's frames): its
+# inputs hold the encoded rows and its outputs the candidates, so it cannot batch (max_batch_size 0).
+POOL_MODEL = "pool_embeddings"
+UNBATCHED = (POOL_MODEL,)
+# Members only the reference ensemble calls: the route preprocesses and pools in process.
+ENSEMBLE_ONLY = ("preprocess", POOL_MODEL)
+
+
 def member_models(spec: PipelineSpec) -> tuple[str, ...]:
     """Every member of the ensemble, in pipeline order; disabled modalities have no encoder.
 
@@ -52,12 +60,13 @@ def member_models(spec: PipelineSpec) -> tuple[str, ...]:
     preprocessing model per modality, a bad text failed its step while the same request's image and audio steps
     were still queued; Triton 2.51 then released the request's input buffers under them, which crashed the server
     or corrupted other requests in our concurrent bad-input test.)"""
-    return ("preprocess", *(f"{m.value}_encoder" for m in spec.modalities.enabled), "fusion_ranker")
+    return ("preprocess", *(f"{m.value}_encoder" for m in spec.modalities.enabled), POOL_MODEL, "fusion_ranker")
 
 
 def served_models(spec: PipelineSpec, reference_ensemble: bool = False) -> tuple[str, ...]:
-    """The models a server loads: the route callers use and the members it calls (it preprocesses in process, so
-    `preprocess` is not among them); with `reference_ensemble`, also the plain ensemble and its `preprocess` step."""
-    members = tuple(m for m in member_models(spec) if m != "preprocess")
-    reference = (spec.serving.reference_ensemble, "preprocess") if reference_ensemble else ()
+    """The models a server loads: the route callers use and the members it calls (it preprocesses and pools in
+    process, so `preprocess` and `pool_embeddings` are not among them); with `reference_ensemble`, also the plain
+    ensemble and those two steps."""
+    members = tuple(m for m in member_models(spec) if m not in ENSEMBLE_ONLY)
+    reference = (spec.serving.reference_ensemble, *ENSEMBLE_ONLY) if reference_ensemble else ()
     return (spec.serving.route, *members, *reference)

@@ -66,12 +66,17 @@ class TrainSpec:
     learning_rate: float = 2e-3
     weight_decay: float = 1e-5
     validation_fraction: float = 0.2
+    # Per training row, each modality is marked absent with this probability (a row keeps at least one), so the
+    # ranker learns to score candidates with missing modalities; 0 trains on complete candidates only.
+    modality_dropout: float = 0.3
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "learning_rate"):
             check_positive(f"train.{name}", getattr(self, name))
         if not 0 < self.validation_fraction < 1:
             fail("train.validation_fraction", self.validation_fraction, "a number in (0, 1)")
+        if not 0 <= self.modality_dropout < 1:
+            fail("train.modality_dropout", self.modality_dropout, "a number in [0, 1)")
 
 
 # --- export -----------------------------------------------------------------------------------------------------
@@ -192,7 +197,7 @@ class CacheSpec:
 
 _MODEL_NAME = re.compile(r"[a-z][a-z0-9_]*")
 # Names the pipeline's members already use (`member_models`): a route or ensemble must not shadow one.
-_MEMBER_NAMES = ("preprocess", "text_encoder", "image_encoder", "audio_encoder", "fusion_ranker")
+_MEMBER_NAMES = ("preprocess", "text_encoder", "image_encoder", "audio_encoder", "pool_embeddings", "fusion_ranker")
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,9 @@ def _add_serving_commands(add) -> None:
     p.add_argument("--tls-cert", default=None, help="PEM client certificate, for mutual TLS (with --tls-key)")
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
 
+
+
+def _add_load_commands(add) -> None:
     p = add("loadtest", commands.loadtest, "run a Locust load test and gate on the SLOs")
     p.add_argument("--url", default=None, help="gRPC endpoint to load (default: with --serve, the local server)")
     p.add_argument("--serve", action="store_true", help="start the local server (CPU profile) for the run")
@@ -177,5 +180,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_model_commands(add)
     _add_serving_commands(add)
+    _add_load_commands(add)
     _add_engine_commands(add)
     return parser

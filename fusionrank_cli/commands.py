@@ -163,6 +163,19 @@ def upgrade_report(args) -> int:
                                   requests=args.requests)
 
 
+def cpu_report(args) -> int:
+    from loadtest.cpu_report import run_cpu_report  # ONNX Runtime's quantization tools and torch, off the light path
+
+    out = _path(args.out) or Path("reports") / "cpu-int8"
+    report = run_cpu_report(_spec(args), _repo(args), out, rounds=args.rounds, requests=args.requests,
+                            users=args.users, batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
+                            served=not args.skip_served, threads=tuple(int(t) for t in _csv(args.threads) or ()),
+                            scenario=args.scenario, progress=lambda msg: print(f"... {msg}", flush=True))
+    print((out / "report.md").read_text())
+    print(f"wrote {out / 'report.md'} and report.json ({report['seconds']} s)")
+    return 0
+
+
 def demo(args) -> int:
     from fusionrank_cli.demo import run_demo  # torch
 

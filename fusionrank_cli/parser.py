@@ -86,6 +86,9 @@ def _add_serving_commands(add) -> None:
     p.add_argument("--tls-cert", default=None, help="PEM client certificate, for mutual TLS (with --tls-key)")
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
 
+
+
+def _add_load_commands(add) -> None:
     p = add("loadtest", commands.loadtest, "run a Locust load test and gate on the SLOs")
     p.add_argument("--url", default=None, help="gRPC endpoint to load (default: with --serve, the local server)")
     p.add_argument("--serve", action="store_true", help="start the local server (CPU profile) for the run")
@@ -149,6 +152,17 @@ def _add_engine_commands(add) -> None:
     p.add_argument("--save-baseline", default=None, help="write this run as a baseline JSON here")
     p.add_argument("--requests", type=int, default=None, help="benchmark requests (default from the scenario)")
 
+    p = add("cpu-report", commands.cpu_report,
+            "CPU profile: FP32 vs optimised FP32 vs INT8 per model and served end to end, with the accuracy gates")
+    p.add_argument("--out", default=None, help="report folder (default reports/cpu-int8)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement")
+    p.add_argument("--requests", type=int, default=30, help="served: requests per variant and round")
+    p.add_argument("--users", type=int, default=4, help="served: closed-loop callers")
+    p.add_argument("--batch-sizes", default="1,16,64", help="per model: batch sizes")
+    p.add_argument("--threads", default=None, help="served: also the spec's choice at these intra-op threads, e.g. 2")
+    p.add_argument("--scenario", default=None, help="served: load-test scenario name or file (default: default)")
+    p.add_argument("--skip-served", action="store_true", help="per-model figures and accuracy only")
+
     p = add("demo", commands.demo, "train, export, prove parity, serve, rank one request and run a short load test")
     p.add_argument("--skip-loadtest", action="store_true")
 
@@ -166,5 +180,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_model_commands(add)
     _add_serving_commands(add)
+    _add_load_commands(add)
     _add_engine_commands(add)
     return parser

@@ -27,16 +27,15 @@ from export.manifest import onnx_path
 from export.parity import OutputParity, RankingParity, check_outputs, ranking_parity
 from export.profiles import RANKER
 from fusionrank.benchmark import TEST, Benchmark
-from fusionrank.embeddings import catalogue_embeddings
+from fusionrank.embeddings import catalogue_embeddings, catalogue_payloads, encode_items
 from fusionrank.errors import DataError, FusionRankError
-from fusionrank.preprocess import build_preprocessor
+from fusionrank.ragged import CandidatePreparer
 from fusionrank.spec import Modality, PipelineSpec, Precision
 from fusionrank.tensors import CLICK_PROBABILITY, MODALITY_MASK, model_io
 from fusionrank.train import split_rows
 
 REPORT_FILE = "cpu_parity.json"
 RANKER_CHUNK = 128  # the ranker's max batch in serving
-ENCODER_BATCH = 32
 
 
 class CpuGateError(FusionRankError):
@@ -111,25 +110,21 @@ class OrtChain:
         self.spec = spec
         self.sessions = {m: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
                          for m, p in files.items()}
-        self.preprocessors = {m: build_preprocessor(spec, m) for m in spec.modalities.enabled}
+        self.preparer = CandidatePreparer(spec)
 
     def run(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         io = model_io(self.spec, model)
         values = self.sessions[model].run([t.name for t in io.outputs], {t.name: inputs[t.name] for t in io.inputs})
         return dict(zip((t.name for t in io.outputs), values))
 
-    def embed(self, modality: Modality, payloads: list[bytes]) -> np.ndarray:
-        """Embeddings of one batch of raw payloads (one request, as the server runs it)."""
-        model = f"{modality.value}_encoder"
-        (out,) = self.run(model, self.preprocessors[modality](payloads)).values()
-        return out
-
     def catalogue(self, bench: Benchmark, modality: Modality) -> np.ndarray:
-        """[num_items + 1, D] embeddings of the whole catalogue (row 0, the padding id, all zeros)."""
-        ids = np.arange(1, bench.num_items + 1)
-        parts = [self.embed(modality, [bench.item(int(i)).payload(modality) for i in ids[s:s + ENCODER_BATCH]])
-                 for s in range(0, len(ids), ENCODER_BATCH)]
-        return np.concatenate([np.zeros((1, parts[0].shape[1]), np.float32), *parts])
+        """[num_items + 1, D] embeddings of the whole catalogue (row 0, the padding id, all zeros), through the same
+        preparation as training and serving (a video item: its clip's frames pooled with its still)."""
+        model = f"{modality.value}_encoder"
+        payloads, videos = catalogue_payloads(self.spec, bench, modality)
+        emb = encode_items(self.spec, modality, payloads, videos, preparer=self.preparer,
+                           run=lambda _, inputs: next(iter(self.run(model, inputs).values())))
+        return np.concatenate([np.zeros((1, emb.shape[1]), np.float32), emb])
 
     def rank(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ranker outputs over any number of rows, in chunks of the ranker's max batch; rows without a

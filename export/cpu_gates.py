@@ -117,13 +117,17 @@ class OrtChain:
         values = self.sessions[model].run([t.name for t in io.outputs], {t.name: inputs[t.name] for t in io.inputs})
         return dict(zip((t.name for t in io.outputs), values))
 
-    def catalogue(self, bench: Benchmark, modality: Modality) -> np.ndarray:
-        """[num_items + 1, D] embeddings of the whole catalogue (row 0, the padding id, all zeros), through the same
-        preparation as training and serving (a video item: its clip's frames pooled with its still)."""
+    def embed(self, modality: Modality, payloads: list[bytes], videos: list[bytes | None] | None = None) -> np.ndarray:
+        """Embeddings of items through the same candidate preparation as training and serving (a clip's frames
+        pooled with the still) and this chain's encoder."""
         model = f"{modality.value}_encoder"
-        payloads, videos = catalogue_payloads(self.spec, bench, modality)
-        emb = encode_items(self.spec, modality, payloads, videos, preparer=self.preparer,
-                           run=lambda _, inputs: next(iter(self.run(model, inputs).values())))
+        return encode_items(self.spec, modality, payloads, videos, preparer=self.preparer,
+                            run=lambda _, inputs: next(iter(self.run(model, inputs).values())))
+
+    def catalogue(self, bench: Benchmark, modality: Modality) -> np.ndarray:
+        """[num_items + 1, D] embeddings of the whole catalogue as training embedded it (row 0, the padding id, all
+        zeros; a video item from its clip)."""
+        emb = self.embed(modality, *catalogue_payloads(self.spec, bench, modality))
         return np.concatenate([np.zeros((1, emb.shape[1]), np.float32), emb])
 
     def rank(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -198,13 +202,14 @@ def check_cpu_chain(spec: PipelineSpec, repo: Path, files: dict[str, Path], benc
         model = f"{modality.value}_encoder"
         (name,) = (t.name for t in model_io(spec, model).outputs)
         tables[modality] = chain.catalogue(bench, modality)
-        embeddings[name] = tables[modality][candidates.ravel()]
+        # Export's golden data embeds every frozen candidate from its own payload (a video item by its still).
+        embeddings[name] = chain.embed(modality, [bench.item(int(i)).payload(modality) for i in candidates.ravel()])
         report.outputs += check_outputs(model, {name: golden.inputs[name]}, {name: embeddings[name]},
                                         _tolerance_for(spec, model), raise_on_fail=False)
     report.outputs += check_outputs(RANKER, golden.outputs, chain.rank(golden.inputs), _tolerance_for(spec, RANKER),
                                     raise_on_fail=False)
     report.gates += _output_gates(report.outputs)
-    scores = chain.rank({**embeddings, "history": golden.inputs["history"]})[CLICK_PROBABILITY]
+    scores = chain.rank({**golden.inputs, **embeddings})[CLICK_PROBABILITY]  # the golden's history and presence
     r = report.ranking = ranking_parity(golden.outputs[CLICK_PROBABILITY], scores, golden.labels, golden.groups,
                                         cpu.ranking)
     name = chain_name(spec)

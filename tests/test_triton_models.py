@@ -154,7 +154,7 @@ def _tiny_onnx(path):
 def test_onnx_model_concatenates_runs_once_and_splits(pb, ci_spec, tmp_path, monkeypatch):
     version_dir = tmp_path / "audio_encoder" / "1"
     version_dir.mkdir(parents=True)
-    _tiny_onnx(version_dir / "model.onnx")
+    _tiny_onnx(version_dir / ci_spec.export.cpu.onnx_file("audio_encoder"))  # the file the CPU profile serves
     model = _init(OnnxRuntimeModel, ci_spec, "audio_encoder", version_dir)
     calls = []
     real_run = model.session.run
@@ -187,7 +187,7 @@ def _tiny_ranker_onnx(path):
 def test_ensembles_ranker_step_answers_a_non_finite_output_invalid_naming_the_row(pb, ci_spec, tmp_path):
     version_dir = tmp_path / "fusion_ranker" / "1"
     version_dir.mkdir(parents=True)
-    _tiny_ranker_onnx(version_dir / "model.onnx")
+    _tiny_ranker_onnx(version_dir / ci_spec.export.cpu.onnx_file("fusion_ranker"))
     model = _init(OnnxRuntimeModel, ci_spec, "fusion_ranker", version_dir)
 
     def request(text_means):

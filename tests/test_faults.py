@@ -134,13 +134,14 @@ def spare_server(built_repository, tmp_path_factory):
     assert key not in (tmp / "triton.log").read_text(), "the admin key must not reach Triton's log"
 
 
-def _stage_shifted_ranker(repo: Path, version: int, shift: float) -> Path:
-    """`<repo>/fusion_ranker/<version>/`: version 1's model with `shift` added to the logit before the sigmoid, so
-    each score p becomes sigmoid(logit(p) + shift): a ranker callers can tell apart by its scores."""
+def _stage_shifted_ranker(repo: Path, served_file: str, version: int, shift: float) -> Path:
+    """`<repo>/fusion_ranker/<version>/`: version 1's served graph (`served_file`) with `shift` added to the logit
+    before the sigmoid, so each score p becomes sigmoid(logit(p) + shift): a ranker callers can tell apart by its
+    scores."""
     import onnx
     from onnx import helper, numpy_helper
 
-    model = onnx.load(str(repo / RANKER / "1" / "model.onnx"))
+    model = onnx.load(str(repo / RANKER / "1" / served_file))
     (sigmoid,) = [n for n in model.graph.node if CLICK_PROBABILITY in n.output]
     if sigmoid.op_type != "Sigmoid":
         raise ValueError(f"{RANKER}: {CLICK_PROBABILITY} comes from {sigmoid.op_type}, not a Sigmoid")
@@ -153,7 +154,7 @@ def _stage_shifted_ranker(repo: Path, version: int, shift: float) -> Path:
     folder = repo / RANKER / str(version)
     folder.mkdir()
     os.link(repo / RANKER / "1" / "model.py", folder / "model.py")
-    onnx.save(model, str(folder / "model.onnx"))  # a new file: version 1's stays untouched
+    onnx.save(model, str(folder / served_file))  # a new file: version 1's stays untouched
     return folder
 
 
@@ -216,7 +217,7 @@ def test_new_ranker_version_loads_under_load_and_rolls_back(spare_server, ci_spe
         v2 = 1.0 / (1.0 + np.exp(-(np.log(v1 / (1.0 - v1)) + 1.0)))
         with _Callers(client, items, history) as callers:
             callers.wait_for(3, since=0.0)
-            staged = _stage_shifted_ranker(spare_server.repository, 2, shift=1.0)
+            staged = _stage_shifted_ranker(spare_server.repository, ci_spec.export.cpu.onnx_file(RANKER), 2, shift=1.0)
             load = (time.monotonic(), admin.load_model(RANKER, headers=grpc_admin_header(key)), time.monotonic())
             callers.wait_for(3, since=load[2])
             after_load = _settled_versions(admin, key, {"1": "UNAVAILABLE", "2": "READY"})

@@ -97,23 +97,30 @@ def encoder_models(spec: PipelineSpec) -> tuple[str, ...]:
 ORT_CUDA = (("CUDAExecutionProvider", {"use_tf32": 0}),)
 
 
-def onnxruntime_cuda_step(spec: PipelineSpec, repo: Path, budget_s: float) -> StepResult:
-    """Parity with the golden outputs and throughput of each encoder on ONNX Runtime's CUDA provider."""
+def _parity_latency_step(name: str, spec: PipelineSpec, repo: Path, profile: ServingProfile, models, open_runner,
+                         budget_s: float) -> StepResult:
+    """Parity of each model's runner with the golden outputs (the profile's tolerances) and its latency."""
     started = time.monotonic()
     runners = {}
     try:
-        for model in encoder_models(spec):
-            runners[model] = OnnxRuntimeRunner(onnx_path(repo, model), providers=ORT_CUDA)
-        accuracy = measure_accuracy(spec, repo, ServingProfile.CPU, runners)
+        for model in models:
+            runners[model] = open_runner(model)
+        accuracy = measure_accuracy(spec, repo, profile, runners)
         latency = measure_model_latency(spec, repo, runners, 3, budget_s)
     except FusionRankError as exc:
-        return StepResult("onnxruntime-cuda", FAILED, str(exc), seconds=time.monotonic() - started)
+        return StepResult(name, FAILED, str(exc), seconds=time.monotonic() - started)
     finally:
         for runner in runners.values():
             runner.close()
     passed = all(a["passed"] for a in accuracy.values())
-    return StepResult("onnxruntime-cuda", RAN if passed else FAILED, "" if passed else "parity failed",
+    return StepResult(name, RAN if passed else FAILED, "" if passed else "parity failed",
                       {"accuracy": accuracy, "latency": latency}, time.monotonic() - started)
+
+
+def onnxruntime_cuda_step(spec: PipelineSpec, repo: Path, budget_s: float) -> StepResult:
+    """Parity with the golden outputs and throughput of each encoder on ONNX Runtime's CUDA provider."""
+    return _parity_latency_step("onnxruntime-cuda", spec, repo, ServingProfile.CPU, encoder_models(spec),
+                                lambda m: OnnxRuntimeRunner(onnx_path(repo, m), providers=ORT_CUDA), budget_s)
 
 
 def tensorrt_build_step(spec: PipelineSpec, repo: Path, node: NodeInfo, timing_cache: Path) -> StepResult:
@@ -130,18 +137,5 @@ def tensorrt_build_step(spec: PipelineSpec, repo: Path, node: NodeInfo, timing_c
 
 def tensorrt_runtime_step(spec: PipelineSpec, repo: Path, budget_s: float) -> StepResult:
     """Parity of each engine with the golden outputs (the spec's TensorRT tolerances) and its latency."""
-    started = time.monotonic()
-    runners = {}
-    try:
-        for model in engine_models(spec):
-            runners[model] = make_runner("gpu", repo, model)
-        accuracy = measure_accuracy(spec, repo, ServingProfile.GPU, runners)
-        latency = measure_model_latency(spec, repo, runners, 3, budget_s)
-    except FusionRankError as exc:
-        return StepResult("tensorrt-parity-latency", FAILED, str(exc), seconds=time.monotonic() - started)
-    finally:
-        for runner in runners.values():
-            runner.close()
-    passed = all(a["passed"] for a in accuracy.values())
-    return StepResult("tensorrt-parity-latency", RAN if passed else FAILED, "" if passed else "parity failed",
-                      {"accuracy": accuracy, "latency": latency}, time.monotonic() - started)
+    return _parity_latency_step("tensorrt-parity-latency", spec, repo, ServingProfile.GPU, engine_models(spec),
+                                lambda m: make_runner("gpu", repo, m), budget_s)

@@ -8,11 +8,14 @@ A ranking request is one user's candidate list. Either client
 - retries with exponential backoff only on transient errors, spreads calls round-robin over several endpoints and
   fails over at once (`clients.retry`, `clients.endpoints`);
 - raises its own exceptions carrying the server's message (`clients.errors`);
-- optionally sends large payloads through system shared memory to a server on the same host (`clients.transport`).
+- optionally sends large payloads through system shared memory to a server on the same host (`clients.transport`),
+  with the server's admin key, which servers started by fusionrank require for it;
+- talks plaintext or TLS, mutual TLS included (`clients.tls`).
 """
 
 from clients.aio import AsyncRankingClient
 from clients.errors import (
+    AccessDeniedError,
     ClientError,
     DeadlineExceededError,
     InvalidInputError,
@@ -22,7 +25,8 @@ from clients.errors import (
 from clients.request import Candidate, RankingResult
 from clients.retry import NO_RETRY, ClientStats, RetryPolicy
 from clients.sync import RankingClient
+from clients.tls import ClientTls
 
-__all__ = ["AsyncRankingClient", "Candidate", "ClientError", "ClientStats", "DeadlineExceededError",
-           "InvalidInputError", "NO_RETRY", "RankingClient", "RankingResult", "RetryPolicy", "ServerError",
-           "UnavailableError"]
+__all__ = ["AccessDeniedError", "AsyncRankingClient", "Candidate", "ClientError", "ClientStats", "ClientTls",
+           "DeadlineExceededError", "InvalidInputError", "NO_RETRY", "RankingClient", "RankingResult", "RetryPolicy",
+           "ServerError", "UnavailableError"]

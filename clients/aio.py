@@ -10,7 +10,7 @@ import numpy as np
 
 from clients.base import ClientBase
 from clients.endpoints import Endpoint
-from clients.errors import to_client_error
+from clients.errors import probe_error, to_client_error
 from clients.request import Candidate, Chunk, RankingResult, chunk_outputs, merge_outputs
 from clients.retry import run_async
 from clients.transport import ShmRegion, chunk_inputs, quietly_async, release_async
@@ -57,14 +57,15 @@ class AsyncRankingClient(ClientBase):
     def _new_client(self, url: str):
         import tritonclient.grpc.aio as aioclient
 
-        return aioclient.InferenceServerClient(url)
+        return aioclient.InferenceServerClient(url, **self._channel_kwargs())
 
     async def _healthy(self, endpoint: Endpoint, timeout: float) -> bool:
         try:
             client = self._client(endpoint)
             return bool(await client.is_server_ready(client_timeout=timeout)
                         and await client.is_model_ready(self.options.model, client_timeout=timeout))
-        except Exception:  # any failure of the probe (refused, timed out, broken channel) means "not ready"
+        except Exception as exc:  # any failure of the probe (refused, timed out, broken channel) means "not ready"
+            endpoint.last_error = probe_error(exc)
             return False
 
     async def _infer(self, chunk: Chunk, endpoint: Endpoint, remaining: float) -> tuple[np.ndarray, np.ndarray]:
@@ -77,11 +78,11 @@ class AsyncRankingClient(ClientBase):
         try:
             if shm is not None:
                 await client.register_system_shared_memory(shm.name, shm.key, shm.byte_size,
-                                                           client_timeout=remaining)
+                                                           headers=self._admin_headers, client_timeout=remaining)
             sent = asyncio.ensure_future(client.infer(self.options.model, chunk_inputs(aioclient, chunk, shm),
                                                       client_timeout=self.options.rpc_timeout(remaining)))
         except BaseException as exc:
-            await release_async(client, shm)
+            await release_async(client, shm, self._admin_headers)
             if isinstance(exc, InferenceServerException):
                 raise to_client_error(exc, endpoint.url) from None
             raise
@@ -93,7 +94,7 @@ class AsyncRankingClient(ClientBase):
         if not done:
             self._abandon(sent, client, shm)
             raise self._abandoned_error(endpoint)
-        await release_async(client, shm)
+        await release_async(client, shm, self._admin_headers)
         try:
             return chunk_outputs(sent.result(), chunk)
         except InferenceServerException as exc:
@@ -107,7 +108,7 @@ class AsyncRankingClient(ClientBase):
             except Exception:  # nobody waits for this result any more, so its error goes nowhere
                 pass
             finally:
-                await release_async(client, shm)
+                await release_async(client, shm, self._admin_headers)
 
         task = asyncio.ensure_future(finish())
         self._abandoned.append(task)

@@ -19,6 +19,8 @@ from clients.endpoints import Endpoint, EndpointPool, parse_urls
 from clients.errors import DeadlineExceededError
 from clients.request import Candidate, Chunk, build_chunks, candidate_payloads
 from clients.retry import ClientStats, Planner, RetryPolicy
+from clients.tls import ClientTls
+from fusionrank.serving.doors import check_admin_key, grpc_admin_header
 from fusionrank.spec import Modality, PipelineSpec
 
 
@@ -57,7 +59,9 @@ class ClientBase:
                  health_timeout: float = 2.0, retry: RetryPolicy | None = None, recheck_interval: float = 1.0,
                  shared_memory_threshold: int | None = None, max_candidates: int | None = None,
                  abandon_grace: float = 30.0, client_factory: Callable[[str], Any] | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, tls: ClientTls | None = None, admin_key: str | None = None):
+        """`tls`: TLS channels (None: plaintext); `admin_key`: the server's admin key, sent with the shared-memory
+        calls, which servers started by fusionrank restrict to its holders."""
         if abandon_grace < 0:
             raise ValueError(f"abandon_grace must be >= 0 seconds, got {abandon_grace}")
         self.options = ClientOptions.from_spec(
@@ -73,6 +77,8 @@ class ClientBase:
         self.planner = Planner(self.pool, self.options.retry, self.stats, health_timeout_s=health_timeout,
                                rng=random.Random(seed))
         self._factory = client_factory
+        self.tls = tls
+        self._admin_headers = grpc_admin_header(check_admin_key(admin_key)) if admin_key is not None else None
         self._clients: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._abandoned: list = []  # calls past their deadline still running on the server (see close())
@@ -84,6 +90,10 @@ class ClientBase:
     def _new_client(self, url: str):
         """A tritonclient gRPC client (sync or aio, by subclass) for one endpoint."""
         raise NotImplementedError
+
+    def _channel_kwargs(self) -> dict[str, Any]:
+        """tritonclient's channel arguments: TLS credentials, or none for plaintext."""
+        return self.tls.channel_kwargs() if self.tls is not None else {}
 
     def _client(self, endpoint: Endpoint):
         with self._lock:  # one channel per endpoint, also when threads share a sync client

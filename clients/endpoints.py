@@ -18,6 +18,7 @@ class Endpoint:
     url: str
     down_since: float | None = None  # None: believed healthy
     last_check: float = 0.0
+    last_error: str | None = None  # why its last health check failed
 
     @property
     def is_loopback(self) -> bool:
@@ -91,3 +92,4 @@ class EndpointPool:
         if endpoint.down_since is not None:
             log.info("endpoint %s is back", endpoint.url)
         endpoint.down_since = None
+        endpoint.last_error = None

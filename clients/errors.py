@@ -37,6 +37,11 @@ class ServerError(ClientError):
     """The server answered with any other error (internal error, unknown model, ...)."""
 
 
+class AccessDeniedError(ClientError):
+    """The server restricts the API to callers holding its admin key (shared memory, model control): never retried,
+    another endpoint would refuse too."""
+
+
 # Substrings of error messages that mean the endpoint cannot serve right now rather than the request being bad:
 # the connection broke (RST, GOAWAY), or the server is shutting down: while it drains, Triton unloads the models and
 # answers NOT_FOUND "Request for unknown model: 'rank' has no available versions". Another endpoint can serve the
@@ -46,12 +51,40 @@ _ENDPOINT_UNAVAILABLE = ("connection reset", "socket closed", "broken pipe", "fa
                          "shutting down")
 
 
+# Triton refuses a restricted API with UNAVAILABLE and this message: not transient, the caller lacks the key.
+_RESTRICTED = "protocol is restricted"
+# How gRPC reports a connection that TLS (or its absence) broke, and what to tell the caller.
+_TLS_HINTS = (("handshake failed", "TLS handshake failed: check the CA the client trusts (root_certificates), the "
+                                   "name the certificate was issued for (server_name) and the client certificate"),
+              ("socket closed", "the endpoint closed the connection while it was being set up: a TLS endpoint does "
+                                "that to a plaintext client (pass tls=ClientTls(...)), a mutual-TLS endpoint to a "
+                                "client without a certificate"))
+
+
+def connection_hint(message: str) -> str:
+    """`message` with a hint appended when it is how gRPC reports a TLS mismatch."""
+    lowered = message.lower()
+    for marker, hint in _TLS_HINTS:
+        if marker in lowered and "failed to connect" in lowered:
+            return f"{message} ({hint})"
+    return message
+
+
+def probe_error(exc: Exception) -> str:
+    """Why a health check failed, in words (with a TLS hint where it fits), for wait_ready's error."""
+    message = exc.message() if callable(getattr(exc, "message", None)) else ""
+    return connection_hint(message or str(exc) or type(exc).__name__)
+
+
 def to_client_error(exc: Exception, endpoint: str | None = None) -> ClientError:
     """Map a tritonclient `InferenceServerException` (or gRPC error) to the client's own exception type."""
     status = exc.status() if callable(getattr(exc, "status", None)) else None
     message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
-    message = message or str(exc)
+    message = connection_hint(message or str(exc))
     status = str(status) if status else None
+    if _RESTRICTED in message.lower():
+        return AccessDeniedError(f"{message}: the server restricts this API to callers holding its admin key "
+                                 f"(admin_key=...)", status, endpoint)
     if status == "StatusCode.INVALID_ARGUMENT":
         return InvalidInputError(message, status, endpoint)
     if status == "StatusCode.DEADLINE_EXCEEDED":

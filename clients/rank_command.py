@@ -18,6 +18,7 @@ import numpy as np
 
 from clients.request import Candidate, RankingResult
 from clients.sync import RankingClient
+from clients.tls import ClientTls
 from fusionrank.benchmark import load_benchmark
 from fusionrank.errors import DataError
 from fusionrank.spec import PipelineSpec
@@ -117,9 +118,9 @@ def file_request(paths: Sequence[str]) -> RankRequest:
     return RankRequest(candidates, titles, hist, f"{len(candidates)} candidate(s) from {', '.join(paths)}")
 
 
-def rank_request(spec: PipelineSpec, url: str, request: RankRequest) -> RankingResult:
+def rank_request(spec: PipelineSpec, url: str, request: RankRequest, tls: ClientTls | None = None) -> RankingResult:
     """Send one ranking request (chunked, with retries and failover over `url`'s endpoints)."""
-    with RankingClient(spec, url) as client:
+    with RankingClient(spec, url, tls=tls) as client:
         client.wait_ready(READY_TIMEOUT_S)
         return client.rank(request.candidates, request.history)
 
@@ -158,18 +159,18 @@ def format_table(request: RankRequest, result: RankingResult, url: str, title_wi
 
 
 def rank_benchmark_request(spec: PipelineSpec, url: str, user: int = 0, candidates: int = 10,
-                           ragged: bool = False) -> str:
+                           ragged: bool = False, tls: ClientTls | None = None) -> str:
     """Rank one benchmark user's candidates over gRPC and return the table text."""
     request = benchmark_request(spec, user=user, candidates=candidates, ragged=ragged)
-    return format_table(request, rank_request(spec, url, request), url)
+    return format_table(request, rank_request(spec, url, request, tls=tls), url)
 
 
 def run_rank(spec: PipelineSpec, url: str, items: Sequence[str] | None = None, user: int = 0, candidates: int = 10,
-             as_json: bool = False, out=None) -> int:
+             as_json: bool = False, out=None, tls: ClientTls | None = None) -> int:
     """`fusionrank rank`: candidates from `items` JSON files, else one benchmark user's; print a table or JSON."""
     out = out or sys.stdout
     request = file_request(items) if items else benchmark_request(spec, user, candidates)
-    result = rank_request(spec, url, request)
+    result = rank_request(spec, url, request, tls=tls)
     if as_json:
         out.write(json.dumps({"model": spec.serving.route, "endpoint": url,
                               "request": request.description, "ranking": result_rows(request, result)},

@@ -175,8 +175,10 @@ class Planner:
             if ready and (not all_endpoints or len(ready) == len(self.pool.endpoints)):
                 return ready
             if self.clock() >= deadline:
+                why = "".join(f"; {e.url}: {e.last_error}" for e in self.pool.endpoints
+                              if e.last_error and e.url not in ready)
                 raise UnavailableError(f"model {model!r} not ready within {timeout:g}s on {', '.join(self.pool.urls)}"
-                                       f" (ready: {', '.join(ready) or 'none'})")
+                                       f" (ready: {', '.join(ready) or 'none'}){why}")
             yield Sleep(READY_POLL_S)
 
 

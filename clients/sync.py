@@ -11,7 +11,7 @@ import numpy as np
 
 from clients.base import ClientBase
 from clients.endpoints import Endpoint
-from clients.errors import to_client_error
+from clients.errors import probe_error, to_client_error
 from clients.request import Candidate, Chunk, RankingResult, chunk_outputs, merge_outputs
 from clients.retry import run
 from clients.transport import ShmRegion, chunk_inputs, quietly, release
@@ -59,14 +59,15 @@ class RankingClient(ClientBase):
     def _new_client(self, url: str):
         import tritonclient.grpc as grpcclient
 
-        return grpcclient.InferenceServerClient(url)
+        return grpcclient.InferenceServerClient(url, **self._channel_kwargs())
 
     def _healthy(self, endpoint: Endpoint, timeout: float) -> bool:
         try:
             client = self._client(endpoint)
             return bool(client.is_server_ready(client_timeout=timeout)
                         and client.is_model_ready(self.options.model, client_timeout=timeout))
-        except Exception:  # any failure of the probe (refused, timed out, broken channel) means "not ready"
+        except Exception as exc:  # any failure of the probe (refused, timed out, broken channel) means "not ready"
+            endpoint.last_error = probe_error(exc)
             return False
 
     def _reap(self) -> None:
@@ -85,10 +86,11 @@ class RankingClient(ClientBase):
         client = self._client(endpoint)
         shm = ShmRegion(chunk) if self._use_shm(endpoint, chunk) else None
         rpc_timeout = self.options.rpc_timeout(remaining)
-        call = _SentCall(lambda: release(client, shm), time.monotonic() + rpc_timeout)
+        call = _SentCall(lambda: release(client, shm, self._admin_headers), time.monotonic() + rpc_timeout)
         try:
             if shm is not None:
-                client.register_system_shared_memory(shm.name, shm.key, shm.byte_size, client_timeout=remaining)
+                client.register_system_shared_memory(shm.name, shm.key, shm.byte_size, headers=self._admin_headers,
+                                                     client_timeout=remaining)
             client.async_infer(self.options.model, chunk_inputs(grpcclient, chunk, shm), callback=call.finish,
                                client_timeout=rpc_timeout)
         except BaseException as exc:

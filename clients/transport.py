@@ -57,17 +57,18 @@ def chunk_inputs(module, chunk: Chunk, shm: ShmRegion | None = None) -> list:
     return inputs
 
 
-def release(client, shm: ShmRegion | None) -> None:
-    """Unregister and destroy a call's shared-memory region, if it had one (sync tritonclient)."""
+def release(client, shm: ShmRegion | None, headers: dict[str, str] | None = None) -> None:
+    """Unregister and destroy a call's shared-memory region, if it had one (sync tritonclient); `headers` carry
+    the admin key servers restrict shared memory with."""
     if shm is not None:
-        quietly(client.unregister_system_shared_memory, shm.name)
+        quietly(client.unregister_system_shared_memory, shm.name, headers)
         shm.destroy()
 
 
-async def release_async(client, shm: ShmRegion | None) -> None:
+async def release_async(client, shm: ShmRegion | None, headers: dict[str, str] | None = None) -> None:
     """`release` for a `tritonclient.grpc.aio` client."""
     if shm is not None:
-        await quietly_async(client.unregister_system_shared_memory, shm.name)
+        await quietly_async(client.unregister_system_shared_memory, shm.name, headers)
         shm.destroy()
 
 

@@ -10,6 +10,12 @@
 #                          engines of $ENGINE_STORE/$ENGINE_SET, and refuse (exit 1) unless `fusionrank check` passes.
 # In gpu mode, version-compatible engines get the Triton backend config they need (`fusionrank check
 # --print-backend-config`).
+# Every serving mode runs what `fusionrank serve --print-triton-args` prints for the spec: explicit model control
+# loading the route and its members (not the reference ensemble), model control, shared memory, trace and logging
+# restricted to callers sending the header fusionrank-admin-key with $FUSIONRANK_ADMIN_KEY (a Secret; without it a
+# random key is drawn and those APIs are shut to everyone), and gRPC over TLS when $FUSIONRANK_GRPC_TLS_DIR holds
+# tls.crt and tls.key (client-ca.crt too: mutual TLS). Triton takes the key only as an argument: `ps` inside this
+# container shows it, so nothing else should run here.
 set -euo pipefail
 mode="${1:-gpu}"
 image_repo="${FUSIONRANK_IMAGE_REPOSITORY:-/opt/fusionrank/model_repository}"
@@ -72,7 +78,12 @@ case "$mode" in
   *) echo "unknown mode '$mode' (gpu | onnx_gpu | cpu | build-engines | fetch-engines)" >&2; exit 2 ;;
 esac
 
+policy="$(fusionrank serve --print-triton-args)"
+mapfile -t policy_args <<< "$policy"
+# The key is in the arguments now; the Python-backend models need not inherit it.
+unset FUSIONRANK_ADMIN_KEY
+
 # Summaries give the p99 the alerts read; the exit timeout must stay below the pod's termination grace period.
 exec tritonserver --model-repository="$repo" --grpc-port=8001 --http-port=8000 --metrics-port=8002 \
   --allow-metrics=true --metrics-config=summary_latencies=true --strict-readiness=true --exit-on-error=true \
-  --exit-timeout-secs="${FUSIONRANK_EXIT_TIMEOUT_S:-30}" "${config[@]}" "${@:2}"
+  --exit-timeout-secs="${FUSIONRANK_EXIT_TIMEOUT_S:-30}" "${config[@]}" "${policy_args[@]}" "${@:2}"

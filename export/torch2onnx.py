@@ -18,6 +18,7 @@ Runtime encoders + ranker).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -28,12 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export.cpu_gates import CpuGateReport
 from export.manifest import golden_path, onnx_path
+from export.onnx2cpu import export_cpu_profile
 from export.parity import OutputParity, RankingParity, check_outputs, ranking_parity
 from export.profiles import RANKER, engine_models
 from fusionrank.benchmark import Benchmark, load_benchmark
 from fusionrank.errors import CheckpointError, FusionRankError
-from fusionrank.models.encoders import build_encoder
+from fusionrank.models.encoders import TextEncoder, build_encoder
 from fusionrank.models.fusion import load_ranker
 from fusionrank.paths import resolve_text_checkpoint, tokenizer_dir
 from fusionrank.preprocess import build_preprocessor
@@ -52,6 +55,7 @@ class ExportReport:
     ranking: RankingParity | None = None
     files: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    cpu: CpuGateReport | None = None  # the CPU profile's graphs and gates (export/onnx2cpu.py), in cpu_parity.json
 
     def as_dict(self) -> dict:
         return {"outputs": [o.as_dict() for o in self.outputs],
@@ -69,6 +73,9 @@ class ExportReport:
                          f" top-10 overlap {r.top10_overlap:.3f}, Kendall tau {r.kendall_tau:.5f}, "
                          f"AUC {r.auc_reference:.4f} vs {r.auc_actual:.4f} (diff {r.auc_diff:.2e}) -> "
                          f"{'ok' if r.passed else 'FAIL'}")
+        if self.cpu:
+            lines += ["", "CPU profile (export.cpu: served graph per model, gates against the FP32 PyTorch chain):",
+                      self.cpu.table()]
         return "\n".join(lines)
 
 
@@ -106,6 +113,23 @@ def export_onnx(module: torch.nn.Module, spec: PipelineSpec, model: str, sample:
     except Exception as exc:  # the exporter raises many types; name the model
         raise FusionRankError(f"torch.onnx.export failed for {model}: {exc}") from exc
     return path
+
+
+@contextlib.contextmanager
+def _eager_attention(encoder: torch.nn.Module):
+    """The text encoder with eager attention while it is exported: ONNX Runtime's transformer optimizer
+    (export/onnx2cpu.py) fuses the attention subgraph that exports, not the one transformers 5's SDPA path exports.
+    Same arithmetic; parity is still checked against the module as PyTorch runs it."""
+    model = encoder.model if isinstance(encoder, TextEncoder) else None
+    previous = model.config._attn_implementation if model is not None else None
+    if previous in (None, "eager"):
+        yield encoder
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield encoder
+    finally:
+        model.set_attn_implementation(previous)
 
 
 @torch.inference_mode()
@@ -178,7 +202,8 @@ def _export_encoder(spec: PipelineSpec, repo: Path, modality: Modality, bench: B
         sample_groups = [pre([bench.item(i).payload(modality) for i in items])]
     path = onnx_path(repo, model)
     if write_onnx:
-        export_onnx(encoder, spec, model, sample_groups[0], path)
+        with _eager_attention(encoder):
+            export_onnx(encoder, spec, model, sample_groups[0], path)
     session = _session(path)
     golden = None
     for group in sample_groups:
@@ -246,4 +271,6 @@ def export_all(spec: PipelineSpec, repo: Path, checkpoint: Path | None = None, m
             spec, repo, modality, bench, items, candidates, text_dir, f"{modality.value}_encoder" in models, report)
     _export_ranker(spec, repo, checkpoint, bench, sessions, torch_emb, ort_emb, RANKER in models, report)
     (repo / "parity.json").write_text(json.dumps(report.as_dict(), indent=2))
+    # The CPU profile's optimised / INT8 graphs, gated against the FP32 PyTorch chain (export.cpu in the spec).
+    report.cpu = export_cpu_profile(spec, repo, models=models, bench=bench)
     return report

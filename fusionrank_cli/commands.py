@@ -12,17 +12,20 @@ from pathlib import Path
 from clients.embed_catalogue import catalogue
 from clients.embed_catalogue import embed_catalogue as embed_items
 from clients.rank_command import run_rank
+from clients.tls import ClientTls
 from export.onnx2trt import build_engines_command
 from export.preflight import check_command, refuse_on_mismatch, triton_backend_config
 from export.upgrade import upgrade_report_command
 from fusionrank.benchmark import load_benchmark
 from fusionrank.project import model_repository_dir
+from fusionrank.serving.doors import GrpcTls
 from fusionrank.serving.render import check_repository, render_repository
-from fusionrank.serving.server import serve_forever
+from fusionrank.serving.serve_command import print_triton_args, serve_forever
 from fusionrank.spec import FusionType, Modality, PipelineSpec, Precision, ServingProfile, load_spec
 from loadtest.bench import BenchConfig
 from loadtest.bench_report import bench_command
 from loadtest.runner import run_loadtest_command
+from loadtest.soak import run_soak_command
 
 
 def _spec(args: argparse.Namespace) -> PipelineSpec:
@@ -86,26 +89,47 @@ def render(args) -> int:
     return 0
 
 
+def _grpc_tls(args: argparse.Namespace) -> GrpcTls | None:
+    if not (args.grpc_tls_cert or args.grpc_tls_key or args.grpc_tls_client_ca):
+        return GrpcTls.from_dir(args.grpc_tls_dir) if args.grpc_tls_dir else None
+    if not (args.grpc_tls_cert and args.grpc_tls_key):
+        raise SystemExit("fusionrank serve: TLS needs both --grpc-tls-cert and --grpc-tls-key")
+    return GrpcTls(Path(args.grpc_tls_cert), Path(args.grpc_tls_key),
+                   Path(args.grpc_tls_client_ca) if args.grpc_tls_client_ca else None)
+
+
 def serve(args) -> int:
     spec, repo, profile = _spec(args), _repo(args), ServingProfile(args.profile)
+    tls = _grpc_tls(args)
+    if args.print_triton_args:
+        return print_triton_args(spec, reference_ensemble=args.with_reference_ensemble, tls=tls)
     backend_config = []
     if profile is ServingProfile.GPU:
         backend_config = triton_backend_config(spec, repo)
         refuse_on_mismatch(spec, repo, force=args.force, backend_config=backend_config)
     return serve_forever(spec, repo, profile, grpc_port=args.grpc_port, http_port=args.http_port,
                          metrics_port=args.metrics_port, log_file=args.log_file, backend_config=backend_config,
-                         reference_ensemble=args.with_reference_ensemble, models=args.model)
+                         reference_ensemble=args.with_reference_ensemble, models=args.model, tls=tls)
 
 
 def rank(args) -> int:
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
+        tls = ClientTls(*(Path(p) if p else None for p in (args.tls_ca, args.tls_key, args.tls_cert)))
     return run_rank(_spec(args), args.url, items=args.items, user=args.user, candidates=args.candidates,
-                    as_json=args.json)
+                    as_json=args.json, tls=tls)
 
 
 def loadtest(args) -> int:
     return run_loadtest_command(_spec(args), url=args.url, serve_repository=_repo(args) if args.serve else None,
                                 metrics_url=args.metrics_url, run_time=args.run_time, scenario=args.scenario,
                                 slo=args.slo, users=args.users, spawn_rate=args.spawn_rate, out_dir=_path(args.out))
+
+
+def soak(args) -> int:
+    return run_soak_command(_spec(args), args.minutes, url=args.url, pid=args.pid,
+                            serve_repository=_repo(args) if args.serve else None, users=args.users,
+                            scenario=args.scenario, max_growth_mb=args.max_growth_mb)
 
 
 def embed_catalogue(args) -> int:
@@ -137,6 +161,19 @@ def upgrade_report(args) -> int:
     return upgrade_report_command(_spec(args), _repo(args), ServingProfile(args.profile), baseline=_path(args.baseline),
                                   out_dir=_path(args.out), save_baseline=_path(args.save_baseline),
                                   requests=args.requests)
+
+
+def cpu_report(args) -> int:
+    from loadtest.cpu_report import run_cpu_report  # ONNX Runtime's quantization tools and torch, off the light path
+
+    out = _path(args.out) or Path("reports") / "cpu-int8"
+    report = run_cpu_report(_spec(args), _repo(args), out, rounds=args.rounds, requests=args.requests,
+                            users=args.users, batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
+                            served=not args.skip_served, threads=tuple(int(t) for t in _csv(args.threads) or ()),
+                            scenario=args.scenario, progress=lambda msg: print(f"... {msg}", flush=True))
+    print((out / "report.md").read_text())
+    print(f"wrote {out / 'report.md'} and report.json ({report['seconds']} s)")
+    return 0
 
 
 def demo(args) -> int:

@@ -6,10 +6,13 @@ Closed sets (fusions, precisions, serving profiles) are offered from the spec's 
 from __future__ import annotations
 
 import argparse
+import os
 
 from export.upgrade_measure import UPGRADE_PROFILES
+from fusionrank.serving.doors import ENV_TLS_DIR, TLS_FILES
 from fusionrank.spec import FusionType, Precision, ServingProfile, choices
 from fusionrank_cli import commands
+from loadtest.soak import add_arguments as soak_arguments
 
 DESCRIPTION = "fusionrank: multimodal recommendation ranker, from PyTorch to a Triton ensemble"
 
@@ -61,6 +64,16 @@ def _add_serving_commands(add) -> None:
                         "2.51 crashes when callers cancel requests to it")
     p.add_argument("--model", action="append", default=None, metavar="NAME",
                    help="load exactly this model (repeatable) instead of the spec's route and its members")
+    p.add_argument("--print-triton-args", action="store_true",
+                   help="print the tritonserver flags for the spec's models, the restricted APIs and TLS, one per "
+                        "line, and exit (the image's entrypoint uses them)")
+    p.add_argument("--grpc-tls-dir", default=os.environ.get(ENV_TLS_DIR) or None,
+                   help=f"folder with {TLS_FILES[0]} and {TLS_FILES[1]} (and {TLS_FILES[2]}: mutual TLS): serve gRPC "
+                        f"over TLS when they are there (default: ${ENV_TLS_DIR})")
+    p.add_argument("--grpc-tls-cert", default=None, help="PEM certificate: serve gRPC over TLS (with --grpc-tls-key)")
+    p.add_argument("--grpc-tls-key", default=None, help="PEM private key of --grpc-tls-cert")
+    p.add_argument("--grpc-tls-client-ca", default=None,
+                   help="PEM CA certificate: mutual TLS, callers must present a certificate it signed")
 
     p = add("rank", commands.rank, "rank candidates over gRPC and print a table")
     p.add_argument("--url", default="localhost:8001", help="gRPC endpoint(s), comma-separated")
@@ -68,7 +81,14 @@ def _add_serving_commands(add) -> None:
     p.add_argument("--user", type=int, default=0, help="benchmark user whose history is sent")
     p.add_argument("--items", nargs="*", help="JSON file(s) describing candidates (text, image, audio paths)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--tls", action="store_true", help="gRPC over TLS, trusting the system's CAs")
+    p.add_argument("--tls-ca", default=None, help="PEM CA that signed the server's certificate (implies --tls)")
+    p.add_argument("--tls-cert", default=None, help="PEM client certificate, for mutual TLS (with --tls-key)")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
 
+
+
+def _add_load_commands(add) -> None:
     p = add("loadtest", commands.loadtest, "run a Locust load test and gate on the SLOs")
     p.add_argument("--url", default=None, help="gRPC endpoint to load (default: with --serve, the local server)")
     p.add_argument("--serve", action="store_true", help="start the local server (CPU profile) for the run")
@@ -81,6 +101,9 @@ def _add_serving_commands(add) -> None:
     p.add_argument("--spawn-rate", type=float, default=None)
     p.add_argument("--run-time", default=None, help="e.g. 30s, 2m")
     p.add_argument("--out", default=None, help="report folder (default: reports/loadtest-<time>)")
+
+    p = add("soak", commands.soak, "steady load for some minutes; fail when a Triton process's memory grows")
+    soak_arguments(p)
 
     p = add("embed-catalogue", commands.embed_catalogue,
             "pre-compute item embeddings through the served encoders into the route's shared cache tier (Redis)")
@@ -129,6 +152,17 @@ def _add_engine_commands(add) -> None:
     p.add_argument("--save-baseline", default=None, help="write this run as a baseline JSON here")
     p.add_argument("--requests", type=int, default=None, help="benchmark requests (default from the scenario)")
 
+    p = add("cpu-report", commands.cpu_report,
+            "CPU profile: FP32 vs optimised FP32 vs INT8 per model and served end to end, with the accuracy gates")
+    p.add_argument("--out", default=None, help="report folder (default reports/cpu-int8)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement")
+    p.add_argument("--requests", type=int, default=30, help="served: requests per variant and round")
+    p.add_argument("--users", type=int, default=4, help="served: closed-loop callers")
+    p.add_argument("--batch-sizes", default="1,16,64", help="per model: batch sizes")
+    p.add_argument("--threads", default=None, help="served: also the spec's choice at these intra-op threads, e.g. 2")
+    p.add_argument("--scenario", default=None, help="served: load-test scenario name or file (default: default)")
+    p.add_argument("--skip-served", action="store_true", help="per-model figures and accuracy only")
+
     p = add("demo", commands.demo, "train, export, prove parity, serve, rank one request and run a short load test")
     p.add_argument("--skip-loadtest", action="store_true")
 
@@ -146,5 +180,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_model_commands(add)
     _add_serving_commands(add)
+    _add_load_commands(add)
     _add_engine_commands(add)
     return parser

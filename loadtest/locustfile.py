@@ -10,6 +10,10 @@ docs/loadtest.md):
 - FUSIONRANK_LOADTEST_SAMPLES  folder for per-request samples (one CSV per process); unset: none recorded
 - FUSIONRANK_LOADTEST_SEED  base seed of the request streams (default 0): user k of worker w draws from seed
   base + 100000 * w + k, so a run's request mix repeats, and workers of a distributed run differ
+- FUSIONRANK_LOADTEST_ATTEMPTS  attempts per request (default 1: what a caller sees on the first attempt); more
+  lets each user's client retry and fail over as a service would (fault tests); the clients' retry and failover
+  counts are written beside the samples as `client-stats-<pid>.json`
+- FUSIONRANK_LOADTEST_DONE  a file touched when Locust has written its results (its `quit` event)
 """
 
 # gRPC's C core must cooperate with gevent before any channel exists, or greenlets block each other on I/O.
@@ -17,14 +21,16 @@ import grpc.experimental.gevent as grpc_gevent  # isort: skip
 
 grpc_gevent.init_gevent()
 
+import dataclasses  # noqa: E402
 import itertools  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from locust import User, constant, constant_throughput, events, task  # noqa: E402
 
-from clients import NO_RETRY, RankingClient  # noqa: E402
+from clients import NO_RETRY, ClientStats, RankingClient, RetryPolicy  # noqa: E402
 from clients.errors import ClientError  # noqa: E402
 from fusionrank.benchmark import load_benchmark  # noqa: E402
 from fusionrank.scenario import RequestFactory, load_scenario  # noqa: E402
@@ -36,6 +42,8 @@ ENV_SCENARIO = "FUSIONRANK_SCENARIO"
 ENV_USERS = "FUSIONRANK_LOADTEST_USERS"
 ENV_SAMPLES = "FUSIONRANK_LOADTEST_SAMPLES"
 ENV_SEED = "FUSIONRANK_LOADTEST_SEED"
+ENV_ATTEMPTS = "FUSIONRANK_LOADTEST_ATTEMPTS"
+ENV_DONE = "FUSIONRANK_LOADTEST_DONE"
 
 SCENARIO = load_scenario(os.environ.get(ENV_SCENARIO) or None)
 _USERS = int(os.environ.get(ENV_USERS) or SCENARIO.users)
@@ -75,9 +83,23 @@ class _SampleLog:
 SAMPLES = _SampleLog()
 
 
+_client_stats: list[ClientStats] = []  # every user's client's counters, summed when Locust quits
+
+
 @events.quitting.add_listener
 def _close_samples(**_kwargs):
     SAMPLES.close()
+    folder = os.environ.get(ENV_SAMPLES)
+    if folder and _client_stats:
+        totals = {f.name: sum(getattr(s, f.name) for s in _client_stats) for f in dataclasses.fields(ClientStats)}
+        (Path(folder) / f"client-stats-{os.getpid()}.json").write_text(json.dumps(totals))
+
+
+@events.quit.add_listener
+def _mark_done(**_kwargs):
+    # The results are written: the runner stops waiting for an exit that gRPC under gevent can delay (runner.py).
+    if os.environ.get(ENV_DONE):
+        Path(os.environ[ENV_DONE]).touch()
 
 
 class RankingUser(User):
@@ -93,8 +115,11 @@ class RankingUser(User):
         url = os.environ.get(ENV_URL) or self.host
         if not url:
             raise RuntimeError(f"no endpoint: set {ENV_URL} or pass --host")
-        # No retries: the load test measures what a caller sees on the first attempt, errors included.
-        self.client = RankingClient(spec, url, timeout=SCENARIO.timeout_s, retry=NO_RETRY)
+        # By default no retries: the load test measures what a caller sees on the first attempt, errors included.
+        attempts = int(os.environ.get(ENV_ATTEMPTS) or 1)
+        retry = NO_RETRY if attempts == 1 else RetryPolicy(max_attempts=attempts)
+        self.client = RankingClient(spec, url, timeout=SCENARIO.timeout_s, retry=retry)
+        _client_stats.append(self.client.stats)
         worker = getattr(self.environment.runner, "worker_index", 0) or 0
         seed = int(os.environ.get(ENV_SEED) or 0) + 100000 * worker + next(_users_started)
         self.factory = RequestFactory(spec, bench, SCENARIO, seed=seed)

@@ -187,6 +187,10 @@ class Verdict:
                  f"p95 {_fmt(s.get('p95_ms'))} ms, p99 {_fmt(s.get('p99_ms'))} ms, "
                  f"errors {100 * s.get('error_rate', 0):.2f}%",
                  "", self.slo_table(), ""]
+        client = s.get("client") or {}
+        if client.get("retries"):
+            lines.insert(2, f"the clients retried {client['retries']} attempt(s), {client.get('failovers', 0)} on "
+                            f"another endpoint at once")
         if self.members:
             lines += ["server-side breakdown per model (Triton metrics, this run only):",
                       format_members(self.members),

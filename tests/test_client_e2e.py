@@ -51,7 +51,8 @@ def test_more_candidates_than_the_max_batch_are_chunked(triton_server, ci_spec, 
     session = int(bench.frozen_sessions(1)[0])
     items, history = _request(bench, ids, session)
     tol = ci_spec.export.tolerance(CLICK_PROBABILITY)
-    with RankingClient(ci_spec, triton_server.grpc_url, shared_memory_threshold=0) as client:
+    with RankingClient(ci_spec, triton_server.grpc_url, shared_memory_threshold=0,
+                       admin_key=triton_server.admin_key) as client:
         served = client.rank_payloads(items, history[0])
         assert client.stats.attempts == 2  # two chunks, no retry
     offline, _ = reference_pipeline.score(items, history)
@@ -99,9 +100,11 @@ def test_calls_past_their_deadline_leave_the_server_serving(triton_server, ci_sp
 def test_failover_between_two_real_servers_loses_no_call(triton_server, built_repository, ci_spec, bench,
                                                          tmp_path):
     from fusionrank.serving.server import TritonServer
+    from fusionrank.spec import served_models
 
+    # The route and its members only (not the reference ensemble): a quicker start.
     second = TritonServer(built_repository, profile="cpu", log_file=tmp_path / "second.log",
-                          cache=tmp_path / "backend")
+                          cache=tmp_path / "backend", models=served_models(ci_spec))
     second.start(timeout=300)
     session = int(bench.frozen_sessions(1)[0])
     items, history = _request(bench, bench.sessions.candidates[session][:4], session)

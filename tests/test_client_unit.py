@@ -11,8 +11,11 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from clients import (
+    AccessDeniedError,
     AsyncRankingClient,
     Candidate,
+    ClientError,
+    ClientTls,
     DeadlineExceededError,
     InvalidInputError,
     RankingClient,
@@ -131,6 +134,30 @@ def test_error_mapping_and_urls():
     assert isinstance(to_client_error(_err("StatusCode.NOT_FOUND", "Request for unknown model: 'x' is not found")),
                       ServerError)
     assert parse_urls("a:1, b:2,,a:1") == ["a:1", "b:2"] and parse_urls(["grpc://c:3"]) == ["c:3"]
+    # Triton refuses a restricted API with UNAVAILABLE: not transient, another endpoint would refuse too.
+    refused = to_client_error(_err("StatusCode.UNAVAILABLE", "This protocol is restricted, expecting header 'x'"))
+    assert isinstance(refused, AccessDeniedError) and "admin_key" in str(refused)
+    # gRPC's words for a TLS mismatch get a hint; a refused connection (a server that is down) does not.
+    plaintext = to_client_error(_err("StatusCode.UNAVAILABLE", "failed to connect to all addresses; last error: "
+                                                               "UNAVAILABLE: ipv4:127.0.0.1:1: Socket closed"))
+    assert isinstance(plaintext, UnavailableError) and "TLS endpoint does that to a plaintext client" in str(plaintext)
+    handshake = to_client_error(_err("StatusCode.UNAVAILABLE", "failed to connect to all addresses; last error: "
+                                                               "UNKNOWN: ipv4:127.0.0.1:1: Tls handshake failed"))
+    assert "check the CA the client trusts" in str(handshake)
+    down = to_client_error(_err("StatusCode.UNAVAILABLE", "failed to connect to all addresses; last error: "
+                                                          "UNAVAILABLE: ipv4:127.0.0.1:1: Connection refused"))
+    assert "TLS" not in str(down)
+
+
+def test_client_tls_files_are_checked_and_read(tmp_path):
+    with pytest.raises(ClientError, match="private_key and certificate_chain go together"):
+        ClientTls(private_key=tmp_path / "k.pem")
+    with pytest.raises(ClientError, match="root_certificates: .*ca.pem does not exist"):
+        ClientTls(tmp_path / "ca.pem")
+    (tmp_path / "ca.pem").write_text("not checked until a channel is made")
+    assert set(ClientTls(tmp_path / "ca.pem").channel_kwargs()) == {"creds"}
+    named = ClientTls(tmp_path / "ca.pem", server_name="ranker.example").channel_kwargs()
+    assert ("grpc.ssl_target_name_override", "ranker.example") in named["channel_args"]
 
 
 def test_shared_memory_region_round_trips_the_request():
@@ -318,12 +345,15 @@ def test_an_abandoned_call_keeps_its_shared_memory_until_it_ends():
     # The server still reads the inputs of an abandoned call: its region is unregistered only after the call ends.
     log, events = [], []
     fake = FakeTriton("127.0.0.1:1", log, delay=1.0)
-    fake.register_system_shared_memory = lambda name, key, size, client_timeout=None: events.append(("register", name))
-    fake.unregister_system_shared_memory = lambda name: events.append(("unregister", name))
-    client = _client({"127.0.0.1:1": fake}, shared_memory_threshold=0, abandon_grace=2.0)
+    fake.register_system_shared_memory = lambda name, key, size, headers=None, client_timeout=None: events.append(
+        ("register", name, headers))
+    fake.unregister_system_shared_memory = lambda name, headers=None: events.append(("unregister", name, headers))
+    client = _client({"127.0.0.1:1": fake}, shared_memory_threshold=0, abandon_grace=2.0, admin_key="k3y")
     with pytest.raises(DeadlineExceededError):
         client.rank_payloads(_items(2), [1], timeout=0.05)
-    assert [e for e, _ in events] == ["register"] and fake.answered == 0
+    assert [e[0] for e in events] == ["register"] and fake.answered == 0
     client.close()
-    assert fake.answered == 1 and [e for e, _ in events] == ["register", "unregister"]
+    assert fake.answered == 1 and [e[0] for e in events] == ["register", "unregister"]
     assert events[0][1] == events[1][1]
+    # Servers restrict shared memory to the admin key's holders: both calls carry it.
+    assert events[0][2] == events[1][2] == {"triton-grpc-protocol-fusionrank-admin-key": "k3y"}

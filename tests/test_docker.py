@@ -118,18 +118,22 @@ def _fake_bin(folder: Path, name: str, body: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
-# Stand-in fusionrank: logs its arguments; `check` exits $FAKE_CHECK_RC; `build-engines` writes one engine.
+# Stand-in fusionrank: logs its arguments; `check` exits $FAKE_CHECK_RC; `build-engines` writes one engine; `serve`
+# is the real command (it prints the Triton flags for the default spec's models, the admin key and TLS).
 FAKE_FUSIONRANK = """echo "fusionrank $*" >> "$FAKE_LOG"
 repo="${3:-}"
 case "$1" in
   check) exit "${FAKE_CHECK_RC:-0}" ;;
   build-engines) mkdir -p "$repo/m/1" && echo plan > "$repo/m/1/model.plan" && echo {} > "$repo/m/1/manifest.json" ;;
+  serve) exec "$FAKE_PYTHON" -m fusionrank_cli "$@" ;;
 esac"""
+# Stand-in tritonserver: prints its arguments, and on stderr whether the admin key reached its environment.
+FAKE_TRITON = 'printf "%s\\n" "$@"; echo "admin key in env: ${FUSIONRANK_ADMIN_KEY:-no}" >&2'
 
 
 def _run(tmp_path: Path, *args: str, check_rc: int = 0, engines: bool = False, **env) -> subprocess.CompletedProcess:
     """The entrypoint with stand-ins for tritonserver (prints its arguments) and fusionrank."""
-    _fake_bin(tmp_path, "tritonserver", 'printf "%s\\n" "$@"')
+    _fake_bin(tmp_path, "tritonserver", FAKE_TRITON)
     _fake_bin(tmp_path, "fusionrank", FAKE_FUSIONRANK)
     image_repo = tmp_path / "image_repo"
     (image_repo / "m" / "1").mkdir(parents=True, exist_ok=True)
@@ -140,7 +144,11 @@ def _run(tmp_path: Path, *args: str, check_rc: int = 0, engines: bool = False, *
             (tmp_path / "store" / "a100" / "m" / "1" / name).write_text(name)
     full_env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "FAKE_LOG": str(tmp_path / "log"),
                 "FAKE_CHECK_RC": str(check_rc), "FUSIONRANK_IMAGE_REPOSITORY": str(image_repo),
-                "ENGINE_STORE": str(tmp_path / "store"), **env}
+                "ENGINE_STORE": str(tmp_path / "store"), "FAKE_PYTHON": sys.executable,
+                "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH")))), **env}
+    for name in ("FUSIONRANK_ADMIN_KEY", "FUSIONRANK_GRPC_TLS_DIR"):
+        if name not in env:
+            full_env.pop(name, None)
     return subprocess.run(["bash", str(DOCKER / "entrypoint.sh"), *args], env=full_env, capture_output=True,
                           text=True, timeout=30)
 
@@ -158,6 +166,51 @@ def test_entrypoint_starts_triton_with_the_profile_config_and_the_metrics_alerts
     assert f"--model-config-name={profile.config_name}" in args
     assert f"--model-repository={tmp_path / 'image_repo'}" in args
     assert "--metrics-config=summary_latencies=true" in args and args[-1] == "--log-verbose=1"
+
+
+def test_entrypoint_loads_the_route_and_locks_the_admin_apis_with_the_secret_key(tmp_path):
+    from fusionrank.spec import load_spec, served_models
+
+    result = _run(tmp_path, "cpu", FUSIONRANK_ADMIN_KEY="s3cret-key")
+    assert result.returncode == 0, result.stderr
+    args = result.stdout.split()
+    assert "--model-control-mode=explicit" in args
+    loaded = [a.split("=", 1)[1] for a in args if a.startswith("--load-model=")]
+    assert loaded == list(served_models(load_spec())) and "rank_ensemble" not in loaded
+    groups = "model-repository,shared-memory,trace,logging"
+    assert f"--grpc-restricted-protocol={groups}:fusionrank-admin-key=s3cret-key" in args
+    assert f"--http-restricted-api={groups}:fusionrank-admin-key=s3cret-key" in args
+    assert "s3cret-key" not in result.stderr and "admin key in env: no" in result.stderr
+    assert not any(a.startswith("--grpc-use-ssl") for a in args) and "gRPC: plaintext" in result.stderr
+
+
+def test_entrypoint_without_a_key_shuts_the_admin_apis_with_a_random_one(tmp_path):
+    keys = []
+    for _ in range(2):
+        result = _run(tmp_path, "cpu")
+        assert result.returncode == 0, result.stderr
+        assert "shut to every caller" in result.stderr
+        keys += re.findall(r"--grpc-restricted-protocol=\S+:fusionrank-admin-key=(\S+)", result.stdout)
+    assert len(keys) == 2 and keys[0] != keys[1] and all(len(k) >= 16 for k in keys)
+
+
+def test_entrypoint_serves_grpc_over_tls_from_the_secret_folder(tmp_path):
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    empty = _run(tmp_path, "cpu", FUSIONRANK_GRPC_TLS_DIR=str(tls))  # the optional Secret was not created
+    assert empty.returncode == 0 and "gRPC: plaintext" in empty.stderr
+    (tls / "tls.crt").write_text("cert")
+    half = _run(tmp_path, "cpu", FUSIONRANK_GRPC_TLS_DIR=str(tls))
+    assert half.returncode != 0 and "holds only one of tls.crt and tls.key" in half.stderr
+    (tls / "tls.key").write_text("key")
+    one_way = _run(tmp_path, "cpu", FUSIONRANK_GRPC_TLS_DIR=str(tls)).stdout.split()
+    assert "--grpc-use-ssl=true" in one_way and f"--grpc-server-cert={tls / 'tls.crt'}" in one_way
+    assert f"--grpc-server-key={tls / 'tls.key'}" in one_way and "--grpc-use-ssl-mutual=true" not in one_way
+    (tls / "client-ca.crt").write_text("ca")
+    mutual = _run(tmp_path, "cpu", FUSIONRANK_GRPC_TLS_DIR=str(tls)).stdout.split()
+    assert "--grpc-use-ssl-mutual=true" in mutual and f"--grpc-root-cert={tls / 'client-ca.crt'}" in mutual
+    assert "--http-restricted-api=model-repository,shared-memory,trace,logging,inference,metadata,model-config," \
+           "statistics:fusionrank-admin-key=" in " ".join(mutual), "TLS: plaintext HTTP inference needs the key"
 
 
 def test_entrypoint_gpu_refuses_without_engines_and_never_builds_them(tmp_path):

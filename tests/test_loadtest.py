@@ -327,6 +327,21 @@ def test_outer_timeout_kills_the_whole_process_group(tmp_path):
     assert not leftovers(), "processes left behind"
 
 
+def test_a_locust_that_wrote_its_results_but_hangs_at_exit_is_killed_soon(tmp_path, monkeypatch):
+    import loadtest.runner as runner
+
+    monkeypatch.setattr(runner, "EXIT_GRACE_S", 0.5)
+    marker = tmp_path / "done"
+    script = f"import pathlib, time; pathlib.Path({str(marker)!r}).touch(); time.sleep(120)"
+    started = time.monotonic()
+    run = run_locust([sys.executable, "-c", script], env=None, timeout=60.0, log_file=tmp_path / "log.txt",
+                     done_marker=marker)
+    assert run.returncode is None and run.hung_at_exit and time.monotonic() - started < 15
+    plain = run_locust([sys.executable, "-c", "pass"], env=None, timeout=60.0, log_file=tmp_path / "log2.txt",
+                       done_marker=tmp_path / "never")
+    assert plain.returncode == 0 and not plain.hung_at_exit
+
+
 def test_locustfile_loads_without_a_server():
     """The Locust file imports cleanly (gevent gRPC init, scenario) and declares the ranking user."""
     proc = subprocess.run([sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py", "--list"], cwd=REPO_ROOT,

@@ -3,6 +3,8 @@ checkpoint round trip and mismatch."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -105,6 +107,41 @@ def test_checkpoint_round_trip_and_mismatch(ci_spec, tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot be loaded"):
         load_ranker(tmp_path / "garbage.pt")
+
+
+class _RunsCode:
+    """Unpickling this runs code (it writes a file): what a tampered checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+def test_checkpoints_holding_code_are_refused(ci_spec, tmp_path):
+    """Every torch.load reads weights only (weights_only=True): a pickle that would run code is refused, and the
+    code never runs; the same file unpickled in full would run it."""
+    import dataclasses
+
+    from fusionrank.models.encoders import AudioEncoder
+
+    marker = tmp_path / "ran.txt"
+    model = FusionRanker(RankerConfig.from_spec(ci_spec)).eval()
+    ranker = tmp_path / "ranker.pt"
+    torch.save({"config": dataclasses.asdict(model.config), "state_dict": model.state_dict(),
+                "metrics": {"auc": _RunsCode(marker)}}, ranker)
+    audio = tmp_path / "audio.pt"
+    torch.save({**AudioEncoder(ci_spec.modalities.audio).state_dict(), "extra": _RunsCode(marker)}, audio)
+    with pytest.raises(CheckpointError, match="ranker checkpoint .* cannot be loaded: .*Weights only load failed"):
+        load_ranker(ranker)
+    data = to_dict(ci_spec, drop=("source",))
+    data["modalities"]["audio"]["encoder"]["checkpoint"] = str(audio)
+    with pytest.raises(CheckpointError, match="modalities.audio.encoder.checkpoint: cannot load"):
+        build_encoder(from_dict(data), Modality.AUDIO)
+    assert not marker.exists(), "the checkpoint's code ran"
+    torch.load(ranker, weights_only=False)  # what the refusal prevents
+    assert marker.read_text() == "code ran"
 
 
 def test_encoders_shapes_and_text_pooling(ci_spec):

@@ -287,8 +287,9 @@ def route_model(monkeypatch, ci_spec, tmp_path):
     (repo / "preprocess" / "1" / "tokenizer").symlink_to(resolve_text_checkpoint(ci_spec.modalities.text.encoder
                                                                                  .checkpoint))
     for modality in ci_spec.modalities.enabled:  # the files the cache keys digest (stand-ins: members are fakes)
-        (repo / f"{modality.value}_encoder" / "1").mkdir(parents=True)
-        (repo / f"{modality.value}_encoder" / "1" / "model.onnx").write_bytes(modality.value.encode())
+        model = f"{modality.value}_encoder"
+        (repo / model / "1").mkdir(parents=True)
+        (repo / model / "1" / ci_spec.export.cpu.onnx_file(model)).write_bytes(modality.value.encode())
     config = model_configs(ci_spec)[ci_spec.serving.route]["cpu"]
     model = RouteModel()
     model.initialize({"model_config": json_format.MessageToJson(config, preserving_proto_field_name=True),

@@ -69,11 +69,12 @@ def _echo_repository(tmp_path, model: str = ECHO_MODEL):
     return repo
 
 
-def _start_serve(repo, log_file) -> tuple[subprocess.Popen, str]:
-    """`fusionrank serve` on the echo repository, read up to its "Ctrl-C ..." line: (process, output so far)."""
+def _start_serve(repo, log_file, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """`fusionrank serve` on the echo repository (with more `args`, in `env`), read up to its "Ctrl-C ..." line:
+    (process, output so far)."""
     proc = subprocess.Popen([sys.executable, "-m", "fusionrank_cli", "serve", "--repository", str(repo),
-                             "--profile", "cpu", "--log-file", str(log_file), "--model", "echo"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--profile", "cpu", "--log-file", str(log_file), "--model", "echo", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -21,6 +20,8 @@ import sys
 import sysconfig
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +29,17 @@ from pathlib import Path
 from fusionrank.errors import FusionRankError
 from fusionrank.paths import cache_dir
 from fusionrank.serving.backends import default_backend_dir, missing_backends
+from fusionrank.serving.doors import (
+    GrpcTls,
+    check_admin_key,
+    grpc_admin_header,
+    http_admin_header,
+    new_admin_key,
+    restricted_args,
+)
 from fusionrank.spec import PipelineSpec, ServingProfile, served_models
 
 log = logging.getLogger(__name__)
-
-ADMIN_HEADER = "fusionrank-admin-key"  # header a caller needs for the model-repository (load/unload) API
 
 class ServerError(FusionRankError):
     """The Triton server could not be found, started, or did not become ready."""
@@ -103,6 +110,17 @@ def find_triton(cache: Path | None = None) -> TritonInstall:
                          server_root / "caches", env)
 
 
+def policy_args(models: Sequence[str] | None, admin_key: str, tls: GrpcTls | None = None) -> list[str]:
+    """Triton's flags for what is served and who may do what: explicit model control loading exactly `models`
+    (None: every model in the repository), the restricted APIs behind `admin_key`, TLS for gRPC. The image's
+    entrypoint takes the same flags (`fusionrank serve --print-triton-args`)."""
+    args = []
+    if models is not None:
+        args += ["--model-control-mode=explicit", *(f"--load-model={m}" for m in models)]
+    args += restricted_args(admin_key, tls=tls is not None)
+    return args + (tls.args() if tls is not None else [])
+
+
 class TritonServer:
     """A tritonserver process on loopback ports; a context manager that always stops it (process group included)."""
 
@@ -110,7 +128,7 @@ class TritonServer:
                  http_port: int = 0, metrics_port: int = 0, log_file: Path | None = None,
                  extra_args: Sequence[str] = (), cache: Path | None = None, host: str = "127.0.0.1",
                  exit_timeout_s: int = 10, backend_config: Sequence[str] = (), models: Sequence[str] | None = None,
-                 admin_key: str | None = None):
+                 admin_key: str | None = None, tls: GrpcTls | None = None):
         try:
             self.profile = ServingProfile(profile)
         except ValueError:
@@ -127,8 +145,10 @@ class TritonServer:
         self.console_file = self.log_file.with_name(self.log_file.stem + ".console.log")
         # Explicit model control with exactly these models loaded (None: every model in the repository).
         self.models = tuple(models) if models is not None else None
-        # Explicit control opens Triton's load/unload API: only callers sending the admin key may use it.
-        self.admin_key = admin_key or secrets.token_urlsafe(16)
+        # Load/unload (explicit control), shared memory, trace and logging: only callers sending the admin key
+        # (fusionrank.serving.doors). None: a key drawn at each start, for this object's holder only.
+        self.admin_key = check_admin_key(admin_key) if admin_key is not None else new_admin_key()
+        self.tls = tls  # None: plaintext gRPC
         self.extra_args = list(extra_args)
         # `--backend-config` values, e.g. "tensorrt,version-compatible=true" for version-compatible plans.
         self.backend_config = list(backend_config)
@@ -142,13 +162,13 @@ class TritonServer:
 
     @property
     def grpc_admin_header(self) -> dict[str, str]:
-        """gRPC metadata that opens the model-repository API (Triton prefixes restricted gRPC header keys)."""
-        return {f"triton-grpc-protocol-{ADMIN_HEADER}": self.admin_key}
+        """gRPC metadata that opens the restricted APIs (model repository, shared memory, trace, logging)."""
+        return grpc_admin_header(self.admin_key)
 
     @property
     def http_admin_header(self) -> dict[str, str]:
-        """HTTP header that opens the model-repository API."""
-        return {ADMIN_HEADER: self.admin_key}
+        """HTTP header that opens the restricted APIs."""
+        return http_admin_header(self.admin_key)
 
     @property
     def grpc_url(self) -> str:
@@ -181,12 +201,7 @@ class TritonServer:
         if install.cache_dir:
             cmd.append(f"--cache-directory={install.cache_dir}")
         cmd += [f"--backend-config={value}" for value in self.backend_config]
-        if self.models is not None:
-            cmd.append("--model-control-mode=explicit")
-            cmd.extend(f"--load-model={m}" for m in self.models)
-            restricted = f"model-repository:{ADMIN_HEADER}={self.admin_key}"
-            cmd += [f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}"]
-        return cmd + self.extra_args
+        return cmd + policy_args(self.models, self.admin_key, self.tls) + self.extra_args
 
     def start(self, timeout: float = 300.0) -> TritonServer:
         """Start the server and wait until it and every model in the repository are ready."""
@@ -209,20 +224,20 @@ class TritonServer:
         return self
 
     def wait_ready(self, timeout: float) -> None:
-        import tritonclient.grpc as grpcclient
-
+        """Poll HTTP `/v2/health/ready` (open in every setting, TLS on gRPC included) until it answers 200."""
         deadline = time.monotonic() + timeout
-        with grpcclient.InferenceServerClient(self.grpc_url) as client:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise ServerError(f"tritonserver {describe_exit(self.process.returncode)} during start-up\n"
-                                      f"{self.log_tail()}")
-                try:
-                    if client.is_server_ready():
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"tritonserver {describe_exit(self.process.returncode)} during start-up\n"
+                                  f"{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2.0) as answer:
+                    if answer.status == 200:
                         return
-                except Exception:  # not listening yet
-                    pass
-                time.sleep(0.5)
+            except (urllib.error.URLError, OSError):  # not listening yet, or not ready (400)
+                pass
+            time.sleep(0.5)
         raise ServerError(f"tritonserver not ready after {timeout:.0f}s; log: {self.log_file}\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 30) -> str:
@@ -296,55 +311,3 @@ def exit_status_for(returncode: int) -> int:
     if returncode < 0:
         return 128 - returncode
     return returncode or 1
-
-
-def serve_forever(spec: PipelineSpec, repo: Path, profile: ServingProfile = ServingProfile.CPU, grpc_port: int = 0,
-                  http_port: int = 0, metrics_port: int = 0, log_file: str | None = None,
-                  reference_ensemble: bool = False, models: Sequence[str] | None = None, out=None, err=None,
-                  backend_config: Sequence[str] = ()) -> int:
-    """`fusionrank serve`: start, print the endpoints, run until Ctrl-C or SIGTERM (exit 0), stop cleanly. A server
-    that dies is reported on `err` (how it ended, the tails of its log and console) and gives a non-zero status."""
-    extra = {"models": tuple(models)} if models else {}
-    server = TritonServer.for_spec(spec, repo, profile, log_name="tritonserver",
-                                   log_file=Path(log_file) if log_file else None, grpc_port=grpc_port,
-                                   http_port=http_port, metrics_port=metrics_port,
-                                   reference_ensemble=reference_ensemble, backend_config=backend_config, **extra)
-    out, err = out or sys.stdout, err or sys.stderr
-    stop = []
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    died = False
-    try:
-        server.start()
-        _print_endpoints(server, out)
-        while not stop and server.process.poll() is None:
-            time.sleep(0.5)
-        died = not stop
-        return _report_death(server, err) if died else 0
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        server.stop()
-        signal.signal(signal.SIGTERM, previous)
-        if not died:
-            out.write("server stopped\n")
-            out.flush()
-
-
-def _print_endpoints(server: TritonServer, out) -> None:
-    out.write(f"Triton ready ({server.profile.value} profile) on {server.repository}\n")
-    out.write(f"  models   {', '.join(server.models) if server.models is not None else 'all in the repository'}\n")
-    out.write(f"  gRPC     {server.grpc_url}\n")
-    out.write(f"  HTTP     {server.http_url}\n")
-    out.write(f"  metrics  {server.metrics_url}\n")
-    out.write(f"  log      {server.log_file}\n")
-    out.write("Ctrl-C or SIGTERM stops the server.\n")
-    out.flush()
-
-
-def _report_death(server: TritonServer, err) -> int:
-    returncode = server.process.returncode
-    status = exit_status_for(returncode)
-    err.write(f"tritonserver died: {describe_exit(returncode)}\n{server.log_tail()}\n"
-              f"fusionrank serve exits with status {status} so that a supervisor restarts it\n")
-    err.flush()
-    return status

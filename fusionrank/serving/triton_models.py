@@ -193,7 +193,7 @@ class PoolModel(_BatchedModel):
 
 
 class OnnxRuntimeModel(_BatchedModel):
-    """Encoders and ranker in the CPU profile: one ONNX Runtime session over `1/model.onnx`."""
+    """Encoders and ranker in the CPU profile: one ONNX Runtime session over the graph `onnx_file` names."""
 
     def setup(self):
         import onnxruntime as ort

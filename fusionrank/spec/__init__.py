@@ -7,6 +7,7 @@ from a `PipelineSpec`, so no two parts of the project can disagree about a shape
 
 from fusionrank.spec.base import (
     DEFAULT_TEXT_CHECKPOINT,
+    CalibrationMethod,
     FusionType,
     Modality,
     Pooling,
@@ -30,9 +31,13 @@ from fusionrank.spec.modalities import (
 )
 from fusionrank.spec.pipeline import POOL_MODEL, PipelineSpec, member_models, served_models
 from fusionrank.spec.sections import (
+    CPU_MODELS,
+    INT8_FILE,
+    OPTIMIZED_FILE,
     SLO_FIELDS,
     BatchingSpec,
     CacheSpec,
+    CpuExportSpec,
     DataSpec,
     ExportSpec,
     HistorySpec,
@@ -47,8 +52,8 @@ from fusionrank.spec.sections import (
 )
 
 __all__ = [
-    "DEFAULT_TEXT_CHECKPOINT", "POOL_MODEL", "SLO_FIELDS", "AudioEncoderSpec", "AudioSpec", "BatchingSpec",
-    "CacheSpec", "DataSpec",
+    "CPU_MODELS", "DEFAULT_TEXT_CHECKPOINT", "INT8_FILE", "OPTIMIZED_FILE", "POOL_MODEL", "SLO_FIELDS",
+    "AudioEncoderSpec", "AudioSpec", "BatchingSpec", "CacheSpec", "CalibrationMethod", "CpuExportSpec", "DataSpec",
     "ExportSpec", "FusionType", "HistorySpec", "ImageEncoderSpec", "ImageSpec", "ModalitiesSpec", "Modality",
     "PipelineSpec", "Pooling", "Precision", "RankerSpec", "RankingParitySpec", "RecurrentCell", "ResNetArch",
     "ServingProfile", "SloSpec", "SloTargets", "TensorRTSpec", "TextEncoderSpec", "TextSpec", "Tolerance",

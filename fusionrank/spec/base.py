@@ -48,6 +48,13 @@ class Precision(str, enum.Enum):
     INT8 = "int8"
 
 
+class CalibrationMethod(str, enum.Enum):
+    """How static INT8 quantization picks activation ranges from calibration samples (ONNX Runtime's methods)."""
+
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    ENTROPY = "entropy"
+
 
 class ServingProfile(str, enum.Enum):
     """Which backend runs the encoders and the ranker; every profile has its own config file per model, chosen at

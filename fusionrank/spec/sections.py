@@ -6,7 +6,15 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
-from fusionrank.spec.base import FusionType, Precision, RecurrentCell, check_positive, check_sorted_unique, fail
+from fusionrank.spec.base import (
+    CalibrationMethod,
+    FusionType,
+    Precision,
+    RecurrentCell,
+    check_positive,
+    check_sorted_unique,
+    fail,
+)
 
 # --- ranker, data, training -------------------------------------------------------------------------------------
 
@@ -126,6 +134,58 @@ class TensorRTSpec:
             fail("export.tensorrt.builder_optimization_level", self.builder_optimization_level, "an integer in [0, 5]")
 
 
+# --- export.cpu: the CPU profile's optimised and INT8 graphs (issue 13) ------------------------------------------
+
+FP32_FILE = "model.onnx"
+OPTIMIZED_FILE = "model.opt.onnx"
+INT8_FILE = "model.int8.onnx"
+CPU_MODELS = ("text_encoder", "image_encoder", "audio_encoder", "fusion_ranker")
+CPU_PRECISIONS = (Precision.FP32, Precision.INT8)
+
+
+@dataclass(frozen=True)
+class CpuExportSpec:
+    """Which graph the CPU serving profile loads per model, and the gates a quantized chain must pass.
+
+    `fusionrank export` writes, beside the FP32 `model.onnx` (the GPU profiles and TensorRT build from it), an ONNX
+    Runtime-optimised FP32 graph (`model.opt.onnx`, when `optimize`) and, for models whose precision is int8, a
+    quantized one (`model.int8.onnx`); the CPU profile's config names the file (`onnx_file`)."""
+
+    optimize: bool = True
+    precision: dict[str, Precision] = field(default_factory=dict)
+    calibration_samples: int = 128
+    calibration_method: CalibrationMethod = CalibrationMethod.MINMAX
+    reduce_range: bool = True
+    tolerances: dict[str, Tolerance] = field(default_factory=dict)
+    ranking: RankingParitySpec = field(default_factory=lambda: RankingParitySpec(0.95, 0.95, 0.003))
+    max_test_auc_drop: float = 0.003
+
+    def __post_init__(self):
+        for model, precision in self.precision.items():
+            if model not in CPU_MODELS:
+                fail(f"export.cpu.precision.{model}", precision.value, "a key among " + ", ".join(CPU_MODELS))
+            if precision not in CPU_PRECISIONS:
+                fail(f"export.cpu.precision.{model}", precision.value,
+                     " or ".join(repr(p.value) for p in CPU_PRECISIONS) + " (fp16 is the TensorRT profile's)")
+        check_positive("export.cpu.calibration_samples", self.calibration_samples)
+        if self.max_test_auc_drop < 0:
+            fail("export.cpu.max_test_auc_drop", self.max_test_auc_drop, "a number >= 0")
+
+    def precision_of(self, model: str) -> Precision:
+        """The precision the CPU profile serves `model` at (fp32 where the spec names none)."""
+        return self.precision.get(model, Precision.FP32)
+
+    def quantized(self) -> tuple[str, ...]:
+        """Models served as INT8, in pipeline order."""
+        return tuple(m for m in CPU_MODELS if self.precision_of(m) is Precision.INT8)
+
+    def onnx_file(self, model: str) -> str:
+        """The file the CPU profile loads for `model`, inside its version folder."""
+        if self.precision_of(model) is Precision.INT8:
+            return INT8_FILE
+        return OPTIMIZED_FILE if self.optimize else FP32_FILE
+
+
 @dataclass(frozen=True)
 class ExportSpec:
     opset: int = 18
@@ -133,6 +193,7 @@ class ExportSpec:
     tolerances: dict[str, Tolerance] = field(default_factory=dict)
     ranking: RankingParitySpec = field(default_factory=RankingParitySpec)
     tensorrt: TensorRTSpec = field(default_factory=TensorRTSpec)
+    cpu: CpuExportSpec = field(default_factory=CpuExportSpec)
 
     def __post_init__(self):
         if not 13 <= self.opset <= 23:

@@ -31,7 +31,7 @@ from fusionrank.embeddings import catalogue_embeddings
 from fusionrank.errors import DataError, FusionRankError
 from fusionrank.preprocess import build_preprocessor
 from fusionrank.spec import Modality, PipelineSpec, Precision
-from fusionrank.tensors import CLICK_PROBABILITY, model_io
+from fusionrank.tensors import CLICK_PROBABILITY, MODALITY_MASK, model_io
 from fusionrank.train import split_rows
 
 REPORT_FILE = "cpu_parity.json"
@@ -132,8 +132,10 @@ class OrtChain:
         return np.concatenate([np.zeros((1, parts[0].shape[1]), np.float32), *parts])
 
     def rank(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Ranker outputs over any number of rows, in chunks of the ranker's max batch."""
+        """Ranker outputs over any number of rows, in chunks of the ranker's max batch; rows without a
+        `modality_mask` are complete candidates (the benchmark's catalogue items carry every modality)."""
         rows = len(inputs["history"])
+        inputs = {MODALITY_MASK: np.ones((rows, len(self.spec.modalities.enabled)), np.float32), **inputs}
         parts = [self.run(RANKER, {k: v[s:s + RANKER_CHUNK] for k, v in inputs.items()})
                  for s in range(0, rows, RANKER_CHUNK)]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -64,14 +64,14 @@ class Load:
     messages: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def record(self, latency_ms: float, error: ClientError | None) -> None:
+    def record(self, latency_ms: float, error: Exception | None) -> None:
         with self.lock:
             if error is None:
                 self.latencies_ms.append(latency_ms)
             else:
                 self.failures += 1
                 if len(self.messages) < 3:
-                    self.messages.append(str(error))
+                    self.messages.append(f"{type(error).__name__}: {error}")
 
 
 @dataclass
@@ -167,13 +167,16 @@ def memory(server_pid: int) -> dict[int, Memory]:
 
 def _caller(client: RankingClient, factory: RequestFactory, until: float, load: Load) -> None:
     while time.monotonic() < until:
-        items, history = factory.next()
         t0 = time.perf_counter()
         try:
-            client.rank_payloads(items, history)
+            request = factory.next()
+            client.rank_payloads(request.items, request.history, videos=request.videos)
             load.record((time.perf_counter() - t0) * 1000.0, None)
         except ClientError as exc:
             load.record(0.0, exc)
+        except Exception as exc:  # a broken caller fails the soak by name instead of dying silently in its thread
+            load.record(0.0, exc)
+            return
 
 
 def _drive(spec: PipelineSpec, client: RankingClient, scenario: Scenario, users: int, seconds: float,

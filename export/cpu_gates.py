@@ -27,16 +27,15 @@ from export.manifest import onnx_path
 from export.parity import OutputParity, RankingParity, check_outputs, ranking_parity
 from export.profiles import RANKER
 from fusionrank.benchmark import TEST, Benchmark
-from fusionrank.embeddings import catalogue_embeddings
+from fusionrank.embeddings import catalogue_embeddings, catalogue_payloads, encode_items
 from fusionrank.errors import DataError, FusionRankError
-from fusionrank.preprocess import build_preprocessor
+from fusionrank.ragged import CandidatePreparer
 from fusionrank.spec import Modality, PipelineSpec, Precision
 from fusionrank.tensors import CLICK_PROBABILITY, MODALITY_MASK, model_io
 from fusionrank.train import split_rows
 
 REPORT_FILE = "cpu_parity.json"
 RANKER_CHUNK = 128  # the ranker's max batch in serving
-ENCODER_BATCH = 32
 
 
 class CpuGateError(FusionRankError):
@@ -111,25 +110,25 @@ class OrtChain:
         self.spec = spec
         self.sessions = {m: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
                          for m, p in files.items()}
-        self.preprocessors = {m: build_preprocessor(spec, m) for m in spec.modalities.enabled}
+        self.preparer = CandidatePreparer(spec)
 
     def run(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         io = model_io(self.spec, model)
         values = self.sessions[model].run([t.name for t in io.outputs], {t.name: inputs[t.name] for t in io.inputs})
         return dict(zip((t.name for t in io.outputs), values))
 
-    def embed(self, modality: Modality, payloads: list[bytes]) -> np.ndarray:
-        """Embeddings of one batch of raw payloads (one request, as the server runs it)."""
+    def embed(self, modality: Modality, payloads: list[bytes], videos: list[bytes | None] | None = None) -> np.ndarray:
+        """Embeddings of items through the same candidate preparation as training and serving (a clip's frames
+        pooled with the still) and this chain's encoder."""
         model = f"{modality.value}_encoder"
-        (out,) = self.run(model, self.preprocessors[modality](payloads)).values()
-        return out
+        return encode_items(self.spec, modality, payloads, videos, preparer=self.preparer,
+                            run=lambda _, inputs: next(iter(self.run(model, inputs).values())))
 
     def catalogue(self, bench: Benchmark, modality: Modality) -> np.ndarray:
-        """[num_items + 1, D] embeddings of the whole catalogue (row 0, the padding id, all zeros)."""
-        ids = np.arange(1, bench.num_items + 1)
-        parts = [self.embed(modality, [bench.item(int(i)).payload(modality) for i in ids[s:s + ENCODER_BATCH]])
-                 for s in range(0, len(ids), ENCODER_BATCH)]
-        return np.concatenate([np.zeros((1, parts[0].shape[1]), np.float32), *parts])
+        """[num_items + 1, D] embeddings of the whole catalogue as training embedded it (row 0, the padding id, all
+        zeros; a video item from its clip)."""
+        emb = self.embed(modality, *catalogue_payloads(self.spec, bench, modality))
+        return np.concatenate([np.zeros((1, emb.shape[1]), np.float32), emb])
 
     def rank(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ranker outputs over any number of rows, in chunks of the ranker's max batch; rows without a
@@ -203,13 +202,14 @@ def check_cpu_chain(spec: PipelineSpec, repo: Path, files: dict[str, Path], benc
         model = f"{modality.value}_encoder"
         (name,) = (t.name for t in model_io(spec, model).outputs)
         tables[modality] = chain.catalogue(bench, modality)
-        embeddings[name] = tables[modality][candidates.ravel()]
+        # Export's golden data embeds every frozen candidate from its own payload (a video item by its still).
+        embeddings[name] = chain.embed(modality, [bench.item(int(i)).payload(modality) for i in candidates.ravel()])
         report.outputs += check_outputs(model, {name: golden.inputs[name]}, {name: embeddings[name]},
                                         _tolerance_for(spec, model), raise_on_fail=False)
     report.outputs += check_outputs(RANKER, golden.outputs, chain.rank(golden.inputs), _tolerance_for(spec, RANKER),
                                     raise_on_fail=False)
     report.gates += _output_gates(report.outputs)
-    scores = chain.rank({**embeddings, "history": golden.inputs["history"]})[CLICK_PROBABILITY]
+    scores = chain.rank({**golden.inputs, **embeddings})[CLICK_PROBABILITY]  # the golden's history and presence
     r = report.ranking = ranking_parity(golden.outputs[CLICK_PROBABILITY], scores, golden.labels, golden.groups,
                                         cpu.ranking)
     name = chain_name(spec)

@@ -31,16 +31,19 @@ BATCH = 32
 @torch.inference_mode()
 def encode_items(spec: PipelineSpec, modality: Modality, payloads: Sequence[bytes],
                  videos: Sequence[bytes | None] | None = None, encoder=None, preparer: CandidatePreparer | None = None,
-                 progress: str | None = None) -> np.ndarray:
+                 progress: str | None = None,
+                 run: Callable[[Modality, dict[str, np.ndarray]], np.ndarray] | None = None) -> np.ndarray:
     """Embeddings [N, D] of one modality's raw payloads, in batches, as candidates that have only that modality (for
-    the image, `videos` may give a clip per item, None or b"" for none: its frames are pooled with the still)."""
-    encoder = encoder or build_encoder(spec, modality)
+    the image, `videos` may give a clip per item, None or b"" for none: its frames are pooled with the still).
+    `run(modality, encoder inputs)` encodes one batch; by default the PyTorch encoder (`encoder` or the spec's)."""
     preparer = preparer or CandidatePreparer(spec)
     enabled = spec.modalities.enabled
     j = enabled.index(modality)
+    if run is None:
+        encoder = encoder or build_encoder(spec, modality)
 
-    def run(_, inputs):
-        return encoder(**{k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()
+        def run(_, inputs):
+            return encoder(**{k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()
 
     out = []
     starts = range(0, len(payloads), BATCH)
@@ -74,6 +77,16 @@ def embeddings_path(spec: PipelineSpec, modality: Modality, kind: str = "") -> P
     return cache_dir(spec) / "embeddings" / f"{modality.value}{kind}-{digest}.npy"
 
 
+def catalogue_payloads(spec: PipelineSpec, bench: Benchmark,
+                       modality: Modality) -> tuple[list[bytes], list[bytes | None] | None]:
+    """(payloads, clips) of every catalogue item for one modality: clips (None for an item without one) only for the
+    image when video is enabled, so a video item is embedded from its clip pooled with its still, as served."""
+    if modality is Modality.IMAGE and spec.modalities.video_enabled:
+        payloads, videos = (list(column) for column in zip(*(item.visual() for item in bench.items)))
+        return payloads, videos
+    return [item.payload(modality) for item in bench.items], None
+
+
 def catalogue_embeddings(spec: PipelineSpec, bench: Benchmark) -> dict[Modality, np.ndarray]:
     """{modality: [num_items + 1, D]} with row 0 (padding id) all zeros; cached (see `embeddings_path`). Video items
     are embedded from their clip when video is enabled, else from their cover."""
@@ -84,11 +97,7 @@ def catalogue_embeddings(spec: PipelineSpec, bench: Benchmark) -> dict[Modality,
             nonlocal preparer
             preparer = preparer or CandidatePreparer(spec)
             log.info("encoding %d catalogue items (%s)", bench.num_items, modality.value)
-            videos = None
-            if modality is Modality.IMAGE and spec.modalities.video_enabled:
-                payloads, videos = (list(column) for column in zip(*(item.visual() for item in bench.items)))
-            else:
-                payloads = [item.payload(modality) for item in bench.items]
+            payloads, videos = catalogue_payloads(spec, bench, modality)
             emb = encode_items(spec, modality, payloads, videos, preparer=preparer,
                                progress=f"encode {modality.value}")
             return np.concatenate([np.zeros((1, emb.shape[1]), dtype=np.float32), emb])

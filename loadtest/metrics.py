@@ -2,7 +2,9 @@
 
 Two scrapes of `/metrics`, one before and one after the run, parsed with prometheus_client's parser; the per-model
 differences give each served model's requests, queue time and compute time per request, and the batch size the
-dynamic batcher achieved (inference count / execution count). A missed SLO then shows where the time went. The
+dynamic batcher achieved (inference count / execution count). A missed SLO then shows where the time went. A model
+that counts its own answers by status (the route's `fusionrank_route_responses{code}`) has its failures from there:
+Triton 2.51 counts a Python model's error responses as successes (server#7713). The
 route's embedding-cache metrics (`fusionrank_cache_*`, custom metrics of the route's Python model) give the cache's
 share of the run: hits per tier, misses, evictions, store errors, bytes held.
 """
@@ -28,7 +30,10 @@ REQUEST_US = "nv_inference_request_duration_us"
 QUEUE_US = "nv_inference_queue_duration_us"
 COMPUTE_US = ("nv_inference_compute_input_duration_us", "nv_inference_compute_infer_duration_us",
               "nv_inference_compute_output_duration_us")
-METRICS = (REQUEST_SUCCESS, REQUEST_FAILURE, INFERENCE_COUNT, EXEC_COUNT, REQUEST_US, QUEUE_US, *COMPUTE_US)
+ROUTE_RESPONSES = "fusionrank_route_responses"  # the route's answers by `code` (fusionrank.serving.metrics)
+ROUTE_ERRORS = f"{ROUTE_RESPONSES}:error"  # its answers with a code other than OK, summed
+METRICS = (REQUEST_SUCCESS, REQUEST_FAILURE, INFERENCE_COUNT, EXEC_COUNT, REQUEST_US, QUEUE_US, *COMPUTE_US,
+           ROUTE_RESPONSES)
 
 Counters = dict[str, dict[str, float]]  # model -> metric -> value (summed over versions and other labels)
 
@@ -56,6 +61,8 @@ def parse_counters(text: str) -> Counters:
         for sample in family.samples:
             if sample.name in (family.name, f"{family.name}_total") and "model" in sample.labels:
                 out[sample.labels["model"]][family.name] += float(sample.value)
+                if family.name == ROUTE_RESPONSES and sample.labels.get("code") != "OK":
+                    out[sample.labels["model"]][ROUTE_ERRORS] += float(sample.value)
     return {model: dict(values) for model, values in out.items()}
 
 
@@ -64,8 +71,8 @@ class MemberStats:
     """One model's share of a run: counts, and milliseconds per request / rows per execution."""
 
     model: str
-    requests: int
-    failures: int
+    requests: int  # succeeded as Triton counts them; the route's from its own counter (answered with outputs)
+    failures: int  # Triton's failures, plus the route's error answers
     inferences: int
     executions: int
     request_ms: float  # end-to-end time inside the server per request
@@ -87,10 +94,12 @@ def diff(before: Counters, after: Counters, models: Sequence[str] | None = None)
         def delta(metric: str, a=a, b=b) -> float:
             return max(0.0, a.get(metric, 0.0) - b.get(metric, 0.0))
 
-        requests = delta(REQUEST_SUCCESS)
+        requests = delta(REQUEST_SUCCESS)  # every request Triton timed (the route's error answers included)
+        # The route's error answers are in Triton's successes (server#7713): moved to the failures.
+        errors = delta(ROUTE_ERRORS)
         executions = delta(EXEC_COUNT)
         stats.append(MemberStats(
-            model=model, requests=int(round(requests)), failures=int(round(delta(REQUEST_FAILURE))),
+            model=model, requests=int(round(requests - errors)), failures=int(round(delta(REQUEST_FAILURE) + errors)),
             inferences=int(round(delta(INFERENCE_COUNT))), executions=int(round(executions)),
             request_ms=_per_request_ms(delta(REQUEST_US), requests),
             queue_ms=_per_request_ms(delta(QUEUE_US), requests),

@@ -191,6 +191,29 @@ def test_metrics_diff_per_member():
     assert "text_encoder" in table and "10.00" in table
 
 
+_ROUTE_SCRAPE = """# TYPE nv_inference_request_success counter
+nv_inference_request_success{{model="rank",version="1"}} {ok}
+# TYPE nv_inference_request_failure counter
+nv_inference_request_failure{{model="rank",reason="REJECTED",version="1"}} {rejected}
+# TYPE nv_inference_request_duration_us counter
+nv_inference_request_duration_us{{model="rank",version="1"}} {us}
+# HELP fusionrank_route_responses Responses of the route by the gRPC status the caller sees
+# TYPE fusionrank_route_responses counter
+fusionrank_route_responses{{code="OK",instance="rank_0_0",model="rank"}} {route_ok}
+fusionrank_route_responses{{code="INVALID_ARGUMENT",instance="rank_0_0",model="rank"}} {invalid}
+fusionrank_route_responses{{code="CANCELLED",instance="rank_0_1",model="rank"}} {cancelled}
+"""
+
+
+def test_metrics_take_the_routes_failures_from_its_own_counter():
+    # Triton 2.51 counts the route's 3 error answers (2 INVALID_ARGUMENT, 1 CANCELLED) among its 13 successes.
+    before = _ROUTE_SCRAPE.format(ok=5, rejected=0, us=5000, route_ok=5, invalid=0, cancelled=0)
+    after = _ROUTE_SCRAPE.format(ok=18, rejected=1, us=31000, route_ok=15, invalid=2, cancelled=1)
+    (route,) = metrics.breakdown(before, after, ["rank"])
+    assert (route.requests, route.failures) == (10, 4)
+    assert route.request_ms == pytest.approx(26000 / 13 / 1000)  # Triton times every answer it counted
+
+
 # --- requests ------------------------------------------------------------------------------------------------------
 
 

@@ -337,3 +337,30 @@ def test_shell_publishes_the_cache_counters_as_triton_metrics(route_model, ci_sp
     assert families["fusionrank_cache_bytes"].total() > 0
     assert families["fusionrank_cache_store_errors"].total() == 0
     assert {m.labels["instance"] for m in hits.metrics} == {model.metrics.hits[Modality.TEXT, "lru"].labels["instance"]}
+
+
+def test_shell_counts_every_response_by_the_status_the_caller_sees(route_model, ci_spec):
+    model, pb = route_model
+    responses = FakeMetricFamily.families["fusionrank_route_responses"]
+    assert {m.labels["code"] for m in responses.metrics} >= {"OK", "INVALID_ARGUMENT", "CANCELLED", "INTERNAL"}
+    assert responses.total() == 0, "every series exists at 0 before the first request"
+    good = _request(ci_spec, 2)
+    bad = {**_request(ci_spec, 1), "item_text": np.array([[b"\xff\xfe"]], dtype=object)}
+    asyncio.run(model.execute([FakeRequest(good), FakeRequest(bad), FakeRequest(bad), FakeRequest(good, True)]))
+    pb.members["text_encoder"] = lambda arrays: FakeMemberError("onnxruntime: bad alloc", FakeError.INTERNAL)
+    asyncio.run(model.execute([FakeRequest(_request(ci_spec, 1, title=b"not in the cache yet"))]))
+    counts = {m.labels["code"]: m.value for m in responses.metrics if m.value}
+    assert counts == {"OK": 1, "INVALID_ARGUMENT": 2, "CANCELLED": 1, "INTERNAL": 1}
+    assert {m.labels["model"] for m in responses.metrics} == {ci_spec.serving.route}
+
+
+def test_shell_answers_its_requests_when_the_metric_update_fails(route_model, ci_spec, monkeypatch):
+    model, pb = route_model
+
+    def broken(self, value):
+        raise RuntimeError("metrics server gone")
+
+    monkeypatch.setattr(type(model.responses.metrics["OK"]), "increment", broken)
+    (response,) = asyncio.run(model.execute([FakeRequest(_request(ci_spec, 1))]))
+    assert response.error is None
+    assert any("publishing response metrics failed" in e for e in pb.Logger.errors)

@@ -20,8 +20,9 @@ from fusionrank.errors import PreprocessError
 from fusionrank.paths import tokenizer_dir
 from fusionrank.preprocess.request import RequestPreprocessor, non_finite_row
 from fusionrank.ragged import pool_rows
-from fusionrank.serving.cache import CacheStats, EmbeddingCache
+from fusionrank.serving.cache import EmbeddingCache
 from fusionrank.serving.item_keys import MEMBER_FILES, encoder_identities
+from fusionrank.serving.metrics import CacheMetrics, ResponseMetrics
 from fusionrank.serving.route import MemberCallError, RankingRoute, RouteError, RouteRequest, Status
 from fusionrank.serving.samples import warmup_samples
 from fusionrank.spec import Modality, from_dict
@@ -246,49 +247,8 @@ def member_status(pb, code: int, message: str) -> Status:
     return Status.INTERNAL
 
 
-class CacheMetrics:
-    """The route's embedding-cache counters as Triton custom metrics (the Python backend's metric API), one series
-    per route instance. Each metric update is a round trip to the server, so they are published once per execute and
-    only when they changed."""
-
-    TIERS = ("lru", "redis")
-
-    def __init__(self, pb, model: str, instance: str, modalities):
-        # Kept: a MetricFamily object that is garbage-collected deletes the family and its metrics in the server.
-        self.families = []
-
-        def family(name: str, description: str, kind):
-            self.families.append(pb.MetricFamily(name=name, description=description, kind=kind))
-            return self.families[-1]
-
-        counter, gauge = pb.MetricFamily.COUNTER, pb.MetricFamily.GAUGE
-        hits = family("fusionrank_cache_hits", "Candidate payloads whose embedding the route's cache held", counter)
-        misses = family("fusionrank_cache_misses", "Candidate payloads the route had to preprocess and encode", counter)
-        labels = {"model": model, "instance": instance}
-        self.hits = {(m, t): hits.Metric(labels={**labels, "modality": m.value, "tier": t})
-                     for m in modalities for t in self.TIERS}
-        self.misses = {m: misses.Metric(labels={**labels, "modality": m.value}) for m in modalities}
-        self.evictions = family("fusionrank_cache_evictions", "Entries the in-process cache evicted (LRU, bytes bound)",
-                                counter).Metric(labels=labels)
-        self.store_errors = family("fusionrank_cache_store_errors", "Failed or timed-out round trips to the shared "
-                                   "cache tier and values from it that did not fit", counter).Metric(labels=labels)
-        self.bytes = family("fusionrank_cache_bytes", "Bytes held by the in-process cache", gauge).Metric(labels=labels)
-        self.last = CacheStats()
-
-    def publish(self, stats: CacheStats) -> None:
-        counters = [(self.hits[k], stats.hits[k] - self.last.hits[k]) for k in self.hits]
-        counters += [(self.misses[m], stats.misses[m] - self.last.misses[m]) for m in self.misses]
-        counters += [(self.evictions, stats.evictions - self.last.evictions),
-                     (self.store_errors, stats.store_errors - self.last.store_errors)]
-        for metric, delta in counters:
-            if delta:
-                metric.increment(delta)
-        if stats.bytes != self.last.bytes:
-            self.bytes.set(stats.bytes)
-        self.last = stats
-
-
-def _route_cache(pb, spec, args, params: dict[str, str]) -> tuple[EmbeddingCache | None, CacheMetrics | None]:
+def _route_cache(pb, spec, args, params: dict[str, str], labels: tuple[str, str]
+                 ) -> tuple[EmbeddingCache | None, CacheMetrics | None]:
     """The route instance's embedding cache (None when the spec disables it) and its metrics."""
     settings = spec.serving.cache
     if not settings.enabled:
@@ -300,14 +260,12 @@ def _route_cache(pb, spec, args, params: dict[str, str]) -> tuple[EmbeddingCache
     pb.Logger.log_info(f"route: embedding cache: in-process {settings.lru_bytes} bytes, shared tier "
                        f"{settings.redis_url or 'none'}; encoders " + ", ".join(
                            f"{i.model} v{i.version} ({i.digest})" for i in identities.values()))
-    name = args.get("model_name") or json.loads(args["model_config"])["name"]
-    metrics = CacheMetrics(pb, name, args.get("model_instance_name", name), spec.modalities.enabled)
-    return cache, metrics
+    return cache, CacheMetrics(pb, *labels, spec.modalities.enabled)
 
 
 class RouteModel:
     """The route callers use (`serving.route`): a thin shell over `fusionrank.serving.route.RankingRoute`, with its
-    embedding cache (`fusionrank.serving.cache`) and the cache's metrics.
+    embedding cache (`fusionrank.serving.cache`) and its metrics (`fusionrank.serving.metrics`).
 
     Async `execute`: the member calls of one execute (`pb_utils.InferenceRequest.async_exec`) run concurrently. Triton
     runs one execute per instance at a time for a model that is not decoupled, so the spec's instance count sets how
@@ -321,7 +279,10 @@ class RouteModel:
         preparer = RequestPreprocessor(spec, tokenizer_dir=tokenizer_dir(Path(args["model_repository"]).parent))
         self.input_names = [i["name"] for i in config["input"]]
         self.output_names = [o["name"] for o in config["output"]]
-        self.cache, self.metrics = _route_cache(pb, spec, args, params)
+        name = args.get("model_name") or config["name"]
+        labels = (name, args.get("model_instance_name", name))
+        self.cache, self.metrics = _route_cache(pb, spec, args, params, labels)
+        self.responses = ResponseMetrics(pb, *labels)
         self.route = RankingRoute(spec, preparer, self._infer, pb.Logger.log_error, cache=self.cache)
         self.codes = {Status.INVALID_ARG: pb.TritonError.INVALID_ARG, Status.CANCELLED: pb.TritonError.CANCELLED,
                       Status.UNAVAILABLE: pb.TritonError.UNAVAILABLE, Status.INTERNAL: pb.TritonError.INTERNAL}
@@ -345,20 +306,29 @@ class RouteModel:
         pb = _pb()
         plain = [RouteRequest(_inputs(pb, r, self.input_names), r.is_cancelled) for r in requests]
         results = await self.route.rank(plain)
-        if self.metrics is not None:
-            try:
-                self.metrics.publish(self.cache.stats())
-            except Exception:  # metrics are for operators: a failed update never fails the requests
-                pb.Logger.log_error(f"route: publishing cache metrics failed:\n{traceback.format_exc()}")
-        responses = []
+        responses, codes = [], []
         for result in results:
             if isinstance(result, RouteError):
-                error = pb.TritonError(result.message, self.codes[result.status])
+                codes.append(self.codes[result.status])
+                error = pb.TritonError(result.message, codes[-1])
                 responses.append(pb.InferenceResponse(output_tensors=[], error=error))
             else:
+                codes.append(None)
                 responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(n, result[n])
                                                                       for n in self.output_names]))
+        self._publish(pb, codes)
         return responses
+
+    def _publish(self, pb, codes: list[int | None]) -> None:
+        """The execute's response codes and the cache's counters to Triton's metrics."""
+        updates = [("response", lambda: self.responses.count(codes))]
+        if self.metrics is not None:
+            updates.append(("cache", lambda: self.metrics.publish(self.cache.stats())))
+        for what, update in updates:
+            try:
+                update()
+            except Exception:  # metrics are for operators: a failed update never fails the requests
+                pb.Logger.log_error(f"route: publishing {what} metrics failed:\n{traceback.format_exc()}")
 
     def finalize(self):
         if self.cache is not None:

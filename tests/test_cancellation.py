@@ -54,7 +54,14 @@ class Run:
         self.stop.set()
 
 
-def _normal_caller(run: Run, url: str, model: str, inputs, expected: dict[str, np.ndarray]) -> None:
+def _unaltered(spec, name: str, got: np.ndarray, want: np.ndarray) -> bool:
+    """Equal within the ranker's parity tolerance, not bit for bit: each route instance has its own embedding cache,
+    and an embedding computed in a batch of another size differs in the last bits (docs/cache.md)."""
+    tolerance = spec.export.tolerance(name)
+    return got.shape == want.shape and np.allclose(got, want, atol=tolerance.atol, rtol=tolerance.rtol)
+
+
+def _normal_caller(run: Run, spec, url: str, model: str, inputs, expected: dict[str, np.ndarray]) -> None:
     with grpcclient.InferenceServerClient(url) as client:
         while not run.stop.is_set():
             try:
@@ -62,7 +69,7 @@ def _normal_caller(run: Run, url: str, model: str, inputs, expected: dict[str, n
             except InferenceServerException as exc:
                 return run.problem(f"normal call failed: {exc.status()} {exc.message()[:200]}")
             for name, array in expected.items():
-                if not np.array_equal(result.as_numpy(name), array):
+                if not _unaltered(spec, name, result.as_numpy(name), array):
                     return run.problem(f"normal call got altered {name}: {result.as_numpy(name)} vs {array}")
             with run.lock:
                 run.normal_ok += 1
@@ -97,7 +104,7 @@ def test_route_survives_cancelled_calls_under_load_with_nothing_lost_or_altered(
 
     run = Run()
     started = time.monotonic()
-    callers = [threading.Thread(target=_normal_caller, args=(run, url, route, inputs, expected))
+    callers = [threading.Thread(target=_normal_caller, args=(run, ci_spec, url, route, inputs, expected))
                for _ in range(NORMAL_CALLERS)]
     callers.append(threading.Thread(target=_cancelling_caller, args=(run, url, route, inputs, started + 120)))
     for t in callers:
@@ -125,5 +132,5 @@ def test_route_survives_cancelled_calls_under_load_with_nothing_lost_or_altered(
     assert run.normal_ok >= NORMAL_CALLERS
     with grpcclient.InferenceServerClient(url) as client:
         after = client.infer(route, inputs, client_timeout=60)
-        assert np.array_equal(after.as_numpy(CLICK_PROBABILITY), expected[CLICK_PROBABILITY])
+        assert _unaltered(ci_spec, CLICK_PROBABILITY, after.as_numpy(CLICK_PROBABILITY), expected[CLICK_PROBABILITY])
 

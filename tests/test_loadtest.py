@@ -368,11 +368,14 @@ def test_ci_smoke_load_test_passes_the_ci_slos(triton_server, ci_spec, tmp_path)
     assert s["requests"] >= 10 and s["error_rate"] == 0.0 and s["p50_ms"] <= s["p95_ms"] <= s["p99_ms"]
     members = {m.model: m for m in verdict.members}
     assert members["rank"].requests >= s["requests"]  # warm-up requests are outside the window
-    for name in ("text_encoder", "image_encoder", "audio_encoder", "fusion_ranker"):
-        assert members[name].executions > 0 and members[name].avg_batch >= 1.0
+    assert members["fusion_ranker"].executions > 0 and members["fusion_ranker"].avg_batch >= 1.0
     # Every present payload is a hit or a miss of the route's cache; an absent one (the ci scenario sends 30 % of
     # candidates without audio) is neither: a title is always sent, audio not always.
     cache = verdict.cache
+    # The encoders run on the cache's misses only: every payload may be a hit when earlier tests sent the same items.
+    encoded = [members[n] for n in ("text_encoder", "image_encoder", "audio_encoder") if members[n].executions]
+    assert all(m.avg_batch >= 1.0 for m in encoded)
+    assert cache is not None and bool(encoded) == (cache.misses > 0), (cache, encoded)
     rows = members["rank"].inferences
     assert cache is not None and rows <= cache.hits + cache.misses < 3 * rows, cache
     assert f"embedding cache of rank: hit ratio {100 * cache.hit_ratio:.1f}%" in verdict.render()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import urllib.error
 import urllib.request
 from types import SimpleNamespace
@@ -23,6 +22,7 @@ from fusionrank.serving.server import TritonServer, policy_args
 from fusionrank.spec import Modality
 
 from .certs import make_pki
+from .processes import stop
 
 # Each restricted group: a gRPC call and an HTTP (method, path, body) that only it answers.
 GROUPS = {
@@ -173,6 +173,5 @@ def test_serve_over_mutual_tls_with_the_key_from_the_environment(tmp_path, ci_sp
         assert _http(server, "POST", "/v2/models/echo/infer", body, http_admin_header(key)) == 200
         assert _http(server, "GET", "/v2/health/ready", None) == 200
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        stop(proc, timeout=60)
     assert key not in (tmp_path / "triton.log").read_text(errors="replace")

@@ -32,6 +32,7 @@ from fusionrank.serving.doors import grpc_admin_header
 from fusionrank.tensors import CLICK_PROBABILITY
 
 from .conftest import CI_SPEC, REPO_ROOT
+from .processes import stop
 from .test_doors import _request
 
 CI_SLO = REPO_ROOT / "loadtest" / "slo.ci.yaml"
@@ -124,13 +125,7 @@ def spare_server(built_repository, tmp_path_factory):
         url, metrics, pid = (m.group(1) for m in found)
         yield SpareServer(proc, url, metrics, int(pid), key, repo, output)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=60)
     assert key not in (tmp / "triton.log").read_text(), "the admin key must not reach Triton's log"
 
 

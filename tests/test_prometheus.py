@@ -9,7 +9,6 @@ import json
 import math
 import re
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -26,6 +25,7 @@ from fusionrank.serving.server import free_port
 from fusionrank.tensors import infer_inputs, request_arrays
 
 from .conftest import REPO_ROOT
+from .processes import stop
 
 MONITORING = REPO_ROOT / "docker" / "monitoring"
 RULES = yaml.safe_load((MONITORING / "rules.yml").read_text())
@@ -86,12 +86,7 @@ def prometheus(triton_server, tmp_path_factory):
                 time.sleep(0.2)
         yield url
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=20)
         log.close()
 
 

@@ -32,6 +32,16 @@ os.environ.setdefault("FUSIONRANK_CACHE", str(REPO_ROOT / ".cache" / "fusionrank
 
 
 @pytest.fixture(scope="session")
+def clip():
+    """A four-frame video (blue, green, red, near-black) for the ragged-candidate tests."""
+    from PIL import Image  # Pillow and PyAV only for the tests that take a clip
+
+    from fusionrank.preprocess.video import encode_video
+
+    return encode_video([Image.new("RGB", (32, 32), c) for c in ((0, 0, 255), (0, 255, 0), (255, 0, 0), (9, 9, 9))])
+
+
+@pytest.fixture(scope="session")
 def ci_spec():
     from fusionrank.spec import load_spec
 

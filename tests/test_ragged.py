@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 
 from fusionrank.errors import PreprocessError
-from fusionrank.preprocess.video import encode_video
 from fusionrank.ragged import CandidatePreparer, check_presence, pool_rows, presence_patterns
 from fusionrank.spec import Modality
 from fusionrank.tensors import ITEM_VIDEO, MODALITY_PRESENT, request_arrays
@@ -35,11 +34,6 @@ def _wav() -> bytes:
 @pytest.fixture(scope="module")
 def preparer(ci_spec):
     return CandidatePreparer(ci_spec)
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return encode_video([Image.new("RGB", (32, 32), c) for c in ((0, 0, 255), (0, 255, 0), (255, 0, 0), (9, 9, 9))])
 
 
 def _request(n: int, present: np.ndarray | None = None):

@@ -37,11 +37,6 @@ def preparer(ci_spec):
     return RequestPreprocessor(ci_spec)
 
 
-@pytest.fixture(scope="module")
-def clip():
-    return encode_video([Image.new("RGB", (32, 32), c) for c in ((0, 0, 255), (0, 255, 0), (255, 0, 0), (9, 9, 9))])
-
-
 def _ragged(spec, clip):
     """Four candidates: complete; no audio; title only; a video (no still) with title and audio."""
     base = _request(spec, 4)

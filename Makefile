@@ -9,10 +9,10 @@ SYSTEM_PACKAGES := prometheus shellcheck redis-server
 # Images: `make image push REGISTRY=registry.example.com/ml TAG=0.1.0` (needs a Docker engine).
 REGISTRY ?= registry.example.com/ml
 TAG ?= 0.1.0
-RELEASE := docker/triton-release.yaml
+RELEASE := deploy/triton-release.yaml
 release = $(shell sed -n 's/^$(1): *"\{0,1\}\([^"]*\)"\{0,1\} *$$/\1/p' $(RELEASE))
 TRITON_DIGEST ?= $(call release,digest)
-BUILD = docker build -f docker/Dockerfile --build-arg TRITON_DIGEST=$(TRITON_DIGEST) \
+BUILD = docker build -f deploy/Dockerfile --build-arg TRITON_DIGEST=$(TRITON_DIGEST) \
 	$(if $(RANKER_CHECKPOINT),--build-arg RANKER_CHECKPOINT=$(RANKER_CHECKPOINT))
 
 .PHONY: demo test test-all test-gpu gpu-check lint install system-deps deploy-render image push pin-triton clean
@@ -48,9 +48,9 @@ test-gpu: $(STAMP)
 	$(PY) -m pip install -q -e '.[gpu]'
 	$(PY) -m pytest -m gpu -q
 
-# Generated deployment files: the PrometheusRule (from docker/monitoring/rules.yml) and the rendered overlays.
+# Generated deployment files: the PrometheusRule (from deploy/monitoring/rules.yml) and the rendered overlays.
 deploy-render: $(STAMP)
-	$(PY) docker/render_manifests.py
+	$(PY) deploy/render_manifests.py
 
 image:
 	@test -n "$(TRITON_DIGEST)" || { echo "$(RELEASE) has no digest: run 'make pin-triton' where nvcr.io is reachable"; exit 1; }
@@ -61,7 +61,7 @@ push: image
 	docker push $(REGISTRY)/fusionrank:$(TAG)
 	docker push $(REGISTRY)/fusionrank-engine-builder:$(TAG)
 
-# Resolves the release's tag to its digest once and records it in docker/triton-release.yaml.
+# Resolves the release's tag to its digest once and records it in deploy/triton-release.yaml.
 pin-triton:
 	digest=$$(docker buildx imagetools inspect $(call release,image):$(call release,tag) \
 	  --format '{{json .Manifest.Digest}}' | tr -d '"') && test -n "$$digest" && \
@@ -72,7 +72,7 @@ pin-triton:
 gpu-check: $(STAMP)
 	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q -e '.[gpu]' || \
 		echo "could not install the [gpu] extra: the TensorRT steps will say why"; fi
-	$(PY) -m fusionrank_cli.gpu_check
+	$(PY) -m release.gpu_check
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

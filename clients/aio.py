@@ -8,13 +8,13 @@ from functools import partial
 
 import numpy as np
 
-from clients.base import ClientBase
-from clients.endpoints import Endpoint
+from clients._base import ClientBase
+from clients._endpoints import Endpoint
+from clients._request import Candidate, Chunk, RankingResult, chunk_outputs, merge_outputs
+from clients._retry import run_async
+from clients._transport import ShmRegion, chunk_inputs, quietly_async, release_async
 from clients.errors import probe_error, to_client_error
-from clients.request import Candidate, Chunk, RankingResult, chunk_outputs, merge_outputs
-from clients.retry import run_async
-from clients.transport import ShmRegion, chunk_inputs, quietly_async, release_async
-from fusionrank.spec import Modality
+from fusionrank.contract.spec import Modality
 
 
 class AsyncRankingClient(ClientBase):

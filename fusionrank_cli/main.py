@@ -7,8 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from fusionrank.errors import FusionRankError
-from fusionrank.project import ENV_HOME
+from fusionrank.contract.errors import FusionRankError
+from fusionrank.contract.project import ENV_HOME
 from fusionrank_cli.parser import build_parser
 
 

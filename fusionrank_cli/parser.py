@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import os
 
-from export.upgrade_measure import UPGRADE_PROFILES
-from fusionrank.serving.doors import ENV_TLS_DIR, TLS_FILES
-from fusionrank.spec import FusionType, Precision, ServingProfile, choices
+from fusionrank.contract.spec import FusionType, Precision, ServingProfile, choices
+from fusionrank.server.doors import ENV_TLS_DIR, TLS_FILES
 from fusionrank_cli import commands
 from loadtest.soak import add_arguments as soak_arguments
+from release.upgrade_measure import UPGRADE_PROFILES
 
 DESCRIPTION = "fusionrank: multimodal recommendation ranker, from PyTorch to a Triton ensemble"
 

@@ -31,12 +31,12 @@ import numpy as np
 
 from clients import NO_RETRY, RankingClient
 from clients.errors import ClientError
-from fusionrank.benchmark import load_benchmark
-from fusionrank.errors import FusionRankError
-from fusionrank.project import model_repository_dir
-from fusionrank.scenario import RequestFactory, Scenario, load_scenario
-from fusionrank.serving.server import TritonServer
-from fusionrank.spec import PipelineSpec, ServingProfile, load_spec
+from fusionrank.contract.errors import FusionRankError
+from fusionrank.contract.project import model_repository_dir
+from fusionrank.contract.spec import PipelineSpec, ServingProfile, load_spec
+from fusionrank.model.synthetic_data import load_benchmark
+from fusionrank.request.scenario import RequestFactory, Scenario, load_scenario
+from fusionrank.server.launcher import TritonServer
 
 MAX_GROWTH_MB = 64.0
 MIB = 1024 * 1024

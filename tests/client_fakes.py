@@ -8,8 +8,8 @@ import threading
 import numpy as np
 from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor, triton_to_np_dtype
 
-from fusionrank.spec import Modality
-from fusionrank.tensors import CLICK_PROBABILITY, ITEM_INPUT, MODALITY_WEIGHTS, USER_HISTORY
+from fusionrank.contract.spec import Modality
+from fusionrank.contract.tensors import CLICK_PROBABILITY, ITEM_INPUT, MODALITY_WEIGHTS, USER_HISTORY
 
 
 class FakeClock:

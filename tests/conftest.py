@@ -43,7 +43,7 @@ def clip():
 
 @pytest.fixture(scope="session")
 def ci_spec():
-    from fusionrank.spec import load_spec
+    from fusionrank.contract.spec import load_spec
 
     return load_spec(CI_SPEC)
 
@@ -57,7 +57,7 @@ def per_bucket_spec(ci_spec):
 
 @pytest.fixture(scope="session")
 def default_spec():
-    from fusionrank.spec import load_spec
+    from fusionrank.contract.spec import load_spec
 
     return load_spec()
 
@@ -65,7 +65,7 @@ def default_spec():
 @pytest.fixture(scope="session")
 def ci_checkpoint(ci_spec) -> Path:
     """The CI spec's ranker, trained once (reused from the cache when it exists)."""
-    from fusionrank.train import checkpoint_path, train_ranker
+    from fusionrank.model.train import checkpoint_path, train_ranker
 
     path = checkpoint_path(ci_spec, ci_spec.ranker.fusion.value)
     return path if path.is_file() else train_ranker(ci_spec)
@@ -74,8 +74,8 @@ def ci_checkpoint(ci_spec) -> Path:
 @pytest.fixture(scope="session")
 def built_repository(ci_spec, ci_checkpoint, tmp_path_factory) -> Path:
     """A model repository for the CI spec: rendered configs, ONNX models, tokenizer, golden outputs."""
-    from export.torch2onnx import export_all
-    from fusionrank.serving.render import render_repository
+    from export.convert.torch2onnx import export_all
+    from fusionrank.triton.render import render_repository
 
     repo = tmp_path_factory.mktemp("built") / "model_repository"
     render_repository(ci_spec, repo)
@@ -85,8 +85,8 @@ def built_repository(ci_spec, ci_checkpoint, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def reference_pipeline(ci_spec, ci_checkpoint, built_repository):
-    from fusionrank.paths import tokenizer_dir
-    from fusionrank.reference import ReferencePipeline
+    from fusionrank.contract.paths import tokenizer_dir
+    from fusionrank.model.reference import ReferencePipeline
 
     return ReferencePipeline(ci_spec, ci_checkpoint, tokenizer_dir=tokenizer_dir(built_repository))
 
@@ -95,8 +95,8 @@ def reference_pipeline(ci_spec, ci_checkpoint, built_repository):
 def triton_server(ci_spec, built_repository, tmp_path_factory):
     """A started tritonserver (CPU profile) on `built_repository`, with the route callers use, its members and the
     reference ensemble (for the tests that compare with it); stopped at the end of the session."""
-    from fusionrank.serving.server import TritonServer
-    from fusionrank.spec import served_models
+    from fusionrank.contract.spec import served_models
+    from fusionrank.server.launcher import TritonServer
 
     log_file = tmp_path_factory.mktemp("triton-log") / "tritonserver.log"
     server = TritonServer(built_repository, profile="cpu", log_file=log_file,

@@ -1,8 +1,8 @@
 """A fake `tensorrt` module for unit tests of the engine builder and runner (no GPU here).
 
 TensorRT needs a GPU, so this fake stands in for the documented API surface (names checked against the
-tensorrt_cu12_bindings 10.13.3.9 wheel): it records what `export.onnx2trt` and `export.trt_runner` ask for (the
-logger every Builder and Runtime gets, network flags, builder config), returns False / None where TensorRT does on
+tensorrt_cu12_bindings 10.13.3.9 wheel): it records what `export.convert.onnx2trt` and `export.node.trt_runner` ask for
+(the logger every Builder and Runtime gets, network flags, builder config), returns False / None where TensorRT does on
 failure (refused shapes and profiles, no execution context), and runs the engine on the fake CUDA stream of
 tests/fake_cuda.py, so the wiring of profiles, precision, timing cache, error reporting and the runner's profile
 choice, chunking and stream use is tested without one; tests/test_gpu.py runs the real thing on a GPU node.

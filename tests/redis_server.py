@@ -1,4 +1,4 @@
-"""Cache-test helpers: a real redis-server on loopback (`loadtest.local_redis.LocalRedis`) and a black-hole port
+"""Cache-test helpers: a real redis-server on loopback (`tests.local_redis.LocalRedis`) and a black-hole port
 that accepts connections and never answers."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from loadtest.local_redis import LocalRedis
+from tests.local_redis import LocalRedis
 
 
 def start_redis(folder: Path) -> LocalRedis:

@@ -9,17 +9,17 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from export.latency import LatencyStats
-from fusionrank.preprocess.request import RequestPreprocessor
-from fusionrank.scenario import RequestFactory, Scenario, novel_payload, zipf_weights
-from fusionrank.spec import Modality
-from loadtest.bench import BenchConfig, BenchError, BenchResult, Phase
-from loadtest.bench_report import goals, render, write_chart
+from benchmarks.latency import LatencyStats
+from benchmarks.serve import BenchConfig, BenchError, BenchResult, Phase
+from benchmarks.serve_report import goals, render, write_chart
+from fusionrank.contract.spec import Modality
+from fusionrank.request.scenario import RequestFactory, Scenario, novel_payload, zipf_weights
+from fusionrank.request.validation import RequestPreprocessor
 
 
 @pytest.fixture(scope="module")
 def bench(ci_spec):
-    from fusionrank.benchmark import load_benchmark
+    from fusionrank.model.synthetic_data import load_benchmark
 
     return load_benchmark(ci_spec)
 
@@ -93,7 +93,7 @@ def test_goals_say_met_or_missed_with_the_measured_ratio(tmp_path):
 @pytest.mark.e2e
 def test_bench_phases_measure_the_served_routes_and_the_in_process_pipeline(triton_server, ci_spec, bench,
                                                                             built_repository):
-    from loadtest.bench import _factories, inprocess_phases, served_phase
+    from benchmarks.serve import _factories, inprocess_phases, served_phase
 
     config = BenchConfig(candidates=6, callers=2, seconds=2.0, inprocess_seconds=0.5, novel_share=0.2)
     alone, batched = inprocess_phases(ci_spec, built_repository, bench, config)

@@ -8,7 +8,7 @@ import numpy as np
 import soundfile as sf
 from PIL import Image
 
-from fusionrank.benchmark import COLOURS, PITCHES_HZ, TEST, TOPICS, TRAIN, VAL, load_benchmark
+from fusionrank.model.synthetic_data import COLOURS, PITCHES_HZ, TEST, TOPICS, TRAIN, VAL, load_benchmark
 
 
 def test_benchmark_shapes_split_and_truth(ci_spec):

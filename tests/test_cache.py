@@ -10,10 +10,10 @@ import time
 import numpy as np
 import pytest
 
-from fusionrank.errors import SpecError
-from fusionrank.serving.cache import EmbeddingCache, LruTier, RedisTier
-from fusionrank.serving.item_keys import EncoderIdentity, IdentityError, encoder_identities
-from fusionrank.spec import CacheSpec, Modality
+from fusionrank.contract.errors import SpecError
+from fusionrank.contract.spec import CacheSpec, Modality
+from fusionrank.route.cache import EmbeddingCache, LruTier, RedisTier
+from fusionrank.route.item_keys import EncoderIdentity, IdentityError, encoder_identities
 
 DIMS = {Modality.TEXT: 4, Modality.IMAGE: 3}
 
@@ -36,7 +36,7 @@ def _vec(modality: Modality, seed: int) -> np.ndarray:
 @pytest.fixture
 def key_repo(ci_spec, tmp_path):
     """A repository with stand-in encoder files and the real tokenizer (what the keys digest)."""
-    from fusionrank.paths import resolve_text_checkpoint, tokenizer_dir
+    from fusionrank.contract.paths import resolve_text_checkpoint, tokenizer_dir
 
     repo = tmp_path / "repo"
     for m in ci_spec.modalities.enabled:

@@ -12,10 +12,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from fusionrank.scenario import novel_payload
-from fusionrank.spec import CacheSpec, Modality
-from fusionrank.tensors import CLICK_PROBABILITY, MODALITY_WEIGHTS, infer_inputs, request_arrays
-from loadtest.metrics import cache_share, scrape
+from benchmarks.server_metrics import cache_share, scrape
+from fusionrank.contract.spec import CacheSpec, Modality
+from fusionrank.contract.tensors import CLICK_PROBABILITY, MODALITY_WEIGHTS, infer_inputs, request_arrays
+from fusionrank.request.scenario import novel_payload
 
 from .redis_server import start_redis
 
@@ -29,7 +29,7 @@ TINY_LRU = 20_000  # bytes: about four items of the CI spec (three embeddings ea
 def cached(triton_server, ci_spec, built_repository, tmp_path_factory):
     """(spec of the cached test route, its redis-server): the route rendered from the CI spec with one instance, a
     tiny LRU and the shared tier, written into the session's repository and loaded; unloaded and removed after."""
-    from fusionrank.serving.render import rendered_files
+    from fusionrank.triton.render import rendered_files
 
     redis = start_redis(tmp_path_factory.mktemp("redis"))
     batching = dataclasses.replace(ci_spec.serving.batching(ci_spec.serving.route), instances=1)
@@ -53,7 +53,7 @@ def cached(triton_server, ci_spec, built_repository, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bench(ci_spec):
-    from fusionrank.benchmark import load_benchmark
+    from fusionrank.model.synthetic_data import load_benchmark
 
     return load_benchmark(ci_spec)
 
@@ -141,8 +141,8 @@ def test_a_store_stopped_mid_test_costs_latency_never_a_failed_request(cached, t
 
 
 def test_embed_catalogue_then_a_served_request_is_all_hits(cached, triton_server, bench, built_repository):
-    from clients.embed_catalogue import embed_catalogue
-    from clients.request import Candidate
+    from clients import Candidate
+    from fusionrank.route.warming import embed_catalogue
 
     spec, redis = cached
     redis.client().flushdb()

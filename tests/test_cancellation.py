@@ -2,7 +2,7 @@
 cancels them in flight), among normal callers, on the route callers use by default.
 
 Triton 2.51 dies (SIGSEGV) within seconds of this load when the target is the plain ensemble (server#7368); the
-route (a BLS Python model, `fusionrank.serving.route`) must survive it with nothing lost or altered.
+route (a BLS Python model, `fusionrank.route.stages`) must survive it with nothing lost or altered.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from fusionrank.serving.server import describe_exit
-from fusionrank.tensors import CLICK_PROBABILITY, MODALITY_WEIGHTS, infer_inputs, request_arrays
+from fusionrank.contract.tensors import CLICK_PROBABILITY, MODALITY_WEIGHTS, infer_inputs, request_arrays
+from fusionrank.server.launcher import describe_exit
 
 pytestmark = pytest.mark.e2e
 
@@ -88,7 +88,7 @@ def _cancelling_caller(run: Run, url: str, model: str, inputs, deadline: float) 
 
 
 def test_route_survives_cancelled_calls_under_load_with_nothing_lost_or_altered(triton_server, ci_spec):
-    from fusionrank.benchmark import load_benchmark
+    from fusionrank.model.synthetic_data import load_benchmark
 
     bench = load_benchmark(ci_spec)
     session = int(bench.frozen_sessions(1)[0])

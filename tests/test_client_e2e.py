@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 from clients import AsyncRankingClient, DeadlineExceededError, InvalidInputError, RankingClient, RetryPolicy
-from fusionrank.spec import Modality
-from fusionrank.tensors import CLICK_PROBABILITY, MODALITY_WEIGHTS
+from fusionrank.contract.spec import Modality
+from fusionrank.contract.tensors import CLICK_PROBABILITY, MODALITY_WEIGHTS
 
 
 @pytest.fixture(scope="module")
 def bench(ci_spec):
-    from fusionrank.benchmark import load_benchmark
+    from fusionrank.model.synthetic_data import load_benchmark
 
     return load_benchmark(ci_spec)
 
@@ -88,7 +88,7 @@ def test_calls_past_their_deadline_leave_the_server_serving(triton_server, ci_sp
     # Regression guard: Triton 2.51 segfaults when clients cancel in-flight ensemble requests
     # (triton-inference-server/server#7368), so the client abandons a late call instead. With abandon_grace=0
     # (cancel at the deadline) this test failed 3 runs out of 3, the server dying in round 3 or 4.
-    from loadtest.deadline_stress import stress
+    from tests.robustness.deadline_stress import stress
 
     out = io.StringIO()
     assert stress(ci_spec, triton_server.grpc_url, rounds=30, abandon_grace=30.0,
@@ -99,8 +99,8 @@ def test_calls_past_their_deadline_leave_the_server_serving(triton_server, ci_sp
 @pytest.mark.e2e
 def test_failover_between_two_real_servers_loses_no_call(triton_server, built_repository, ci_spec, bench,
                                                          tmp_path):
-    from fusionrank.serving.server import TritonServer
-    from fusionrank.spec import served_models
+    from fusionrank.contract.spec import served_models
+    from fusionrank.server.launcher import TritonServer
 
     # The route and its members only (not the reference ensemble): a quicker start.
     second = TritonServer(built_repository, profile="cpu", log_file=tmp_path / "second.log",
@@ -144,7 +144,7 @@ def test_failover_between_two_real_servers_loses_no_call(triton_server, built_re
 def test_rank_command_prints_a_ranked_table_and_json(triton_server, ci_spec, bench, tmp_path, capsys):
     import json
 
-    from clients.rank_command import rank_benchmark_request, run_rank
+    from fusionrank_cli.rank_command import rank_benchmark_request, run_rank
 
     table = rank_benchmark_request(ci_spec, triton_server.grpc_url, user=0, candidates=12).splitlines()
     rows = table[3:-1]

@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from clients.endpoints import EndpointPool
+from clients._endpoints import EndpointPool
+from clients._retry import Attempt, ClientStats, Planner, Probe, RetryPolicy, Sleep, run, run_async
 from clients.errors import DeadlineExceededError, InvalidInputError, ServerError, UnavailableError
-from clients.retry import Attempt, ClientStats, Planner, Probe, RetryPolicy, Sleep, run, run_async
 from tests.client_fakes import FakeClock
 
 POLICY = RetryPolicy(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.05, jitter=0.0)

@@ -23,12 +23,12 @@ from clients import (
     ServerError,
     UnavailableError,
 )
-from clients.endpoints import parse_urls
+from clients._endpoints import parse_urls
+from clients._request import Chunk, build_chunks, chunk_bounds, history_matrix
+from clients._transport import ShmRegion
 from clients.errors import to_client_error
-from clients.request import Chunk, build_chunks, chunk_bounds, history_matrix
-from clients.transport import ShmRegion
-from fusionrank.spec import Modality, PipelineSpec
-from fusionrank.tensors import ITEM_INPUT, ITEM_VIDEO, MODALITY_PRESENT, USER_HISTORY
+from fusionrank.contract.spec import Modality, PipelineSpec
+from fusionrank.contract.tensors import ITEM_INPUT, ITEM_VIDEO, MODALITY_PRESENT, USER_HISTORY
 from tests.client_fakes import FakeAsyncTriton, FakeClock, FakeTriton
 
 SPEC = PipelineSpec()
@@ -110,8 +110,8 @@ def test_absent_modalities_and_videos_are_said_in_the_request():
 
 
 def test_rank_items_file_takes_video_and_missing_fields(tmp_path):
-    from clients.rank_command import file_request
-    from fusionrank.errors import DataError
+    from fusionrank.contract.errors import DataError
+    from fusionrank_cli.rank_command import file_request
 
     (tmp_path / "c.json").write_text('{"history": [4], "candidates": [{"id": 1, "text": "a"}, '
                                      '{"id": 2, "video": "a.mp4", "audio": null}]}')

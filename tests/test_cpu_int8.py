@@ -13,14 +13,14 @@ import numpy as np
 import onnx
 import pytest
 
-from export.cpu_bench import compare_models, kernel_profile, model_variants, speed_table
-from export.cpu_gates import REPORT_FILE, CpuGateError, CpuGateReport, Gate, chain_name
-from export.latency import load_golden
-from export.onnx2cpu import CatalogueCalibration, export_cpu_profile
-from fusionrank.errors import SpecError
-from fusionrank.serving.render import model_configs
-from fusionrank.spec import INT8_FILE, OPTIMIZED_FILE, Modality, Precision, ServingProfile, from_dict, to_dict
-from loadtest.cpu_served import ServedVariant, prepare_repository
+from benchmarks.cpu_models import compare_models, kernel_profile, model_variants, speed_table
+from benchmarks.cpu_served import ServedVariant, prepare_repository
+from export.convert.onnx2cpu import CatalogueCalibration, export_cpu_profile
+from export.verify.cpu_gates import REPORT_FILE, CpuGateError, CpuGateReport, Gate, chain_name
+from export.verify.golden import load_golden
+from fusionrank.contract.errors import SpecError
+from fusionrank.contract.spec import INT8_FILE, OPTIMIZED_FILE, Modality, Precision, ServingProfile, from_dict, to_dict
+from fusionrank.triton.render import model_configs
 
 MODELS = ("text_encoder", "image_encoder", "audio_encoder", "fusion_ranker")
 INT8_ENCODERS = {"text_encoder": Precision.INT8, "image_encoder": Precision.INT8, "audio_encoder": Precision.INT8}
@@ -167,7 +167,7 @@ def test_chain_gates_name_the_quantized_chain(ci_spec):
 
 
 def test_calibration_reads_catalogue_items_through_the_shared_preprocessing(ci_spec):
-    from fusionrank.benchmark import load_benchmark
+    from fusionrank.model.synthetic_data import load_benchmark
 
     reader = CatalogueCalibration(ci_spec, load_benchmark(ci_spec), Modality.IMAGE, samples=20)
     batches = list(reader)
@@ -192,7 +192,7 @@ def test_variants_compared_side_by_side(int8_repository, tmp_path):
 
 @pytest.mark.slow
 def test_served_variant_repository_links_graphs_and_sets_threads(int8_repository, tmp_path):
-    from fusionrank.serving.render import load_config
+    from fusionrank.triton.render import load_config
 
     spec, repo, _ = int8_repository
     variant = ServedVariant("int8, 2 threads", True, dict(INT8_ENCODERS), threads=2)
@@ -210,7 +210,7 @@ def test_served_variant_repository_links_graphs_and_sets_threads(int8_repository
 
 
 def test_gemm_probe_measures_both_precisions():
-    from export.cpu_bench import gemm_probe
+    from benchmarks.cpu_models import gemm_probe
 
     probe = gemm_probe(rows=16, inner=64, cols=64, budget_s=0.02, rounds=1)
     assert probe["shape"] == [16, 64, 64] and probe["fp32_gops"] > 0 and probe["int8_gops"] > 0
@@ -221,7 +221,7 @@ def test_server_cpu_is_counted_over_its_process_group():
     import subprocess
     import sys
 
-    from loadtest.cpu_served import group_cpu_seconds
+    from benchmarks.cpu_served import group_cpu_seconds
 
     burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass"
     child = subprocess.Popen([sys.executable, "-c", burn], start_new_session=True)
@@ -234,8 +234,8 @@ def test_server_cpu_is_counted_over_its_process_group():
 
 
 def test_served_goal_compares_the_spec_choice_with_fp32(default_spec):
-    from export.latency import EnsembleStats, LatencyStats
-    from loadtest.cpu_served import ServedResult, default_variants, goal_line, variant_spec
+    from benchmarks.cpu_served import ServedResult, default_variants, goal_line, variant_spec
+    from benchmarks.latency import EnsembleStats, LatencyStats
 
     def served(variant, requests_per_s, p99_ms):
         stats = EnsembleStats(LatencyStats(p99_ms / 2, p99_ms, p99_ms, p99_ms / 2, requests_per_s, 20), 20, 0, 4, 10.0)

@@ -15,7 +15,7 @@ import yaml
 
 from .conftest import REPO_ROOT
 
-DOCKER = REPO_ROOT / "docker"
+DOCKER = REPO_ROOT / "deploy"
 RENDERED = sorted((DOCKER / "k8s" / "rendered").glob("*.yaml"))
 KUBERNETES_VERSION = "1.31.0"  # the oldest minor the manifests promise to work on
 CRDS = {"PodMonitor", "PrometheusRule"}  # Prometheus Operator kinds: no schema in kubernetes-validate

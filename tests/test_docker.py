@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fusionrank.spec import ServingProfile
+from fusionrank.contract.spec import ServingProfile
 
 from .conftest import REPO_ROOT
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
-DOCKER = REPO_ROOT / "docker"
+DOCKER = REPO_ROOT / "deploy"
 DOCKERFILES = sorted(DOCKER.glob("**/Dockerfile*"))
 RELEASE = yaml.safe_load((DOCKER / "triton-release.yaml").read_text())
 
@@ -79,7 +79,7 @@ def _in_context(path: str) -> bool:
 def test_every_copied_path_exists_and_is_in_the_build_context():
     text = (DOCKER / "Dockerfile").read_text()
     sources = _copy_sources(text)
-    assert "docker/checkpoint/" in sources, "RANKER_CHECKPOINT must be copied into the build"
+    assert "deploy/checkpoint/" in sources, "RANKER_CHECKPOINT must be copied into the build"
     for src in sources:
         assert (REPO_ROOT / src).exists(), f"Dockerfile copies {src}, which is not in the repository"
         assert _in_context(src.rstrip("/")), f"Dockerfile copies {src}, which .dockerignore leaves out"
@@ -169,7 +169,7 @@ def test_entrypoint_starts_triton_with_the_profile_config_and_the_metrics_alerts
 
 
 def test_entrypoint_loads_the_route_and_locks_the_admin_apis_with_the_secret_key(tmp_path):
-    from fusionrank.spec import load_spec, served_models
+    from fusionrank.contract.spec import load_spec, served_models
 
     result = _run(tmp_path, "cpu", FUSIONRANK_ADMIN_KEY="s3cret-key")
     assert result.returncode == 0, result.stderr

@@ -17,9 +17,11 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from clients import AccessDeniedError, AsyncRankingClient, ClientTls, RankingClient, UnavailableError
-from fusionrank.serving.doors import DoorError, GrpcTls, check_admin_key, grpc_admin_header, http_admin_header
-from fusionrank.serving.server import TritonServer, policy_args
-from fusionrank.spec import Modality
+from fusionrank.contract.admin import check_admin_key, grpc_admin_header, http_admin_header
+from fusionrank.contract.errors import DoorError
+from fusionrank.contract.spec import Modality
+from fusionrank.server.doors import GrpcTls
+from fusionrank.server.launcher import TritonServer, policy_args
 
 from .certs import make_pki
 from .processes import stop
@@ -85,7 +87,7 @@ def test_inference_health_and_metadata_stay_open(triton_server, ci_spec):
 
 
 def _request(spec, n: int = 3):
-    from fusionrank.benchmark import load_benchmark
+    from fusionrank.model.synthetic_data import load_benchmark
 
     bench = load_benchmark(spec)
     session = int(bench.frozen_sessions(1)[0])

@@ -11,8 +11,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from fusionrank.spec import Modality
-from fusionrank.tensors import CLICK_PROBABILITY, MODALITY_WEIGHTS, infer_inputs, request_arrays
+from fusionrank.contract.spec import Modality
+from fusionrank.contract.tensors import CLICK_PROBABILITY, MODALITY_WEIGHTS, infer_inputs, request_arrays
 
 pytestmark = pytest.mark.e2e
 
@@ -25,7 +25,7 @@ PATTERNS = [("complete", (1, 1, 1), False), ("no audio", (1, 1, 0), False), ("no
 
 @pytest.fixture(scope="module")
 def bench(ci_spec):
-    from fusionrank.benchmark import load_benchmark
+    from fusionrank.model.synthetic_data import load_benchmark
 
     return load_benchmark(ci_spec)
 

@@ -15,8 +15,8 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from fusionrank.spec import Modality
-from fusionrank.tensors import (
+from fusionrank.contract.spec import Modality
+from fusionrank.contract.tensors import (
     CLICK_PROBABILITY,
     MODALITY_WEIGHTS,
     infer_inputs,
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def bench(ci_spec):
-    from fusionrank.benchmark import load_benchmark
+    from fusionrank.model.synthetic_data import load_benchmark
 
     return load_benchmark(ci_spec)
 
@@ -54,7 +54,7 @@ def _session_request(bench, spec, session: int, n: int | None = None):
 
 
 def test_every_served_model_is_ready(triton_server, ci_spec):
-    from fusionrank.spec import served_models
+    from fusionrank.contract.spec import served_models
 
     with grpcclient.InferenceServerClient(triton_server.grpc_url) as client:
         for model in served_models(ci_spec, reference_ensemble=True):
@@ -209,8 +209,8 @@ def test_dynamic_batching_merges_concurrent_requests(triton_server, ci_spec, ben
     member it calls (prometheus_client's parser reports Triton's counters with the `_total` suffix). The candidates
     are never-seen variants of catalogue items, so the route's embedding cache has none of them: every row is
     encoded."""
-    from fusionrank.scenario import novel_payload
-    from fusionrank.spec import served_models
+    from fusionrank.contract.spec import served_models
+    from fusionrank.request.scenario import novel_payload
 
     before = _scrape(triton_server.metrics_url)
     requests = []
@@ -237,9 +237,9 @@ def test_dynamic_batching_merges_concurrent_requests(triton_server, ci_spec, ben
 
 
 def test_route_comparison_measures_both_routes_side_by_side(triton_server, ci_spec):
-    """`python -m loadtest.compare_routes` on a few requests: both routes answer every request, and the breakdown
+    """`python -m benchmarks.routes` on a few requests: both routes answer every request, and the breakdown
     shows each route's own requests and the members it called."""
-    from loadtest.compare_routes import build_requests, compare
+    from benchmarks.routes import build_requests, compare
 
     out = io.StringIO()
     results = compare(ci_spec, triton_server.grpc_url, triton_server.metrics_url, build_requests(ci_spec, 4, 3),

@@ -9,13 +9,13 @@ import onnx
 import pytest
 import torch
 
-from export.parity import check_outputs, ranking_parity
-from export.torch2onnx import _ort_outputs, _session, _torch_outputs, export_onnx
-from fusionrank.errors import ParityError
-from fusionrank.models.fusion import FusionRanker, RankerConfig
-from fusionrank.ragged import presence_patterns
-from fusionrank.spec import FusionType, RankingParitySpec, Tolerance
-from fusionrank.tensors import MODALITY_MASK, MODALITY_WEIGHTS, model_io
+from export.convert.torch2onnx import _ort_outputs, _session, _torch_outputs, export_onnx
+from export.verify.parity import check_outputs, ranking_parity
+from fusionrank.contract.errors import ParityError
+from fusionrank.contract.spec import FusionType, RankingParitySpec, Tolerance
+from fusionrank.contract.tensors import MODALITY_MASK, MODALITY_WEIGHTS, model_io
+from fusionrank.model.fusion import FusionRanker, RankerConfig
+from fusionrank.request.candidates import presence_patterns
 from fusionrank_cli.main import main
 
 pytestmark = pytest.mark.slow

@@ -28,8 +28,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from clients import NO_RETRY, RankingClient
-from fusionrank.serving.doors import grpc_admin_header
-from fusionrank.tensors import CLICK_PROBABILITY
+from fusionrank.contract.admin import grpc_admin_header
+from fusionrank.contract.tensors import CLICK_PROBABILITY
 
 from .conftest import CI_SPEC, REPO_ROOT
 from .processes import stop
@@ -241,7 +241,7 @@ def test_new_ranker_version_loads_under_load_and_rolls_back(spare_server, ci_spe
 
 
 def _rank_successes(metrics_url: str, route: str) -> float:
-    from loadtest.metrics import REQUEST_SUCCESS, parse_counters, scrape
+    from benchmarks.server_metrics import REQUEST_SUCCESS, parse_counters, scrape
 
     return parse_counters(scrape(metrics_url)).get(route, {}).get(REQUEST_SUCCESS, 0.0)
 

@@ -1,11 +1,11 @@
-"""Property-based fuzzing of every preprocessor in process: a seeded, bounded slice of `python -m loadtest.fuzz`
+"""Property-based fuzzing of every preprocessor in process: a seeded, bounded slice of `python -m tests.robustness.fuzz`
 (Hypothesis, derandomized), so `make test` proves the properties in a few seconds; the long run is that command."""
 
 from __future__ import annotations
 
 import pytest
 
-from loadtest.fuzz import PROPERTIES, Fuzzer, FuzzFailure, run
+from tests.robustness.fuzz import PROPERTIES, Fuzzer, FuzzFailure, run
 
 CASES = 60  # per property
 

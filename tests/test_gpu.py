@@ -1,7 +1,7 @@
 """GPU node only (`make test-gpu`): build TensorRT engines for the built repository, prove them against the golden
 PyTorch outputs, serve the gpu profile and rank.
 
-What a node lacks is said once, by `export.gpu_steps.gpu_readiness` (the same reasons `make gpu-check` reports):
+What a node lacks is said once, by `release.gpu_steps.gpu_readiness` (the same reasons `make gpu-check` reports):
 without a CUDA GPU, or without TensorRT and cuda-python, the whole module is skipped with that reason; without a
 TensorRT backend in the Triton `fusionrank serve` would start (the nvidia-pytriton server has only the Python
 backend; the NGC image has it), the engines are still built and checked and the serving tests are skipped with it.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from export.gpu_steps import gpu_readiness
+from release.gpu_steps import gpu_readiness
 
 from .conftest import REPO_ROOT
 
@@ -34,7 +34,7 @@ def _needs_triton_tensorrt() -> None:
 @pytest.fixture(scope="module")
 def engines(ci_spec, built_repository, tmp_path_factory):
     """FP16 engines (the spec's precision) for every engine model of the built repository."""
-    from export.onnx2trt import build_engines
+    from export.convert.onnx2trt import build_engines
 
     timing = tmp_path_factory.mktemp("trt") / "timing.cache"
     results = build_engines(ci_spec, built_repository, timing_cache=timing)
@@ -56,7 +56,7 @@ def test_engines_and_manifests_are_written(ci_spec, built_repository, engines):
 
 def test_preflight_passes_on_the_build_node(ci_spec, built_repository, engines):
     """Triton's own TensorRT (its backend's libnvinfer) must be the one that built the plans: the [gpu] pin."""
-    from export.preflight import preflight
+    from export.verify.preflight import preflight
 
     _needs_triton_tensorrt()
     assert preflight(ci_spec, built_repository) == []
@@ -64,9 +64,10 @@ def test_preflight_passes_on_the_build_node(ci_spec, built_repository, engines):
 
 def test_engine_parity_with_golden_outputs(ci_spec, built_repository, engines):
     """Engines vs PyTorch golden outputs within the spec's TensorRT tolerances (ParityError otherwise)."""
-    from export.latency import load_golden, make_runner, run_batched
-    from export.parity import check_outputs, ranking_parity
-    from export.upgrade_measure import tolerance_for
+    from benchmarks.latency import make_runner, run_batched
+    from export.verify.golden import load_golden
+    from export.verify.parity import check_outputs, ranking_parity
+    from release.upgrade_measure import tolerance_for
 
     for model in engines:
         golden = load_golden(built_repository, model)
@@ -85,7 +86,7 @@ def test_engine_parity_with_golden_outputs(ci_spec, built_repository, engines):
 
 
 def test_every_text_bucket_runs_on_the_engine(ci_spec, built_repository, engines):
-    from export.latency import make_runner
+    from benchmarks.latency import make_runner
 
     runner = make_runner("gpu", built_repository, "text_encoder")
     try:
@@ -104,10 +105,10 @@ def test_serve_gpu_profile_and_rank(ci_spec, built_repository, engines, referenc
     """The production profile: TensorRT members in Triton, scores close to the offline PyTorch pipeline."""
     import tritonclient.grpc as grpcclient
 
-    from export.latency import ensemble_inputs
-    from fusionrank.benchmark import load_benchmark
-    from fusionrank.serving.server import TritonServer
-    from fusionrank.spec import Modality, served_models
+    from benchmarks.latency import ensemble_inputs
+    from fusionrank.contract.spec import Modality, served_models
+    from fusionrank.model.synthetic_data import load_benchmark
+    from fusionrank.server.launcher import TritonServer
 
     _needs_triton_tensorrt()
     bench = load_benchmark(ci_spec)
@@ -131,7 +132,7 @@ def test_serve_gpu_profile_and_rank(ci_spec, built_repository, engines, referenc
 
 
 def test_gpu_upgrade_report_passes_parity(ci_spec, built_repository, engines, tmp_path):
-    from export.upgrade import upgrade_report
+    from release.upgrade import upgrade_report
 
     _needs_triton_tensorrt()
     report = upgrade_report(ci_spec, built_repository, "gpu", out=tmp_path / "report", requests=20,

@@ -10,11 +10,11 @@ import json
 import numpy as np
 import pytest
 
-from export.gpu_steps import ORT_CUDA
-from export.latency import BenchmarkError, OnnxRuntimeRunner
-from export.node import NodeInfo
-from fusionrank_cli.gpu_check import run_gpu_check
-from fusionrank_cli.gpu_report import render_markdown
+from benchmarks.latency import BenchmarkError, OnnxRuntimeRunner
+from export.node.facts import NodeInfo
+from release.gpu_check import run_gpu_check
+from release.gpu_report import render_markdown
+from release.gpu_steps import ORT_CUDA
 
 from .conftest import REPO_ROOT
 

@@ -14,7 +14,10 @@ import psutil
 import pytest
 from PIL import Image
 
-from fusionrank.scenario import (
+from benchmarks import server_metrics as metrics
+from fusionrank.contract.spec import Modality, PipelineSpec, load_spec
+from fusionrank.contract.tensors import MODALITY_PRESENT
+from fusionrank.request.scenario import (
     SCENARIO_DIR,
     RequestFactory,
     Scenario,
@@ -22,9 +25,6 @@ from fusionrank.scenario import (
     load_scenario,
     parse_duration,
 )
-from fusionrank.spec import Modality, PipelineSpec, load_spec
-from fusionrank.tensors import MODALITY_PRESENT
-from loadtest import metrics
 from loadtest.report import (
     Samples,
     Verdict,

@@ -20,10 +20,10 @@ from export.manifest import (
     manifest_path,
     plan_path,
 )
-from export.node import NodeInfo, probe_node
-from export.preflight import MismatchKind, check_command, preflight
+from export.node.facts import NodeInfo, probe_node
 from export.profiles import engine_models, model_profiles
-from fusionrank.spec import BatchingSpec
+from export.verify.preflight import MismatchKind, check_command, preflight
+from fusionrank.contract.spec import BatchingSpec
 
 # A GPU no real node has, so tests that use the real probe always see a mismatch.
 BUILD_NODE = NodeInfo(gpu_name="Fake GPU X1", compute_capability="9.0", driver_version="570.124.06",
@@ -141,7 +141,7 @@ def test_tensorrt_version_rules(ci_spec, tmp_path, node_version, compatible, ok)
 
 
 def test_version_compatible_plans_need_the_backend_config_triton_runs_with(ci_spec, tmp_path):
-    from export.preflight import VERSION_COMPATIBLE_CONFIG, triton_backend_config
+    from export.verify.preflight import VERSION_COMPATIBLE_CONFIG, triton_backend_config
 
     repo = _engine_repo(ci_spec, tmp_path, {**FLAGS, "version_compatible": True})
     newer = _node(tensorrt_version="10.14.1.48")
@@ -156,7 +156,7 @@ def test_version_compatible_plans_need_the_backend_config_triton_runs_with(ci_sp
 
 
 def test_plain_plans_need_no_backend_config(ci_spec, repo):
-    from export.preflight import triton_backend_config
+    from export.verify.preflight import triton_backend_config
 
     assert triton_backend_config(ci_spec, repo) == []
     assert preflight(ci_spec, repo, probe=lambda: BUILD_NODE, backend_config=[]) == []
@@ -240,7 +240,7 @@ def test_cli_check_exits_non_zero_on_this_gpu_less_node(ci_spec, repo, capsys):
 
 
 def test_serve_gpu_profile_refuses_on_mismatch_unless_forced(ci_spec, repo):
-    from export.preflight import PreflightError, refuse_on_mismatch
+    from export.verify.preflight import PreflightError, refuse_on_mismatch
 
     (repo / "audio_encoder" / "1" / "model.onnx").write_bytes(b"changed")
     with pytest.raises(PreflightError, match=r"\d+ engine mismatch\(es\) with this node"):
@@ -261,8 +261,8 @@ def test_manifest_round_trips_through_json(repo):
 
 
 def test_build_engines_without_tensorrt_says_what_to_install(ci_spec, tmp_path, capsys):
-    from export.onnx2trt import build_engines_command
-    from export.trt_api import import_tensorrt
+    from export.convert.onnx2trt import build_engines_command
+    from export.node.trt_api import import_tensorrt
 
     if import_tensorrt() is not None:
         pytest.skip("TensorRT is installed here")

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from fusionrank.errors import CheckpointError
-from fusionrank.models.encoders import build_encoder
-from fusionrank.models.fusion import FusionRanker, RankerConfig, load_ranker, masked_softmax, save_ranker
-from fusionrank.ragged import presence_patterns
-from fusionrank.spec import FusionType, Modality, from_dict, to_dict
-from fusionrank.train import dropout_mask
+from fusionrank.contract.errors import CheckpointError
+from fusionrank.contract.spec import FusionType, Modality, from_dict, to_dict
+from fusionrank.model.encoders import build_encoder
+from fusionrank.model.fusion import FusionRanker, RankerConfig, load_ranker, masked_softmax, save_ranker
+from fusionrank.model.train import dropout_mask
+from fusionrank.request.candidates import presence_patterns
 
 
 def _inputs(spec, n=6, seed=0):
@@ -124,7 +124,7 @@ def test_checkpoints_holding_code_are_refused(ci_spec, tmp_path):
     code never runs; the same file unpickled in full would run it."""
     import dataclasses
 
-    from fusionrank.models.encoders import AudioEncoder
+    from fusionrank.model.encoders import AudioEncoder
 
     marker = tmp_path / "ran.txt"
     model = FusionRanker(RankerConfig.from_spec(ci_spec)).eval()

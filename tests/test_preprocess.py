@@ -9,9 +9,9 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from fusionrank.errors import PreprocessError
+from fusionrank.contract.errors import PreprocessError
+from fusionrank.contract.spec import Modality
 from fusionrank.preprocess import build_preprocessor, validate_history
-from fusionrank.spec import Modality
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_text_pads_to_the_smallest_bucket_that_fits(text, ci_spec):
 def test_text_matches_the_checkpoint_tokenizer(text):
     from transformers import AutoTokenizer
 
-    from fusionrank.paths import resolve_text_checkpoint
+    from fusionrank.contract.paths import resolve_text_checkpoint
 
     reference = AutoTokenizer.from_pretrained(str(resolve_text_checkpoint("builtin:all-MiniLM-L6-v2")))
     ids = text([b"Wireless noise-cancelling headphones"])["input_ids"][0]
@@ -94,7 +94,7 @@ def test_image_bad_rows(ci_spec):
 
 
 def test_image_pixel_limit_is_checked_before_decoding(ci_spec):
-    from fusionrank.spec import from_dict, to_dict
+    from fusionrank.contract.spec import from_dict, to_dict
 
     data = to_dict(ci_spec, drop=("source",))
     data["modalities"]["image"]["max_pixels"] = 100 * 100
@@ -156,7 +156,7 @@ def test_history_validation(ci_spec):
 
 
 def _spec_with(ci_spec, section: str, **fields):
-    from fusionrank.spec import from_dict, to_dict
+    from fusionrank.contract.spec import from_dict, to_dict
 
     data = to_dict(ci_spec, drop=("source",))
     data["modalities"][section].update(fields)

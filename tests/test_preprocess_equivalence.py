@@ -1,4 +1,4 @@
-"""The faster, stateless preprocessing against the implementation it replaced (`loadtest.preprocess_baseline`),
+"""The faster, stateless preprocessing against the implementation it replaced (`benchmarks.preprocess_baseline`),
 the cache keys that follow it, and every preprocessor called from many threads at once."""
 
 from __future__ import annotations
@@ -14,17 +14,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from benchmarks.preprocess_baseline import previous_clip, previous_image, previous_log_mel
+from benchmarks.preprocess_baseline import previous_text as previous_text_of
+from fusionrank.contract.spec import Modality
+from fusionrank.contract.tensors import request_arrays
 from fusionrank.preprocess import build_preprocessor, validate_history
-from fusionrank.preprocess.request import RequestPreprocessor
-from fusionrank.spec import Modality
-from fusionrank.tensors import request_arrays
-from loadtest.preprocess_baseline import previous_clip, previous_image, previous_log_mel
-from loadtest.preprocess_baseline import previous_text as previous_text_of
+from fusionrank.request.validation import RequestPreprocessor
 
 
 @pytest.fixture(scope="module")
 def bench(ci_spec):
-    from fusionrank.benchmark import load_benchmark
+    from fusionrank.model.synthetic_data import load_benchmark
 
     return load_benchmark(ci_spec)
 
@@ -36,7 +36,7 @@ def text(ci_spec):
 
 @pytest.fixture(scope="module")
 def previous_text(ci_spec):
-    from fusionrank.paths import resolve_text_checkpoint
+    from fusionrank.contract.paths import resolve_text_checkpoint
 
     spec = ci_spec.modalities.text
     return previous_text_of(spec, resolve_text_checkpoint(spec.encoder.checkpoint))
@@ -102,8 +102,8 @@ def test_log_mel_equals_transformers_spectrogram_batch(ci_spec, bench):
 
 
 def test_cache_keys_follow_the_preprocessing_version(ci_spec, monkeypatch):
-    import fusionrank.embeddings as embeddings
-    import fusionrank.train as train
+    import fusionrank.model.embeddings as embeddings
+    import fusionrank.model.train as train
 
     before = embeddings.embeddings_path(ci_spec, Modality.IMAGE), train.checkpoint_path(ci_spec, "concat")
     monkeypatch.setattr(embeddings, "PREPROCESS_VERSION", embeddings.PREPROCESS_VERSION + 1)

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import fusionrank
-from fusionrank.project import ENV_HOME, default_spec_path, model_repository_dir, project_dir, reports_dir
-from fusionrank.spec import load_spec
+from fusionrank.contract.project import ENV_HOME, default_spec_path, model_repository_dir, project_dir, reports_dir
+from fusionrank.contract.spec import load_spec
 from fusionrank_cli.main import main
 
 

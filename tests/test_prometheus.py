@@ -1,5 +1,5 @@
 """Monitoring against the real thing: a real Prometheus (Debian package `prometheus`) started on loopback scrapes
-the session's real Triton every second during a short load, evaluates docker/monitoring/rules.yml, and every
+the session's real Triton every second during a short load, evaluates deploy/monitoring/rules.yml, and every
 expression the autoscaler (prometheus-adapter rule), the alerts and the dashboard panels use must return data.
 `promtool check rules` and `promtool test rules` run on the same rule file."""
 
@@ -21,16 +21,16 @@ import pytest
 import tritonclient.grpc as grpcclient
 import yaml
 
-from fusionrank.serving.server import free_port
-from fusionrank.tensors import infer_inputs, request_arrays
+from fusionrank.contract.tensors import infer_inputs, request_arrays
+from fusionrank.server.launcher import free_port
 
 from .conftest import REPO_ROOT
 from .processes import stop
 
-MONITORING = REPO_ROOT / "docker" / "monitoring"
+MONITORING = REPO_ROOT / "deploy" / "monitoring"
 RULES = yaml.safe_load((MONITORING / "rules.yml").read_text())
 DASHBOARD = json.loads((MONITORING / "grafana" / "dashboards" / "fusionrank.json").read_text())
-ADAPTER = yaml.safe_load((REPO_ROOT / "docker" / "k8s" / "prometheus-adapter-values.yaml").read_text())
+ADAPTER = yaml.safe_load((REPO_ROOT / "deploy" / "k8s" / "prometheus-adapter-values.yaml").read_text())
 # The target labels the PodMonitor attaches in Kubernetes (and the compose scrape config sets).
 TARGET_LABELS = {"namespace": "test", "pod": "triton-0", "container": "triton"}
 LOAD_S = 8.0
@@ -93,8 +93,8 @@ def prometheus(triton_server, tmp_path_factory):
 def _load(grpc_url: str, spec, seconds: float) -> int:
     """Ranking requests from the CI scenario in three threads for `seconds`, plus one bad request (an item id out
     of vocabulary) so the route's error counter carries a count. Returns the number of good requests answered."""
-    from fusionrank.benchmark import load_benchmark
-    from fusionrank.scenario import RequestFactory, load_scenario
+    from fusionrank.model.synthetic_data import load_benchmark
+    from fusionrank.request.scenario import RequestFactory, load_scenario
 
     bench = load_benchmark(spec)
     done, stop = [], time.monotonic() + seconds

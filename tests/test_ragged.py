@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fusionrank.errors import PreprocessError
-from fusionrank.ragged import CandidatePreparer, check_presence, pool_rows, presence_patterns
-from fusionrank.spec import Modality
-from fusionrank.tensors import ITEM_VIDEO, MODALITY_PRESENT, request_arrays
+from fusionrank.contract.errors import PreprocessError
+from fusionrank.contract.spec import Modality
+from fusionrank.contract.tensors import ITEM_VIDEO, MODALITY_PRESENT, request_arrays
+from fusionrank.request.candidates import CandidatePreparer, check_presence, pool_rows, presence_patterns
 
 TEXT, IMAGE, AUDIO = Modality.TEXT, Modality.IMAGE, Modality.AUDIO
 
@@ -147,8 +147,8 @@ def test_request_arrays_say_absence_only_when_there_is_some(clip):
 @pytest.mark.slow
 def test_reference_scores_incomplete_and_video_candidates(ci_spec, reference_pipeline, clip):
     """The offline reference takes the contract as the server will: absent modalities, videos, mixed requests."""
-    from fusionrank.benchmark import load_benchmark
-    from fusionrank.embeddings import catalogue_embeddings
+    from fusionrank.model.embeddings import catalogue_embeddings
+    from fusionrank.model.synthetic_data import load_benchmark
 
     bench = load_benchmark(ci_spec)
     video_item = next(it for it in bench.items if it.is_video)

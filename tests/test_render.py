@@ -7,15 +7,15 @@ import dataclasses
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from fusionrank.serving.render import (
+from fusionrank.contract.spec import POOL_MODEL, ModalitiesSpec, ServingProfile, from_dict, member_models, served_models
+from fusionrank.contract.tensors import model_io
+from fusionrank.triton.render import (
     check_repository,
     ensemble_config,
     load_config,
     model_configs,
     render_repository,
 )
-from fusionrank.spec import POOL_MODEL, ModalitiesSpec, ServingProfile, from_dict, member_models, served_models
-from fusionrank.tensors import model_io
 
 from .conftest import REPO_ROOT
 

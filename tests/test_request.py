@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fusionrank.errors import RequestValidationError
-from fusionrank.preprocess.request import RankRequest
+from fusionrank.contract.errors import RequestValidationError
+from fusionrank.request.validation import RankRequest
 
 NAMES = ("item_text", "item_image", "item_audio", "user_history")
 

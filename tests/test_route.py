@@ -1,4 +1,4 @@
-"""The route callers use (`fusionrank.serving.route`), without a server: the real in-process preprocessing, the
+"""The route callers use (`fusionrank.route.stages`), without a server: the real in-process preprocessing, the
 members replaced by small numpy functions, and its Triton shell on a fake `pb_utils`."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from google.protobuf import json_format
 
-from fusionrank.preprocess.request import RequestPreprocessor
-from fusionrank.serving.render import model_configs
-from fusionrank.serving.route import MemberCallError, RankingRoute, RouteError, RouteRequest, Status
-from fusionrank.spec import Modality
-from fusionrank.tensors import CLICK_PROBABILITY, MODALITY_WEIGHTS, request_arrays
+from fusionrank.contract.spec import Modality
+from fusionrank.contract.tensors import CLICK_PROBABILITY, MODALITY_WEIGHTS, request_arrays
+from fusionrank.request.validation import RequestPreprocessor
+from fusionrank.route.stages import MemberCallError, RankingRoute, RouteError, RouteRequest, Status
+from fusionrank.triton.render import model_configs
 
 from .fake_pb_utils import FakeError, FakeMemberError, FakeMetricFamily, FakeRequest, install
 
@@ -278,8 +278,8 @@ def test_member_calls_are_cut_at_the_members_max_batch(ci_spec, preparer):
 
 @pytest.fixture
 def route_model(monkeypatch, ci_spec, tmp_path):
-    from fusionrank.paths import resolve_text_checkpoint
-    from fusionrank.serving.triton_models import RouteModel
+    from fusionrank.contract.paths import resolve_text_checkpoint
+    from fusionrank.triton.models import RouteModel
 
     pb = install(monkeypatch, member_functions(ci_spec))
     repo = tmp_path / "repo"

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fusionrank.preprocess.request import RequestPreprocessor
-from fusionrank.serving.cache import EmbeddingCache
-from fusionrank.serving.item_keys import EncoderIdentity
-from fusionrank.serving.route import RouteError, Status
-from fusionrank.spec import Modality
-from fusionrank.tensors import CLICK_PROBABILITY, MODALITY_WEIGHTS
+from fusionrank.contract.spec import Modality
+from fusionrank.contract.tensors import CLICK_PROBABILITY, MODALITY_WEIGHTS
+from fusionrank.request.validation import RequestPreprocessor
+from fusionrank.route.cache import EmbeddingCache
+from fusionrank.route.item_keys import EncoderIdentity
+from fusionrank.route.stages import RouteError, Status
 
 from .test_route import Members, _rank, _request, _route
 

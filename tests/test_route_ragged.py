@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fusionrank.preprocess.request import RequestPreprocessor
+from fusionrank.contract.spec import Modality
+from fusionrank.contract.tensors import CLICK_PROBABILITY, request_arrays
 from fusionrank.preprocess.video import encode_video
-from fusionrank.serving.route import RankingRoute, RouteError, RouteRequest, Status
-from fusionrank.spec import Modality
-from fusionrank.tensors import CLICK_PROBABILITY, request_arrays
+from fusionrank.request.validation import RequestPreprocessor
+from fusionrank.route.stages import RankingRoute, RouteError, RouteRequest, Status
 
 from .test_route import Members, _request
 

@@ -138,7 +138,7 @@ def test_stop_after_a_crash_leaves_nothing_of_the_server_behind(tmp_path):
     # After tritonserver dies (Triton 2.51 segfaults on cancelled ensemble requests), processes of its group can
     # outlive it: after a real crash, three Python-backend stubs of the CI repository were still running an hour
     # later. stop() must still clean up the group. Here the model starts a helper process to stand in for them.
-    from fusionrank.serving.server import TritonServer
+    from fusionrank.server.launcher import TritonServer
 
     server = TritonServer(_echo_repository(tmp_path, ECHO_MODEL + HELPER_PROCESS), profile="cpu",
                           log_file=tmp_path / "triton.log", cache=tmp_path / "backend")

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import yaml
 
-from fusionrank.errors import SpecError
-from fusionrank.spec import FusionType, Modality, from_dict, load_spec, member_models
+from fusionrank.contract.errors import SpecError
+from fusionrank.contract.spec import FusionType, Modality, from_dict, load_spec, member_models
 from fusionrank_cli.main import main
 
 

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from fusionrank.evaluate import COLUMNS, evaluate_all, missing_mask
-from fusionrank.metrics import coverage, intra_list_diversity, ndcg_recall_at_k
+from fusionrank.model.evaluate import COLUMNS, evaluate_all, missing_mask
+from fusionrank.model.ranking_metrics import coverage, intra_list_diversity, ndcg_recall_at_k
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,9 @@ import pytest
 from google.protobuf import json_format
 from onnx import TensorProto, helper
 
-from fusionrank.serving.render import model_configs
-from fusionrank.serving.triton_models import OnnxRuntimeModel, PoolModel, PreprocessModel
-from fusionrank.spec import Modality
+from fusionrank.contract.spec import Modality
+from fusionrank.triton.models import OnnxRuntimeModel, PoolModel, PreprocessModel
+from fusionrank.triton.render import model_configs
 
 from .fake_pb_utils import FakeError, FakeRequest, install
 
@@ -60,7 +60,7 @@ def clip():
 
 @pytest.fixture
 def preprocess(pb, ci_spec, tmp_path):
-    from fusionrank.paths import resolve_text_checkpoint
+    from fusionrank.contract.paths import resolve_text_checkpoint
 
     version_dir = tmp_path / "preprocess" / "1"
     version_dir.mkdir(parents=True)
@@ -213,8 +213,8 @@ def test_preprocess_refuses_more_image_rows_than_the_encoder_takes_in_one_call(p
     encoder's max batch is INVALID_ARG naming item_video (the route would cut its calls instead)."""
     import dataclasses
 
-    from fusionrank.paths import resolve_text_checkpoint
-    from fusionrank.spec import BatchingSpec
+    from fusionrank.contract.paths import resolve_text_checkpoint
+    from fusionrank.contract.spec import BatchingSpec
 
     models = {**ci_spec.serving.models, "image_encoder": BatchingSpec(max_batch_size=4, preferred_batch_sizes=(4,))}
     spec = ci_spec.with_overrides(serving=dataclasses.replace(ci_spec.serving, max_candidates=4, models=models))

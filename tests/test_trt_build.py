@@ -1,5 +1,6 @@
-"""The engine builder (`export.onnx2trt`) against the fake TensorRT of tests/fake_tensorrt.py: the spec's profiles,
-precision, limits, timing cache, INT8 calibration and error reporting reach TensorRT; test_gpu.py builds for real."""
+"""The engine builder (`export.convert.onnx2trt`) against the fake TensorRT of tests/fake_tensorrt.py: the spec's
+profiles, precision, limits, timing cache, INT8 calibration and error reporting reach TensorRT; test_gpu.py builds for
+real."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ import shutil
 
 import pytest
 
+from export.convert.onnx2trt import build_engines
 from export.manifest import find_manifest
-from export.node import NodeInfo
-from export.onnx2trt import build_engines
-from export.preflight import preflight
+from export.node.facts import NodeInfo
+from export.node.trt_api import EngineBuildError
 from export.profiles import engine_models, model_profiles
-from export.trt_api import EngineBuildError
-from fusionrank.spec import Precision
-from fusionrank.tensors import model_io
+from export.verify.preflight import preflight
+from fusionrank.contract.spec import Precision
+from fusionrank.contract.tensors import model_io
 from tests.fake_cuda import FakeCudart
 from tests.fake_tensorrt import FAKE_TENSORRT_VERSION, Builder, Config, FakeTRT
 
@@ -132,7 +133,7 @@ def test_int8_build_calibrates_on_catalogue_samples(ci_spec, built_repository, t
 
 
 def test_builds_share_the_process_logger_and_report_only_their_own_errors(ci_spec, tmp_path, fake_trt, monkeypatch):
-    from export.trt_api import process_logger
+    from export.node.trt_api import process_logger
 
     repo = _onnx_repo(ci_spec, tmp_path, broken="audio_encoder")
     build_engines(ci_spec, repo, models=["text_encoder", "image_encoder"], probe=_probe, timing_cache=tmp_path / "t")
@@ -175,7 +176,7 @@ def test_plan_and_manifest_are_replaced_atomically_manifest_last(ci_spec, tmp_pa
 def test_calibration_table_is_keyed_by_what_it_depends_on(ci_spec, tmp_path):
     import numpy as np
 
-    from export.trt_calibration import calibration_table
+    from export.convert.trt_calibration import calibration_table
 
     onnx = tmp_path / "model.onnx"
     onnx.write_bytes(b"graph")

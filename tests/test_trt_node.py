@@ -1,4 +1,4 @@
-"""The node facts engines are checked against (`export.node`): the GPU CUDA will use, and the TensorRT Triton
+"""The node facts engines are checked against (`export.node.facts`): the GPU CUDA will use, and the TensorRT Triton
 loads plans with, read the way the NGC image exposes it; with fake nvidia-smi output and fake libraries."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import types
 
 import pytest
 
-from export import node as node_mod
-from export.node import (
+from export.node import facts as node_mod
+from export.node.facts import (
     decode_infer_lib_version,
     parse_ldd,
     probe_node,
@@ -80,7 +80,7 @@ def test_cuda_stops_reading_the_list_at_the_first_unknown_entry():
 
 
 def test_cuda_runtime_version_comes_from_the_one_cuda_python_loader(monkeypatch):
-    from export import cuda_memory
+    from export.node import cuda_memory
 
     fake = types.SimpleNamespace(cudaRuntimeGetVersion=lambda: (0, 12080))
     monkeypatch.setattr(cuda_memory, "cudart", lambda: fake)
@@ -159,7 +159,7 @@ def test_versions_without_a_build_number_match_on_the_rest():
 def test_library_version_reads_the_functions_in_a_child_process(tmp_path):
     import shutil as sh
 
-    from export.node import library_version
+    from export.node.facts import library_version
 
     compiler = sh.which("cc") or sh.which("gcc")
     if compiler is None:

@@ -19,9 +19,9 @@ from export.profiles import (
     producible_shapes,
     validate_profiles,
 )
-from fusionrank.serving.render import model_configs
-from fusionrank.spec import BatchingSpec
-from fusionrank.tensors import model_io
+from fusionrank.contract.spec import BatchingSpec
+from fusionrank.contract.tensors import model_io
+from fusionrank.triton.render import model_configs
 
 
 @pytest.fixture(params=["single", "per_bucket"])

@@ -1,11 +1,11 @@
 """One TensorRT from build to serving: the `[gpu]` extra and the Dockerfile agree with the NGC Triton release named
-in docker/triton-release.yaml (a plan loads only on the TensorRT that built it)."""
+in deploy/triton-release.yaml (a plan loads only on the TensorRT that built it)."""
 
 from __future__ import annotations
 
 import pytest
 
-from export.tensorrt_release import (
+from export.node.tensorrt_release import (
     DOCKERFILE,
     PYPROJECT,
     RELEASE_FILE,

@@ -1,4 +1,4 @@
-"""The engine runner (`export.trt_runner`) against the fake TensorRT and cuda-python of tests/fake_tensorrt.py:
+"""The engine runner (`export.node.trt_runner`) against the fake TensorRT and cuda-python of tests/fake_tensorrt.py:
 profile choice per text bucket, chunking over the profile's max batch, load errors, buffers freed."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from export.node.trt_api import EngineBuildError
+from export.node.trt_runner import TensorRTRunner
 from export.profiles import model_profiles
-from export.trt_api import EngineBuildError
-from export.trt_runner import TensorRTRunner
 from tests.fake_cuda import FakeCudart
 from tests.fake_tensorrt import FakeContext, FakeEngine, FakeRuntime, FakeTRT
 
@@ -59,7 +59,7 @@ def _ids(rows: int, seq: int = 8):
 
 
 def test_every_builder_and_runtime_shares_the_process_logger(tmp_path, text_engine, fake_trt):
-    from export.trt_api import process_logger
+    from export.node.trt_api import process_logger
 
     with TensorRTRunner(_plan(tmp_path)), TensorRTRunner(_plan(tmp_path)):
         pass
@@ -161,7 +161,7 @@ def test_bfloat16_outputs_come_back_as_float32(tmp_path, text_engine, monkeypatc
 
 
 def test_bfloat16_conversions_round_to_nearest_even():
-    from export.trt_dtypes import bfloat16_bits_to_float32, float32_to_bfloat16_bits
+    from export.node.trt_dtypes import bfloat16_bits_to_float32, float32_to_bfloat16_bits
 
     values = np.array([1.0, -2.5, 3.14159, 1 + 2 ** -8, 1 + 3 * 2 ** -8, np.inf, 0.0], np.float32)
     bits = float32_to_bfloat16_bits(values)

@@ -10,9 +10,9 @@ import subprocess
 
 import pytest
 
-from fusionrank.serving.backends import available_backends, missing_backends, required_backends
-from fusionrank.serving.server import ServerError, TritonInstall, TritonServer, find_triton
-from fusionrank.spec import ServingProfile
+from fusionrank.contract.spec import ServingProfile
+from fusionrank.server.backends import available_backends, missing_backends, required_backends
+from fusionrank.server.launcher import ServerError, TritonInstall, TritonServer, find_triton
 
 from .conftest import REPO_ROOT
 
@@ -100,7 +100,7 @@ def test_entrypoint_passes_the_backend_config_check_prints(tmp_path, printed):
     (repo / "m" / "1").mkdir(parents=True)
     (repo / "m" / "1" / "model.plan").write_bytes(b"")
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FUSIONRANK_REPOSITORY": str(repo)}
-    result = subprocess.run(["bash", str(REPO_ROOT / "docker" / "entrypoint.sh"), "gpu"], env=env,
+    result = subprocess.run(["bash", str(REPO_ROOT / "deploy" / "entrypoint.sh"), "gpu"], env=env,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     args = result.stdout.split()

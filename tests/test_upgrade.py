@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.latency import LatencyStats, benchmark_model, summarize, tile_rows
-from export.upgrade import build_report, save_baseline
-from export.upgrade_compare import NOISE_FLOOR_MS, compare, load_report
-from export.upgrade_markdown import render_markdown
-from export.upgrade_measure import SCHEMA, ReportError
-from fusionrank.spec import ServingProfile
+from benchmarks.latency import LatencyStats, benchmark_model, summarize, tile_rows
+from fusionrank.contract.spec import ServingProfile
+from release.upgrade import build_report, save_baseline
+from release.upgrade_compare import NOISE_FLOOR_MS, compare, load_report
+from release.upgrade_markdown import render_markdown
+from release.upgrade_measure import SCHEMA, ReportError
 
 CI_SPEC = Path(__file__).parent / "pipeline.ci.yaml"
 
@@ -26,7 +26,7 @@ def _stats(p50: float, p95: float, throughput: float) -> dict:
 
 def _report(profile: str = "cpu", ranker_diff: float = 2e-6, ens_p95: float = 120.0, ens_rps: float = 10.0,
             encoder_p95: float = 40.0, encoder_p50: float = 30.0, errors: int = 0) -> dict:
-    """A measured report as `export.upgrade_measure.measure` returns it, with numbers chosen by the test."""
+    """A measured report as `release.upgrade_measure.measure` returns it, with numbers chosen by the test."""
     out = {"max_abs_diff": ranker_diff, "atol": 1e-5, "rtol": 1e-4, "passed": ranker_diff <= 1e-5, "samples": 160}
     return {
         "schema": SCHEMA, "created_utc": "2026-11-23T10:00:00Z", "profile": profile, "spec_digest": "abc",
@@ -185,7 +185,7 @@ def test_benchmark_model_runs_every_batch_size():
 
 def test_command_exit_code_names_regressions_and_saves_baseline(ci_spec, tmp_path, monkeypatch, capsys):
     """The CLI handler on a fake measurement: exit 0 against itself, 1 naming the metric against a faster one."""
-    import export.upgrade as upgrade
+    import release.upgrade as upgrade
 
     monkeypatch.setattr(upgrade, "measure", lambda *a, **k: _report(ens_p95=300.0))
     args = dict(profile="cpu", out_dir=tmp_path / "r1", requests=5, baseline=None, save_baseline=tmp_path / "base.json")
@@ -212,7 +212,7 @@ def test_command_exit_code_names_regressions_and_saves_baseline(ci_spec, tmp_pat
 
 def test_profile_is_named_by_its_value_in_the_default_report_folder(ci_spec, tmp_path, monkeypatch):
     """The CLI passes a ServingProfile: the report folder says `cpu`; a profile the report cannot measure is refused."""
-    import export.upgrade as upgrade
+    import release.upgrade as upgrade
 
     monkeypatch.setattr(upgrade, "measure", lambda *a, **k: _report())
     monkeypatch.setenv("FUSIONRANK_HOME", str(tmp_path))
@@ -224,7 +224,7 @@ def test_profile_is_named_by_its_value_in_the_default_report_folder(ci_spec, tmp
 
 
 def test_bad_baseline_fails_before_measuring(ci_spec, tmp_path, monkeypatch):
-    import export.upgrade as upgrade
+    import release.upgrade as upgrade
 
     monkeypatch.setattr(upgrade, "measure", lambda *a, **k: pytest.fail("measured despite a bad baseline"))
     with pytest.raises(ReportError):
@@ -244,8 +244,8 @@ def test_cpu_upgrade_report_end_to_end(ci_spec, built_repository, triton_server,
     shared 2-core CI machine's run-to-run timing noise (other processes, the session's server) far exceeds the
     production 25%, and this test is about the workflow, not this machine's speed.
     """
-    from export.upgrade import upgrade_report
-    from fusionrank.spec import UpgradeSpec
+    from fusionrank.contract.spec import UpgradeSpec
+    from release.upgrade import upgrade_report
 
     spec = ci_spec.with_overrides(upgrade=UpgradeSpec(max_latency_regression=49.0, max_throughput_regression=0.98,
                                                       max_accuracy_delta=ci_spec.upgrade.max_accuracy_delta))

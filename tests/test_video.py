@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from fusionrank.errors import PreprocessError
+from fusionrank.contract.errors import PreprocessError
 from fusionrank.preprocess.video import VideoPreprocessor, encode_video, sample_indices, sniff_container
 
 COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 200, 30), (150, 40, 180), (240, 130, 30),
@@ -121,7 +121,7 @@ def test_mutated_videos_decode_or_fail_cleanly(ci_spec, clips, data):
 
 
 def test_video_cost_prints_clip_and_still_figures(capsys):
-    from loadtest.video_cost import main
+    from benchmarks.video import main
     from tests.conftest import CI_SPEC
 
     assert main(["--spec", str(CI_SPEC), "--clips", "2", "--repeats", "1"]) == 0

@@ -23,7 +23,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from fusionrank.serving.server import free_port
+from fusionrank.server.launcher import free_port
 
 from .conftest import CI_SPEC, REPO_ROOT
 
@@ -102,8 +102,9 @@ def test_wheel_with_serve_extra_serves_a_ranking_request(built_repository, tmp_p
     env.update(FUSIONRANK_HOME=str(project), FUSIONRANK_CACHE=str(tmp_path / "cache"))
 
     probe = subprocess.run([str(python), "-c", (
-        "import importlib.util, json; from fusionrank.spec import load_spec; from fusionrank.scenario import "
-        "load_scenario; from loadtest.slo import CI_SLO; import fusionrank; print(json.dumps({'absent': [m for m in "
+        "import importlib.util, json; from fusionrank.contract.spec import load_spec; "
+        "from fusionrank.request.scenario import load_scenario; from loadtest.slo import CI_SLO; import fusionrank; "
+        "print(json.dumps({'absent': [m for m in "
         f"{ABSENT_FROM_SERVING!r} if importlib.util.find_spec(m) is None], 'package': fusionrank.__file__, "
         "'spec': load_spec().source, 'scenario': load_scenario('ci').source, 'slo': CI_SLO.is_file()}))")],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)

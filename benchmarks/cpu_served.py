@@ -25,6 +25,7 @@ from google.protobuf import text_format
 from benchmarks import server_metrics as triton_metrics
 from benchmarks.latency import EnsembleStats, benchmark_ensemble
 from export.manifest import version_dir
+from fusionrank.contract.names import ENCODERS_AND_RANKER, encoder_name
 from fusionrank.contract.spec import (
     CacheSpec,
     Modality,
@@ -37,9 +38,9 @@ from fusionrank.contract.spec import (
 from fusionrank.model.synthetic_data import load_benchmark
 from fusionrank.request.scenario import RequestFactory, load_scenario
 from fusionrank.server.launcher import TritonServer
-from fusionrank.triton.render import ENCODERS_AND_RANKER, HEADER, load_config, render_repository
+from fusionrank.triton.render import HEADER, load_config, render_repository
 
-INT8_ENCODERS = {f"{m.value}_encoder": Precision.INT8 for m in Modality}
+INT8_ENCODERS = {encoder_name(m): Precision.INT8 for m in Modality}
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.latency import OnnxRuntimeRunner, run_batched
+from fusionrank.contract.names import ENCODERS_AND_RANKER, RANKER, Modality, encoder_modality, encoder_name
 from fusionrank.contract.paths import tokenizer_dir
 from fusionrank.contract.spec import PipelineSpec
 from fusionrank.contract.tensors import MODALITY_MASK, embedding_name
 from fusionrank.request.candidates import pool_rows
 from fusionrank.request.scenario import ScenarioRequest
 from fusionrank.request.validation import PreparedRequest, RequestPreprocessor
-from fusionrank.triton.render import ENCODERS_AND_RANKER
 
 # The next ranking request, as `RequestFactory.next` makes it.
 NextRequest = Callable[[], ScenarioRequest]
@@ -36,8 +36,8 @@ class InProcessPipeline:
         self.preparer = RequestPreprocessor(spec, tokenizer_dir=tokenizer_dir(repo))
         # The graphs the CPU profile serves (optimised or INT8 per `export.cpu`), so both sides run the same models.
         self.runners = {m: OnnxRuntimeRunner(repo / m / "1" / spec.export.cpu.onnx_file(m)) for m in ENCODERS_AND_RANKER
-                        if m == "fusion_ranker" or m.split("_")[0] in {x.value for x in spec.modalities.enabled}}
-        self.max_batch = spec.serving.batching("image_encoder").max_batch_size
+                        if m == RANKER or encoder_modality(m) in spec.modalities.enabled}
+        self.max_batch = spec.serving.batching(encoder_name(Modality.IMAGE)).max_batch_size
 
     def close(self) -> None:
         for runner in self.runners.values():
@@ -49,7 +49,7 @@ class InProcessPipeline:
         have the modality, a video's frames among them) pooled per candidate as the route does."""
         out = {}
         for modality in self.spec.modalities.enabled:
-            model, name = f"{modality.value}_encoder", embedding_name(modality)
+            model, name = encoder_name(modality), embedding_name(modality)
             rows = [np.zeros((p.rows, self.spec.modalities.embedding_dim(modality)), np.float32) for p in prepared]
             groups: dict[tuple, list[int]] = {}
             for i, p in enumerate(prepared):
@@ -72,7 +72,7 @@ class InProcessPipeline:
         prepared = [self.preparer(request.arrays()) for request in requests]
         inputs = {**self._embed(prepared), "history": np.concatenate([p.history for p in prepared]),
                   MODALITY_MASK: np.concatenate([p.modality_mask() for p in prepared])}
-        return run_batched(self.runners["fusion_ranker"], inputs, self.max_batch)["click_probability"]
+        return run_batched(self.runners[RANKER], inputs, self.max_batch)["click_probability"]
 
 
 def run_inprocess(pipeline: InProcessPipeline, next_request: NextRequest, seconds: float,

@@ -30,6 +30,7 @@ from benchmarks import server_metrics as triton_metrics
 from benchmarks.inprocess import InProcessPipeline, run_inprocess
 from benchmarks.latency import LatencyStats, summarize
 from fusionrank.contract.errors import FusionRankError
+from fusionrank.contract.names import PREPROCESS
 from fusionrank.contract.spec import PipelineSpec, ServingProfile, member_models
 from fusionrank.contract.tensors import CLICK_PROBABILITY, infer_inputs
 from fusionrank.model.synthetic_data import load_benchmark
@@ -217,7 +218,7 @@ def served_phases(spec: PipelineSpec, repo: Path, bench, config: BenchConfig, re
     """The plain ensemble, the cached route cold, embed-catalogue, the cached route warm; appended to `result`."""
     from fusionrank.route.warming import benchmark_items, embed_catalogue
 
-    members = tuple(m for m in member_models(spec) if m != "preprocess")
+    members = tuple(m for m in member_models(spec) if m != PREPROCESS)
     with contextlib.ExitStack() as stack:
         redis = stack.enter_context(LocalRedis()) if config.shared_tier else None
         served_spec, served_repo = stack.enter_context(serving_repository(spec, repo, redis.url if redis else None))
@@ -226,7 +227,7 @@ def served_phases(spec: PipelineSpec, repo: Path, bench, config: BenchConfig, re
         out.write(f"Triton ready (route, members, reference ensemble); shared tier: "
                   f"{redis.url if redis else 'none'}\n")
         plan = [(f"served plain ensemble ({spec.serving.reference_ensemble})", "ensemble",
-                 spec.serving.reference_ensemble, ("preprocess", *members), None),
+                 spec.serving.reference_ensemble, (PREPROCESS, *members), None),
                 (f"served cached route, cold ({spec.serving.route})", "route_cold", spec.serving.route, members,
                  spec.serving.route)]
         for index, (name, role, model, breakdown, cache_model) in enumerate(plan, start=2):

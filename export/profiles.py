@@ -17,11 +17,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from fusionrank.contract.errors import FusionRankError
+from fusionrank.contract.names import RANKER, encoder_name
 from fusionrank.contract.spec import PipelineSpec
 from fusionrank.contract.tensors import TensorSpec, model_io
 
 SEQUENCE_AXIS = "sequence"
-RANKER = "fusion_ranker"
 
 
 class ProfileError(FusionRankError):
@@ -30,7 +30,7 @@ class ProfileError(FusionRankError):
 
 def engine_models(spec: PipelineSpec) -> tuple[str, ...]:
     """Models exported to ONNX and built as TensorRT engines: one encoder per enabled modality, then the ranker."""
-    return (*(f"{m.value}_encoder" for m in spec.modalities.enabled), RANKER)
+    return (*(encoder_name(m) for m in spec.modalities.enabled), RANKER)
 
 
 @dataclass(frozen=True)

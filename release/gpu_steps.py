@@ -21,6 +21,7 @@ from export.node.facts import NodeInfo, probe_node
 from export.node.trt_api import EngineBuildError, import_tensorrt
 from export.profiles import engine_models
 from fusionrank.contract.errors import FusionRankError
+from fusionrank.contract.names import encoder_name
 from fusionrank.contract.spec import PipelineSpec, ServingProfile
 from fusionrank.server.backends import locate_triton, missing_backends
 from release.upgrade_measure import measure_accuracy, measure_model_latency
@@ -90,7 +91,7 @@ def gpu_readiness(repository: Path, probe=None) -> GpuReadiness:
 
 def encoder_models(spec: PipelineSpec) -> tuple[str, ...]:
     """The encoders of the enabled modalities (what the ONNX Runtime CUDA step measures)."""
-    return tuple(f"{m.value}_encoder" for m in spec.modalities.enabled)
+    return tuple(encoder_name(m) for m in spec.modalities.enabled)
 
 
 # Strict FP32 (TF32 off), so the CUDA provider's parity is judged on the FP32 export tolerances.

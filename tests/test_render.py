@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from fusionrank.contract.spec import POOL_MODEL, ModalitiesSpec, ServingProfile, from_dict, member_models, served_models
+from fusionrank.contract.names import POOL_MODEL
+from fusionrank.contract.spec import ModalitiesSpec, ServingProfile, from_dict, member_models, served_models
 from fusionrank.contract.tensors import model_io
 from fusionrank.triton.render import (
     check_repository,

@@ -36,9 +36,10 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from export.manifest import onnx_path, version_dir
-from export.profiles import RANKER, engine_models
+from export.profiles import engine_models
 from export.verify.cpu_gates import CpuGateReport, check_cpu_chain
 from fusionrank.contract.errors import FusionRankError
+from fusionrank.contract.names import RANKER, encoder_modality, encoder_name
 from fusionrank.contract.paths import resolve_text_checkpoint
 from fusionrank.contract.spec import INT8_FILE, OPTIMIZED_FILE, CalibrationMethod, Modality, PipelineSpec, Precision
 from fusionrank.model.synthetic_data import Benchmark, load_benchmark
@@ -46,7 +47,7 @@ from fusionrank.preprocess import build_preprocessor
 
 log = logging.getLogger(__name__)
 
-TEXT = "text_encoder"
+TEXT = encoder_name(Modality.TEXT)
 DYNAMIC = (TEXT, RANKER)  # transformer / MLP+LSTM: weights dominate, activations vary per request
 CALIBRATION_BATCH = 16
 
@@ -162,7 +163,7 @@ def quantize_graph(spec: PipelineSpec, model: str, fp32: Path, optimized: Path |
                                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
             _save_extended(staged, target)
             return target
-        modality = Modality(model.removesuffix("_encoder"))
+        modality = encoder_modality(model)
         prepared = workdir / f"{model}.prep.onnx"
         q.quant_pre_process(str(fp32), str(prepared))  # symbolic shapes + basic folding, as ORT recommends
         reader = CatalogueCalibration(spec, bench, modality, cpu.calibration_samples)

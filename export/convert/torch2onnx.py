@@ -31,10 +31,11 @@ import torch
 
 from export.convert.onnx2cpu import export_cpu_profile
 from export.manifest import golden_path, onnx_path
-from export.profiles import RANKER, engine_models
+from export.profiles import engine_models
 from export.verify.cpu_gates import CpuGateReport
 from export.verify.parity import OutputParity, RankingParity, check_outputs, ranking_parity
 from fusionrank.contract.errors import CheckpointError, FusionRankError
+from fusionrank.contract.names import RANKER, encoder_name
 from fusionrank.contract.paths import resolve_text_checkpoint, tokenizer_dir
 from fusionrank.contract.spec import Modality, PipelineSpec
 from fusionrank.contract.tensors import CLICK_PROBABILITY, MODALITY_MASK, model_io
@@ -193,7 +194,7 @@ def _export_encoder(spec: PipelineSpec, repo: Path, modality: Modality, bench: B
                     ) -> tuple[str, np.ndarray, np.ndarray]:
     """Export one encoder (when asked), prove parity on samples, store golden outputs, and embed the frozen candidate
     set with both runtimes; returns (output name, PyTorch embeddings, ONNX Runtime embeddings)."""
-    model = f"{modality.value}_encoder"
+    model = encoder_name(modality)
     started = time.monotonic()
     encoder = build_encoder(spec, modality)
     pre = build_preprocessor(spec, modality, tokenizer_dir=text_dir)
@@ -269,7 +270,7 @@ def export_all(spec: PipelineSpec, repo: Path, checkpoint: Path | None = None, m
     torch_emb, ort_emb = {}, {}
     for modality in spec.modalities.enabled:
         name, torch_emb[name], ort_emb[name] = _export_encoder(
-            spec, repo, modality, bench, items, candidates, text_dir, f"{modality.value}_encoder" in models, report)
+            spec, repo, modality, bench, items, candidates, text_dir, encoder_name(modality) in models, report)
     _export_ranker(spec, repo, checkpoint, bench, sessions, torch_emb, ort_emb, RANKER in models, report)
     (repo / "parity.json").write_text(json.dumps(report.as_dict(), indent=2))
     # The CPU profile's optimised / INT8 graphs, gated against the FP32 PyTorch chain (export.cpu in the spec).

@@ -21,7 +21,7 @@ import numpy as np
 
 from export.manifest import onnx_path, sha256_file, write_atomic
 from export.node.cuda_memory import DeviceBuffers
-from export.profiles import RANKER
+from fusionrank.contract.names import RANKER, encoder_name
 from fusionrank.contract.paths import tokenizer_dir
 from fusionrank.contract.spec import Modality, PipelineSpec
 from fusionrank.contract.tensors import MODALITY_MASK
@@ -48,7 +48,7 @@ def calibration_batches(spec: PipelineSpec, repo: Path, model: str, batch_size: 
     if model == RANKER:
         arrays = {}
         for modality in enabled:
-            encoder = f"{modality.value}_encoder"
+            encoder = encoder_name(modality)
             inputs = _encoder_inputs(spec, repo, modality, bench, items)
             arrays.update(_onnx_run(onnx_path(repo, encoder), inputs))
         sessions = rng.integers(0, len(bench.sessions), size=n)
@@ -56,7 +56,7 @@ def calibration_batches(spec: PipelineSpec, repo: Path, model: str, batch_size: 
         # Calibrate on every presence pattern the ranker serves, complete candidates included.
         arrays[MODALITY_MASK] = presence_patterns(len(enabled), n).astype(np.float32)
     else:
-        modality = next(m for m in enabled if f"{m.value}_encoder" == model)
+        modality = next(m for m in enabled if encoder_name(m) == model)
         arrays = _encoder_inputs(spec, repo, modality, bench, items)
     return [{k: v[s:s + batch_size] for k, v in arrays.items()} for s in range(0, n, batch_size)]
 

@@ -23,10 +23,10 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from export.manifest import onnx_path
-from export.profiles import RANKER
 from export.verify.golden import load_golden
 from export.verify.parity import OutputParity, RankingParity, check_outputs, ranking_parity
 from fusionrank.contract.errors import DataError, FusionRankError
+from fusionrank.contract.names import RANKER, encoder_name
 from fusionrank.contract.spec import Modality, PipelineSpec, Precision
 from fusionrank.contract.tensors import CLICK_PROBABILITY, MODALITY_MASK, model_io
 from fusionrank.model.embeddings import catalogue_embeddings, catalogue_payloads, encode_items
@@ -120,7 +120,7 @@ class OrtChain:
     def embed(self, modality: Modality, payloads: list[bytes], videos: list[bytes | None] | None = None) -> np.ndarray:
         """Embeddings of items through the same candidate preparation as training and serving (a clip's frames
         pooled with the still) and this chain's encoder."""
-        model = f"{modality.value}_encoder"
+        model = encoder_name(modality)
         return encode_items(self.spec, modality, payloads, videos, preparer=self.preparer,
                             run=lambda _, inputs: next(iter(self.run(model, inputs).values())))
 
@@ -199,7 +199,7 @@ def check_cpu_chain(spec: PipelineSpec, repo: Path, files: dict[str, Path], benc
     chain = OrtChain(spec, files)
     tables, embeddings = {}, {}
     for modality in spec.modalities.enabled:
-        model = f"{modality.value}_encoder"
+        model = encoder_name(modality)
         (name,) = (t.name for t in model_io(spec, model).outputs)
         tables[modality] = chain.catalogue(bench, modality)
         # Export's golden data embeds every frozen candidate from its own payload (a video item by its still).

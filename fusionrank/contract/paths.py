@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from fusionrank.contract.errors import CheckpointError
+from fusionrank.contract.names import PREPROCESS
 from fusionrank.contract.project import project_dir
 from fusionrank.contract.spec import DEFAULT_TEXT_CHECKPOINT, PipelineSpec
 
@@ -34,7 +35,7 @@ def resolve_text_checkpoint(checkpoint: str) -> Path:
 
 def tokenizer_dir(repo: Path) -> Path:
     """Where export puts the text checkpoint's tokenizer inside a model repository (read by `preprocess`)."""
-    return Path(repo) / "preprocess" / "1" / "tokenizer"
+    return Path(repo) / PREPROCESS / "1" / "tokenizer"
 
 
 def require_dir(path: str | Path, what: str, must_contain: str | None = None) -> Path:

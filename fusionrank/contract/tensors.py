@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fusionrank.contract.spec import POOL_MODEL, Modality, PipelineSpec, member_models
+from fusionrank.contract.names import POOL_MODEL, PREPROCESS, RANKER, encoder_name
+from fusionrank.contract.spec import Modality, PipelineSpec, member_models
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ def model_io(spec: PipelineSpec, model: str) -> ModelIO:
     items = (*(TensorSpec(ITEM_INPUT[mod], "bytes", (1,)) for mod in enabled), history,
              *optional_request_inputs(spec))
     mask = TensorSpec(MODALITY_MASK, "float32", (len(enabled),))
-    if model == "preprocess":
+    if model == PREPROCESS:
         outputs = tuple(t for mod in enabled for t in (*encoder_inputs(spec, mod),
                                                        TensorSpec(owner_name(mod), "int64", (1,))))
         return ModelIO(model, items, (*outputs, TensorSpec("history", "int64", history.dims), mask))
@@ -115,10 +116,10 @@ def model_io(spec: PipelineSpec, model: str) -> ModelIO:
         outputs = tuple(TensorSpec(embedding_name(mod), "float32", (-1, dims[mod])) for mod in enabled)
         return ModelIO(model, (*inputs, TensorSpec(MODALITY_MASK, "float32", (-1, len(enabled)))), outputs)
     for modality in enabled:
-        if model == f"{modality.value}_encoder":
+        if model == encoder_name(modality):
             out = TensorSpec(embedding_name(modality), "float32", (spec.modalities.embedding_dim(modality),))
             return ModelIO(model, encoder_inputs(spec, modality), (out,))
-    if model == "fusion_ranker":
+    if model == RANKER:
         embeddings = tuple(TensorSpec(embedding_name(mod), "float32", (spec.modalities.embedding_dim(mod),))
                            for mod in enabled)
         return ModelIO(model, (*embeddings, TensorSpec("history", "int64", history.dims), mask), ranker_out)

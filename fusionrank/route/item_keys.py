@@ -25,6 +25,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from fusionrank.contract.errors import FusionRankError
+from fusionrank.contract.names import encoder_name
 from fusionrank.contract.paths import tokenizer_dir
 from fusionrank.contract.spec import Modality, PipelineSpec, ServingProfile, to_dict
 from fusionrank.preprocess import PREPROCESS_VERSION
@@ -100,7 +101,7 @@ def encoder_identities(spec: PipelineSpec, repo: Path, member_files: dict[str, s
     profile serves)."""
     identities = {}
     for modality in spec.modalities.enabled:
-        model = f"{modality.value}_encoder"
+        model = encoder_name(modality)
         if model not in member_files:
             raise IdentityError(f"the route's {MEMBER_FILES} parameter names no file for {model}")
         version = served_version(repo, model, member_files[model])

@@ -41,13 +41,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fusionrank.contract.errors import FusionRankError, PreprocessError
+from fusionrank.contract.names import RANKER, encoder_name
 from fusionrank.contract.spec import Modality, PipelineSpec
 from fusionrank.contract.tensors import ITEM_INPUT, MODALITY_MASK, embedding_name, model_io
 from fusionrank.request.candidates import image_cache_payload, pool_rows
 from fusionrank.request.validation import EncoderGroup, RequestPreprocessor, ValidRequest, non_finite_row
 from fusionrank.route.cache import EmbeddingCache
-
-RANKER = "fusion_ranker"
 
 
 class Status(enum.Enum):
@@ -235,7 +234,7 @@ class RankingRoute:
     async def _encode_modality(self, flights: list[_Flight], modality: Modality) -> None:
         name = embedding_name(modality)
         parts = [(f, group) for f in flights for group in f.groups[modality]]
-        results = await self.call_member(f"{modality.value}_encoder", [g.inputs for _, g in parts], (name,))
+        results = await self.call_member(encoder_name(modality), [g.inputs for _, g in parts], (name,))
         encoded: dict[_Flight, list[tuple[np.ndarray, np.ndarray]]] = {}
         for (f, group), result in zip(parts, results):
             if f.error is not None:

@@ -24,6 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from fusionrank.contract.errors import FusionRankError, PreprocessError
+from fusionrank.contract.names import encoder_name
 from fusionrank.contract.paths import tokenizer_dir
 from fusionrank.contract.spec import Modality, PipelineSpec, ServingProfile
 from fusionrank.contract.tensors import ITEM_INPUT, embedding_name, infer_inputs
@@ -156,7 +157,7 @@ class _Embedder:
 
     def _encode(self, modality: Modality, items: Sequence[CatalogueItem], payloads: list[bytes],
                 rows: list[int]) -> list[tuple[int, np.ndarray]]:
-        model, name = f"{modality.value}_encoder", embedding_name(modality)
+        model, name = encoder_name(modality), embedding_name(modality)
         request = ValidRequest(rows={ITEM_INPUT[modality]: payloads}, history=np.zeros((len(payloads), 1), np.int64))
         step = self.spec.serving.batching(model).max_batch_size
         out = []

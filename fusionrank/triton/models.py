@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fusionrank.contract.errors import PreprocessError
+from fusionrank.contract.names import encoder_name
 from fusionrank.contract.paths import tokenizer_dir
 from fusionrank.contract.spec import Modality, from_dict
 from fusionrank.contract.tensors import (
@@ -162,7 +163,7 @@ class PreprocessModel(_BatchedModel):
         for m, owners in prepared.owners.items():
             # The ensemble sends a modality's rows to its encoder in one call: a request with more (its videos'
             # frames) than the encoder's batch is refused here, not by Triton after the preprocessing.
-            limit = self.spec.serving.batching(f"{m.value}_encoder").max_batch_size
+            limit = self.spec.serving.batching(encoder_name(m)).max_batch_size
             if len(owners) > limit:
                 raise PreprocessError(ITEM_VIDEO if m is Modality.IMAGE else ITEM_INPUT[m],
                                       f"the request needs {len(owners)} {m.value} encoder rows (stills and "

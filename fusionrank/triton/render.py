@@ -20,12 +20,20 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from fusionrank.contract.spec import POOL_MODEL, PipelineSpec, ServingProfile, member_models, to_dict
+from fusionrank.contract.names import (
+    ENCODERS_AND_RANKER,
+    POOL_MODEL,
+    PREPROCESS,
+    RANKER,
+    Modality,
+    encoder_modality,
+    encoder_name,
+)
+from fusionrank.contract.spec import PipelineSpec, ServingProfile, member_models, to_dict
 from fusionrank.contract.tensors import ITEM_INPUT, TensorSpec, embedding_name, model_io, rows_name
 from fusionrank.preprocess.samples import warmup_samples
 from fusionrank.route.item_keys import MEMBER_FILES
 
-ENCODERS_AND_RANKER = ("text_encoder", "image_encoder", "audio_encoder", "fusion_ranker")
 HEADER = "# Rendered by `fusionrank render` from pipeline.yaml: do not edit by hand.\n"
 
 _DTYPES = {"bytes": mc.TYPE_STRING, "int64": mc.TYPE_INT64, "float32": mc.TYPE_FP32, "bool": mc.TYPE_BOOL}
@@ -52,7 +60,7 @@ def _tensor(spec_tensor: TensorSpec, cls):
 
 def _spec_parameter(spec: PipelineSpec, model: str) -> str:
     """The slice of the spec a Python model needs, as JSON (rebuilt there with `spec.from_dict`)."""
-    if model in ("preprocess", spec.serving.route):
+    if model in (PREPROCESS, spec.serving.route):
         # serving: max_candidates for both, and the members' max batch sizes for the route.
         return json.dumps({"modalities": to_dict(spec.modalities), "ranker": {"history": to_dict(spec.ranker.history)},
                            "serving": to_dict(spec.serving)}, sort_keys=True)
@@ -94,7 +102,7 @@ def _add_warmup(config: mc.ModelConfig, spec: PipelineSpec) -> None:
     """Warm every member so the first real request does not pay for lazy initialisation (sessions, allocators)."""
     model = config.name
     batch = spec.serving.batching(model).preferred_batch_sizes[-1]
-    buckets = spec.modalities.text.buckets if model == "text_encoder" else (None,)
+    buckets = spec.modalities.text.buckets if model == encoder_name(Modality.TEXT) else (None,)
     for bucket in buckets:
         suffix = f"_seq{bucket}" if bucket else ""
         warm = mc.ModelWarmup(name=f"{model}_batch{batch}{suffix}", batch_size=batch)
@@ -118,7 +126,7 @@ def python_config(spec: PipelineSpec, model: str, role: str) -> mc.ModelConfig:
         # One thread per session: the three encoders run concurrently in their own stubs, and several threads each
         # oversubscribe the cores (measured on 2 cores: a 10-candidate request 436 ms with the default, 352 ms with 1).
         config.parameters["intra_op_threads"].string_value = "1"
-        if model == "fusion_ranker":
+        if model == RANKER:
             config.parameters["check_finite_outputs"].string_value = "true"
     _add_warmup(config, spec)
     return config
@@ -164,7 +172,7 @@ def tensorrt_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
     config.platform = "tensorrt_plan"
     config.default_model_filename = "model.plan"
     _instance(config, spec, mc.ModelInstanceGroup.KIND_GPU)
-    if model == "text_encoder" and spec.export.tensorrt.profile_per_bucket:
+    if model == encoder_name(Modality.TEXT) and spec.export.tensorrt.profile_per_bucket:
         # One optimisation profile per padding bucket (export/profiles.py): every instance must be allowed to use
         # all of them, else Triton binds only profile 0 and the other buckets' shapes are rejected.
         config.instance_group[0].profile.extend(str(i) for i in range(len(spec.modalities.text.buckets)))
@@ -199,7 +207,7 @@ def ensemble_config(spec: PipelineSpec) -> mc.ModelConfig:
         for t in member.inputs:
             step.input_map[t.name] = t.name
         for t in member.outputs:
-            step.output_map[t.name] = rows[t.name] if model.endswith("_encoder") else t.name
+            step.output_map[t.name] = rows[t.name] if encoder_modality(model) else t.name
     if spec.serving.response_cache:
         config.response_cache.enable = True
     return config
@@ -221,7 +229,7 @@ def model_configs(spec: PipelineSpec) -> dict[str, dict[ServingProfile, mc.Model
             configs[model] = {profile: config for profile in ServingProfile}
     ensemble = ensemble_config(spec)
     configs[spec.serving.reference_ensemble] = {profile: ensemble for profile in ServingProfile}
-    encoders = [f"{m.value}_encoder" for m in spec.modalities.enabled]
+    encoders = [encoder_name(m) for m in spec.modalities.enabled]
     configs[spec.serving.route] = {profile: route_config(spec, {m: _served_file(configs[m][profile]) for m in encoders})
                                    for profile in ServingProfile}
     return configs

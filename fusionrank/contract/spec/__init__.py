@@ -5,11 +5,11 @@ from a `PipelineSpec`, so no two parts of the project can disagree about a shape
 `modalities` and `sections`, closed sets and shared checks in `base`.
 """
 
+from fusionrank.contract.names import Modality
 from fusionrank.contract.spec.base import (
     DEFAULT_TEXT_CHECKPOINT,
     CalibrationMethod,
     FusionType,
-    Modality,
     Pooling,
     Precision,
     RecurrentCell,
@@ -29,9 +29,8 @@ from fusionrank.contract.spec.modalities import (
     TextSpec,
     VideoSpec,
 )
-from fusionrank.contract.spec.pipeline import POOL_MODEL, PipelineSpec, member_models, served_models
+from fusionrank.contract.spec.pipeline import PipelineSpec, member_models, served_models
 from fusionrank.contract.spec.sections import (
-    CPU_MODELS,
     INT8_FILE,
     OPTIMIZED_FILE,
     SLO_FIELDS,
@@ -52,7 +51,7 @@ from fusionrank.contract.spec.sections import (
 )
 
 __all__ = [
-    "CPU_MODELS", "DEFAULT_TEXT_CHECKPOINT", "INT8_FILE", "OPTIMIZED_FILE", "POOL_MODEL", "SLO_FIELDS",
+    "DEFAULT_TEXT_CHECKPOINT", "INT8_FILE", "OPTIMIZED_FILE", "SLO_FIELDS",
     "AudioEncoderSpec", "AudioSpec", "BatchingSpec", "CacheSpec", "CalibrationMethod", "CpuExportSpec", "DataSpec",
     "ExportSpec", "FusionType", "HistorySpec", "ImageEncoderSpec", "ImageSpec", "ModalitiesSpec", "Modality",
     "PipelineSpec", "Pooling", "Precision", "RankerSpec", "RankingParitySpec", "RecurrentCell", "ResNetArch",

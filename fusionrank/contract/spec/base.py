@@ -11,12 +11,6 @@ from fusionrank.contract.errors import SpecError
 DEFAULT_TEXT_CHECKPOINT = "builtin:all-MiniLM-L6-v2"
 
 
-class Modality(str, enum.Enum):
-    TEXT = "text"
-    IMAGE = "image"
-    AUDIO = "audio"
-
-
 class Pooling(str, enum.Enum):
     CLS = "cls"
     MEAN = "mean"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fusionrank.contract.names import Modality
 from fusionrank.contract.spec.base import (
     DEFAULT_TEXT_CHECKPOINT,
-    Modality,
     Pooling,
     ResNetArch,
     check_positive,

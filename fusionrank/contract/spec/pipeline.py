@@ -7,6 +7,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from fusionrank.contract.names import POOL_MODEL, PREPROCESS, RANKER, encoder_name
 from fusionrank.contract.spec.base import fail, to_dict
 from fusionrank.contract.spec.modalities import ModalitiesSpec
 from fusionrank.contract.spec.sections import (
@@ -53,12 +54,9 @@ class PipelineSpec:
         return dataclasses.replace(self, **changes)
 
 
-# The reference ensemble's step that puts each encoder's rows back in candidate order (pooling a video's frames): its
-# inputs hold the encoded rows and its outputs the candidates, so it cannot batch (max_batch_size 0).
-POOL_MODEL = "pool_embeddings"
 UNBATCHED = (POOL_MODEL,)
 # Members only the reference ensemble calls: the route preprocesses and pools in process.
-ENSEMBLE_ONLY = ("preprocess", POOL_MODEL)
+ENSEMBLE_ONLY = (PREPROCESS, POOL_MODEL)
 
 
 def member_models(spec: PipelineSpec) -> tuple[str, ...]:
@@ -68,7 +66,7 @@ def member_models(spec: PipelineSpec) -> tuple[str, ...]:
     preprocessing model per modality, a bad text failed its step while the same request's image and audio steps
     were still queued; Triton 2.51 then released the request's input buffers under them, which crashed the server
     or corrupted other requests in our concurrent bad-input test.)"""
-    return ("preprocess", *(f"{m.value}_encoder" for m in spec.modalities.enabled), POOL_MODEL, "fusion_ranker")
+    return (PREPROCESS, *(encoder_name(m) for m in spec.modalities.enabled), POOL_MODEL, RANKER)
 
 
 def served_models(spec: PipelineSpec, reference_ensemble: bool = False) -> tuple[str, ...]:

@@ -6,6 +6,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
+from fusionrank.contract.names import ENCODERS_AND_RANKER, ENSEMBLE, MEMBERS, ROUTE
 from fusionrank.contract.spec.base import (
     CalibrationMethod,
     FusionType,
@@ -139,7 +140,6 @@ class TensorRTSpec:
 FP32_FILE = "model.onnx"
 OPTIMIZED_FILE = "model.opt.onnx"
 INT8_FILE = "model.int8.onnx"
-CPU_MODELS = ("text_encoder", "image_encoder", "audio_encoder", "fusion_ranker")
 CPU_PRECISIONS = (Precision.FP32, Precision.INT8)
 
 
@@ -162,8 +162,8 @@ class CpuExportSpec:
 
     def __post_init__(self):
         for model, precision in self.precision.items():
-            if model not in CPU_MODELS:
-                fail(f"export.cpu.precision.{model}", precision.value, "a key among " + ", ".join(CPU_MODELS))
+            if model not in ENCODERS_AND_RANKER:
+                fail(f"export.cpu.precision.{model}", precision.value, "a key among " + ", ".join(ENCODERS_AND_RANKER))
             if precision not in CPU_PRECISIONS:
                 fail(f"export.cpu.precision.{model}", precision.value,
                      " or ".join(repr(p.value) for p in CPU_PRECISIONS) + " (fp16 is the TensorRT profile's)")
@@ -177,7 +177,7 @@ class CpuExportSpec:
 
     def quantized(self) -> tuple[str, ...]:
         """Models served as INT8, in pipeline order."""
-        return tuple(m for m in CPU_MODELS if self.precision_of(m) is Precision.INT8)
+        return tuple(m for m in ENCODERS_AND_RANKER if self.precision_of(m) is Precision.INT8)
 
     def onnx_file(self, model: str) -> str:
         """The file the CPU profile loads for `model`, inside its version folder."""
@@ -257,8 +257,6 @@ class CacheSpec:
 
 
 _MODEL_NAME = re.compile(r"[a-z][a-z0-9_]*")
-# Names the pipeline's members already use (`member_models`): a route or ensemble must not shadow one.
-_MEMBER_NAMES = ("preprocess", "text_encoder", "image_encoder", "audio_encoder", "pool_embeddings", "fusion_ranker")
 
 
 @dataclass(frozen=True)
@@ -268,8 +266,8 @@ class ServingSpec:
     on request (`fusionrank serve --with-reference-ensemble`) because Triton 2.51 crashes when callers cancel
     requests to an ensemble."""
 
-    route: str = "rank"
-    reference_ensemble: str = "rank_ensemble"
+    route: str = ROUTE
+    reference_ensemble: str = ENSEMBLE
     max_candidates: int = 64
     models: dict[str, BatchingSpec] = field(default_factory=dict)
     response_cache: bool = False
@@ -279,9 +277,9 @@ class ServingSpec:
         check_positive("serving.max_candidates", self.max_candidates)
         for name in ("route", "reference_ensemble"):
             value = getattr(self, name)
-            if not _MODEL_NAME.fullmatch(value) or value in _MEMBER_NAMES:
+            if not _MODEL_NAME.fullmatch(value) or value in MEMBERS:
                 fail(f"serving.{name}", value, "a lower_snake model name that no member model uses "
-                                               f"({', '.join(_MEMBER_NAMES)})")
+                                               f"({', '.join(MEMBERS)})")
         if self.route == self.reference_ensemble:
             fail("serving.reference_ensemble", self.reference_ensemble, f"a name other than the route's ({self.route})")
 

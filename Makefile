@@ -50,7 +50,7 @@ test-gpu: $(STAMP)
 
 # Generated deployment files: the PrometheusRule (from deploy/monitoring/rules.yml) and the rendered overlays.
 deploy-render: $(STAMP)
-	$(PY) deploy/render_manifests.py
+	$(VENV)/bin/fusionrank deploy-render
 
 image:
 	@test -n "$(TRITON_DIGEST)" || { echo "$(RELEASE) has no digest: run 'make pin-triton' where nvcr.io is reachable"; exit 1; }
@@ -72,7 +72,7 @@ pin-triton:
 gpu-check: $(STAMP)
 	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q -e '.[gpu]' || \
 		echo "could not install the [gpu] extra: the TensorRT steps will say why"; fi
-	$(PY) -m release.gpu_check
+	$(VENV)/bin/fusionrank gpu-check
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

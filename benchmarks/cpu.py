@@ -1,9 +1,10 @@
-"""`fusionrank cpu-report`: FP32 vs optimised FP32 vs INT8 on this node, per model and served, with the accuracy
+"""`fusionrank bench cpu`: FP32 vs optimised FP32 vs INT8 on this node, per model and served, with the accuracy
 gates, in one run (issue 13). Library pieces: `benchmarks.cpu_models` (per model, kernels), `export.verify.cpu_gates`
 (accuracy, written by `fusionrank export` to cpu_parity.json), `benchmarks.cpu_served` (end to end)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as _dt
 import json
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import onnxruntime
 
+from benchmarks._args import repository_of, spec_of
 from benchmarks.cpu_models import BATCH_SIZES, compare_models, gemm_probe, kernel_profile, model_variants, speed_table
 from benchmarks.cpu_served import compare_served, default_variants, goal_line, members_table, served_table
 from export.verify.cpu_gates import REPORT_FILE
@@ -127,3 +129,27 @@ def run_cpu_report(spec: PipelineSpec, repo: Path, out_dir: Path, rounds: int = 
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(_markdown(report, _accuracy_table(accuracy)))
     return report
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="reports/cpu-int8", help="report folder")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement")
+    parser.add_argument("--requests", type=int, default=30, help="served: requests per variant and round")
+    parser.add_argument("--users", type=int, default=4, help="served: closed-loop callers")
+    parser.add_argument("--batch-sizes", default="1,16,64", help="per model: batch sizes")
+    parser.add_argument("--threads", default=None, help="served: also the spec's choice at these intra-op threads, "
+                                                        "e.g. 2")
+    parser.add_argument("--scenario", default=None, help="served: load-test scenario name or file (default: default)")
+    parser.add_argument("--skip-served", action="store_true", help="per-model figures and accuracy only")
+
+
+def main(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    report = run_cpu_report(spec_of(args), repository_of(args), out, rounds=args.rounds, requests=args.requests,
+                            users=args.users, batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
+                            served=not args.skip_served,
+                            threads=tuple(int(t) for t in args.threads.split(",")) if args.threads else (),
+                            scenario=args.scenario, progress=lambda msg: print(f"... {msg}", flush=True))
+    print((out / "report.md").read_text())
+    print(f"wrote {out / 'report.md'} and report.json ({report['seconds']} s)")
+    return 0

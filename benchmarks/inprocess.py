@@ -1,5 +1,5 @@
-"""The in-process yardstick of `fusionrank bench`: the served pipeline's pieces composed in one process, one caller,
-no server: the request validation and preprocessing the servers run (`RequestPreprocessor`, a request padded to
+"""The in-process yardstick of `fusionrank bench serve`: the served pipeline's pieces composed in one process, one
+caller, no server: the request validation and preprocessing the servers run (`RequestPreprocessor`, a request padded to
 one text bucket as the ensemble pads it) and the four exported ONNX models on ONNX Runtime (`benchmarks.latency.
 OnnxRuntimeRunner`, the CPU profile's runtime).
 

@@ -1,7 +1,7 @@
 """Preprocessing figures in one run: milliseconds per row before and after, and the worst case per row at the
 spec's limits (time and peak memory).
 
-    python -m benchmarks.preprocess [--spec pipeline.yaml] [--repeat 5]
+    fusionrank bench preprocess [--spec pipeline.yaml] [--repeat 5]
 
 Before/after: the previous implementation (`benchmarks.preprocess_baseline`) and the current one on the same rows,
 interleaved so machine noise hits both alike (median of `--repeat` runs): the benchmark catalogue's items and
@@ -18,7 +18,6 @@ import ctypes.util
 import gc
 import io
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from fractions import Fraction
@@ -28,10 +27,11 @@ import numpy as np
 import soundfile as sf
 from PIL import Image
 
+from benchmarks._args import spec_of
 from benchmarks.preprocess_baseline import previous_clip, previous_image, previous_log_mel, previous_text
 from fusionrank.contract.errors import PreprocessError
 from fusionrank.contract.paths import resolve_text_checkpoint
-from fusionrank.contract.spec import Modality, PipelineSpec, load_spec
+from fusionrank.contract.spec import Modality, PipelineSpec
 from fusionrank.model.synthetic_data import load_benchmark
 from fusionrank.preprocess import build_preprocessor
 from fusionrank.preprocess.audio import MAX_RATIO_DENOMINATOR, _resampling_filter
@@ -181,13 +181,13 @@ def bounds(spec: PipelineSpec, repeat: int) -> list[tuple[str, int, float, float
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: print both tables."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.preprocess", description=__doc__.split("\n")[0])
-    parser.add_argument("--spec", default=None, help="pipeline spec (default: pipeline.yaml)")
-    parser.add_argument("--repeat", type=int, default=5)
-    args = parser.parse_args(argv)
-    spec = load_spec(args.spec)
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repeat", type=int, default=5, help="runs per measurement (the median is printed)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Print both tables."""
+    spec = spec_of(args)
     print(f"spec {spec.source}: image size {spec.modalities.image.size}, audio {spec.modalities.audio.sample_rate} Hz")
     title = f"per row (median of {args.repeat} runs)"
     print(f"\n{title:<62}{'before ms':>10}{'after ms':>10}{'speed-up':>10}")
@@ -198,7 +198,3 @@ def main(argv: list[str] | None = None) -> int:
     for name, size, ms, peak in bounds(spec, args.repeat):
         print(f"{name:<62}{size:>10}{ms:>10.1f}{peak:>10.1f}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

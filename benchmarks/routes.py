@@ -1,6 +1,6 @@
 """The route callers use (`serving.route`, BLS) against the plain reference ensemble, on one server, side by side.
 
-    python -m benchmarks.routes --spec tests/pipeline.ci.yaml --repository /tmp/repo --candidates 16 --users 8
+    fusionrank bench routes --spec tests/pipeline.ci.yaml --repository /tmp/repo --candidates 16 --users 8
 
 Starts a CPU server with both routes loaded (or uses `--url`), sends the same requests (N catalogue candidates each,
 C closed-loop callers) to each route in turn, `--rounds` times, and prints per route and round: candidates/s,
@@ -14,13 +14,12 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 
 from benchmarks import server_metrics as triton_metrics
-from fusionrank.contract.project import model_repository_dir
-from fusionrank.contract.spec import PipelineSpec, ServingProfile, load_spec, member_models
+from benchmarks._args import repository_of, spec_of
+from fusionrank.contract.spec import PipelineSpec, ServingProfile, member_models
 from fusionrank.contract.tensors import CLICK_PROBABILITY, infer_inputs, request_arrays
 from fusionrank.model.synthetic_data import load_benchmark
 from fusionrank.server.launcher import TritonServer
@@ -101,29 +100,24 @@ def compare(spec: PipelineSpec, url: str, metrics_url: str | None, requests: lis
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.routes", description=__doc__.split("\n\n")[0])
-    p.add_argument("--spec", default=None, help="pipeline spec (default: pipeline.yaml)")
-    p.add_argument("--repository", default=None, help="built model repository to serve (default: the project's)")
-    p.add_argument("--url", default=None, help="gRPC endpoint of a running server with both routes loaded")
-    p.add_argument("--metrics-url", default=None, help="its Triton metrics URL (with --url)")
-    p.add_argument("--candidates", type=int, default=16, help="candidates per request")
-    p.add_argument("--users", type=int, default=8, help="concurrent closed-loop callers")
-    p.add_argument("--requests", type=int, default=120, help="requests per route and round")
-    p.add_argument("--rounds", type=int, default=2, help="rounds (each measures both routes, route first)")
-    args = p.parse_args(argv)
-    spec = load_spec(args.spec)
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=None, help="gRPC endpoint of a running server with both routes loaded "
+                                                    "(default: start the local CPU server for the run)")
+    parser.add_argument("--metrics-url", default=None, help="its Triton metrics URL (with --url)")
+    parser.add_argument("--candidates", type=int, default=16, help="candidates per request")
+    parser.add_argument("--users", type=int, default=8, help="concurrent closed-loop callers")
+    parser.add_argument("--requests", type=int, default=120, help="requests per route and round")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds (each measures both routes, route first)")
+
+
+def main(args: argparse.Namespace) -> int:
+    spec = spec_of(args)
     requests = build_requests(spec, args.requests, args.candidates)
     print(f"{args.requests} requests x {args.candidates} candidates, {args.users} callers, {args.rounds} rounds")
     if args.url:
         results = compare(spec, args.url, args.metrics_url, requests, args.users, args.rounds)
     else:
-        repo = Path(args.repository) if args.repository else model_repository_dir()
-        with TritonServer.for_spec(spec, repo, ServingProfile.CPU, log_name="tritonserver-compare",
+        with TritonServer.for_spec(spec, repository_of(args), ServingProfile.CPU, log_name="tritonserver-compare",
                                    reference_ensemble=True) as server:
             results = compare(spec, server.grpc_url, server.metrics_url, requests, args.users, args.rounds)
     return 1 if any(r["errors"] for r in results) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

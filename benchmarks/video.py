@@ -1,7 +1,7 @@
 """What a video candidate costs beside a still: preprocessing (PyAV decode + K frames through the image
 preprocessing) and the image encoder (PyTorch, K rows instead of one), on the catalogue's clips and their covers.
 
-    python -m benchmarks.video [--spec pipeline.yaml] [--clips 64] [--repeats 3]
+    fusionrank bench video [--spec pipeline.yaml] [--clips 64] [--repeats 3]
 
 Prints the best of `repeats` timings per clip and per still. Figures on the 2-core development machine are in
 docs/evaluation.md ("Video candidates").
@@ -54,16 +54,12 @@ def measure(spec_path: str | None, clips: int, repeats: int) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--spec", default=None)
-    parser.add_argument("--clips", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
-    for line in measure(args.spec, args.clips, args.repeats):
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--clips", type=int, default=64, help="clips (and as many stills) measured")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (the best is kept)")
+
+
+def main(args: argparse.Namespace) -> int:
+    for line in measure(getattr(args, "spec", None), args.clips, args.repeats):
         print(line)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -7,14 +7,14 @@ Modules that pull in torch (training, evaluation, ONNX export, the demo) are imp
 from __future__ import annotations
 
 import argparse
+import importlib
+import sys
 from pathlib import Path
 
-from benchmarks.serve import BenchConfig
-from benchmarks.serve_report import bench_command
 from clients.tls import ClientTls
 from export.convert.onnx2trt import build_engines_command
 from export.verify.preflight import check_command, refuse_on_mismatch, triton_backend_config
-from fusionrank.contract.project import model_repository_dir
+from fusionrank.contract.project import model_repository_dir, project_dir
 from fusionrank.contract.spec import FusionType, Modality, PipelineSpec, Precision, ServingProfile, load_spec
 from fusionrank.model.synthetic_data import load_benchmark
 from fusionrank.route.warming import benchmark_items
@@ -142,10 +142,8 @@ def embed_catalogue(args) -> int:
 
 
 def bench(args) -> int:
-    config = BenchConfig(candidates=args.candidates, callers=args.callers, zipf_exponent=args.zipf,
-                         novel_share=args.novel_share, seconds=args.seconds, inprocess_seconds=args.inprocess_seconds,
-                         shared_tier=not args.no_shared_tier, seed=args.seed)
-    return bench_command(_spec(args), _repo(args), config, out_dir=_path(args.out), gate=args.gate)
+    """`fusionrank bench NAME`: the benchmark module's own `main` (imported only now: its libraries are heavy)."""
+    return int(importlib.import_module(f"benchmarks.{args.benchmark}").main(args) or 0)
 
 
 def build_engines(args) -> int:
@@ -164,17 +162,25 @@ def upgrade_report(args) -> int:
                                   requests=args.requests)
 
 
-def cpu_report(args) -> int:
-    from benchmarks.cpu import run_cpu_report  # ONNX Runtime's quantization tools and torch, off the light path
+def gpu_check(args) -> int:
+    from release.gpu_check import FAILED, run_gpu_check  # torch and TensorRT, where the node has them
 
-    out = _path(args.out) or Path("reports") / "cpu-int8"
-    report = run_cpu_report(_spec(args), _repo(args), out, rounds=args.rounds, requests=args.requests,
-                            users=args.users, batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
-                            served=not args.skip_served, threads=tuple(int(t) for t in _csv(args.threads) or ()),
-                            scenario=args.scenario, progress=lambda msg: print(f"... {msg}", flush=True))
-    print((out / "report.md").read_text())
-    print(f"wrote {out / 'report.md'} and report.json ({report['seconds']} s)")
-    return 0
+    folder, report = run_gpu_check(_spec(args), _repo(args), Path(args.out), args.budget_s, args.requests, args.users)
+    for step in report["steps"]:
+        print(f"{step['name']:<24} {step['status']:<8} {step['reason']}")
+    print(f"wrote {folder / 'gpu-check.md'} and {folder / 'gpu-check.json'}")
+    return 1 if any(s["status"] == FAILED for s in report["steps"]) else 0
+
+
+def deploy_render(args) -> int:
+    from fusionrank_cli.deploy_render import render_deploy
+
+    deploy = project_dir() / "deploy"
+    stale = render_deploy(deploy, check=args.check, kustomize_overlays=not args.no_kustomize)
+    for path in stale:
+        print(f"{path.relative_to(deploy.parent)} differs from its rendering: run `make deploy-render`",
+              file=sys.stderr)
+    return 1 if stale else 0
 
 
 def demo(args) -> int:

@@ -16,12 +16,10 @@ longer finish in it, so the run ends in under 10 minutes; an engine build alread
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import re
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +31,7 @@ from export.node.tensorrt_release import ReleaseError, load_release, release_pin
 from export.profiles import engine_models
 from export.verify.preflight import preflight, triton_backend_config
 from fusionrank.contract.errors import FusionRankError
-from fusionrank.contract.spec import PipelineSpec, ServingProfile, load_spec, member_models
+from fusionrank.contract.spec import PipelineSpec, ServingProfile, member_models
 from fusionrank.server.launcher import TritonServer
 from fusionrank.triton.render import render_repository
 from release.gpu_report import render_markdown
@@ -200,25 +198,3 @@ def run_gpu_check(spec: PipelineSpec, repository: Path, out_root: Path, budget_s
     (folder / "gpu-check.json").write_text(json.dumps(report, indent=2) + "\n")
     (folder / "gpu-check.md").write_text(render_markdown(report))
     return folder, report
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line of `make gpu-check`; exit 1 when a step failed (skipped steps are not failures)."""
-    parser = argparse.ArgumentParser(prog="python -m release.gpu_check", description=__doc__.splitlines()[0])
-    parser.add_argument("--spec", default=None, help="pipeline spec (default: the project's pipeline.yaml)")
-    parser.add_argument("--repository", default="model_repository", help="model repository to copy (never changed)")
-    parser.add_argument("--out", default="docs/gpu", help="where the dated result folder is written")
-    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="time budget of the whole run")
-    parser.add_argument("--requests", type=int, default=200, help="requests of the serving load test")
-    parser.add_argument("--users", type=int, default=8, help="concurrent clients of the serving load test")
-    args = parser.parse_args(argv)
-    folder, report = run_gpu_check(load_spec(args.spec), Path(args.repository), Path(args.out), args.budget_s,
-                                   args.requests, args.users)
-    for step in report["steps"]:
-        print(f"{step['name']:<24} {step['status']:<8} {step['reason']}")
-    print(f"wrote {folder / 'gpu-check.md'} and {folder / 'gpu-check.json'}")
-    return 1 if any(s["status"] == FAILED for s in report["steps"]) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""The Markdown page of a GPU check (`release.gpu_check`): the node, what it lacks, every step with its status
+"""The Markdown page of a GPU check (`fusionrank gpu-check`): the node, what it lacks, every step with its status
 and reason, then the figures of the steps that ran."""
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _serve(data: dict) -> list[str]:
 def render_markdown(report: dict) -> str:
     """The report as a Markdown page."""
     lines = [f"# GPU check, {report['created_utc']}", "",
-             "Written by `make gpu-check` (release/gpu_check.py); the same figures are in gpu-check.json.", ""]
+             "Written by `make gpu-check` (`fusionrank gpu-check`); the same figures are in gpu-check.json.", ""]
     lines += _node(report)
     steps = [[s["name"], s["status"], s["seconds"], s["reason"]] for s in report["steps"]]
     lines += ["## Steps", ""] + _table(["step", "status", "seconds", "reason"], steps)

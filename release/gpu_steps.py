@@ -1,4 +1,4 @@
-"""The model-level steps of the GPU check (`release.gpu_check`), and what a node lacks for each of them.
+"""The model-level steps of the GPU check (`fusionrank gpu-check`), and what a node lacks for each of them.
 
 `gpu_readiness` says, once, why this node cannot run each GPU step (no CUDA GPU; no TensorRT or cuda-python; no
 TensorRT backend in the Triton `fusionrank serve` would start; no CUDA provider in ONNX Runtime): the GPU check

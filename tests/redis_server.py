@@ -1,12 +1,12 @@
-"""Cache-test helpers: a real redis-server on loopback (`tests.local_redis.LocalRedis`) and a black-hole port
-that accepts connections and never answers."""
+"""Cache-test helpers: a real redis-server on loopback (`fusionrank.server.local_redis.LocalRedis`) and a black-hole
+port that accepts connections and never answers."""
 
 from __future__ import annotations
 
 import socket
 from pathlib import Path
 
-from tests.local_redis import LocalRedis
+from fusionrank.server.local_redis import LocalRedis
 
 
 def start_redis(folder: Path) -> LocalRedis:

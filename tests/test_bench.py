@@ -1,4 +1,4 @@
-"""`fusionrank bench`: its candidate stream (Zipf popularity, never-seen items that stay valid), its goals and
+"""`fusionrank bench serve`: its candidate stream (Zipf popularity, never-seen items that stay valid), its goals and
 report, and its phases against the session's real Triton (a short run)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from benchmarks.latency import LatencyStats
-from benchmarks.serve import BenchConfig, BenchError, BenchResult, Phase
-from benchmarks.serve_report import goals, render, write_chart
+from benchmarks.serve import goals, render, write_chart
+from benchmarks.serve_phases import BenchConfig, BenchError, BenchResult, Phase
 from fusionrank.contract.spec import Modality
 from fusionrank.request.scenario import RequestFactory, Scenario, novel_payload, zipf_weights
 from fusionrank.request.validation import RequestPreprocessor
@@ -93,7 +93,7 @@ def test_goals_say_met_or_missed_with_the_measured_ratio(tmp_path):
 @pytest.mark.e2e
 def test_bench_phases_measure_the_served_routes_and_the_in_process_pipeline(triton_server, ci_spec, bench,
                                                                             built_repository):
-    from benchmarks.serve import _factories, inprocess_phases, served_phase
+    from benchmarks.serve_phases import _factories, inprocess_phases, served_phase
 
     config = BenchConfig(candidates=6, callers=2, seconds=2.0, inprocess_seconds=0.5, novel_share=0.2)
     alone, batched = inprocess_phases(ci_spec, built_repository, bench, config)

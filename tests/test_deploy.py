@@ -42,7 +42,8 @@ def test_both_overlays_are_rendered():
 
 
 def test_prometheus_rule_equals_the_rule_file():
-    result = subprocess.run([sys.executable, str(DOCKER / "render_manifests.py"), "--check", "--no-kustomize"],
+    result = subprocess.run([sys.executable, "-m", "fusionrank_cli", "--project", str(REPO_ROOT), "deploy-render",
+                             "--check", "--no-kustomize"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
 
@@ -50,7 +51,8 @@ def test_prometheus_rule_equals_the_rule_file():
 def test_committed_renderings_equal_kubectl_kustomize():
     if shutil.which("kubectl") is None:
         pytest.skip("kubectl (with its built-in kustomize) is not installed; the renderings are still validated")
-    result = subprocess.run([sys.executable, str(DOCKER / "render_manifests.py"), "--check"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "fusionrank_cli", "--project", str(REPO_ROOT), "deploy-render",
+                             "--check"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
 

@@ -237,7 +237,7 @@ def test_dynamic_batching_merges_concurrent_requests(triton_server, ci_spec, ben
 
 
 def test_route_comparison_measures_both_routes_side_by_side(triton_server, ci_spec):
-    """`python -m benchmarks.routes` on a few requests: both routes answer every request, and the breakdown
+    """`fusionrank bench routes` on a few requests: both routes answer every request, and the breakdown
     shows each route's own requests and the members it called."""
     from benchmarks.routes import build_requests, compare
 

@@ -121,10 +121,10 @@ def test_mutated_videos_decode_or_fail_cleanly(ci_spec, clips, data):
 
 
 def test_video_cost_prints_clip_and_still_figures(capsys):
-    from benchmarks.video import main
+    from fusionrank_cli.main import main
     from tests.conftest import CI_SPEC
 
-    assert main(["--spec", str(CI_SPEC), "--clips", "2", "--repeats", "1"]) == 0
+    assert main(["bench", "video", "--spec", str(CI_SPEC), "--clips", "2", "--repeats", "1"]) == 0
     clip, still = capsys.readouterr().out.strip().splitlines()
     assert clip.startswith("2 x clip:") and "3 encoder row(s)" in clip  # K = 3 in the CI spec
     assert still.startswith("2 x still") and "1 encoder row(s)" in still and "ms per item" in still

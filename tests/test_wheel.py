@@ -29,7 +29,8 @@ from .conftest import CI_SPEC, REPO_ROOT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-PACKAGING_INPUTS = ("pyproject.toml", "README.md", "fusionrank", "fusionrank_cli", "export", "clients", "loadtest")
+PACKAGING_INPUTS = ("pyproject.toml", "README.md", "fusionrank", "fusionrank_cli", "export", "clients", "loadtest",
+                    "benchmarks", "release")
 ABSENT_FROM_SERVING = ("torch", "locust", "matplotlib", "onnx", "sklearn")
 
 

@@ -1,6 +1,6 @@
 """Load scenarios and the request factory that turns one into ranking requests from the benchmark catalogue.
 
-Used by the Locust file, the load-test runner, the upgrade report's latency benchmark and `fusionrank bench`
+Used by the Locust file, the load-test runner, the upgrade report's latency benchmark and `fusionrank bench serve`
 alike, so they all send the same requests for the same scenario and seed.
 
 A scenario YAML (see `fusionrank/request/scenarios/default.yaml`) fixes the request mix: candidates per request (a

@@ -1,5 +1,5 @@
 """A local `redis-server` (Debian package `redis-server`) on a free loopback port, without persistence: the shared
-cache tier of `fusionrank bench` and of the tests. A context manager that always stops it."""
+cache tier of `fusionrank bench serve` and of the tests. A context manager that always stops it."""
 
 from __future__ import annotations
 

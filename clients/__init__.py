@@ -1,7 +1,8 @@
-"""gRPC clients of the fusionrank ensemble: `RankingClient` (sync), `AsyncRankingClient` (asyncio), their errors.
+"""gRPC clients of the fusionrank route (the BLS model callers use, `serving.route`): `RankingClient` (sync),
+`AsyncRankingClient` (asyncio), their errors.
 
 A ranking request is one user's candidate list. Either client
-- splits a list longer than the ensemble's max batch into several requests and merges the scores back in order
+- splits a list longer than the route's max batch into several requests and merges the scores back in order
   (`clients._request`);
 - gives every call one deadline, shared by its chunks and retries, and abandons rather than cancels a late call,
   because Triton 2.51 crashes when clients cancel in-flight ensemble requests (`clients._base`);

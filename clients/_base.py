@@ -46,7 +46,7 @@ class ClientOptions:
 
     @classmethod
     def from_spec(cls, spec: PipelineSpec, **overrides) -> ClientOptions:
-        """Options for the spec's ensemble, with `overrides` for the call settings."""
+        """Options for the spec's route, with `overrides` for the call settings."""
         return cls(model=spec.serving.route, modalities=spec.modalities.enabled,
                    max_candidates=spec.serving.max_candidates, history_length=spec.ranker.history.length,
                    video_enabled=spec.modalities.video_enabled, **overrides)

@@ -35,7 +35,7 @@ class AsyncRankingClient(ClientBase):
             await quietly_async(client.close)
 
     async def wait_ready(self, timeout: float = 60.0, all_endpoints: bool = False) -> list[str]:
-        """Wait until one endpoint (or every one) has the server and the ensemble ready; returns the ready ones."""
+        """Wait until one endpoint (or every one) has the server and the route ready; returns the ready ones."""
         return await run_async(self.planner.readiness(self.options.model, timeout, all_endpoints), self._healthy)
 
     async def rank(self, candidates: Sequence[Candidate], history, timeout: float | None = None) -> RankingResult:

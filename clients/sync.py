@@ -38,7 +38,7 @@ class RankingClient(ClientBase):
             quietly(client.close)
 
     def wait_ready(self, timeout: float = 60.0, all_endpoints: bool = False) -> list[str]:
-        """Block until one endpoint (or every one) has the server and the ensemble ready; returns the ready ones."""
+        """Block until one endpoint (or every one) has the server and the route ready; returns the ready ones."""
         return run(self.planner.readiness(self.options.model, timeout, all_endpoints), self._healthy)
 
     def rank(self, candidates: Sequence[Candidate], history, timeout: float | None = None) -> RankingResult:

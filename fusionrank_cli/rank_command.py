@@ -27,7 +27,7 @@ READY_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
-class RankRequest:
+class RankInput:
     """What `fusionrank rank` sends: candidates with display labels, and the user's history."""
 
     candidates: list[Candidate]
@@ -56,7 +56,7 @@ def _ragged(spec: PipelineSpec, bench, items: list) -> tuple[list[Candidate], li
     return cands, titles
 
 
-def benchmark_request(spec: PipelineSpec, user: int = 0, candidates: int = 10, ragged: bool = False) -> RankRequest:
+def benchmark_request(spec: PipelineSpec, user: int = 0, candidates: int = 10, ragged: bool = False) -> RankInput:
     """The candidates of one benchmark user's first session (topped up from the catalogue) and their history;
     `ragged`: some sent without audio, one with its title only and a video item as its clip (`_ragged`)."""
     if candidates < 1:
@@ -77,7 +77,7 @@ def benchmark_request(spec: PipelineSpec, user: int = 0, candidates: int = 10, r
         cands = [Candidate(text=it.text_bytes(), image=it.image_bytes(), audio=it.audio_bytes(), item_id=it.item_id)
                  for it in items]
         titles = [it.title for it in items]
-    return RankRequest(cands, titles, np.asarray(bench.sessions.history[session], np.int64),
+    return RankInput(cands, titles, np.asarray(bench.sessions.history[session], np.int64),
                        f"benchmark user {user}, session {session}" + (" (ragged candidates)" if ragged else ""))
 
 
@@ -85,7 +85,7 @@ def _beside(json_file: Path, value: str | None) -> Path | None:
     return None if value is None else json_file.parent / value
 
 
-def file_request(paths: Sequence[str]) -> RankRequest:
+def file_request(paths: Sequence[str]) -> RankInput:
     """Candidates (and optionally the history) from one or more JSON files."""
     candidates, titles, history = [], [], None
     for path in map(Path, paths):
@@ -115,17 +115,17 @@ def file_request(paths: Sequence[str]) -> RankRequest:
     if not candidates:
         raise DataError("no candidates in " + ", ".join(paths))
     hist = np.asarray(history if history is not None else [], dtype=np.int64)
-    return RankRequest(candidates, titles, hist, f"{len(candidates)} candidate(s) from {', '.join(paths)}")
+    return RankInput(candidates, titles, hist, f"{len(candidates)} candidate(s) from {', '.join(paths)}")
 
 
-def rank_request(spec: PipelineSpec, url: str, request: RankRequest, tls: ClientTls | None = None) -> RankingResult:
+def rank_request(spec: PipelineSpec, url: str, request: RankInput, tls: ClientTls | None = None) -> RankingResult:
     """Send one ranking request (chunked, with retries and failover over `url`'s endpoints)."""
     with RankingClient(spec, url, tls=tls) as client:
         client.wait_ready(READY_TIMEOUT_S)
         return client.rank(request.candidates, request.history)
 
 
-def result_rows(request: RankRequest, result: RankingResult) -> list[dict]:
+def result_rows(request: RankInput, result: RankingResult) -> list[dict]:
     """Ranked rows, best first: rank, item id, title, score, weight per modality."""
     rows = []
     for rank, i in enumerate(result.order(), start=1):
@@ -141,7 +141,7 @@ def sent(candidate: Candidate) -> str:
                    for letter, field in (("T", "text"), ("I", "image"), ("A", "audio"), ("V", "video")))
 
 
-def format_table(request: RankRequest, result: RankingResult, url: str, title_width: int = 44) -> str:
+def format_table(request: RankInput, result: RankingResult, url: str, title_width: int = 44) -> str:
     """A ranked table a person reads; the last column says what each candidate was sent with."""
     mods = [m.value for m in result.modalities]
     header = (f"{'rank':>4}  {'item':>6}  {'title':<{title_width}}  {'score':>8}  "

@@ -7,7 +7,7 @@ on the previous one. It
 2. checks accuracy: each model's runtime (cpu: ONNX Runtime, gpu: TensorRT) on the golden inputs stored at export
    time against the PyTorch golden outputs, per output within the profile's tolerances (`export.tolerances`, or
    `export.tensorrt.tolerances` for engines), plus ranking parity of the ranker on the frozen candidate set;
-3. measures latency: each model at the spec's batch sizes, and the ensemble end to end on a Triton server started
+3. measures latency: each model at the spec's batch sizes, and the route end to end on a Triton server started
    with the profile, with the load test's request scenario;
 4. compares with the baseline: accuracy may not drift by more than `upgrade.max_accuracy_delta`, p95 latency may
    not grow and throughput may not drop by more than `upgrade.max_latency_regression` /
@@ -72,7 +72,7 @@ def upgrade_report(spec: PipelineSpec, repo: Path, profile: ServingProfile | str
                    batch_sizes: tuple[int, ...] | None = None) -> dict:
     """Measure, compare with `baseline`, write report.md/report.json to `out`; returns the report dict.
 
-    `url` measures the ensemble on a running server instead of starting one; `batch_sizes` replaces the spec's
+    `url` measures the route on a running server instead of starting one; `batch_sizes` replaces the spec's
     per-model batch sizes (a quick check; baseline batch sizes not measured are skipped in the comparison).
     """
     profile = upgrade_profile(profile)
@@ -100,8 +100,9 @@ def upgrade_report_command(spec: PipelineSpec, repo: Path, profile: ServingProfi
         raise ReportError(f"latency benchmark failed: {exc}") from exc
     cmp_ = report["comparison"]
     ens = report["latency"]["ensemble"]
-    out.write(f"ensemble: p50 {fmt(ens.get('p50_ms'), '.1f')} ms, p95 {fmt(ens.get('p95_ms'), '.1f')} ms, "
-              f"{fmt(ens.get('throughput_rps'), '.2f')} req/s, errors {ens['error_rate']:.1%}\n")
+    out.write(f"route ({spec.serving.route}): p50 {fmt(ens.get('p50_ms'), '.1f')} ms, "
+              f"p95 {fmt(ens.get('p95_ms'), '.1f')} ms, {fmt(ens.get('throughput_rps'), '.2f')} req/s, "
+              f"errors {ens['error_rate']:.1%}\n")
     for note in cmp_["notes"]:
         out.write(f"note: {note}\n")
     for r in cmp_["regressions"]:

@@ -1,5 +1,5 @@
 """Upgrade report, step 3: the report a person reads (`report.md`): verdict, regressions, accuracy, latency per
-model, the ensemble end to end, engine manifests."""
+model, the route end to end, engine manifests."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def _change(new, old) -> str:
 
 
 def render_markdown(report: dict, baseline: dict | None) -> str:
-    """The human-readable report: verdict, regressions, accuracy, latency, ensemble, manifests."""
+    """The human-readable report: verdict, regressions, accuracy, latency, the route, manifests."""
     cmp_ = report["comparison"]
     lines = [f"# Upgrade report ({report['profile']} profile)", "",
              f"**{'PASS' if cmp_['passed'] else 'FAIL'}**: {len(cmp_['regressions'])} regression(s)", "",
@@ -59,7 +59,7 @@ def render_markdown(report: dict, baseline: dict | None) -> str:
                          f"{s['throughput']:.0f} | "
                          f"{fmt(old.get('throughput'), '.0f')} | {_change(s['throughput'], old.get('throughput'))} |")
     ens, old_ens = report["latency"]["ensemble"], (baseline or {}).get("latency", {}).get("ensemble", {})
-    lines += ["", f"## Ensemble end to end (scenario {ens.get('scenario')}, {ens['requests']} requests, "
+    lines += ["", f"## Route end to end (scenario {ens.get('scenario')}, {ens['requests']} requests, "
               f"{ens['users']} users, {ens['candidates_per_request']} candidates/request)", "",
               "| metric | current | baseline | change |", "|---|---|---|---|"]
     for key in ("p50_ms", "p95_ms", "p99_ms", "throughput_rps", "error_rate"):

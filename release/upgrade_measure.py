@@ -3,7 +3,7 @@
 (gpu) every engine is checked against the node and the ones that do not fit are rebuilt (`export.verify.preflight`,
 `export.convert.onnx2trt`); accuracy: each model's runtime (cpu: ONNX Runtime, gpu: TensorRT) on the golden inputs
 stored at export time against the PyTorch golden outputs, per output within the profile's tolerances, plus ranking
-parity of the ranker on the frozen candidate set; latency: each model at the spec's batch sizes, and the ensemble end to
+parity of the ranker on the frozen candidate set; latency: each model at the spec's batch sizes, and the route end to
 end on a Triton server started with the profile, with the load test's request scenario. The result is the report JSON
 without its comparison, which is also the baseline format (`SCHEMA`).
 """
@@ -141,7 +141,8 @@ def measure_model_latency(spec: PipelineSpec, repo: Path, runners: dict, min_ite
 
 def measure_ensemble(spec: PipelineSpec, repo: Path, profile: ServingProfile, requests: int, url: str | None,
                      scenario: str | Path | None, out: Path | None) -> dict:
-    """End-to-end latency of the ensemble: on `url` when given, else on a Triton server started for the run."""
+    """End-to-end latency of the route callers use (`serving.route`; the report keeps its key, `ensemble`): on
+    `url` when given, else on a Triton server started for the run."""
     factory, sc = scenario_requests(spec, scenario)
     source = factory.next
     if url:

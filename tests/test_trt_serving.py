@@ -12,7 +12,7 @@ import pytest
 
 from fusionrank.contract.spec import ServingProfile
 from fusionrank.server.backends import available_backends, missing_backends, required_backends
-from fusionrank.server.launcher import ServerError, TritonInstall, TritonServer, find_triton
+from fusionrank.server.launcher import LaunchError, TritonInstall, TritonServer, find_triton
 
 from .conftest import REPO_ROOT
 
@@ -55,7 +55,7 @@ def test_the_pytriton_server_refuses_gpu_profiles_before_starting(tmp_path, prof
     monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(a))
     server = TritonServer(COMMITTED, profile=profile, cache=tmp_path / "cache", log_file=tmp_path / "log")
     backend = "tensorrt" if profile is ServingProfile.GPU else "onnxruntime"
-    with pytest.raises(ServerError, match=f"needs the {backend} backend for .*has only: python"):
+    with pytest.raises(LaunchError, match=f"needs the {backend} backend for .*has only: python"):
         server.start(timeout=5)
     assert started == []
 

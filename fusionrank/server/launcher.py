@@ -35,7 +35,7 @@ from fusionrank.server.doors import GrpcTls, new_admin_key, restricted_args
 
 log = logging.getLogger(__name__)
 
-class ServerError(FusionRankError):
+class LaunchError(FusionRankError):
     """The Triton server could not be found, started, or did not become ready."""
 
 
@@ -70,7 +70,7 @@ def _build_backend_dir(server_root: Path, cache: Path) -> Path:
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = server_root / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.is_file():
-        raise ServerError(f"nvidia-pytriton ships no Python backend stub for Python {version} ({stub})")
+        raise LaunchError(f"nvidia-pytriton ships no Python backend stub for Python {version} ({stub})")
     target = cache / "backends" / "python"
     target.mkdir(parents=True, exist_ok=True)
     for src in (server_root / "backends" / "python" / "libtriton_python.so",
@@ -90,7 +90,7 @@ def find_triton(cache: Path | None = None) -> TritonInstall:
         return TritonInstall(Path(on_path), None, None, env)
     root = _pytriton_root()
     if root is None:
-        raise ServerError("no tritonserver on PATH and nvidia-pytriton is not installed (pip install nvidia-pytriton)")
+        raise LaunchError("no tritonserver on PATH and nvidia-pytriton is not installed (pip install nvidia-pytriton)")
     server_root = root / "tritonserver"
     libs = root.parent / "nvidia_pytriton.libs"
     # The stub links libpython3.X.so dynamically: give it this interpreter's own, else it may pick up the
@@ -126,11 +126,11 @@ class TritonServer:
         try:
             self.profile = ServingProfile(profile)
         except ValueError:
-            raise ServerError(f"unknown profile {profile!r}; allowed: "
+            raise LaunchError(f"unknown profile {profile!r}; allowed: "
                               f"{', '.join(p.value for p in ServingProfile)}") from None
         self.repository = Path(repository).resolve()
         if not self.repository.is_dir():
-            raise ServerError(f"model repository {self.repository} does not exist")
+            raise LaunchError(f"model repository {self.repository} does not exist")
         self.grpc_port = grpc_port or free_port()
         self.http_port = http_port or free_port()
         self.metrics_port = metrics_port or free_port()
@@ -203,7 +203,7 @@ class TritonServer:
         # Refuse before starting: Triton would start, fail to load those models and exit with a long log.
         lacking = missing_backends(self.repository, self.profile, install.backends)
         if lacking:
-            raise ServerError(f"{install.binary}: {lacking}")
+            raise LaunchError(f"{install.binary}: {lacking}")
         cmd = self.command(install)
         log.info("starting %s", " ".join(cmd).replace(self.admin_key, "***"))
         # A new session, so stop() can signal the server and its Python-backend stubs together.
@@ -223,7 +223,7 @@ class TritonServer:
         url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServerError(f"tritonserver {describe_exit(self.process.returncode)} during start-up\n"
+                raise LaunchError(f"tritonserver {describe_exit(self.process.returncode)} during start-up\n"
                                   f"{self.log_tail()}")
             try:
                 with urllib.request.urlopen(url, timeout=2.0) as answer:
@@ -232,7 +232,7 @@ class TritonServer:
             except (urllib.error.URLError, OSError):  # not listening yet, or not ready (400)
                 pass
             time.sleep(0.5)
-        raise ServerError(f"tritonserver not ready after {timeout:.0f}s; log: {self.log_file}\n{self.log_tail()}")
+        raise LaunchError(f"tritonserver not ready after {timeout:.0f}s; log: {self.log_file}\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 30) -> str:
         """The last lines of Triton's log file and of its console output (where a crash's trace goes)."""

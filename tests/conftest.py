@@ -6,7 +6,7 @@
 - `triton_server`: a real tritonserver (CPU profile) on that repository, started once per session (the route, its
   members and the reference ensemble loaded).
 - `redis_server`, `black_hole`: a real redis-server on loopback, and a port that never answers (tests/redis_server.py).
-- `fake_trt`, `fake_cuda`: fake `tensorrt` / cuda-python modules (tests/fake_tensorrt.py, tests/fake_cuda.py) for
+- `fake_trt`, `fake_cuda`: fake `tensorrt` / cuda-python modules (tests/fakes/tensorrt.py, tests/fakes/cuda.py) for
   one test.
 
 In CI the server must be found (it installs with the project), so e2e tests fail rather than silently skip there.
@@ -20,11 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import fake_cuda as fake_cuda_module
-from tests import fake_tensorrt
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CI_SPEC = REPO_ROOT / "tests" / "pipeline.ci.yaml"
+from tests.fakes import cuda as fake_cuda_module
+from tests.fakes import tensorrt as fake_tensorrt
+from tests.paths import CI_SPEC, REPO_ROOT
 
 # One cache for the whole test session (benchmark, embeddings, checkpoints are keyed by the spec's digest, so a
 # developer's second run reuses them; CI starts from a fresh clone).
@@ -63,6 +61,14 @@ def default_spec():
 
 
 @pytest.fixture(scope="session")
+def bench(ci_spec):
+    """The CI spec's synthetic data set (catalogue, users, sessions)."""
+    from fusionrank.benchmark import load_benchmark
+
+    return load_benchmark(ci_spec)
+
+
+@pytest.fixture(scope="session")
 def ci_checkpoint(ci_spec) -> Path:
     """The CI spec's ranker, trained once (reused from the cache when it exists)."""
     from fusionrank.train import checkpoint_path, train_ranker
@@ -84,14 +90,6 @@ def built_repository(ci_spec, ci_checkpoint, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def reference_pipeline(ci_spec, ci_checkpoint, built_repository):
-    from fusionrank.paths import tokenizer_dir
-    from fusionrank.reference import ReferencePipeline
-
-    return ReferencePipeline(ci_spec, ci_checkpoint, tokenizer_dir=tokenizer_dir(built_repository))
-
-
-@pytest.fixture(scope="session")
 def triton_server(ci_spec, built_repository, tmp_path_factory):
     """A started tritonserver (CPU profile) on `built_repository`, with the route callers use, its members and the
     reference ensemble (for the tests that compare with it); stopped at the end of the session."""
@@ -105,26 +103,6 @@ def triton_server(ci_spec, built_repository, tmp_path_factory):
     server.start(timeout=300)
     yield server
     server.stop()
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    """A real redis-server on a free loopback port for one test (tests/redis_server.py); stopped after it."""
-    from tests.redis_server import start_redis
-
-    server = start_redis(tmp_path)
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def black_hole():
-    """A loopback port that accepts connections and never answers."""
-    from tests.redis_server import BlackHole
-
-    hole = BlackHole()
-    yield hole
-    hole.close()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from .conftest import REPO_ROOT
+from tests.paths import REPO_ROOT
 
 DOCKER = REPO_ROOT / "docker"
 RENDERED = sorted((DOCKER / "k8s" / "rendered").glob("*.yaml"))

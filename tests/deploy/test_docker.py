@@ -16,8 +16,7 @@ import pytest
 import yaml
 
 from fusionrank.spec import ServingProfile
-
-from .conftest import REPO_ROOT
+from tests.paths import REPO_ROOT
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 

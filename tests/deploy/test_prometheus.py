@@ -23,9 +23,8 @@ import yaml
 
 from fusionrank.serving.server import free_port
 from fusionrank.tensors import infer_inputs, request_arrays
-
-from .conftest import REPO_ROOT
-from .processes import stop
+from tests.paths import REPO_ROOT
+from tests.processes import stop
 
 MONITORING = REPO_ROOT / "docker" / "monitoring"
 RULES = yaml.safe_load((MONITORING / "rules.yml").read_text())

@@ -24,8 +24,7 @@ import soundfile as sf
 from PIL import Image
 
 from fusionrank.serving.server import free_port
-
-from .conftest import CI_SPEC, REPO_ROOT
+from tests.paths import CI_SPEC, REPO_ROOT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

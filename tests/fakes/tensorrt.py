@@ -4,7 +4,7 @@ TensorRT needs a GPU, so this fake stands in for the documented API surface (nam
 tensorrt_cu12_bindings 10.13.3.9 wheel): it records what `export.onnx2trt` and `export.trt_runner` ask for (the
 logger every Builder and Runtime gets, network flags, builder config), returns False / None where TensorRT does on
 failure (refused shapes and profiles, no execution context), and runs the engine on the fake CUDA stream of
-tests/fake_cuda.py, so the wiring of profiles, precision, timing cache, error reporting and the runner's profile
+tests/fakes/cuda.py, so the wiring of profiles, precision, timing cache, error reporting and the runner's profile
 choice, chunking and stream use is tested without one; tests/test_gpu.py runs the real thing on a GPU node.
 `install_tensorrt` puts it into `sys.modules` (the `fake_trt` fixture in conftest.py) and resets what it recorded.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.fake_cuda import FakeCudart
+from tests.fakes.cuda import FakeCudart
 
 FAKE_TENSORRT_VERSION = "10.13.3.9"
 

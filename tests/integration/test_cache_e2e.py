@@ -16,8 +16,7 @@ from fusionrank.scenario import novel_payload
 from fusionrank.spec import CacheSpec, Modality
 from fusionrank.tensors import CLICK_PROBABILITY, MODALITY_WEIGHTS, infer_inputs, request_arrays
 from loadtest.metrics import cache_share, scrape
-
-from .redis_server import start_redis
+from tests.integration.redis_server import start_redis
 
 pytestmark = pytest.mark.e2e
 
@@ -49,13 +48,6 @@ def cached(triton_server, ci_spec, built_repository, tmp_path_factory):
             client.unload_model(ROUTE, headers=triton_server.grpc_admin_header)
             redis.stop()
             shutil.rmtree(built_repository / ROUTE, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def bench(ci_spec):
-    from fusionrank.benchmark import load_benchmark
-
-    return load_benchmark(ci_spec)
 
 
 def _request(bench, spec, session: int, n: int = 8, nonce: int | None = None):

@@ -16,13 +16,6 @@ from fusionrank.spec import Modality
 from fusionrank.tensors import CLICK_PROBABILITY, MODALITY_WEIGHTS
 
 
-@pytest.fixture(scope="module")
-def bench(ci_spec):
-    from fusionrank.benchmark import load_benchmark
-
-    return load_benchmark(ci_spec)
-
-
 def _request(bench, ids, session):
     items = {Modality.TEXT: [bench.item(int(i)).text_bytes() for i in ids],
              Modality.IMAGE: [bench.item(int(i)).image_bytes() for i in ids],

@@ -17,12 +17,11 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from clients import AccessDeniedError, AsyncRankingClient, ClientTls, RankingClient, UnavailableError
-from fusionrank.serving.doors import DoorError, GrpcTls, check_admin_key, grpc_admin_header, http_admin_header
-from fusionrank.serving.server import TritonServer, policy_args
+from fusionrank.serving.doors import grpc_admin_header, http_admin_header
+from fusionrank.serving.server import TritonServer
 from fusionrank.spec import Modality
-
-from .certs import make_pki
-from .processes import stop
+from tests.certs import make_pki
+from tests.processes import stop
 
 # Each restricted group: a gRPC call and an HTTP (method, path, body) that only it answers.
 GROUPS = {
@@ -42,19 +41,6 @@ def _http(server: TritonServer, method: str, path: str, body: bytes | None, head
             return answer.status
     except urllib.error.HTTPError as exc:
         return exc.code
-
-
-def test_policy_flags_and_key_checks(tmp_path):
-    args = policy_args(["rank", "fusion_ranker"], "k-1")
-    assert args[:3] == ["--model-control-mode=explicit", "--load-model=rank", "--load-model=fusion_ranker"]
-    assert "--grpc-restricted-protocol=model-repository,shared-memory,trace,logging:fusionrank-admin-key=k-1" in args
-    assert not any("ssl" in a for a in args)
-    for bad in ("", "a:b", "a,b", "a=b", "with space"):
-        with pytest.raises(DoorError, match="admin key"):
-            check_admin_key(bad)
-    (tmp_path / "server.crt").write_text("pem")
-    with pytest.raises(DoorError, match="server key .*missing.key is not a file"):
-        GrpcTls(tmp_path / "server.crt", tmp_path / "missing.key")
 
 
 @pytest.mark.e2e

@@ -23,13 +23,6 @@ PATTERNS = [("complete", (1, 1, 1), False), ("no audio", (1, 1, 0), False), ("no
             ("image only", (0, 1, 0), False)]
 
 
-@pytest.fixture(scope="module")
-def bench(ci_spec):
-    from fusionrank.benchmark import load_benchmark
-
-    return load_benchmark(ci_spec)
-
-
 def ragged_request(bench, session: int, n: int = 10) -> tuple[dict[str, np.ndarray], list[str]]:
     """The session's first n candidates, each sent as the next pattern (video patterns on the catalogue's video
     items, which the patterns cycle onto): the contract's arrays and each row's pattern name."""

@@ -26,13 +26,6 @@ from fusionrank.tensors import (
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def bench(ci_spec):
-    from fusionrank.benchmark import load_benchmark
-
-    return load_benchmark(ci_spec)
-
-
 def _inputs(items: dict[Modality, list[bytes]], history: np.ndarray, history_dtype=np.int64):
     return infer_inputs(grpcclient, request_arrays(items, np.asarray(history, dtype=history_dtype)))
 

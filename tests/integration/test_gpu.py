@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from export.gpu_steps import gpu_readiness
-
-from .conftest import REPO_ROOT
+from tests.paths import REPO_ROOT
 
 pytestmark = pytest.mark.gpu
 

@@ -17,13 +17,6 @@ from loadtest.bench import BenchConfig, BenchError, BenchResult, Phase
 from loadtest.bench_report import goals, render, write_chart
 
 
-@pytest.fixture(scope="module")
-def bench(ci_spec):
-    from fusionrank.benchmark import load_benchmark
-
-    return load_benchmark(ci_spec)
-
-
 def test_zipf_stream_favours_the_same_items_for_every_caller_and_never_repeats_one_in_a_request(ci_spec, bench):
     scenario = Scenario(name="z", candidates={16: 1.0}, zipf_exponent=1.1)
     counts = [Counter(), Counter()]
@@ -88,25 +81,3 @@ def test_goals_say_met_or_missed_with_the_measured_ratio(tmp_path):
     text = render(result)
     assert "MISSED warm cached route >= 10x the plain ensemble's candidates/s: 9.0x" in text
     assert write_chart(result, tmp_path / "bench.png").stat().st_size > 10_000
-
-
-@pytest.mark.e2e
-def test_bench_phases_measure_the_served_routes_and_the_in_process_pipeline(triton_server, ci_spec, bench,
-                                                                            built_repository):
-    from loadtest.bench import _factories, inprocess_phases, served_phase
-
-    config = BenchConfig(candidates=6, callers=2, seconds=2.0, inprocess_seconds=0.5, novel_share=0.2)
-    alone, batched = inprocess_phases(ci_spec, built_repository, bench, config)
-    assert alone.latency.samples >= 2 and alone.candidates_per_s > 0 and batched.candidates_per_s > 0
-    assert "calls of 6 candidates" in alone.note and "calls of 126 candidates" in batched.note
-    members = ("text_encoder", "image_encoder", "audio_encoder", "fusion_ranker")
-    route = served_phase("route", "route_warm", triton_server, ci_spec.serving.route,
-                         _factories(ci_spec, bench, config, 7, 2), config.seconds, members, ci_spec.serving.route)
-    assert route.errors == 0 and route.requests >= 2 and route.latency.p50_ms <= route.latency.p99_ms
-    by_model = {m.model: m for m in route.members}
-    assert by_model["rank"].inferences == 6 * route.requests
-    assert route.cache.hits + route.cache.misses == 3 * 6 * route.requests
-    assert 0 < by_model["image_encoder"].inferences <= route.cache.misses, "only misses are encoded"
-    assert 0 < route.novel_share < 0.5
-    print(f"\nbench phases: in-process {alone.candidates_per_s:.1f} / {batched.candidates_per_s:.1f} candidates/s, "
-          f"route {route.candidates_per_s:.1f} candidates/s, {route.cache.describe()}")

@@ -29,7 +29,7 @@ from clients.request import Chunk, build_chunks, chunk_bounds, history_matrix
 from clients.transport import ShmRegion
 from fusionrank.spec import Modality, PipelineSpec
 from fusionrank.tensors import ITEM_INPUT, ITEM_VIDEO, MODALITY_PRESENT, USER_HISTORY
-from tests.client_fakes import FakeAsyncTriton, FakeClock, FakeTriton
+from tests.fakes.clients import FakeAsyncTriton, FakeClock, FakeTriton
 
 SPEC = PipelineSpec()
 FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.05, jitter=0.0)

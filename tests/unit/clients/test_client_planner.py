@@ -11,7 +11,7 @@ import pytest
 from clients.endpoints import EndpointPool
 from clients.errors import DeadlineExceededError, InvalidInputError, ServerError, UnavailableError
 from clients.retry import Attempt, ClientStats, Planner, Probe, RetryPolicy, Sleep, run, run_async
-from tests.client_fakes import FakeClock
+from tests.fakes.clients import FakeClock
 
 POLICY = RetryPolicy(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.05, jitter=0.0)
 

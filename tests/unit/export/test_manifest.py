@@ -24,6 +24,7 @@ from export.node import NodeInfo, probe_node
 from export.preflight import MismatchKind, check_command, preflight
 from export.profiles import engine_models, model_profiles
 from fusionrank.spec import BatchingSpec
+from tests.paths import CI_SPEC
 
 # A GPU no real node has, so tests that use the real probe always see a mismatch.
 BUILD_NODE = NodeInfo(gpu_name="Fake GPU X1", compute_capability="9.0", driver_version="570.124.06",
@@ -234,7 +235,7 @@ def test_cli_check_exits_non_zero_on_this_gpu_less_node(ci_spec, repo, capsys):
     node = probe_node()
     if node.has_gpu and node.gpu_name == BUILD_NODE.gpu_name:  # pragma: no cover - no such GPU exists
         pytest.skip("a node with the fake build GPU")
-    rc = main(["check", "--spec", str(Path(__file__).parent / "pipeline.ci.yaml"), "--repository", str(repo)])
+    rc = main(["check", "--spec", str(CI_SPEC), "--repository", str(repo)])
     assert rc == 1
     assert "MISMATCH text_encoder: wrong GPU" in capsys.readouterr().out
 

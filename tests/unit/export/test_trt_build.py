@@ -1,11 +1,10 @@
-"""The engine builder (`export.onnx2trt`) against the fake TensorRT of tests/fake_tensorrt.py: the spec's profiles,
+"""The engine builder (`export.onnx2trt`) against the fake TensorRT of tests/fakes/tensorrt.py: the spec's profiles,
 precision, limits, timing cache, INT8 calibration and error reporting reach TensorRT; test_gpu.py builds for real."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 
 import pytest
 
@@ -17,8 +16,7 @@ from export.profiles import engine_models, model_profiles
 from export.trt_api import EngineBuildError
 from fusionrank.spec import Precision
 from fusionrank.tensors import model_io
-from tests.fake_cuda import FakeCudart
-from tests.fake_tensorrt import FAKE_TENSORRT_VERSION, Builder, Config, FakeTRT
+from tests.fakes.tensorrt import FAKE_TENSORRT_VERSION, Builder, Config, FakeTRT
 
 
 def _onnx_repo(spec, root, broken: str | None = None):
@@ -110,25 +108,6 @@ def test_a_timing_cache_from_another_node_is_replaced(ci_spec, tmp_path, fake_tr
     build_engines(ci_spec, _onnx_repo(ci_spec, tmp_path), models=["audio_encoder"], probe=_probe,
                   timing_cache=timing)
     assert timing.read_bytes() == b"+timings"
-
-
-def test_int8_build_calibrates_on_catalogue_samples(ci_spec, built_repository, tmp_path, fake_trt, fake_cuda):
-    repo = tmp_path / "repo"
-    for part in ("text_encoder/1/model.onnx", "preprocess/1/tokenizer"):
-        copy = shutil.copytree if (built_repository / part).is_dir() else shutil.copy
-        (repo / part).parent.mkdir(parents=True, exist_ok=True)
-        copy(built_repository / part, repo / part)
-    (result,) = build_engines(ci_spec, repo, precision="int8", models=["text_encoder"], probe=_probe,
-                              timing_cache=tmp_path / "trt" / "timing.cache")
-    (config,) = FakeTRT.builds
-    assert config.flags == {"INT8", "FP16"} and result.precision == "int8"
-    batch = ci_spec.serving.batching("text_encoder").preferred_batch_sizes[-1]
-    shape = (batch, ci_spec.modalities.text.max_length)  # padded to max_length: every title fits, none is cut
-    assert config.calibration_profile.shapes == {"input_ids": (shape, shape, shape),
-                                                 "attention_mask": (shape, shape, shape)}
-    assert len(config.calibrated) == -(-ci_spec.export.tensorrt.calibration_samples // batch)
-    assert all(len(pointers) == 2 and all(pointers) for pointers in config.calibrated)
-    assert FakeCudart.memory == {}  # calibration buffers freed after the build
 
 
 def test_builds_share_the_process_logger_and_report_only_their_own_errors(ci_spec, tmp_path, fake_trt, monkeypatch):

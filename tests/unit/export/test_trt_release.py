@@ -14,8 +14,7 @@ from export.tensorrt_release import (
     pinned_packages,
     release_pin_problems,
 )
-
-from .conftest import REPO_ROOT
+from tests.paths import REPO_ROOT
 
 RELEASE = """image: nvcr.io/nvidia/tritonserver
 tag: 25.10-py3

@@ -1,4 +1,4 @@
-"""The engine runner (`export.trt_runner`) against the fake TensorRT and cuda-python of tests/fake_tensorrt.py:
+"""The engine runner (`export.trt_runner`) against the fake TensorRT and cuda-python of tests/fakes/tensorrt.py:
 profile choice per text bucket, chunking over the profile's max batch, load errors, buffers freed."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 from export.profiles import model_profiles
 from export.trt_api import EngineBuildError
 from export.trt_runner import TensorRTRunner
-from tests.fake_cuda import FakeCudart
-from tests.fake_tensorrt import FakeContext, FakeEngine, FakeRuntime, FakeTRT
+from tests.fakes.cuda import FakeCudart
+from tests.fakes.tensorrt import FakeContext, FakeEngine, FakeRuntime, FakeTRT
 
 
 @pytest.fixture

@@ -23,13 +23,6 @@ from loadtest.preprocess_baseline import previous_text as previous_text_of
 
 
 @pytest.fixture(scope="module")
-def bench(ci_spec):
-    from fusionrank.benchmark import load_benchmark
-
-    return load_benchmark(ci_spec)
-
-
-@pytest.fixture(scope="module")
 def text(ci_spec):
     return build_preprocessor(ci_spec, Modality.TEXT)
 

@@ -122,7 +122,7 @@ def test_mutated_videos_decode_or_fail_cleanly(ci_spec, clips, data):
 
 def test_video_cost_prints_clip_and_still_figures(capsys):
     from loadtest.video_cost import main
-    from tests.conftest import CI_SPEC
+    from tests.paths import CI_SPEC
 
     assert main(["--spec", str(CI_SPEC), "--clips", "2", "--repeats", "1"]) == 0
     clip, still = capsys.readouterr().out.strip().splitlines()

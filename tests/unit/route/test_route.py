@@ -16,8 +16,7 @@ from fusionrank.serving.render import model_configs
 from fusionrank.serving.route import MemberCallError, RankingRoute, RouteError, RouteRequest, Status
 from fusionrank.spec import Modality
 from fusionrank.tensors import CLICK_PROBABILITY, MODALITY_WEIGHTS, request_arrays
-
-from .fake_pb_utils import FakeError, FakeMemberError, FakeMetricFamily, FakeRequest, install
+from tests.fakes.pb_utils import FakeError, FakeMemberError, FakeMetricFamily, FakeRequest, install
 
 
 def _one_column(values: np.ndarray, dim: int) -> np.ndarray:
@@ -61,11 +60,6 @@ class Members:
 
     def rows(self, model: str) -> list[int]:
         return [rows for m, rows in self.calls if m == model]
-
-
-@pytest.fixture(scope="module")
-def preparer(ci_spec):
-    return RequestPreprocessor(ci_spec)
 
 
 def _route(spec, preparer, members=None, errors=None, cache=None):

@@ -4,7 +4,6 @@ replaced by the numpy stand-ins of tests/test_route.py, and the Triton shell's c
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from fusionrank.preprocess.request import RequestPreprocessor
 from fusionrank.serving.cache import EmbeddingCache
@@ -26,11 +25,6 @@ class GroupSpy(RequestPreprocessor):
     def encoder_groups(self, request, modality, rows):
         self.rows.setdefault(modality, []).append(len(rows))
         return super().encoder_groups(request, modality, rows)
-
-
-@pytest.fixture(scope="module")
-def preparer(ci_spec):
-    return RequestPreprocessor(ci_spec)
 
 
 def _cache(spec, lru_bytes=1 << 24) -> EmbeddingCache:

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fusionrank.preprocess.request import RequestPreprocessor
 from fusionrank.preprocess.video import encode_video
 from fusionrank.serving.route import RankingRoute, RouteError, RouteRequest, Status
 from fusionrank.spec import Modality
@@ -30,11 +29,6 @@ class Recording(Members):
     async def __call__(self, model, inputs, outputs):
         self.inputs.append((model, inputs))
         return await super().__call__(model, inputs, outputs)
-
-
-@pytest.fixture(scope="module")
-def preparer(ci_spec):
-    return RequestPreprocessor(ci_spec)
 
 
 def _ragged(spec, clip):

@@ -13,8 +13,7 @@ import pytest
 from fusionrank.serving.backends import available_backends, missing_backends, required_backends
 from fusionrank.serving.server import ServerError, TritonInstall, TritonServer, find_triton
 from fusionrank.spec import ServingProfile
-
-from .conftest import REPO_ROOT
+from tests.paths import REPO_ROOT
 
 COMMITTED = REPO_ROOT / "model_repository"
 

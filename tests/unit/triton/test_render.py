@@ -16,8 +16,7 @@ from fusionrank.serving.render import (
 )
 from fusionrank.spec import POOL_MODEL, ModalitiesSpec, ServingProfile, from_dict, member_models, served_models
 from fusionrank.tensors import model_io
-
-from .conftest import REPO_ROOT
+from tests.paths import REPO_ROOT
 
 COMMITTED = REPO_ROOT / "model_repository"
 

@@ -13,8 +13,7 @@ from onnx import TensorProto, helper
 from fusionrank.serving.render import model_configs
 from fusionrank.serving.triton_models import OnnxRuntimeModel, PoolModel, PreprocessModel
 from fusionrank.spec import Modality
-
-from .fake_pb_utils import FakeError, FakeRequest, install
+from tests.fakes.pb_utils import FakeError, FakeRequest, install
 
 
 @pytest.fixture

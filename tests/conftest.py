@@ -1,14 +1,15 @@
-"""Session fixtures shared by every test layer.
+"""Session fixtures shared by more than one test tier (unit/, integration/, deploy/, robustness/).
 
-- `ci_spec`: the small test spec (tests/pipeline.ci.yaml); `per_bucket_spec`: the same with one TensorRT profile
-  per text padding bucket.
-- `built_repository`: a temporary model repository rendered, trained and exported for `ci_spec`.
+- `ci_spec`: the small test spec (tests/specs/ci.yaml, an overlay of the default); `per_bucket_spec`: the same with
+  one TensorRT profile per text padding bucket; `default_spec`: the packaged one; `bench`: the CI spec's synthetic
+  data set; `clip`: a four-frame video for the ragged-candidate tests.
+- `ci_checkpoint`, `built_repository`: the CI spec's ranker, trained, and a temporary model repository rendered and
+  exported for it (integration and deploy tests; tests/unit/conftest.py keeps them out of the unit tier).
 - `triton_server`: a real tritonserver (CPU profile) on that repository, started once per session (the route, its
   members and the reference ensemble loaded).
-- `redis_server`, `black_hole`: a real redis-server on loopback, and a port that never answers (tests/redis_server.py).
-- `fake_trt`, `fake_cuda`: fake `tensorrt` / cuda-python modules (tests/fakes/tensorrt.py, tests/fakes/cuda.py) for
-  one test.
+- `fake_trt`, `fake_cuda`: fake `tensorrt` / cuda-python modules (tests/fakes/) for one test.
 
+Fixtures one tier alone uses live in that tier's conftest.py (integration/: the reference pipeline, redis-server).
 In CI the server must be found (it installs with the project), so e2e tests fail rather than silently skip there.
 """
 

@@ -5,4 +5,4 @@ from __future__ import annotations
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CI_SPEC = REPO_ROOT / "tests" / "pipeline.ci.yaml"
+CI_SPEC = REPO_ROOT / "tests" / "specs" / "ci.yaml"  # an overlay of the packaged default spec

@@ -13,7 +13,7 @@ import pytest
 from fusionrank.serving.backends import available_backends, missing_backends, required_backends
 from fusionrank.serving.server import ServerError, TritonInstall, TritonServer, find_triton
 from fusionrank.spec import ServingProfile
-from tests.paths import REPO_ROOT
+from tests.paths import CI_SPEC, REPO_ROOT
 
 COMMITTED = REPO_ROOT / "model_repository"
 
@@ -78,7 +78,7 @@ def test_serve_gpu_passes_the_backend_config_its_engines_need(monkeypatch, tmp_p
         preflight=backend_config))
     monkeypatch.setattr(commands, "serve_forever", lambda *a, **k: seen.update(serve=k["backend_config"]) or 0)
     assert main(["serve", "--profile", "gpu", "--repository", str(COMMITTED),
-                 "--spec", str(REPO_ROOT / "tests" / "pipeline.ci.yaml")]) == 0
+                 "--spec", str(CI_SPEC)]) == 0
     assert seen == {"preflight": ["tensorrt,version-compatible=true"], "serve": ["tensorrt,version-compatible=true"]}
 
 

@@ -14,11 +14,6 @@ from fusionrank.preprocess import build_preprocessor, validate_history
 from fusionrank.spec import Modality
 
 
-@pytest.fixture(scope="module")
-def text(ci_spec):
-    return build_preprocessor(ci_spec, Modality.TEXT)
-
-
 def test_text_pads_to_the_smallest_bucket_that_fits(text, ci_spec):
     short = text([b"red tent", b"espresso machine"])
     assert short["input_ids"].shape == (2, 16) and short["attention_mask"].shape == (2, 16)

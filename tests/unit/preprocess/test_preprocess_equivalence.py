@@ -23,11 +23,6 @@ from loadtest.preprocess_baseline import previous_text as previous_text_of
 
 
 @pytest.fixture(scope="module")
-def text(ci_spec):
-    return build_preprocessor(ci_spec, Modality.TEXT)
-
-
-@pytest.fixture(scope="module")
 def previous_text(ci_spec):
     from fusionrank.paths import resolve_text_checkpoint
 

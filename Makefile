@@ -15,7 +15,7 @@ TRITON_DIGEST ?= $(call release,digest)
 BUILD = docker build -f deploy/Dockerfile --build-arg TRITON_DIGEST=$(TRITON_DIGEST) \
 	$(if $(RANKER_CHECKPOINT),--build-arg RANKER_CHECKPOINT=$(RANKER_CHECKPOINT))
 
-.PHONY: demo test test-all test-gpu gpu-check lint install system-deps deploy-render image push pin-triton clean
+.PHONY: demo test test-unit test-integration test-deploy test-all test-gpu gpu-check lint install system-deps deploy-render image push pin-triton clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,8 +39,20 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fusionrank demo
 
+# Every test but the GPU ones (CI: .ci/run). The tiers alone: test-unit is the fast loop (no server, no trained
+# model), test-integration starts real tritonserver / redis-server and trains and exports the CI models (with the
+# fuzzers of tests/robustness), test-deploy checks images, Kubernetes, monitoring and the wheel.
 test: lint system-deps
 	$(PY) -m pytest -m "not gpu" -q
+
+test-unit: lint
+	$(PY) -m pytest tests/unit -q
+
+test-integration: $(STAMP) system-deps
+	$(PY) -m pytest tests/integration tests/robustness -m "not gpu" -q
+
+test-deploy: $(STAMP) system-deps
+	$(PY) -m pytest tests/deploy -m "not gpu" -q
 
 test-all: test
 

@@ -36,8 +36,11 @@ def packaged(package: str, *parts: str) -> Traversable:
 def default_spec_path(project: str | Path | None = None) -> Path:
     """The spec read when none is named: the project's `pipeline.yaml`, else the one shipped with the package."""
     local = project_dir(project) / SPEC_FILE
-    if local.is_file():
-        return local
+    return local if local.is_file() else packaged_spec_path()
+
+
+def packaged_spec_path() -> Path:
+    """The default spec shipped with the package (the `base: default` of a spec overlay)."""
     # pip installs packages unzipped, so the packaged resource is a real file with a path.
     return Path(str(packaged("fusionrank.contract", "spec", SPEC_FILE)))
 

@@ -1,7 +1,8 @@
 """Reading `pipeline.yaml`: the one place the file is parsed, into a validated `PipelineSpec`.
 
 Every field is converted by its type annotation (enums, tuples, nested sections); an unknown field or a wrong
-type raises `SpecError` naming the field, the value and what is allowed.
+type raises `SpecError` naming the field, the value and what is allowed. A file with a top-level `base:` key is an
+overlay holding only the values it changes, merged over its base (`fusionrank.contract.spec.overlay`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from pathlib import Path
 import yaml
 
 from fusionrank.contract.errors import SpecError
-from fusionrank.contract.project import default_spec_path
+from fusionrank.contract.project import default_spec_path, packaged_spec_path
 from fusionrank.contract.spec.base import fail
+from fusionrank.contract.spec.overlay import BASE_KEY, apply_overlay
 from fusionrank.contract.spec.pipeline import PipelineSpec
 
 _SCALARS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -82,15 +84,22 @@ def from_dict(data: dict, source: str = "<dict>") -> PipelineSpec:
     return dataclasses.replace(spec, source=source)
 
 
-def load_spec(path: str | Path | None = None) -> PipelineSpec:
-    """Read a spec file (default: the project's `pipeline.yaml`, else the packaged one) into a `PipelineSpec`."""
-    path = Path(path) if path else default_spec_path()
+def _read_yaml(path: Path):
     try:
         text = path.read_text()
     except OSError as exc:
         raise SpecError("<file>", str(path), f"a readable YAML file ({exc.strerror})") from exc
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise SpecError("<file>", str(path), f"valid YAML ({exc})") from exc
+
+
+def load_spec(path: str | Path | None = None) -> PipelineSpec:
+    """Read a spec file (default: the project's `pipeline.yaml`, else the packaged one) into a `PipelineSpec`; a file
+    naming a `base:` is an overlay merged over that base."""
+    path = Path(path) if path else default_spec_path()
+    data = _read_yaml(path)
+    if isinstance(data, dict) and BASE_KEY in data:
+        data = apply_overlay(data, path, packaged_spec_path(), _read_yaml, lambda d, src: from_dict(d, source=src))
     return from_dict(data, source=str(path))

@@ -11,7 +11,7 @@ shared tier on Redis (`serving.cache` in the spec; keys from `fusionrank.route.i
   fit (another writer, corruption) is counted as a store error and treated as a miss.
 
 Counters (hits per tier and modality, misses per modality, evictions, store errors, bytes held) are plain numbers
-here; the Triton shell publishes them as custom metrics (`fusionrank.triton.models`).
+here; the Triton shell publishes them as custom metrics (`fusionrank.triton.route`).
 """
 
 from __future__ import annotations

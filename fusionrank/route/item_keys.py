@@ -114,7 +114,7 @@ def encoder_identities(spec: PipelineSpec, repo: Path, member_files: dict[str, s
 def route_member_files(spec: PipelineSpec, repo: Path, profile: ServingProfile | str) -> dict[str, str]:
     """The `member_files` parameter of the route's config for `profile` as written in `repo` (what the served route
     reads, so callers outside the server compute the same cache keys)."""
-    path = Path(repo) / spec.serving.route / ServingProfile(profile).config_file
+    path = ServingProfile(profile).served_config(Path(repo) / spec.serving.route)
     try:
         return json.loads(text_format.Parse(path.read_text(), mc.ModelConfig()).parameters[MEMBER_FILES].string_value)
     except (OSError, ValueError, text_format.ParseError) as exc:

@@ -26,7 +26,7 @@ One `rank()` call serves one execute of the route model (a dynamic batch of requ
 
 Why a route instead of the Triton ensemble: Triton 2.51 crashes (SIGSEGV) when callers cancel requests to an ensemble
 (server#7368, fixed by #7840); cancelled requests to a Python-backend model leave it alive. Member calls go through
-an `Infer` callable, so this class is tested without a server (`fusionrank.triton.models.RouteModel` binds
+an `Infer` callable, so this class is tested without a server (`fusionrank.triton.route.RouteModel` binds
 it to `pb_utils.InferenceRequest.async_exec`).
 """
 

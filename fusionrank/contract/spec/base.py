@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import typing
+from pathlib import Path
 
 from fusionrank.contract.errors import SpecError
 
@@ -67,6 +68,12 @@ class ServingProfile(str, enum.Enum):
     def config_file(self) -> str:
         """The profile's config file, relative to a model's folder."""
         return "config.pbtxt" if self.config_name is None else f"configs/{self.config_name}.pbtxt"
+
+    def served_config(self, model_dir: Path) -> Path:
+        """The config Triton reads for this profile in `model_dir`: the profile's file, else `config.pbtxt` (Triton
+        falls back to it; a profile's file is rendered only where it differs)."""
+        own = Path(model_dir) / self.config_file
+        return own if own.is_file() else Path(model_dir) / "config.pbtxt"
 
 
 def choices(enum_cls: type[enum.Enum]) -> list[str]:

@@ -273,7 +273,7 @@ def test_member_calls_are_cut_at_the_members_max_batch(ci_spec, preparer):
 @pytest.fixture
 def route_model(monkeypatch, ci_spec, tmp_path):
     from fusionrank.contract.paths import resolve_text_checkpoint
-    from fusionrank.triton.models import RouteModel
+    from fusionrank.triton.route import RouteModel
 
     pb = install(monkeypatch, member_functions(ci_spec))
     repo = tmp_path / "repo"

@@ -10,9 +10,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 from fusionrank.contract.names import POOL_MODEL
 from fusionrank.contract.spec import ModalitiesSpec, ServingProfile, from_dict, member_models, served_models
 from fusionrank.contract.tensors import model_io
+from fusionrank.triton.ensemble import ensemble_config
 from fusionrank.triton.render import (
     check_repository,
-    ensemble_config,
     load_config,
     model_configs,
     render_repository,
@@ -38,7 +38,7 @@ def test_check_names_a_hand_edited_config(default_spec, tmp_path):
 def test_every_committed_config_parses_and_matches_the_contract(default_spec, profile):
     serving = default_spec.serving
     for model in (*member_models(default_spec), serving.route, serving.reference_ensemble):
-        config = load_config(COMMITTED / model / profile.config_file)
+        config = load_config(profile.served_config(COMMITTED / model))
         assert config.name == model
         io_ = model_io(default_spec, model)
         assert [i.name for i in config.input] == [t.name for t in io_.inputs]

@@ -1,0 +1,105 @@
+"""What every Triton model's config is built from: the contract's tensors, the spec's batching and instances, the
+warm-up requests; and `TritonUnit`, one kind of Triton model (its class beside its config function)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from tritonclient.grpc import model_config_pb2 as mc
+
+from fusionrank.contract.names import Modality, encoder_name
+from fusionrank.contract.spec import PipelineSpec, ServingProfile, to_dict
+from fusionrank.contract.tensors import TensorSpec, model_io
+
+DTYPES = {"bytes": mc.TYPE_STRING, "int64": mc.TYPE_INT64, "float32": mc.TYPE_FP32, "bool": mc.TYPE_BOOL}
+
+Configs = dict[ServingProfile, mc.ModelConfig]  # one model's config per serving profile
+
+
+@dataclass(frozen=True)
+class TritonUnit:
+    """One kind of Triton model: the spec's models it serves, their config per profile (`configs(spec, model,
+    rendered)`, where `rendered` holds the configs of the units before it), and the Python-backend class its
+    `model.py` imports from `module` (None: no `model.py`, as for an ensemble)."""
+
+    models: Callable[[PipelineSpec], tuple[str, ...]]
+    configs: Callable[[PipelineSpec, str, Mapping[str, Configs]], Configs]
+    module: str
+    python_class: str | None = None
+
+
+def every_profile(config: mc.ModelConfig) -> Configs:
+    """The same config in every profile (a model whose backend no profile changes)."""
+    return {profile: config for profile in ServingProfile}
+
+
+def tensor(spec_tensor: TensorSpec, cls):
+    """A config input or output (`cls`: `mc.ModelInput` or `mc.ModelOutput`) from the contract's tensor."""
+    made = cls(name=spec_tensor.name, data_type=DTYPES[spec_tensor.dtype], dims=list(spec_tensor.dims))
+    if spec_tensor.optional:
+        made.optional = True
+    return made
+
+
+def spec_parameter(spec: PipelineSpec) -> str:
+    """The slice of the spec a Python model that validates requests needs, as JSON (rebuilt with `spec.from_dict`);
+    `serving`: max_candidates, and the members' max batch sizes for the route."""
+    return json.dumps({"modalities": to_dict(spec.modalities), "ranker": {"history": to_dict(spec.ranker.history)},
+                       "serving": to_dict(spec.serving)}, sort_keys=True)
+
+
+def base_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
+    """Name, batching and the contract's inputs and outputs of `model`."""
+    io_ = model_io(spec, model)
+    batching = spec.serving.batching(model)
+    config = mc.ModelConfig(name=model, max_batch_size=batching.max_batch_size)
+    config.input.extend(tensor(t, mc.ModelInput) for t in io_.inputs)
+    config.output.extend(tensor(t, mc.ModelOutput) for t in io_.outputs)
+    config.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
+    config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
+    return config
+
+
+def add_instances(config: mc.ModelConfig, spec: PipelineSpec, kind: int) -> None:
+    count = spec.serving.batching(config.name).instances
+    config.instance_group.append(mc.ModelInstanceGroup(count=count, kind=kind))
+
+
+def _warmup_inputs(spec: PipelineSpec, model: str, bucket: int | None = None) -> dict[str, mc.ModelWarmup.Input]:
+    inputs = {}
+    for t in model_io(spec, model).inputs:
+        if t.optional:  # warm-up requests are complete candidates without video
+            continue
+        dims = [bucket if d == -1 else d for d in t.dims]
+        entry = mc.ModelWarmup.Input(data_type=DTYPES[t.dtype], dims=dims)
+        if t.dtype == "bytes":
+            entry.input_data_file = t.name  # a real sample under <model>/warmup/: zeros would be rejected as bad input
+        else:
+            entry.zero_data = True
+        inputs[t.name] = entry
+    return inputs
+
+
+def add_warmup(config: mc.ModelConfig, spec: PipelineSpec) -> None:
+    """Warm every member so the first real request does not pay for lazy initialisation (sessions, allocators)."""
+    model = config.name
+    batch = spec.serving.batching(model).preferred_batch_sizes[-1]
+    buckets = spec.modalities.text.buckets if model == encoder_name(Modality.TEXT) else (None,)
+    for bucket in buckets:
+        suffix = f"_seq{bucket}" if bucket else ""
+        warm = mc.ModelWarmup(name=f"{model}_batch{batch}{suffix}", batch_size=batch)
+        for name, entry in _warmup_inputs(spec, model, bucket).items():
+            warm.inputs[name].CopyFrom(entry)
+        config.model_warmup.append(warm)
+
+
+def python_config(spec: PipelineSpec, model: str, role: str) -> mc.ModelConfig:
+    """A warmed Python-backend member on the CPU; `role` tells its `model.py` what it is."""
+    config = base_config(spec, model)
+    config.backend = "python"
+    add_instances(config, spec, mc.ModelInstanceGroup.KIND_CPU)
+    config.parameters["role"].string_value = role
+    add_warmup(config, spec)
+    return config

@@ -1,0 +1,105 @@
+"""The exported models (the encoders and the ranker): the CPU profile's Python class over ONNX Runtime, and each
+profile's config (gpu: a TensorRT plan; cpu: that class on the graph `export.cpu` chose; onnx_gpu: Triton's
+onnxruntime backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+
+from fusionrank.contract.errors import PreprocessError
+from fusionrank.contract.names import ENCODERS_AND_RANKER, RANKER, Modality, encoder_name
+from fusionrank.contract.spec import PipelineSpec, ServingProfile, member_models
+from fusionrank.request.validation import non_finite_row
+from fusionrank.triton._batched import BatchedModel
+from fusionrank.triton._config import Configs, TritonUnit, add_instances, add_warmup, base_config, python_config
+
+
+class OnnxRuntimeModel(BatchedModel):
+    """Encoders and ranker in the CPU profile: one ONNX Runtime session over the graph `onnx_file` names."""
+
+    def setup(self):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        threads = int(self.params.get("intra_op_threads", "0"))
+        if threads:
+            options.intra_op_num_threads = threads
+        path = self.version_dir / self.params.get("onnx_file", "model.onnx")
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.name}: {path} not found; run `fusionrank export` first")
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.dtypes = {i.name: np.int64 if "int64" in i.type else np.float32 for i in self.session.get_inputs()}
+
+    def prepare(self, inputs):
+        # Triton already checked names, dtypes and shapes against the config; only the ONNX dtypes are enforced.
+        return {n: np.ascontiguousarray(a, dtype=self.dtypes[n]) for n, a in inputs.items()}
+
+    def run(self, batch):
+        values = self.session.run(self.output_names, batch)
+        return dict(zip(self.output_names, values))
+
+    def check(self, outputs):
+        # The ranker's outputs are the reference ensemble's: no NaN or infinity may leave (a last guard; the GPU
+        # profile's TensorRT ranker has none, the route checks in every profile).
+        if self.params.get("check_finite_outputs") != "true":
+            return
+        for name, array in outputs.items():
+            row = non_finite_row(array)
+            if row is not None:
+                self.logger.log_error(f"{self.name}: non-finite {name} at row {row} from finite inputs")
+                raise PreprocessError(f"{name}[{row}]", f"{self.name} produced a non-finite value for candidate "
+                                                        f"{row}; it cannot be scored")
+
+
+def onnxruntime_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
+    """The CPU profile: `OnnxRuntimeModel` on the graph export.cpu chose (optimised FP32 or INT8 beside model.onnx,
+    written by export/convert/onnx2cpu.py)."""
+    config = python_config(spec, model, "onnxruntime")
+    config.parameters["onnx_file"].string_value = spec.export.cpu.onnx_file(model)
+    # One thread per session: the three encoders run concurrently in their own stubs, and several threads each
+    # oversubscribe the cores (measured on 2 cores: a 10-candidate request 436 ms with the default, 352 ms with 1).
+    config.parameters["intra_op_threads"].string_value = "1"
+    if model == RANKER:
+        config.parameters["check_finite_outputs"].string_value = "true"
+    return config
+
+
+def tensorrt_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
+    config = base_config(spec, model)
+    config.platform = "tensorrt_plan"
+    config.default_model_filename = "model.plan"
+    add_instances(config, spec, mc.ModelInstanceGroup.KIND_GPU)
+    if model == encoder_name(Modality.TEXT) and spec.export.tensorrt.profile_per_bucket:
+        # One optimisation profile per padding bucket (export/profiles.py): every instance must be allowed to use
+        # all of them, else Triton binds only profile 0 and the other buckets' shapes are rejected.
+        config.instance_group[0].profile.extend(str(i) for i in range(len(spec.modalities.text.buckets)))
+    add_warmup(config, spec)
+    return config
+
+
+def onnx_gpu_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
+    config = base_config(spec, model)
+    config.platform = "onnxruntime_onnx"
+    config.default_model_filename = "model.onnx"
+    add_instances(config, spec, mc.ModelInstanceGroup.KIND_GPU)
+    add_warmup(config, spec)
+    return config
+
+
+def configs(spec: PipelineSpec, model: str, rendered: Mapping[str, Configs]) -> Configs:
+    return {ServingProfile.GPU: tensorrt_config(spec, model), ServingProfile.CPU: onnxruntime_config(spec, model),
+            ServingProfile.ONNX_GPU: onnx_gpu_config(spec, model)}
+
+
+def served_file(config: mc.ModelConfig) -> str:
+    """The file a member's config serves from its version folder (a Python model's ONNX file, else the default)."""
+    if config.backend == "python":
+        return config.parameters["onnx_file"].string_value
+    return config.default_model_filename
+
+
+UNIT = TritonUnit(lambda spec: tuple(m for m in member_models(spec) if m in ENCODERS_AND_RANKER), configs, __name__,
+                  OnnxRuntimeModel.__name__)

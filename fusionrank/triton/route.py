@@ -1,0 +1,157 @@
+"""The route callers use (`serving.route`): its Python-backend class, a thin shell over
+`fusionrank.route.stages.RankingRoute`, and its config."""
+
+from __future__ import annotations
+
+import json
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+
+from fusionrank.contract.names import encoder_name
+from fusionrank.contract.paths import tokenizer_dir
+from fusionrank.contract.spec import PipelineSpec, ServingProfile, from_dict
+from fusionrank.contract.tensors import request_arrays
+from fusionrank.preprocess.samples import warmup_samples
+from fusionrank.request.validation import RequestPreprocessor
+from fusionrank.route.cache import EmbeddingCache
+from fusionrank.route.item_keys import MEMBER_FILES, encoder_identities
+from fusionrank.route.metrics import CacheMetrics, ResponseMetrics
+from fusionrank.route.stages import MemberCallError, RankingRoute, RouteError, RouteRequest, Status
+from fusionrank.triton._batched import model_args, pb_utils, request_inputs
+from fusionrank.triton._config import Configs, TritonUnit, add_instances, base_config, spec_parameter
+from fusionrank.triton.exported import served_file
+
+# Triton's messages when a model cannot take a request (the server is stopping, the model is not loaded). The Python
+# backend reports a BLS call it could not submit as "Model X - Error when running inference: <Triton's message>"
+# without Triton's status code, so these are recognised by text (Triton 2.51).
+_UNAVAILABLE_MESSAGES = ("server not ready", "server is stopping", "is not ready", "unknown model",
+                         "has no available versions", "stopped accepting new inference requests")
+
+
+def member_status(pb, code: int, message: str) -> Status:
+    """How the route answers a member's failed BLS call: INVALID_ARG names the caller's own row (the ranker's finite
+    guard), UNAVAILABLE lets the caller retry on another server, anything else is INTERNAL."""
+    if code == pb.TritonError.INVALID_ARG:
+        return Status.INVALID_ARG
+    if code in (pb.TritonError.UNAVAILABLE, pb.TritonError.NOT_FOUND) or any(
+            m in message.lower() for m in _UNAVAILABLE_MESSAGES):
+        return Status.UNAVAILABLE
+    return Status.INTERNAL
+
+
+def _route_cache(pb, spec, args, params: dict[str, str], labels: tuple[str, str]
+                 ) -> tuple[EmbeddingCache | None, CacheMetrics | None]:
+    """The route instance's embedding cache (None when the spec disables it) and its metrics."""
+    settings = spec.serving.cache
+    if not settings.enabled:
+        return None, None
+    repo = Path(args["model_repository"]).parent
+    identities = encoder_identities(spec, repo, json.loads(params[MEMBER_FILES]))
+    dims = {m: spec.modalities.embedding_dim(m) for m in spec.modalities.enabled}
+    cache = EmbeddingCache.from_spec(settings, identities, dims, pb.Logger.log_error)
+    pb.Logger.log_info(f"route: embedding cache: in-process {settings.lru_bytes} bytes, shared tier "
+                       f"{settings.redis_url or 'none'}; encoders " + ", ".join(
+                           f"{i.model} v{i.version} ({i.digest})" for i in identities.values()))
+    return cache, CacheMetrics(pb, *labels, spec.modalities.enabled)
+
+
+class RouteModel:
+    """The route callers use (`serving.route`): a thin shell over `fusionrank.route.stages.RankingRoute`, with its
+    embedding cache (`fusionrank.route.cache`) and its metrics (`fusionrank.route.metrics`).
+
+    Async `execute`: the member calls of one execute (`pb_utils.InferenceRequest.async_exec`) run concurrently. Triton
+    runs one execute per instance at a time for a model that is not decoupled, so the spec's instance count sets how
+    many batches of requests are in flight."""
+
+    def initialize(self, args):
+        pb = pb_utils()
+        config, _, params = model_args(args)
+        spec = from_dict(json.loads(params["spec"]))
+        # The tokenizer export writes for `preprocess` (a folder of the same repository).
+        preparer = RequestPreprocessor(spec, tokenizer_dir=tokenizer_dir(Path(args["model_repository"]).parent))
+        self.input_names = [i["name"] for i in config["input"]]
+        self.output_names = [o["name"] for o in config["output"]]
+        name = args.get("model_name") or config["name"]
+        labels = (name, args.get("model_instance_name", name))
+        self.cache, self.metrics = _route_cache(pb, spec, args, params, labels)
+        self.responses = ResponseMetrics(pb, *labels)
+        self.route = RankingRoute(spec, preparer, self._infer, pb.Logger.log_error, cache=self.cache)
+        self.codes = {Status.INVALID_ARG: pb.TritonError.INVALID_ARG, Status.CANCELLED: pb.TritonError.CANCELLED,
+                      Status.UNAVAILABLE: pb.TritonError.UNAVAILABLE, Status.INTERNAL: pb.TritonError.INTERNAL}
+        # Members are warmed by Triton; the in-process preprocessing is warmed here (first decode, tokenizer).
+        samples = warmup_samples(spec)
+        length = spec.ranker.history.length
+        preparer(request_arrays({m: [samples[m]] for m in spec.modalities.enabled}, np.zeros((1, length), np.int64)))
+
+    async def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> dict:
+        pb = pb_utils()
+        request = pb.InferenceRequest(model_name=model, inputs=[pb.Tensor(n, a) for n, a in inputs.items()],
+                                      requested_output_names=list(outputs))
+        response = await request.async_exec()
+        if response.has_error():
+            error = response.error()
+            raise MemberCallError(model, error.message(), member_status(pb, error.code(), error.message()))
+        # Copied: the arrays outlive the response whose buffers they view.
+        return {n: np.array(pb.get_output_tensor_by_name(response, n).as_numpy()) for n in outputs}
+
+    async def execute(self, requests):
+        pb = pb_utils()
+        plain = [RouteRequest(request_inputs(pb, r, self.input_names), r.is_cancelled) for r in requests]
+        results = await self.route.rank(plain)
+        responses, codes = [], []
+        for result in results:
+            if isinstance(result, RouteError):
+                codes.append(self.codes[result.status])
+                error = pb.TritonError(result.message, codes[-1])
+                responses.append(pb.InferenceResponse(output_tensors=[], error=error))
+            else:
+                codes.append(None)
+                responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(n, result[n])
+                                                                      for n in self.output_names]))
+        self._publish(pb, codes)
+        return responses
+
+    def _publish(self, pb, codes: list[int | None]) -> None:
+        """The execute's response codes and the cache's counters to Triton's metrics."""
+        updates = [("response", lambda: self.responses.count(codes))]
+        if self.metrics is not None:
+            updates.append(("cache", lambda: self.metrics.publish(self.cache.stats())))
+        for what, update in updates:
+            try:
+                update()
+            except Exception:  # metrics are for operators: a failed update never fails the requests
+                pb.Logger.log_error(f"route: publishing {what} metrics failed:\n{traceback.format_exc()}")
+
+    def finalize(self):
+        if self.cache is not None:
+            self.cache.close()
+
+
+def route_config(spec: PipelineSpec, member_files: dict[str, str]) -> mc.ModelConfig:
+    """A BLS Python model (`fusionrank.route.stages`) with the contract's inputs and outputs, its own dynamic batcher
+    and instance count from the spec. `member_files` (encoder -> the file it serves under this profile) lets the
+    route's embedding cache key on the served models (`fusionrank.route.item_keys`).
+
+    No `model_warmup`: its warm-up would call members that may not be loaded yet (Triton loads models in parallel);
+    the members are warmed themselves and the route warms its in-process preprocessing in `initialize`."""
+    config = base_config(spec, spec.serving.route)
+    config.backend = "python"
+    add_instances(config, spec, mc.ModelInstanceGroup.KIND_CPU)
+    config.parameters["role"].string_value = "route"
+    config.parameters["spec"].string_value = spec_parameter(spec)
+    config.parameters[MEMBER_FILES].string_value = json.dumps(member_files, sort_keys=True)
+    return config
+
+
+def configs(spec: PipelineSpec, model: str, rendered: Mapping[str, Configs]) -> Configs:
+    """Per profile: the file each encoder serves under it (from the encoders' configs in `rendered`)."""
+    encoders = [encoder_name(m) for m in spec.modalities.enabled]
+    return {profile: route_config(spec, {m: served_file(rendered[m][profile]) for m in encoders})
+            for profile in ServingProfile}
+
+
+UNIT = TritonUnit(lambda spec: (spec.serving.route,), configs, __name__, RouteModel.__name__)

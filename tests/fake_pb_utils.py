@@ -48,9 +48,13 @@ class FakeResponse:
 class FakeRequest:
     inputs: dict
     cancelled: bool = False
+    timeout_us: int = 0  # the caller's timeout as Triton passes it on (0: none)
 
     def is_cancelled(self) -> bool:
         return self.cancelled
+
+    def timeout(self) -> int:
+        return self.timeout_us
 
 
 class FakeLogger:
@@ -140,7 +144,7 @@ def install(monkeypatch, members: dict[str, Callable] | None = None) -> types.Si
     module = types.SimpleNamespace(
         Tensor=FakeTensor, InferenceResponse=FakeResponse, TritonError=FakeError, Logger=FakeLogger,
         MetricFamily=FakeMetricFamily,
-        members=dict(members or {}), calls=[],
+        members=dict(members or {}), calls=[], timeouts=[],
         # Like the Python backend: None for an input the request does not carry (an optional one left out).
         get_input_tensor_by_name=lambda request, name: (FakeTensor(name, request.inputs[name])
                                                         if name in request.inputs else None),
@@ -151,10 +155,12 @@ def install(monkeypatch, members: dict[str, Callable] | None = None) -> types.Si
         model_name: str
         inputs: list
         requested_output_names: list
+        timeout: int = 0  # microseconds, as `pb_utils.InferenceRequest(timeout=...)` takes it; 0: none
 
         async def async_exec(self):
             arrays = {t.name: t.array for t in self.inputs}
             module.calls.append((self.model_name, len(next(iter(arrays.values())))))
+            module.timeouts.append(self.timeout)
             answer = module.members[self.model_name](arrays)
             if isinstance(answer, FakeMemberError):
                 return FakeBlsResponse({}, answer)

@@ -52,9 +52,11 @@ class Members:
     def __init__(self, spec):
         self.functions = member_functions(spec)
         self.calls: list[tuple[str, int]] = []
+        self.deadlines: list[float | None] = []
 
-    async def __call__(self, model, inputs, outputs):
+    async def __call__(self, model, inputs, outputs, deadline=None):
         self.calls.append((model, len(next(iter(inputs.values())))))
+        self.deadlines.append(deadline)
         await asyncio.sleep(0)  # let the other calls of the execute start, as BLS calls do
         result = self.functions[model](inputs)
         return {n: result[n] for n in outputs}
@@ -174,15 +176,16 @@ class ValidateSpy(RequestPreprocessor):
 def test_cancelled_requests_are_answered_cancelled_and_skip_the_remaining_stages(ci_spec, preparer, monkeypatch):
     spy = ValidateSpy(preparer)
     route, members = _route(ci_spec, spy)
-    # Rows 2, 3, 4, 5: cancelled from the start, after preprocessing, after encoding, never.
-    requests = [RouteRequest(_request(ci_spec, n), CancelAfter(checks)) for n, checks in ((2, 0), (3, 1), (4, 2),
-                                                                                          (5, 99))]
+    # Rows 2, 3, 4, 5, 6: cancelled from the start, after the cache lookup (before decoding), after preprocessing,
+    # after encoding, never.
+    requests = [RouteRequest(_request(ci_spec, n), CancelAfter(checks))
+                for n, checks in ((2, 0), (3, 1), (4, 2), (5, 3), (6, 99))]
     results = asyncio.run(route.rank(requests))
-    assert [r.status for r in results[:3]] == [Status.CANCELLED] * 3
-    assert results[3][CLICK_PROBABILITY].shape == (5, 1)
-    assert spy.validated == [3, 4, 5], "a request cancelled before its turn is not validated nor preprocessed"
-    assert members.rows("image_encoder") == [9], "cancelled after preprocessing: not encoded"
-    assert members.rows("fusion_ranker") == [5], "cancelled after encoding: not ranked"
+    assert [r.status for r in results[:4]] == [Status.CANCELLED] * 4
+    assert results[4][CLICK_PROBABILITY].shape == (6, 1)
+    assert spy.validated == [3, 4, 5, 6], "a request cancelled before its turn is not validated nor preprocessed"
+    assert members.rows("image_encoder") == [11], "cancelled before decoding or after preprocessing: not encoded"
+    assert members.rows("fusion_ranker") == [6], "cancelled after encoding: not ranked"
 
 
 def _poisoned(members: Members, model: str, output: str, row_of_call: int, value: float, call: int = 0):

@@ -23,7 +23,15 @@ from tritonclient.grpc import model_config_pb2 as mc
 from fusionrank.errors import FusionRankError
 from fusionrank.serving.item_keys import MEMBER_FILES
 from fusionrank.serving.samples import warmup_samples
-from fusionrank.spec import POOL_MODEL, PipelineSpec, ServingProfile, member_models, to_dict
+from fusionrank.spec import (
+    POOL_MODEL,
+    AdmissionSpec,
+    PipelineSpec,
+    QueuePolicySpec,
+    ServingProfile,
+    member_models,
+    to_dict,
+)
 from fusionrank.tensors import ITEM_INPUT, TensorSpec, embedding_name, model_io, rows_name
 
 ENCODERS_AND_RANKER = ("text_encoder", "image_encoder", "audio_encoder", "fusion_ranker")
@@ -68,7 +76,27 @@ def _base_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
     config.output.extend(_tensor(t, mc.ModelOutput) for t in io_.outputs)
     config.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
     config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
+    config.dynamic_batching.default_queue_policy.CopyFrom(_queue_policy(spec.serving.admission.queue(model)))
     return config
+
+
+def _queue_policy(policy: QueuePolicySpec) -> mc.ModelQueuePolicy:
+    """Triton's queue policy: bounded, and a request queued past its timeout is refused (UNAVAILABLE), not run."""
+    return mc.ModelQueuePolicy(timeout_action=mc.ModelQueuePolicy.REJECT,
+                               default_timeout_microseconds=policy.timeout_us,
+                               allow_timeout_override=policy.allow_timeout_override,
+                               max_queue_size=policy.max_queue_size)
+
+
+def _priorities(config: mc.ModelConfig, admission: AdmissionSpec) -> None:
+    """One priority level per traffic class (`serving.admission.priorities`); the levels below the default
+    class's get `background_queue` where the spec sets one."""
+    batching = config.dynamic_batching
+    batching.priority_levels = len(admission.priorities)
+    batching.default_priority_level = admission.level(admission.default_priority)
+    if admission.background_queue is not None:
+        for level in range(batching.default_priority_level + 1, batching.priority_levels + 1):
+            batching.priority_queue_policy[level].CopyFrom(_queue_policy(admission.background_queue))
 
 
 def _instance(config: mc.ModelConfig, spec: PipelineSpec, kind: int) -> None:
@@ -150,6 +178,7 @@ def route_config(spec: PipelineSpec, member_files: dict[str, str]) -> mc.ModelCo
     config.parameters["role"].string_value = "route"
     config.parameters["spec"].string_value = _spec_parameter(spec, spec.serving.route)
     config.parameters[MEMBER_FILES].string_value = json.dumps(member_files, sort_keys=True)
+    _priorities(config, spec.serving.admission)
     return config
 
 

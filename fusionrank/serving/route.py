@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fusionrank.errors import FusionRankError, PreprocessError
+from fusionrank.preprocess.cost import check_budget, request_cost
 from fusionrank.preprocess.request import EncoderGroup, RequestPreprocessor, ValidRequest, non_finite_row
 from fusionrank.ragged import image_cache_payload, pool_rows
 from fusionrank.serving.cache import EmbeddingCache
@@ -81,11 +83,19 @@ def _never() -> bool:
 class RouteRequest:
     inputs: Mapping[str, np.ndarray]  # the contract's input arrays, by name
     is_cancelled: Callable[[], bool] = _never
+    deadline: float | None = None  # `time.monotonic()` past which nobody waits for the answer; None: no deadline
+
+    def late(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
 
 
 RouteResult = dict[str, np.ndarray] | RouteError
-# (member model, input arrays by name, output names) -> output arrays by name; raises MemberCallError.
-Infer = Callable[[str, dict[str, np.ndarray], tuple[str, ...]], Awaitable[dict[str, np.ndarray]]]
+# (member model, input arrays by name, output names, deadline) -> output arrays by name; raises MemberCallError.
+# The deadline (`time.monotonic()`, or None) is the latest of the requests whose rows the call holds: the member's
+# queue refuses the call past it instead of running work nobody waits for.
+Infer = Callable[[str, dict[str, np.ndarray], tuple[str, ...], float | None], Awaitable[dict[str, np.ndarray]]]
+LATE = "the request's deadline passed before its payloads were encoded: the server is over capacity; nothing more " \
+       "was computed for it"
 
 
 @dataclass(eq=False)
@@ -104,6 +114,11 @@ class _Flight:
     @property
     def rows(self) -> int:
         return len(self.valid.history)
+
+    @property
+    def all_hit(self) -> bool:
+        """Every present payload came from the cache: nothing to decode or encode."""
+        return not any(self.misses.values())
 
     def fail(self, error: RouteError) -> None:
         if self.error is None:  # the first error is the one the caller sees
@@ -124,8 +139,12 @@ class RankingRoute:
     """Serves batches of ranking requests through the member models; each request is answered on its own."""
 
     def __init__(self, spec: PipelineSpec, preparer: RequestPreprocessor, infer: Infer,
-                 log_error: Callable[[str], None] = lambda message: None, cache: EmbeddingCache | None = None):
+                 log_error: Callable[[str], None] = lambda message: None, cache: EmbeddingCache | None = None,
+                 decode: Callable[[Callable[[], None]], Awaitable[None]] | None = None):
+        """`decode` runs one request's decoding (a callable) where it belongs, e.g. in a bounded pool of threads of
+        low CPU priority (`fusionrank.serving.triton_models`); None: inline."""
         self.spec = spec
+        self.decode = decode
         self.preparer = preparer
         self.infer = infer
         self.log_error = log_error
@@ -138,20 +157,33 @@ class RankingRoute:
         flights = [_Flight(r) for r in requests]
         live = self._validate(flights)
         self._lookup(live)
-        live = self._drop_cancelled(self._preprocess(live))
-        live = self._drop_cancelled(await self._encode(live))
-        await self._rank(live)
+        live = self._guarded(self._drop_cancelled(live), "cost check", self._check_cost)
+        # Fast path: requests the cache answered whole are ranked now, not after their batch-mates' decoding.
+        hits = asyncio.ensure_future(self._rank([f for f in live if f.all_hit]))
+        work = self._drop_cancelled(await self._preprocess([f for f in live if not f.all_hit]))
+        work = self._drop_cancelled(await self._encode(work))
+        await asyncio.gather(hits, self._rank(work))
         return [f.error if f.error is not None else f.outputs for f in flights]
 
     @staticmethod
     def _drop_cancelled(flights: list[_Flight]) -> list[_Flight]:
-        live = []
+        """The flights whose caller still waits: a cancelled one is answered CANCELLED, one past its deadline
+        UNAVAILABLE (over capacity: another server, or this one later, may serve it), and no more work is done."""
+        live, now = [], time.monotonic()
         for f in flights:
             if f.request.is_cancelled():
                 f.fail(RouteError(Status.CANCELLED, "request cancelled by the caller"))
+            elif f.request.late(now):
+                f.fail(RouteError(Status.UNAVAILABLE, LATE))
             else:
                 live.append(f)
         return live
+
+    def _check_cost(self, f: _Flight) -> None:
+        """Refuse a request whose misses cost more to decode than `serving.admission.cost` allows (headers only)."""
+        budget = self.spec.serving.admission.cost
+        if budget.max_pixels or budget.max_audio_samples or budget.max_video_frames:
+            check_budget(budget, request_cost(self.spec, f.valid, f.misses))
 
     def _guarded(self, flights: list[_Flight], stage: str, work: Callable[[_Flight], None]) -> list[_Flight]:
         """Run `work` on each flight: bad input answers its request INVALID_ARG, any other failure INTERNAL (logged);
@@ -219,12 +251,15 @@ class RankingRoute:
             return image_cache_payload(self.spec, payload, valid.videos[row])
         return payload
 
-    def _preprocess(self, flights: list[_Flight]) -> list[_Flight]:
+    async def _preprocess(self, flights: list[_Flight]) -> list[_Flight]:
         def preprocess(f: _Flight) -> None:
             for m in self.modalities:
                 f.groups[m] = self.preparer.encoder_groups(f.valid, m, f.misses[m])
 
-        return self._guarded(flights, "preprocessing", preprocess)
+        if self.decode is None or not flights:
+            return self._guarded(flights, "preprocessing", preprocess)
+        await self.decode(lambda: self._guarded(flights, "preprocessing", preprocess))
+        return [f for f in flights if f.error is None]
 
     async def _encode(self, flights: list[_Flight]) -> list[_Flight]:
         await asyncio.gather(*(self._encode_modality(flights, m) for m in self.modalities))
@@ -235,7 +270,8 @@ class RankingRoute:
     async def _encode_modality(self, flights: list[_Flight], modality: Modality) -> None:
         name = embedding_name(modality)
         parts = [(f, group) for f in flights for group in f.groups[modality]]
-        results = await self.call_member(f"{modality.value}_encoder", [g.inputs for _, g in parts], (name,))
+        results = await self.call_member(f"{modality.value}_encoder", [g.inputs for _, g in parts], (name,),
+                                         deadline=_latest(flights))
         encoded: dict[_Flight, list[tuple[np.ndarray, np.ndarray]]] = {}
         for (f, group), result in zip(parts, results):
             if f.error is not None:
@@ -270,11 +306,14 @@ class RankingRoute:
             self.log_error(f"route: storing embeddings failed:\n{traceback.format_exc()}")
 
     async def _rank(self, flights: list[_Flight]) -> None:
+        if not flights:
+            return
         parts = [{**{embedding_name(m): f.embeddings[m] for m in self.modalities}, "history": f.valid.history,
                   MODALITY_MASK: f.valid.present.astype(np.float32)} for f in flights]
         # One call per request (the ranker's dynamic batcher merges them): the ranker model answers a non-finite
         # output INVALID_ARG naming the row (the reference ensemble's guard), which then concerns this request alone.
-        results = await self.call_member(RANKER, parts, self.ranker_outputs, concatenate=False)
+        results = await self.call_member(RANKER, parts, self.ranker_outputs, concatenate=False,
+                                         deadline=_latest(flights))
         for f, result in zip(flights, results):
             if isinstance(result, RouteError):
                 f.fail(result)
@@ -295,7 +334,7 @@ class RankingRoute:
         self.log_error(f"route: non-finite {name} at row {row} from finite inputs")
 
     async def call_member(self, model: str, parts: Sequence[dict[str, np.ndarray]], outputs: tuple[str, ...],
-                          concatenate: bool = True) -> list[RouteResult]:
+                          concatenate: bool = True, deadline: float | None = None) -> list[RouteResult]:
         """Run every part (input arrays of some rows) through `model`: parts whose shapes agree are concatenated
         (unless `concatenate` is False), cut at the model's max batch and sent concurrently. Returns each part's
         outputs, or the error of a call that held some of its rows."""
@@ -304,22 +343,22 @@ class RankingRoute:
             key = tuple((n, a.shape[1:]) for n, a in sorted(arrays.items())) if concatenate else i
             groups.setdefault(key, []).append(i)
         results: list[RouteResult] = [RouteError(Status.INTERNAL, "unreached")] * len(parts)
-        answered = await asyncio.gather(*(self._call_group(model, [parts[i] for i in members], outputs)
+        answered = await asyncio.gather(*(self._call_group(model, [parts[i] for i in members], outputs, deadline)
                                           for members in groups.values()))
         for members, group_results in zip(groups.values(), answered):
             for i, result in zip(members, group_results):
                 results[i] = result
         return results
 
-    async def _call_group(self, model: str, parts: list[dict[str, np.ndarray]],
-                          outputs: tuple[str, ...]) -> list[RouteResult]:
+    async def _call_group(self, model: str, parts: list[dict[str, np.ndarray]], outputs: tuple[str, ...],
+                          deadline: float | None) -> list[RouteResult]:
         names = list(parts[0])
         batch = {n: parts[0][n] if len(parts) == 1 else np.concatenate([p[n] for p in parts]) for n in names}
         total, step = len(batch[names[0]]), self.spec.serving.batching(model).max_batch_size
         starts = list(range(0, total, step))
         own = len(parts) == 1 and len(starts) == 1  # the call holds exactly one part's rows, in order
         chunks = await asyncio.gather(*(self._call_chunk(model, {n: a[s:s + step] for n, a in batch.items()}, outputs,
-                                                         own) for s in starts))
+                                                         own, deadline) for s in starts))
         results, lo = [], 0
         for part in parts:
             hi = lo + len(part[names[0]])
@@ -331,10 +370,11 @@ class RankingRoute:
         return results
 
     async def _call_chunk(self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...],
-                          own: bool) -> RouteResult:
+                          own: bool, deadline: float | None) -> RouteResult:
         rows = len(next(iter(inputs.values())))
         try:
-            result = await self.infer(model, {n: np.ascontiguousarray(a) for n, a in inputs.items()}, outputs)
+            result = await self.infer(model, {n: np.ascontiguousarray(a) for n, a in inputs.items()}, outputs,
+                                      deadline)
         except MemberCallError as exc:
             if exc.status is Status.INVALID_ARG and own:
                 return RouteError(Status.INVALID_ARG, exc.message)  # names a row of this request: pass it on
@@ -349,3 +389,9 @@ class RankingRoute:
             self.log_error(f"route: {model} answered {rows} input rows with other row counts or outputs")
             return RouteError(Status.INTERNAL, f"route: {model} output rows do not match its input rows")
         return result
+
+
+def _latest(flights: Sequence[_Flight]) -> float | None:
+    """The deadline of a member call holding these flights' rows: the latest of theirs (None if one has none)."""
+    deadlines = [f.request.deadline for f in flights]
+    return None if not deadlines or None in deadlines else max(deadlines)

@@ -5,6 +5,7 @@ from a `PipelineSpec`, so no two parts of the project can disagree about a shape
 `modalities` and `sections`, closed sets and shared checks in `base`.
 """
 
+from fusionrank.spec.admission import AdmissionSpec, CostBudgetSpec, Priority, QueuePolicySpec
 from fusionrank.spec.base import (
     DEFAULT_TEXT_CHECKPOINT,
     CalibrationMethod,
@@ -53,10 +54,10 @@ from fusionrank.spec.sections import (
 
 __all__ = [
     "CPU_MODELS", "DEFAULT_TEXT_CHECKPOINT", "INT8_FILE", "OPTIMIZED_FILE", "POOL_MODEL", "SLO_FIELDS",
-    "AudioEncoderSpec", "AudioSpec", "BatchingSpec", "CacheSpec", "CalibrationMethod", "CpuExportSpec", "DataSpec",
-    "ExportSpec", "FusionType", "HistorySpec", "ImageEncoderSpec", "ImageSpec", "ModalitiesSpec", "Modality",
-    "PipelineSpec", "Pooling", "Precision", "RankerSpec", "RankingParitySpec", "RecurrentCell", "ResNetArch",
-    "ServingProfile", "SloSpec", "SloTargets", "TensorRTSpec", "TextEncoderSpec", "TextSpec", "Tolerance",
-    "TrainSpec", "UpgradeSpec", "VideoSpec", "choices", "from_dict", "load_spec", "member_models", "served_models",
-    "to_dict",
+    "AdmissionSpec", "AudioEncoderSpec", "AudioSpec", "BatchingSpec", "CacheSpec", "CalibrationMethod",
+    "CpuExportSpec", "DataSpec", "CostBudgetSpec", "ExportSpec", "FusionType", "HistorySpec", "ImageEncoderSpec",
+    "ImageSpec", "ModalitiesSpec", "Modality", "PipelineSpec", "Pooling", "Precision", "Priority",
+    "QueuePolicySpec", "RankerSpec", "RankingParitySpec", "RecurrentCell", "ResNetArch", "ServingProfile",
+    "SloSpec", "SloTargets", "TensorRTSpec", "TextEncoderSpec", "TextSpec", "Tolerance", "TrainSpec", "UpgradeSpec",
+    "VideoSpec", "choices", "from_dict", "load_spec", "member_models", "served_models", "to_dict",
 ]

@@ -6,6 +6,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
+from fusionrank.spec.admission import AdmissionSpec
 from fusionrank.spec.base import (
     CalibrationMethod,
     FusionType,
@@ -274,6 +275,7 @@ class ServingSpec:
     models: dict[str, BatchingSpec] = field(default_factory=dict)
     response_cache: bool = False
     cache: CacheSpec = field(default_factory=CacheSpec)
+    admission: AdmissionSpec = field(default_factory=AdmissionSpec)
 
     def __post_init__(self):
         check_positive("serving.max_candidates", self.max_candidates)

@@ -24,7 +24,7 @@ from .fake_pb_utils import FakeError, FakeRequest
 from .test_route import _request, _route
 from .test_route_cache import _cache
 
-shell_fixture = test_route.route_model  # pytest collects it under its own name, `route_model`
+shell = test_route.route_model  # the route's Triton shell on a fake pb_utils (a fixture, collected as `shell`)
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +102,8 @@ def test_a_call_holding_a_request_without_deadline_carries_none(ci_spec, prepare
     assert set(members.deadlines) == {None}
 
 
-def test_shell_turns_the_request_timeout_into_a_deadline_and_the_members_timeout(route_model, ci_spec):
-    model, pb = route_model
+def test_shell_turns_the_request_timeout_into_a_deadline_and_the_members_timeout(shell, ci_spec):
+    model, pb = shell
     (answered,) = asyncio.run(model.execute([FakeRequest(_request(ci_spec, 1), timeout_us=30_000_000)]))
     assert answered.error is None
     assert pb.timeouts and all(0 < t <= 30_000_000 for t in pb.timeouts), pb.timeouts
@@ -112,10 +112,10 @@ def test_shell_turns_the_request_timeout_into_a_deadline_and_the_members_timeout
     assert pb.timeouts and set(pb.timeouts) == {0}, "no timeout from the caller: none to the members"
 
 
-def test_shell_answers_a_full_member_queue_unavailable(route_model, ci_spec):
+def test_shell_answers_a_full_member_queue_unavailable(shell, ci_spec):
     from .fake_pb_utils import FakeMemberError
 
-    model, pb = route_model
+    model, pb = shell
     pb.members["image_encoder"] = lambda arrays: FakeMemberError(
         "Model image_encoder - Error when running inference: Exceeds maximum queue size", FakeError.INTERNAL)
     (response,) = asyncio.run(model.execute([FakeRequest(_request(ci_spec, 1, seed=4))]))

@@ -31,7 +31,7 @@ from fusionrank.preprocess.request import EncoderGroup, RequestPreprocessor, Val
 from fusionrank.serving.cache import stored_value
 from fusionrank.serving.item_keys import encoder_identities
 from fusionrank.serving.render import route_member_files
-from fusionrank.spec import Modality, PipelineSpec, ServingProfile
+from fusionrank.spec import Modality, PipelineSpec, Priority, ServingProfile
 from fusionrank.tensors import ITEM_INPUT, embedding_name, infer_inputs
 
 
@@ -146,8 +146,10 @@ class _Embedder:
         for group in self._groups(modality, request, rows, items):
             for start in range(0, len(group.rows), step):
                 inputs = {n: a[start:start + step] for n, a in group.inputs.items()}
+                # At the warm-up level: the route's calls (production) are served first by the encoder's queue.
                 result = self.triton.infer(model, infer_inputs(self.grpc, inputs),
-                                           outputs=[self.grpc.InferRequestedOutput(name)], client_timeout=120)
+                                           outputs=[self.grpc.InferRequestedOutput(name)], client_timeout=120,
+                                           priority=self.spec.serving.admission.level(Priority.WARMUP))
                 values = result.as_numpy(name)
                 for row, value in zip(group.rows[start:start + step], values):
                     if non_finite_row(value[None]) is None:

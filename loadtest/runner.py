@@ -24,7 +24,7 @@ from fusionrank.errors import FusionRankError
 from fusionrank.project import project_dir, reports_dir
 from fusionrank.scenario import RequestFactory, Scenario, load_scenario, parse_duration
 from fusionrank.serving.server import TritonServer
-from fusionrank.spec import PipelineSpec, ServingProfile, served_models
+from fusionrank.spec import PipelineSpec, Priority, ServingProfile, served_models
 from loadtest import metrics as triton_metrics
 from loadtest.report import (
     Verdict,
@@ -129,7 +129,7 @@ def _tail(path: Path, lines: int = 20) -> str:
 def warm_up(spec: PipelineSpec, url: str, scenario: Scenario, ready_timeout: float = 60.0) -> None:
     """Wait for the endpoint and send the scenario's warm-up requests (not measured)."""
     try:
-        with RankingClient(spec, url, timeout=scenario.timeout_s) as client:
+        with RankingClient(spec, url, timeout=scenario.timeout_s, priority=Priority.LOADTEST) as client:
             client.wait_ready(ready_timeout)
             if scenario.warmup_requests:
                 factory = RequestFactory(spec, load_benchmark(spec), scenario, seed=7)

@@ -71,11 +71,17 @@ def test_every_batched_model_gets_a_bounded_rejecting_queue_and_the_route_gets_p
             assert policy.allow_timeout_override, f"{model}: the caller's (and the route's) deadline must apply"
             assert (policy.max_queue_size, policy.default_timeout_microseconds) == (wanted.max_queue_size,
                                                                                    wanted.timeout_us)
+            assert (config.dynamic_batching.priority_levels, config.dynamic_batching.default_priority_level) == (
+                3, 1), f"{model}: production (and the route's BLS calls) outrank warm-up and load tests"
     route = model_configs(default_spec)[default_spec.serving.route]["cpu"].dynamic_batching
     assert route.default_queue_policy.max_queue_size > 0, "callers' queue is bounded on the default spec"
     assert (route.priority_levels, route.default_priority_level) == (3, 1)
-    assert sorted(route.priority_queue_policy) == [2, 3]
-    assert route.priority_queue_policy[3].max_queue_size == admission.background_queue.max_queue_size
+    background = QueuePolicySpec(max_queue_size=4, timeout_us=1000)
+    spec = _with_admission(default_spec, background_queue=background)
+    route = model_configs(spec)[spec.serving.route]["cpu"].dynamic_batching
+    assert sorted(route.priority_queue_policy) == [2, 3], "the levels below production get their own queue"
+    assert route.priority_queue_policy[3].max_queue_size == 4
+    assert route.priority_queue_policy[2].default_timeout_microseconds == 1000
 
 
 # --- deadlines -----------------------------------------------------------------------------------------------------

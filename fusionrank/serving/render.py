@@ -77,6 +77,7 @@ def _base_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
     config.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
     config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
     config.dynamic_batching.default_queue_policy.CopyFrom(_queue_policy(spec.serving.admission.queue(model)))
+    _priorities(config, spec.serving.admission)
     return config
 
 
@@ -90,7 +91,9 @@ def _queue_policy(policy: QueuePolicySpec) -> mc.ModelQueuePolicy:
 
 def _priorities(config: mc.ModelConfig, admission: AdmissionSpec) -> None:
     """One priority level per traffic class (`serving.admission.priorities`); the levels below the default
-    class's get `background_queue` where the spec sets one."""
+    class's get `background_queue` where the spec sets one. Members get the levels too: the route's BLS calls
+    carry no priority (Triton 2.51) and so run at the default (production) level, ahead of the catalogue warm-up
+    that calls the encoders directly at its own level."""
     batching = config.dynamic_batching
     batching.priority_levels = len(admission.priorities)
     batching.default_priority_level = admission.level(admission.default_priority)
@@ -178,7 +181,6 @@ def route_config(spec: PipelineSpec, member_files: dict[str, str]) -> mc.ModelCo
     config.parameters["role"].string_value = "route"
     config.parameters["spec"].string_value = _spec_parameter(spec, spec.serving.route)
     config.parameters[MEMBER_FILES].string_value = json.dumps(member_files, sort_keys=True)
-    _priorities(config, spec.serving.admission)
     return config
 
 

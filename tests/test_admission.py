@@ -66,7 +66,7 @@ def test_every_batched_model_gets_a_bounded_rejecting_queue_and_the_route_gets_p
             if not config.HasField("dynamic_batching"):
                 continue
             policy = config.dynamic_batching.default_queue_policy
-            wanted = admission.queue(model)
+            wanted = admission.queue(model, route=model == default_spec.serving.route)
             assert policy.timeout_action == mc.ModelQueuePolicy.REJECT, (model, profile)
             assert policy.allow_timeout_override, f"{model}: the caller's (and the route's) deadline must apply"
             assert (policy.max_queue_size, policy.default_timeout_microseconds) == (wanted.max_queue_size,
@@ -151,7 +151,7 @@ def test_cost_is_read_from_headers_and_counts_only_the_rows_to_decode(ci_spec, p
                                         r"serving.admission.cost.max_pixels = 6000"):
         check_budget(CostBudgetSpec(max_pixels=6000), cost)
     check_budget(CostBudgetSpec(max_pixels=6600), cost)
-    check_budget(CostBudgetSpec(), RequestCost(pixels=10**12))  # 0: no budget
+    check_budget(CostBudgetSpec(max_pixels=0), RequestCost(pixels=10**12))  # 0: no budget
 
 
 def test_a_request_over_budget_is_invalid_before_anything_is_decoded_and_cached_rows_cost_nothing(ci_spec,

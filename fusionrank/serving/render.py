@@ -76,7 +76,9 @@ def _base_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
     config.output.extend(_tensor(t, mc.ModelOutput) for t in io_.outputs)
     config.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
     config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
-    config.dynamic_batching.default_queue_policy.CopyFrom(_queue_policy(spec.serving.admission.queue(model)))
+    admission = spec.serving.admission
+    config.dynamic_batching.default_queue_policy.CopyFrom(_queue_policy(admission.queue(model,
+                                                                                      model == spec.serving.route)))
     _priorities(config, spec.serving.admission)
     return config
 

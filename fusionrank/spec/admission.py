@@ -47,9 +47,9 @@ class QueuePolicySpec:
 class CostBudgetSpec:
     """Per-request decoding budget, summed over the rows the route must decode (cache hits cost nothing)."""
 
-    max_pixels: int = 0  # stills' width x height plus every sampled video frame's; 0: no budget
-    max_audio_samples: int = 0  # frames the WAV headers declare (capped at one clip each); 0: no budget
-    max_video_frames: int = 0  # frames the videos' containers declare; 0: no budget
+    max_pixels: int = 64_000_000  # stills' width x height: four 16-MP images, 64 of one megapixel; 0: no budget
+    max_audio_samples: int = 0  # samples the WAV decoder reads (one clip at most per row); 0: no budget
+    max_video_frames: int = 7_200  # frames the videos' containers declare (walked to sample K); 0: no budget
 
     def __post_init__(self):
         for name in ("max_pixels", "max_audio_samples", "max_video_frames"):
@@ -61,8 +61,13 @@ class CostBudgetSpec:
 class AdmissionSpec:
     priorities: tuple[Priority, ...] = (Priority.PRODUCTION, Priority.WARMUP, Priority.LOADTEST)
     default_priority: Priority = Priority.PRODUCTION
+    # The route's queue (callers wait there): about a second of work at the default spec's capacity; a request
+    # queued longer than the SLO's p95 is refused rather than served late.
+    route_queue: QueuePolicySpec = field(default_factory=lambda: QueuePolicySpec(16, 2_000_000))
+    # The members' queues (the route's BLS calls): unbounded, the route's instances bound what is in flight; the
+    # route's deadline still applies (`allow_timeout_override`).
     default_queue: QueuePolicySpec = field(default_factory=QueuePolicySpec)
-    queues: dict[str, QueuePolicySpec] = field(default_factory=dict)  # per model, over `default_queue`
+    queues: dict[str, QueuePolicySpec] = field(default_factory=dict)  # per model name, over the two above
     background_queue: QueuePolicySpec | None = None  # the route's levels below `default_priority`; null: as theirs
     cost: CostBudgetSpec = field(default_factory=CostBudgetSpec)
     decode_threads: int = 1  # the route instance's decoding pool: cached requests are ranked meanwhile
@@ -83,6 +88,6 @@ class AdmissionSpec:
             return self.priorities.index(priority) + 1
         return len(self.priorities)
 
-    def queue(self, model: str) -> QueuePolicySpec:
-        """The queue policy of one model."""
-        return self.queues.get(model, self.default_queue)
+    def queue(self, model: str, route: bool = False) -> QueuePolicySpec:
+        """The queue policy of one model (`route`: it is the route callers use)."""
+        return self.queues.get(model, self.route_queue if route else self.default_queue)

@@ -147,6 +147,12 @@ def bench(args) -> int:
     return bench_command(_spec(args), _repo(args), config, out_dir=_path(args.out), gate=args.gate)
 
 
+def bench_traffic(args) -> int:
+    from loadtest import bench_traffic as traffic  # its heavy imports (tritonclient, the benchmark) stay lazy
+
+    return traffic.main(args)
+
+
 def build_engines(args) -> int:
     return build_engines_command(_spec(args), _repo(args), precision=Precision(args.precision) if args.precision
                                  else None, models=_csv(args.models), timing_cache=_path(args.timing_cache))

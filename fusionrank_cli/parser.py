@@ -12,6 +12,7 @@ from export.upgrade_measure import UPGRADE_PROFILES
 from fusionrank.serving.doors import ENV_TLS_DIR, TLS_FILES
 from fusionrank.spec import FusionType, Precision, ServingProfile, choices
 from fusionrank_cli import commands
+from loadtest.bench_traffic import add_cli_args as bench_traffic_arguments
 from loadtest.soak import add_arguments as soak_arguments
 
 DESCRIPTION = "fusionrank: multimodal recommendation ranker, from PyTorch to a Triton ensemble"
@@ -128,6 +129,10 @@ def _add_load_commands(add) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gate", action="store_true", help="exit 1 when a goal is missed")
     p.add_argument("--out", default=None, help="report folder (default: reports/bench-<time>)")
+
+    p = add("bench-traffic", commands.bench_traffic, "the route past its capacity: goodput under deadlines at 1x-8x, "
+                                                     "an open-loop backlog, a cached caller beside 16-MP floods")
+    bench_traffic_arguments(p)
 
 
 def _add_engine_commands(add) -> None:

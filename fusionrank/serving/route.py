@@ -12,8 +12,13 @@ One `rank()` call serves one execute of the route model (a dynamic batch of requ
 3. validate and preprocess the misses in process (`RequestPreprocessor.encoder_groups`): a bad payload answers its
    request INVALID_ARG naming the row, hits or not (a hit's bytes are bytes that passed the same checks, so they
    need no decoding; the request-level checks of stage 1 ran for every row);
-4. answer cancelled requests CANCELLED and leave them out of the next stage (checked before validating each
-   request, before encoding and before ranking);
+4. answer cancelled requests CANCELLED, and requests past their deadline (the caller's Triton request timeout)
+   UNAVAILABLE (over capacity), and leave them out of the next stage (checked before validating each request,
+   before decoding, before encoding and before ranking); before decoding, a request whose misses cost more than
+   `serving.admission.cost` (read from the payloads' headers: `fusionrank.preprocess.cost`) is answered
+   INVALID_ARG naming the budget; requests the cache answered whole go straight to ranking (the fast path) while
+   the others decode in the route instance's bounded pool of low-priority threads; member calls carry the latest
+   deadline of the requests whose rows they hold, so a member's queue refuses work nobody waits for;
 5. encode: per modality, the missed rows of every live request are concatenated (grouped by shape: text rows are
    padded to their own bucket; a video's K sampled frames are image rows of their candidate), cut at the
    encoder's max batch and sent to the encoder model through BLS, so its dynamic batcher still merges them with

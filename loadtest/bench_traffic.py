@@ -352,7 +352,7 @@ def main(args: argparse.Namespace) -> int:
     import json
     import sys
 
-    from fusionrank.paths import model_repository_dir
+    from fusionrank.project import model_repository_dir
     from fusionrank.spec import load_spec
 
     config = TrafficConfig(candidates=args.candidates, base_callers=args.base_callers, deadline_s=args.deadline,

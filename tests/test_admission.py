@@ -20,7 +20,7 @@ from fusionrank.spec import AdmissionSpec, CostBudgetSpec, Modality, Priority, Q
 from fusionrank.tensors import CLICK_PROBABILITY
 
 from . import test_route
-from .fake_pb_utils import FakeError, FakeRequest
+from .fake_pb_utils import FakeError, FakeRequest, route_responses
 from .test_route import _request, _route
 from .test_route_cache import _cache
 
@@ -110,11 +110,11 @@ def test_a_call_holding_a_request_without_deadline_carries_none(ci_spec, prepare
 
 def test_shell_turns_the_request_timeout_into_a_deadline_and_the_members_timeout(shell, ci_spec):
     model, pb = shell
-    (answered,) = asyncio.run(model.execute([FakeRequest(_request(ci_spec, 1), timeout_us=30_000_000)]))
+    (answered,) = route_responses(model, [FakeRequest(_request(ci_spec, 1), timeout_us=30_000_000)])
     assert answered.error is None
     assert pb.timeouts and all(0 < t <= 30_000_000 for t in pb.timeouts), pb.timeouts
     pb.timeouts.clear()
-    asyncio.run(model.execute([FakeRequest(_request(ci_spec, 1, seed=9))]))
+    route_responses(model, [FakeRequest(_request(ci_spec, 1, seed=9))])
     assert pb.timeouts and set(pb.timeouts) == {0}, "no timeout from the caller: none to the members"
 
 
@@ -124,7 +124,7 @@ def test_shell_answers_a_full_member_queue_unavailable(shell, ci_spec):
     model, pb = shell
     pb.members["image_encoder"] = lambda arrays: FakeMemberError(
         "Model image_encoder - Error when running inference: Exceeds maximum queue size", FakeError.INTERNAL)
-    (response,) = asyncio.run(model.execute([FakeRequest(_request(ci_spec, 1, seed=4))]))
+    (response,) = route_responses(model, [FakeRequest(_request(ci_spec, 1, seed=4))])
     assert response.error.code == FakeError.UNAVAILABLE
 
 
@@ -173,7 +173,7 @@ def test_a_request_over_budget_is_invalid_before_anything_is_decoded_and_cached_
 # --- fast path -----------------------------------------------------------------------------------------------------
 
 
-def test_requests_the_cache_answers_whole_are_ranked_before_the_others_decoding_ends(ci_spec, preparer):
+def test_requests_the_cache_answers_whole_are_ranked_and_answered_before_the_others_decoding_ends(ci_spec, preparer):
     cache = _cache(ci_spec)
     order: list[str] = []
     warm, _ = _route(ci_spec, preparer, cache=cache)
@@ -195,7 +195,9 @@ def test_requests_the_cache_answers_whole_are_ranked_before_the_others_decoding_
 
     members.functions["fusion_ranker"] = ranker
     cached, fresh = _request(ci_spec, 2), _request(ci_spec, 3, seed=7, title=b"never seen")
-    results = asyncio.run(route.rank([RouteRequest(fresh), RouteRequest(cached)]))
+    results = asyncio.run(route.rank([RouteRequest(fresh), RouteRequest(cached)],
+                                     answer=lambda i, result: order.append(f"answer {i}")))
     assert all(not isinstance(r, RouteError) for r in results)
-    assert order.index("rank 2") < order.index("decode end"), order
+    assert order.index("rank 2") < order.index("answer 1") < order.index("decode end"), order
+    assert order.index("answer 0") > order.index("decode end") and order.count("answer 0") == 1
     assert order.count("decode start") == 1, "the cached request never went to the decoding pool"

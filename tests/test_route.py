@@ -17,7 +17,7 @@ from fusionrank.serving.route import MemberCallError, RankingRoute, RouteError, 
 from fusionrank.spec import Modality
 from fusionrank.tensors import CLICK_PROBABILITY, MODALITY_WEIGHTS, request_arrays
 
-from .fake_pb_utils import FakeError, FakeMemberError, FakeMetricFamily, FakeRequest, install
+from .fake_pb_utils import FakeError, FakeMemberError, FakeMetricFamily, FakeRequest, install, route_responses
 
 
 def _one_column(values: np.ndarray, dim: int) -> np.ndarray:
@@ -304,7 +304,7 @@ def test_shell_answers_each_request_with_its_outputs_or_its_error_code(route_mod
     model, pb = route_model
     good = _request(ci_spec, 2)
     bad = {**_request(ci_spec, 1), "item_text": np.array([[b"\xff\xfe"]], dtype=object)}
-    responses = asyncio.run(model.execute([FakeRequest(good), FakeRequest(bad), FakeRequest(good, cancelled=True)]))
+    responses = route_responses(model, [FakeRequest(good), FakeRequest(bad), FakeRequest(good, cancelled=True)])
     outputs = {t.name: t.array for t in responses[0].output_tensors}
     assert responses[0].error is None and outputs[CLICK_PROBABILITY].shape == (2, 1)
     assert outputs[MODALITY_WEIGHTS].shape == (2, 3)
@@ -317,23 +317,23 @@ def test_shell_maps_member_errors_to_status_codes(route_model, ci_spec):
     model, pb = route_model
     pb.members["text_encoder"] = lambda arrays: FakeMemberError("model 'text_encoder' is not ready",
                                                                 FakeError.NOT_FOUND)
-    (response,) = asyncio.run(model.execute([FakeRequest(_request(ci_spec, 1))]))
+    (response,) = route_responses(model, [FakeRequest(_request(ci_spec, 1))])
     assert response.error.code == FakeError.UNAVAILABLE and "text_encoder" in response.error.message
     pb.members["text_encoder"] = lambda arrays: FakeMemberError("onnxruntime: bad alloc", FakeError.INTERNAL)
-    (response,) = asyncio.run(model.execute([FakeRequest(_request(ci_spec, 1))]))
+    (response,) = route_responses(model, [FakeRequest(_request(ci_spec, 1))])
     assert response.error.code == FakeError.INTERNAL and "bad alloc" not in response.error.message
     # A stopping server: the Python backend reports the call it could not submit with its own code (INTERNAL) and
     # Triton's message; the caller must be able to retry on another server.
     pb.members["text_encoder"] = lambda arrays: FakeMemberError(
         "Model text_encoder - Error when running inference: Server not ready", FakeError.INTERNAL)
-    (response,) = asyncio.run(model.execute([FakeRequest(_request(ci_spec, 1))]))
+    (response,) = route_responses(model, [FakeRequest(_request(ci_spec, 1))])
     assert response.error.code == FakeError.UNAVAILABLE
 
 
 def test_shell_publishes_the_cache_counters_as_triton_metrics(route_model, ci_spec):
     model, pb = route_model
     for _ in range(2):
-        asyncio.run(model.execute([FakeRequest(_request(ci_spec, 3))]))
+        route_responses(model, [FakeRequest(_request(ci_spec, 3))])
     families = FakeMetricFamily.families
     hits, misses = families["fusionrank_cache_hits"], families["fusionrank_cache_misses"]
     assert misses.total() == 9 and hits.total(tier="lru") == 9 and hits.total(modality="image") == 3
@@ -349,9 +349,9 @@ def test_shell_counts_every_response_by_the_status_the_caller_sees(route_model, 
     assert responses.total() == 0, "every series exists at 0 before the first request"
     good = _request(ci_spec, 2)
     bad = {**_request(ci_spec, 1), "item_text": np.array([[b"\xff\xfe"]], dtype=object)}
-    asyncio.run(model.execute([FakeRequest(good), FakeRequest(bad), FakeRequest(bad), FakeRequest(good, True)]))
+    route_responses(model, [FakeRequest(good), FakeRequest(bad), FakeRequest(bad), FakeRequest(good, True)])
     pb.members["text_encoder"] = lambda arrays: FakeMemberError("onnxruntime: bad alloc", FakeError.INTERNAL)
-    asyncio.run(model.execute([FakeRequest(_request(ci_spec, 1, title=b"not in the cache yet"))]))
+    route_responses(model, [FakeRequest(_request(ci_spec, 1, title=b"not in the cache yet"))])
     counts = {m.labels["code"]: m.value for m in responses.metrics if m.value}
     assert counts == {"OK": 1, "INVALID_ARGUMENT": 2, "CANCELLED": 1, "INTERNAL": 1}
     assert {m.labels["model"] for m in responses.metrics} == {ci_spec.serving.route}
@@ -364,6 +364,6 @@ def test_shell_answers_its_requests_when_the_metric_update_fails(route_model, ci
         raise RuntimeError("metrics server gone")
 
     monkeypatch.setattr(type(model.responses.metrics["OK"]), "increment", broken)
-    (response,) = asyncio.run(model.execute([FakeRequest(_request(ci_spec, 1))]))
+    (response,) = route_responses(model, [FakeRequest(_request(ci_spec, 1))])
     assert response.error is None
     assert any("publishing response metrics failed" in e for e in pb.Logger.errors)

@@ -95,6 +95,8 @@ class RouteRequest:
 
 
 RouteResult = dict[str, np.ndarray] | RouteError
+# (index of the request in the execute, its result): called once per request, as soon as its result is known.
+Answer = Callable[[int, RouteResult], None]
 # (member model, input arrays by name, output names, deadline) -> output arrays by name; raises MemberCallError.
 # The deadline (`time.monotonic()`, or None) is the latest of the requests whose rows the call holds: the member's
 # queue refuses the call past it instead of running work nobody waits for.
@@ -115,6 +117,7 @@ class _Flight:
     embeddings: dict[Modality, np.ndarray] = field(default_factory=dict)
     error: RouteError | None = None
     outputs: dict[str, np.ndarray] | None = None
+    answered: bool = False  # its result went to the `Answer` callback
 
     @property
     def rows(self) -> int:
@@ -157,17 +160,35 @@ class RankingRoute:
         self.modalities = spec.modalities.enabled
         self.ranker_outputs = tuple(t.name for t in model_io(spec, RANKER).outputs)
 
-    async def rank(self, requests: Sequence[RouteRequest]) -> list[RouteResult]:
-        """Outputs by name, or a RouteError, per request and in the requests' order."""
+    async def rank(self, requests: Sequence[RouteRequest], answer: Answer | None = None) -> list[RouteResult]:
+        """Outputs by name, or a RouteError, per request and in the requests' order. `answer` gets each request's
+        result as soon as it is known (an error at the stage that found it; a request the cache answered whole
+        when it is ranked, while its batch-mates still decode), so no caller waits for another's work."""
         flights = [_Flight(r) for r in requests]
+
+        def settle() -> None:
+            for i, f in enumerate(flights):
+                if answer is not None and not f.answered and (f.error is not None or f.outputs is not None):
+                    f.answered = True
+                    answer(i, f.error if f.error is not None else f.outputs)
+
         live = self._validate(flights)
         self._lookup(live)
         live = self._guarded(self._drop_cancelled(live), "cost check", self._check_cost)
-        # Fast path: requests the cache answered whole are ranked now, not after their batch-mates' decoding.
-        hits = asyncio.ensure_future(self._rank([f for f in live if f.all_hit]))
+        settle()
+
+        async def fast_path(hits: list[_Flight]) -> None:
+            await self._rank(hits)
+            settle()
+
+        # Requests the cache answered whole are ranked (and answered) now, not after their batch-mates' decoding.
+        hits = asyncio.ensure_future(fast_path([f for f in live if f.all_hit]))
         work = self._drop_cancelled(await self._preprocess([f for f in live if not f.all_hit]))
+        settle()
         work = self._drop_cancelled(await self._encode(work))
+        settle()
         await asyncio.gather(hits, self._rank(work))
+        settle()
         return [f.error if f.error is not None else f.outputs for f in flights]
 
     @staticmethod

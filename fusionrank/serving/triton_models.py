@@ -334,23 +334,29 @@ class RouteModel:
         return {n: np.array(pb.get_output_tensor_by_name(response, n).as_numpy()) for n in outputs}
 
     async def execute(self, requests):
+        """Answers each request through its response sender as soon as its result is known (Triton 2.51 allows one
+        final response per request in a non-decoupled model), so a request the cache answered whole leaves while
+        its batch-mates still decode; returns None, as the Python backend then requires."""
         pb = _pb()
         now = time.monotonic()
         plain = [RouteRequest(_inputs(pb, r, self.input_names), r.is_cancelled, request_deadline(r, now))
                  for r in requests]
-        results = await self.route.rank(plain)
-        responses, codes = [], []
-        for result in results:
+        senders = [r.get_response_sender() for r in requests]
+        codes: list[int | None] = []
+
+        def answer(i: int, result) -> None:
             if isinstance(result, RouteError):
                 codes.append(self.codes[result.status])
                 error = pb.TritonError(result.message, codes[-1])
-                responses.append(pb.InferenceResponse(output_tensors=[], error=error))
+                response = pb.InferenceResponse(output_tensors=[], error=error)
             else:
                 codes.append(None)
-                responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(n, result[n])
-                                                                      for n in self.output_names]))
+                response = pb.InferenceResponse(output_tensors=[pb.Tensor(n, result[n]) for n in self.output_names])
+            senders[i].send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+        await self.route.rank(plain, answer)
         self._publish(pb, codes)
-        return responses
+        return None
 
     def _publish(self, pb, codes: list[int | None]) -> None:
         """The execute's response codes and the cache's counters to Triton's metrics."""

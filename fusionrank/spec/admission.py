@@ -61,9 +61,10 @@ class CostBudgetSpec:
 class AdmissionSpec:
     priorities: tuple[Priority, ...] = (Priority.PRODUCTION, Priority.WARMUP, Priority.LOADTEST)
     default_priority: Priority = Priority.PRODUCTION
-    # The route's queue (callers wait there): about a second of work at the default spec's capacity; a request
-    # queued longer than the SLO's p95 is refused rather than served late.
-    route_queue: QueuePolicySpec = field(default_factory=lambda: QueuePolicySpec(16, 2_000_000))
+    # The route's queue (callers wait there): half a second of work at the default spec's capacity (15 requests/s
+    # on 2 cores; each route execute takes several queued requests at once), refused at once past it; a request
+    # queued longer than 2 s (the SLO's p95) is refused rather than served late.
+    route_queue: QueuePolicySpec = field(default_factory=lambda: QueuePolicySpec(8, 2_000_000))
     # The members' queues (the route's BLS calls): unbounded, the route's instances bound what is in flight; the
     # route's deadline still applies (`allow_timeout_override`).
     default_queue: QueuePolicySpec = field(default_factory=QueuePolicySpec)

@@ -38,6 +38,7 @@ class Outcomes:
     answered: list[float] = field(default_factory=list)
     refused: list[float] = field(default_factory=list)
     failed: list[float] = field(default_factory=list)
+    first_refusal: str | None = None
     first_error: str | None = None
     wall_s: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -48,11 +49,13 @@ class Outcomes:
                 self.answered.append(latency)
                 return
             status = str(error.status()) if callable(getattr(error, "status", None)) else ""
-            bucket = self.refused if status in ("StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED") else \
-                self.failed
-            bucket.append(latency)
-            if self.first_error is None:
-                self.first_error = f"{status}: {str(error).splitlines()[0][:160]}"
+            refused = status in ("StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED")
+            (self.refused if refused else self.failed).append(latency)
+            text = f"{status}: {str(error).splitlines()[0][:160]}"
+            if refused and self.first_refusal is None:
+                self.first_refusal = text
+            elif not refused and self.first_error is None:
+                self.first_error = text
 
     def within(self, deadline_s: float) -> int:
         return sum(1 for t in self.answered if t <= deadline_s)
@@ -275,8 +278,8 @@ def _overload(url, model, sets: RequestSets, config: TrafficConfig, out) -> dict
                      "first_error": run.first_error, "load": os.getloadavg()[0]}
         _say(out, f"overload {k}x ({k * config.base_callers} callers, {config.deadline_s:g}-s deadline): goodput "
                   f"{goodput:.2f} req/s = {100 * levels[k]['share_of_capacity']:.0f}% of capacity; answered "
-                  f"{percentiles(run.answered)}; refused n={len(run.refused)}, other errors n={len(run.failed)} "
-                  f"({run.first_error or 'none'}); load {levels[k]['load']:.2f}")
+                  f"{percentiles(run.answered)}; refused n={len(run.refused)} ({run.first_refusal or 'none'}), "
+                  f"other errors n={len(run.failed)} ({run.first_error or 'none'}); load {levels[k]['load']:.2f}")
     return {"capacity_rps": capacity, "capacity_samples": len(base.answered), "levels": levels}
 
 
@@ -294,9 +297,9 @@ def _backlog(url, model, sets: RequestSets, config: TrafficConfig, capacity: flo
                if run.refused else None, "admitted": len(run.answered),
                "after_burst_ms": 1000 * after, "after_burst_error": str(error) if error else None}
     _say(out, f"open loop at 2x capacity ({rate:.2f} req/s, {config.backlog_seconds:g} s): refusals "
-              f"{percentiles(run.refused)}; admitted {percentiles(run.answered)}; other errors n={len(run.failed)} "
-              f"({run.first_error or 'none'}); request right after the burst: {1000 * after:.0f} ms"
-              f"{' (' + str(error).splitlines()[0] + ')' if error else ''}")
+              f"{percentiles(run.refused)} ({run.first_refusal or 'none'}); admitted {percentiles(run.answered)}; "
+              f"other errors n={len(run.failed)} ({run.first_error or 'none'}); request right after the burst: "
+              f"{1000 * after:.0f} ms{' (' + str(error).splitlines()[0] + ')' if error else ''}")
     return figures
 
 

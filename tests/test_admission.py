@@ -201,3 +201,34 @@ def test_requests_the_cache_answers_whole_are_ranked_and_answered_before_the_oth
     assert order.index("rank 2") < order.index("answer 1") < order.index("decode end"), order
     assert order.index("answer 0") > order.index("decode end") and order.count("answer 0") == 1
     assert order.count("decode start") == 1, "the cached request never went to the decoding pool"
+
+
+def test_an_instance_holding_its_most_requests_to_decode_refuses_more_at_once_but_serves_cached_ones(ci_spec,
+                                                                                                   preparer):
+    spec = _with_admission(ci_spec, max_decoding_requests=2)
+    cache = _cache(spec)
+    warm, _ = _route(spec, preparer, cache=cache)
+    asyncio.run(warm.rank([RouteRequest(_request(spec, 2))]))
+    route, members = _route(spec, preparer, cache=cache)
+    gate = asyncio.Event()
+
+    async def slow_decode(work):
+        await gate.wait()
+        work()
+
+    route.decode = slow_decode
+
+    async def main():
+        first = asyncio.ensure_future(route.rank([RouteRequest(_request(spec, 1, seed=s, title=b"new")) for s in
+                                                  (11, 12, 13)]))
+        await asyncio.sleep(0.01)  # the first execute holds its admitted requests in the decoding pool
+        second = await route.rank([RouteRequest(_request(spec, 2)), RouteRequest(_request(spec, 1, seed=14))])
+        gate.set()
+        return await first, second
+
+    first, second = asyncio.run(main())
+    assert [isinstance(r, RouteError) for r in first] == [False, False, True]
+    assert first[2].status is Status.UNAVAILABLE and "over capacity" in first[2].message
+    assert not isinstance(second[0], RouteError), "a request the cache answers whole is never refused"
+    assert second[1].status is Status.UNAVAILABLE and "holds 2 requests" in second[1].message
+    assert route.decoding == 0, "every admitted request is released, answered or not"

@@ -103,6 +103,8 @@ Answer = Callable[[int, RouteResult], None]
 Infer = Callable[[str, dict[str, np.ndarray], tuple[str, ...], float | None], Awaitable[dict[str, np.ndarray]]]
 LATE = "the request's deadline passed before its payloads were encoded: the server is over capacity; nothing more " \
        "was computed for it"
+BUSY = "the server is over capacity: this route instance already holds {n} requests with payloads to decode " \
+       "(serving.admission.max_decoding_requests); retry later or on another server"
 
 
 @dataclass(eq=False)
@@ -153,6 +155,7 @@ class RankingRoute:
         low CPU priority (`fusionrank.serving.triton_models`); None: inline."""
         self.spec = spec
         self.decode = decode
+        self.decoding = 0  # requests with payloads to decode in flight, over every concurrent execute
         self.preparer = preparer
         self.infer = infer
         self.log_error = log_error
@@ -183,13 +186,27 @@ class RankingRoute:
 
         # Requests the cache answered whole are ranked (and answered) now, not after their batch-mates' decoding.
         hits = asyncio.ensure_future(fast_path([f for f in live if f.all_hit]))
-        work = self._drop_cancelled(await self._preprocess([f for f in live if not f.all_hit]))
+        admitted = self._admit([f for f in live if not f.all_hit])
         settle()
-        work = self._drop_cancelled(await self._encode(work))
-        settle()
-        await asyncio.gather(hits, self._rank(work))
+        self.decoding += len(admitted)
+        try:
+            work = self._drop_cancelled(await self._preprocess(admitted))
+            settle()
+            work = self._drop_cancelled(await self._encode(work))
+            settle()
+            await asyncio.gather(hits, self._rank(work))
+        finally:
+            self.decoding -= len(admitted)
         settle()
         return [f.error if f.error is not None else f.outputs for f in flights]
+
+    def _admit(self, flights: list[_Flight]) -> list[_Flight]:
+        """The requests with payloads to decode this instance can take (`max_decoding_requests`, over all its
+        concurrent executes); the rest are refused UNAVAILABLE at once, before any decoding."""
+        room = max(0, self.spec.serving.admission.max_decoding_requests - self.decoding)
+        for f in flights[room:]:
+            f.fail(RouteError(Status.UNAVAILABLE, BUSY.format(n=self.decoding)))
+        return flights[:room]
 
     @staticmethod
     def _drop_cancelled(flights: list[_Flight]) -> list[_Flight]:

@@ -72,6 +72,10 @@ class AdmissionSpec:
     background_queue: QueuePolicySpec | None = None  # the route's levels below `default_priority`; null: as theirs
     cost: CostBudgetSpec = field(default_factory=CostBudgetSpec)
     decode_threads: int = 1  # the route instance's decoding pool: cached requests are ranked meanwhile
+    # Requests with payloads to decode that one route instance holds at once (decoding, waiting for it, encoding):
+    # the route's executes overlap (async), so Triton's queue alone does not bound them; past it a request is
+    # refused UNAVAILABLE at once. Requests the cache answers whole are never counted nor refused.
+    max_decoding_requests: int = 8  # one execute of 16-candidate requests (the route batches 128 rows)
 
     def __post_init__(self):
         if not self.priorities or len(set(self.priorities)) != len(self.priorities):
@@ -81,6 +85,7 @@ class AdmissionSpec:
             fail("serving.admission.default_priority", self.default_priority.value,
                  "one of serving.admission.priorities: " + ", ".join(p.value for p in self.priorities))
         check_positive("serving.admission.decode_threads", self.decode_threads)
+        check_positive("serving.admission.max_decoding_requests", self.max_decoding_requests)
 
     def level(self, priority: Priority | str) -> int:
         """The Triton priority level of a traffic class (1 is served first); a class not listed gets the lowest."""

@@ -232,3 +232,16 @@ def test_an_instance_holding_its_most_requests_to_decode_refuses_more_at_once_bu
     assert not isinstance(second[0], RouteError), "a request the cache answers whole is never refused"
     assert second[1].status is Status.UNAVAILABLE and "holds 2 requests" in second[1].message
     assert route.decoding == 0, "every admitted request is released, answered or not"
+
+
+def test_shell_answers_every_request_internal_when_the_route_itself_fails(shell, ci_spec, monkeypatch):
+    model, pb = shell
+
+    async def broken(requests, answer=None):
+        answer(0, RouteError(Status.INVALID_ARG, "item_text[0]: bad"))
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(model.route, "rank", broken)
+    first, second = route_responses(model, [FakeRequest(_request(ci_spec, 1)), FakeRequest(_request(ci_spec, 1))])
+    assert first.error.code == FakeError.INVALID_ARG
+    assert second.error.code == FakeError.INTERNAL and "a bug" not in second.error.message

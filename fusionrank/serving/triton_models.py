@@ -342,20 +342,28 @@ class RouteModel:
         plain = [RouteRequest(_inputs(pb, r, self.input_names), r.is_cancelled, request_deadline(r, now))
                  for r in requests]
         senders = [r.get_response_sender() for r in requests]
-        codes: list[int | None] = []
+        codes: dict[int, int | None] = {}
 
         def answer(i: int, result) -> None:
             if isinstance(result, RouteError):
-                codes.append(self.codes[result.status])
-                error = pb.TritonError(result.message, codes[-1])
-                response = pb.InferenceResponse(output_tensors=[], error=error)
+                codes[i] = self.codes[result.status]
+                response = pb.InferenceResponse(output_tensors=[], error=pb.TritonError(result.message, codes[i]))
             else:
-                codes.append(None)
+                codes[i] = None
                 response = pb.InferenceResponse(output_tensors=[pb.Tensor(n, result[n]) for n in self.output_names])
-            senders[i].send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            try:
+                senders[i].send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            except Exception:  # one response that cannot leave (its caller went) never stops the others
+                pb.Logger.log_error(f"route: sending response {i} failed:\n{traceback.format_exc()}")
 
-        await self.route.rank(plain, answer)
-        self._publish(pb, codes)
+        try:
+            await self.route.rank(plain, answer)
+        except Exception:  # ours: every request still unanswered gets INTERNAL, never silence
+            pb.Logger.log_error(f"route: execute failed:\n{traceback.format_exc()}")
+            for i in range(len(requests)):
+                if i not in codes:
+                    answer(i, RouteError(Status.INTERNAL, "route: internal error (see server log)"))
+        self._publish(pb, list(codes.values()))
         return None
 
     def _publish(self, pb, codes: list[int | None]) -> None:

@@ -102,23 +102,6 @@ def test_more_requests_than_the_server_holds_are_refused_unavailable_and_it_keep
     assert after.as_numpy(CLICK_PROBABILITY).shape == (4, 1)
 
 
-def test_production_requests_overtake_queued_load_test_requests(triton_server, ci_spec, cold):
-    route, admission = ci_spec.serving.route, ci_spec.serving.admission
-    background = [cold(64) for _ in range(14)]
-    results: dict[str, list] = {}
-    sender = threading.Thread(target=lambda: results.setdefault("loadtest", _send_all(
-        triton_server.grpc_url, route, background, priority=admission.level(Priority.LOADTEST))))
-    sender.start()
-    time.sleep(0.3)  # the load-test requests are queued first
-    results["production"] = _send_all(triton_server.grpc_url, route, [cold(64)],
-                                      priority=admission.level(Priority.PRODUCTION))
-    sender.join()
-    (production,) = results["production"]
-    assert production[2] is None, production[2]
-    later = [o for o in results["loadtest"] if o[2] is None and o[1] > production[1]]
-    assert later, "load-test requests queued before it were still waiting when production was answered"
-
-
 def test_a_request_over_its_cost_budget_is_invalid_before_decoding(triton_server, ci_spec, cold):
     budget = ci_spec.serving.admission.cost.max_pixels
     side = 4000

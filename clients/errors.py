@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from fusionrank.errors import FusionRankError
+from fusionrank.contract.errors import FusionRankError
 
 
 class ClientError(FusionRankError):
@@ -89,7 +89,7 @@ _TLS_HINTS = (("handshake failed", "TLS handshake failed: check the CA the clien
 
 
 # Triton's refusals when a model's queue is full or a request waited past its timeout (`default_queue_policy`,
-# Triton 2.51), and the route's own refusal of a request whose deadline passed (fusionrank.serving.route.LATE).
+# Triton 2.51), and the route's own refusal of a request whose deadline passed (fusionrank.route.stages.LATE).
 _OVER_CAPACITY = ("exceeds maximum queue size", "request timeout expired", "the server is over capacity")
 _INPUT_ROW = re.compile(r"^\s*([A-Za-z_][\w.]*)(?:\[(\d+)\])?:")
 

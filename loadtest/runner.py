@@ -44,8 +44,9 @@ STOP_TIMEOUT_S = 5
 # Locust start-up (imports, benchmark from the cache) and shutdown on top of the run time, before it is killed.
 GRACE_S = 45.0
 # Locust's gRPC channels under gevent can keep its interpreter from exiting after a server they used was killed: in 3
-# of 5 runs of tests/test_faults.py it hung ~50 s after printing its summary. Once it has written its results
-# (loadtest/locustfile.py touches DONE_MARKER at its `quit` event, before closing the CSV files) it gets this long.
+# of 5 runs of tests/integration/test_faults.py it hung ~50 s after printing its summary. Once it has written its
+# results (loadtest/locustfile.py touches DONE_MARKER at its `quit` event, before closing the CSV files) it gets this
+# long.
 EXIT_GRACE_S = 10.0
 DONE_MARKER = "locust-done"
 ENV_METRICS_URL = "FUSIONRANK_METRICS_URL"

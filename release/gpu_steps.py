@@ -2,8 +2,8 @@
 
 `gpu_readiness` says, once, why this node cannot run each GPU step (no CUDA GPU; no TensorRT or cuda-python; no
 TensorRT backend in the Triton `fusionrank serve` would start; no CUDA provider in ONNX Runtime): the GPU check
-reports it and tests/test_gpu.py skips with it. Each step runs only where the node allows it (the check decides)
-and returns a `StepResult`: ran (with its figures) or failed (with the error); the check adds the skipped ones
+reports it and tests/integration/test_gpu.py skips with it. Each step runs only where the node allows it (the check
+decides) and returns a `StepResult`: ran (with its figures) or failed (with the error); the check adds the skipped ones
 with their reasons, so one missing piece never hides the steps that could run.
 """
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from tritonclient.grpc import model_config_pb2 as mc
 
 from fusionrank.contract.names import Modality, encoder_name
-from fusionrank.contract.spec import PipelineSpec, ServingProfile, to_dict
+from fusionrank.contract.spec import AdmissionSpec, PipelineSpec, QueuePolicySpec, ServingProfile, to_dict
 from fusionrank.contract.tensors import TensorSpec, model_io
 
 DTYPES = {"bytes": mc.TYPE_STRING, "int64": mc.TYPE_INT64, "float32": mc.TYPE_FP32, "bool": mc.TYPE_BOOL}
@@ -59,7 +59,32 @@ def base_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
     config.output.extend(tensor(t, mc.ModelOutput) for t in io_.outputs)
     config.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
     config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
+    admission = spec.serving.admission
+    config.dynamic_batching.default_queue_policy.CopyFrom(_queue_policy(admission.queue(model,
+                                                                                      model == spec.serving.route)))
+    _priorities(config, spec.serving.admission)
     return config
+
+
+def _queue_policy(policy: QueuePolicySpec) -> mc.ModelQueuePolicy:
+    """Triton's queue policy: bounded, and a request queued past its timeout is refused (UNAVAILABLE), not run."""
+    return mc.ModelQueuePolicy(timeout_action=mc.ModelQueuePolicy.REJECT,
+                               default_timeout_microseconds=policy.timeout_us,
+                               allow_timeout_override=policy.allow_timeout_override,
+                               max_queue_size=policy.max_queue_size)
+
+
+def _priorities(config: mc.ModelConfig, admission: AdmissionSpec) -> None:
+    """One priority level per traffic class (`serving.admission.priorities`); the levels below the default
+    class's get `background_queue` where the spec sets one. Members get the levels too: the route's BLS calls
+    carry no priority (Triton 2.51) and so run at the default (production) level, ahead of the catalogue warm-up
+    that calls the encoders directly at its own level."""
+    batching = config.dynamic_batching
+    batching.priority_levels = len(admission.priorities)
+    batching.default_priority_level = admission.level(admission.default_priority)
+    if admission.background_queue is not None:
+        for level in range(batching.default_priority_level + 1, batching.priority_levels + 1):
+            batching.priority_queue_policy[level].CopyFrom(_queue_policy(admission.background_queue))
 
 
 def add_instances(config: mc.ModelConfig, spec: PipelineSpec, kind: int) -> None:

@@ -5,7 +5,7 @@ tensorrt_cu12_bindings 10.13.3.9 wheel): it records what `export.convert.onnx2tr
 (the logger every Builder and Runtime gets, network flags, builder config), returns False / None where TensorRT does on
 failure (refused shapes and profiles, no execution context), and runs the engine on the fake CUDA stream of
 tests/fakes/cuda.py, so the wiring of profiles, precision, timing cache, error reporting and the runner's profile
-choice, chunking and stream use is tested without one; tests/test_gpu.py runs the real thing on a GPU node.
+choice, chunking and stream use is tested without one; tests/integration/test_gpu.py runs the real thing on a GPU node.
 `install_tensorrt` puts it into `sys.modules` (the `fake_trt` fixture in conftest.py) and resets what it recorded.
 """
 

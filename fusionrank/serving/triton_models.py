@@ -293,8 +293,11 @@ class RouteModel:
 
     async def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> dict:
         pb = _pb()
+        # TensorRT members (the gpu profile) answer in GPU memory, where `as_numpy()` raises "Tensor is stored in GPU
+        # and cannot be converted to NumPy" (server#3944, #6137): ask Triton to hand every output over in CPU memory.
         request = pb.InferenceRequest(model_name=model, inputs=[pb.Tensor(n, a) for n, a in inputs.items()],
-                                      requested_output_names=list(outputs))
+                                      requested_output_names=list(outputs),
+                                      preferred_memory=pb.PreferredMemory(pb.TRITONSERVER_MEMORY_CPU, 0))
         response = await request.async_exec()
         if response.has_error():
             error = response.error()

@@ -1,10 +1,12 @@
 """The model-level steps of the GPU check (`fusionrank_cli.gpu_check`), and what a node lacks for each of them.
 
-`gpu_readiness` says, once, why this node cannot run each GPU step (no CUDA GPU; no TensorRT or cuda-python; no
-TensorRT backend in the Triton `fusionrank serve` would start; no CUDA provider in ONNX Runtime): the GPU check
-reports it and tests/test_gpu.py skips with it. Each step runs only where the node allows it (the check decides)
-and returns a `StepResult`: ran (with its figures) or failed (with the error); the check adds the skipped ones
-with their reasons, so one missing piece never hides the steps that could run.
+`gpu_readiness` says, once, why this node cannot run each GPU step (no CUDA GPU; a driver too old for the CUDA of
+the TensorRT (`export.cuda_driver`, compared first: on an old driver TensorRT fails with pybind11's "factory returned
+nullptr" instead of naming the driver); no TensorRT or cuda-python; no TensorRT backend in the Triton `fusionrank
+serve` would start; no CUDA provider in ONNX Runtime): the GPU check reports it and tests/test_gpu.py skips with it.
+Each step runs only where the node allows it (the check decides) and returns a `StepResult`: ran (with its figures)
+or failed (with the error); the check adds the skipped ones with their reasons, so one missing piece never hides the
+steps that could run.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from export.cuda_driver import driver_problem, tensorrt_cuda_flavour
 from export.cuda_memory import cudart
 from export.latency import OnnxRuntimeRunner, make_runner
 from export.manifest import onnx_path
@@ -52,12 +55,16 @@ class GpuReadiness:
     no_tensorrt: str | None
     no_triton_tensorrt: str | None
     no_onnxruntime_cuda: str | None
+    old_driver: str | None = None  # the driver cannot run the CUDA of the TensorRT (the TensorRT steps are skipped)
 
 
 def _onnxruntime_cuda_missing() -> str | None:
-    import onnxruntime as ort  # the serving extra's runtime; only its provider list is read here
+    try:
+        import onnxruntime as ort  # the serving extra's runtime; only its provider list is read here
 
-    providers = ort.get_available_providers()
+        providers = ort.get_available_providers()
+    except Exception as exc:  # a broken install (a CUDA library missing) is a reason, never the end of the check
+        return f"onnxruntime cannot be imported: {type(exc).__name__}: {exc}"
     if "CUDAExecutionProvider" in providers:
         return None
     return (f"onnxruntime {ort.__version__} has no CUDA provider (providers: {', '.join(providers)}); install "
@@ -65,27 +72,36 @@ def _onnxruntime_cuda_missing() -> str | None:
 
 
 def _tensorrt_missing() -> str | None:
-    if import_tensorrt() is None:
-        return "the TensorRT Python package is not installed (pip install '.[gpu]')"
     try:
+        if import_tensorrt() is None:
+            return "the TensorRT Python package is not installed (pip install '.[gpu]')"
         cudart()
     except EngineBuildError as exc:
         return str(exc)
+    except Exception as exc:  # e.g. OSError: a libnvinfer or CUDA library the wheel needs cannot be loaded
+        return f"TensorRT cannot be imported: {type(exc).__name__}: {exc}"
     return None
 
 
-def gpu_readiness(repository: Path, probe=None) -> GpuReadiness:
-    """Probe this node once and say what it lacks for each GPU step (serving judged on `repository`'s configs)."""
+def gpu_readiness(repository: Path, probe=None, cuda: str | None = None) -> GpuReadiness:
+    """Probe this node once and say what it lacks for each GPU step (serving judged on `repository`'s configs).
+
+    `cuda`: the CUDA of the TensorRT that will build (the release's; the installed wheel's flavour wins)."""
     node = probe() if probe else probe_node()
     # Without a GPU, the probe's first note is why (nvidia-smi missing or failing, CUDA_VISIBLE_DEVICES hiding all).
     no_cuda = None if node.has_gpu else "no CUDA GPU: " + (node.notes[0] if node.notes else "none found")
+    flavour = tensorrt_cuda_flavour() or (f"cu{cuda.split('.')[0]}" if cuda else None)
+    old_driver = driver_problem(node.driver_version, flavour, f"TensorRT tensorrt-{flavour}") \
+        if node.has_gpu and flavour else None
     location = locate_triton()
     if location is None:
         no_triton = "no tritonserver found (not on PATH, no nvidia-pytriton)"
     else:
         lacking = missing_backends(Path(repository), ServingProfile.GPU, location.backend_dir)
         no_triton = f"{location.binary} ({location.source}): {lacking}" if lacking else None
-    return GpuReadiness(node, no_cuda, _tensorrt_missing(), no_triton, _onnxruntime_cuda_missing())
+    # The driver first: on an old one, importing TensorRT may work but every Builder fails without saying why.
+    no_tensorrt = old_driver or _tensorrt_missing()
+    return GpuReadiness(node, no_cuda, no_tensorrt, no_triton, _onnxruntime_cuda_missing(), old_driver)
 
 
 def encoder_models(spec: PipelineSpec) -> tuple[str, ...]:

@@ -19,7 +19,10 @@ from fusionrank_cli.gpu_report import render_markdown
 from .conftest import REPO_ROOT
 
 NO_GPU = NodeInfo(notes=("nvidia-smi not found: no NVIDIA GPU or driver on this node",))
-GPU = NodeInfo(gpu_name="Fake GPU X1", compute_capability="9.0", driver_version="570.1", cuda_version="12.8")
+GPU = NodeInfo(gpu_name="Fake GPU X1", compute_capability="9.0", driver_version="580.82.07", cuda_version="13.0")
+# R570: common on H100 fleets; it cannot run the CUDA 13 of tensorrt-cu13 (CUDA 13 needs R580).
+OLD_DRIVER = NodeInfo(gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0", driver_version="570.124.06",
+                      cuda_version="12.8")
 NOW = dt.datetime(2030, 1, 2, tzinfo=dt.timezone.utc)
 
 
@@ -108,3 +111,45 @@ def test_the_page_shows_the_figures_of_steps_that_ran():
     assert "| fusion_ranker | FAIL | click_probability not finite or missing" in page
     assert "p50 12.0 ms, p99 30.0 ms, 400.0 requests/s, 0 errors" in page
     assert "| text_encoder | 40 | 8 | 5.00 | 0.40 | 1.10 |" in page
+
+
+def test_an_old_driver_is_reported_and_the_tensorrt_steps_skipped(ci_spec, built_repository, tmp_path, fake_trt,
+                                                                   fake_cuda, monkeypatch):
+    def nullptr(self, logger):  # what tensorrt-cu13's Builder does on a driver without CUDA 13
+        raise TypeError("pybind11::init(): factory function returned nullptr")
+
+    monkeypatch.setattr(fake_trt.Builder, "__init__", nullptr)
+    folder, report = run_gpu_check(ci_spec, built_repository, tmp_path / "out", root=REPO_ROOT,
+                                   probe=lambda: OLD_DRIVER, now=NOW)
+    steps = _statuses(report)
+    assert steps["cuda-driver"][0] == "failed"
+    assert "570.124.06 is older than 580.65.06" in steps["cuda-driver"][1] and "CUDA 13" in steps["cuda-driver"][1]
+    assert steps["tensorrt-build"] == ("skipped", steps["cuda-driver"][1])
+    assert report["lacks"]["driver"] == steps["cuda-driver"][1]
+    assert "| cuda-driver | failed |" in (folder / "gpu-check.md").read_text()
+
+
+def test_any_exception_of_a_step_is_that_steps_failure_and_the_report_is_written(ci_spec, built_repository, tmp_path,
+                                                                                fake_trt, fake_cuda, monkeypatch):
+    def nullptr(self, logger):
+        raise TypeError("pybind11::init(): factory function returned nullptr")
+
+    monkeypatch.setattr(fake_trt.Builder, "__init__", nullptr)
+    folder, report = run_gpu_check(ci_spec, built_repository, tmp_path / "out", root=REPO_ROOT, probe=lambda: GPU,
+                                   now=NOW)
+    steps = _statuses(report)
+    assert steps["tensorrt-build"] == ("failed", "TypeError: pybind11::init(): factory function returned nullptr")
+    assert steps["serve-gpu-profile"][1].startswith("no engines: tensorrt-build failed")
+    assert "Traceback" in (folder / "gpu-check.log").read_text()
+    assert json.loads((folder / "gpu-check.json").read_text()) == report
+
+
+def test_the_timing_cache_persists_under_the_project_cache(ci_spec, built_repository, tmp_path, fake_trt, fake_cuda,
+                                                           monkeypatch):
+    monkeypatch.setenv("FUSIONRANK_CACHE", str(tmp_path / "cache"))
+    run_gpu_check(ci_spec, built_repository, tmp_path / "out", root=REPO_ROOT, probe=lambda: GPU, now=NOW)
+    cache = tmp_path / "cache" / "tensorrt" / "timing.cache"
+    assert cache.is_file(), "a second run must find the first run's timings"
+    first = cache.read_bytes()
+    run_gpu_check(ci_spec, built_repository, tmp_path / "out2", root=REPO_ROOT, probe=lambda: GPU, now=NOW)
+    assert cache.read_bytes().startswith(first), "the second run starts from the first run's cache"

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -153,3 +157,45 @@ def test_the_timing_cache_persists_under_the_project_cache(ci_spec, built_reposi
     first = cache.read_bytes()
     run_gpu_check(ci_spec, built_repository, tmp_path / "out2", root=REPO_ROOT, probe=lambda: GPU, now=NOW)
     assert cache.read_bytes().startswith(first), "the second run starts from the first run's cache"
+
+
+def test_make_gpu_check_never_builds_the_dev_environment():
+    dry = subprocess.run(["make", "-n", "gpu-check"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.split() == ["bash", "docker/gpu-check.sh"], "no .venv, no [dev] before the check"
+    script = (REPO_ROOT / "docker" / "gpu-check.sh").read_text()
+    code = [line for line in script.splitlines() if not line.lstrip().startswith("#")]
+    extras = [line for line in code if "extras=" in line]
+    assert extras and not any(re.search(r"\bdev\b|\[dev|,dev", line.replace("/dev/null", "")) for line in code)
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.fail("shellcheck not found: `make test` installs the Debian package")
+    result = subprocess.run([shellcheck, str(REPO_ROOT / "docker" / "gpu-check.sh")], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout
+
+
+def test_the_one_command_ends_by_itself_with_a_report_naming_each_skipped_step(tmp_path):
+    # A node without nvidia-smi: only the tools the script runs are on PATH; the interpreter is given, so nothing is
+    # installed (GPU_CHECK_PYTHON), and the check runs with the time left of its limit.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "timeout", "dirname"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    (bin_dir / "python3").symlink_to(sys.executable)
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path), "PYTHONPATH": str(REPO_ROOT),
+           "GPU_CHECK_PYTHON": sys.executable, "GPU_CHECK_OUT": str(tmp_path / "out"),
+           "GPU_CHECK_ENV": str(tmp_path / "venv-gpu"), "FUSIONRANK_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(["bash", str(REPO_ROOT / "docker" / "gpu-check.sh")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no NVIDIA driver found" in done.stdout
+    (folder,) = (tmp_path / "out").iterdir()
+    assert folder.name.endswith("-no-gpu")
+    report = json.loads((folder / "gpu-check.json").read_text())
+    assert [s["status"] for s in report["steps"]] == ["skipped"] * 6
+    page = (folder / "gpu-check.md").read_text()
+    for step in ("cuda-driver", "prepare-repository", "onnxruntime-cuda", "tensorrt-build", "tensorrt-parity-latency",
+                 "serve-gpu-profile"):
+        assert f"| {step} | skipped |" in page
+    assert not (tmp_path / "venv-gpu").exists()

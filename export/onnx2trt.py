@@ -29,6 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from export.cuda_driver import tensorrt_cuda_flavour
 from export.manifest import (
     create_manifest,
     manifest_path,
@@ -43,7 +44,7 @@ from export.trt_api import INSTALL_HINT, EngineBuildError, describe, import_tens
 from export.trt_calibration import calibration_batches, calibration_table, make_calibrator
 from export.trt_precision import explicitly_quantized, network_flags, weak_typing_flags
 from fusionrank.paths import cache_dir
-from fusionrank.spec import PipelineSpec, Precision
+from fusionrank.spec import HardwareCompatibility, PipelineSpec, Precision
 from fusionrank.tensors import model_io
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class BuildOptions:
     precision: Precision
     workspace_mib: int
     builder_optimization_level: int
-    hardware_compatible: bool
+    hardware_compatibility: HardwareCompatibility
     version_compatible: bool
     calibration_samples: int
 
@@ -75,7 +76,7 @@ class BuildOptions:
     def from_spec(cls, spec: PipelineSpec, precision: Precision | str | None = None) -> BuildOptions:
         trt_spec = spec.export.tensorrt
         return cls(Precision(precision) if precision else trt_spec.precision, trt_spec.workspace_mib,
-                   trt_spec.builder_optimization_level, trt_spec.hardware_compatible, trt_spec.version_compatible,
+                   trt_spec.builder_optimization_level, trt_spec.hardware_compatibility, trt_spec.version_compatible,
                    trt_spec.calibration_samples)
 
     def flags(self, strongly_typed: bool = False) -> dict:
@@ -83,7 +84,7 @@ class BuildOptions:
         calibrated = self.precision is Precision.INT8 and not strongly_typed
         return {"precision": self.precision.value, "workspace_mib": self.workspace_mib,
                 "builder_optimization_level": self.builder_optimization_level,
-                "hardware_compatibility_level": "ampere_plus" if self.hardware_compatible else "none",
+                "hardware_compatibility_level": self.hardware_compatibility.value,
                 "version_compatible": self.version_compatible, "strongly_typed": strongly_typed,
                 "calibration_samples": self.calibration_samples if calibrated else 0}
 
@@ -138,8 +139,10 @@ def _configure(trt, builder, config, spec: PipelineSpec, model: str, options: Bu
     # A strongly typed network takes its precision from the graph: TensorRT refuses precision flags on it.
     for flag in [] if strongly_typed else weak_typing_flags(trt, options.precision.value):
         config.set_flag(flag)
-    if options.hardware_compatible:
-        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    if options.hardware_compatibility is not HardwareCompatibility.NONE:
+        # AMPERE_PLUS or SAME_COMPUTE_CAPABILITY (TensorRT 10.13 `HardwareCompatibilityLevel`, NvInferRuntime.h).
+        level = options.hardware_compatibility.value.upper()
+        config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, level)
     if options.version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     for profile in profiles:
@@ -225,7 +228,7 @@ def build_engine(spec: PipelineSpec, repo: Path, model: str, options: BuildOptio
         write_atomic(timing_cache, bytes(cache.serialize()))
     built_on = dataclasses.replace(node, tensorrt_version=trt.__version__)
     manifest = create_manifest(spec, repo, model, built_on, options.precision.value, profiles,
-                               options.flags(strongly_typed), plan)
+                               options.flags(strongly_typed), plan, tensorrt_cuda=tensorrt_cuda_flavour())
     manifest.write(manifest_path(repo, model))
     return BuildResult(model, plan, manifest_path(repo, model), round(time.monotonic() - started, 1),
                        plan.stat().st_size, options.precision.value, profiles)

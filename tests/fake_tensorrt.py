@@ -42,7 +42,7 @@ class FakeTRT:
         FP16, INT8, VERSION_COMPATIBLE = "FP16", "INT8", "VERSION_COMPATIBLE"
 
     class HardwareCompatibilityLevel:
-        AMPERE_PLUS = "AMPERE_PLUS"
+        AMPERE_PLUS, SAME_COMPUTE_CAPABILITY = "AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY"
 
     class TensorIOMode:
         INPUT, OUTPUT = "INPUT", "OUTPUT"

@@ -15,7 +15,7 @@ from export.onnx2trt import build_engines
 from export.preflight import preflight
 from export.profiles import engine_models, model_profiles
 from export.trt_api import EngineBuildError
-from fusionrank.spec import Precision
+from fusionrank.spec import HardwareCompatibility, Precision
 from fusionrank.tensors import model_io
 from tests.fake_cuda import FakeCudart
 from tests.fake_tensorrt import FAKE_TENSORRT_VERSION, Builder, Config, FakeTRT
@@ -63,7 +63,8 @@ def test_builder_gets_the_spec_profiles_precision_and_limits(per_bucket_spec, tm
 
 
 def test_builder_flags_for_fp32_and_compatibility(ci_spec, tmp_path, fake_trt):
-    trt = dataclasses.replace(ci_spec.export.tensorrt, hardware_compatible=True, version_compatible=True)
+    trt = dataclasses.replace(ci_spec.export.tensorrt, hardware_compatibility=HardwareCompatibility.AMPERE_PLUS,
+                              version_compatible=True)
     spec = ci_spec.with_overrides(export=dataclasses.replace(ci_spec.export, tensorrt=trt))
     repo = _onnx_repo(spec, tmp_path)
     build_engines(spec, repo, precision="fp32", models=["fusion_ranker"], probe=_probe,
@@ -257,3 +258,21 @@ def test_a_refused_timing_cache_stays_out_of_a_later_build_error(ci_spec, tmp_pa
         build_engines(ci_spec, _onnx_repo(ci_spec, tmp_path), models=["audio_encoder"], probe=_probe,
                       timing_cache=timing)
     assert "out of memory" in str(err.value) and "different device" not in str(err.value)
+
+
+def test_same_compute_capability_builds_one_plan_for_h100_and_h200(ci_spec, tmp_path, fake_trt):
+    level = HardwareCompatibility.SAME_COMPUTE_CAPABILITY
+    trt = dataclasses.replace(ci_spec.export.tensorrt, hardware_compatibility=level)
+    spec = ci_spec.with_overrides(export=dataclasses.replace(ci_spec.export, tensorrt=trt))
+    repo = _onnx_repo(spec, tmp_path)
+    h100 = NodeInfo(gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0", driver_version="580.82.07",
+                    cuda_version="13.0")
+    build_engines(spec, repo, precision="fp32", models=["fusion_ranker"], probe=lambda: h100,
+                  timing_cache=tmp_path / "t.cache")
+    (config,) = FakeTRT.builds
+    assert config.hardware_compatibility_level == "SAME_COMPUTE_CAPABILITY"
+    manifest = find_manifest(repo, "fusion_ranker")
+    assert manifest.hardware_compatibility == "same_compute_capability"
+    h200 = NodeInfo(**{**h100.as_dict(), "gpu_name": "NVIDIA H200", "notes": (),
+                       "tensorrt_version": FAKE_TENSORRT_VERSION})
+    assert [m for m in preflight(spec, repo, probe=lambda: h200) if m.model == "fusion_ranker"] == []

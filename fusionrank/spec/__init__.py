@@ -9,6 +9,7 @@ from fusionrank.spec.base import (
     DEFAULT_TEXT_CHECKPOINT,
     CalibrationMethod,
     FusionType,
+    HardwareCompatibility,
     Modality,
     Pooling,
     Precision,
@@ -54,7 +55,8 @@ from fusionrank.spec.sections import (
 __all__ = [
     "CPU_MODELS", "DEFAULT_TEXT_CHECKPOINT", "INT8_FILE", "OPTIMIZED_FILE", "POOL_MODEL", "SLO_FIELDS",
     "AudioEncoderSpec", "AudioSpec", "BatchingSpec", "CacheSpec", "CalibrationMethod", "CpuExportSpec", "DataSpec",
-    "ExportSpec", "FusionType", "HistorySpec", "ImageEncoderSpec", "ImageSpec", "ModalitiesSpec", "Modality",
+    "ExportSpec", "FusionType", "HardwareCompatibility", "HistorySpec", "ImageEncoderSpec", "ImageSpec",
+    "ModalitiesSpec", "Modality",
     "PipelineSpec", "Pooling", "Precision", "RankerSpec", "RankingParitySpec", "RecurrentCell", "ResNetArch",
     "ServingProfile", "SloSpec", "SloTargets", "TensorRTSpec", "TextEncoderSpec", "TextSpec", "Tolerance",
     "TrainSpec", "UpgradeSpec", "VideoSpec", "choices", "from_dict", "load_spec", "member_models", "served_models",

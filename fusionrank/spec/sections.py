@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from fusionrank.spec.base import (
     CalibrationMethod,
     FusionType,
+    HardwareCompatibility,
     Precision,
     RecurrentCell,
     check_positive,
@@ -123,7 +124,8 @@ class TensorRTSpec:
     workspace_mib: int = 2048
     builder_optimization_level: int = 3
     profile_per_bucket: bool = False
-    hardware_compatible: bool = False
+    # none | same_compute_capability (one plan for H100 and H200, both 9.0) | ampere_plus (export/preflight.py)
+    hardware_compatibility: HardwareCompatibility = HardwareCompatibility.NONE
     version_compatible: bool = False
     calibration_samples: int = 256
     tolerances: dict[str, Tolerance] = field(default_factory=dict)

@@ -105,12 +105,16 @@ class BuildResult:
 # --- build --------------------------------------------------------------------------------------------------------
 
 
-def _check_network_inputs(network, spec: PipelineSpec, model: str) -> None:
-    found = sorted(network.get_input(i).name for i in range(network.num_inputs))
-    expected = sorted(t.name for t in model_io(spec, model).inputs)
-    if found != expected:
-        raise EngineBuildError(f"{model}: ONNX inputs {found} differ from the tensor contract {expected}; "
-                               "re-export with `fusionrank export`")
+def _check_network_io(network, spec: PipelineSpec, model: str) -> None:
+    """The parsed network's inputs and outputs are the tensor contract's (Triton binds them by name)."""
+    io_ = model_io(spec, model)
+    for kind, count, get, contract in (("inputs", network.num_inputs, network.get_input, io_.inputs),
+                                       ("outputs", network.num_outputs, network.get_output, io_.outputs)):
+        found = sorted(get(i).name for i in range(count))
+        expected = sorted(t.name for t in contract)
+        if found != expected:
+            raise EngineBuildError(f"{model}: ONNX {kind} {found} differ from the tensor contract {expected}; "
+                                   "re-export with `fusionrank export`")
 
 
 def _load_timing_cache(config, path: Path | None):
@@ -148,7 +152,11 @@ def _configure(trt, builder, config, spec: PipelineSpec, model: str, options: Bu
     for profile in profiles:
         p = builder.create_optimization_profile()
         for name, r in profile.inputs:
-            p.set_shape(name, r.min, r.opt, r.max)
+            try:
+                p.set_shape(name, r.min, r.opt, r.max)
+            except RuntimeError as exc:  # the Python binding raises where setDimensions returns false
+                raise EngineBuildError(f"{model}: TensorRT refused the shapes of {name!r} in optimisation profile "
+                                       f"{profile.name} ({r.describe()}): {exc}") from exc
         if config.add_optimization_profile(p) < 0:
             raise EngineBuildError(f"{model}: TensorRT rejected optimisation profile {profile.as_dict()}")
     if options.precision is Precision.INT8 and not strongly_typed:
@@ -156,7 +164,11 @@ def _configure(trt, builder, config, spec: PipelineSpec, model: str, options: Bu
         batches = calibration_batches(spec, repo, model, batch, options.calibration_samples)
         calib = builder.create_optimization_profile()
         for name, array in batches[0].items():
-            calib.set_shape(name, array.shape, array.shape, array.shape)
+            try:
+                calib.set_shape(name, array.shape, array.shape, array.shape)
+            except RuntimeError as exc:
+                raise EngineBuildError(f"{model}: TensorRT refused calibration shape {array.shape} of {name!r}: "
+                                       f"{exc}") from exc
         config.set_calibration_profile(calib)
         table = calibration_table(calibration_dir, spec, model, onnx_path(repo, model), batches[0], trt.__version__)
         calibrator = make_calibrator(trt, batches, table)
@@ -186,7 +198,7 @@ def _serialize(trt, spec: PipelineSpec, repo: Path, model: str, options: BuildOp
         if not parser.parse_from_file(str(source)):
             details = "\n  ".join(_parser_errors(parser) + errors) or "(no details)"
             raise EngineBuildError(f"{model}: TensorRT could not parse {source}:\n  {details}")
-        _check_network_inputs(network, spec, model)
+        _check_network_io(network, spec, model)
         config = builder.create_builder_config()
         calibration_dir = timing_cache.parent if timing_cache else version_dir(repo, model)
         calibrator = _configure(trt, builder, config, spec, model, options, profiles, repo, strongly_typed,

@@ -108,7 +108,14 @@ class TensorRTRunner:
 
     def _switch_profile(self, index: int, errors: list[str]) -> None:
         if index != self.profile:
-            if not self.context.set_optimization_profile_async(index, self.stream_handle):
+            # The Python binding raises RuntimeError("Error in set optimization profile async.") where the C++ call
+            # returns false (pyCore.cpp); an older binding returned False: both are the same failure.
+            try:
+                switched = self.context.set_optimization_profile_async(index, self.stream_handle)
+            except RuntimeError as exc:
+                errors = [*errors, str(exc)]
+                switched = False
+            if not switched:
                 raise EngineBuildError(f"{self.plan}: switching to optimisation profile {index} failed: "
                                        f"{describe(errors)}")
             self.profile = index

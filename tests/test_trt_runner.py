@@ -10,7 +10,7 @@ from export.profiles import model_profiles
 from export.trt_api import EngineBuildError
 from export.trt_runner import TensorRTRunner
 from tests.fake_cuda import FakeCudart
-from tests.fake_tensorrt import FakeContext, FakeEngine, FakeRuntime, FakeTRT
+from tests.fake_tensorrt import FakeContext, FakeEngine, FakeRuntime, FakeTRT, fake_plan
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def text_engine(per_bucket_spec, fake_trt, fake_cuda, monkeypatch):
 
 def test_runner_picks_the_bucket_profile_and_splits_over_max_batch(ci_spec, tmp_path, text_engine):
     plan = tmp_path / "model.plan"
-    plan.write_bytes(b"PLAN")
+    plan.write_bytes(fake_plan())
     runner = TensorRTRunner(plan)
     rng = np.random.default_rng(0)
     buckets = ci_spec.modalities.text.buckets
@@ -43,14 +43,14 @@ def test_runner_picks_the_bucket_profile_and_splits_over_max_batch(ci_spec, tmp_
 def test_runner_reports_why_a_plan_does_not_load(tmp_path, text_engine):
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"GARBAGE")
-    with pytest.raises(EngineBuildError, match="magicTagRead failed"):
+    with pytest.raises(EngineBuildError, match="magicTagRead == kMAGIC_TAG failed"):
         TensorRTRunner(plan)
 
 
-def _plan(tmp_path):
-    plan = tmp_path / "model.plan"
-    plan.write_bytes(b"PLAN")
-    return plan
+def _plan(tmp_path, **plan):
+    path = tmp_path / "model.plan"
+    path.write_bytes(fake_plan(**plan))
+    return path
 
 
 def _ids(rows: int, seq: int = 8):

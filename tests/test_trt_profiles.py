@@ -50,14 +50,17 @@ def test_min_opt_max_hold_in_every_dim(spec):
                 assert all(lo <= o <= hi for lo, o, hi in zip(r.min, r.opt, r.max)), (model, name)
 
 
-def test_batch_range_matches_rendered_gpu_config(spec):
+def test_batch_ranges_match_the_rendered_gpu_config(spec):
     configs = model_configs(spec)
     for model in engine_models(spec):
         gpu = configs[model]["gpu"]
-        preferred = max(gpu.dynamic_batching.preferred_batch_size)
-        for profile in model_profiles(spec, model):
-            for name, r in profile.inputs:
-                assert (r.min[0], r.opt[0], r.max[0]) == (1, preferred, gpu.max_batch_size), (model, name)
+        batches = sorted({(r.min[0], r.opt[0], r.max[0]) for p in model_profiles(spec, model) for _, r in p.inputs})
+        assert batches[0][0] == 1 and batches[-1][2] == gpu.max_batch_size, model
+        assert all(a[2] + 1 == b[0] for a, b in zip(batches, batches[1:])), f"{model}: batch profiles not contiguous"
+        # Triton lets every instance use every profile, else it binds profile 0 and refuses the others' shapes.
+        profiles = len(model_profiles(spec, model))
+        bound = list(gpu.instance_group[0].profile)
+        assert bound == ([str(i) for i in range(profiles)] if profiles > 1 else []), model
 
 
 def test_profile_inputs_match_the_tensor_contract(spec):

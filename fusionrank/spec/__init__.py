@@ -41,6 +41,7 @@ from fusionrank.spec.sections import (
     CpuExportSpec,
     DataSpec,
     ExportSpec,
+    GpuBatchingSpec,
     HistorySpec,
     RankerSpec,
     RankingParitySpec,
@@ -55,8 +56,8 @@ from fusionrank.spec.sections import (
 __all__ = [
     "CPU_MODELS", "DEFAULT_TEXT_CHECKPOINT", "INT8_FILE", "OPTIMIZED_FILE", "POOL_MODEL", "SLO_FIELDS",
     "AudioEncoderSpec", "AudioSpec", "BatchingSpec", "CacheSpec", "CalibrationMethod", "CpuExportSpec", "DataSpec",
-    "ExportSpec", "FusionType", "HardwareCompatibility", "HistorySpec", "ImageEncoderSpec", "ImageSpec",
-    "ModalitiesSpec", "Modality",
+    "ExportSpec", "FusionType", "GpuBatchingSpec", "HardwareCompatibility", "HistorySpec", "ImageEncoderSpec",
+    "ImageSpec", "ModalitiesSpec", "Modality",
     "PipelineSpec", "Pooling", "Precision", "RankerSpec", "RankingParitySpec", "RecurrentCell", "ResNetArch",
     "ServingProfile", "SloSpec", "SloTargets", "TensorRTSpec", "TextEncoderSpec", "TextSpec", "Tolerance",
     "TrainSpec", "UpgradeSpec", "VideoSpec", "choices", "from_dict", "load_spec", "member_models", "served_models",

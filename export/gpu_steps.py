@@ -18,9 +18,9 @@ from pathlib import Path
 from export.cuda_driver import driver_problem, tensorrt_cuda_flavour
 from export.cuda_memory import cudart
 from export.latency import OnnxRuntimeRunner, make_runner
-from export.manifest import onnx_path
+from export.manifest import find_manifest, onnx_path
 from export.node import NodeInfo, probe_node
-from export.onnx2trt import build_engines
+from export.precision_gate import build_engines_gated
 from export.profiles import engine_models
 from export.trt_api import EngineBuildError, import_tensorrt
 from export.upgrade_measure import measure_accuracy, measure_model_latency
@@ -140,14 +140,17 @@ def onnxruntime_cuda_step(spec: PipelineSpec, repo: Path, budget_s: float) -> St
 
 
 def tensorrt_build_step(spec: PipelineSpec, repo: Path, node: NodeInfo, timing_cache: Path) -> StepResult:
-    """Build every engine of the spec into `repo` with the spec's precision."""
+    """Build every engine of the spec into `repo`, each at the lowest precision from the spec's up that passes the
+    accuracy gate (`export.precision_gate`)."""
     started = time.monotonic()
     try:
-        results = build_engines(spec, repo, timing_cache=timing_cache, probe=lambda: node)
+        results = build_engines_gated(spec, repo, node, timing_cache)
     except FusionRankError as exc:
         return StepResult("tensorrt-build", FAILED, str(exc), seconds=time.monotonic() - started)
     data = {r.model: {"precision": r.precision, "seconds": r.seconds, "size_mib": round(r.size_bytes / 2 ** 20, 1),
-                      "profiles": len(r.profiles)} for r in results}
+                      "profiles": len(r.profiles),
+                      "precision_choice": find_manifest(repo, r.model).extra.get("precision_choice")}
+            for r in results}
     return StepResult("tensorrt-build", RAN, "", data, time.monotonic() - started)
 
 

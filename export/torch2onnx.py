@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from export.cpu_gates import CpuGateReport
+from export.fp16_constants import fp16_safe_constants
 from export.manifest import golden_path, onnx_path
 from export.onnx2cpu import export_cpu_profile
 from export.parity import OutputParity, RankingParity, check_outputs, ranking_parity
@@ -112,6 +113,8 @@ def export_onnx(module: torch.nn.Module, spec: PipelineSpec, model: str, sample:
                           opset_version=spec.export.opset, dynamo=False)
     except Exception as exc:  # the exporter raises many types; name the model
         raise FusionRankError(f"torch.onnx.export failed for {model}: {exc}") from exc
+    # transformers' -3.4e38 attention-mask constant would be -inf in an FP16 engine (export/fp16_constants.py).
+    fp16_safe_constants(path)
     return path
 
 

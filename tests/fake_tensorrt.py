@@ -448,8 +448,10 @@ class FakeContext:
         return True
 
     def get_tensor_shape(self, name):
+        # TensorRT infers an output dim the graph leaves symbolic from the network; the fake has no network to run
+        # and takes 1 (its values are stand-ins anyway).
         rows = self.shapes[self.inputs[0]][0]
-        return (rows, *self.engine.get_tensor_shape(name)[1:])
+        return (rows, *(d if d >= 0 else 1 for d in self.engine.get_tensor_shape(name)[1:]))
 
     def set_tensor_address(self, name, ptr):
         self.addresses[name] = ptr

@@ -17,15 +17,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks import server_metrics as triton_metrics
 from clients import RankingClient
 from clients.errors import ClientError
-from fusionrank.benchmark import load_benchmark
-from fusionrank.errors import FusionRankError
-from fusionrank.project import project_dir, reports_dir
-from fusionrank.scenario import RequestFactory, Scenario, load_scenario, parse_duration
-from fusionrank.serving.server import TritonServer
-from fusionrank.spec import PipelineSpec, ServingProfile, served_models
-from loadtest import metrics as triton_metrics
+from fusionrank.contract.errors import FusionRankError
+from fusionrank.contract.project import project_dir, reports_dir
+from fusionrank.contract.spec import PipelineSpec, ServingProfile, served_models
+from fusionrank.model.synthetic_data import load_benchmark
+from fusionrank.request.scenario import RequestFactory, Scenario, load_scenario, parse_duration
+from fusionrank.server.launcher import TritonServer
 from loadtest.report import (
     Verdict,
     evaluate_slo,

@@ -167,7 +167,8 @@ def _configure(trt, builder, config, spec: PipelineSpec, model: str, options: Bu
         if config.add_optimization_profile(p) < 0:
             raise EngineBuildError(f"{model}: TensorRT rejected optimisation profile {profile.as_dict()}")
     if options.precision is Precision.INT8 and not strongly_typed:
-        batch = profiles[0].ranges()[profiles[0].inputs[0][0]].opt[0]
+        # Calibrated at the largest batch profile's opt (fewer, fuller batches; every profile's shapes hold it).
+        batch = max(p.ranges()[p.inputs[0][0]].opt[0] for p in profiles)
         batches = calibration_batches(spec, repo, model, batch, options.calibration_samples)
         calib = builder.create_optimization_profile()
         for name, array in batches[0].items():

@@ -28,7 +28,7 @@ def test_int8_build_calibrates_on_catalogue_samples(ci_spec, built_repository, t
                               timing_cache=tmp_path / "trt" / "timing.cache")
     (config,) = FakeTRT.builds
     assert config.flags == {"INT8", "FP16"} and result.precision == "int8"
-    batch = ci_spec.serving.batching("text_encoder").preferred_batch_sizes[-1]
+    batch = ci_spec.serving.batch_profiles("text_encoder")[-1][1]  # the largest batch profile's opt
     shape = (batch, ci_spec.modalities.text.max_length)  # padded to max_length: every title fits, none is cut
     assert config.calibration_profile.shapes == {"input_ids": (shape, shape, shape),
                                                  "attention_mask": (shape, shape, shape)}

@@ -1,7 +1,7 @@
 """The preprocessing as it was before it became stateless and vectorised, kept only as a yardstick: the
 benchmark (`benchmarks.preprocess`) times it beside the current code, and the equivalence tests prove the
-current code gives the same numbers (tests/test_preprocess_equivalence.py). Serving, training and export never
-use it.
+current code gives the same numbers (tests/unit/preprocess/test_preprocess_equivalence.py). Serving, training and
+export never use it.
 
 - text: the HF tokenizer called twice per request, with truncation and padding set on it at every call;
 - image: full decode, resize of the whole image, crop, float arithmetic per image;

@@ -1,6 +1,6 @@
 """The route callers use (`serving.route`, BLS) against the plain reference ensemble, on one server, side by side.
 
-    fusionrank bench routes --spec tests/pipeline.ci.yaml --repository /tmp/repo --candidates 16 --users 8
+    fusionrank bench routes --spec tests/specs/ci.yaml --repository /tmp/repo --candidates 16 --users 8
 
 Starts a CPU server with both routes loaded (or uses `--url`), sends the same requests (N catalogue candidates each,
 C closed-loop callers) to each route in turn, `--rounds` times, and prints per route and round: candidates/s,

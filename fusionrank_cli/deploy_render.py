@@ -5,7 +5,7 @@
 - deploy/k8s/rendered/<overlay>.yaml: `kubectl kustomize deploy/k8s/overlays/<overlay>`, committed so reviewers
   read the exact manifests and tests validate them on machines without kubectl.
 
-Run by `make deploy-render`; tests/test_deploy.py runs `--check`.
+Run by `make deploy-render`; tests/deploy/test_deploy.py runs `--check`.
 """
 
 from __future__ import annotations

@@ -91,14 +91,6 @@ def built_repository(ci_spec, ci_checkpoint, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def reference_pipeline(ci_spec, ci_checkpoint, built_repository):
-    from fusionrank.contract.paths import tokenizer_dir
-    from fusionrank.model.reference import ReferencePipeline
-
-    return ReferencePipeline(ci_spec, ci_checkpoint, tokenizer_dir=tokenizer_dir(built_repository))
-
-
-@pytest.fixture(scope="session")
 def triton_server(ci_spec, built_repository, tmp_path_factory):
     """A started tritonserver (CPU profile) on `built_repository`, with the route callers use, its members and the
     reference ensemble (for the tests that compare with it); stopped at the end of the session."""

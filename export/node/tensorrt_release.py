@@ -4,8 +4,8 @@ A plan loads only on the TensorRT that built it, so the `[gpu]` extra (the build
 of the Triton image that serves (`tensorrt-cu<CUDA major>==<version>`, cuda-python of the same CUDA major). The
 release is named once, in `deploy/triton-release.yaml` (image, tag, digest, Triton, TensorRT and CUDA versions);
 `release_pin_problems` lists every place that disagrees with it: the Dockerfile's `TRITON_IMAGE` default and the
-`[gpu]` extra in pyproject.toml (tests/test_tensorrt_release.py keeps them equal). These files exist in a checkout,
-not in an installed wheel: everything here takes the checkout's root.
+`[gpu]` extra in pyproject.toml (tests/unit/export/test_trt_release.py keeps them equal). These files exist in a
+checkout, not in an installed wheel: everything here takes the checkout's root.
 """
 
 from __future__ import annotations

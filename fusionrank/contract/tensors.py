@@ -4,7 +4,7 @@
 `onnx2trt` its optimisation-profile inputs. Dims exclude the batch dimension; -1 marks a dynamic axis, whose name
 is given in `axes`.
 
-Ragged candidates (the contract's answer to "this item has no audio", README "Ranking contract"):
+Ragged candidates (the contract's answer to "this item has no audio", docs/route.md, "Ranking contract"):
 - `modality_present` (BOOL [N, M], optional): per candidate and enabled modality, in the order of
   `modality_weights` (text, image, audio), whether the modality is present. Left out: every modality is present,
   so requests written before it existed mean what they meant. An absent modality's payload must be empty (b"");

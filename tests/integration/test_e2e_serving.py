@@ -252,6 +252,7 @@ def test_route_comparison_measures_both_routes_side_by_side(triton_server, ci_sp
     route, ensemble = ({m.model: m for m in r["members"]} for r in results)
     assert ensemble["image_encoder"].inferences == 12
     # Each route instance has its own in-process cache and Triton picks the instance, so whether the warm-up's items
-    # are hits depends on scheduling (tests/test_cache_e2e.py proves the cache); the route never encodes more.
+    # are hits depends on scheduling (tests/integration/test_cache_e2e.py proves the cache); the route never encodes
+    # more.
     assert route["image_encoder"].inferences <= 12, "the route encoded more image rows than the ensemble"
     assert "candidates/s" in out.getvalue()

@@ -6,7 +6,7 @@
   no call failing, callers seeing each version's scores;
 - then that spare killed (SIGKILL) during a Locust run over it and the session server: the clients fail over, no
   call fails, and `fusionrank serve` reports the death with a non-zero status.
-Each prints its figures (`pytest tests/test_faults.py -s`)."""
+Each prints its figures (`pytest tests/integration/test_faults.py -s`)."""
 
 from __future__ import annotations
 

@@ -8,10 +8,10 @@ Properties, each over thousands of drawn inputs:
 - request: whole requests with inputs dropped, rows added or removed, wrong dtypes and mutated payloads give the
   encoder inputs or one error naming an input of the request.
 
-`make test` runs a seeded slice (tests/test_fuzz.py); the long run is this command (Hypothesis comes with the
+`make test` runs a seeded slice (tests/robustness/test_fuzz.py); the long run is this command (Hypothesis comes with the
 `dev` extra), which ends by itself:
 
-    python -m tests.robustness.fuzz --cases 50000 [--seed N] [--spec tests/pipeline.ci.yaml]
+    python -m tests.robustness.fuzz --cases 50000 [--seed N] [--spec tests/specs/ci.yaml]
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The route with its embedding cache, without a server: the real in-process preprocessing and cache, the members
-replaced by the numpy stand-ins of tests/test_route.py, and the Triton shell's cache metrics on a fake `pb_utils`."""
+replaced by the numpy stand-ins of tests/unit/route/test_route.py, and the Triton shell's cache metrics on a fake
+`pb_utils`."""
 
 from __future__ import annotations
 

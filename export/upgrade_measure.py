@@ -10,37 +10,44 @@ without its comparison, which is also the baseline format (`SCHEMA`).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import math
 import os
 import platform
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
+from benchmarks.lib import machine_facts, provenance
 from export.latency import (
-    benchmark_ensemble,
-    benchmark_model,
+    EnsembleCaller,
+    SlowedRunner,
     load_golden,
     make_runner,
     model_batch_sizes,
     run_batched,
     scenario_requests,
 )
-from export.manifest import find_manifest
+from export.manifest import find_manifest, plan_path
 from export.node import probe_node
 from export.onnx2trt import build_engines
 from export.parity import check_outputs, ranking_parity
 from export.preflight import preflight, triton_backend_config
 from export.profiles import engine_models
+from export.served_files import served_file
+from export.upgrade_timing import TimingPlan, time_interleaved
 from fusionrank.errors import FusionRankError
 from fusionrank.serving.server import TritonServer
-from fusionrank.spec import PipelineSpec, ServingProfile
+from fusionrank.spec import PipelineSpec, Precision, ServingProfile
 from fusionrank.tensors import CLICK_PROBABILITY
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "fusionrank-upgrade-report/1"
+SCHEMA = "fusionrank-upgrade-report/2"  # 2: repeated interleaved windows, served files, provenance
 UPGRADE_PROFILES = (ServingProfile.CPU, ServingProfile.GPU)  # what the report can measure: ORT or TensorRT
 DEFAULT_REQUESTS = 100
 
@@ -73,18 +80,31 @@ def json_safe(value):
     return value
 
 
-def tolerance_for(spec: PipelineSpec, profile: ServingProfile | str):
-    """Per-output tolerance of a profile: ONNX Runtime's for cpu, the engines' (FP16/INT8) for gpu."""
+def tolerance_for(spec: PipelineSpec, profile: ServingProfile | str, model: str | None = None):
+    """Per-output tolerance of a profile: the engines' (FP16/INT8) for gpu; for cpu `export.cpu.tolerances` when
+    the profile serves `model` as INT8 (as the export's gates judge it), ONNX Runtime's FP32 ones otherwise."""
     if ServingProfile(profile) is ServingProfile.GPU:
         engine = spec.export.tensorrt.tolerances
         return lambda output: engine.get(output, spec.export.tolerance(output))
+    if model is not None and spec.export.cpu.precision_of(model) is Precision.INT8:
+        cpu = spec.export.cpu.tolerances
+        return lambda output: cpu.get(output, spec.export.tolerance(output))
     return spec.export.tolerance
+
+
+def ranking_gate(spec: PipelineSpec, profile: ServingProfile, model: str):
+    """The ranking-parity gate of the served ranker: `export.cpu.ranking` for an INT8 ranker on the CPU profile."""
+    if profile is ServingProfile.CPU and spec.export.cpu.precision_of(model) is Precision.INT8:
+        return spec.export.cpu.ranking
+    return spec.export.ranking
 
 
 def node_facts(profile: ServingProfile) -> dict:
     """The node a report was measured on (GPU facts for gpu; processor and core count always)."""
-    facts = {"hostname": platform.node(), "processor": platform.processor() or platform.machine(),
-             "cpu_count": os.cpu_count(), "python": platform.python_version()}
+    machine = machine_facts()
+    facts = {"hostname": platform.node(), "processor": machine["model"], "cpu_flags": machine["flags"],
+             "cpu_count": os.cpu_count(), "load_average": machine["load_average"],
+             "python": platform.python_version()}
     try:
         import onnxruntime
 
@@ -110,9 +130,9 @@ def prepare_engines(spec: PipelineSpec, repo: Path) -> dict:
 
 def measure_accuracy(spec: PipelineSpec, repo: Path, profile: ServingProfile, runners: dict) -> dict:
     """Per model: output parity vs golden PyTorch outputs; for the ranker also ranking parity."""
-    tol = tolerance_for(spec, profile)
     results = {}
     for model, runner in runners.items():
+        tol = tolerance_for(spec, profile, model)
         golden = load_golden(repo, model)
         actual = run_batched(runner, golden.inputs, spec.serving.batching(model).max_batch_size)
         outputs = check_outputs(model, golden.outputs, actual, tol, raise_on_fail=False)
@@ -120,48 +140,77 @@ def measure_accuracy(spec: PipelineSpec, repo: Path, profile: ServingProfile, ru
                  "passed": all(o.passed for o in outputs)}
         if golden.labels is not None and CLICK_PROBABILITY in actual:
             ranking = ranking_parity(golden.outputs[CLICK_PROBABILITY], actual[CLICK_PROBABILITY], golden.labels,
-                                     golden.groups, spec.export.ranking, model=f"{profile.value} {model}")
+                                     golden.groups, ranking_gate(spec, profile, model),
+                                     model=f"{profile.value} {model}")
             entry["ranking"] = ranking.as_dict()
             entry["passed"] = entry["passed"] and ranking.passed
         results[model] = entry
     return json_safe(results)
 
 
-def measure_model_latency(spec: PipelineSpec, repo: Path, runners: dict, min_iterations: int, budget_s: float,
-                          batch_sizes: tuple[int, ...] | None = None) -> dict:
-    """Per model and batch size (the spec's, or `batch_sizes` for a quick check): latency and rows/s."""
-    results = {}
-    for model, runner in runners.items():
-        golden = load_golden(repo, model)
-        sizes = batch_sizes or model_batch_sizes(spec, model)
-        stats = benchmark_model(runner, golden.inputs, sizes, min_iterations, budget_s)
-        results[model] = {str(batch): s.as_dict() for batch, s in stats.items()}
-    return results
-
-
-def measure_ensemble(spec: PipelineSpec, repo: Path, profile: ServingProfile, requests: int, url: str | None,
-                     scenario: str | Path | None, out: Path | None) -> dict:
-    """End-to-end latency of the ensemble: on `url` when given, else on a Triton server started for the run."""
+def measure_latency(spec: PipelineSpec, repo: Path, profile: ServingProfile, runners: dict, plan: TimingPlan,
+                    batch_sizes: tuple[int, ...] | None, requests: int, url: str | None,
+                    scenario: str | Path | None, out: Path | None, say) -> dict:
+    """Per model and batch size (the spec's, or `batch_sizes`), and the ensemble end to end (on `url`, else on a
+    Triton server started for the run; `requests` 0 skips it), in interleaved rounds (`export.upgrade_timing`)."""
+    inputs = {m: load_golden(repo, m).inputs for m in runners}
+    sizes = (lambda m: batch_sizes) if batch_sizes else (lambda m: model_batch_sizes(spec, m))
+    if not requests:
+        return {"models": time_interleaved(runners, inputs, sizes, plan, progress=say), "ensemble": None}
     factory, sc = scenario_requests(spec, scenario)
-    source = factory.next
-    if url:
-        stats = benchmark_ensemble(spec, url, source, requests, sc.users, sc.warmup_requests, sc.timeout_s)
-    else:
-        backend_config = triton_backend_config(spec, repo) if profile is ServingProfile.GPU else []
-        with TritonServer.for_spec(spec, repo, profile, log_name="upgrade", backend_config=backend_config,
-                                   log_file=out / "tritonserver.log" if out else None) as server:
-            stats = benchmark_ensemble(spec, server.grpc_url, source, requests, sc.users, sc.warmup_requests,
-                                       sc.timeout_s)
-    return {"scenario": sc.name, **stats.as_dict()}
+    per_window = max(1, requests // plan.rounds)
+    with contextlib.ExitStack() as stack:
+        if not url:
+            backend_config = triton_backend_config(spec, repo) if profile is ServingProfile.GPU else []
+            server = stack.enter_context(TritonServer.for_spec(
+                spec, repo, profile, log_name="upgrade", backend_config=backend_config,
+                log_file=out / "tritonserver.log" if out else None))
+            url = server.grpc_url
+        caller = stack.enter_context(EnsembleCaller(spec, url, factory.next, sc.users, sc.timeout_s))
+        caller.warm_up(sc.warmup_requests)
+        caller.candidates.clear()
+        timed = time_interleaved(runners, inputs, sizes, plan, {"ensemble": lambda: caller.window(per_window)},
+                                 progress=say)
+        candidates = float(np.mean(caller.candidates)) if caller.candidates else 0.0
+    ensemble = timed.pop("ensemble")
+    requests_sent = per_window * plan.rounds
+    ensemble.update(scenario=sc.name, requests=requests_sent, users=sc.users,
+                    candidates_per_request=round(candidates, 2),
+                    error_rate=round(ensemble["errors"] / requests_sent, 4) if requests_sent else 1.0)
+    if "throughput" in ensemble:
+        ensemble["throughput_rps"] = ensemble.pop("throughput")
+    return {"models": timed, "ensemble": ensemble}
+
+
+def make_runners(spec: PipelineSpec, repo: Path, profile: ServingProfile,
+                 slowdown: dict[str, float] | None = None) -> dict:
+    """One runner per model over the files the profile serves; `slowdown` {model: fraction} makes some slower on
+    purpose (`--inject-slowdown`, to prove the gate)."""
+    unknown = sorted(set(slowdown or {}) - set(engine_models(spec)))
+    if unknown:
+        raise ReportError(f"--inject-slowdown {', '.join(unknown)}: not a model of this spec; allowed: "
+                          f"{', '.join(engine_models(spec))}")
+    runners = {m: make_runner(profile.value, repo, m, spec) for m in engine_models(spec)}
+    for model, fraction in (slowdown or {}).items():
+        runners[model] = SlowedRunner(runners[model], fraction)
+    return runners
+
+
+def served_facts(spec: PipelineSpec, repo: Path, profile: ServingProfile, runners: dict) -> dict:
+    """What was measured: per model the served file, its digest and threads (cpu); the plan files (gpu)."""
+    if profile is not ServingProfile.CPU:
+        return {m: {"path": str(plan_path(repo, m))} for m in runners}
+    return {m: served_file(spec, repo, m).as_dict() for m in runners}
 
 
 def measure(spec: PipelineSpec, repo: Path, profile: ServingProfile | str = ServingProfile.CPU,
             requests: int = DEFAULT_REQUESTS, url: str | None = None, scenario: str | Path | None = None,
-            out: Path | None = None, min_iterations: int = 3, budget_s: float = 1.0, progress=None,
-            batch_sizes: tuple[int, ...] | None = None) -> dict:
+            out: Path | None = None, plan: TimingPlan | None = None, progress=None,
+            batch_sizes: tuple[int, ...] | None = None, slowdown: dict[str, float] | None = None) -> dict:
     """Everything the report compares, measured on this node: the report JSON without its comparison."""
     profile = upgrade_profile(profile)
     repo = Path(repo)
+    plan = plan or TimingPlan()
     say = progress or (lambda msg: log.info("%s", msg))
     engines = {}
     if profile is ServingProfile.GPU:
@@ -169,29 +218,29 @@ def measure(spec: PipelineSpec, repo: Path, profile: ServingProfile | str = Serv
         engines = prepare_engines(spec, repo)
     models = engine_models(spec)
     seconds = {}
-    runners = {m: make_runner(profile.value, repo, m) for m in models}
+    runners = make_runners(spec, repo, profile, slowdown)
     try:
-        say("accuracy vs golden outputs")
+        served = served_facts(spec, repo, profile, runners)
+        say("accuracy vs golden outputs (the served files)")
         started = time.monotonic()
         accuracy = measure_accuracy(spec, repo, profile, runners)
         seconds["accuracy"] = time.monotonic() - started
-        say("per-model latency")
+        say(f"latency: {plan.rounds} interleaved rounds of every model and batch"
+            + (f" and {max(1, requests // plan.rounds)} ensemble requests" if requests else ""))
         started = time.monotonic()
-        model_latency = measure_model_latency(spec, repo, runners, min_iterations, budget_s, batch_sizes)
-        seconds["model_latency"] = time.monotonic() - started
+        latency = measure_latency(spec, repo, profile, runners, plan, batch_sizes, requests, url, scenario, out, say)
+        seconds["latency"] = time.monotonic() - started
     finally:
         for runner in runners.values():
             runner.close()
-    say(f"ensemble latency ({requests} requests)")
-    started = time.monotonic()
-    ensemble = measure_ensemble(spec, repo, profile, requests, url, scenario, out)
-    seconds["ensemble"] = time.monotonic() - started
     manifests = {}
     if profile is ServingProfile.GPU:
         for m in models:
             manifest = find_manifest(repo, m)
             manifests[m] = manifest.as_dict() if manifest else None
+    digests = {m: f.get("sha256") for m, f in served.items()}
     return {"schema": SCHEMA, "created_utc": _utc_now(), "profile": profile.value, "spec_digest": spec.digest(),
-            "node": node_facts(profile), "engines": engines, "manifests": manifests, "accuracy": accuracy,
-            "latency": {"models": model_latency, "ensemble": ensemble},
+            "node": node_facts(profile), "provenance": provenance(spec.digest()), "served": served,
+            "served_digests": digests, "timing": asdict(plan), "slowdown": slowdown or {}, "engines": engines,
+            "manifests": manifests, "accuracy": accuracy, "latency": latency,
             "seconds": {k: round(v, 1) for k, v in seconds.items()}}

@@ -15,8 +15,11 @@ from clients.rank_command import run_rank
 from clients.tls import ClientTls
 from export.onnx2trt import build_engines_command
 from export.preflight import check_command, refuse_on_mismatch, triton_backend_config
-from export.upgrade import upgrade_report_command
+from export.served_files import check_cpu_command
+from export.upgrade import parse_slowdown, upgrade_report_command
+from export.upgrade_timing import TimingPlan
 from fusionrank.benchmark import load_benchmark
+from fusionrank.errors import FusionRankError
 from fusionrank.project import model_repository_dir
 from fusionrank.serving.doors import GrpcTls
 from fusionrank.serving.render import check_repository, render_repository
@@ -153,14 +156,23 @@ def build_engines(args) -> int:
 
 
 def check(args) -> int:
+    if args.profile == ServingProfile.CPU.value:
+        return check_cpu_command(_spec(args), _repo(args), as_json=args.json)
     return check_command(_spec(args), _repo(args), tensorrt_version=args.tensorrt_version, as_json=args.json,
                          backend_config=args.backend_config, print_backend_config=args.print_backend_config)
 
 
 def upgrade_report(args) -> int:
+    plan = TimingPlan(rounds=args.rounds, window_s=args.window_s)
+    try:
+        sizes = tuple(int(b) for b in _csv(args.batch_sizes)) if args.batch_sizes else None
+    except ValueError:
+        raise FusionRankError(f"--batch-sizes {args.batch_sizes!r}: expected integers separated by commas, "
+                              "e.g. 1,16") from None
     return upgrade_report_command(_spec(args), _repo(args), ServingProfile(args.profile), baseline=_path(args.baseline),
                                   out_dir=_path(args.out), save_baseline=_path(args.save_baseline),
-                                  requests=args.requests)
+                                  requests=args.requests, url=args.url, plan=plan, batch_sizes=sizes,
+                                  slowdown=parse_slowdown(args.inject_slowdown))
 
 
 def cpu_report(args) -> int:

@@ -136,7 +136,10 @@ def _add_engine_commands(add) -> None:
     p.add_argument("--models", help="comma-separated subset of the encoders and the ranker")
     p.add_argument("--timing-cache", default=None)
 
-    p = add("check", commands.check, "pre-flight: do the engines in the repository match this node and the ONNX files?")
+    p = add("check", commands.check, "pre-flight: do the engines in the repository match this node and the ONNX files? "
+                                     "(--profile cpu: which files the CPU profile serves, and their digests)")
+    p.add_argument("--profile", choices=[ServingProfile.GPU.value, ServingProfile.CPU.value],
+                   default=ServingProfile.GPU.value, help="gpu: TensorRT engines (default); cpu: the served ONNX files")
     p.add_argument("--tensorrt-version", default=None, help="TensorRT version of the serving image")
     p.add_argument("--json", action="store_true")
     p.add_argument("--backend-config", action="append", default=None,
@@ -150,7 +153,16 @@ def _add_engine_commands(add) -> None:
                    help="cpu: ONNX Runtime; gpu: TensorRT engines")
     p.add_argument("--out", default=None)
     p.add_argument("--save-baseline", default=None, help="write this run as a baseline JSON here")
-    p.add_argument("--requests", type=int, default=None, help="benchmark requests (default from the scenario)")
+    p.add_argument("--requests", type=int, default=None,
+                   help="ensemble requests over all rounds (default 100; 0: per-model latency only)")
+    p.add_argument("--url", default=None, help="measure the ensemble on this running server instead of starting one")
+    p.add_argument("--rounds", type=int, default=8,
+                   help="interleaved rounds: repeats per measurement for the significance test (>= 4)")
+    p.add_argument("--window-s", type=float, default=0.2, help="seconds per model window in each round")
+    p.add_argument("--batch-sizes", default=None, help="per-model batch sizes, e.g. 1,16 (default: the spec's)")
+    p.add_argument("--inject-slowdown", action="append", metavar="MODEL=FRACTION",
+                   help="make MODEL slower by FRACTION of each call's time (a sleep), to prove the gate fails on "
+                        "a real slowdown, e.g. text_encoder=0.3; repeatable")
 
     p = add("cpu-report", commands.cpu_report,
             "CPU profile: FP32 vs optimised FP32 vs INT8 per model and served end to end, with the accuracy gates")

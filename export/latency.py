@@ -104,8 +104,10 @@ class OnnxRuntimeRunner:
 
 
 class SlowedRunner:
-    """A runner made deliberately slower by `fraction` of each call's own time (a sleep after the call): the knob
-    that proves a latency gate catches a real slowdown (`upgrade-report --inject-slowdown MODEL=FRACTION`)."""
+    """A runner made deliberately slower by `fraction` of each call's own cost: after the call, the calling thread
+    spins for `fraction` x the CPU time the call took (a busy loop, as a bigger graph would burn), so both its CPU
+    time and its latency grow by that fraction. The knob that proves the latency gate catches a real slowdown
+    (`upgrade-report --inject-slowdown MODEL=FRACTION`)."""
 
     def __init__(self, runner: Runner, fraction: float):
         if not fraction > 0:
@@ -113,9 +115,11 @@ class SlowedRunner:
         self.runner, self.fraction = runner, fraction
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         out = self.runner.run(inputs)
-        time.sleep(self.fraction * (time.perf_counter() - t0))
+        until = time.thread_time() + self.fraction * (time.thread_time() - t0)
+        while time.thread_time() < until:
+            pass
         return out
 
     def close(self) -> None:

@@ -102,7 +102,7 @@ def latency_comparison(cur: dict, base: dict, noise_floor: float) -> SampleCompa
     """The repeats (window medians) of this run against the baseline's: Mann-Whitney U at `ALPHA` with
     `noise_floor` (the spec's `max_latency_regression`); None when either side has too few repeats to test."""
     old, new = (base or {}).get("repeats_ms") or [], (cur or {}).get("repeats_ms") or []
-    if min(len(old), len(new)) < min_repeats(ALPHA):
+    if min(len(old), len(new)) < min_repeats(ALPHA) or (base or {}).get("clock") != (cur or {}).get("clock"):
         return None
     return compare_samples(old, new, alpha=ALPHA, noise_floor=noise_floor)
 
@@ -112,13 +112,16 @@ def _latency_checks(spec: PipelineSpec, where: str, cur: dict, base: dict, notes
     if not cur or not base:
         return []
     result = latency_comparison(cur, base, spec.upgrade.max_latency_regression)
+    if base.get("clock") != cur.get("clock"):
+        notes.append(f"{where}: measured as {cur.get('clock')} time, the baseline as {base.get('clock')}: not compared")
+        return []
     if result is None:
         notes.append(f"{where}: fewer than {min_repeats(ALPHA)} repeats on a side "
                      f"({len(base.get('repeats_ms') or [])} baseline, {len(cur.get('repeats_ms') or [])} now): "
                      "not compared")
         return []
     if result.worse:
-        return [Regression(f"{where}.median_ms", f"{result.describe()}; allowed "
+        return [Regression(f"{where}.median_ms", f"{cur.get('clock')} time {result.describe()}; allowed "
                                                  f"+{spec.upgrade.max_latency_regression:.0%}")]
     return []
 

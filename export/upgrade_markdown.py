@@ -92,11 +92,15 @@ def _latency_tables(report: dict, baseline: dict | None) -> list[str]:
     timing = report.get("timing") or {}
     lines = ["", "## Latency per model (the served files, runtime only)", "",
              f"{timing.get('rounds', '?')} interleaved rounds of {timing.get('window_s', '?')} s windows; "
-             "repeats = window medians, compared by Mann-Whitney U (alpha "
+             f"repeats = window medians of the calling thread's {timing.get('clock', 'wall')} time per call "
+             "(`cpu`: ONNX Runtime's one intra-op thread runs on it, so neighbours' load does not inflate it), "
+             "compared by Mann-Whitney U (alpha "
              f"{report['comparison']['thresholds'].get('alpha')}) with a noise floor of "
-             f"+{floor:.0%}. Percentiles of all calls with their 95 % CIs.", "",
-             "| model | batch | repeats | calls | p50 ms [CI] | p95 ms [CI] | spread | load avg | rows/s | "
-             "baseline median | change | p | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"+{floor:.0%}. Wall-clock percentiles of all calls with their 95 % CIs; spread = (max - min) / median of "
+             "the repeats.", "",
+             "| model | batch | repeats | calls | wall p50 ms [CI] | wall p95 ms [CI] | CPU p50 ms | spread | "
+             "load avg | rows/s | baseline median | change | p | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base_lat = (baseline or {}).get("latency", {}).get("models", {})
     for model, batches in report["latency"]["models"].items():
         for batch, s in batches.items():
@@ -104,7 +108,8 @@ def _latency_tables(report: dict, baseline: dict | None) -> list[str]:
             cmp_ = latency_comparison(s, old, floor) if old else None
             load = (s.get("load_average") or {}).get("before") or []
             lines.append(f"| {model} | {batch} | {len(s.get('repeats_ms', []))} | {s.get('samples')} | "
-                         f"{_ci(s, 'p50')} | {_ci(s, 'p95')} | {fmt(s.get('repeat_spread'), '.0%')} | "
+                         f"{_ci(s, 'p50')} | {_ci(s, 'p95')} | {fmt(s.get('cpu_p50_ms'), '.3g')} | "
+                         f"{fmt(s.get('repeat_spread'), '.0%')} | "
                          f"{fmt(load[0] if load else None, '.2f')} | {fmt(s.get('throughput'), '.0f')} | "
                          + _verdict_cells(s, old, cmp_))
     ens = report["latency"].get("ensemble")

@@ -11,6 +11,7 @@ without its comparison, which is also the baseline format (`SCHEMA`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import logging
 import math
@@ -210,7 +211,10 @@ def measure(spec: PipelineSpec, repo: Path, profile: ServingProfile | str = Serv
     """Everything the report compares, measured on this node: the report JSON without its comparison."""
     profile = upgrade_profile(profile)
     repo = Path(repo)
-    plan = plan or TimingPlan()
+    # TensorRT works off the calling thread (CPU time says nothing of the GPU's): wall-clock repeats there.
+    plan = plan or TimingPlan(clock="cpu" if profile is ServingProfile.CPU else "wall")
+    if profile is not ServingProfile.CPU and plan.clock == "cpu":
+        plan = dataclasses.replace(plan, clock="wall")
     say = progress or (lambda msg: log.info("%s", msg))
     engines = {}
     if profile is ServingProfile.GPU:

@@ -26,7 +26,7 @@ JITTER = (1.0, 1.02, 0.98, 1.01, 0.99, 1.03, 0.97, 1.0)
 
 def _stats(p50: float, p95: float, throughput: float, repeats: list[float] | None = None) -> dict:
     return {"p50_ms": p50, "p95_ms": p95, "p99_ms": p95 * 1.1, "mean_ms": p50, "throughput": throughput,
-            "samples": 400, "repeats_ms": repeats if repeats is not None else [p50 * j for j in JITTER]}
+            "samples": 400, "clock": "cpu", "repeats_ms": repeats if repeats is not None else [p50 * j for j in JITTER]}
 
 
 def _report(profile: str = "cpu", ranker_diff: float = 2e-6, ens_p95: float = 120.0, ens_rps: float = 10.0,
@@ -49,7 +49,7 @@ def _report(profile: str = "cpu", ranker_diff: float = 2e-6, ens_p95: float = 12
                          "candidates_per_request": 10.0, "first_error": "boom" if errors else None,
                          "p50_ms": ens_p95 * 0.8, "p95_ms": ens_p95, "p99_ms": ens_p95 * 1.2, "mean_ms": ens_p95 * 0.8,
                          "throughput_rps": ens_rps, "samples": 20 - errors,
-                         "repeats_ms": [ens_p95 * 0.8 * j for j in JITTER]}},
+                         "clock": "wall", "repeats_ms": [ens_p95 * 0.8 * j for j in JITTER]}},
     }
 
 
@@ -105,6 +105,13 @@ def test_throughput_drop_fails(ci_spec):
     assert _metrics(result) == {"latency.ensemble.throughput_rps", "latency.ensemble.median_ms"}
     assert "-50%" in next(str(r) for r in result.regressions if "throughput" in r.metric)
     assert compare(ci_spec, _report(ens_rps=9.0), _report(ens_rps=10.0)).passed
+
+
+def test_a_baseline_on_another_clock_is_not_compared(ci_spec):
+    current, baseline = _report(encoder_p50=90.0), _report()
+    baseline["latency"]["models"]["image_encoder"]["64"]["clock"] = "wall"
+    result = compare(ci_spec, current, baseline)
+    assert result.passed and any("measured as cpu time, the baseline as wall" in n for n in result.notes)
 
 
 def test_served_file_change_is_noted(ci_spec):
@@ -231,7 +238,7 @@ def test_command_exit_code_names_regressions_and_saves_baseline(ci_spec, tmp_pat
     args.update(out_dir=tmp_path / "r3", baseline=tmp_path / "faster.json")
     assert upgrade.upgrade_report_command(ci_spec, tmp_path, **args) == 1
     out = capsys.readouterr().out
-    assert "REGRESSION latency.ensemble.median_ms: 24 -> 240 (+900.0%" in out
+    assert "REGRESSION latency.ensemble.median_ms: wall time 24 -> 240 (+900.0%" in out
     assert "FAIL: 1 regression(s)" in out
     saved = json.loads((tmp_path / "r3" / "report.json").read_text())
     assert saved["comparison"]["regressions"][0]["metric"] == "latency.ensemble.median_ms"

@@ -50,6 +50,8 @@ class Sample:
     ok: bool
     error: str | None = None
     service_s: float | None = None  # from the actual start (open loop: without the client's own queueing)
+    cpu_s: float | None = None  # CPU time of the calling thread during the call (what neighbours' load does not
+    #                             inflate when the work runs on that thread, e.g. ONNX Runtime with 1 intra-op thread)
 
 
 @dataclass
@@ -68,6 +70,11 @@ class LoadResult:
     @property
     def ok_latencies_s(self) -> np.ndarray:
         return np.array([s.latency_s for s in self.samples if s.ok], dtype=np.float64)
+
+    @property
+    def ok_cpu_s(self) -> np.ndarray:
+        """CPU time of the calling thread per successful request."""
+        return np.array([s.cpu_s for s in self.samples if s.ok and s.cpu_s is not None], dtype=np.float64)
 
     @property
     def errors(self) -> int:
@@ -104,15 +111,15 @@ class LoadResult:
 
 
 def _timed(call: Call, scheduled: float) -> Sample:
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.thread_time()
     try:
         call()
     except Exception as exc:  # every failure is a failed request of the run, named by its first line
         end = time.perf_counter()
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return Sample(scheduled, end - scheduled, False, text, end - began)
+        return Sample(scheduled, end - scheduled, False, text, end - began, time.thread_time() - cpu)
     end = time.perf_counter()
-    return Sample(scheduled, end - scheduled, True, None, end - began)
+    return Sample(scheduled, end - scheduled, True, None, end - began, time.thread_time() - cpu)
 
 
 def _check_bounds(requests: int | None, duration_s: float | None) -> None:

@@ -21,12 +21,14 @@ from export.upgrade_timing import TimingPlan
 from fusionrank.benchmark import load_benchmark
 from fusionrank.errors import FusionRankError
 from fusionrank.project import model_repository_dir
+from fusionrank.scenario import parse_duration
 from fusionrank.serving.doors import GrpcTls
 from fusionrank.serving.render import check_repository, render_repository
 from fusionrank.serving.serve_command import print_triton_args, serve_forever
 from fusionrank.spec import FusionType, Modality, PipelineSpec, Precision, ServingProfile, load_spec
 from loadtest.bench import BenchConfig
 from loadtest.bench_report import bench_command
+from loadtest.capacity import CapacityPlan, run_capacity_command
 from loadtest.runner import run_loadtest_command
 from loadtest.soak import run_soak_command
 
@@ -124,9 +126,21 @@ def rank(args) -> int:
 
 
 def loadtest(args) -> int:
-    return run_loadtest_command(_spec(args), url=args.url, serve_repository=_repo(args) if args.serve else None,
+    serve = _repo(args) if args.serve else None
+    if args.find_capacity:
+        try:
+            rates = tuple(float(r) for r in _csv(args.capacity_rates))
+        except ValueError:
+            raise FusionRankError(f"--capacity-rates {args.capacity_rates!r}: expected numbers separated by commas, "
+                                  "e.g. 2,4,6") from None
+        plan = CapacityPlan(rates, parse_duration(args.step_time), args.users or 16)
+        return run_capacity_command(_spec(args), plan, url=args.url, serve_repository=serve, scenario=args.scenario,
+                                    slo=args.slo, out_dir=_path(args.out))
+    return run_loadtest_command(_spec(args), url=args.url, serve_repository=serve,
                                 metrics_url=args.metrics_url, run_time=args.run_time, scenario=args.scenario,
-                                slo=args.slo, users=args.users, spawn_rate=args.spawn_rate, out_dir=_path(args.out))
+                                slo=args.slo, users=args.users, spawn_rate=args.spawn_rate, out_dir=_path(args.out),
+                                rate=args.rate, baseline=_path(args.baseline),
+                                repository=Path(args.repository) if args.repository else None)
 
 
 def soak(args) -> int:

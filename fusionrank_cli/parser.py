@@ -101,6 +101,17 @@ def _add_load_commands(add) -> None:
     p.add_argument("--spawn-rate", type=float, default=None)
     p.add_argument("--run-time", default=None, help="e.g. 30s, 2m")
     p.add_argument("--out", default=None, help="report folder (default: reports/loadtest-<time>)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="open loop: Poisson arrivals per second over all users (the users bound the requests in "
+                        "flight); default: the scenario's pacing")
+    p.add_argument("--baseline", default=None,
+                   help="a previous run's report folder: compare latency by a significance test with a noise floor")
+    p.add_argument("--find-capacity", action="store_true",
+                   help="step the open-loop rate through --capacity-rates and report the highest that meets every "
+                        "SLO, beside the closed-loop saturation rate (capacity.md, capacity.png)")
+    p.add_argument("--capacity-rates", default="1,2,3,4,5,6,8",
+                   help="with --find-capacity: ascending arrival rates, one step each (default 1,2,3,4,5,6,8)")
+    p.add_argument("--step-time", default="20s", help="with --find-capacity: length of each rate step")
 
     p = add("soak", commands.soak, "steady load for some minutes; fail when a Triton process's memory grows")
     soak_arguments(p)

@@ -73,18 +73,20 @@ def upgrade_report(spec: PipelineSpec, repo: Path, profile: ServingProfile | str
                    baseline: str | Path | None = None, out: str | Path | None = None,
                    save_baseline_to: str | Path | None = None, requests: int | None = None, url: str | None = None,
                    scenario: str | Path | None = None, plan: TimingPlan | None = None, progress=None,
-                   batch_sizes: tuple[int, ...] | None = None, slowdown: dict[str, float] | None = None) -> dict:
+                   batch_sizes: tuple[int, ...] | None = None, slowdown: dict[str, float] | None = None,
+                   baseline_repository: Path | None = None) -> dict:
     """Measure, compare with `baseline`, write report.md/report.json to `out`; returns the report dict.
 
     `url` measures the ensemble on a running server instead of starting one (`requests` 0: no ensemble);
     `batch_sizes` replaces the spec's per-model batch sizes (a quick check; baseline batch sizes not measured are
-    skipped); `plan` sets the interleaved rounds; `slowdown` {model: fraction} slows models on purpose.
+    skipped); `plan` sets the interleaved rounds; `slowdown` {model: fraction} slows models on purpose;
+    `baseline_repository` times the previously served files side by side with these (per-model comparison).
     """
     profile = upgrade_profile(profile)
     base = load_report(baseline) if baseline else None  # fail before measuring on a bad baseline path
     out = Path(out) if out else reports_dir() / f"upgrade-{profile.value}-{time.strftime('%Y%m%d-%H%M%S')}"
     measured = measure(spec, repo, profile, DEFAULT_REQUESTS if requests is None else requests, url, scenario, out,
-                       plan, progress, batch_sizes, slowdown)
+                       plan, progress, batch_sizes, slowdown, baseline_repository)
     report = build_report(spec, measured, base, str(baseline) if baseline else None)
     report["files"] = {k: str(p) for k, p in zip(("markdown", "json"), write_report(report, base, out))}
     if save_baseline_to:
@@ -108,12 +110,13 @@ def upgrade_report_command(spec: PipelineSpec, repo: Path, profile: ServingProfi
                            baseline: Path | None = None, out_dir: Path | None = None, save_baseline: Path | None = None,
                            requests: int | None = None, out=None, url: str | None = None,
                            plan: TimingPlan | None = None, batch_sizes: tuple[int, ...] | None = None,
-                           slowdown: dict[str, float] | None = None) -> int:
+                           slowdown: dict[str, float] | None = None, baseline_repository: Path | None = None) -> int:
     """`fusionrank upgrade-report`: print the verdict and every regression; exit 1 on any regression."""
     out = out or sys.stdout
     try:
         report = upgrade_report(spec, repo, profile, baseline=baseline, out=out_dir, save_baseline_to=save_baseline,
                                 requests=requests, url=url, plan=plan, batch_sizes=batch_sizes, slowdown=slowdown,
+                                baseline_repository=baseline_repository,
                                 progress=lambda msg: out.write(f"upgrade-report: {msg} ...\n") or out.flush())
     except BenchmarkError as exc:
         raise ReportError(f"latency benchmark failed: {exc}") from exc

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from export.upgrade_compare import latency_comparison
+from export.upgrade_compare import MIN_CHANGE_MS, latency_comparison
 from fusionrank.spec import ServingProfile
 
 
@@ -81,7 +81,11 @@ def _verdict_cells(current: dict, old: dict, comparison) -> str:
     base = fmt(float(np.median(old["repeats_ms"])) if old.get("repeats_ms") else None, ".3g")
     if comparison is None:
         return f"{base} | - | - | not compared |"
-    verdict = "SLOWER" if comparison.worse else ("faster" if comparison.significant else "same (noise)")
+    below = comparison.current_median - comparison.baseline_median <= MIN_CHANGE_MS
+    if comparison.worse:
+        verdict = f"slower by < {MIN_CHANGE_MS:g} ms (noise)" if below else "SLOWER"
+    else:
+        verdict = "faster" if comparison.significant else "same (noise)"
     return f"{base} | {comparison.change:+.1%} | {comparison.p_value:.3g} | {verdict} |"
 
 
@@ -96,12 +100,16 @@ def _latency_tables(report: dict, baseline: dict | None) -> list[str]:
              "(`cpu`: ONNX Runtime's one intra-op thread runs on it, so neighbours' load does not inflate it), "
              "compared by Mann-Whitney U (alpha "
              f"{report['comparison']['thresholds'].get('alpha')}) with a noise floor of "
-             f"+{floor:.0%}. Wall-clock percentiles of all calls with their 95 % CIs; spread = (max - min) / median of "
+             f"+{floor:.0%} (and a change of at least {MIN_CHANGE_MS:g} ms per call). Wall-clock percentiles of "
+             "all calls with their 95 % CIs; spread = (max - min) / median of "
              "the repeats.", "",
              "| model | batch | repeats | calls | wall p50 ms [CI] | wall p95 ms [CI] | CPU p50 ms | spread | "
              "load avg | rows/s | baseline median | change | p | verdict |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    base_lat = (baseline or {}).get("latency", {}).get("models", {})
+    base_lat = report["latency"].get("interleaved_baseline") or (baseline or {}).get("latency", {}).get("models", {})
+    if report["latency"].get("interleaved_baseline"):
+        lines.insert(3, f"Baseline columns: `{report['latency'].get('interleaved_baseline_repository')}`, timed in "
+                        "the same rounds (side by side).")
     for model, batches in report["latency"]["models"].items():
         for batch, s in batches.items():
             old = base_lat.get(model, {}).get(batch)

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 SCHEMA = "fusionrank-upgrade-report/2"  # 2: repeated interleaved windows, served files, provenance
 UPGRADE_PROFILES = (ServingProfile.CPU, ServingProfile.GPU)  # what the report can measure: ORT or TensorRT
 DEFAULT_REQUESTS = 100
+BASELINE_PREFIX = "baseline:"  # runners of --baseline-repository, timed beside this repository's
 
 
 class ReportError(FusionRankError):
@@ -154,10 +155,13 @@ def measure_latency(spec: PipelineSpec, repo: Path, profile: ServingProfile, run
                     scenario: str | Path | None, out: Path | None, say) -> dict:
     """Per model and batch size (the spec's, or `batch_sizes`), and the ensemble end to end (on `url`, else on a
     Triton server started for the run; `requests` 0 skips it), in interleaved rounds (`export.upgrade_timing`)."""
-    inputs = {m: load_golden(repo, m).inputs for m in runners}
-    sizes = (lambda m: batch_sizes) if batch_sizes else (lambda m: model_batch_sizes(spec, m))
+    inputs = {m: load_golden(repo, m.removeprefix(BASELINE_PREFIX)).inputs for m in runners}
+
+    def sizes(model: str) -> tuple[int, ...]:
+        return batch_sizes or model_batch_sizes(spec, model.removeprefix(BASELINE_PREFIX))
+
     if not requests:
-        return {"models": time_interleaved(runners, inputs, sizes, plan, progress=say), "ensemble": None}
+        return {**_split_baseline(time_interleaved(runners, inputs, sizes, plan, progress=say)), "ensemble": None}
     factory, sc = scenario_requests(spec, scenario)
     per_window = max(1, requests // plan.rounds)
     with contextlib.ExitStack() as stack:
@@ -174,13 +178,23 @@ def measure_latency(spec: PipelineSpec, repo: Path, profile: ServingProfile, run
                                  progress=say)
         candidates = float(np.mean(caller.candidates)) if caller.candidates else 0.0
     ensemble = timed.pop("ensemble")
+    timed = _split_baseline(timed)
     requests_sent = per_window * plan.rounds
     ensemble.update(scenario=sc.name, requests=requests_sent, users=sc.users,
                     candidates_per_request=round(candidates, 2),
                     error_rate=round(ensemble["errors"] / requests_sent, 4) if requests_sent else 1.0)
     if "throughput" in ensemble:
         ensemble["throughput_rps"] = ensemble.pop("throughput")
-    return {"models": timed, "ensemble": ensemble}
+    return {**timed, "ensemble": ensemble}
+
+
+def _split_baseline(timed: dict) -> dict:
+    """{"models": ...} and, when baseline runners were timed beside them, {"interleaved_baseline": ...}."""
+    out = {"models": {m: v for m, v in timed.items() if not m.startswith(BASELINE_PREFIX)}}
+    base = {m.removeprefix(BASELINE_PREFIX): v for m, v in timed.items() if m.startswith(BASELINE_PREFIX)}
+    if base:
+        out["interleaved_baseline"] = base
+    return out
 
 
 def make_runners(spec: PipelineSpec, repo: Path, profile: ServingProfile,
@@ -191,7 +205,7 @@ def make_runners(spec: PipelineSpec, repo: Path, profile: ServingProfile,
     if unknown:
         raise ReportError(f"--inject-slowdown {', '.join(unknown)}: not a model of this spec; allowed: "
                           f"{', '.join(engine_models(spec))}")
-    runners = {m: make_runner(profile.value, repo, m, spec) for m in engine_models(spec)}
+    runners = {m: make_runner(profile.value, Path(repo), m, spec) for m in engine_models(spec)}
     for model, fraction in (slowdown or {}).items():
         runners[model] = SlowedRunner(runners[model], fraction)
     return runners
@@ -207,8 +221,11 @@ def served_facts(spec: PipelineSpec, repo: Path, profile: ServingProfile, runner
 def measure(spec: PipelineSpec, repo: Path, profile: ServingProfile | str = ServingProfile.CPU,
             requests: int = DEFAULT_REQUESTS, url: str | None = None, scenario: str | Path | None = None,
             out: Path | None = None, plan: TimingPlan | None = None, progress=None,
-            batch_sizes: tuple[int, ...] | None = None, slowdown: dict[str, float] | None = None) -> dict:
-    """Everything the report compares, measured on this node: the report JSON without its comparison."""
+            batch_sizes: tuple[int, ...] | None = None, slowdown: dict[str, float] | None = None,
+            baseline_repository: Path | None = None) -> dict:
+    """Everything the report compares, measured on this node: the report JSON without its comparison.
+    `baseline_repository`: the files served before (another model repository), timed in the same interleaved
+    rounds as this one's, so the comparison is side by side (pyperf's way) and the neighbours' load falls on both."""
     profile = upgrade_profile(profile)
     repo = Path(repo)
     # TensorRT works off the calling thread (CPU time says nothing of the GPU's): wall-clock repeats there.
@@ -223,6 +240,7 @@ def measure(spec: PipelineSpec, repo: Path, profile: ServingProfile | str = Serv
     models = engine_models(spec)
     seconds = {}
     runners = make_runners(spec, repo, profile, slowdown)
+    baseline_runners = make_runners(spec, Path(baseline_repository), profile) if baseline_repository else {}
     try:
         served = served_facts(spec, repo, profile, runners)
         say("accuracy vs golden outputs (the served files)")
@@ -232,11 +250,16 @@ def measure(spec: PipelineSpec, repo: Path, profile: ServingProfile | str = Serv
         say(f"latency: {plan.rounds} interleaved rounds of every model and batch"
             + (f" and {max(1, requests // plan.rounds)} ensemble requests" if requests else ""))
         started = time.monotonic()
-        latency = measure_latency(spec, repo, profile, runners, plan, batch_sizes, requests, url, scenario, out, say)
+        timed = {**runners, **{BASELINE_PREFIX + m: r for m, r in baseline_runners.items()}}
+        latency = measure_latency(spec, repo, profile, timed, plan, batch_sizes, requests, url, scenario, out, say)
         seconds["latency"] = time.monotonic() - started
     finally:
-        for runner in runners.values():
+        for runner in [*runners.values(), *baseline_runners.values()]:
             runner.close()
+    if baseline_runners:
+        latency["interleaved_baseline_repository"] = str(baseline_repository)
+        latency["interleaved_baseline_digests"] = {m: f.get("sha256") for m, f in served_facts(
+            spec, Path(baseline_repository), profile, baseline_runners).items()}
     manifests = {}
     if profile is ServingProfile.GPU:
         for m in models:

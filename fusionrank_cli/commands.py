@@ -186,7 +186,8 @@ def upgrade_report(args) -> int:
     return upgrade_report_command(_spec(args), _repo(args), ServingProfile(args.profile), baseline=_path(args.baseline),
                                   out_dir=_path(args.out), save_baseline=_path(args.save_baseline),
                                   requests=args.requests, url=args.url, plan=plan, batch_sizes=sizes,
-                                  slowdown=parse_slowdown(args.inject_slowdown))
+                                  slowdown=parse_slowdown(args.inject_slowdown),
+                                  baseline_repository=_path(args.baseline_repository))
 
 
 def cpu_report(args) -> int:

@@ -171,6 +171,9 @@ def _add_engine_commands(add) -> None:
                    help="interleaved rounds: repeats per measurement for the significance test (>= 4)")
     p.add_argument("--window-s", type=float, default=0.2, help="seconds per model window in each round")
     p.add_argument("--batch-sizes", default=None, help="per-model batch sizes, e.g. 1,16 (default: the spec's)")
+    p.add_argument("--baseline-repository", default=None,
+                   help="the model repository served before: its files are timed in the same interleaved rounds as "
+                        "these, so per-model latency is compared side by side (robust to the node's changing load)")
     p.add_argument("--inject-slowdown", action="append", metavar="MODEL=FRACTION",
                    help="make MODEL slower by FRACTION of each call's time (a sleep), to prove the gate fails on "
                         "a real slowdown, e.g. text_encoder=0.3; repeatable")

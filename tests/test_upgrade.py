@@ -92,6 +92,16 @@ def test_one_slow_window_is_noise_not_a_regression(ci_spec):
     assert compare(ci_spec, current, baseline).passed
 
 
+def test_sub_quarter_millisecond_changes_are_never_regressions(ci_spec):
+    # measured on a loaded node: +32 % of a 0.38-ms call with nothing changed
+    current, baseline = _report(), _report()
+    current["latency"]["models"]["image_encoder"]["1"] = _stats(0.5, 0.6, 2000.0)
+    baseline["latency"]["models"]["image_encoder"]["1"] = _stats(0.38, 0.45, 2600.0)
+    assert compare(ci_spec, current, baseline).passed
+    current["latency"]["models"]["image_encoder"]["1"] = _stats(0.75, 0.9, 1300.0)  # +0.37 ms, +97 %
+    assert _metrics(compare(ci_spec, current, baseline)) == {"latency.models.image_encoder.batch1.median_ms"}
+
+
 def test_too_few_repeats_are_not_compared_and_say_so(ci_spec):
     current, baseline = _report(encoder_p50=90.0), _report()
     current["latency"]["models"]["image_encoder"]["64"]["repeats_ms"] = [90.0, 91.0]
@@ -112,6 +122,22 @@ def test_a_baseline_on_another_clock_is_not_compared(ci_spec):
     baseline["latency"]["models"]["image_encoder"]["64"]["clock"] = "wall"
     result = compare(ci_spec, current, baseline)
     assert result.passed and any("measured as cpu time, the baseline as wall" in n for n in result.notes)
+
+
+def test_interleaved_baseline_repository_is_what_models_are_compared_with(ci_spec):
+    # Side by side: this run's models against the old files timed in the same rounds; the stored baseline's model
+    # figures (measured at another time, under other load) are not used for them.
+    current = _report(encoder_p50=45.0)
+    current["latency"]["interleaved_baseline"] = {"image_encoder": {"1": _stats(0.3, 0.4, 3000.0),
+                                                                    "64": _stats(30.0, 40.0, 2000.0)}}
+    current["latency"]["interleaved_baseline_repository"] = "/old/repo"
+    stale = _report(encoder_p50=10.0)  # the stored baseline says the encoder was 3x faster back then
+    result = compare(ci_spec, current, stale)
+    assert _metrics(result) == {"latency.models.image_encoder.batch64.median_ms"}
+    assert "+50.0%" in str(result.regressions[0])
+    assert any("/old/repo" in n and "side by side" in n for n in result.notes)
+    # no stored baseline needed for the side-by-side part
+    assert _metrics(compare(ci_spec, current, None)) == {"latency.models.image_encoder.batch64.median_ms"}
 
 
 def test_served_file_change_is_noted(ci_spec):

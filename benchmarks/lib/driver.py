@@ -52,6 +52,7 @@ class Sample:
     service_s: float | None = None  # from the actual start (open loop: without the client's own queueing)
     cpu_s: float | None = None  # CPU time of the calling thread during the call (what neighbours' load does not
     #                             inflate when the work runs on that thread, e.g. ONNX Runtime with 1 intra-op thread)
+    value: object = None  # what the call returned (e.g. the candidates it scored)
 
 
 @dataclass
@@ -113,13 +114,13 @@ class LoadResult:
 def _timed(call: Call, scheduled: float) -> Sample:
     began, cpu = time.perf_counter(), time.thread_time()
     try:
-        call()
+        value = call()
     except Exception as exc:  # every failure is a failed request of the run, named by its first line
         end = time.perf_counter()
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return Sample(scheduled, end - scheduled, False, text, end - began, time.thread_time() - cpu)
     end = time.perf_counter()
-    return Sample(scheduled, end - scheduled, True, None, end - began, time.thread_time() - cpu)
+    return Sample(scheduled, end - scheduled, True, None, end - began, time.thread_time() - cpu, value)
 
 
 def _check_bounds(requests: int | None, duration_s: float | None) -> None:
@@ -132,27 +133,35 @@ def _check_bounds(requests: int | None, duration_s: float | None) -> None:
 
 
 def closed_loop(make_call: Callable[[int], Call], users: int, requests: int | None = None,
-                duration_s: float | None = None, warmup: int = 0) -> LoadResult:
+                duration_s: float | None = None, warmup: int = 0,
+                prepare: Callable[[int], object] | None = None) -> LoadResult:
     """`users` callers (thread k calls `make_call(k)()` back to back) until `requests` calls in total or
-    `duration_s`, whichever first; `warmup` untimed calls per caller first."""
+    `duration_s`, whichever first; `warmup` untimed calls per caller first. With `prepare`, caller k's call is
+    `make_call(k)(prepare(k))` and only the call is timed (building a request stays off the clock)."""
     if users < 1:
         raise DriverError(f"users {users} must be >= 1")
     _check_bounds(requests, duration_s)
     calls = [make_call(k) for k in range(users)]
+    if prepare is not None:
+        calls = [_Prepared(call, prepare, k) for k, call in enumerate(calls)]
     for call in calls:
         for _ in range(warmup):
+            if isinstance(call, _Prepared):
+                call.ready()
             call()
     lock = threading.Lock()
     samples: list[Sample] = []
     budget = [requests if requests is not None else math.inf]
     deadline = time.perf_counter() + (duration_s if duration_s is not None else math.inf)
 
-    def user(call: Call) -> None:
+    def user(call) -> None:
         while time.perf_counter() < deadline:
             with lock:
                 if budget[0] <= 0:
                     return
                 budget[0] -= 1
+            if isinstance(call, _Prepared):
+                call.ready()
             sample = _timed(call, time.perf_counter())
             with lock:
                 samples.append(sample)
@@ -165,6 +174,19 @@ def closed_loop(make_call: Callable[[int], Call], users: int, requests: int | No
         t.join()
     return LoadResult(LoopMode.CLOSED, sorted(samples, key=lambda s: s.start), time.perf_counter() - started,
                       users=users)
+
+
+class _Prepared:
+    """A caller whose next request is built (`ready`, untimed) before the timed call sends it."""
+
+    def __init__(self, call, prepare: Callable[[int], object], caller: int):
+        self.call, self.prepare, self.caller, self.payload = call, prepare, caller, None
+
+    def ready(self) -> None:
+        self.payload = self.prepare(self.caller)
+
+    def __call__(self):
+        return self.call(self.payload)
 
 
 def poisson_arrivals(rate: float, duration_s: float, seed: int = 0, max_arrivals: int = 10_000_000) -> np.ndarray:

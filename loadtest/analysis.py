@@ -39,6 +39,9 @@ def pacing_summary(samples_dir: Path, samples) -> dict:
             out["exponential_ks_p"] = float(kstest(gaps, "expon", args=(0, 1 / rate)).pvalue)
         if mode == "open" and out.get("offered_rate"):
             out["delivered_vs_offered"] = rate / out["offered_rate"] - 1.0
+            # a Poisson count over the run varies by 1/sqrt(n) around the offered rate itself: the schedule drawn
+            # is what the client could deliver; sent / due says how much of it it did
+            out["sent_vs_due"] = len(starts) / out["arrivals"] - 1.0 if out.get("arrivals") else None
     return out
 
 

@@ -111,7 +111,8 @@ class Pacing:
     def counters(self) -> dict:
         if not self.pacer:
             return {"mode": "closed", "think_time_s": self.think_time_s}
-        return {"mode": "open", "rate": self.rate, "arrivals": self.pacer.arrivals, "late": self.pacer.late}
+        # arrivals due by now: each user has already drawn its next arrival, which a stopped run never sends
+        return {"mode": "open", "rate": self.rate, "arrivals": self.pacer.due(), "late": self.pacer.late}
 
 
 def pacing_for(options, scenario, workers: int, worker_index: int) -> Pacing:

@@ -189,7 +189,8 @@ def run_loadtest(spec: PipelineSpec, url: str, run_time: str = "30s", metrics_ur
     run_time = run_time or scen.run_time
     run_s = parse_duration(run_time)
     users = users or scen.users
-    spawn_rate = spawn_rate or scen.spawn_rate
+    # open loop: the arrival schedule sets the pace, so every user (a slot for a request in flight) starts at once
+    spawn_rate = spawn_rate or (users if rate else scen.spawn_rate)
     out = Path(out) if out else default_out_dir()
     samples_dir = _fresh_samples_dir(out)
     notes: list[str] = []

@@ -42,7 +42,10 @@ def _load_rows(summary: dict) -> list[str]:
                     f"{_num(pacing.get('gap_cv'), '.2f')} (1 for exponential), KS p "
                     f"{_num(pacing.get('exponential_ks_p'), '.2g')} |")
     if pacing.get("late") is not None:
-        rows.append(f"| late arrivals | {pacing['late']} of {pacing.get('arrivals')} (every user busy) |")
+        rows.append(f"| late arrivals | {pacing['late']} of {pacing.get('arrivals')} due (every user busy) |")
+        if pacing.get("sent_vs_due") is not None:
+            rows.append(f"| sent vs due | {pacing['sent_vs_due']:+.1%} (the drawn Poisson schedule; it varies by "
+                        f"1/sqrt(n) = {1 / max(1, pacing.get('arrivals') or 1) ** 0.5:.1%} around the offered rate) |")
     return rows
 
 

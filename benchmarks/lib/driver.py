@@ -14,6 +14,7 @@ bounded in count and in time, so a measurement always ends by itself:
 
 from __future__ import annotations
 
+import bisect
 import enum
 import math
 import threading
@@ -344,6 +345,7 @@ class PoissonPacer:
         self._next: float | None = None
         self.late = 0
         self.arrivals = 0
+        self.scheduled: list[float] = []  # every arrival time handed out (clock units), in order
 
     def delay(self) -> float:
         """Seconds to wait before the next arrival (0 when it is already due)."""
@@ -352,8 +354,13 @@ class PoissonPacer:
             self._next = now
         self._next += float(self._rng.exponential(1.0 / self.rate))
         self.arrivals += 1
+        self.scheduled.append(self._next)
         wait = self._next - now
         if wait < 0:
             self.late += 1
             return 0.0
         return wait
+
+    def due(self, until: float | None = None) -> int:
+        """Arrivals scheduled at or before `until` (default: now): what should have been sent by then."""
+        return bisect.bisect_right(self.scheduled, self._clock() if until is None else until)

@@ -35,17 +35,23 @@ class StepRateShape(LoadTestShape):
         options = self.runner.environment.parsed_options
         rates = [float(r) for r in options.capacity_rates.split(",") if r.strip()]
         step = int(self.get_run_time() // options.capacity_step_s)
-        if step >= len(rates):
-            return None
         if step != self.step:
             self.step = step
-            _shared["rate"] = rates[step]
-            if "pacing" in _shared:
-                _shared["pacing"].set_rate(rates[step])
-            self.steps.append({"rate": rates[step], "start": time.time()})
+            # arrivals due so far: per step, what the client should have sent (the drawn schedule, not the rate)
+            pacer = _shared["pacing"].pacer if "pacing" in _shared else None
+            due = pacer.due() if pacer else 0
+            if self.steps:
+                self.steps[-1].update(end=time.time(), due=due - self.steps[-1]["due_before"])
+            if step < len(rates):
+                _shared["rate"] = rates[step]
+                if "pacing" in _shared:
+                    _shared["pacing"].set_rate(rates[step])
+                self.steps.append({"rate": rates[step], "start": time.time(), "due_before": due})
             if options.samples_dir:
                 Path(options.samples_dir).mkdir(parents=True, exist_ok=True)
                 (Path(options.samples_dir) / "steps.json").write_text(json.dumps(self.steps))
+        if step >= len(rates):
+            return None
         users = self.runner.environment.parsed_options.num_users or 1
         return users, users
 

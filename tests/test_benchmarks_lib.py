@@ -187,6 +187,8 @@ def test_pacer_gaps_are_exponential_and_late_arrivals_counted():
     busy.delay()
     clock[0] += 100.0  # the caller was busy far past its next arrivals
     assert busy.delay() == 0.0 and busy.late == 1
+    # what was due meanwhile is counted at the rate, not only the two arrivals drawn: ~1000 in 100 s at 10/s
+    assert 950 <= busy.due() <= 1050
 
 
 def test_within_tolerance():

@@ -362,5 +362,10 @@ class PoissonPacer:
         return wait
 
     def due(self, until: float | None = None) -> int:
-        """Arrivals scheduled at or before `until` (default: now): what should have been sent by then."""
-        return bisect.bisect_right(self.scheduled, self._clock() if until is None else until)
+        """Arrivals due at or before `until` (default: now): what should have been sent by then. Arrivals are drawn
+        when a caller asks for the next one, so past saturation the drawn schedule falls behind the clock; the
+        arrivals not drawn yet are counted at the rate (their expected number)."""
+        until = self._clock() if until is None else until
+        drawn = bisect.bisect_right(self.scheduled, until)
+        behind = until - self._next if self._next is not None and self._next < until else 0.0
+        return drawn + int(round(behind * self.rate))

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.lib import compare_samples, min_repeats, provenance
-from fusionrank.spec import PipelineSpec
+from fusionrank.contract.spec import PipelineSpec
 from loadtest.report import read_samples
 
 BASELINE_WINDOWS = 10  # a run's samples are cut into this many time windows; their medians are the repeats
@@ -78,7 +78,7 @@ def run_provenance(spec: PipelineSpec, url: str, repository: Path | None) -> dic
     repository is local; the server's Triton version when it answers."""
     files = []
     if repository is not None:
-        from export.served_files import served_files  # the CPU profile's files, named by the rendered configs
+        from export.verify.served_files import served_files  # the CPU profile's files, named by the rendered configs
 
         files = [f.path for f in served_files(spec, repository).values()]
     return provenance(spec.digest(), files, root=repository, triton=_server_version(url))

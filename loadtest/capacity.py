@@ -24,11 +24,11 @@ import numpy as np
 
 from benchmarks.lib import closed_loop
 from clients import NO_RETRY, RankingClient
-from fusionrank.benchmark import load_benchmark
-from fusionrank.errors import FusionRankError
-from fusionrank.project import reports_dir
-from fusionrank.scenario import RequestFactory, Scenario, load_scenario
-from fusionrank.spec import PipelineSpec
+from fusionrank.contract.errors import FusionRankError
+from fusionrank.contract.project import reports_dir
+from fusionrank.contract.spec import PipelineSpec
+from fusionrank.model.synthetic_data import load_benchmark
+from fusionrank.request.scenario import RequestFactory, Scenario, load_scenario
 from loadtest.report import Samples, evaluate_slo, read_samples, summarize_samples
 from loadtest.runner import (
     DONE_MARKER,

@@ -31,9 +31,9 @@ from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 
 from clients import NO_RETRY, ClientStats, RankingClient, RetryPolicy  # noqa: E402
 from clients.errors import ClientError  # noqa: E402
-from fusionrank.benchmark import load_benchmark  # noqa: E402
-from fusionrank.scenario import RequestFactory, load_scenario  # noqa: E402
-from fusionrank.spec import load_spec  # noqa: E402
+from fusionrank.contract.spec import load_spec  # noqa: E402
+from fusionrank.model.synthetic_data import load_benchmark  # noqa: E402
+from fusionrank.request.scenario import RequestFactory, load_scenario  # noqa: E402
 from loadtest import locust_setup  # noqa: E402
 
 _users_started = itertools.count()

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.lib import min_samples
-from loadtest.metrics import CacheShare, MemberStats
-from loadtest.metrics import format_table as format_members
+from benchmarks.server_metrics import CacheShare, MemberStats
+from benchmarks.server_metrics import format_table as format_members
 from loadtest.slo import Slo
 from loadtest.summary_md import render_summary_md
 

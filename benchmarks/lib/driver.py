@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fusionrank.errors import FusionRankError
+from fusionrank.contract.errors import FusionRankError
 
 Call = Callable[[], object]
 

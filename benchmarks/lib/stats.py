@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from fusionrank.errors import FusionRankError
+from fusionrank.contract.errors import FusionRankError
 
 DEFAULT_CONFIDENCE = 0.95
 DEFAULT_ALPHA = 0.05

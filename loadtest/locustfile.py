@@ -31,7 +31,7 @@ from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 
 from clients import NO_RETRY, ClientStats, RankingClient, RetryPolicy  # noqa: E402
 from clients.errors import ClientError  # noqa: E402
-from fusionrank.contract.spec import load_spec  # noqa: E402
+from fusionrank.contract.spec import Priority, load_spec  # noqa: E402
 from fusionrank.model.synthetic_data import load_benchmark  # noqa: E402
 from fusionrank.request.scenario import RequestFactory, load_scenario  # noqa: E402
 from loadtest import locust_setup  # noqa: E402
@@ -179,7 +179,7 @@ class RankingUser(User):
             raise RuntimeError("no endpoint: pass --endpoints or --host")
         # By default no retries: the load test measures what a caller sees on the first attempt, errors included.
         retry = NO_RETRY if options.attempts <= 1 else RetryPolicy(max_attempts=options.attempts)
-        self.client = RankingClient(spec, url, timeout=scenario.timeout_s, retry=retry)
+        self.client = RankingClient(spec, url, timeout=scenario.timeout_s, retry=retry, priority=Priority.LOADTEST)
         _client_stats.append(self.client.stats)
         seed = options.seed + 100000 * _worker_index(self.environment) + next(_users_started)
         self.factory = RequestFactory(spec, bench, scenario, seed=seed)

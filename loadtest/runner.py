@@ -24,7 +24,7 @@ from clients import RankingClient
 from clients.errors import ClientError
 from fusionrank.contract.errors import FusionRankError
 from fusionrank.contract.project import project_dir, reports_dir
-from fusionrank.contract.spec import PipelineSpec, ServingProfile, served_models
+from fusionrank.contract.spec import PipelineSpec, Priority, ServingProfile, served_models
 from fusionrank.model.synthetic_data import load_benchmark
 from fusionrank.request.scenario import RequestFactory, Scenario, load_scenario, parse_duration
 from fusionrank.server.launcher import TritonServer
@@ -154,7 +154,7 @@ def warm_up(spec: PipelineSpec, url: str, scenario: Scenario, ready_timeout: flo
         if problem:
             raise LoadTestError(f"endpoint {problem}")
     try:
-        with RankingClient(spec, url, timeout=scenario.timeout_s) as client:
+        with RankingClient(spec, url, timeout=scenario.timeout_s, priority=Priority.LOADTEST) as client:
             client.wait_ready(ready_timeout)
             if scenario.warmup_requests:
                 factory = RequestFactory(spec, load_benchmark(spec), scenario, seed=7)

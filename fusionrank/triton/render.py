@@ -29,7 +29,14 @@ from fusionrank.contract.names import (
     encoder_modality,
     encoder_name,
 )
-from fusionrank.contract.spec import PipelineSpec, ServingProfile, member_models, to_dict
+from fusionrank.contract.spec import (
+    AdmissionSpec,
+    PipelineSpec,
+    QueuePolicySpec,
+    ServingProfile,
+    member_models,
+    to_dict,
+)
 from fusionrank.contract.tensors import ITEM_INPUT, TensorSpec, embedding_name, model_io, rows_name
 from fusionrank.preprocess.samples import warmup_samples
 from fusionrank.route.item_keys import MEMBER_FILES
@@ -75,7 +82,32 @@ def _base_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
     config.output.extend(_tensor(t, mc.ModelOutput) for t in io_.outputs)
     config.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
     config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
+    admission = spec.serving.admission
+    config.dynamic_batching.default_queue_policy.CopyFrom(_queue_policy(admission.queue(model,
+                                                                                      model == spec.serving.route)))
+    _priorities(config, spec.serving.admission)
     return config
+
+
+def _queue_policy(policy: QueuePolicySpec) -> mc.ModelQueuePolicy:
+    """Triton's queue policy: bounded, and a request queued past its timeout is refused (UNAVAILABLE), not run."""
+    return mc.ModelQueuePolicy(timeout_action=mc.ModelQueuePolicy.REJECT,
+                               default_timeout_microseconds=policy.timeout_us,
+                               allow_timeout_override=policy.allow_timeout_override,
+                               max_queue_size=policy.max_queue_size)
+
+
+def _priorities(config: mc.ModelConfig, admission: AdmissionSpec) -> None:
+    """One priority level per traffic class (`serving.admission.priorities`); the levels below the default
+    class's get `background_queue` where the spec sets one. Members get the levels too: the route's BLS calls
+    carry no priority (Triton 2.51) and so run at the default (production) level, ahead of the catalogue warm-up
+    that calls the encoders directly at its own level."""
+    batching = config.dynamic_batching
+    batching.priority_levels = len(admission.priorities)
+    batching.default_priority_level = admission.level(admission.default_priority)
+    if admission.background_queue is not None:
+        for level in range(batching.default_priority_level + 1, batching.priority_levels + 1):
+            batching.priority_queue_policy[level].CopyFrom(_queue_policy(admission.background_queue))
 
 
 def _instance(config: mc.ModelConfig, spec: PipelineSpec, kind: int) -> None:

@@ -48,9 +48,48 @@ class FakeResponse:
 class FakeRequest:
     inputs: dict
     cancelled: bool = False
+    timeout_us: int = 0  # the caller's timeout as Triton passes it on (0: none)
+    sent: list = field(default_factory=list)  # responses sent through its response sender
+    final: bool = False
 
     def is_cancelled(self) -> bool:
         return self.cancelled
+
+    def timeout(self) -> int:
+        return self.timeout_us
+
+    def get_response_sender(self):
+        return FakeResponseSender(self)
+
+
+RESPONSE_COMPLETE_FINAL = 1
+
+
+class FakeResponseSender:
+    """Like the Python backend's sender in a non-decoupled model: one response, sent with the final flag."""
+
+    def __init__(self, request: FakeRequest):
+        self.request = request
+
+    def send(self, response=None, flags: int = 0) -> None:
+        if self.request.final or (self.request.sent and response is not None):
+            raise RuntimeError("Unable to send response. Non-decoupled model cannot send more than one response.")
+        if flags != RESPONSE_COMPLETE_FINAL or response is None:
+            raise RuntimeError("Unable to send response. Non-decoupled model must send one response with the final "
+                               "flag.")
+        self.request.sent.append(response)
+        self.request.final = True
+
+
+def route_responses(model, requests: list[FakeRequest]) -> list:
+    """Run the route shell's async execute: it answers every request through its sender and returns None."""
+    import asyncio
+
+    if asyncio.run(model.execute(requests)) is not None:
+        raise AssertionError("the route answers through response senders; execute must return None")
+    if not all(r.final and len(r.sent) == 1 for r in requests):
+        raise AssertionError(f"one final response per request, got {[len(r.sent) for r in requests]}")
+    return [r.sent[0] for r in requests]
 
 
 class FakeLogger:
@@ -139,8 +178,9 @@ def install(monkeypatch, members: dict[str, Callable] | None = None) -> types.Si
     FakeMetricFamily.families = {}
     module = types.SimpleNamespace(
         Tensor=FakeTensor, InferenceResponse=FakeResponse, TritonError=FakeError, Logger=FakeLogger,
+        TRITONSERVER_RESPONSE_COMPLETE_FINAL=RESPONSE_COMPLETE_FINAL,
         MetricFamily=FakeMetricFamily,
-        members=dict(members or {}), calls=[],
+        members=dict(members or {}), calls=[], timeouts=[],
         # Like the Python backend: None for an input the request does not carry (an optional one left out).
         get_input_tensor_by_name=lambda request, name: (FakeTensor(name, request.inputs[name])
                                                         if name in request.inputs else None),
@@ -151,10 +191,12 @@ def install(monkeypatch, members: dict[str, Callable] | None = None) -> types.Si
         model_name: str
         inputs: list
         requested_output_names: list
+        timeout: int = 0  # microseconds, as `pb_utils.InferenceRequest(timeout=...)` takes it; 0: none
 
         async def async_exec(self):
             arrays = {t.name: t.array for t in self.inputs}
             module.calls.append((self.model_name, len(next(iter(arrays.values())))))
+            module.timeouts.append(self.timeout)
             answer = module.members[self.model_name](arrays)
             if isinstance(answer, FakeMemberError):
                 return FakeBlsResponse({}, answer)

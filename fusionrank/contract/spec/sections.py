@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 
 from fusionrank.contract.names import ENCODERS_AND_RANKER, ENSEMBLE, MEMBERS, ROUTE
+from fusionrank.contract.spec.admission import AdmissionSpec
 from fusionrank.contract.spec.base import (
     CalibrationMethod,
     FusionType,
@@ -272,6 +273,7 @@ class ServingSpec:
     models: dict[str, BatchingSpec] = field(default_factory=dict)
     response_cache: bool = False
     cache: CacheSpec = field(default_factory=CacheSpec)
+    admission: AdmissionSpec = field(default_factory=AdmissionSpec)
 
     def __post_init__(self):
         check_positive("serving.max_candidates", self.max_candidates)

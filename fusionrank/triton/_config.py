@@ -107,17 +107,31 @@ def _warmup_inputs(spec: PipelineSpec, model: str, bucket: int | None = None) ->
     return inputs
 
 
-def add_warmup(config: mc.ModelConfig, spec: PipelineSpec) -> None:
-    """Warm every member so the first real request does not pay for lazy initialisation (sessions, allocators)."""
+def add_warmup(config: mc.ModelConfig, spec: PipelineSpec, batches: tuple[int, ...] | None = None) -> None:
+    """Warm every member so the first real request does not pay for lazy initialisation (sessions, allocators);
+    `batches`: the batch sizes to warm (default: the largest preferred one)."""
     model = config.name
-    batch = spec.serving.batching(model).preferred_batch_sizes[-1]
+    batches = batches or (spec.serving.batching(model).preferred_batch_sizes[-1],)
     buckets = spec.modalities.text.buckets if model == encoder_name(Modality.TEXT) else (None,)
-    for bucket in buckets:
-        suffix = f"_seq{bucket}" if bucket else ""
-        warm = mc.ModelWarmup(name=f"{model}_batch{batch}{suffix}", batch_size=batch)
-        for name, entry in _warmup_inputs(spec, model, bucket).items():
-            warm.inputs[name].CopyFrom(entry)
-        config.model_warmup.append(warm)
+    for batch in batches:
+        for bucket in buckets:
+            suffix = f"_seq{bucket}" if bucket else ""
+            warm = mc.ModelWarmup(name=f"{model}_batch{batch}{suffix}", batch_size=batch)
+            for name, entry in _warmup_inputs(spec, model, bucket).items():
+                warm.inputs[name].CopyFrom(entry)
+            config.model_warmup.append(warm)
+
+
+def gpu_batching(config: mc.ModelConfig, spec: PipelineSpec) -> None:
+    """The gpu profile's batching policy (`serving.gpu`, GpuBatchingSpec says why), where the spec sets one."""
+    gpu = spec.serving.gpu_batching(config.name)
+    if gpu is None:
+        return
+    config.dynamic_batching.ClearField("preferred_batch_size")
+    config.dynamic_batching.preferred_batch_size.extend(gpu.preferred_batch_sizes)
+    config.dynamic_batching.max_queue_delay_microseconds = gpu.max_queue_delay_us
+    if gpu.instances:
+        config.instance_group[0].count = gpu.instances
 
 
 def python_config(spec: PipelineSpec, model: str, role: str) -> mc.ModelConfig:

@@ -9,12 +9,21 @@ from collections.abc import Mapping
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from fusionrank.contract.errors import PreprocessError
+from fusionrank.contract.errors import FusionRankError, PreprocessError
 from fusionrank.contract.names import ENCODERS_AND_RANKER, RANKER, Modality, encoder_name
 from fusionrank.contract.spec import PipelineSpec, ServingProfile, member_models
+from fusionrank.contract.tensors import model_io
 from fusionrank.request.validation import non_finite_row
 from fusionrank.triton._batched import BatchedModel
-from fusionrank.triton._config import Configs, TritonUnit, add_instances, add_warmup, base_config, python_config
+from fusionrank.triton._config import (
+    Configs,
+    TritonUnit,
+    add_instances,
+    add_warmup,
+    base_config,
+    gpu_batching,
+    python_config,
+)
 
 
 class OnnxRuntimeModel(BatchedModel):
@@ -67,16 +76,48 @@ def onnxruntime_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
     return config
 
 
+def engine_profile_count(spec: PipelineSpec, model: str) -> int:
+    """How many optimisation profiles `model`'s engine has (export/profiles.py builds them): one per batch profile,
+    times one per padding bucket for a text encoder built `profile_per_bucket`."""
+    per_bucket = model == encoder_name(Modality.TEXT) and spec.export.tensorrt.profile_per_bucket
+    return len(spec.serving.batch_profiles(model)) * (len(spec.modalities.text.buckets) if per_bucket else 1)
+
+
+def cuda_graphs(config: mc.ModelConfig, spec: PipelineSpec) -> None:
+    """CUDA graphs of a fixed-shape engine: one per batch profile's opt and max, each serving the batches from the
+    previous graph's size + 1 up to its own (the TensorRT backend pads a batch up to the graph that holds it)."""
+    model = config.name
+    inputs = model_io(spec, model).inputs
+    dynamic = [t.name for t in inputs if -1 in t.dims]
+    if dynamic:
+        raise FusionRankError(f"serving.gpu.{model}.cuda_graphs: {', '.join(dynamic)} has a dynamic axis; CUDA "
+                              "graphs are for fixed-shape engines (set cuda_graphs: false)")
+    cuda = config.optimization.cuda
+    cuda.graphs = True
+    sizes = sorted({b for _, opt, hi in spec.serving.batch_profiles(model) for b in (opt, hi)})
+    for low, size in zip([0, *sizes], sizes):
+        graph = cuda.graph_spec.add(batch_size=size)
+        graph.graph_lower_bound.batch_size = low + 1
+        for t in inputs:
+            graph.input[t.name].dim.extend(t.dims)
+            graph.graph_lower_bound.input[t.name].dim.extend(t.dims)
+
+
 def tensorrt_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
     config = base_config(spec, model)
     config.platform = "tensorrt_plan"
     config.default_model_filename = "model.plan"
     add_instances(config, spec, mc.ModelInstanceGroup.KIND_GPU)
-    if model == encoder_name(Modality.TEXT) and spec.export.tensorrt.profile_per_bucket:
-        # One optimisation profile per padding bucket (export/profiles.py): every instance must be allowed to use
-        # all of them, else Triton binds only profile 0 and the other buckets' shapes are rejected.
-        config.instance_group[0].profile.extend(str(i) for i in range(len(spec.modalities.text.buckets)))
-    add_warmup(config, spec)
+    gpu_batching(config, spec)
+    profiles = engine_profile_count(spec, model)
+    if profiles > 1:
+        # Several optimisation profiles (batch sizes, padding buckets): every instance must be allowed to use all of
+        # them, else Triton binds only profile 0 and the other profiles' shapes are rejected.
+        config.instance_group[0].profile.extend(str(i) for i in range(profiles))
+    gpu = spec.serving.gpu_batching(model)
+    if gpu is not None and gpu.cuda_graphs:
+        cuda_graphs(config, spec)
+    add_warmup(config, spec, tuple(opt for _, opt, _ in spec.serving.batch_profiles(model)))
     return config
 
 

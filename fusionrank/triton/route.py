@@ -26,7 +26,7 @@ from fusionrank.route.item_keys import MEMBER_FILES, encoder_identities
 from fusionrank.route.metrics import CacheMetrics, ResponseMetrics
 from fusionrank.route.stages import MemberCallError, RankingRoute, RouteError, RouteRequest, Status
 from fusionrank.triton._batched import model_args, pb_utils, request_inputs
-from fusionrank.triton._config import Configs, TritonUnit, add_instances, base_config, spec_parameter
+from fusionrank.triton._config import Configs, TritonUnit, add_instances, base_config, gpu_batching, spec_parameter
 from fusionrank.triton.exported import served_file
 
 # Triton's messages when a model cannot take a request (the server is stopping, the model is not loaded). The Python
@@ -120,8 +120,11 @@ class RouteModel:
         pb = pb_utils()
         # The member's queue refuses the call once the callers' deadline has passed (`allow_timeout_override`).
         timeout = {} if deadline is None else {"timeout": max(1, int((deadline - time.monotonic()) * 1e6))}
+        # TensorRT members (the gpu profile) answer in GPU memory, where `as_numpy()` raises "Tensor is stored in GPU
+        # and cannot be converted to NumPy" (server#3944, #6137): ask Triton to hand every output over in CPU memory.
         request = pb.InferenceRequest(model_name=model, inputs=[pb.Tensor(n, a) for n, a in inputs.items()],
-                                      requested_output_names=list(outputs), **timeout)
+                                      requested_output_names=list(outputs),
+                                      preferred_memory=pb.PreferredMemory(pb.TRITONSERVER_MEMORY_CPU, 0), **timeout)
         response = await request.async_exec()
         if response.has_error():
             error = response.error()
@@ -179,7 +182,8 @@ class RouteModel:
             self.cache.close()
 
 
-def route_config(spec: PipelineSpec, member_files: dict[str, str]) -> mc.ModelConfig:
+def route_config(spec: PipelineSpec, member_files: dict[str, str],
+                 profile: ServingProfile = ServingProfile.CPU) -> mc.ModelConfig:
     """A BLS Python model (`fusionrank.route.stages`) with the contract's inputs and outputs, its own dynamic batcher
     and instance count from the spec. `member_files` (encoder -> the file it serves under this profile) lets the
     route's embedding cache key on the served models (`fusionrank.route.item_keys`).
@@ -189,6 +193,8 @@ def route_config(spec: PipelineSpec, member_files: dict[str, str]) -> mc.ModelCo
     config = base_config(spec, spec.serving.route)
     config.backend = "python"
     add_instances(config, spec, mc.ModelInstanceGroup.KIND_CPU)
+    if profile is ServingProfile.GPU:  # its members answer in under a millisecond: a short wait (serving.gpu)
+        gpu_batching(config, spec)
     config.parameters["role"].string_value = "route"
     config.parameters["spec"].string_value = spec_parameter(spec)
     config.parameters[MEMBER_FILES].string_value = json.dumps(member_files, sort_keys=True)
@@ -198,7 +204,7 @@ def route_config(spec: PipelineSpec, member_files: dict[str, str]) -> mc.ModelCo
 def configs(spec: PipelineSpec, model: str, rendered: Mapping[str, Configs]) -> Configs:
     """Per profile: the file each encoder serves under it (from the encoders' configs in `rendered`)."""
     encoders = [encoder_name(m) for m in spec.modalities.enabled]
-    return {profile: route_config(spec, {m: served_file(rendered[m][profile]) for m in encoders})
+    return {profile: route_config(spec, {m: served_file(rendered[m][profile]) for m in encoders}, profile)
             for profile in ServingProfile}
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fusionrank.serving.item_keys import EncoderIdentity
+from fusionrank.serving.item_keys import EncoderIdentity, PayloadKind
 from fusionrank.spec import CacheSpec, Modality
 
 # Bytes an LRU entry costs beyond its key and embedding data: the ndarray object (112 on CPython 3.10-3.12) and the
@@ -179,8 +179,8 @@ class EmbeddingCache:
             shared = RedisTier(spec.redis_url, spec.redis_timeout_ms, spec.redis_retry_s, spec.redis_ttl_s, log)
         return cls(identities, dims, spec.lru_bytes, shared)
 
-    def key(self, modality: Modality, payload: bytes) -> str:
-        return self.identities[modality].key(payload)
+    def key(self, modality: Modality, payload: bytes, kind: PayloadKind | None = None) -> str:
+        return self.identities[modality].key(payload, kind)
 
     def lookup(self, wanted: Sequence[tuple[Modality, str]]) -> list[np.ndarray | None]:
         """The embedding of every (modality, key), or None for a miss; counts hits and misses."""

@@ -13,10 +13,16 @@ import numpy as np
 import onnx
 import pytest
 
+from export.batch_invariance import (
+    INVARIANCE_METRIC,
+    BatchInvarianceError,
+    check_batch_invariance,
+    check_served_graphs,
+)
 from export.cpu_bench import compare_models, kernel_profile, model_variants, speed_table
 from export.cpu_gates import REPORT_FILE, CpuGateError, CpuGateReport, Gate, chain_name
 from export.latency import load_golden
-from export.onnx2cpu import CatalogueCalibration, export_cpu_profile
+from export.onnx2cpu import CatalogueCalibration, export_cpu_profile, quantize_dynamic_graph, quantizer_sandbox
 from fusionrank.errors import SpecError
 from fusionrank.serving.render import model_configs
 from fusionrank.spec import INT8_FILE, OPTIMIZED_FILE, Modality, Precision, ServingProfile, from_dict, to_dict
@@ -123,13 +129,62 @@ def test_int8_encoders_pass_the_ranking_gates(int8_repository):
     assert 1e-3 < text.max_abs_diff <= 0.1
     saved = json.loads((repo / REPORT_FILE).read_text())
     assert saved["passed"] and saved["precision"]["image_encoder"] == "int8"
+    invariance = {g.model: g.value for g in report.gates if g.metric == INVARIANCE_METRIC}
+    assert set(invariance) == set(MODELS) and max(invariance.values()) <= spec.export.cpu.batch_invariance_atol
+
+
+@pytest.mark.slow
+def test_a_batch_variant_graph_fails_the_invariance_gate(int8_repository, built_repository, tmp_path):
+    """The text encoder quantized dynamically (its activation scale computed over the whole batch) moves a row with
+    its batch-mates: the gate names the model, the difference and the tolerance; the served static graph passes."""
+    spec, repo, _ = int8_repository
+    dynamic = tmp_path / "text_encoder.dynamic.onnx"
+    with quantizer_sandbox(tmp_path):
+        quantize_dynamic_graph(spec, "text_encoder", built_repository / "text_encoder" / "1" / OPTIMIZED_FILE,
+                               dynamic, tmp_path)
+    variant, served = check_served_graphs(spec, repo, {"text_encoder": dynamic,
+                                                       "image_encoder": repo / "image_encoder" / "1" / INT8_FILE})
+    assert variant.max_abs_diff > 1e-3 and not variant.passed and served.passed
+    with pytest.raises(BatchInvarianceError) as info:
+        variant.raise_on_failure()
+    error = info.value
+    assert isinstance(error, CpuGateError) and error.model == "text_encoder" and error.tolerance == 1e-6
+    assert str(error).startswith(f"text_encoder: a row's output changes with its batch-mates by up to "
+                                 f"{variant.max_abs_diff:.3g} (output text_embedding, ")
+    assert "tolerance 1e-06" in str(error)
+
+
+@pytest.mark.slow
+def test_export_refuses_a_batch_variant_ranker(int8_repository, tmp_path):
+    """An INT8 ranker (dynamic: ONNX Runtime quantizes an LSTM dynamically only) passes the accuracy gates but not
+    the batch-invariance gate: the export is refused and leaves no INT8 ranker beside model.onnx."""
+    spec, shared, _ = int8_repository
+    repo = _linked_copy(shared, tmp_path / "model_repository")
+    with pytest.raises(BatchInvarianceError) as info:
+        export_cpu_profile(_with_cpu(spec, precision={**INT8_ENCODERS, "fusion_ranker": Precision.INT8}), repo,
+                           models=["fusion_ranker"])
+    assert info.value.model == "fusion_ranker" and info.value.value > 1e-6
+    assert not (repo / "fusion_ranker" / "1" / INT8_FILE).exists()
+    saved = json.loads((repo / REPORT_FILE).read_text())
+    assert saved["passed"] is False and [g["model"] for g in saved["gates"] if not g["passed"]] == ["fusion_ranker"]
+
+
+def test_invariance_gate_on_a_row_wise_function_and_a_batch_wise_one():
+    inputs = {"x": np.arange(12, dtype=np.float32).reshape(6, 2)}
+    row_wise = check_batch_invariance("rows", lambda f: {"y": f["x"] * 2}, inputs, 0.0)
+    batch_wise = check_batch_invariance("batch", lambda f: {"y": f["x"] / np.abs(f["x"]).max()}, inputs, 1e-6)
+    assert row_wise.passed and row_wise.max_abs_diff == 0 and row_wise.rows == 6
+    assert not batch_wise.passed and batch_wise.output == "y" and batch_wise.max_abs_diff > 0.1
 
 
 @pytest.mark.slow
 def test_int8_graphs_run_int8_kernels(int8_repository):
     spec, repo, _ = int8_repository
-    text = _ops(repo / "text_encoder" / "1" / INT8_FILE)
-    assert text["DynamicQuantizeMatMul"] > 0 and text["QAttention"] == 6 and text["MatMul"] == 0
+    text = repo / "text_encoder" / "1" / INT8_FILE
+    # Static QDQ: no per-batch scale anywhere (issue 19); the weight MatMuls run as QLinearMatMul.
+    assert _ops(text)["QuantizeLinear"] > 0 and not {"DynamicQuantizeLinear", "DynamicQuantizeMatMul"} & set(_ops(text))
+    kernels = {k.op_type for k in kernel_profile(text, load_golden(repo, "text_encoder").inputs, batch=4, runs=2)}
+    assert "QLinearMatMul" in kernels and not {"DynamicQuantizeMatMul", "DynamicQuantizeLinear"} & kernels
     image = repo / "image_encoder" / "1" / INT8_FILE
     assert _ops(image)["QuantizeLinear"] > 0  # saved as QDQ; ONNX Runtime picks the kernels at load
     kernels = {k.op_type: k for k in kernel_profile(image, load_golden(repo, "image_encoder").inputs, batch=4,

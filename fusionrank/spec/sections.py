@@ -159,8 +159,12 @@ class CpuExportSpec:
     tolerances: dict[str, Tolerance] = field(default_factory=dict)
     ranking: RankingParitySpec = field(default_factory=lambda: RankingParitySpec(0.95, 0.95, 0.003))
     max_test_auc_drop: float = 0.003
+    # Largest change of a served graph's output row between the row alone and the row among other rows (issue 19).
+    batch_invariance_atol: float = 1e-6
 
     def __post_init__(self):
+        if not self.batch_invariance_atol >= 0:
+            fail("export.cpu.batch_invariance_atol", self.batch_invariance_atol, "a number >= 0")
         for model, precision in self.precision.items():
             if model not in CPU_MODELS:
                 fail(f"export.cpu.precision.{model}", precision.value, "a key among " + ", ".join(CPU_MODELS))

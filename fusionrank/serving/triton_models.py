@@ -10,6 +10,7 @@ not their inputs'). The route (`RouteModel`) is a shell over `fusionrank.serving
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -22,6 +23,7 @@ from fusionrank.preprocess.request import RequestPreprocessor, non_finite_row
 from fusionrank.ragged import pool_rows
 from fusionrank.serving.cache import EmbeddingCache
 from fusionrank.serving.item_keys import MEMBER_FILES, encoder_identities
+from fusionrank.serving.local_cache import LOCAL_CACHE_ENV
 from fusionrank.serving.metrics import CacheMetrics, ResponseMetrics
 from fusionrank.serving.route import MemberCallError, RankingRoute, RouteError, RouteRequest, Status
 from fusionrank.serving.samples import warmup_samples
@@ -256,8 +258,10 @@ def _route_cache(pb, spec, args, params: dict[str, str], labels: tuple[str, str]
     repo = Path(args["model_repository"]).parent
     identities = encoder_identities(spec, repo, json.loads(params[MEMBER_FILES]))
     dims = {m: spec.modalities.embedding_dim(m) for m in spec.modalities.enabled}
-    cache = EmbeddingCache.from_spec(settings, identities, dims, pb.Logger.log_error)
-    pb.Logger.log_info(f"route: embedding cache: in-process {settings.lru_bytes} bytes, shared tier "
+    local = os.environ.get(LOCAL_CACHE_ENV)  # set by TritonServer when it started the server-wide tier
+    cache = EmbeddingCache.from_spec(settings, identities, dims, pb.Logger.log_error, local_url=local)
+    where = f"server-wide {local}" if local else f"in-process {settings.lru_bytes} bytes"
+    pb.Logger.log_info(f"route: embedding cache: {where}, shared tier "
                        f"{settings.redis_url or 'none'}; encoders " + ", ".join(
                            f"{i.model} v{i.version} ({i.digest})" for i in identities.values()))
     return cache, CacheMetrics(pb, *labels, spec.modalities.enabled)

@@ -22,6 +22,7 @@ from fusionrank.serving.doors import GrpcTls
 from fusionrank.serving.render import check_repository, render_repository
 from fusionrank.serving.serve_command import print_triton_args, serve_forever
 from fusionrank.spec import FusionType, Modality, PipelineSpec, Precision, ServingProfile, load_spec
+from loadtest import bench_determinism
 from loadtest.bench import BenchConfig
 from loadtest.bench_report import bench_command
 from loadtest.runner import run_loadtest_command
@@ -141,6 +142,8 @@ def embed_catalogue(args) -> int:
 
 
 def bench(args) -> int:
+    if args.case == "determinism":
+        return bench_determinism.main(args, _spec(args), _repo(args), _path(args.out))
     config = BenchConfig(candidates=args.candidates, callers=args.callers, zipf_exponent=args.zipf,
                          novel_share=args.novel_share, seconds=args.seconds, inprocess_seconds=args.inprocess_seconds,
                          shared_tier=not args.no_shared_tier, seed=args.seed)

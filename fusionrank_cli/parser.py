@@ -12,6 +12,7 @@ from export.upgrade_measure import UPGRADE_PROFILES
 from fusionrank.serving.doors import ENV_TLS_DIR, TLS_FILES
 from fusionrank.spec import FusionType, Precision, ServingProfile, choices
 from fusionrank_cli import commands
+from loadtest import bench_determinism
 from loadtest.soak import add_arguments as soak_arguments
 
 DESCRIPTION = "fusionrank: multimodal recommendation ranker, from PyTorch to a Triton ensemble"
@@ -117,6 +118,10 @@ def _add_load_commands(add) -> None:
 
     p = add("bench", commands.bench, "in-process pipeline, plain ensemble and cached route (cold, warm) side by side "
                                      "on one Zipf candidate stream: table, bench.json, bench.png")
+    p.add_argument("case", nargs="?", choices=("all", "determinism"), default="all",
+                   help="all: the phases below; determinism: one request's score spread across situations "
+                        "(alone, amid traffic, cached, several callers, reference ensemble)")
+    bench_determinism.add_cli_args(p)
     p.add_argument("--candidates", type=int, default=16, help="candidates per request (N)")
     p.add_argument("--callers", type=int, default=8, help="concurrent closed-loop callers (C)")
     p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of item popularity")

@@ -124,17 +124,24 @@ class CatalogueCalibration(CalibrationDataReader):
     """ONNX Runtime `CalibrationDataReader` over catalogue items spread evenly over the catalogue, preprocessed by the
     shared preprocessing in batches, as the encoder sees them in serving."""
 
-    def __init__(self, spec: PipelineSpec, bench: Benchmark, modality: Modality, samples: int):
+    def __init__(self, spec: PipelineSpec, bench: Benchmark, modality: Modality, samples: int,
+                 pad_to: int | None = None):
         ids = np.unique(np.linspace(1, bench.num_items, num=min(samples, bench.num_items)).round().astype(int))
         self.preprocessor = build_preprocessor(spec, modality)
         self.batches = [ids[s:s + CALIBRATION_BATCH] for s in range(0, len(ids), CALIBRATION_BATCH)]
         self.payloads = lambda batch: [bench.item(int(i)).payload(modality) for i in batch]
         self.samples = len(ids)
+        self.pad_to = pad_to  # text: every batch padded to one length (the histogram calibrators need one shape)
         self._next = iter(self.batches)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self._next, None)
-        return None if batch is None else self.preprocessor(self.payloads(batch))
+        if batch is None:
+            return None
+        arrays = self.preprocessor(self.payloads(batch))
+        if self.pad_to is None:
+            return arrays
+        return {k: np.pad(v, ((0, 0), (0, self.pad_to - v.shape[1]))) for k, v in arrays.items()}
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -189,7 +196,9 @@ def _quantize_static(spec: PipelineSpec, model: str, fp32: Path, target: Path, w
     else:
         source, ops = workdir / f"{model}.prep.onnx", None
         q.quant_pre_process(str(fp32), str(source))  # symbolic shapes + basic folding, as ORT recommends
-    reader = CatalogueCalibration(spec, bench, modality, cpu.calibration_samples)
+    histogram = cpu.calibration_method is not CalibrationMethod.MINMAX
+    reader = CatalogueCalibration(spec, bench, modality, cpu.calibration_samples,
+                                  pad_to=max(spec.modalities.text.buckets) if model == TEXT and histogram else None)
     q.quantize_static(source, target, reader, quant_format=q.QuantFormat.QDQ, per_channel=True,
                       reduce_range=cpu.reduce_range, op_types_to_quantize=ops, extra_options=extra,
                       activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,

@@ -305,3 +305,15 @@ def test_served_goal_compares_the_spec_choice_with_fp32(default_spec):
     slower_tail = [fast[0], served(mine, 2.5, 950)]
     assert goal_line(default_spec, slower_tail).endswith("2.50x, p99 950 ms vs 900 ms: MISSED.")
     assert "MISSED" in goal_line(default_spec, [fast[0], served(mine, 1.5, 500)])
+
+
+def test_text_calibration_pads_to_one_length_for_the_histogram_calibrators(ci_spec):
+    from fusionrank.benchmark import load_benchmark
+
+    longest = max(ci_spec.modalities.text.buckets)
+    padded = list(CatalogueCalibration(ci_spec, load_benchmark(ci_spec), Modality.TEXT, samples=20, pad_to=longest))
+    plain = list(CatalogueCalibration(ci_spec, load_benchmark(ci_spec), Modality.TEXT, samples=20))
+    assert {v.shape[1] for b in padded for v in b.values()} == {longest}
+    width = plain[0]["attention_mask"].shape[1]
+    assert np.array_equal(padded[0]["attention_mask"][:, :width], plain[0]["attention_mask"])
+    assert not padded[0]["attention_mask"][:, width:].any(), "the padding is masked out"

@@ -29,6 +29,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -180,6 +181,22 @@ def quantize_dynamic_graph(spec: PipelineSpec, model: str, optimized: Path, targ
     return target
 
 
+def _fp32_nodes(graph: Path, patterns: tuple[str, ...]) -> list[str]:
+    """Names of the nodes of `graph` that `export.cpu.fp32_nodes` leaves in FP32 (each pattern must match one)."""
+    if not patterns:
+        return []
+    import onnx
+
+    names = [n.name for n in onnx.load(str(graph), load_external_data=False).graph.node]
+    kept = []
+    for pattern in patterns:
+        found = [name for name in names if re.search(pattern, name)]
+        if not found:
+            raise CpuExportError(f"export.cpu.fp32_nodes: {pattern!r} matches no node of {graph}")
+        kept += found
+    return sorted(set(kept))
+
+
 def _quantize_static(spec: PipelineSpec, model: str, fp32: Path, target: Path, workdir: Path,
                      bench: Benchmark) -> Path:
     """Static QDQ quantization of `model`'s FP32 graph, activation ranges calibrated on catalogue items."""
@@ -196,11 +213,13 @@ def _quantize_static(spec: PipelineSpec, model: str, fp32: Path, target: Path, w
     else:
         source, ops = workdir / f"{model}.prep.onnx", None
         q.quant_pre_process(str(fp32), str(source))  # symbolic shapes + basic folding, as ORT recommends
+    keep = _fp32_nodes(source, cpu.fp32_nodes.get(model, ()))
     histogram = cpu.calibration_method is not CalibrationMethod.MINMAX
     reader = CatalogueCalibration(spec, bench, modality, cpu.calibration_samples,
                                   pad_to=max(spec.modalities.text.buckets) if model == TEXT and histogram else None)
     q.quantize_static(source, target, reader, quant_format=q.QuantFormat.QDQ, per_channel=True,
                       reduce_range=cpu.reduce_range, op_types_to_quantize=ops, extra_options=extra,
+                      nodes_to_exclude=keep or None,
                       activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
                       calibrate_method=getattr(q.CalibrationMethod, _CALIBRATION[cpu.calibration_method]))
     return target

@@ -317,3 +317,14 @@ def test_text_calibration_pads_to_one_length_for_the_histogram_calibrators(ci_sp
     width = plain[0]["attention_mask"].shape[1]
     assert np.array_equal(padded[0]["attention_mask"][:, :width], plain[0]["attention_mask"])
     assert not padded[0]["attention_mask"][:, width:].any(), "the padding is masked out"
+
+
+@pytest.mark.slow
+def test_fp32_nodes_name_the_text_encoders_feed_forward_outputs(built_repository):
+    from export.onnx2cpu import CpuExportError, _fp32_nodes
+
+    graph = built_repository / "text_encoder" / "1" / "model.onnx"
+    kept = _fp32_nodes(graph, (r"layer\.\d+/output/dense/MatMul$",))
+    assert len(kept) == 6 and not any("attention" in name for name in kept)
+    with pytest.raises(CpuExportError, match=r"export.cpu.fp32_nodes: 'no such node' matches no node of .*model.onnx"):
+        _fp32_nodes(graph, ("no such node",))

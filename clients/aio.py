@@ -8,13 +8,13 @@ from functools import partial
 
 import numpy as np
 
-from clients.base import ClientBase
-from clients.endpoints import Endpoint
+from clients._base import ClientBase
+from clients._endpoints import Endpoint
+from clients._request import Candidate, Chunk, RankingResult, chunk_outputs, merge_outputs
+from clients._retry import run_async
+from clients._transport import ShmRegion, chunk_inputs, quietly_async, release_async
 from clients.errors import probe_error, to_client_error
-from clients.request import Candidate, Chunk, RankingResult, chunk_outputs, merge_outputs
-from clients.retry import run_async
-from clients.transport import ShmRegion, chunk_inputs, quietly_async, release_async
-from fusionrank.spec import Modality
+from fusionrank.contract.spec import Modality
 
 
 class AsyncRankingClient(ClientBase):
@@ -35,7 +35,7 @@ class AsyncRankingClient(ClientBase):
             await quietly_async(client.close)
 
     async def wait_ready(self, timeout: float = 60.0, all_endpoints: bool = False) -> list[str]:
-        """Wait until one endpoint (or every one) has the server and the ensemble ready; returns the ready ones."""
+        """Wait until one endpoint (or every one) has the server and the route ready; returns the ready ones."""
         return await run_async(self.planner.readiness(self.options.model, timeout, all_endpoints), self._healthy)
 
     async def rank(self, candidates: Sequence[Candidate], history, timeout: float | None = None) -> RankingResult:

@@ -6,7 +6,7 @@ went wrong and where. `to_client_error` turns tritonclient's exceptions into the
 
 from __future__ import annotations
 
-from fusionrank.errors import FusionRankError
+from fusionrank.contract.errors import FusionRankError
 
 
 class ClientError(FusionRankError):

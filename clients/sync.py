@@ -9,13 +9,13 @@ from functools import partial
 
 import numpy as np
 
-from clients.base import ClientBase
-from clients.endpoints import Endpoint
+from clients._base import ClientBase
+from clients._endpoints import Endpoint
+from clients._request import Candidate, Chunk, RankingResult, chunk_outputs, merge_outputs
+from clients._retry import run
+from clients._transport import ShmRegion, chunk_inputs, quietly, release
 from clients.errors import probe_error, to_client_error
-from clients.request import Candidate, Chunk, RankingResult, chunk_outputs, merge_outputs
-from clients.retry import run
-from clients.transport import ShmRegion, chunk_inputs, quietly, release
-from fusionrank.spec import Modality
+from fusionrank.contract.spec import Modality
 
 
 class RankingClient(ClientBase):
@@ -38,7 +38,7 @@ class RankingClient(ClientBase):
             quietly(client.close)
 
     def wait_ready(self, timeout: float = 60.0, all_endpoints: bool = False) -> list[str]:
-        """Block until one endpoint (or every one) has the server and the ensemble ready; returns the ready ones."""
+        """Block until one endpoint (or every one) has the server and the route ready; returns the ready ones."""
         return run(self.planner.readiness(self.options.model, timeout, all_endpoints), self._healthy)
 
     def rank(self, candidates: Sequence[Candidate], history, timeout: float | None = None) -> RankingResult:

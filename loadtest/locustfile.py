@@ -32,9 +32,9 @@ from locust import User, constant, constant_throughput, events, task  # noqa: E4
 
 from clients import NO_RETRY, ClientStats, RankingClient, RetryPolicy  # noqa: E402
 from clients.errors import ClientError  # noqa: E402
-from fusionrank.benchmark import load_benchmark  # noqa: E402
-from fusionrank.scenario import RequestFactory, load_scenario  # noqa: E402
-from fusionrank.spec import load_spec  # noqa: E402
+from fusionrank.contract.spec import load_spec  # noqa: E402
+from fusionrank.model.synthetic_data import load_benchmark  # noqa: E402
+from fusionrank.request.scenario import RequestFactory, load_scenario  # noqa: E402
 
 ENV_URL = "FUSIONRANK_LOADTEST_URL"
 ENV_SPEC = "FUSIONRANK_SPEC"

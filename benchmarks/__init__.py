@@ -1,0 +1,18 @@
+"""Benchmarks: one module per benchmark, each with `add_cli_args(parser)` and `main(args)`, reached as
+`fusionrank bench <name>`; the other modules are the pieces they share (latency runners, server metrics, the
+serving phases, the CPU variants). Heavy libraries (torch, ONNX Runtime's tools) are imported where a benchmark
+runs, so listing them stays light."""
+
+# name -> one line of help; the module is `benchmarks.<name>`.
+BENCHMARKS = {
+    "serve": "in-process pipeline, plain ensemble and cached route (cold, warm) side by side on one Zipf candidate "
+             "stream: table, bench.json, bench.png",
+    "routes": "the cached route against the plain Triton ensemble on the same requests, interleaved rounds",
+    "cpu": "CPU profile: FP32 vs optimised FP32 vs INT8 per model and served end to end, with the accuracy gates",
+    "preprocess": "preprocessing per row before/after the stateless rewrite, and its worst cases (time, peak memory)",
+    "video": "what a video candidate costs against a still: preprocessing and image-encoder time per item",
+    "determinism": "one request's score spread alone, cached, from several callers, amid traffic and through the "
+                   "reference ensemble (goal <= 1e-6)",
+}
+
+__all__ = ["BENCHMARKS"]

@@ -4,9 +4,9 @@ else, so a warmed store is hit by the route.
 
 A key is `fusionrank:emb:v2:<kind>:<identity>:<sha256 of the payload>`. The kind (`PayloadKind`: text, still,
 frames, audio) is the namespace of what the hashed bytes are: a candidate with a video is keyed by a digest of its
-still, its clip and the video spec (`fusionrank.ragged.image_cache_payload`), bytes anybody can rebuild; in its own
-`frames` namespace, those bytes sent as a still (`item_image`) hash to a `still` key that nothing ever stored, so
-they miss and go through the image decoder's checks (issue 19). The identity is a digest of
+still, its clip and the video spec (`fusionrank.request.candidates.image_cache_payload`), bytes anybody can
+rebuild; in its own `frames` namespace, those bytes sent as a still (`item_image`) hash to a `still` key that
+nothing ever stored, so they miss and go through the image decoder's checks (issue 19). The identity is a digest of
 - the encoder: its model name, the version folder Triton serves and the sha256 of the file that version serves
   under the running profile (`model.onnx`, a quantised ONNX, `model.plan`: what the profile's member config names;
   rendered into the route's config as the `member_files` parameter), so a new export or engine never serves old

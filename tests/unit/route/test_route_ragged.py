@@ -112,7 +112,7 @@ def test_a_clip_key_rebuilt_as_a_still_payload_is_validated_before_and_after_the
     """Issue 19: a video candidate's key hashes bytes anybody can rebuild (`image_cache_payload`); sent as
     `item_image`, they must be decoded (and refused as no image) whether or not the clip was served before: the
     still and frames kinds are separate key namespaces, so a hit of one kind never skips the other's validation."""
-    from fusionrank.ragged import image_cache_payload
+    from fusionrank.request.candidates import image_cache_payload
 
     from .test_route_cache import _cache
 

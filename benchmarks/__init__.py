@@ -11,6 +11,8 @@ BENCHMARKS = {
     "cpu": "CPU profile: FP32 vs optimised FP32 vs INT8 per model and served end to end, with the accuracy gates",
     "preprocess": "preprocessing per row before/after the stateless rewrite, and its worst cases (time, peak memory)",
     "video": "what a video candidate costs against a still: preprocessing and image-encoder time per item",
+    "traffic": "the route past its capacity: goodput under deadlines at 1x-8x, an open-loop backlog, a cached "
+               "caller beside 16-MP floods",
     "determinism": "one request's score spread alone, cached, from several callers, amid traffic and through the "
                    "reference ensemble (goal <= 1e-6)",
 }

@@ -22,6 +22,7 @@ from clients.errors import (
     ClientError,
     DeadlineExceededError,
     InvalidInputError,
+    OverCapacityError,
     ServerError,
     UnavailableError,
 )
@@ -29,5 +30,5 @@ from clients.sync import RankingClient
 from clients.tls import ClientTls
 
 __all__ = ["AccessDeniedError", "AsyncRankingClient", "Candidate", "ClientError", "ClientStats", "ClientTls",
-           "DeadlineExceededError", "InvalidInputError", "NO_RETRY", "RankingClient", "RankingResult", "RetryPolicy",
-           "ServerError", "UnavailableError"]
+           "DeadlineExceededError", "InvalidInputError", "NO_RETRY", "OverCapacityError", "RankingClient",
+           "RankingResult", "RetryPolicy", "ServerError", "UnavailableError"]

@@ -16,12 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clients._endpoints import Endpoint, EndpointPool, parse_urls
-from clients._request import Candidate, Chunk, build_chunks, candidate_payloads
+from clients._request import Candidate, Chunk, build_chunks, candidate_payloads, expand_outputs
 from clients._retry import ClientStats, Planner, RetryPolicy
-from clients.errors import DeadlineExceededError
+from clients._server_config import spec_from_server
+from clients.errors import DeadlineExceededError, InvalidInputError
 from clients.tls import ClientTls
 from fusionrank.contract.admin import check_admin_key, grpc_admin_header
-from fusionrank.contract.spec import Modality, PipelineSpec
+from fusionrank.contract.spec import Modality, PipelineSpec, Priority
+
+ON_INVALID = ("raise", "drop")
 
 
 @dataclass
@@ -39,6 +42,13 @@ class ClientOptions:
     recheck_s: float = 1.0
     shared_memory_threshold: int | None = None  # payload bytes from which loopback calls use shared memory
     abandon_grace_s: float = 30.0  # added to an inference RPC's gRPC deadline; 0: gRPC cancels at the deadline
+    priority_level: int = 0  # Triton priority level of every request (1 is served first); 0: the server's default
+    on_invalid: str = "raise"  # "drop": score the other candidates and report the invalid ones (RankingResult.errors)
+
+    def infer_kwargs(self, remaining: float) -> dict[str, Any]:
+        """tritonclient's per-request `priority` and `timeout` (microseconds): the call's deadline travels with
+        the request, so a server past its capacity refuses it (queue policy) instead of serving it late."""
+        return {"priority": self.priority_level, "timeout": max(1, int(remaining * 1e6))}
 
     def rpc_timeout(self, remaining: float) -> float:
         """The gRPC deadline of an inference RPC with `remaining` seconds of the call's deadline left."""
@@ -55,19 +65,29 @@ class ClientOptions:
 class ClientBase:
     """Channels, request building and the retry planner of the sync and asyncio clients."""
 
-    def __init__(self, spec: PipelineSpec, urls: str | Sequence[str], *, timeout: float = 30.0,
+    def __init__(self, spec: PipelineSpec | None, urls: str | Sequence[str], *, timeout: float = 30.0,
                  health_timeout: float = 2.0, retry: RetryPolicy | None = None, recheck_interval: float = 1.0,
                  shared_memory_threshold: int | None = None, max_candidates: int | None = None,
                  abandon_grace: float = 30.0, client_factory: Callable[[str], Any] | None = None,
-                 seed: int | None = None, tls: ClientTls | None = None, admin_key: str | None = None):
-        """`tls`: TLS channels (None: plaintext); `admin_key`: the server's admin key, sent with the shared-memory
-        calls, which servers started by fusionrank restrict to its holders."""
+                 seed: int | None = None, tls: ClientTls | None = None, admin_key: str | None = None,
+                 priority: Priority | str | None = None, on_invalid: str = "raise", model: str | None = None):
+        """`spec`: None reads the route's name, limits, modalities and history length from the first endpoint
+        that answers (its model config, `model` or "rank"); `tls`: TLS channels (None: plaintext); `admin_key`:
+        the server's admin key, sent with the shared-memory calls, which servers started by fusionrank restrict to
+        its holders; `priority`: the traffic class of every request (None: the server's default, production);
+        `on_invalid`: "raise" the first invalid candidate's `InvalidInputError`, or "drop" invalid candidates and
+        score the rest."""
         if abandon_grace < 0:
             raise ValueError(f"abandon_grace must be >= 0 seconds, got {abandon_grace}")
+        if on_invalid not in ON_INVALID:
+            raise ValueError(f"on_invalid must be one of {', '.join(ON_INVALID)}, got {on_invalid!r}")
+        if spec is None:
+            spec = spec_from_server(parse_urls(urls), model or "rank", timeout=health_timeout, tls=tls)
+        level = 0 if priority is None else spec.serving.admission.level(priority)
         self.options = ClientOptions.from_spec(
             spec, timeout_s=timeout, health_timeout_s=health_timeout, retry=retry or RetryPolicy(),
             recheck_s=recheck_interval, shared_memory_threshold=shared_memory_threshold,
-            abandon_grace_s=abandon_grace)
+            abandon_grace_s=abandon_grace, priority_level=level, on_invalid=on_invalid)
         if max_candidates is not None:
             if not 0 < max_candidates <= spec.serving.max_candidates:
                 raise ValueError(f"max_candidates must be in [1, {spec.serving.max_candidates}], got {max_candidates}")
@@ -133,3 +153,25 @@ class ClientBase:
         return DeadlineExceededError(
             f"deadline passed before {endpoint.url} answered; the request was left to finish there "
             f"(not cancelled) for up to {self.options.abandon_grace_s:g}s more", endpoint=endpoint.url)
+
+
+class InvalidRows:
+    """The `on_invalid` policy for one chunk: the rows still to send and the errors of those dropped."""
+
+    def __init__(self, chunk: Chunk, ids: Sequence | None, drop: bool):
+        self.chunk = self.live = chunk
+        self.ids, self.drop = ids, drop
+        self.errors: dict[int, InvalidInputError] = {}
+
+    def failed(self, exc: InvalidInputError) -> None:
+        """The server refused the live rows: drop the candidate it named, or raise (naming the caller's index)."""
+        position = exc.row
+        exc = exc.in_request(self.live.index, self.ids)
+        if not self.drop or position is None or position >= self.live.rows:
+            raise exc
+        self.errors[exc.row] = exc
+        self.live = self.live.without(position)
+
+    def outputs(self, served, width: int):
+        """The chunk's (scores, weights): the served rows' and NaN for dropped ones."""
+        return expand_outputs(self.chunk, self.live, served, width)

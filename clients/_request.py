@@ -9,7 +9,7 @@ payload for each absent one; a candidate's video goes in `item_video` (see `fusi
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -70,9 +70,10 @@ def candidate_payloads(candidates: Sequence[Candidate], modalities: Sequence[Mod
 class RankingResult:
     """Scores of one ranking request, in the order the candidates were given."""
 
-    scores: np.ndarray  # [N] click probability
+    scores: np.ndarray  # [N] click probability (NaN for a candidate dropped as invalid)
     weights: np.ndarray  # [N, M] weight of each enabled modality in the fused score
     modalities: tuple[Modality, ...]
+    errors: dict[int, InvalidInputError] = field(default_factory=dict)  # dropped candidates by index (on_invalid)
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -87,10 +88,20 @@ class Chunk:
     """One request's input arrays, ready to become InferInputs (over the wire or through shared memory)."""
 
     arrays: dict[str, np.ndarray]
+    index: np.ndarray | None = None  # the caller's index of each row (None: 0..rows-1)
+
+    def __post_init__(self):
+        if self.index is None:
+            self.index = np.arange(self.rows)
 
     @property
     def rows(self) -> int:
         return len(self.arrays[USER_HISTORY])
+
+    def without(self, row: int) -> Chunk:
+        """The chunk less one of its rows (a candidate dropped as invalid)."""
+        keep = np.arange(self.rows) != row
+        return Chunk({n: a[keep] for n, a in self.arrays.items()}, self.index[keep])
 
     def payload_bytes(self) -> int:
         """Bytes the inputs carry (the payloads themselves for BYTES tensors)."""
@@ -154,7 +165,21 @@ def build_chunks(items: Mapping[Modality, Sequence[bytes | None]], history, moda
     absent modalities)."""
     rows = _check_rows(items, videos, modalities, video_enabled)
     arrays = request_arrays({m: items[m] for m in modalities}, history_matrix(history, rows, history_length), videos)
-    return [Chunk({name: array[a:b] for name, array in arrays.items()}) for a, b in chunk_bounds(rows, max_rows)]
+    return [Chunk({name: array[a:b] for name, array in arrays.items()}, np.arange(a, b))
+            for a, b in chunk_bounds(rows, max_rows)]
+
+
+def expand_outputs(chunk: Chunk, served: Chunk, outputs: tuple[np.ndarray, np.ndarray] | None,
+                   width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A chunk's (scores, weights) from those of `served` (the chunk less dropped rows; None: every row dropped):
+    NaN where a row was dropped."""
+    scores = np.full((chunk.rows, 1), np.nan, dtype=np.float32)
+    weights = np.full((chunk.rows, width), np.nan, dtype=np.float32)
+    if outputs is not None:
+        where = np.searchsorted(chunk.index, served.index)
+        scores[where] = outputs[0].reshape(len(where), 1)
+        weights[where] = outputs[1].reshape(len(where), -1)
+    return scores, weights
 
 
 def chunk_outputs(result, chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
@@ -166,8 +191,9 @@ def chunk_outputs(result, chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
     return scores, weights
 
 
-def merge_outputs(results: Sequence[tuple[np.ndarray, np.ndarray]], modalities: tuple[Modality, ...]) -> RankingResult:
+def merge_outputs(results: Sequence[tuple[np.ndarray, np.ndarray]], modalities: tuple[Modality, ...],
+                  errors: Mapping[int, InvalidInputError] | None = None) -> RankingResult:
     """One RankingResult from the chunks' (scores, weights), in chunk order."""
     scores = np.concatenate([r[0].reshape(-1) for r in results]).astype(np.float32, copy=False)
     weights = np.concatenate([r[1].reshape(len(r[0]), -1) for r in results]).astype(np.float32, copy=False)
-    return RankingResult(scores, weights, modalities)
+    return RankingResult(scores, weights, modalities, dict(sorted((errors or {}).items())))

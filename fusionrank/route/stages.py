@@ -12,8 +12,13 @@ One `rank()` call serves one execute of the route model (a dynamic batch of requ
 3. validate and preprocess the misses in process (`RequestPreprocessor.encoder_groups`): a bad payload answers its
    request INVALID_ARG naming the row, hits or not (a hit's bytes are bytes that passed the same checks, so they
    need no decoding; the request-level checks of stage 1 ran for every row);
-4. answer cancelled requests CANCELLED and leave them out of the next stage (checked before validating each
-   request, before encoding and before ranking);
+4. answer cancelled requests CANCELLED, and requests past their deadline (the caller's Triton request timeout)
+   UNAVAILABLE (over capacity), and leave them out of the next stage (checked before validating each request,
+   before decoding, before encoding and before ranking); before decoding, a request whose misses cost more than
+   `serving.admission.cost` (read from the payloads' headers: `fusionrank.request.cost`) is answered
+   INVALID_ARG naming the budget; requests the cache answered whole go straight to ranking (the fast path) while
+   the others decode in the route instance's bounded pool of low-priority threads; member calls carry the latest
+   deadline of the requests whose rows they hold, so a member's queue refuses work nobody waits for;
 5. encode: per modality, the missed rows of every live request are concatenated (grouped by shape: text rows are
    padded to their own bucket; a video's K sampled frames are image rows of their candidate), cut at the
    encoder's max batch and sent to the encoder model through BLS, so its dynamic batcher still merges them with
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +51,7 @@ from fusionrank.contract.names import RANKER, encoder_name
 from fusionrank.contract.spec import Modality, PipelineSpec
 from fusionrank.contract.tensors import ITEM_INPUT, MODALITY_MASK, embedding_name, model_io
 from fusionrank.request.candidates import image_cache_payload, pool_rows
+from fusionrank.request.cost import check_budget, request_cost
 from fusionrank.request.validation import EncoderGroup, RequestPreprocessor, ValidRequest, non_finite_row
 from fusionrank.route.cache import EmbeddingCache
 from fusionrank.route.item_keys import PayloadKind
@@ -81,11 +88,23 @@ def _never() -> bool:
 class RouteRequest:
     inputs: Mapping[str, np.ndarray]  # the contract's input arrays, by name
     is_cancelled: Callable[[], bool] = _never
+    deadline: float | None = None  # `time.monotonic()` past which nobody waits for the answer; None: no deadline
+
+    def late(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
 
 
 RouteResult = dict[str, np.ndarray] | RouteError
-# (member model, input arrays by name, output names) -> output arrays by name; raises MemberCallError.
-Infer = Callable[[str, dict[str, np.ndarray], tuple[str, ...]], Awaitable[dict[str, np.ndarray]]]
+# (index of the request in the execute, its result): called once per request, as soon as its result is known.
+Answer = Callable[[int, RouteResult], None]
+# (member model, input arrays by name, output names, deadline) -> output arrays by name; raises MemberCallError.
+# The deadline (`time.monotonic()`, or None) is the latest of the requests whose rows the call holds: the member's
+# queue refuses the call past it instead of running work nobody waits for.
+Infer = Callable[[str, dict[str, np.ndarray], tuple[str, ...], float | None], Awaitable[dict[str, np.ndarray]]]
+LATE = "the request's deadline passed before its payloads were encoded: the server is over capacity; nothing more " \
+       "was computed for it"
+BUSY = "the server is over capacity: this route instance already holds {n} requests with payloads to decode " \
+       "(serving.admission.max_decoding_requests); retry later or on another server"
 
 
 @dataclass(eq=False)
@@ -100,10 +119,16 @@ class _Flight:
     embeddings: dict[Modality, np.ndarray] = field(default_factory=dict)
     error: RouteError | None = None
     outputs: dict[str, np.ndarray] | None = None
+    answered: bool = False  # its result went to the `Answer` callback
 
     @property
     def rows(self) -> int:
         return len(self.valid.history)
+
+    @property
+    def all_hit(self) -> bool:
+        """Every present payload came from the cache: nothing to decode or encode."""
+        return not any(self.misses.values())
 
     def fail(self, error: RouteError) -> None:
         if self.error is None:  # the first error is the one the caller sees
@@ -124,8 +149,13 @@ class RankingRoute:
     """Serves batches of ranking requests through the member models; each request is answered on its own."""
 
     def __init__(self, spec: PipelineSpec, preparer: RequestPreprocessor, infer: Infer,
-                 log_error: Callable[[str], None] = lambda message: None, cache: EmbeddingCache | None = None):
+                 log_error: Callable[[str], None] = lambda message: None, cache: EmbeddingCache | None = None,
+                 decode: Callable[[Callable[[], None]], Awaitable[None]] | None = None):
+        """`decode` runs one request's decoding (a callable) where it belongs, e.g. in a bounded pool of threads of
+        low CPU priority (`fusionrank.triton.models`); None: inline."""
         self.spec = spec
+        self.decode = decode
+        self.decoding = 0  # requests with payloads to decode in flight, over every concurrent execute
         self.preparer = preparer
         self.infer = infer
         self.log_error = log_error
@@ -133,25 +163,70 @@ class RankingRoute:
         self.modalities = spec.modalities.enabled
         self.ranker_outputs = tuple(t.name for t in model_io(spec, RANKER).outputs)
 
-    async def rank(self, requests: Sequence[RouteRequest]) -> list[RouteResult]:
-        """Outputs by name, or a RouteError, per request and in the requests' order."""
+    async def rank(self, requests: Sequence[RouteRequest], answer: Answer | None = None) -> list[RouteResult]:
+        """Outputs by name, or a RouteError, per request and in the requests' order. `answer` gets each request's
+        result as soon as it is known (an error at the stage that found it; a request the cache answered whole
+        when it is ranked, while its batch-mates still decode), so no caller waits for another's work."""
         flights = [_Flight(r) for r in requests]
+
+        def settle() -> None:
+            for i, f in enumerate(flights):
+                if answer is not None and not f.answered and (f.error is not None or f.outputs is not None):
+                    f.answered = True
+                    answer(i, f.error if f.error is not None else f.outputs)
+
         live = self._validate(flights)
         self._lookup(live)
-        live = self._drop_cancelled(self._preprocess(live))
-        live = self._drop_cancelled(await self._encode(live))
-        await self._rank(live)
+        live = self._guarded(self._drop_cancelled(live), "cost check", self._check_cost)
+        settle()
+
+        async def fast_path(hits: list[_Flight]) -> None:
+            await self._rank(hits)
+            settle()
+
+        # Requests the cache answered whole are ranked (and answered) now, not after their batch-mates' decoding.
+        hits = asyncio.ensure_future(fast_path([f for f in live if f.all_hit]))
+        admitted = self._admit([f for f in live if not f.all_hit])
+        settle()
+        self.decoding += len(admitted)
+        try:
+            work = self._drop_cancelled(await self._preprocess(admitted))
+            settle()
+            work = self._drop_cancelled(await self._encode(work))
+            settle()
+            await asyncio.gather(hits, self._rank(work))
+        finally:
+            self.decoding -= len(admitted)
+        settle()
         return [f.error if f.error is not None else f.outputs for f in flights]
+
+    def _admit(self, flights: list[_Flight]) -> list[_Flight]:
+        """The requests with payloads to decode this instance can take (`max_decoding_requests`, over all its
+        concurrent executes); the rest are refused UNAVAILABLE at once, before any decoding."""
+        room = max(0, self.spec.serving.admission.max_decoding_requests - self.decoding)
+        for f in flights[room:]:
+            f.fail(RouteError(Status.UNAVAILABLE, BUSY.format(n=self.decoding)))
+        return flights[:room]
 
     @staticmethod
     def _drop_cancelled(flights: list[_Flight]) -> list[_Flight]:
-        live = []
+        """The flights whose caller still waits: a cancelled one is answered CANCELLED, one past its deadline
+        UNAVAILABLE (over capacity: another server, or this one later, may serve it), and no more work is done."""
+        live, now = [], time.monotonic()
         for f in flights:
             if f.request.is_cancelled():
                 f.fail(RouteError(Status.CANCELLED, "request cancelled by the caller"))
+            elif f.request.late(now):
+                f.fail(RouteError(Status.UNAVAILABLE, LATE))
             else:
                 live.append(f)
         return live
+
+    def _check_cost(self, f: _Flight) -> None:
+        """Refuse a request whose misses cost more to decode than `serving.admission.cost` allows (headers only)."""
+        budget = self.spec.serving.admission.cost
+        if budget.max_pixels or budget.max_audio_samples or budget.max_video_frames:
+            check_budget(budget, request_cost(self.spec, f.valid, f.misses))
 
     def _guarded(self, flights: list[_Flight], stage: str, work: Callable[[_Flight], None]) -> list[_Flight]:
         """Run `work` on each flight: bad input answers its request INVALID_ARG, any other failure INTERNAL (logged);
@@ -220,12 +295,15 @@ class RankingRoute:
             return image_cache_payload(self.spec, payload, valid.videos[row]), PayloadKind.FRAMES
         return payload, PayloadKind.of(modality)
 
-    def _preprocess(self, flights: list[_Flight]) -> list[_Flight]:
+    async def _preprocess(self, flights: list[_Flight]) -> list[_Flight]:
         def preprocess(f: _Flight) -> None:
             for m in self.modalities:
                 f.groups[m] = self.preparer.encoder_groups(f.valid, m, f.misses[m])
 
-        return self._guarded(flights, "preprocessing", preprocess)
+        if self.decode is None or not flights:
+            return self._guarded(flights, "preprocessing", preprocess)
+        await self.decode(lambda: self._guarded(flights, "preprocessing", preprocess))
+        return [f for f in flights if f.error is None]
 
     async def _encode(self, flights: list[_Flight]) -> list[_Flight]:
         await asyncio.gather(*(self._encode_modality(flights, m) for m in self.modalities))
@@ -236,7 +314,8 @@ class RankingRoute:
     async def _encode_modality(self, flights: list[_Flight], modality: Modality) -> None:
         name = embedding_name(modality)
         parts = [(f, group) for f in flights for group in f.groups[modality]]
-        results = await self.call_member(encoder_name(modality), [g.inputs for _, g in parts], (name,))
+        results = await self.call_member(encoder_name(modality), [g.inputs for _, g in parts], (name,),
+                                         deadline=_latest(flights))
         encoded: dict[_Flight, list[tuple[np.ndarray, np.ndarray]]] = {}
         for (f, group), result in zip(parts, results):
             if f.error is not None:
@@ -271,11 +350,14 @@ class RankingRoute:
             self.log_error(f"route: storing embeddings failed:\n{traceback.format_exc()}")
 
     async def _rank(self, flights: list[_Flight]) -> None:
+        if not flights:
+            return
         parts = [{**{embedding_name(m): f.embeddings[m] for m in self.modalities}, "history": f.valid.history,
                   MODALITY_MASK: f.valid.present.astype(np.float32)} for f in flights]
         # One call per request (the ranker's dynamic batcher merges them): the ranker model answers a non-finite
         # output INVALID_ARG naming the row (the reference ensemble's guard), which then concerns this request alone.
-        results = await self.call_member(RANKER, parts, self.ranker_outputs, concatenate=False)
+        results = await self.call_member(RANKER, parts, self.ranker_outputs, concatenate=False,
+                                         deadline=_latest(flights))
         for f, result in zip(flights, results):
             if isinstance(result, RouteError):
                 f.fail(result)
@@ -296,7 +378,7 @@ class RankingRoute:
         self.log_error(f"route: non-finite {name} at row {row} from finite inputs")
 
     async def call_member(self, model: str, parts: Sequence[dict[str, np.ndarray]], outputs: tuple[str, ...],
-                          concatenate: bool = True) -> list[RouteResult]:
+                          concatenate: bool = True, deadline: float | None = None) -> list[RouteResult]:
         """Run every part (input arrays of some rows) through `model`: parts whose shapes agree are concatenated
         (unless `concatenate` is False), cut at the model's max batch and sent concurrently. Returns each part's
         outputs, or the error of a call that held some of its rows."""
@@ -305,22 +387,22 @@ class RankingRoute:
             key = tuple((n, a.shape[1:]) for n, a in sorted(arrays.items())) if concatenate else i
             groups.setdefault(key, []).append(i)
         results: list[RouteResult] = [RouteError(Status.INTERNAL, "unreached")] * len(parts)
-        answered = await asyncio.gather(*(self._call_group(model, [parts[i] for i in members], outputs)
+        answered = await asyncio.gather(*(self._call_group(model, [parts[i] for i in members], outputs, deadline)
                                           for members in groups.values()))
         for members, group_results in zip(groups.values(), answered):
             for i, result in zip(members, group_results):
                 results[i] = result
         return results
 
-    async def _call_group(self, model: str, parts: list[dict[str, np.ndarray]],
-                          outputs: tuple[str, ...]) -> list[RouteResult]:
+    async def _call_group(self, model: str, parts: list[dict[str, np.ndarray]], outputs: tuple[str, ...],
+                          deadline: float | None) -> list[RouteResult]:
         names = list(parts[0])
         batch = {n: parts[0][n] if len(parts) == 1 else np.concatenate([p[n] for p in parts]) for n in names}
         total, step = len(batch[names[0]]), self.spec.serving.batching(model).max_batch_size
         starts = list(range(0, total, step))
         own = len(parts) == 1 and len(starts) == 1  # the call holds exactly one part's rows, in order
         chunks = await asyncio.gather(*(self._call_chunk(model, {n: a[s:s + step] for n, a in batch.items()}, outputs,
-                                                         own) for s in starts))
+                                                         own, deadline) for s in starts))
         results, lo = [], 0
         for part in parts:
             hi = lo + len(part[names[0]])
@@ -332,10 +414,11 @@ class RankingRoute:
         return results
 
     async def _call_chunk(self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...],
-                          own: bool) -> RouteResult:
+                          own: bool, deadline: float | None) -> RouteResult:
         rows = len(next(iter(inputs.values())))
         try:
-            result = await self.infer(model, {n: np.ascontiguousarray(a) for n, a in inputs.items()}, outputs)
+            result = await self.infer(model, {n: np.ascontiguousarray(a) for n, a in inputs.items()}, outputs,
+                                      deadline)
         except MemberCallError as exc:
             if exc.status is Status.INVALID_ARG and own:
                 return RouteError(Status.INVALID_ARG, exc.message)  # names a row of this request: pass it on
@@ -350,3 +433,9 @@ class RankingRoute:
             self.log_error(f"route: {model} answered {rows} input rows with other row counts or outputs")
             return RouteError(Status.INTERNAL, f"route: {model} output rows do not match its input rows")
         return result
+
+
+def _latest(flights: Sequence[_Flight]) -> float | None:
+    """The deadline of a member call holding these flights' rows: the latest of theirs (None if one has none)."""
+    deadlines = [f.request.deadline for f in flights]
+    return None if not deadlines or None in deadlines else max(deadlines)

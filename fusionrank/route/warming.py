@@ -26,7 +26,7 @@ import numpy as np
 from fusionrank.contract.errors import FusionRankError, PreprocessError
 from fusionrank.contract.names import encoder_name
 from fusionrank.contract.paths import tokenizer_dir
-from fusionrank.contract.spec import Modality, PipelineSpec, ServingProfile
+from fusionrank.contract.spec import Modality, PipelineSpec, Priority, ServingProfile
 from fusionrank.contract.tensors import ITEM_INPUT, embedding_name, infer_inputs
 from fusionrank.request.validation import EncoderGroup, RequestPreprocessor, ValidRequest, non_finite_row
 from fusionrank.route.cache import RedisTier, stored_value
@@ -164,8 +164,10 @@ class _Embedder:
         for group in self._groups(modality, request, rows, items):
             for start in range(0, len(group.rows), step):
                 inputs = {n: a[start:start + step] for n, a in group.inputs.items()}
+                # At the warm-up level: the route's calls (production) are served first by the encoder's queue.
                 result = self.triton.infer(model, infer_inputs(self.grpc, inputs),
-                                           outputs=[self.grpc.InferRequestedOutput(name)], client_timeout=120)
+                                           outputs=[self.grpc.InferRequestedOutput(name)], client_timeout=120,
+                                           priority=self.spec.serving.admission.level(Priority.WARMUP))
                 values = result.as_numpy(name)
                 for row, value in zip(group.rows[start:start + step], values):
                     if non_finite_row(value[None]) is None:

@@ -9,10 +9,13 @@ not their inputs'). The route (`RouteModel`) is a shell over `fusionrank.route.s
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
+import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -236,7 +239,25 @@ class OnnxRuntimeModel(_BatchedModel):
 # backend reports a BLS call it could not submit as "Model X - Error when running inference: <Triton's message>"
 # without Triton's status code, so these are recognised by text (Triton 2.51).
 _UNAVAILABLE_MESSAGES = ("server not ready", "server is stopping", "is not ready", "unknown model",
-                         "has no available versions", "stopped accepting new inference requests")
+                         "has no available versions", "stopped accepting new inference requests",
+                         "exceeds maximum queue size", "request timeout expired")
+# Decoding threads run at this niceness (Linux: per thread), so a cached request's few milliseconds of CPU in
+# another route instance are not queued behind a flood's decoding on a busy core.
+DECODE_NICENESS = 10
+
+
+def _lower_priority() -> None:
+    try:
+        os.nice(DECODE_NICENESS)
+    except OSError:  # not permitted here: the pool still bounds the decoding, at normal priority
+        pass
+
+
+def request_deadline(request, now: float) -> float | None:
+    """The monotonic time past which the caller of a Triton request no longer waits: its `timeout` (microseconds,
+    the caller's own or none; 0: none) counted from now. Triton already refused it if it expired while queued."""
+    timeout_us = request.timeout()
+    return now + timeout_us / 1e6 if timeout_us else None
 
 
 def member_status(pb, code: int, message: str) -> Status:
@@ -288,7 +309,10 @@ class RouteModel:
         labels = (name, args.get("model_instance_name", name))
         self.cache, self.metrics = _route_cache(pb, spec, args, params, labels)
         self.responses = ResponseMetrics(pb, *labels)
-        self.route = RankingRoute(spec, preparer, self._infer, pb.Logger.log_error, cache=self.cache)
+        self.pool = ThreadPoolExecutor(spec.serving.admission.decode_threads, thread_name_prefix="decode",
+                                       initializer=_lower_priority)
+        self.route = RankingRoute(spec, preparer, self._infer, pb.Logger.log_error, cache=self.cache,
+                                  decode=self._decode)
         self.codes = {Status.INVALID_ARG: pb.TritonError.INVALID_ARG, Status.CANCELLED: pb.TritonError.CANCELLED,
                       Status.UNAVAILABLE: pb.TritonError.UNAVAILABLE, Status.INTERNAL: pb.TritonError.INTERNAL}
         # Members are warmed by Triton; the in-process preprocessing is warmed here (first decode, tokenizer).
@@ -296,10 +320,19 @@ class RouteModel:
         length = spec.ranker.history.length
         preparer(request_arrays({m: [samples[m]] for m in spec.modalities.enabled}, np.zeros((1, length), np.int64)))
 
-    async def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> dict:
+    async def _decode(self, work) -> None:
+        await asyncio.get_running_loop().run_in_executor(self.pool, work)
+
+    async def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...],
+                     deadline: float | None = None) -> dict:
         pb = _pb()
+        # The member's queue refuses the call once the callers' deadline has passed (`allow_timeout_override`).
+        timeout = {} if deadline is None else {"timeout": max(1, int((deadline - time.monotonic()) * 1e6))}
+        # TensorRT members (the gpu profile) answer in GPU memory, where `as_numpy()` raises "Tensor is stored in GPU
+        # and cannot be converted to NumPy" (server#3944, #6137): ask Triton to hand every output over in CPU memory.
         request = pb.InferenceRequest(model_name=model, inputs=[pb.Tensor(n, a) for n, a in inputs.items()],
-                                      requested_output_names=list(outputs))
+                                      requested_output_names=list(outputs),
+                                      preferred_memory=pb.PreferredMemory(pb.TRITONSERVER_MEMORY_CPU, 0), **timeout)
         response = await request.async_exec()
         if response.has_error():
             error = response.error()
@@ -308,21 +341,37 @@ class RouteModel:
         return {n: np.array(pb.get_output_tensor_by_name(response, n).as_numpy()) for n in outputs}
 
     async def execute(self, requests):
+        """Answers each request through its response sender as soon as its result is known (Triton 2.51 allows one
+        final response per request in a non-decoupled model), so a request the cache answered whole leaves while
+        its batch-mates still decode; returns None, as the Python backend then requires."""
         pb = _pb()
-        plain = [RouteRequest(_inputs(pb, r, self.input_names), r.is_cancelled) for r in requests]
-        results = await self.route.rank(plain)
-        responses, codes = [], []
-        for result in results:
+        now = time.monotonic()
+        plain = [RouteRequest(_inputs(pb, r, self.input_names), r.is_cancelled, request_deadline(r, now))
+                 for r in requests]
+        senders = [r.get_response_sender() for r in requests]
+        codes: dict[int, int | None] = {}
+
+        def answer(i: int, result) -> None:
             if isinstance(result, RouteError):
-                codes.append(self.codes[result.status])
-                error = pb.TritonError(result.message, codes[-1])
-                responses.append(pb.InferenceResponse(output_tensors=[], error=error))
+                codes[i] = self.codes[result.status]
+                response = pb.InferenceResponse(output_tensors=[], error=pb.TritonError(result.message, codes[i]))
             else:
-                codes.append(None)
-                responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(n, result[n])
-                                                                      for n in self.output_names]))
-        self._publish(pb, codes)
-        return responses
+                codes[i] = None
+                response = pb.InferenceResponse(output_tensors=[pb.Tensor(n, result[n]) for n in self.output_names])
+            try:
+                senders[i].send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            except Exception:  # one response that cannot leave (its caller went) never stops the others
+                pb.Logger.log_error(f"route: sending response {i} failed:\n{traceback.format_exc()}")
+
+        try:
+            await self.route.rank(plain, answer)
+        except Exception:  # ours: every request still unanswered gets INTERNAL, never silence
+            pb.Logger.log_error(f"route: execute failed:\n{traceback.format_exc()}")
+            for i in range(len(requests)):
+                if i not in codes:
+                    answer(i, RouteError(Status.INTERNAL, "route: internal error (see server log)"))
+        self._publish(pb, list(codes.values()))
+        return None
 
     def _publish(self, pb, codes: list[int | None]) -> None:
         """The execute's response codes and the cache's counters to Triton's metrics."""
@@ -336,5 +385,6 @@ class RouteModel:
                 pb.Logger.log_error(f"route: publishing {what} metrics failed:\n{traceback.format_exc()}")
 
     def finalize(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)
         if self.cache is not None:
             self.cache.close()

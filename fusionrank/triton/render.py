@@ -20,6 +20,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from fusionrank.contract.errors import FusionRankError
 from fusionrank.contract.names import (
     ENCODERS_AND_RANKER,
     POOL_MODEL,
@@ -29,7 +30,14 @@ from fusionrank.contract.names import (
     encoder_modality,
     encoder_name,
 )
-from fusionrank.contract.spec import PipelineSpec, ServingProfile, member_models, to_dict
+from fusionrank.contract.spec import (
+    AdmissionSpec,
+    PipelineSpec,
+    QueuePolicySpec,
+    ServingProfile,
+    member_models,
+    to_dict,
+)
 from fusionrank.contract.tensors import ITEM_INPUT, TensorSpec, embedding_name, model_io, rows_name
 from fusionrank.preprocess.samples import warmup_samples
 from fusionrank.route.item_keys import MEMBER_FILES
@@ -75,7 +83,32 @@ def _base_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
     config.output.extend(_tensor(t, mc.ModelOutput) for t in io_.outputs)
     config.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
     config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
+    admission = spec.serving.admission
+    config.dynamic_batching.default_queue_policy.CopyFrom(_queue_policy(admission.queue(model,
+                                                                                      model == spec.serving.route)))
+    _priorities(config, spec.serving.admission)
     return config
+
+
+def _queue_policy(policy: QueuePolicySpec) -> mc.ModelQueuePolicy:
+    """Triton's queue policy: bounded, and a request queued past its timeout is refused (UNAVAILABLE), not run."""
+    return mc.ModelQueuePolicy(timeout_action=mc.ModelQueuePolicy.REJECT,
+                               default_timeout_microseconds=policy.timeout_us,
+                               allow_timeout_override=policy.allow_timeout_override,
+                               max_queue_size=policy.max_queue_size)
+
+
+def _priorities(config: mc.ModelConfig, admission: AdmissionSpec) -> None:
+    """One priority level per traffic class (`serving.admission.priorities`); the levels below the default
+    class's get `background_queue` where the spec sets one. Members get the levels too: the route's BLS calls
+    carry no priority (Triton 2.51) and so run at the default (production) level, ahead of the catalogue warm-up
+    that calls the encoders directly at its own level."""
+    batching = config.dynamic_batching
+    batching.priority_levels = len(admission.priorities)
+    batching.default_priority_level = admission.level(admission.default_priority)
+    if admission.background_queue is not None:
+        for level in range(batching.default_priority_level + 1, batching.priority_levels + 1):
+            batching.priority_queue_policy[level].CopyFrom(_queue_policy(admission.background_queue))
 
 
 def _instance(config: mc.ModelConfig, spec: PipelineSpec, kind: int) -> None:
@@ -98,17 +131,51 @@ def _warmup_inputs(spec: PipelineSpec, model: str, bucket: int | None = None) ->
     return inputs
 
 
-def _add_warmup(config: mc.ModelConfig, spec: PipelineSpec) -> None:
-    """Warm every member so the first real request does not pay for lazy initialisation (sessions, allocators)."""
+def _add_warmup(config: mc.ModelConfig, spec: PipelineSpec, batches: tuple[int, ...] | None = None) -> None:
+    """Warm every member so the first real request does not pay for lazy initialisation (sessions, allocators);
+    `batches`: the batch sizes to warm (default: the largest preferred one)."""
     model = config.name
-    batch = spec.serving.batching(model).preferred_batch_sizes[-1]
+    batches = batches or (spec.serving.batching(model).preferred_batch_sizes[-1],)
     buckets = spec.modalities.text.buckets if model == encoder_name(Modality.TEXT) else (None,)
-    for bucket in buckets:
-        suffix = f"_seq{bucket}" if bucket else ""
-        warm = mc.ModelWarmup(name=f"{model}_batch{batch}{suffix}", batch_size=batch)
-        for name, entry in _warmup_inputs(spec, model, bucket).items():
-            warm.inputs[name].CopyFrom(entry)
-        config.model_warmup.append(warm)
+    for batch in batches:
+        for bucket in buckets:
+            suffix = f"_seq{bucket}" if bucket else ""
+            warm = mc.ModelWarmup(name=f"{model}_batch{batch}{suffix}", batch_size=batch)
+            for name, entry in _warmup_inputs(spec, model, bucket).items():
+                warm.inputs[name].CopyFrom(entry)
+            config.model_warmup.append(warm)
+
+
+def _gpu_batching(config: mc.ModelConfig, spec: PipelineSpec) -> None:
+    """The gpu profile's batching policy (`serving.gpu`, GpuBatchingSpec says why), where the spec sets one."""
+    gpu = spec.serving.gpu_batching(config.name)
+    if gpu is None:
+        return
+    config.dynamic_batching.ClearField("preferred_batch_size")
+    config.dynamic_batching.preferred_batch_size.extend(gpu.preferred_batch_sizes)
+    config.dynamic_batching.max_queue_delay_microseconds = gpu.max_queue_delay_us
+    if gpu.instances:
+        config.instance_group[0].count = gpu.instances
+
+
+def _cuda_graphs(config: mc.ModelConfig, spec: PipelineSpec) -> None:
+    """CUDA graphs of a fixed-shape engine: one per batch profile's opt and max, each serving the batches from the
+    previous graph's size + 1 up to its own (the TensorRT backend pads a batch up to the graph that holds it)."""
+    model = config.name
+    inputs = model_io(spec, model).inputs
+    dynamic = [t.name for t in inputs if -1 in t.dims]
+    if dynamic:
+        raise FusionRankError(f"serving.gpu.{model}.cuda_graphs: {', '.join(dynamic)} has a dynamic axis; CUDA "
+                              "graphs are for fixed-shape engines (set cuda_graphs: false)")
+    cuda = config.optimization.cuda
+    cuda.graphs = True
+    sizes = sorted({b for _, opt, hi in spec.serving.batch_profiles(model) for b in (opt, hi)})
+    for low, size in zip([0, *sizes], sizes):
+        graph = cuda.graph_spec.add(batch_size=size)
+        graph.graph_lower_bound.batch_size = low + 1
+        for t in inputs:
+            graph.input[t.name].dim.extend(t.dims)
+            graph.graph_lower_bound.input[t.name].dim.extend(t.dims)
 
 
 def python_config(spec: PipelineSpec, model: str, role: str) -> mc.ModelConfig:
@@ -144,7 +211,8 @@ def pool_config(spec: PipelineSpec) -> mc.ModelConfig:
     return config
 
 
-def route_config(spec: PipelineSpec, member_files: dict[str, str]) -> mc.ModelConfig:
+def route_config(spec: PipelineSpec, member_files: dict[str, str],
+                 profile: ServingProfile = ServingProfile.CPU) -> mc.ModelConfig:
     """The route callers use: a BLS Python model (`fusionrank.route.stages`) with the contract's inputs and outputs,
     its own dynamic batcher and instance count from the spec. `member_files` (encoder -> the file it serves under
     this profile) lets the route's embedding cache key on the served models (`fusionrank.route.item_keys`).
@@ -154,6 +222,8 @@ def route_config(spec: PipelineSpec, member_files: dict[str, str]) -> mc.ModelCo
     config = _base_config(spec, spec.serving.route)
     config.backend = "python"
     _instance(config, spec, mc.ModelInstanceGroup.KIND_CPU)
+    if profile is ServingProfile.GPU:  # its members answer in under a millisecond: a short wait (serving.gpu)
+        _gpu_batching(config, spec)
     config.parameters["role"].string_value = "route"
     config.parameters["spec"].string_value = _spec_parameter(spec, spec.serving.route)
     config.parameters[MEMBER_FILES].string_value = json.dumps(member_files, sort_keys=True)
@@ -167,16 +237,28 @@ def _served_file(config: mc.ModelConfig) -> str:
     return config.default_model_filename
 
 
+def engine_profile_count(spec: PipelineSpec, model: str) -> int:
+    """How many optimisation profiles `model`'s engine has (export/profiles.py builds them): one per batch profile,
+    times one per padding bucket for a text encoder built `profile_per_bucket`."""
+    per_bucket = model == encoder_name(Modality.TEXT) and spec.export.tensorrt.profile_per_bucket
+    return len(spec.serving.batch_profiles(model)) * (len(spec.modalities.text.buckets) if per_bucket else 1)
+
+
 def tensorrt_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
     config = _base_config(spec, model)
     config.platform = "tensorrt_plan"
     config.default_model_filename = "model.plan"
     _instance(config, spec, mc.ModelInstanceGroup.KIND_GPU)
-    if model == encoder_name(Modality.TEXT) and spec.export.tensorrt.profile_per_bucket:
-        # One optimisation profile per padding bucket (export/profiles.py): every instance must be allowed to use
-        # all of them, else Triton binds only profile 0 and the other buckets' shapes are rejected.
-        config.instance_group[0].profile.extend(str(i) for i in range(len(spec.modalities.text.buckets)))
-    _add_warmup(config, spec)
+    _gpu_batching(config, spec)
+    profiles = engine_profile_count(spec, model)
+    if profiles > 1:
+        # Several optimisation profiles (batch sizes, padding buckets): every instance must be allowed to use all of
+        # them, else Triton binds only profile 0 and the other profiles' shapes are rejected.
+        config.instance_group[0].profile.extend(str(i) for i in range(profiles))
+    gpu = spec.serving.gpu_batching(model)
+    if gpu is not None and gpu.cuda_graphs:
+        _cuda_graphs(config, spec)
+    _add_warmup(config, spec, tuple(opt for _, opt, _ in spec.serving.batch_profiles(model)))
     return config
 
 
@@ -230,8 +312,8 @@ def model_configs(spec: PipelineSpec) -> dict[str, dict[ServingProfile, mc.Model
     ensemble = ensemble_config(spec)
     configs[spec.serving.reference_ensemble] = {profile: ensemble for profile in ServingProfile}
     encoders = [encoder_name(m) for m in spec.modalities.enabled]
-    configs[spec.serving.route] = {profile: route_config(spec, {m: _served_file(configs[m][profile]) for m in encoders})
-                                   for profile in ServingProfile}
+    configs[spec.serving.route] = {profile: route_config(spec, {m: _served_file(configs[m][profile]) for m in encoders},
+                                                         profile) for profile in ServingProfile}
     return configs
 
 

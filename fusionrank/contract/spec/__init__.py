@@ -6,10 +6,12 @@ from a `PipelineSpec`, so no two parts of the project can disagree about a shape
 """
 
 from fusionrank.contract.names import Modality
+from fusionrank.contract.spec.admission import AdmissionSpec, CostBudgetSpec, Priority, QueuePolicySpec
 from fusionrank.contract.spec.base import (
     DEFAULT_TEXT_CHECKPOINT,
     CalibrationMethod,
     FusionType,
+    HardwareCompatibility,
     Pooling,
     Precision,
     RecurrentCell,
@@ -39,6 +41,7 @@ from fusionrank.contract.spec.sections import (
     CpuExportSpec,
     DataSpec,
     ExportSpec,
+    GpuBatchingSpec,
     HistorySpec,
     RankerSpec,
     RankingParitySpec,
@@ -52,10 +55,11 @@ from fusionrank.contract.spec.sections import (
 
 __all__ = [
     "DEFAULT_TEXT_CHECKPOINT", "INT8_FILE", "OPTIMIZED_FILE", "SLO_FIELDS",
-    "AudioEncoderSpec", "AudioSpec", "BatchingSpec", "CacheSpec", "CalibrationMethod", "CpuExportSpec", "DataSpec",
-    "ExportSpec", "FusionType", "HistorySpec", "ImageEncoderSpec", "ImageSpec", "ModalitiesSpec", "Modality",
-    "PipelineSpec", "Pooling", "Precision", "RankerSpec", "RankingParitySpec", "RecurrentCell", "ResNetArch",
-    "ServingProfile", "SloSpec", "SloTargets", "TensorRTSpec", "TextEncoderSpec", "TextSpec", "Tolerance",
-    "TrainSpec", "UpgradeSpec", "VideoSpec", "choices", "from_dict", "load_spec", "member_models", "served_models",
-    "to_dict",
+    "AdmissionSpec", "AudioEncoderSpec", "AudioSpec", "BatchingSpec", "CacheSpec", "CalibrationMethod",
+    "CostBudgetSpec", "CpuExportSpec", "DataSpec", "ExportSpec", "FusionType", "GpuBatchingSpec",
+    "HardwareCompatibility", "HistorySpec", "ImageEncoderSpec",
+    "ImageSpec", "ModalitiesSpec", "Modality", "PipelineSpec", "Pooling", "Precision", "Priority", "QueuePolicySpec",
+    "RankerSpec", "RankingParitySpec", "RecurrentCell", "ResNetArch", "ServingProfile", "SloSpec", "SloTargets",
+    "TensorRTSpec", "TextEncoderSpec", "TextSpec", "Tolerance", "TrainSpec", "UpgradeSpec", "VideoSpec", "choices",
+    "from_dict", "load_spec", "member_models", "served_models", "to_dict",
 ]

@@ -42,6 +42,17 @@ class Precision(str, enum.Enum):
     INT8 = "int8"
 
 
+class HardwareCompatibility(str, enum.Enum):
+    """TensorRT's `HardwareCompatibilityLevel` of a build: which GPUs a plan may run on besides the builder's model.
+
+    none: the builder's GPU model only (fastest); same_compute_capability: any GPU of its compute capability (an
+    H100 plan on an H200, both 9.0); ampere_plus: any Ampere or newer GPU (slower: no cuDNN/cuBLAS tactics)."""
+
+    NONE = "none"
+    SAME_COMPUTE_CAPABILITY = "same_compute_capability"
+    AMPERE_PLUS = "ampere_plus"
+
+
 class CalibrationMethod(str, enum.Enum):
     """How static INT8 quantization picks activation ranges from calibration samples (ONNX Runtime's methods)."""
 

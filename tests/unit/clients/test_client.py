@@ -197,7 +197,7 @@ def test_chunking_splits_long_lists_and_merges_in_order():
     fakes = {"a:1": FakeTriton("a:1", log)}
     with _client(fakes, max_candidates=4) as client:
         result = client.rank_payloads(_items(10), [5, 6, 7])
-    assert [rows for _, rows, _ in log] == [4, 4, 2]
+    assert sorted(rows for _, rows, _ in log) == [2, 4, 4], "chunks are sent concurrently, in any order"
     np.testing.assert_allclose(result.scores, np.arange(10) / 1000.0, rtol=1e-6)
     assert result.weights.shape == (10, 3)
     assert list(result.order()) == list(range(9, -1, -1))

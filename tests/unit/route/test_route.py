@@ -16,7 +16,15 @@ from fusionrank.contract.tensors import CLICK_PROBABILITY, MODALITY_WEIGHTS, req
 from fusionrank.request.validation import RequestPreprocessor
 from fusionrank.route.stages import MemberCallError, RankingRoute, RouteError, RouteRequest, Status
 from fusionrank.triton.render import model_configs
-from tests.fakes.pb_utils import FakeError, FakeMemberError, FakeMetricFamily, FakeRequest, install
+from tests.fakes.pb_utils import (
+    FakeError,
+    FakeMemberError,
+    FakeMetricFamily,
+    FakeRequest,
+    FakeTritonModelException,
+    install,
+    route_responses,
+)
 
 
 def _one_column(values: np.ndarray, dim: int) -> np.ndarray:
@@ -51,9 +59,11 @@ class Members:
     def __init__(self, spec):
         self.functions = member_functions(spec)
         self.calls: list[tuple[str, int]] = []
+        self.deadlines: list[float | None] = []
 
-    async def __call__(self, model, inputs, outputs):
+    async def __call__(self, model, inputs, outputs, deadline=None):
         self.calls.append((model, len(next(iter(inputs.values())))))
+        self.deadlines.append(deadline)
         await asyncio.sleep(0)  # let the other calls of the execute start, as BLS calls do
         result = self.functions[model](inputs)
         return {n: result[n] for n in outputs}
@@ -168,15 +178,16 @@ class ValidateSpy(RequestPreprocessor):
 def test_cancelled_requests_are_answered_cancelled_and_skip_the_remaining_stages(ci_spec, preparer, monkeypatch):
     spy = ValidateSpy(preparer)
     route, members = _route(ci_spec, spy)
-    # Rows 2, 3, 4, 5: cancelled from the start, after preprocessing, after encoding, never.
-    requests = [RouteRequest(_request(ci_spec, n), CancelAfter(checks)) for n, checks in ((2, 0), (3, 1), (4, 2),
-                                                                                          (5, 99))]
+    # Rows 2, 3, 4, 5, 6: cancelled from the start, after the cache lookup (before decoding), after preprocessing,
+    # after encoding, never.
+    requests = [RouteRequest(_request(ci_spec, n), CancelAfter(checks))
+                for n, checks in ((2, 0), (3, 1), (4, 2), (5, 3), (6, 99))]
     results = asyncio.run(route.rank(requests))
-    assert [r.status for r in results[:3]] == [Status.CANCELLED] * 3
-    assert results[3][CLICK_PROBABILITY].shape == (5, 1)
-    assert spy.validated == [3, 4, 5], "a request cancelled before its turn is not validated nor preprocessed"
-    assert members.rows("image_encoder") == [9], "cancelled after preprocessing: not encoded"
-    assert members.rows("fusion_ranker") == [5], "cancelled after encoding: not ranked"
+    assert [r.status for r in results[:4]] == [Status.CANCELLED] * 4
+    assert results[4][CLICK_PROBABILITY].shape == (6, 1)
+    assert spy.validated == [3, 4, 5, 6], "a request cancelled before its turn is not validated nor preprocessed"
+    assert members.rows("image_encoder") == [11], "cancelled before decoding or after preprocessing: not encoded"
+    assert members.rows("fusion_ranker") == [6], "cancelled after encoding: not ranked"
 
 
 def _poisoned(members: Members, model: str, output: str, row_of_call: int, value: float, call: int = 0):
@@ -275,7 +286,9 @@ def route_model(monkeypatch, ci_spec, tmp_path):
     from fusionrank.contract.paths import resolve_text_checkpoint
     from fusionrank.triton.models import RouteModel
 
-    pb = install(monkeypatch, member_functions(ci_spec))
+    # Every member GPU-resident, as the gpu profile's TensorRT engines: the route reads them only if it asks for CPU.
+    functions = member_functions(ci_spec)
+    pb = install(monkeypatch, functions, gpu_members=functions)
     repo = tmp_path / "repo"
     (repo / "preprocess" / "1").mkdir(parents=True)
     (repo / "preprocess" / "1" / "tokenizer").symlink_to(resolve_text_checkpoint(ci_spec.modalities.text.encoder
@@ -295,7 +308,7 @@ def test_shell_answers_each_request_with_its_outputs_or_its_error_code(route_mod
     model, pb = route_model
     good = _request(ci_spec, 2)
     bad = {**_request(ci_spec, 1), "item_text": np.array([[b"\xff\xfe"]], dtype=object)}
-    responses = asyncio.run(model.execute([FakeRequest(good), FakeRequest(bad), FakeRequest(good, cancelled=True)]))
+    responses = route_responses(model, [FakeRequest(good), FakeRequest(bad), FakeRequest(good, cancelled=True)])
     outputs = {t.name: t.array for t in responses[0].output_tensors}
     assert responses[0].error is None and outputs[CLICK_PROBABILITY].shape == (2, 1)
     assert outputs[MODALITY_WEIGHTS].shape == (2, 3)
@@ -304,27 +317,41 @@ def test_shell_answers_each_request_with_its_outputs_or_its_error_code(route_mod
     assert [m for m, _ in pb.calls].count("image_encoder") == 1
 
 
+def test_shell_reads_gpu_resident_members_by_asking_for_their_outputs_in_cpu_memory(route_model, ci_spec):
+    model, pb = route_model
+    (response,) = route_responses(model, [FakeRequest(_request(ci_spec, 2))])
+    assert response.error is None, response.error
+    assert pb.memories and all(m == pb.PreferredMemory(pb.TRITONSERVER_MEMORY_CPU, 0) for m in pb.memories)
+    # Without it, a GPU member's outputs stay on the GPU and cannot be read as NumPy (the real backend's message).
+    request = pb.InferenceRequest("audio_encoder", [pb.Tensor("log_mel", np.zeros((1, 4, 4), np.float32))],
+                                  ["audio_embedding"])
+    tensor = pb.get_output_tensor_by_name(asyncio.run(request.async_exec()), "audio_embedding")
+    assert not tensor.is_cpu()
+    with pytest.raises(FakeTritonModelException, match="Tensor is stored in GPU and cannot be converted to NumPy"):
+        tensor.as_numpy()
+
+
 def test_shell_maps_member_errors_to_status_codes(route_model, ci_spec):
     model, pb = route_model
     pb.members["text_encoder"] = lambda arrays: FakeMemberError("model 'text_encoder' is not ready",
                                                                 FakeError.NOT_FOUND)
-    (response,) = asyncio.run(model.execute([FakeRequest(_request(ci_spec, 1))]))
+    (response,) = route_responses(model, [FakeRequest(_request(ci_spec, 1))])
     assert response.error.code == FakeError.UNAVAILABLE and "text_encoder" in response.error.message
     pb.members["text_encoder"] = lambda arrays: FakeMemberError("onnxruntime: bad alloc", FakeError.INTERNAL)
-    (response,) = asyncio.run(model.execute([FakeRequest(_request(ci_spec, 1))]))
+    (response,) = route_responses(model, [FakeRequest(_request(ci_spec, 1))])
     assert response.error.code == FakeError.INTERNAL and "bad alloc" not in response.error.message
     # A stopping server: the Python backend reports the call it could not submit with its own code (INTERNAL) and
     # Triton's message; the caller must be able to retry on another server.
     pb.members["text_encoder"] = lambda arrays: FakeMemberError(
         "Model text_encoder - Error when running inference: Server not ready", FakeError.INTERNAL)
-    (response,) = asyncio.run(model.execute([FakeRequest(_request(ci_spec, 1))]))
+    (response,) = route_responses(model, [FakeRequest(_request(ci_spec, 1))])
     assert response.error.code == FakeError.UNAVAILABLE
 
 
 def test_shell_publishes_the_cache_counters_as_triton_metrics(route_model, ci_spec):
     model, pb = route_model
     for _ in range(2):
-        asyncio.run(model.execute([FakeRequest(_request(ci_spec, 3))]))
+        route_responses(model, [FakeRequest(_request(ci_spec, 3))])
     families = FakeMetricFamily.families
     hits, misses = families["fusionrank_cache_hits"], families["fusionrank_cache_misses"]
     assert misses.total() == 9 and hits.total(tier="lru") == 9 and hits.total(modality="image") == 3
@@ -340,9 +367,9 @@ def test_shell_counts_every_response_by_the_status_the_caller_sees(route_model, 
     assert responses.total() == 0, "every series exists at 0 before the first request"
     good = _request(ci_spec, 2)
     bad = {**_request(ci_spec, 1), "item_text": np.array([[b"\xff\xfe"]], dtype=object)}
-    asyncio.run(model.execute([FakeRequest(good), FakeRequest(bad), FakeRequest(bad), FakeRequest(good, True)]))
+    route_responses(model, [FakeRequest(good), FakeRequest(bad), FakeRequest(bad), FakeRequest(good, True)])
     pb.members["text_encoder"] = lambda arrays: FakeMemberError("onnxruntime: bad alloc", FakeError.INTERNAL)
-    asyncio.run(model.execute([FakeRequest(_request(ci_spec, 1, title=b"not in the cache yet"))]))
+    route_responses(model, [FakeRequest(_request(ci_spec, 1, title=b"not in the cache yet"))])
     counts = {m.labels["code"]: m.value for m in responses.metrics if m.value}
     assert counts == {"OK": 1, "INVALID_ARGUMENT": 2, "CANCELLED": 1, "INTERNAL": 1}
     assert {m.labels["model"] for m in responses.metrics} == {ci_spec.serving.route}
@@ -355,6 +382,6 @@ def test_shell_answers_its_requests_when_the_metric_update_fails(route_model, ci
         raise RuntimeError("metrics server gone")
 
     monkeypatch.setattr(type(model.responses.metrics["OK"]), "increment", broken)
-    (response,) = asyncio.run(model.execute([FakeRequest(_request(ci_spec, 1))]))
+    (response,) = route_responses(model, [FakeRequest(_request(ci_spec, 1))])
     assert response.error is None
     assert any("publishing response metrics failed" in e for e in pb.Logger.errors)

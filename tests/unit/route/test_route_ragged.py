@@ -26,7 +26,7 @@ class Recording(Members):
         super().__init__(spec)
         self.inputs: list[tuple[str, dict]] = []
 
-    async def __call__(self, model, inputs, outputs):
+    async def __call__(self, model, inputs, outputs, deadline=None):
         self.inputs.append((model, inputs))
         return await super().__call__(model, inputs, outputs)
 

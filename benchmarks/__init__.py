@@ -13,6 +13,8 @@ BENCHMARKS = {
     "video": "what a video candidate costs against a still: preprocessing and image-encoder time per item",
     "traffic": "the route past its capacity: goodput under deadlines at 1x-8x, an open-loop backlog, a cached "
                "caller beside 16-MP floods",
+    "determinism": "one request's score spread alone, cached, from several callers, amid traffic and through the "
+                   "reference ensemble (goal <= 1e-6)",
 }
 
 __all__ = ["BENCHMARKS"]

@@ -21,7 +21,7 @@ from fusionrank.contract.spec import PipelineSpec, ServingProfile, from_dict
 from fusionrank.contract.tensors import request_arrays
 from fusionrank.preprocess.samples import warmup_samples
 from fusionrank.request.validation import RequestPreprocessor
-from fusionrank.route.cache import EmbeddingCache
+from fusionrank.route.cache import LOCAL_CACHE_ENV, EmbeddingCache
 from fusionrank.route.item_keys import MEMBER_FILES, encoder_identities
 from fusionrank.route.metrics import CacheMetrics, ResponseMetrics
 from fusionrank.route.stages import MemberCallError, RankingRoute, RouteError, RouteRequest, Status
@@ -74,8 +74,10 @@ def _route_cache(pb, spec, args, params: dict[str, str], labels: tuple[str, str]
     repo = Path(args["model_repository"]).parent
     identities = encoder_identities(spec, repo, json.loads(params[MEMBER_FILES]))
     dims = {m: spec.modalities.embedding_dim(m) for m in spec.modalities.enabled}
-    cache = EmbeddingCache.from_spec(settings, identities, dims, pb.Logger.log_error)
-    pb.Logger.log_info(f"route: embedding cache: in-process {settings.lru_bytes} bytes, shared tier "
+    local = os.environ.get(LOCAL_CACHE_ENV)  # set by TritonServer when it started the server-wide tier
+    cache = EmbeddingCache.from_spec(settings, identities, dims, pb.Logger.log_error, local_url=local)
+    where = f"server-wide {local}" if local else f"in-process {settings.lru_bytes} bytes"
+    pb.Logger.log_info(f"route: embedding cache: {where}, shared tier "
                        f"{settings.redis_url or 'none'}; encoders " + ", ".join(
                            f"{i.model} v{i.version} ({i.digest})" for i in identities.values()))
     return cache, CacheMetrics(pb, *labels, spec.modalities.enabled)

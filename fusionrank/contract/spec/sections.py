@@ -162,8 +162,22 @@ class CpuExportSpec:
     tolerances: dict[str, Tolerance] = field(default_factory=dict)
     ranking: RankingParitySpec = field(default_factory=lambda: RankingParitySpec(0.95, 0.95, 0.003))
     max_test_auc_drop: float = 0.003
+    # Largest change of a served graph's output row between the row alone and the row among other rows (issue 19).
+    batch_invariance_atol: float = 1e-6
+    # Per model, regular expressions of node names static quantization leaves in FP32 (re.search on the name).
+    fp32_nodes: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self):
+        if not self.batch_invariance_atol >= 0:
+            fail("export.cpu.batch_invariance_atol", self.batch_invariance_atol, "a number >= 0")
+        for model, patterns in self.fp32_nodes.items():
+            if model not in ENCODERS_AND_RANKER:
+                fail(f"export.cpu.fp32_nodes.{model}", patterns, "a key among " + ", ".join(ENCODERS_AND_RANKER))
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except (re.error, TypeError) as exc:
+                    fail(f"export.cpu.fp32_nodes.{model}", pattern, f"a regular expression ({exc})")
         for model, precision in self.precision.items():
             if model not in ENCODERS_AND_RANKER:
                 fail(f"export.cpu.precision.{model}", precision.value, "a key among " + ", ".join(ENCODERS_AND_RANKER))

@@ -32,7 +32,9 @@ def cached(triton_server, ci_spec, built_repository, tmp_path_factory):
 
     redis = start_redis(tmp_path_factory.mktemp("redis"))
     batching = dataclasses.replace(ci_spec.serving.batching(ci_spec.serving.route), instances=1)
+    gpu = {ROUTE if model == ci_spec.serving.route else model: g for model, g in ci_spec.serving.gpu.items()}
     serving = dataclasses.replace(ci_spec.serving, route=ROUTE, models={**ci_spec.serving.models, ROUTE: batching},
+                                  gpu=gpu,
                                   cache=CacheSpec(lru_bytes=TINY_LRU, redis_url=redis.url, redis_timeout_ms=200,
                                                   redis_retry_s=0.5))
     spec = dataclasses.replace(ci_spec, serving=serving)

@@ -18,7 +18,7 @@ CI_CHANGES = {
     "data.num_users": 120, "data.sessions_per_user": 4, "train.epochs": 2, "export.parity_samples": 16,
     "export.cpu.precision": {}, "export.cpu.calibration_samples": 64,
     "export.cpu.ranking.min_top10_overlap": 0.9, "export.cpu.ranking.min_kendall_tau": 0.9,
-    "export.cpu.ranking.max_auc_diff": 0.02,
+    "export.cpu.ranking.max_auc_diff": 0.02, "serving.admission.route_queue.max_queue_size": 32,
 }
 
 

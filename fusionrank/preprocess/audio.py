@@ -23,9 +23,9 @@ import soundfile as sf
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.signal import firwin, resample_poly
 from scipy.sparse import csr_matrix
-from transformers.audio_utils import mel_filter_bank, window_function
 
 from fusionrank.errors import PreprocessError
+from fusionrank.preprocess._mel import hann_window, slaney_mel_filter_bank
 from fusionrank.spec import AudioSpec
 from fusionrank.tensors import ITEM_INPUT, Modality
 
@@ -50,10 +50,9 @@ class AudioPreprocessor:
 
     def __init__(self, spec: AudioSpec):
         self.spec = spec
-        self.window = window_function(spec.n_fft, "hann").astype(np.float64)
-        self.mel_filters = mel_filter_bank(num_frequency_bins=spec.n_fft // 2 + 1, num_mel_filters=spec.n_mels,
-                                           min_frequency=spec.fmin, max_frequency=spec.fmax,
-                                           sampling_rate=spec.sample_rate, norm="slaney", mel_scale="slaney")
+        self.window = hann_window(spec.n_fft)
+        self.mel_filters = slaney_mel_filter_bank(spec.n_fft // 2 + 1, spec.n_mels, spec.fmin, spec.fmax,
+                                                  spec.sample_rate)
         for array in (self.window, self.mel_filters):
             array.flags.writeable = False
         # The triangular filters touch about 2 % of the (frequency, mel) pairs: a sparse product is the same sum

@@ -1,0 +1,38 @@
+"""Serving loads no torch: the route's and members' modules, and a request preprocessor built from the CI spec and
+run on one request of every modality, leave `torch` and `transformers` out of the process (each of them maps
+hundreds of MiB into every Triton stub process, which only tokenizes and decodes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import CI_SPEC, REPO_ROOT
+
+_PROBE = """
+import json, sys
+import numpy as np
+import fusionrank.serving.triton_models, fusionrank.serving.route, fusionrank.serving.cache  # noqa: F401
+from fusionrank.preprocess.request import RequestPreprocessor
+from fusionrank.serving.samples import warmup_samples
+from fusionrank.spec import load_spec
+from fusionrank.tensors import ITEM_INPUT, USER_HISTORY
+
+spec = load_spec(sys.argv[1])
+preparer = RequestPreprocessor(spec)
+samples = warmup_samples(spec)
+inputs = {ITEM_INPUT[m]: np.array([[samples[m]], [samples[m]]], dtype=object) for m in spec.modalities.enabled}
+inputs[USER_HISTORY] = np.ones((2, spec.ranker.history.length), dtype=np.int64)
+prepared = preparer(inputs, placeholders=True)
+print(json.dumps({"rows": prepared.rows, "modules": sorted(m for m in ("torch", "transformers") if m in sys.modules)}))
+"""
+
+
+def test_serving_imports_no_torch():
+    out = subprocess.run([sys.executable, "-c", _PROBE, str(CI_SPEC)], capture_output=True, text=True,
+                         cwd=REPO_ROOT, timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["rows"] == 2
+    assert result["modules"] == [], f"serving imported {result['modules']}"

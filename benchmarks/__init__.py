@@ -1,0 +1,1 @@
+"""Benchmarks: one shared measurement library (`benchmarks.lib`) and one module per benchmark."""

@@ -12,6 +12,7 @@ from export.upgrade_measure import UPGRADE_PROFILES
 from fusionrank.serving.doors import ENV_TLS_DIR, TLS_FILES
 from fusionrank.spec import FusionType, Precision, ServingProfile, choices
 from fusionrank_cli import commands
+from fusionrank_cli.capacity import add_capacity_commands
 from loadtest.soak import add_arguments as soak_arguments
 
 DESCRIPTION = "fusionrank: multimodal recommendation ranker, from PyTorch to a Triton ensemble"
@@ -182,4 +183,5 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serving_commands(add)
     _add_load_commands(add)
     _add_engine_commands(add)
+    add_capacity_commands(add)
     return parser

@@ -116,9 +116,11 @@ def python_config(spec: PipelineSpec, model: str, role: str) -> mc.ModelConfig:
     if role == "onnxruntime":
         # The graph export.cpu chose: optimised FP32 or INT8 beside model.onnx (export/onnx2cpu.py writes them).
         config.parameters["onnx_file"].string_value = spec.export.cpu.onnx_file(model)
-        # One thread per session: the three encoders run concurrently in their own stubs, and several threads each
-        # oversubscribe the cores (measured on 2 cores: a 10-candidate request 436 ms with the default, 352 ms with 1).
-        config.parameters["intra_op_threads"].string_value = "1"
+        # One thread per session by default: the three encoders run concurrently in their own stubs, and several
+        # threads each oversubscribe the cores (measured on 2 cores: a 10-candidate request 436 ms with the default,
+        # 352 ms with 1); `fusionrank tune` measures other values per machine.
+        threads = spec.serving.batching(model).intra_op_threads
+        config.parameters["intra_op_threads"].string_value = str(threads)
         if model == "fusion_ranker":
             config.parameters["check_finite_outputs"].string_value = "true"
     _add_warmup(config, spec)

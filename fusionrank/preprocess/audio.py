@@ -21,7 +21,6 @@ from fractions import Fraction
 import numpy as np
 import soundfile as sf
 from numpy.lib.stride_tricks import sliding_window_view
-from scipy.signal import firwin, resample_poly
 from scipy.sparse import csr_matrix
 
 from fusionrank.errors import PreprocessError
@@ -39,6 +38,8 @@ MEL_FLOOR = 1e-10  # transformers' spectrogram default: the power floor before l
 @functools.lru_cache(maxsize=16)
 def _resampling_filter(up: int, down: int) -> np.ndarray:
     """scipy's own resample_poly filter for up/down (Kaiser-windowed sinc), designed once per ratio."""
+    from scipy.signal import firwin  # scipy.signal maps about 55 MiB: only processes that resample pay for it
+
     rate = max(up, down)
     taps = firwin(2 * 10 * rate + 1, 1.0 / rate, window=("kaiser", 5.0)).astype(np.float32)
     taps.flags.writeable = False  # shared between threads; resample_poly copies it before scaling
@@ -109,6 +110,8 @@ class AudioPreprocessor:
         if rate != spec.sample_rate:
             ratio = Fraction(spec.sample_rate, rate).limit_denominator(MAX_RATIO_DENOMINATOR)
             up, down = ratio.numerator, ratio.denominator
+            from scipy.signal import resample_poly  # see _resampling_filter
+
             mono = resample_poly(mono, up, down, window=_resampling_filter(up, down)).astype(np.float32)
         clip = np.zeros(spec.clip_samples, dtype=np.float32)
         clip[: min(len(mono), spec.clip_samples)] = mono[: spec.clip_samples]

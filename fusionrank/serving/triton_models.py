@@ -199,6 +199,9 @@ class OnnxRuntimeModel(_BatchedModel):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        # No CPU memory arena: the arena keeps the peak of the largest batch ever run (the warm-up's) for the
+        # process's life, about 200 MiB per encoder on the CI spec, and saved no CPU time (docs/capacity.md).
+        options.enable_cpu_mem_arena = False
         threads = int(self.params.get("intra_op_threads", "0"))
         if threads:
             options.intra_op_num_threads = threads

@@ -73,12 +73,15 @@ class Runner(Protocol):
 class OnnxRuntimeRunner:
     """The CPU profile's runtime: ONNX Runtime on `<model>/1/model.onnx`, as the Python-backend model runs it."""
 
-    def __init__(self, path: Path, providers: tuple = ("CPUExecutionProvider",)):
+    def __init__(self, path: Path, providers: tuple = ("CPUExecutionProvider",), intra_op_threads: int = 0):
         import onnxruntime as ort
 
         if not Path(path).is_file():
             raise BenchmarkError(f"{path} not found; run `fusionrank export` first")
-        self.session = ort.InferenceSession(str(path), providers=list(providers))
+        options = ort.SessionOptions()
+        if intra_op_threads:  # 0: ONNX Runtime's default, one thread per core
+            options.intra_op_num_threads = intra_op_threads
+        self.session = ort.InferenceSession(str(path), options, providers=list(providers))
         wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
         # ONNX Runtime falls back to the CPU when a provider cannot load (e.g. CUDA or cuDNN libraries missing).
         if self.session.get_providers()[0] != wanted:

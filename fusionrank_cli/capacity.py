@@ -14,6 +14,10 @@ from fusionrank.spec import load_spec
 CAPACITY_COMMANDS = {
     "bench-memory": ("benchmarks.serving_memory", "resident memory of a served CPU pipeline per process, idle and "
                                                   "under a stream of never-seen items"),
+    "bench-roof": ("benchmarks.roof", "the cold route against the in-process roof (one pipeline per core), side by "
+                                      "side: candidates/s and CPU ms per candidate"),
+    "profile-route": ("benchmarks.route_profile", "where a candidate's time goes in the served route: py-spy samples "
+                                                  "of every Python backend stub under never-seen items"),
     "tune": ("benchmarks.tune.cli", "search route/encoder instances, ONNX Runtime threads and batching for the most "
                                 "capacity within the spec's SLO; writes a spec overlay and a report"),
 }

@@ -145,12 +145,13 @@ def inprocess_phases(spec: PipelineSpec, repo: Path, bench, config: BenchConfig)
         pipeline.close()
     (factory,) = _factories(spec, bench, config, phase=5, count=1)
     load = os.getloadavg()[0]
-    latencies, candidates, rate, workers = run_roof(spec, repo, factory.scenario, config.inprocess_seconds,
-                                                    seed=config.seed)
-    stats = summarize(latencies, candidates / rate if rate else 1.0, candidates)
-    phases.append(Phase(f"in-process roof, {workers} pipelines, batch {config.candidates}", "inprocess_roof", stats,
-                        len(latencies), load=(load, os.getloadavg()[0]),
-                        note=f"{workers} processes, one per core, 1 ONNX Runtime thread each; candidates/s summed"))
+    roof = run_roof(spec, repo, factory.scenario, config.inprocess_seconds, seed=config.seed)
+    stats = summarize(roof.latencies, roof.candidates / roof.candidates_per_s if roof.candidates_per_s else 1.0,
+                      roof.candidates)
+    phases.append(Phase(f"in-process roof, {roof.workers} pipelines, batch {config.candidates}", "inprocess_roof",
+                        stats, len(roof.latencies), load=(load, os.getloadavg()[0]),
+                        note=f"{roof.workers} processes, one per core, 1 ONNX Runtime thread each; candidates/s "
+                             f"summed; {roof.cpu_ms_per_candidate:.1f} CPU ms per candidate"))
     return phases
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from fusionrank.spec import PipelineSpec
@@ -24,18 +25,34 @@ def _worker(spec: PipelineSpec, repo: str, scenario, seed: int, seconds: float, 
     try:
         pipeline.rank([factory.next()])  # sessions allocate on their first call
         barrier.wait()
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         latencies, candidates = run_inprocess(pipeline, factory.next, seconds)
-        results.put((latencies, candidates, time.perf_counter() - started))
+        results.put((latencies, candidates, time.perf_counter() - started, time.process_time() - cpu))
     except Exception as exc:  # reported by the parent, which would otherwise wait for a result forever
         results.put(exc)
     finally:
         pipeline.close()
 
 
+@dataclass(frozen=True)
+class RoofResult:
+    """Every worker's call latencies, the candidates they scored, their summed candidates/s, the worker count and
+    the CPU seconds they used (all threads) while measured."""
+
+    latencies: list[float]
+    candidates: int
+    candidates_per_s: float
+    workers: int
+    cpu_s: float
+
+    @property
+    def cpu_ms_per_candidate(self) -> float:
+        return 1000.0 * self.cpu_s / max(self.candidates, 1)
+
+
 def run_roof(spec: PipelineSpec, repo: Path, scenario, seconds: float, workers: int | None = None,
-             seed: int = 0) -> tuple[list[float], int, float, int]:
-    """Every worker's call latencies, the candidates they scored, summed candidates/s and the worker count."""
+             seed: int = 0) -> RoofResult:
+    """The roof: one pipeline per core (or `workers`), measured together for `seconds`."""
     workers = workers or os.cpu_count() or 1
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads and sessions
     barrier, results = ctx.Barrier(workers), ctx.Queue()
@@ -53,5 +70,5 @@ def run_roof(spec: PipelineSpec, repo: Path, scenario, seconds: float, workers: 
     failed = [g for g in got if isinstance(g, Exception)]
     if failed:
         raise failed[0]
-    latencies = [x for lat, _, _ in got for x in lat]
-    return latencies, sum(c for _, c, _ in got), sum(c / wall for _, c, wall in got), workers
+    return RoofResult([x for g in got for x in g[0]], sum(g[1] for g in got), sum(g[1] / g[2] for g in got), workers,
+                      sum(g[3] for g in got))

@@ -85,3 +85,22 @@ def describe(processes: list[ProcessMemory]) -> str:
     """One line: the total and each label's processes and MiB."""
     parts = [f"{label} x{n} {rss / MIB:.0f}" for label, (n, rss) in by_label(processes).items()]
     return f"{total_rss(processes) / MIB:.0f} MiB RSS in {len(processes)} processes (" + ", ".join(parts) + " MiB)"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by `pid` and its descendants (threads included)."""
+    import psutil
+
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error as exc:
+        raise MemoryError_(f"process {pid}: cannot read its tree ({exc})") from exc
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total

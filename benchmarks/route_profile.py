@@ -30,7 +30,7 @@ RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("decode video", ("preprocess/video.py", "av/", "libav")),
     ("decode audio", ("preprocess/audio.py", "soundfile", "pocketfft", "scipy")),
     ("hash / cache keys", ("hashlib", "item_keys.py", "_hashlib", "sha256", "blake2", "serving/cache.py")),
-    ("BLS calls and tensors", ("async_exec", "InferenceRequest", "triton_python_backend_utils", "as_numpy",
+    ("route logic, BLS calls and tensors", ("async_exec", "InferenceRequest", "triton_python_backend_utils", "as_numpy",
                                "get_output_tensor", "pb_utils", "serving/route.py")),
     ("validation and candidate preparation", ("preprocess/request.py", "ragged.py", "preprocess/__init__.py")),
     ("copies and concatenation", ("concatenate", "ascontiguousarray", "np.array", "copyto", "memcpy", "memmove",

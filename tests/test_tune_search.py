@@ -143,3 +143,21 @@ def test_report_files(tmp_path):
     assert "1.30x" in paths["report"].read_text()
     assert yaml.safe_load(paths["spec"].read_text())["serving"]["models"]["rank"]["instances"] == 2
     assert paths["plot"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_overlay_repository_writes_configs_and_links_weights(ci_spec, tmp_path):
+    from benchmarks.tune.measure import overlay_repository
+    from fusionrank.serving.render import render_repository
+
+    repo = tmp_path / "repo"
+    render_repository(ci_spec, repo)
+    weights = repo / "image_encoder" / "1" / "model.opt.onnx"
+    weights.write_bytes(b"not really a graph")
+    tuned = apply(ci_spec, [Knob("t", ("image_encoder",), "intra_op_threads", (1, 2))], {"t": 2})
+    with overlay_repository(tuned, repo) as root:
+        linked = root / "image_encoder" / "1" / "model.opt.onnx"
+        assert linked.is_symlink() and linked.read_bytes() == b"not really a graph"
+        config = (root / "image_encoder" / "configs" / "cpu.pbtxt").read_text()
+        assert 'string_value: "2"' in config and not (root / "image_encoder" / "configs" / "cpu.pbtxt").is_symlink()
+    assert not root.exists()
+    assert 'string_value: "2"' not in (repo / "image_encoder" / "configs" / "cpu.pbtxt").read_text()

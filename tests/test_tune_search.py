@@ -161,3 +161,23 @@ def test_overlay_repository_writes_configs_and_links_weights(ci_spec, tmp_path):
         assert 'string_value: "2"' in config and not (root / "image_encoder" / "configs" / "cpu.pbtxt").is_symlink()
     assert not root.exists()
     assert 'string_value: "2"' not in (repo / "image_encoder" / "configs" / "cpu.pbtxt").read_text()
+
+
+def test_confirm_interleaves_and_tests_the_windows():
+    from benchmarks.tune.search import confirm
+
+    order = []
+
+    def measure(config):
+        order.append(config["a"])
+        rate = 130.0 if config["a"] == 2 else 100.0
+        return Trial(dict(config), rate, 500.0, True, windows=(rate - 1, rate, rate + 1))
+
+    base = Trial({"a": 1}, 100.0, 500.0, True, windows=(99.0, 100.0, 101.0))
+    best = Trial({"a": 2}, 130.0, 500.0, True, windows=(129.0, 130.0, 131.0))
+    comparison, extra = confirm(base, best, measure, rounds=2)
+    assert order == [1, 2, 1, 2] and len(extra) == 4
+    assert comparison.significant and comparison.change > 0.25 and comparison.baseline_n == 9
+    noisy = Trial({"a": 2}, 101.0, 500.0, True, windows=(98.0, 101.0, 103.0))
+    comparison, _ = confirm(base, noisy, lambda c: Trial(dict(c), 100.0, 500.0, True, windows=(99.0, 101.0)), 1)
+    assert not comparison.significant

@@ -20,6 +20,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         help="share of never-seen candidates (1.0: every candidate a cache miss, the cold route)")
     parser.add_argument("--knobs", default=None, help="comma-separated knob names to search (default: all)")
     parser.add_argument("--min-gain", type=float, default=0.03, help="smallest relative gain a step must bring")
+    parser.add_argument("--confirm-rounds", type=int, default=1,
+                        help="after the search, measure hand-set and tuned again this many times each, interleaved, "
+                             "and test the difference (0: no confirmation)")
     parser.add_argument("--no-ranking-check", action="store_true", help="skip the ranking gates (not recommended)")
     parser.add_argument("--out", default=None, help="report folder (default: reports/tune-<time>)")
 
@@ -44,7 +47,16 @@ def main(args: argparse.Namespace, spec, repo: Path, out=sys.stdout) -> int:
     from benchmarks.served import Stream
     from benchmarks.tune.measure import ConfigMeasurer, MeasureSettings
     from benchmarks.tune.report import write_report
-    from benchmarks.tune.search import Budget, TuneError, apply, best_trial, coordinate_descent, handset, overlay
+    from benchmarks.tune.search import (
+        Budget,
+        TuneError,
+        apply,
+        best_trial,
+        confirm,
+        coordinate_descent,
+        handset,
+        overlay,
+    )
     from fusionrank.project import default_spec_path, project_dir
 
     knobs = _knobs(spec, args.knobs)
@@ -74,6 +86,12 @@ def main(args: argparse.Namespace, spec, repo: Path, out=sys.stdout) -> int:
                    f"{time.monotonic() - budget.started:.0f} s")
     try:
         best = best_trial(trials)
+        if args.confirm_rounds and best is not trials[0]:
+            comparison, extra = confirm(trials[0], best, measure, args.confirm_rounds)
+            facts["confirmation"] = (f"hand-set vs tuned candidates/s per window over {1 + args.confirm_rounds} "
+                                     f"interleaved runs each: {comparison.describe()}")
+            out.write(f"confirmation: {facts['confirmation']}\n")
+            trials += extra
         tuned_overlay = overlay(spec, apply(spec, knobs, best.config))
         out_dir = Path(args.out) if args.out else project_dir() / "reports" / f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
         paths = write_report(out_dir, Path(args.spec) if args.spec else default_spec_path(), trials, best,

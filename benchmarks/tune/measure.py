@@ -108,4 +108,5 @@ def judge(config: dict[str, int], run, spec: PipelineSpec, candidates: int) -> T
     if not run.stable:
         problems.append("windows not stable")  # reported, not disqualifying: a noisy machine still gets a figure
     note = "; ".join(problems) or p99.describe()
-    return Trial(config, capacity, bound, feasible, note)
+    windows = tuple(w.throughput * candidates for w in run.measured)
+    return Trial(config, capacity, bound, feasible, note, windows=windows)

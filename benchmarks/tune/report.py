@@ -49,7 +49,8 @@ def markdown(trials: Sequence[Trial], best: Trial, facts: dict, budget: str, ove
              f"**Tuned vs hand-set capacity within the SLO: {best.candidates_per_s:.1f} vs "
              f"{handset.candidates_per_s:.1f} candidates/s = "
              f"{best.candidates_per_s / handset.candidates_per_s if handset.candidates_per_s else float('nan'):.2f}x**"
-             f" (p99 {best.p99_ms:.0f} vs {handset.p99_ms:.0f} ms)", "",
+             f" (p99 {best.p99_ms:.0f} vs {handset.p99_ms:.0f} ms; first measurement of each)", "",
+             f"Confirmation: {facts.get('confirmation', 'none run')}", "",
              "| | configuration (changes from the hand-set spec) | candidates/s | p99 ms | within SLO | s | notes |",
              "|---|---|---:|---:|---|---:|---|"]
     for trial in trials:
@@ -72,13 +73,14 @@ def plot(trials: Sequence[Trial], best: Trial, path: Path) -> None:
     ax.scatter([t.p99_ms for t in ok], [t.candidates_per_s for t in ok],
                c=["tab:green" if t.feasible else "tab:red" for t in ok], label="configurations (red: outside SLO)")
     front = pareto_front(trials)
-    ax.plot([t.p99_ms for t in front], [t.candidates_per_s for t in front], "k--", lw=1, label="Pareto front")
+    ax.plot([t.p99_ms for t in front], [t.candidates_per_s for t in front], "k--o", lw=1, mfc="none", ms=12,
+            label="Pareto front")
     for trial, text in ((trials[0], "hand-set"), (best, "tuned")):
         ax.annotate(text, (trial.p99_ms, trial.candidates_per_s), textcoords="offset points", xytext=(6, 6))
     ax.set_xlabel("p99 latency per request (ms)")
     ax.set_ylabel("candidates/s")
     ax.set_title("fusionrank tune: throughput vs p99")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

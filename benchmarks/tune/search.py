@@ -60,6 +60,7 @@ class Trial:
     feasible: bool
     note: str = ""
     seconds: float = 0.0
+    windows: tuple[float, ...] = ()  # candidates/s of each measured window (for the confirmation's test)
 
     @property
     def score(self) -> float:
@@ -184,6 +185,22 @@ def best_trial(trials: Sequence[Trial]) -> Trial:
         raise TuneError(f"none of the {len(trials)} configurations measured met the SLO: "
                         + "; ".join(t.note for t in trials[:3]))
     return max(feasible, key=lambda t: t.candidates_per_s)
+
+
+def confirm(handset_trial: Trial, best: Trial, measure: Measure, rounds: int):
+    """Hand-set and best measured again, interleaved, `rounds` times each; their windows' candidates/s (the search's
+    own runs included) compared with a Mann-Whitney test and a noise floor (`benchmarks.lib.compare_samples`).
+    Returns the comparison and the new trials."""
+    from benchmarks.lib import compare_samples
+
+    extra = []
+    for _ in range(rounds):
+        extra += [measure(dict(handset_trial.config)), measure(dict(best.config))]
+    base = [w for t in (handset_trial, *extra[0::2]) for w in t.windows]
+    tuned = [w for t in (best, *extra[1::2]) for w in t.windows]
+    if not base or not tuned:
+        raise TuneError("confirmation: a configuration gave no measured window")
+    return compare_samples(base, tuned), extra
 
 
 def pareto_front(trials: Sequence[Trial]) -> list[Trial]:

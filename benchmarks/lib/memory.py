@@ -17,7 +17,7 @@ MIB = 1 << 20
 _STUB = "triton_python_backend_stub"
 
 
-class MemoryError_(FusionRankError):  # noqa: N801 (MemoryError is a builtin)
+class ProcessReadError(FusionRankError):
     """A process tree could not be read."""
 
 
@@ -51,7 +51,7 @@ def process_tree(pid: int) -> list[ProcessMemory]:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.Error as exc:
-        raise MemoryError_(f"process {pid}: cannot read its tree ({exc})") from exc
+        raise ProcessReadError(f"process {pid}: cannot read its tree ({exc})") from exc
     out = []
     for proc in procs:
         try:
@@ -96,7 +96,7 @@ def cpu_seconds(pid: int) -> float:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.Error as exc:
-        raise MemoryError_(f"process {pid}: cannot read its tree ({exc})") from exc
+        raise ProcessReadError(f"process {pid}: cannot read its tree ({exc})") from exc
     for proc in procs:
         try:
             times = proc.cpu_times()

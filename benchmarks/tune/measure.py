@@ -66,7 +66,8 @@ class ConfigMeasurer:
 
         variant = apply(self.spec, self.knobs, config)
         self.calls += 1
-        stream = Stream(**{**self.settings.stream.__dict__, "seed": self.settings.stream.seed + 100 * self.calls})
+        # A seed per measurement: never-seen items stay never seen across configurations (no server keeps a cache).
+        stream = dataclasses.replace(self.settings.stream, seed=self.settings.stream.seed + 100 * self.calls)
         with overlay_repository(variant, self.repo) as repo, \
                 TritonServer.for_spec(variant, repo, ServingProfile.CPU, log_name="tritonserver-tune") as server:
             load = ServedLoad(variant, self.bench, server.grpc_url, variant.serving.route, stream)

@@ -71,11 +71,14 @@ def main(args: argparse.Namespace, spec, repo: Path, out=sys.stdout) -> int:
     measurer = ConfigMeasurer(spec, repo, knobs, settings, ranking=not args.no_ranking_check)
     budget = Budget(args.budget_evaluations, args.budget_seconds)
 
+    count = [0]
+
     def measure(config):
         began = time.monotonic()
         trial = measurer(config)
         trial = dataclasses.replace(trial, seconds=time.monotonic() - began)
-        out.write(f"  [{len(budget.spent) + 1}] {trial.candidates_per_s:7.1f} candidates/s  p99 "
+        count[0] += 1
+        out.write(f"  [{count[0]}] {trial.candidates_per_s:7.1f} candidates/s  p99 "
                   f"{trial.p99_ms:6.0f} ms  {'ok ' if trial.feasible else 'OUT'}  {config}  ({trial.note})\n")
         out.flush()
         return trial
@@ -92,6 +95,10 @@ def main(args: argparse.Namespace, spec, repo: Path, out=sys.stdout) -> int:
                                      f"interleaved runs each: {comparison.describe()}")
             out.write(f"confirmation: {facts['confirmation']}\n")
             trials += extra
+            if not (comparison.significant and comparison.change > 0):
+                # No gain beyond noise: the hand-set spec stays (an empty overlay), and the report says why.
+                facts["kept_handset"] = "the tuned configuration's gain did not survive the confirmation"
+                best = trials[0]
         tuned_overlay = overlay(spec, apply(spec, knobs, best.config))
         out_dir = Path(args.out) if args.out else project_dir() / "reports" / f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
         paths = write_report(out_dir, Path(args.spec) if args.spec else default_spec_path(), trials, best,

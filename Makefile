@@ -9,13 +9,13 @@ SYSTEM_PACKAGES := prometheus shellcheck redis-server
 # Images: `make image push REGISTRY=registry.example.com/ml TAG=0.1.0` (needs a Docker engine).
 REGISTRY ?= registry.example.com/ml
 TAG ?= 0.1.0
-RELEASE := docker/triton-release.yaml
+RELEASE := deploy/triton-release.yaml
 release = $(shell sed -n 's/^$(1): *"\{0,1\}\([^"]*\)"\{0,1\} *$$/\1/p' $(RELEASE))
 TRITON_DIGEST ?= $(call release,digest)
-BUILD = docker build -f docker/Dockerfile --build-arg TRITON_DIGEST=$(TRITON_DIGEST) \
+BUILD = docker build -f deploy/Dockerfile --build-arg TRITON_DIGEST=$(TRITON_DIGEST) \
 	$(if $(RANKER_CHECKPOINT),--build-arg RANKER_CHECKPOINT=$(RANKER_CHECKPOINT))
 
-.PHONY: demo test test-all test-gpu gpu-check lint install system-deps deploy-render image push pin-triton clean
+.PHONY: demo test test-unit test-integration test-deploy test-all test-gpu gpu-check lint install system-deps deploy-render image push pin-triton clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,8 +39,20 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fusionrank demo
 
+# Every test but the GPU ones (CI: .ci/run). The tiers alone: test-unit is the fast loop (no server, no trained
+# model), test-integration starts real tritonserver / redis-server and trains and exports the CI models (with the
+# fuzzers of tests/robustness), test-deploy checks images, Kubernetes, monitoring and the wheel.
 test: lint system-deps
 	$(PY) -m pytest -m "not gpu" -q
+
+test-unit: lint
+	$(PY) -m pytest tests/unit -q
+
+test-integration: $(STAMP) system-deps
+	$(PY) -m pytest tests/integration tests/robustness -m "not gpu" -q
+
+test-deploy: $(STAMP) system-deps
+	$(PY) -m pytest tests/deploy -m "not gpu" -q
 
 test-all: test
 
@@ -48,9 +60,9 @@ test-gpu: $(STAMP)
 	$(PY) -m pip install -q -e '.[gpu]'
 	$(PY) -m pytest -m gpu -q
 
-# Generated deployment files: the PrometheusRule (from docker/monitoring/rules.yml) and the rendered overlays.
+# Generated deployment files: the PrometheusRule (from deploy/monitoring/rules.yml) and the rendered overlays.
 deploy-render: $(STAMP)
-	$(PY) docker/render_manifests.py
+	$(VENV)/bin/fusionrank deploy-render
 
 image:
 	@test -n "$(TRITON_DIGEST)" || { echo "$(RELEASE) has no digest: run 'make pin-triton' where nvcr.io is reachable"; exit 1; }
@@ -61,7 +73,7 @@ push: image
 	docker push $(REGISTRY)/fusionrank:$(TAG)
 	docker push $(REGISTRY)/fusionrank-engine-builder:$(TAG)
 
-# Resolves the release's tag to its digest once and records it in docker/triton-release.yaml.
+# Resolves the release's tag to its digest once and records it in deploy/triton-release.yaml.
 pin-triton:
 	digest=$$(docker buildx imagetools inspect $(call release,image):$(call release,tag) \
 	  --format '{{json .Manifest.Digest}}' | tr -d '"') && test -n "$$digest" && \
@@ -72,7 +84,7 @@ pin-triton:
 gpu-check: $(STAMP)
 	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q -e '.[gpu]' || \
 		echo "could not install the [gpu] extra: the TensorRT steps will say why"; fi
-	$(PY) -m fusionrank_cli.gpu_check
+	$(VENV)/bin/fusionrank gpu-check
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

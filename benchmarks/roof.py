@@ -1,7 +1,7 @@
-"""`fusionrank bench-roof`: the cold route against the in-process roof, side by side in one run.
+"""`fusionrank bench roof`: the cold route against the in-process roof, side by side in one run.
 
-The roof (`loadtest.bench_roof`: one in-process pipeline per core, the served graphs, no server) is measured before
-and after the route, and their mean taken, so a change of the machine's load during the run shows. The route is
+The roof (`benchmarks.inprocess_roof`: one in-process pipeline per core, the served graphs, no server) is measured
+before and after the route, and their mean taken, so a change of the machine's load during the run shows. The route is
 served on the spec's repository and loaded by closed-loop callers of never-seen items (every candidate a cache
 miss). Both are given as candidates/s (wall) and as CPU milliseconds per candidate (all their processes and
 threads): on a machine other work shares, the CPU figure still compares the work each does per candidate.
@@ -26,8 +26,8 @@ def _route(spec, repo: Path, bench, seconds: float, callers: int, candidates: in
     from benchmarks.lib import percentile
     from benchmarks.lib.memory import cpu_seconds
     from benchmarks.served import ServedLoad, Stream
-    from fusionrank.serving.server import TritonServer
-    from fusionrank.spec import ServingProfile
+    from fusionrank.contract.spec import ServingProfile
+    from fusionrank.server.launcher import TritonServer
 
     with TritonServer.for_spec(spec, repo, ServingProfile.CPU, log_name="tritonserver-roof") as server:
         load = ServedLoad(spec, bench, server.grpc_url, spec.serving.route,
@@ -45,12 +45,15 @@ def _route(spec, repo: Path, bench, seconds: float, callers: int, candidates: in
             "p99": p99.describe(), "errors": result.errors}
 
 
-def main(args: argparse.Namespace, spec, repo: Path, out=sys.stdout) -> int:
+def main(args: argparse.Namespace, out=sys.stdout) -> int:
     """Roof, route, roof; the ratios of the route to the roof's mean."""
+    from benchmarks._args import repository_of, spec_of
+
+    spec, repo = spec_of(args), repository_of(args)
+    from benchmarks.inprocess_roof import run_roof
     from benchmarks.lib import describe_machine, load_average
     from benchmarks.served import Stream
-    from fusionrank.benchmark import load_benchmark
-    from loadtest.bench_roof import run_roof
+    from fusionrank.model.synthetic_data import load_benchmark
 
     bench = load_benchmark(spec)
     scenario = Stream(candidates=args.candidates, novel_share=1.0).scenario()

@@ -8,9 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from benchmarks.lib import LoadResult, Stability, StableRun, closed_loop, until_stable
-from fusionrank.scenario import RequestFactory, Scenario
-from fusionrank.spec import PipelineSpec
-from fusionrank.tensors import CLICK_PROBABILITY, infer_inputs
+from fusionrank.contract.spec import PipelineSpec
+from fusionrank.contract.tensors import CLICK_PROBABILITY, infer_inputs
+from fusionrank.request.scenario import RequestFactory, Scenario
 
 
 @dataclass(frozen=True)

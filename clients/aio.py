@@ -8,13 +8,13 @@ from functools import partial
 
 import numpy as np
 
-from clients.base import ClientBase
-from clients.endpoints import Endpoint
-from clients.errors import probe_error, to_client_error
-from clients.request import Candidate, Chunk, RankingResult, chunk_outputs, merge_outputs
-from clients.retry import run_async
-from clients.transport import ShmRegion, chunk_inputs, quietly_async, release_async
-from fusionrank.spec import Modality
+from clients._base import ClientBase, InvalidRows
+from clients._endpoints import Endpoint
+from clients._request import Candidate, Chunk, RankingResult, chunk_outputs, merge_outputs
+from clients._retry import run_async
+from clients._transport import ShmRegion, chunk_inputs, quietly_async, release_async
+from clients.errors import InvalidInputError, probe_error, to_client_error
+from fusionrank.contract.spec import Modality
 
 
 class AsyncRankingClient(ClientBase):
@@ -35,24 +35,38 @@ class AsyncRankingClient(ClientBase):
             await quietly_async(client.close)
 
     async def wait_ready(self, timeout: float = 60.0, all_endpoints: bool = False) -> list[str]:
-        """Wait until one endpoint (or every one) has the server and the ensemble ready; returns the ready ones."""
+        """Wait until one endpoint (or every one) has the server and the route ready; returns the ready ones."""
         return await run_async(self.planner.readiness(self.options.model, timeout, all_endpoints), self._healthy)
 
     async def rank(self, candidates: Sequence[Candidate], history, timeout: float | None = None) -> RankingResult:
         """Score `candidates` for a user with `history` (their recent item ids, or a [N, L] array)."""
         items, videos = self._payloads(candidates)
-        return await self.rank_payloads(items, history, timeout=timeout, videos=videos)
+        return await self.rank_payloads(items, history, timeout=timeout, videos=videos,
+                                        ids=[c.item_id for c in candidates])
 
     async def rank_payloads(self, items: Mapping[Modality, Sequence[bytes | None]], history,
-                            timeout: float | None = None,
-                            videos: Sequence[bytes | None] | None = None) -> RankingResult:
-        """Score raw payloads (None: the candidate has none; `videos`: one video or None per candidate); the chunks
-        of a long candidate list run concurrently, merged in order."""
+                            timeout: float | None = None, videos: Sequence[bytes | None] | None = None,
+                            ids: Sequence | None = None) -> RankingResult:
+        """Score raw payloads (None: the candidate has none; `videos`: one video or None per candidate; `ids`: the
+        candidates' ids for errors); the chunks of a long candidate list run concurrently, merged in order."""
         timeout, deadline = self._begin(timeout)
         chunks = self._chunks(items, history, videos)
-        results = await asyncio.gather(*(run_async(self.planner.call(deadline, timeout), self._healthy,
-                                                   partial(self._infer, chunk)) for chunk in chunks))
-        return merge_outputs(list(results), self.options.modalities)
+        done = await asyncio.gather(*(self._rank_chunk(chunk, deadline, timeout, ids) for chunk in chunks))
+        errors = {row: e for _, chunk_errors in done for row, e in chunk_errors.items()}
+        return merge_outputs([outputs for outputs, _ in done], self.options.modalities, errors)
+
+    async def _rank_chunk(self, chunk: Chunk, deadline: float, timeout: float, ids: Sequence | None):
+        """One chunk's (scores, weights) and the errors of the candidates dropped from it (`on_invalid`)."""
+        rows = InvalidRows(chunk, ids, self.options.on_invalid == "drop")
+        served = None
+        while rows.live.rows:
+            try:
+                served = await run_async(self.planner.call(deadline, timeout), self._healthy,
+                                         partial(self._infer, rows.live))
+                break
+            except InvalidInputError as exc:
+                rows.failed(exc)
+        return rows.outputs(served, len(self.options.modalities)), rows.errors
 
     def _new_client(self, url: str):
         import tritonclient.grpc.aio as aioclient
@@ -80,7 +94,8 @@ class AsyncRankingClient(ClientBase):
                 await client.register_system_shared_memory(shm.name, shm.key, shm.byte_size,
                                                            headers=self._admin_headers, client_timeout=remaining)
             sent = asyncio.ensure_future(client.infer(self.options.model, chunk_inputs(aioclient, chunk, shm),
-                                                      client_timeout=self.options.rpc_timeout(remaining)))
+                                                      client_timeout=self.options.rpc_timeout(remaining),
+                                                      **self.options.infer_kwargs(remaining)))
         except BaseException as exc:
             await release_async(client, shm, self._admin_headers)
             if isinstance(exc, InferenceServerException):

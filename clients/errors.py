@@ -6,7 +6,9 @@ went wrong and where. `to_client_error` turns tritonclient's exceptions into the
 
 from __future__ import annotations
 
-from fusionrank.errors import FusionRankError
+import re
+
+from fusionrank.contract.errors import FusionRankError
 
 
 class ClientError(FusionRankError):
@@ -22,11 +24,36 @@ class ClientError(FusionRankError):
 
 
 class InvalidInputError(ClientError):
-    """The request was rejected as invalid (INVALID_ARGUMENT): never retried, the same request would fail again."""
+    """The request was rejected as invalid (INVALID_ARGUMENT): never retried, the same request would fail again.
+
+    `input` is the input the server named (`item_image`, `user_history`, `request` for a per-request budget, ...),
+    `row` the candidate's index in the caller's list when the error concerns one candidate (else None) and
+    `candidate_id` that candidate's `item_id`. The server writes `<input>[<row>]: <problem>`."""
+
+    def __init__(self, message: str, status: str | None = None, endpoint: str | None = None, *,
+                 input: str | None = None, row: int | None = None, candidate_id=None):
+        super().__init__(message, status, endpoint)
+        self.input, self.row, self.candidate_id = input, row, candidate_id
+        if input is None:
+            self.input, self.row = parse_input(message)
+
+    def in_request(self, index, ids=None) -> InvalidInputError:
+        """The same error with `row` counted in the caller's whole list (`index`: the caller's index of each row
+        of the request that failed) and the candidate's id from `ids` (the caller's item ids by index)."""
+        if self.row is None or self.row >= len(index):
+            return self
+        row = int(index[self.row])
+        return InvalidInputError(self.server_message, self.status, self.endpoint, input=self.input, row=row,
+                                 candidate_id=ids[row] if ids is not None and row < len(ids) else None)
 
 
 class UnavailableError(ClientError):
     """No endpoint could serve the request (unavailable, connection refused or reset) after every retry."""
+
+
+class OverCapacityError(UnavailableError):
+    """The server refused the request because it is past its capacity (a full queue, the deadline passed while
+    queued): retried with backoff, on another endpoint when there is one."""
 
 
 class DeadlineExceededError(ClientError):
@@ -61,6 +88,21 @@ _TLS_HINTS = (("handshake failed", "TLS handshake failed: check the CA the clien
                                 "client without a certificate"))
 
 
+# Triton's refusals when a model's queue is full or a request waited past its timeout (`default_queue_policy`,
+# Triton 2.51), and the route's own refusal of a request whose deadline passed (fusionrank.route.stages.LATE).
+_OVER_CAPACITY = ("exceeds maximum queue size", "request timeout expired", "the server is over capacity")
+_INPUT_ROW = re.compile(r"^\s*([A-Za-z_][\w.]*)(?:\[(\d+)\])?:")
+
+
+def parse_input(message: str) -> tuple[str | None, int | None]:
+    """(input, row) of a server message `<input>[<row>]: <problem>` (row None without an index; both None when the
+    message names no input)."""
+    match = _INPUT_ROW.match(message or "")
+    if match is None:
+        return None, None
+    return match.group(1), int(match.group(2)) if match.group(2) is not None else None
+
+
 def connection_hint(message: str) -> str:
     """`message` with a hint appended when it is how gRPC reports a TLS mismatch."""
     lowered = message.lower()
@@ -89,6 +131,9 @@ def to_client_error(exc: Exception, endpoint: str | None = None) -> ClientError:
         return InvalidInputError(message, status, endpoint)
     if status == "StatusCode.DEADLINE_EXCEEDED":
         return DeadlineExceededError(message, status, endpoint)
+    if status in ("StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED") and any(
+            m in message.lower() for m in _OVER_CAPACITY):
+        return OverCapacityError(f"server over capacity: {message}", status, endpoint)
     if status == "StatusCode.UNAVAILABLE" or any(m in message.lower() for m in _ENDPOINT_UNAVAILABLE):
         return UnavailableError(message, status, endpoint)
     return ServerError(message, status, endpoint)

@@ -5,17 +5,18 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import numpy as np
 
-from clients.base import ClientBase
-from clients.endpoints import Endpoint
-from clients.errors import probe_error, to_client_error
-from clients.request import Candidate, Chunk, RankingResult, chunk_outputs, merge_outputs
-from clients.retry import run
-from clients.transport import ShmRegion, chunk_inputs, quietly, release
-from fusionrank.spec import Modality
+from clients._base import ClientBase, InvalidRows
+from clients._endpoints import Endpoint
+from clients._request import Candidate, Chunk, RankingResult, chunk_outputs, merge_outputs
+from clients._retry import run
+from clients._transport import ShmRegion, chunk_inputs, quietly, release
+from clients.errors import InvalidInputError, probe_error, to_client_error
+from fusionrank.contract.spec import Modality
 
 
 class RankingClient(ClientBase):
@@ -38,23 +39,44 @@ class RankingClient(ClientBase):
             quietly(client.close)
 
     def wait_ready(self, timeout: float = 60.0, all_endpoints: bool = False) -> list[str]:
-        """Block until one endpoint (or every one) has the server and the ensemble ready; returns the ready ones."""
+        """Block until one endpoint (or every one) has the server and the route ready; returns the ready ones."""
         return run(self.planner.readiness(self.options.model, timeout, all_endpoints), self._healthy)
 
     def rank(self, candidates: Sequence[Candidate], history, timeout: float | None = None) -> RankingResult:
         """Score `candidates` for a user with `history` (their recent item ids, or a [N, L] array)."""
         items, videos = self._payloads(candidates)
-        return self.rank_payloads(items, history, timeout=timeout, videos=videos)
+        return self.rank_payloads(items, history, timeout=timeout, videos=videos,
+                                  ids=[c.item_id for c in candidates])
 
     def rank_payloads(self, items: Mapping[Modality, Sequence[bytes | None]], history,
-                      timeout: float | None = None, videos: Sequence[bytes | None] | None = None) -> RankingResult:
+                      timeout: float | None = None, videos: Sequence[bytes | None] | None = None,
+                      ids: Sequence | None = None) -> RankingResult:
         """Score raw payloads: `items[modality]` holds one bytes object per candidate (None: the candidate has
-        none), `videos` one video or None per candidate."""
+        none), `videos` one video or None per candidate, `ids` the candidates' ids for errors. The chunks of a
+        list longer than the server's `max_candidates` are sent concurrently."""
         timeout, deadline = self._begin(timeout)
         chunks = self._chunks(items, history, videos)
         self._reap()
-        return merge_outputs([run(self.planner.call(deadline, timeout), self._healthy, partial(self._infer, chunk))
-                              for chunk in chunks], self.options.modalities)
+        send = partial(self._rank_chunk, deadline=deadline, timeout=timeout, ids=ids)
+        if len(chunks) == 1:
+            done = [send(chunks[0])]
+        else:
+            with ThreadPoolExecutor(len(chunks), thread_name_prefix="rank-chunk") as pool:
+                done = list(pool.map(send, chunks))
+        errors = {row: e for _, chunk_errors in done for row, e in chunk_errors.items()}
+        return merge_outputs([outputs for outputs, _ in done], self.options.modalities, errors)
+
+    def _rank_chunk(self, chunk: Chunk, deadline: float, timeout: float, ids: Sequence | None):
+        """One chunk's (scores, weights) and the errors of the candidates dropped from it (`on_invalid`)."""
+        rows = InvalidRows(chunk, ids, self.options.on_invalid == "drop")
+        served = None
+        while rows.live.rows:
+            try:
+                served = run(self.planner.call(deadline, timeout), self._healthy, partial(self._infer, rows.live))
+                break
+            except InvalidInputError as exc:
+                rows.failed(exc)
+        return rows.outputs(served, len(self.options.modalities)), rows.errors
 
     def _new_client(self, url: str):
         import tritonclient.grpc as grpcclient
@@ -92,7 +114,7 @@ class RankingClient(ClientBase):
                 client.register_system_shared_memory(shm.name, shm.key, shm.byte_size, headers=self._admin_headers,
                                                      client_timeout=remaining)
             client.async_infer(self.options.model, chunk_inputs(grpcclient, chunk, shm), callback=call.finish,
-                               client_timeout=rpc_timeout)
+                               client_timeout=rpc_timeout, **self.options.infer_kwargs(remaining))
         except BaseException as exc:
             call.release()
             if isinstance(exc, InferenceServerException):

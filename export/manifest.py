@@ -4,7 +4,7 @@ A TensorRT plan only runs on the TensorRT version and GPU (compute capability) i
 for the ONNX file and spec it was built from. `<repo>/<model>/1/manifest.json` records all of that beside the plan,
 so `fusionrank check` can tell before serving whether an engine still fits the node and the repository.
 
-Node facts come from `export.node`. Files here are written atomically (a temporary file in the same folder, then
+Node facts come from `export.node.facts`. Files here are written atomically (a temporary file in the same folder, then
 `os.replace`), so a crash or a full disk never leaves half a plan, cache or manifest for the next reader.
 """
 
@@ -18,11 +18,11 @@ import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from export.node import NodeInfo
+from export.node.facts import NodeInfo
 from export.profiles import OptimizationProfile
-from fusionrank.errors import FusionRankError
-from fusionrank.spec import PipelineSpec
-from fusionrank.tensors import model_io
+from fusionrank.contract.errors import FusionRankError
+from fusionrank.contract.spec import PipelineSpec
+from fusionrank.contract.tensors import model_io
 
 MANIFEST_FILE = "manifest.json"
 PLAN_FILE = "model.plan"

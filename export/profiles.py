@@ -8,7 +8,7 @@ Per model and input, a `ShapeRange(min, opt, max)` over the full shape (batch in
   TensorRT picks for opt are the ones most requests run). With `export.tensorrt.profile_per_bucket` there is one
   profile per bucket instead, each tuned for exactly its bucket (opt = max = bucket, min = previous bucket + 1):
   faster kernels per bucket at the price of a larger plan and longer build;
-- every other dim is fixed by the tensor contract (`fusionrank.tensors`).
+- every other dim is fixed by the tensor contract (`fusionrank.contract.tensors`).
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from fusionrank.errors import FusionRankError
-from fusionrank.spec import PipelineSpec
-from fusionrank.tensors import TensorSpec, model_io
+from fusionrank.contract.errors import FusionRankError
+from fusionrank.contract.names import RANKER, encoder_name
+from fusionrank.contract.spec import PipelineSpec
+from fusionrank.contract.tensors import TensorSpec, model_io
 
 SEQUENCE_AXIS = "sequence"
-RANKER = "fusion_ranker"
 
 
 class ProfileError(FusionRankError):
@@ -30,7 +30,7 @@ class ProfileError(FusionRankError):
 
 def engine_models(spec: PipelineSpec) -> tuple[str, ...]:
     """Models exported to ONNX and built as TensorRT engines: one encoder per enabled modality, then the ranker."""
-    return (*(f"{m.value}_encoder" for m in spec.modalities.enabled), RANKER)
+    return (*(encoder_name(m) for m in spec.modalities.enabled), RANKER)
 
 
 @dataclass(frozen=True)

@@ -7,25 +7,25 @@ Modules that pull in torch (training, evaluation, ONNX export, the demo) are imp
 from __future__ import annotations
 
 import argparse
+import importlib
+import sys
 from pathlib import Path
 
-from clients.embed_catalogue import catalogue
-from clients.embed_catalogue import embed_catalogue as embed_items
-from clients.rank_command import run_rank
 from clients.tls import ClientTls
-from export.onnx2trt import build_engines_command
-from export.preflight import check_command, refuse_on_mismatch, triton_backend_config
-from export.upgrade import upgrade_report_command
-from fusionrank.benchmark import load_benchmark
-from fusionrank.project import model_repository_dir
-from fusionrank.serving.doors import GrpcTls
-from fusionrank.serving.render import check_repository, render_repository
-from fusionrank.serving.serve_command import print_triton_args, serve_forever
-from fusionrank.spec import FusionType, Modality, PipelineSpec, Precision, ServingProfile, load_spec
-from loadtest.bench import BenchConfig
-from loadtest.bench_report import bench_command
+from export.convert.onnx2trt import build_engines_command
+from export.verify.preflight import check_command, refuse_on_mismatch, triton_backend_config
+from fusionrank.contract.project import model_repository_dir, project_dir
+from fusionrank.contract.spec import FusionType, Modality, PipelineSpec, Precision, ServingProfile, load_spec
+from fusionrank.model.synthetic_data import load_benchmark
+from fusionrank.route.warming import benchmark_items
+from fusionrank.route.warming import embed_catalogue as embed_items
+from fusionrank.server.doors import GrpcTls
+from fusionrank.server.serve_command import print_triton_args, serve_forever
+from fusionrank.triton.render import check_repository, render_repository
+from fusionrank_cli.rank_command import file_request, run_rank
 from loadtest.runner import run_loadtest_command
 from loadtest.soak import run_soak_command
+from release.upgrade import upgrade_report_command
 
 
 def _spec(args: argparse.Namespace) -> PipelineSpec:
@@ -50,7 +50,7 @@ def generate_data(args) -> int:
 
 
 def train(args) -> int:
-    from fusionrank.train import train_ranker  # torch
+    from fusionrank.model.train import train_ranker  # torch
 
     modalities = tuple(Modality(m) for m in _csv(args.modalities)) if args.modalities else None
     path = train_ranker(_spec(args), fusion=FusionType(args.fusion) if args.fusion else None, modalities=modalities)
@@ -59,7 +59,7 @@ def train(args) -> int:
 
 
 def evaluate(args) -> int:
-    from fusionrank.evaluate import evaluate_all  # torch
+    from fusionrank.model.evaluate import evaluate_all  # torch
 
     report = evaluate_all(_spec(args), fusions=_csv(args.fusions))
     print(report.table())
@@ -70,7 +70,7 @@ def evaluate(args) -> int:
 
 
 def export(args) -> int:
-    from export.torch2onnx import export_all  # torch
+    from export.convert.torch2onnx import export_all  # torch
 
     report = export_all(_spec(args), _repo(args), checkpoint=_path(args.checkpoint), models=_csv(args.models))
     print(report.table())
@@ -134,17 +134,16 @@ def soak(args) -> int:
 
 def embed_catalogue(args) -> int:
     spec = _spec(args)
-    report = embed_items(spec, _repo(args), args.url, args.redis, ServingProfile(args.profile),
-                   items=catalogue(spec, args.items))
+    # The items of candidates JSON files (the format of `fusionrank rank --items`), else the whole benchmark catalogue.
+    items = file_request(args.items).candidates if args.items else benchmark_items(load_benchmark(spec))
+    report = embed_items(spec, _repo(args), args.url, args.redis, ServingProfile(args.profile), items=items)
     print(report.summary())
     return 1 if report.refused else 0
 
 
 def bench(args) -> int:
-    config = BenchConfig(candidates=args.candidates, callers=args.callers, zipf_exponent=args.zipf,
-                         novel_share=args.novel_share, seconds=args.seconds, inprocess_seconds=args.inprocess_seconds,
-                         shared_tier=not args.no_shared_tier, seed=args.seed)
-    return bench_command(_spec(args), _repo(args), config, out_dir=_path(args.out), gate=args.gate)
+    """`fusionrank bench NAME`: the benchmark module's own `main` (imported only now: its libraries are heavy)."""
+    return int(importlib.import_module(f"benchmarks.{args.benchmark}").main(args) or 0)
 
 
 def build_engines(args) -> int:
@@ -163,17 +162,25 @@ def upgrade_report(args) -> int:
                                   requests=args.requests)
 
 
-def cpu_report(args) -> int:
-    from loadtest.cpu_report import run_cpu_report  # ONNX Runtime's quantization tools and torch, off the light path
+def gpu_check(args) -> int:
+    from release.gpu_check import FAILED, run_gpu_check  # torch and TensorRT, where the node has them
 
-    out = _path(args.out) or Path("reports") / "cpu-int8"
-    report = run_cpu_report(_spec(args), _repo(args), out, rounds=args.rounds, requests=args.requests,
-                            users=args.users, batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
-                            served=not args.skip_served, threads=tuple(int(t) for t in _csv(args.threads) or ()),
-                            scenario=args.scenario, progress=lambda msg: print(f"... {msg}", flush=True))
-    print((out / "report.md").read_text())
-    print(f"wrote {out / 'report.md'} and report.json ({report['seconds']} s)")
-    return 0
+    folder, report = run_gpu_check(_spec(args), _repo(args), Path(args.out), args.budget_s, args.requests, args.users)
+    for step in report["steps"]:
+        print(f"{step['name']:<24} {step['status']:<8} {step['reason']}")
+    print(f"wrote {folder / 'gpu-check.md'} and {folder / 'gpu-check.json'}")
+    return 1 if any(s["status"] == FAILED for s in report["steps"]) else 0
+
+
+def deploy_render(args) -> int:
+    from fusionrank_cli.deploy_render import render_deploy
+
+    deploy = project_dir() / "deploy"
+    stale = render_deploy(deploy, check=args.check, kustomize_overlays=not args.no_kustomize)
+    for path in stale:
+        print(f"{path.relative_to(deploy.parent)} differs from its rendering: run `make deploy-render`",
+              file=sys.stderr)
+    return 1 if stale else 0
 
 
 def demo(args) -> int:

@@ -11,14 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-from clients.rank_command import rank_benchmark_request
-from export.torch2onnx import export_all
-from fusionrank.benchmark import load_benchmark
-from fusionrank.evaluate import evaluate_all
-from fusionrank.serving.render import render_repository
-from fusionrank.serving.server import TritonServer
-from fusionrank.spec import PipelineSpec, ServingProfile
-from fusionrank.train import checkpoint_path, train_ranker
+from export.convert.torch2onnx import export_all
+from fusionrank.contract.spec import PipelineSpec, ServingProfile
+from fusionrank.model.evaluate import evaluate_all
+from fusionrank.model.synthetic_data import load_benchmark
+from fusionrank.model.train import checkpoint_path, train_ranker
+from fusionrank.server.launcher import TritonServer
+from fusionrank.triton.render import render_repository
+from fusionrank_cli.rank_command import rank_benchmark_request
 from loadtest.runner import run_loadtest
 
 

@@ -1,33 +1,52 @@
 """The argument parser: one subparser per subcommand, each bound to its handler in `commands`.
 
-Closed sets (fusions, precisions, serving profiles) are offered from the spec's enums, never retyped here.
+Closed sets (fusions, precisions, serving profiles) are offered from the spec's enums, never retyped here. The
+global options (`--project`, `--spec`, `--repository`, `--verbose`) are accepted before or after the subcommand;
+every option shows its default in `--help`. `bench NAME` adds the options of that benchmark module only
+(`benchmarks.<name>.add_cli_args`), so listing the benchmarks imports none of them.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import sys
+from collections.abc import Sequence
+from importlib import metadata
 
-from export.upgrade_measure import UPGRADE_PROFILES
-from fusionrank.serving.doors import ENV_TLS_DIR, TLS_FILES
-from fusionrank.spec import FusionType, Precision, ServingProfile, choices
+from benchmarks import BENCHMARKS
+from fusionrank.contract.spec import FusionType, Precision, ServingProfile, choices
+from fusionrank.server.doors import ENV_TLS_DIR, TLS_FILES
 from fusionrank_cli import commands
 from fusionrank_cli.capacity import add_capacity_commands
 from loadtest.soak import add_arguments as soak_arguments
+from release.upgrade_measure import UPGRADE_PROFILES
 
-DESCRIPTION = "fusionrank: multimodal recommendation ranker, from PyTorch to a Triton ensemble"
+DESCRIPTION = ("fusionrank: multimodal recommendation ranker, from PyTorch to ONNX and TensorRT, served on Triton "
+               "through a BLS route that caches item embeddings")
+FORMATTER = argparse.ArgumentDefaultsHelpFormatter
+
+
+def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """The options every subcommand takes. On a subcommand (`suppress`) an absent option leaves the value given
+    before the subcommand in place, so they are accepted on either side."""
+    def default(value):
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument("--project", default=default(None),
+                        help="project folder holding pipeline.yaml, model_repository/, reports/ and the cache "
+                             "(None: $FUSIONRANK_HOME, else the working directory)")
+    parser.add_argument("--spec", default=default(None),
+                        help="pipeline spec (None: the project's pipeline.yaml, else the packaged default spec)")
+    parser.add_argument("--repository", default=default(None),
+                        help="Triton model repository (None: the project's model_repository/)")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default(False), help="debug logging")
 
 
 def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--project", default=None,
-                        help="project folder holding pipeline.yaml, model_repository/, reports/ and the cache "
-                             "(default: $FUSIONRANK_HOME, else the working directory)")
-    common.add_argument("--spec", default=None,
-                        help="pipeline spec (default: the project's pipeline.yaml, else the packaged default spec)")
-    common.add_argument("--repository", default=None,
-                        help="Triton model repository (default: the project's model_repository/)")
-    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _global_options(common, suppress=True)
     return common
 
 
@@ -35,7 +54,7 @@ def _add_model_commands(add) -> None:
     add("generate-data", commands.generate_data, "generate (or reuse) the benchmark catalogue and interactions")
 
     p = add("train", commands.train, "train the fusion ranker on frozen-encoder embeddings")
-    p.add_argument("--fusion", choices=choices(FusionType))
+    p.add_argument("--fusion", choices=choices(FusionType), help="fusion type (None: the spec's ranker.fusion)")
     p.add_argument("--modalities", help="comma-separated subset, e.g. 'text' for a single-modality baseline")
 
     p = add("evaluate", commands.evaluate,
@@ -54,7 +73,9 @@ def _add_serving_commands(add) -> None:
     p.add_argument("--check", action="store_true", help="exit 1 if the committed repository differs from the spec")
 
     p = add("serve", commands.serve, "start a local Triton server on the model repository")
-    p.add_argument("--profile", choices=choices(ServingProfile), default=ServingProfile.CPU.value)
+    p.add_argument("--profile", choices=choices(ServingProfile), default=ServingProfile.CPU.value,
+                   help="cpu: ONNX Runtime in Python models; gpu: TensorRT plans; onnx_gpu: Triton's onnxruntime "
+                        "backend on the GPU")
     p.add_argument("--grpc-port", type=int, default=0, help="0 = a free port")
     p.add_argument("--http-port", type=int, default=0, help="0 = a free port")
     p.add_argument("--metrics-port", type=int, default=0, help="0 = a free port")
@@ -98,8 +119,8 @@ def _add_load_commands(add) -> None:
                         "8002 beside a gRPC endpoint on 8001)")
     p.add_argument("--scenario", default=None, help="scenario name (default, ci, heavy) or a YAML file")
     p.add_argument("--slo", default=None, help="SLO YAML overriding the spec's slo: section")
-    p.add_argument("--users", type=int, default=None)
-    p.add_argument("--spawn-rate", type=float, default=None)
+    p.add_argument("--users", type=int, default=None, help="concurrent Locust users (None: the scenario's)")
+    p.add_argument("--spawn-rate", type=float, default=None, help="users started per second (None: the scenario's)")
     p.add_argument("--run-time", default=None, help="e.g. 30s, 2m")
     p.add_argument("--out", default=None, help="report folder (default: reports/loadtest-<time>)")
 
@@ -116,30 +137,18 @@ def _add_load_commands(add) -> None:
     p.add_argument("--items", nargs="*", help="candidates JSON file(s) as for `rank --items` (default: the "
                                               "benchmark catalogue)")
 
-    p = add("bench", commands.bench, "in-process pipeline, plain ensemble and cached route (cold, warm) side by side "
-                                     "on one Zipf candidate stream: table, bench.json, bench.png")
-    p.add_argument("--candidates", type=int, default=16, help="candidates per request (N)")
-    p.add_argument("--callers", type=int, default=8, help="concurrent closed-loop callers (C)")
-    p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of item popularity")
-    p.add_argument("--novel-share", type=float, default=0.05, help="share of never-seen candidates")
-    p.add_argument("--seconds", type=float, default=30.0, help="length of each served phase")
-    p.add_argument("--inprocess-seconds", type=float, default=15.0, help="length of each in-process phase")
-    p.add_argument("--no-shared-tier", action="store_true",
-                   help="no local redis-server: the route's in-process cache only, warm after the cold phase")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--gate", action="store_true", help="exit 1 when a goal is missed")
-    p.add_argument("--out", default=None, help="report folder (default: reports/bench-<time>)")
 
 
 def _add_engine_commands(add) -> None:
     p = add("build-engines", commands.build_engines, "build TensorRT engines from the exported ONNX models (GPU)")
-    p.add_argument("--precision", choices=choices(Precision), default=None)
+    p.add_argument("--precision", choices=choices(Precision), default=None,
+                   help="engine precision (None: the spec's)")
     p.add_argument("--models", help="comma-separated subset of the encoders and the ranker")
-    p.add_argument("--timing-cache", default=None)
+    p.add_argument("--timing-cache", default=None, help="TensorRT timing cache file to reuse and update")
 
     p = add("check", commands.check, "pre-flight: do the engines in the repository match this node and the ONNX files?")
     p.add_argument("--tensorrt-version", default=None, help="TensorRT version of the serving image")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--backend-config", action="append", default=None,
                    help="a --backend-config value Triton will run with (repeatable; default: as fusionrank starts it)")
     p.add_argument("--print-backend-config", action="store_true",
@@ -149,33 +158,63 @@ def _add_engine_commands(add) -> None:
     p.add_argument("--baseline", default=None, help="baseline JSON from the previous node")
     p.add_argument("--profile", choices=[p.value for p in UPGRADE_PROFILES], default=ServingProfile.CPU.value,
                    help="cpu: ONNX Runtime; gpu: TensorRT engines")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="report folder (None: reports/upgrade-<profile>-<time>)")
     p.add_argument("--save-baseline", default=None, help="write this run as a baseline JSON here")
     p.add_argument("--requests", type=int, default=None, help="benchmark requests (default from the scenario)")
 
-    p = add("cpu-report", commands.cpu_report,
-            "CPU profile: FP32 vs optimised FP32 vs INT8 per model and served end to end, with the accuracy gates")
-    p.add_argument("--out", default=None, help="report folder (default reports/cpu-int8)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement")
-    p.add_argument("--requests", type=int, default=30, help="served: requests per variant and round")
-    p.add_argument("--users", type=int, default=4, help="served: closed-loop callers")
-    p.add_argument("--batch-sizes", default="1,16,64", help="per model: batch sizes")
-    p.add_argument("--threads", default=None, help="served: also the spec's choice at these intra-op threads, e.g. 2")
-    p.add_argument("--scenario", default=None, help="served: load-test scenario name or file (default: default)")
-    p.add_argument("--skip-served", action="store_true", help="per-model figures and accuracy only")
+    p = add("gpu-check", commands.gpu_check, "every GPU step this node allows (the rest skipped with the reason), "
+                                             "in one run that ends by itself; results in OUT/<date>-<gpu>/")
+    p.add_argument("--out", default="docs/gpu", help="where the dated result folder is written")
+    p.add_argument("--budget-s", type=float, default=540.0, help="time budget of the whole run (seconds)")
+    p.add_argument("--requests", type=int, default=200, help="requests of the serving load test")
+    p.add_argument("--users", type=int, default=8, help="concurrent clients of the serving load test")
 
     p = add("demo", commands.demo, "train, export, prove parity, serve, rank one request and run a short load test")
-    p.add_argument("--skip-loadtest", action="store_true")
+    p.add_argument("--skip-loadtest", action="store_true", help="stop after ranking one request")
+
+    p = add("deploy-render", commands.deploy_render,
+            "write the generated deployment files of the project's deploy/ (PrometheusRule, rendered overlays)")
+    p.add_argument("--check", action="store_true", help="exit 1 if a generated file differs")
+    p.add_argument("--no-kustomize", action="store_true", help="only the PrometheusRule (no kubectl)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `fusionrank` parser with every subcommand."""
+def _add_bench_commands(add, common: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    names = ", ".join(BENCHMARKS)
+    p = add("bench", commands.bench, f"run one benchmark ({names}); `fusionrank bench NAME --help` for its options")
+    sub = p.add_subparsers(dest="benchmark", required=True, metavar="NAME")
+    wanted = _bench_name(argv)
+    for name, help_text in BENCHMARKS.items():
+        b = sub.add_parser(name, parents=[common], help=help_text, description=help_text, formatter_class=FORMATTER)
+        if name == wanted:  # only the benchmark asked for is imported
+            importlib.import_module(f"benchmarks.{name}").add_cli_args(b)
+
+
+def _bench_name(argv: Sequence[str]) -> str | None:
+    """The benchmark named after `bench` in `argv`, if any."""
+    args = list(argv)
+    if "bench" not in args:
+        return None
+    rest = [a for a in args[args.index("bench") + 1:] if not a.startswith("-")]
+    return rest[0] if rest else None
+
+
+def _version() -> str:
+    try:
+        return metadata.version("fusionrank")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The `fusionrank` parser with every subcommand (`argv` names the benchmark whose options `bench` needs)."""
     common = _common()
-    parser = argparse.ArgumentParser(prog="fusionrank", description=DESCRIPTION)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="fusionrank", description=DESCRIPTION, formatter_class=FORMATTER)
+    parser.add_argument("--version", action="version", version=f"fusionrank {_version()}")
+    _global_options(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text, formatter_class=FORMATTER)
         p.set_defaults(handler=handler)
         return p
 
@@ -183,5 +222,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serving_commands(add)
     _add_load_commands(add)
     _add_engine_commands(add)
+    _add_bench_commands(add, common, argv if argv is not None else sys.argv[1:])
     add_capacity_commands(add)
     return parser

@@ -32,9 +32,9 @@ from locust import User, constant, constant_throughput, events, task  # noqa: E4
 
 from clients import NO_RETRY, ClientStats, RankingClient, RetryPolicy  # noqa: E402
 from clients.errors import ClientError  # noqa: E402
-from fusionrank.benchmark import load_benchmark  # noqa: E402
-from fusionrank.scenario import RequestFactory, load_scenario  # noqa: E402
-from fusionrank.spec import load_spec  # noqa: E402
+from fusionrank.contract.spec import Priority, load_spec  # noqa: E402
+from fusionrank.model.synthetic_data import load_benchmark  # noqa: E402
+from fusionrank.request.scenario import RequestFactory, load_scenario  # noqa: E402
 
 ENV_URL = "FUSIONRANK_LOADTEST_URL"
 ENV_SPEC = "FUSIONRANK_SPEC"
@@ -118,7 +118,7 @@ class RankingUser(User):
         # By default no retries: the load test measures what a caller sees on the first attempt, errors included.
         attempts = int(os.environ.get(ENV_ATTEMPTS) or 1)
         retry = NO_RETRY if attempts == 1 else RetryPolicy(max_attempts=attempts)
-        self.client = RankingClient(spec, url, timeout=SCENARIO.timeout_s, retry=retry)
+        self.client = RankingClient(spec, url, timeout=SCENARIO.timeout_s, retry=retry, priority=Priority.LOADTEST)
         _client_stats.append(self.client.stats)
         worker = getattr(self.environment.runner, "worker_index", 0) or 0
         seed = int(os.environ.get(ENV_SEED) or 0) + 100000 * worker + next(_users_started)

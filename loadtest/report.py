@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from loadtest.metrics import CacheShare, MemberStats
-from loadtest.metrics import format_table as format_members
+from benchmarks.server_metrics import CacheShare, MemberStats
+from benchmarks.server_metrics import format_table as format_members
 from loadtest.slo import Slo
 
 SAMPLE_FIELDS = ("start", "latency_ms", "candidates", "ok")

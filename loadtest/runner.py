@@ -17,15 +17,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks import server_metrics as triton_metrics
 from clients import RankingClient
 from clients.errors import ClientError
-from fusionrank.benchmark import load_benchmark
-from fusionrank.errors import FusionRankError
-from fusionrank.project import project_dir, reports_dir
-from fusionrank.scenario import RequestFactory, Scenario, load_scenario, parse_duration
-from fusionrank.serving.server import TritonServer
-from fusionrank.spec import PipelineSpec, ServingProfile, served_models
-from loadtest import metrics as triton_metrics
+from fusionrank.contract.errors import FusionRankError
+from fusionrank.contract.project import project_dir, reports_dir
+from fusionrank.contract.spec import PipelineSpec, Priority, ServingProfile, served_models
+from fusionrank.model.synthetic_data import load_benchmark
+from fusionrank.request.scenario import RequestFactory, Scenario, load_scenario, parse_duration
+from fusionrank.server.launcher import TritonServer
 from loadtest.report import (
     Verdict,
     evaluate_slo,
@@ -44,8 +44,9 @@ STOP_TIMEOUT_S = 5
 # Locust start-up (imports, benchmark from the cache) and shutdown on top of the run time, before it is killed.
 GRACE_S = 45.0
 # Locust's gRPC channels under gevent can keep its interpreter from exiting after a server they used was killed: in 3
-# of 5 runs of tests/test_faults.py it hung ~50 s after printing its summary. Once it has written its results
-# (loadtest/locustfile.py touches DONE_MARKER at its `quit` event, before closing the CSV files) it gets this long.
+# of 5 runs of tests/integration/test_faults.py it hung ~50 s after printing its summary. Once it has written its
+# results (loadtest/locustfile.py touches DONE_MARKER at its `quit` event, before closing the CSV files) it gets this
+# long.
 EXIT_GRACE_S = 10.0
 DONE_MARKER = "locust-done"
 ENV_METRICS_URL = "FUSIONRANK_METRICS_URL"
@@ -129,7 +130,7 @@ def _tail(path: Path, lines: int = 20) -> str:
 def warm_up(spec: PipelineSpec, url: str, scenario: Scenario, ready_timeout: float = 60.0) -> None:
     """Wait for the endpoint and send the scenario's warm-up requests (not measured)."""
     try:
-        with RankingClient(spec, url, timeout=scenario.timeout_s) as client:
+        with RankingClient(spec, url, timeout=scenario.timeout_s, priority=Priority.LOADTEST) as client:
             client.wait_ready(ready_timeout)
             if scenario.warmup_requests:
                 factory = RequestFactory(spec, load_benchmark(spec), scenario, seed=7)

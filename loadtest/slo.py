@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fusionrank.project import packaged
-from fusionrank.scenario import ScenarioError, read_yaml
-from fusionrank.spec import SLO_FIELDS, PipelineSpec, SloTargets
+from fusionrank.contract.project import packaged
+from fusionrank.contract.spec import SLO_FIELDS, PipelineSpec, SloTargets
+from fusionrank.request.scenario import ScenarioError, read_yaml
 
 CI_SLO = Path(str(packaged("loadtest", "slo.ci.yaml")))  # package data, a real file once pip-installed
 

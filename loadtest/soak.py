@@ -1,8 +1,8 @@
 """Soak test: steady load for a set time, then the memory of every Triton process at the start and the end; the run
 fails when a process grew beyond a bound, a process died or appeared, or a request failed.
 
-    python -m loadtest.soak --serve --minutes 10          (or `fusionrank soak --serve --minutes 10`)
-    python -m loadtest.soak --url host:8001 --pid <tritonserver pid> --minutes 60
+    fusionrank soak --serve --minutes 10
+    fusionrank soak --url host:8001 --pid <tritonserver pid> --minutes 60
 
 Memory is read with psutil for tritonserver and each of its Python-backend stubs (one per model instance, named by
 the model from the stub's command line): RSS, and PSS, which splits pages shared between processes (the stubs map
@@ -31,12 +31,11 @@ import numpy as np
 
 from clients import NO_RETRY, RankingClient
 from clients.errors import ClientError
-from fusionrank.benchmark import load_benchmark
-from fusionrank.errors import FusionRankError
-from fusionrank.project import model_repository_dir
-from fusionrank.scenario import RequestFactory, Scenario, load_scenario
-from fusionrank.serving.server import TritonServer
-from fusionrank.spec import PipelineSpec, ServingProfile, load_spec
+from fusionrank.contract.errors import FusionRankError
+from fusionrank.contract.spec import PipelineSpec, ServingProfile
+from fusionrank.model.synthetic_data import load_benchmark
+from fusionrank.request.scenario import RequestFactory, Scenario, load_scenario
+from fusionrank.server.launcher import TritonServer
 
 MAX_GROWTH_MB = 64.0
 MIB = 1024 * 1024
@@ -238,7 +237,7 @@ def run_soak_command(spec: PipelineSpec, minutes: float, url: str | None = None,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The soak options, shared by `python -m loadtest.soak` and `fusionrank soak`."""
+    """The options of `fusionrank soak`."""
     parser.add_argument("--minutes", type=float, default=10.0, help="how long the measured load runs (default 10)")
     parser.add_argument("--serve", action="store_true", help="start the local server (CPU profile) for the run")
     parser.add_argument("--url", default=None, help="gRPC endpoint of a running server (with --pid)")
@@ -247,23 +246,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenario", default=None, help="scenario name or YAML (default: default)")
     parser.add_argument("--max-growth-mb", type=float, default=MAX_GROWTH_MB,
                         help=f"fail when a process's PSS grows more than this (MiB, default {MAX_GROWTH_MB:g})")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.soak", description=__doc__.splitlines()[0])
-    parser.add_argument("--spec", default=None, help="pipeline spec (default: the project's)")
-    parser.add_argument("--repository", default=None, help="model repository for --serve (default: the project's)")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    repo = Path(args.repository) if args.repository else model_repository_dir()
-    try:
-        return run_soak_command(load_spec(args.spec), args.minutes, url=args.url, pid=args.pid,
-                                serve_repository=repo if args.serve else None, users=args.users,
-                                scenario=args.scenario, max_growth_mb=args.max_growth_mb)
-    except FusionRankError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

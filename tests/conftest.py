@@ -1,14 +1,15 @@
-"""Session fixtures shared by every test layer.
+"""Session fixtures shared by more than one test tier (unit/, integration/, deploy/, robustness/).
 
-- `ci_spec`: the small test spec (tests/pipeline.ci.yaml); `per_bucket_spec`: the same with one TensorRT profile
-  per text padding bucket.
-- `built_repository`: a temporary model repository rendered, trained and exported for `ci_spec`.
+- `ci_spec`: the small test spec (tests/specs/ci.yaml, an overlay of the default); `per_bucket_spec`: the same with
+  one TensorRT profile per text padding bucket; `default_spec`: the packaged one; `bench`: the CI spec's synthetic
+  data set; `clip`: a four-frame video for the ragged-candidate tests.
+- `ci_checkpoint`, `built_repository`: the CI spec's ranker, trained, and a temporary model repository rendered and
+  exported for it (integration and deploy tests; tests/unit/conftest.py keeps them out of the unit tier).
 - `triton_server`: a real tritonserver (CPU profile) on that repository, started once per session (the route, its
   members and the reference ensemble loaded).
-- `redis_server`, `black_hole`: a real redis-server on loopback, and a port that never answers (tests/redis_server.py).
-- `fake_trt`, `fake_cuda`: fake `tensorrt` / cuda-python modules (tests/fake_tensorrt.py, tests/fake_cuda.py) for
-  one test.
+- `fake_trt`, `fake_cuda`: fake `tensorrt` / cuda-python modules (tests/fakes/) for one test.
 
+Fixtures one tier alone uses live in that tier's conftest.py (integration/: the reference pipeline, redis-server).
 In CI the server must be found (it installs with the project), so e2e tests fail rather than silently skip there.
 """
 
@@ -20,11 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import fake_cuda as fake_cuda_module
-from tests import fake_tensorrt
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CI_SPEC = REPO_ROOT / "tests" / "pipeline.ci.yaml"
+from tests.fakes import cuda as fake_cuda_module
+from tests.fakes import tensorrt as fake_tensorrt
+from tests.paths import CI_SPEC, REPO_ROOT
 
 # One cache for the whole test session (benchmark, embeddings, checkpoints are keyed by the spec's digest, so a
 # developer's second run reuses them; CI starts from a fresh clone).
@@ -43,7 +42,7 @@ def clip():
 
 @pytest.fixture(scope="session")
 def ci_spec():
-    from fusionrank.spec import load_spec
+    from fusionrank.contract.spec import load_spec
 
     return load_spec(CI_SPEC)
 
@@ -57,15 +56,23 @@ def per_bucket_spec(ci_spec):
 
 @pytest.fixture(scope="session")
 def default_spec():
-    from fusionrank.spec import load_spec
+    from fusionrank.contract.spec import load_spec
 
     return load_spec()
 
 
 @pytest.fixture(scope="session")
+def bench(ci_spec):
+    """The CI spec's synthetic data set (catalogue, users, sessions)."""
+    from fusionrank.model.synthetic_data import load_benchmark
+
+    return load_benchmark(ci_spec)
+
+
+@pytest.fixture(scope="session")
 def ci_checkpoint(ci_spec) -> Path:
     """The CI spec's ranker, trained once (reused from the cache when it exists)."""
-    from fusionrank.train import checkpoint_path, train_ranker
+    from fusionrank.model.train import checkpoint_path, train_ranker
 
     path = checkpoint_path(ci_spec, ci_spec.ranker.fusion.value)
     return path if path.is_file() else train_ranker(ci_spec)
@@ -74,8 +81,8 @@ def ci_checkpoint(ci_spec) -> Path:
 @pytest.fixture(scope="session")
 def built_repository(ci_spec, ci_checkpoint, tmp_path_factory) -> Path:
     """A model repository for the CI spec: rendered configs, ONNX models, tokenizer, golden outputs."""
-    from export.torch2onnx import export_all
-    from fusionrank.serving.render import render_repository
+    from export.convert.torch2onnx import export_all
+    from fusionrank.triton.render import render_repository
 
     repo = tmp_path_factory.mktemp("built") / "model_repository"
     render_repository(ci_spec, repo)
@@ -84,19 +91,11 @@ def built_repository(ci_spec, ci_checkpoint, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def reference_pipeline(ci_spec, ci_checkpoint, built_repository):
-    from fusionrank.paths import tokenizer_dir
-    from fusionrank.reference import ReferencePipeline
-
-    return ReferencePipeline(ci_spec, ci_checkpoint, tokenizer_dir=tokenizer_dir(built_repository))
-
-
-@pytest.fixture(scope="session")
 def triton_server(ci_spec, built_repository, tmp_path_factory):
     """A started tritonserver (CPU profile) on `built_repository`, with the route callers use, its members and the
     reference ensemble (for the tests that compare with it); stopped at the end of the session."""
-    from fusionrank.serving.server import TritonServer
-    from fusionrank.spec import served_models
+    from fusionrank.contract.spec import served_models
+    from fusionrank.server.launcher import TritonServer
 
     log_file = tmp_path_factory.mktemp("triton-log") / "tritonserver.log"
     server = TritonServer(built_repository, profile="cpu", log_file=log_file,
@@ -105,26 +104,6 @@ def triton_server(ci_spec, built_repository, tmp_path_factory):
     server.start(timeout=300)
     yield server
     server.stop()
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    """A real redis-server on a free loopback port for one test (tests/redis_server.py); stopped after it."""
-    from tests.redis_server import start_redis
-
-    server = start_redis(tmp_path)
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def black_hole():
-    """A loopback port that accepts connections and never answers."""
-    from tests.redis_server import BlackHole
-
-    hole = BlackHole()
-    yield hole
-    hole.close()
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ bounded in count and in time, so a measurement always ends by itself:
 
 from __future__ import annotations
 
+import bisect
 import enum
 import math
 import threading
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fusionrank.errors import FusionRankError
+from fusionrank.contract.errors import FusionRankError
 
 Call = Callable[[], object]
 
@@ -50,6 +51,9 @@ class Sample:
     ok: bool
     error: str | None = None
     service_s: float | None = None  # from the actual start (open loop: without the client's own queueing)
+    cpu_s: float | None = None  # CPU time of the calling thread during the call (what neighbours' load does not
+    #                             inflate when the work runs on that thread, e.g. ONNX Runtime with 1 intra-op thread)
+    value: object = None  # what the call returned (e.g. the candidates it scored)
 
 
 @dataclass
@@ -68,6 +72,11 @@ class LoadResult:
     @property
     def ok_latencies_s(self) -> np.ndarray:
         return np.array([s.latency_s for s in self.samples if s.ok], dtype=np.float64)
+
+    @property
+    def ok_cpu_s(self) -> np.ndarray:
+        """CPU time of the calling thread per successful request."""
+        return np.array([s.cpu_s for s in self.samples if s.ok and s.cpu_s is not None], dtype=np.float64)
 
     @property
     def errors(self) -> int:
@@ -104,15 +113,15 @@ class LoadResult:
 
 
 def _timed(call: Call, scheduled: float) -> Sample:
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.thread_time()
     try:
-        call()
+        value = call()
     except Exception as exc:  # every failure is a failed request of the run, named by its first line
         end = time.perf_counter()
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return Sample(scheduled, end - scheduled, False, text, end - began)
+        return Sample(scheduled, end - scheduled, False, text, end - began, time.thread_time() - cpu)
     end = time.perf_counter()
-    return Sample(scheduled, end - scheduled, True, None, end - began)
+    return Sample(scheduled, end - scheduled, True, None, end - began, time.thread_time() - cpu, value)
 
 
 def _check_bounds(requests: int | None, duration_s: float | None) -> None:
@@ -125,27 +134,35 @@ def _check_bounds(requests: int | None, duration_s: float | None) -> None:
 
 
 def closed_loop(make_call: Callable[[int], Call], users: int, requests: int | None = None,
-                duration_s: float | None = None, warmup: int = 0) -> LoadResult:
+                duration_s: float | None = None, warmup: int = 0,
+                prepare: Callable[[int], object] | None = None) -> LoadResult:
     """`users` callers (thread k calls `make_call(k)()` back to back) until `requests` calls in total or
-    `duration_s`, whichever first; `warmup` untimed calls per caller first."""
+    `duration_s`, whichever first; `warmup` untimed calls per caller first. With `prepare`, caller k's call is
+    `make_call(k)(prepare(k))` and only the call is timed (building a request stays off the clock)."""
     if users < 1:
         raise DriverError(f"users {users} must be >= 1")
     _check_bounds(requests, duration_s)
     calls = [make_call(k) for k in range(users)]
+    if prepare is not None:
+        calls = [_Prepared(call, prepare, k) for k, call in enumerate(calls)]
     for call in calls:
         for _ in range(warmup):
+            if isinstance(call, _Prepared):
+                call.ready()
             call()
     lock = threading.Lock()
     samples: list[Sample] = []
     budget = [requests if requests is not None else math.inf]
     deadline = time.perf_counter() + (duration_s if duration_s is not None else math.inf)
 
-    def user(call: Call) -> None:
+    def user(call) -> None:
         while time.perf_counter() < deadline:
             with lock:
                 if budget[0] <= 0:
                     return
                 budget[0] -= 1
+            if isinstance(call, _Prepared):
+                call.ready()
             sample = _timed(call, time.perf_counter())
             with lock:
                 samples.append(sample)
@@ -158,6 +175,19 @@ def closed_loop(make_call: Callable[[int], Call], users: int, requests: int | No
         t.join()
     return LoadResult(LoopMode.CLOSED, sorted(samples, key=lambda s: s.start), time.perf_counter() - started,
                       users=users)
+
+
+class _Prepared:
+    """A caller whose next request is built (`ready`, untimed) before the timed call sends it."""
+
+    def __init__(self, call, prepare: Callable[[int], object], caller: int):
+        self.call, self.prepare, self.caller, self.payload = call, prepare, caller, None
+
+    def ready(self) -> None:
+        self.payload = self.prepare(self.caller)
+
+    def __call__(self):
+        return self.call(self.payload)
 
 
 def poisson_arrivals(rate: float, duration_s: float, seed: int = 0, max_arrivals: int = 10_000_000) -> np.ndarray:
@@ -315,6 +345,7 @@ class PoissonPacer:
         self._next: float | None = None
         self.late = 0
         self.arrivals = 0
+        self.scheduled: list[float] = []  # every arrival time handed out (clock units), in order
 
     def delay(self) -> float:
         """Seconds to wait before the next arrival (0 when it is already due)."""
@@ -323,8 +354,18 @@ class PoissonPacer:
             self._next = now
         self._next += float(self._rng.exponential(1.0 / self.rate))
         self.arrivals += 1
+        self.scheduled.append(self._next)
         wait = self._next - now
         if wait < 0:
             self.late += 1
             return 0.0
         return wait
+
+    def due(self, until: float | None = None) -> int:
+        """Arrivals due at or before `until` (default: now): what should have been sent by then. Arrivals are drawn
+        when a caller asks for the next one, so past saturation the drawn schedule falls behind the clock; the
+        arrivals not drawn yet are counted at the rate (their expected number)."""
+        until = self._clock() if until is None else until
+        drawn = bisect.bisect_right(self.scheduled, until)
+        behind = until - self._next if self._next is not None and self._next < until else 0.0
+        return drawn + int(round(behind * self.rate))

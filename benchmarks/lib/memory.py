@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from fusionrank.errors import FusionRankError
+from fusionrank.contract.errors import FusionRankError
 
 MIB = 1 << 20
 _STUB = "triton_python_backend_stub"

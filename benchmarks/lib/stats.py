@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from fusionrank.errors import FusionRankError
+from fusionrank.contract.errors import FusionRankError
 
 DEFAULT_CONFIDENCE = 0.95
 DEFAULT_ALPHA = 0.05
@@ -106,10 +106,12 @@ def percentile(values: Sequence[float], q: float, confidence: float = DEFAULT_CO
     # ranks (1-based) l and u with P(B < l) <= alpha/2 and P(B >= u) <= alpha/2, B ~ Binomial(n, q)
     lower_rank = int(binom.ppf(alpha / 2.0, n, q))
     upper_rank = int(binom.ppf(1.0 - alpha / 2.0, n, q)) + 1
-    low = float(data[lower_rank - 1]) if lower_rank >= 1 else None
-    high = float(data[upper_rank - 1]) if upper_rank <= n else None
-    return PercentileEstimate(q, float(np.percentile(data, 100 * q)), low, high, n, min_samples(q, confidence),
-                              confidence)
+    value = float(np.percentile(data, 100 * q))
+    # In tiny samples the interpolated estimate can fall just outside the order-statistic bounds (n=2, p99: the
+    # estimate lies between the two values, the lower bound is the larger one): widen the interval to hold it.
+    low = min(float(data[lower_rank - 1]), value) if lower_rank >= 1 else None
+    high = max(float(data[upper_rank - 1]), value) if upper_rank <= n else None
+    return PercentileEstimate(q, value, low, high, n, min_samples(q, confidence), confidence)
 
 
 def percentiles(values: Sequence[float], qs: Sequence[float] = (0.5, 0.95, 0.99),

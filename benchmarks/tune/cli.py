@@ -41,8 +41,11 @@ def _knobs(spec, names: str | None):
     return [k for k in knobs if k.name in wanted]
 
 
-def main(args: argparse.Namespace, spec, repo: Path, out=sys.stdout) -> int:
+def main(args: argparse.Namespace, out=sys.stdout) -> int:
     """Search, report, and refuse an overlay that fails the SLO or the ranking gates (exit 1)."""
+    from benchmarks._args import repository_of, spec_of
+
+    spec, repo = spec_of(args), repository_of(args)
     from benchmarks.lib import Stability, describe_machine, load_average
     from benchmarks.served import Stream
     from benchmarks.tune.measure import ConfigMeasurer, MeasureSettings
@@ -57,7 +60,7 @@ def main(args: argparse.Namespace, spec, repo: Path, out=sys.stdout) -> int:
         handset,
         overlay,
     )
-    from fusionrank.project import default_spec_path, project_dir
+    from fusionrank.contract.project import default_spec_path, project_dir
 
     knobs = _knobs(spec, args.knobs)
     start, knobs = handset(spec, knobs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from benchmarks.tune.search import Knob
-from fusionrank.spec import Modality, PipelineSpec
+from fusionrank.contract.spec import Modality, PipelineSpec
 
 
 def default_knobs(spec: PipelineSpec, cores: int | None = None) -> list[Knob]:

@@ -14,14 +14,14 @@ from pathlib import Path
 from benchmarks.lib import Stability, percentile
 from benchmarks.served import ServedLoad, Stream
 from benchmarks.tune.search import Knob, Trial, apply
-from fusionrank.spec import PipelineSpec, ServingProfile
+from fusionrank.contract.spec import PipelineSpec, ServingProfile
 
 
 @contextlib.contextmanager
 def overlay_repository(spec: PipelineSpec, repo: Path) -> Iterator[Path]:
     """A temporary repository: every file `spec` renders written anew, every other file of `repo` (weights,
     tokenizer, golden outputs) a link to the original."""
-    from fusionrank.serving.render import rendered_files
+    from fusionrank.triton.render import rendered_files
 
     repo = Path(repo).resolve()
     rendered = {f.path: f.content for f in rendered_files(spec)}
@@ -54,7 +54,7 @@ class ConfigMeasurer:
     def __init__(self, spec: PipelineSpec, repo: Path, knobs: Sequence[Knob], settings: MeasureSettings,
                  ranking: bool = True):
         from benchmarks.tune.ranking import RankingProbe
-        from fusionrank.benchmark import load_benchmark
+        from fusionrank.model.synthetic_data import load_benchmark
 
         self.spec, self.repo, self.knobs, self.settings = spec, Path(repo), list(knobs), settings
         self.bench = load_benchmark(spec)
@@ -62,7 +62,7 @@ class ConfigMeasurer:
         self.calls = 0
 
     def __call__(self, config: dict[str, int]) -> Trial:
-        from fusionrank.serving.server import TritonServer
+        from fusionrank.server.launcher import TritonServer
 
         variant = apply(self.spec, self.knobs, config)
         self.calls += 1

@@ -1,6 +1,6 @@
 """The ranking gates of a tuned configuration: a configuration changes no graph, yet batching and instances may
 change what a candidate's score is computed with (batch-mates, padding), so each configuration's served scores on a
-fixed request set are compared with the same graphs run in process (`loadtest.bench_inprocess`), with the spec's
+fixed request set are compared with the same graphs run in process (`benchmarks.inprocess`), with the spec's
 CPU ranking gates (Kendall tau, top-10 overlap per request)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fusionrank.spec import PipelineSpec
+from fusionrank.contract.spec import PipelineSpec
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,9 @@ class RankingProbe:
     """A fixed request set (catalogue items, seed 0) and its in-process scores, computed once per tune."""
 
     def __init__(self, spec: PipelineSpec, repo: Path, bench, requests: int = 8, candidates: int = 16):
+        from benchmarks.inprocess import InProcessPipeline
         from benchmarks.served import Stream
-        from fusionrank.scenario import RequestFactory
-        from loadtest.bench_inprocess import InProcessPipeline
+        from fusionrank.request.scenario import RequestFactory
 
         factory = RequestFactory(spec, bench, Stream(candidates=candidates, novel_share=0.0).scenario(), seed=7)
         self.requests = [factory.next() for _ in range(requests)]
@@ -67,7 +67,7 @@ class RankingProbe:
         """Send the request set to `model` at `url` and compare."""
         import tritonclient.grpc as grpcclient
 
-        from fusionrank.tensors import CLICK_PROBABILITY, infer_inputs
+        from fusionrank.contract.tensors import CLICK_PROBABILITY, infer_inputs
 
         with grpcclient.InferenceServerClient(url) as client:
             served = [client.infer(model, infer_inputs(grpcclient, r.arrays()), client_timeout=60)

@@ -4,7 +4,6 @@ JSON."""
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,24 +11,19 @@ from pathlib import Path
 import yaml
 
 from benchmarks.tune.search import Trial, TuneError, pareto_front
-from fusionrank.spec import PipelineSpec, from_dict
+from fusionrank.contract.spec import PipelineSpec, load_spec
 
 
-def merge(base: dict, overlay: dict) -> dict:
-    """`base` with `overlay`'s values set (mappings merged key by key, anything else replaced)."""
-    out = copy.deepcopy(base)
-    for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+def overlay_file_data(spec_file: Path, overlay: dict) -> dict:
+    """The overlay as a spec file: `base:` names the searched spec (absolute), then the changed sections."""
+    return {"base": str(Path(spec_file).resolve()), **overlay}
 
 
-def merged_spec(spec_file: Path, overlay: dict) -> tuple[dict, PipelineSpec]:
-    """The spec file's YAML with the overlay merged, and the spec it makes (checked as every spec is)."""
-    data = merge(yaml.safe_load(Path(spec_file).read_text()) or {}, overlay)
-    return data, from_dict(data, source=f"{spec_file} + tune overlay")
+def merged_spec(spec_file: Path, overlay: dict, folder: Path) -> PipelineSpec:
+    """The spec the overlay makes, read as `--spec` would read it (checked as every spec is)."""
+    path = Path(folder) / "tune.overlay.yaml"
+    path.write_text(yaml.safe_dump(overlay_file_data(spec_file, overlay), sort_keys=False))
+    return load_spec(path)
 
 
 def _row(trial: Trial, handset: dict[str, int], mark: str) -> str:
@@ -93,13 +87,14 @@ def write_report(out_dir: Path, spec_file: Path, trials: Sequence[Trial], best: 
     if not best.feasible:
         raise TuneError(f"refusing the overlay: its configuration did not meet the SLO or the ranking gates "
                         f"({best.note})")
-    data, _ = merged_spec(spec_file, overlay)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"overlay": out_dir / "tune.overlay.yaml", "spec": out_dir / "pipeline.tuned.yaml",
-             "report": out_dir / "tune.md", "plot": out_dir / "tune.png", "json": out_dir / "tune.json"}
-    paths["overlay"].write_text("# fusionrank tune overlay: merge over " + str(spec_file) + "\n"
-                                + yaml.safe_dump(overlay, sort_keys=True))
-    paths["spec"].write_text(yaml.safe_dump(data, sort_keys=False))
+    paths = {"overlay": out_dir / "tune.overlay.yaml", "report": out_dir / "tune.md", "plot": out_dir / "tune.png",
+             "json": out_dir / "tune.json"}
+    try:
+        merged_spec(spec_file, overlay, out_dir)  # written and read back: a spec that does not load is refused
+    except Exception:
+        paths["overlay"].unlink(missing_ok=True)
+        raise
     paths["report"].write_text(markdown(trials, best, facts, budget, overlay))
     plot(trials, best, paths["plot"])
     paths["json"].write_text(json.dumps({"facts": facts, "budget": budget, "overlay": overlay,

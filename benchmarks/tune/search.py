@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from fusionrank.errors import FusionRankError
-from fusionrank.spec import BatchingSpec, PipelineSpec
+from fusionrank.contract.errors import FusionRankError
+from fusionrank.contract.spec import BatchingSpec, PipelineSpec
 
 FIELDS = ("instances", "intra_op_threads", "max_queue_delay_us", "max_batch_size")
 
@@ -119,14 +119,14 @@ def apply(spec: PipelineSpec, knobs: Sequence[Knob], config: Config) -> Pipeline
 
 
 def overlay(spec: PipelineSpec, tuned: PipelineSpec) -> dict:
-    """The spec overlay (YAML-ready) that turns `spec`'s serving models into `tuned`'s: the changed fields only."""
-    changed: dict[str, dict] = {}
-    for model, batching in tuned.serving.models.items():
-        before = dataclasses.asdict(spec.serving.batching(model))
-        for key, value in dataclasses.asdict(batching).items():
-            if before.get(key) != value:
-                changed.setdefault(model, {})[key] = list(value) if isinstance(value, tuple) else value
-    return {"serving": {"models": changed}} if changed else {}
+    """The spec overlay (YAML-ready) that turns `spec`'s serving models into `tuned`'s; {} when they agree. An
+    overlay replaces `serving.models` as a whole (a mapping keyed by name), so every model is written in full."""
+    models = {m: spec.serving.batching(m) for m in tuned.serving.models}
+    if all(models[m] == b for m, b in tuned.serving.models.items()) and set(spec.serving.models) <= set(models):
+        return {}
+    return {"serving": {"models": {m: {k: list(v) if isinstance(v, tuple) else v
+                                       for k, v in dataclasses.asdict(b).items()}
+                                   for m, b in tuned.serving.models.items()}}}
 
 
 Measure = Callable[[dict[str, int]], Trial]

@@ -2,7 +2,7 @@
 training, parity) and online (the Triton Python-backend models).
 
 Every preprocessor is called with one request's rows (`list[bytes]`, one per candidate) and returns the encoder's
-input arrays keyed by tensor name (see `fusionrank.tensors.encoder_inputs`). Bad rows raise `PreprocessError`
+input arrays keyed by tensor name (see `fusionrank.contract.tensors.encoder_inputs`). Bad rows raise `PreprocessError`
 naming the input and row, e.g. `item_image[3]: cannot decode image: ...`. Declared sizes are checked against the
 spec's limits before anything is decoded, and no output holds a NaN or an infinity.
 
@@ -16,9 +16,9 @@ from typing import Protocol
 
 import numpy as np
 
-from fusionrank.errors import RequestValidationError
-from fusionrank.spec import Modality, PipelineSpec
-from fusionrank.tensors import USER_HISTORY
+from fusionrank.contract.errors import RequestValidationError
+from fusionrank.contract.spec import Modality, PipelineSpec
+from fusionrank.contract.tensors import USER_HISTORY
 
 # Version of the preprocessing's numbers: part of the embedding and checkpoint cache keys, so a change that alters
 # any encoder input re-encodes the catalogue and retrains the ranker. Bump it with every such change.

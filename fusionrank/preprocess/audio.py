@@ -23,10 +23,10 @@ import soundfile as sf
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.sparse import csr_matrix
 
-from fusionrank.errors import PreprocessError
+from fusionrank.contract.errors import PreprocessError
+from fusionrank.contract.spec import AudioSpec
+from fusionrank.contract.tensors import ITEM_INPUT, Modality
 from fusionrank.preprocess._mel import hann_window, slaney_mel_filter_bank
-from fusionrank.spec import AudioSpec
-from fusionrank.tensors import ITEM_INPUT, Modality
 
 # Largest denominator of the resampling ratio: 441 (the 44.1-kHz family) and every other standard rate are exact;
 # an odd rate such as 47999 Hz is resampled at the nearest such ratio (a pitch error under 1e-5) instead of

@@ -29,9 +29,9 @@ import io
 import numpy as np
 from PIL import Image, ImageOps
 
-from fusionrank.errors import PreprocessError
-from fusionrank.spec import ImageSpec
-from fusionrank.tensors import ITEM_INPUT, Modality
+from fusionrank.contract.errors import PreprocessError
+from fusionrank.contract.spec import ImageSpec
+from fusionrank.contract.tensors import ITEM_INPUT, Modality
 
 # Decode or downscale by integer factors only while the source stays at least this many times the target size.
 REDUCING_GAP = 2.0

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from fusionrank.errors import CheckpointError, PreprocessError
-from fusionrank.paths import resolve_text_checkpoint
-from fusionrank.spec import TextSpec
-from fusionrank.tensors import ITEM_INPUT, Modality
+from fusionrank.contract.errors import CheckpointError, PreprocessError
+from fusionrank.contract.paths import resolve_text_checkpoint
+from fusionrank.contract.spec import TextSpec
+from fusionrank.contract.tensors import ITEM_INPUT, Modality
 
 
 def load_tokenizer(directory: Path):

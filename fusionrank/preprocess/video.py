@@ -24,10 +24,10 @@ import av
 import numpy as np
 from PIL import Image
 
-from fusionrank.errors import PreprocessError
+from fusionrank.contract.errors import PreprocessError
+from fusionrank.contract.spec import ImageSpec, VideoSpec
+from fusionrank.contract.tensors import ITEM_VIDEO
 from fusionrank.preprocess.image import ImagePreprocessor
-from fusionrank.spec import ImageSpec, VideoSpec
-from fusionrank.tensors import ITEM_VIDEO
 
 # Our container names -> FFmpeg demuxer names, and the encoder `encode_video` writes each with.
 _DEMUXERS = {"mp4": "mp4", "webm": "matroska"}

@@ -1,3 +1,3 @@
-"""Triton Python model `pool_embeddings`: a thin shell over fusionrank.serving.triton_models (PoolModel)."""
+"""Triton Python model `pool_embeddings`: a thin shell over fusionrank.triton.models (PoolModel)."""
 
-from fusionrank.serving.triton_models import PoolModel as TritonPythonModel  # noqa: F401
+from fusionrank.triton.models import PoolModel as TritonPythonModel  # noqa: F401

@@ -1,3 +1,3 @@
-"""Triton Python model `preprocess`: a thin shell over fusionrank.serving.triton_models (PreprocessModel)."""
+"""Triton Python model `preprocess`: a thin shell over fusionrank.triton.models (PreprocessModel)."""
 
-from fusionrank.serving.triton_models import PreprocessModel as TritonPythonModel  # noqa: F401
+from fusionrank.triton.models import PreprocessModel as TritonPythonModel  # noqa: F401

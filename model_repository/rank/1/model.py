@@ -1,3 +1,3 @@
-"""Triton Python model `rank`: a thin shell over fusionrank.serving.triton_models (RouteModel)."""
+"""Triton Python model `rank`: a thin shell over fusionrank.triton.models (RouteModel)."""
 
-from fusionrank.serving.triton_models import RouteModel as TritonPythonModel  # noqa: F401
+from fusionrank.triton.models import RouteModel as TritonPythonModel  # noqa: F401

@@ -1,0 +1,367 @@
+"""`fusionrank bench traffic`: the served route past its capacity (issue 19), on one server, in one run.
+
+Cases, each printed with its sample counts, the CPU's INT8 features and the load average:
+1. capacity: `--base-callers` closed-loop callers of never-seen items (every candidate misses the cache), no
+   deadline: answered requests/s (the unloaded goodput);
+2. overload: 1x/2x/4x/8x that many callers, each request with a `--deadline` (the Triton request timeout and the
+   gRPC deadline): goodput = requests answered within their deadline per second, against case 1;
+3. open-loop backlog: Poisson arrivals at 2x the measured capacity for `--backlog-seconds`: refusals (UNAVAILABLE)
+   and their latency, admitted requests' latency, then one request right after the burst;
+4. a cached caller (one request whose candidates are all in the cache) alone, then beside `--flood-callers`
+   callers of distinct 16-MP PNGs (as many per request as the cost budget admits): its p99 against its quiet p50.
+Production traffic (no priority set: the server's default level). Every phase is bounded in time; the server it
+starts is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+CPU_FEATURES = ("avx512_vnni", "avx512f", "amx_int8", "avx_vnni", "avx2")
+
+
+@dataclass
+class Outcomes:
+    """Latency (s) of each call by outcome: answered, refused (UNAVAILABLE / RESOURCE_EXHAUSTED), other errors."""
+
+    answered: list[float] = field(default_factory=list)
+    refused: list[float] = field(default_factory=list)
+    failed: list[float] = field(default_factory=list)
+    first_refusal: str | None = None
+    first_error: str | None = None
+    wall_s: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, latency: float, error: Exception | None) -> None:
+        with self.lock:
+            if error is None:
+                self.answered.append(latency)
+                return
+            status = str(error.status()) if callable(getattr(error, "status", None)) else ""
+            refused = status in ("StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED")
+            (self.refused if refused else self.failed).append(latency)
+            text = f"{status}: {str(error).splitlines()[0][:160]}"
+            if refused and self.first_refusal is None:
+                self.first_refusal = text
+            elif not refused and self.first_error is None:
+                self.first_error = text
+
+    def within(self, deadline_s: float) -> int:
+        return sum(1 for t in self.answered if t <= deadline_s)
+
+
+def percentiles(values: list[float]) -> str:
+    """p50/p95/p99 in ms with the sample count (percentiles of fewer than 20 samples are marked)."""
+    if not values:
+        return "n=0"
+    p50, p95, p99 = (1000 * float(np.percentile(values, q)) for q in (50, 95, 99))
+    few = " (few samples)" if len(values) < 20 else ""
+    return f"p50 {p50:.0f} ms, p95 {p95:.0f} ms, p99 {p99:.0f} ms, n={len(values)}{few}"
+
+
+def machine() -> str:
+    """CPU model, the INT8-relevant flags (present or not) and the 1/5/15-min load average."""
+    flags, model = set(), "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    shown = " ".join(f"{f}{'+' if f in flags else '-'}" for f in CPU_FEATURES)
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"{model}, {os.cpu_count()} cores, {shown}; load average {load}"
+
+
+# --- callers -------------------------------------------------------------------------------------------------------
+
+
+def _call(client, model: str, arrays: dict, deadline_s: float | None) -> tuple[float, Exception | None]:
+    """One ranking call as the fusionrank client makes it: the deadline is the gRPC deadline and the Triton request
+    timeout (so a server past capacity refuses the request instead of serving it late)."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from fusionrank.contract.tensors import infer_inputs
+
+    extra = {} if deadline_s is None else {"timeout": int(deadline_s * 1e6)}
+    started = time.perf_counter()
+    try:
+        client.infer(model, infer_inputs(grpcclient, arrays), client_timeout=deadline_s or 120.0, **extra)
+        error = None
+    except InferenceServerException as exc:
+        error = exc
+    return time.perf_counter() - started, error
+
+
+def closed_loop(url: str, model: str, next_arrays: list[Callable[[], dict]], seconds: float,
+                deadline_s: float | None) -> Outcomes:
+    """One caller per `next_arrays`, each sending its next request when the previous one returns, for `seconds`."""
+    import tritonclient.grpc as grpcclient
+
+    out, stop = Outcomes(), time.monotonic() + seconds
+
+    def caller(make: Callable[[], dict]) -> None:
+        with grpcclient.InferenceServerClient(url) as client:
+            while time.monotonic() < stop:
+                out.add(*_call(client, model, make(), deadline_s))
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(len(next_arrays)) as pool:
+        list(pool.map(caller, next_arrays))
+    out.wall_s = time.perf_counter() - started
+    return out
+
+
+def open_loop(url: str, model: str, make: Callable[[], dict], rate: float, seconds: float, seed: int,
+              timeout_s: float = 30.0) -> Outcomes:
+    """Poisson arrivals at `rate` per second for `seconds`, each sent without waiting for the others; returns when
+    every sent request has been answered (or `timeout_s` after the last one)."""
+    import tritonclient.grpc as grpcclient
+
+    from fusionrank.contract.tensors import infer_inputs
+
+    out, rng, pending = Outcomes(), np.random.default_rng(seed), []
+    started = time.perf_counter()
+    with grpcclient.InferenceServerClient(url) as client:
+        at = 0.0
+        while at < seconds:
+            at += rng.exponential(1.0 / rate)
+            time.sleep(max(0.0, started + at - time.perf_counter()))
+            done, sent = threading.Event(), time.perf_counter()
+
+            def finish(result, error, sent=sent, done=done):
+                out.add(time.perf_counter() - sent, error)
+                done.set()
+
+            client.async_infer(model, infer_inputs(grpcclient, make()), callback=finish, client_timeout=timeout_s)
+            pending.append(done)
+        for done in pending:
+            done.wait(timeout_s)
+    out.wall_s = time.perf_counter() - started
+    return out
+
+
+# --- request sets --------------------------------------------------------------------------------------------------
+
+
+def _with_nonce(png: bytes, nonce: int) -> bytes:
+    """The same PNG with a tEXt chunk after its header: a distinct payload (cache key), the same decoding cost."""
+    data = b"nonce\x00" + str(nonce).encode()
+    chunk = struct.pack(">I", len(data)) + b"tEXt" + data + struct.pack(">I", zlib.crc32(b"tEXt" + data))
+    return png[:33] + chunk + png[33:]  # 8-byte signature + 25-byte IHDR chunk
+
+
+def big_png(side: int) -> bytes:
+    """A compressible side x side RGB PNG (a gradient): every pixel must be decoded, the payload stays small."""
+    import io
+
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    pixels = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (side, 1)), np.tile(ramp[:, None], (1, side))],
+                      axis=-1).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
+def _arrays_of(factory) -> Callable[[], dict]:
+    return lambda: factory.next().arrays()
+
+
+@dataclass
+class RequestSets:
+    spec: object
+    bench: object
+    candidates: int
+    seed: int
+
+    def factory(self, index: int, novel: bool):
+        from fusionrank.request.scenario import RequestFactory, Scenario
+
+        scenario = Scenario(name="traffic", candidates={self.candidates: 1.0}, novel_share=1.0 if novel else 0.0,
+                            zipf_exponent=1.1, source="fusionrank bench traffic")
+        return RequestFactory(self.spec, self.bench, scenario, seed=self.seed * 10_000 + index)
+
+    def cold(self, count: int, phase: int) -> list[Callable[[], dict]]:
+        """`count` independent streams of never-seen items."""
+        return [_arrays_of(self.factory(phase * 100 + i, novel=True)) for i in range(count)]
+
+    def flood(self, count: int, per_request: int, side: int) -> list[Callable[[], dict]]:
+        """`count` streams of requests of `per_request` distinct side x side PNGs (never the same twice)."""
+        from fusionrank.contract.spec import Modality
+
+        png, counter, lock = big_png(side), [0], threading.Lock()
+        base = self.factory(999, novel=False).next()
+
+        def make() -> dict:
+            with lock:
+                counter[0] += per_request
+                first = counter[0]
+            from fusionrank.contract.tensors import request_arrays
+
+            items = {m: list(base.items[m][:per_request]) for m in base.items}
+            items[Modality.IMAGE] = [_with_nonce(png, first + i) for i in range(per_request)]
+            return request_arrays(items, base.history[:per_request])
+
+        return [make] * count
+
+
+# --- the run -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrafficConfig:
+    candidates: int = 16
+    base_callers: int = 4  # closed-loop callers that saturate the server (1x)
+    multiples: tuple[int, ...] = (1, 2, 4, 8)
+    deadline_s: float = 1.0
+    seconds: float = 20.0  # per capacity/overload level
+    backlog_seconds: float = 15.0
+    flood_callers: int = 3
+    flood_side: int = 4000
+    cached_seconds: float = 15.0  # per cached-caller phase (quiet, flooded)
+    seed: int = 0
+
+
+def _say(out, text: str) -> None:
+    out.write(text + "\n")
+    out.flush()
+
+
+def run_traffic(spec, repo: Path, config: TrafficConfig, out) -> dict:
+    """Every case against one server for `spec` on `repo` (CPU profile); prints and returns the figures."""
+    from fusionrank.contract.spec import ServingProfile
+    from fusionrank.model.synthetic_data import load_benchmark
+    from fusionrank.server.launcher import TritonServer
+
+    sets = RequestSets(spec, load_benchmark(spec), config.candidates, config.seed)
+    model, figures = spec.serving.route, {"machine_before": machine()}
+    _say(out, f"bench-traffic on {figures['machine_before']}")
+    with TritonServer.for_spec(spec, repo, ServingProfile.CPU, log_name="tritonserver-traffic") as server:
+        url = server.grpc_url
+        figures["overload"] = _overload(url, model, sets, config, out)
+        capacity = figures["overload"]["capacity_rps"]
+        figures["backlog"] = _backlog(url, model, sets, config, capacity, out)
+        figures["cached_beside_flood"] = _cached_beside_flood(url, model, sets, spec, config, out)
+    figures["machine_after"] = machine()
+    _say(out, f"done on {figures['machine_after']}")
+    return figures
+
+
+def _overload(url, model, sets: RequestSets, config: TrafficConfig, out) -> dict:
+    base = closed_loop(url, model, sets.cold(config.base_callers, 0), config.seconds, None)
+    capacity = len(base.answered) / base.wall_s
+    _say(out, f"capacity: {config.base_callers} callers, no deadline: {capacity:.2f} req/s answered "
+              f"({percentiles(base.answered)}; errors {len(base.refused) + len(base.failed)})")
+    levels = {}
+    for i, k in enumerate(config.multiples, start=1):
+        run = closed_loop(url, model, sets.cold(k * config.base_callers, i), config.seconds, config.deadline_s)
+        goodput = run.within(config.deadline_s) / run.wall_s
+        levels[k] = {"callers": k * config.base_callers, "goodput_rps": goodput,
+                     "share_of_capacity": goodput / capacity if capacity else 0.0,
+                     "answered": len(run.answered), "refused": len(run.refused), "failed": len(run.failed),
+                     "first_error": run.first_error, "load": os.getloadavg()[0]}
+        _say(out, f"overload {k}x ({k * config.base_callers} callers, {config.deadline_s:g}-s deadline): goodput "
+                  f"{goodput:.2f} req/s = {100 * levels[k]['share_of_capacity']:.0f}% of capacity; answered "
+                  f"{percentiles(run.answered)}; refused n={len(run.refused)} ({run.first_refusal or 'none'}), "
+                  f"other errors n={len(run.failed)} ({run.first_error or 'none'}); load {levels[k]['load']:.2f}")
+    return {"capacity_rps": capacity, "capacity_samples": len(base.answered), "levels": levels}
+
+
+def _backlog(url, model, sets: RequestSets, config: TrafficConfig, capacity: float, out) -> dict:
+    (make,) = sets.cold(1, 50)
+    rate = 2 * capacity
+    run = open_loop(url, model, make, rate, config.backlog_seconds, config.seed)
+    (after_make,) = sets.cold(1, 51)
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(url) as client:
+        after, error = _call(client, model, after_make(), None)
+    figures = {"rate_rps": rate, "sent": len(run.answered) + len(run.refused) + len(run.failed),
+               "refused": len(run.refused), "refusal_p99_ms": 1000 * float(np.percentile(run.refused, 99))
+               if run.refused else None, "admitted": len(run.answered),
+               "after_burst_ms": 1000 * after, "after_burst_error": str(error) if error else None}
+    _say(out, f"open loop at 2x capacity ({rate:.2f} req/s, {config.backlog_seconds:g} s): refusals "
+              f"{percentiles(run.refused)} ({run.first_refusal or 'none'}); admitted {percentiles(run.answered)}; "
+              f"other errors n={len(run.failed)} ({run.first_error or 'none'}); request right after the burst: "
+              f"{1000 * after:.0f} ms{' (' + str(error).splitlines()[0] + ')' if error else ''}")
+    return figures
+
+
+def _cached_beside_flood(url, model, sets: RequestSets, spec, config: TrafficConfig, out) -> dict:
+    cached = sets.factory(77, novel=False).next().arrays()
+    closed_loop(url, model, [lambda: cached], 1.0, None)  # into the cache
+    quiet = closed_loop(url, model, [lambda: cached], config.cached_seconds, None)
+    budget = spec.serving.admission.cost.max_pixels
+    per_request = max(1, min(spec.serving.max_candidates, budget // config.flood_side ** 2 if budget else 64))
+    flood_out: list[Outcomes] = []
+    flooding = threading.Thread(target=lambda: flood_out.append(closed_loop(
+        url, model, sets.flood(config.flood_callers, per_request, config.flood_side), config.cached_seconds + 2,
+        None)))
+    flooding.start()
+    time.sleep(2.0)  # the floods hold the route first
+    beside = closed_loop(url, model, [lambda: cached], config.cached_seconds, None)
+    flooding.join()
+    flood = flood_out[0]
+    quiet_p50 = float(np.percentile(quiet.answered, 50)) if quiet.answered else float("nan")
+    p99 = float(np.percentile(beside.answered, 99)) if beside.answered else float("nan")
+    _say(out, f"cached caller quiet: {percentiles(quiet.answered)}; beside {config.flood_callers} callers of "
+              f"{per_request} distinct {config.flood_side}x{config.flood_side} PNGs per request: "
+              f"{percentiles(beside.answered)} = p99 {p99 / quiet_p50:.1f}x quiet p50; floods answered "
+              f"{percentiles(flood.answered)}, refused n={len(flood.refused)}, other errors n={len(flood.failed)} "
+              f"({flood.first_error or 'none'})")
+    return {"quiet_p50_ms": 1000 * quiet_p50, "quiet_samples": len(quiet.answered), "beside_p99_ms": 1000 * p99,
+            "beside_samples": len(beside.answered), "ratio": p99 / quiet_p50, "flood_per_request": per_request,
+            "flood_answered": len(flood.answered), "flood_refused": len(flood.refused),
+            "flood_failed": len(flood.failed), "flood_first_error": flood.first_error}
+
+
+# --- command line --------------------------------------------------------------------------------------------------
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of `fusionrank bench traffic`."""
+    d = TrafficConfig()
+    parser.add_argument("--candidates", type=int, default=d.candidates, help="candidates per request")
+    parser.add_argument("--base-callers", type=int, default=d.base_callers,
+                        help="closed-loop callers that saturate the server (1x)")
+    parser.add_argument("--deadline", type=float, default=d.deadline_s, help="per-request deadline (s), overload")
+    parser.add_argument("--seconds", type=float, default=d.seconds, help="length of each capacity/overload level")
+    parser.add_argument("--backlog-seconds", type=float, default=d.backlog_seconds, help="open-loop burst length")
+    parser.add_argument("--flood-callers", type=int, default=d.flood_callers)
+    parser.add_argument("--flood-side", type=int, default=d.flood_side, help="flood images are side x side PNGs")
+    parser.add_argument("--cached-seconds", type=float, default=d.cached_seconds)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run every case on the spec's repository and print the figures."""
+    import json
+    import sys
+
+    from benchmarks._args import repository_of, spec_of
+
+    config = TrafficConfig(candidates=args.candidates, base_callers=args.base_callers, deadline_s=args.deadline,
+                           seconds=args.seconds, backlog_seconds=args.backlog_seconds,
+                           flood_callers=args.flood_callers, flood_side=args.flood_side,
+                           cached_seconds=args.cached_seconds, seed=args.seed)
+    figures = run_traffic(spec_of(args), repository_of(args), config, sys.stdout)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2, default=str))
+    return 0

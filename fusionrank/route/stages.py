@@ -1,0 +1,439 @@
+"""The route callers use (`serving.route`): a BLS model that serves the ranking contract over the member models.
+
+One `rank()` call serves one execute of the route model (a dynamic batch of requests), stage by stage:
+
+1. validate each request as a whole (inputs, row counts, candidate limit, history, the presence rules of
+   `modality_present` and `item_video`; nothing decoded): a bad request is answered INVALID_ARG alone, before any
+   member runs for it;
+2. look every present payload up in the embedding cache (`fusionrank.route.cache`, one key per payload and
+   modality from `fusionrank.route.item_keys`; a candidate with a video is keyed by its still and its video,
+   `fusionrank.request.candidates.image_cache_payload`): a hit skips both preprocessing and encoding of that row; an
+   absent modality's row is neither looked up nor encoded (its embedding stays zeros, which the ranker's mask masks);
+3. validate and preprocess the misses in process (`RequestPreprocessor.encoder_groups`): a bad payload answers its
+   request INVALID_ARG naming the row, hits or not (a hit's bytes are bytes that passed the same checks, so they
+   need no decoding; the request-level checks of stage 1 ran for every row);
+4. answer cancelled requests CANCELLED, and requests past their deadline (the caller's Triton request timeout)
+   UNAVAILABLE (over capacity), and leave them out of the next stage (checked before validating each request,
+   before decoding, before encoding and before ranking); before decoding, a request whose misses cost more than
+   `serving.admission.cost` (read from the payloads' headers: `fusionrank.request.cost`) is answered
+   INVALID_ARG naming the budget; requests the cache answered whole go straight to ranking (the fast path) while
+   the others decode in the route instance's bounded pool of low-priority threads; member calls carry the latest
+   deadline of the requests whose rows they hold, so a member's queue refuses work nobody waits for;
+5. encode: per modality, the missed rows of every live request are concatenated (grouped by shape: text rows are
+   padded to their own bucket; a video's K sampled frames are image rows of their candidate), cut at the
+   encoder's max batch and sent to the encoder model through BLS, so its dynamic batcher still merges them with
+   other route instances' calls; the modalities run concurrently; each candidate's rows are mean-pooled
+   (`fusionrank.request.candidates.pool_rows`: frames and still); the fresh embeddings of requests that encoded cleanly
+   are stored in the cache (only finite ones: nothing bad is ever cached);
+6. rank all live rows through `fusion_ranker` and split the outputs back per request;
+7. no NaN or infinity leaves the route: a non-finite embedding or output answers its request INVALID_ARG naming
+   the candidate row.
+
+Why a route instead of the Triton ensemble: Triton 2.51 crashes (SIGSEGV) when callers cancel requests to an ensemble
+(server#7368, fixed by #7840); cancelled requests to a Python-backend model leave it alive. Member calls go through
+an `Infer` callable, so this class is tested without a server (`fusionrank.triton.models.RouteModel` binds
+it to `pb_utils.InferenceRequest.async_exec`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fusionrank.contract.errors import FusionRankError, PreprocessError
+from fusionrank.contract.names import RANKER, encoder_name
+from fusionrank.contract.spec import Modality, PipelineSpec
+from fusionrank.contract.tensors import ITEM_INPUT, MODALITY_MASK, embedding_name, model_io
+from fusionrank.request.candidates import image_cache_payload, pool_rows
+from fusionrank.request.cost import check_budget, request_cost
+from fusionrank.request.validation import EncoderGroup, RequestPreprocessor, ValidRequest, non_finite_row
+from fusionrank.route.cache import EmbeddingCache
+
+
+class Status(enum.Enum):
+    """The status a request is answered with when it is not answered with outputs."""
+
+    INVALID_ARG = "invalid_arg"  # the request's own input: retrying it cannot help
+    CANCELLED = "cancelled"  # the caller cancelled it (a deadline passed)
+    UNAVAILABLE = "unavailable"  # a member is not loaded or the server is stopping: another server may serve it
+    INTERNAL = "internal"  # our fault; the details are in the server log
+
+
+@dataclass(frozen=True)
+class RouteError:
+    status: Status
+    message: str
+
+
+class MemberCallError(FusionRankError):
+    """A member model answered a BLS call with an error."""
+
+    def __init__(self, model: str, message: str, status: Status = Status.INTERNAL):
+        self.model, self.message, self.status = model, message, status
+        super().__init__(f"{model}: {message}")
+
+
+def _never() -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    inputs: Mapping[str, np.ndarray]  # the contract's input arrays, by name
+    is_cancelled: Callable[[], bool] = _never
+    deadline: float | None = None  # `time.monotonic()` past which nobody waits for the answer; None: no deadline
+
+    def late(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+
+RouteResult = dict[str, np.ndarray] | RouteError
+# (index of the request in the execute, its result): called once per request, as soon as its result is known.
+Answer = Callable[[int, RouteResult], None]
+# (member model, input arrays by name, output names, deadline) -> output arrays by name; raises MemberCallError.
+# The deadline (`time.monotonic()`, or None) is the latest of the requests whose rows the call holds: the member's
+# queue refuses the call past it instead of running work nobody waits for.
+Infer = Callable[[str, dict[str, np.ndarray], tuple[str, ...], float | None], Awaitable[dict[str, np.ndarray]]]
+LATE = "the request's deadline passed before its payloads were encoded: the server is over capacity; nothing more " \
+       "was computed for it"
+BUSY = "the server is over capacity: this route instance already holds {n} requests with payloads to decode " \
+       "(serving.admission.max_decoding_requests); retry later or on another server"
+
+
+@dataclass(eq=False)
+class _Flight:
+    """One request on its way through the stages."""
+
+    request: RouteRequest
+    valid: ValidRequest | None = None
+    keys: dict[Modality, list[str | None]] = field(default_factory=dict)  # per row, with a cache; None: absent
+    misses: dict[Modality, list[int]] = field(default_factory=dict)  # rows the cache did not hold
+    groups: dict[Modality, list[EncoderGroup]] = field(default_factory=dict)  # preprocessed misses, by shape
+    embeddings: dict[Modality, np.ndarray] = field(default_factory=dict)
+    error: RouteError | None = None
+    outputs: dict[str, np.ndarray] | None = None
+    answered: bool = False  # its result went to the `Answer` callback
+
+    @property
+    def rows(self) -> int:
+        return len(self.valid.history)
+
+    @property
+    def all_hit(self) -> bool:
+        """Every present payload came from the cache: nothing to decode or encode."""
+        return not any(self.misses.values())
+
+    def fail(self, error: RouteError) -> None:
+        if self.error is None:  # the first error is the one the caller sees
+            self.error = error
+
+    def encode_rows(self, modality: Modality) -> np.ndarray:
+        """The rows whose `modality` the encoder computes: the cache's misses among the rows that have it (every
+        such row without a cache); the other present rows' `embeddings[modality]` come from the cache."""
+        groups = self.groups.get(modality, [])
+        return np.unique(np.concatenate([g.rows for g in groups])) if groups else np.zeros(0, dtype=np.int64)
+
+    def present_rows(self, modality: Modality, index: int) -> list[int]:
+        """The candidates that have `modality` (the `index`-th enabled one)."""
+        return [int(r) for r in np.flatnonzero(self.valid.present[:, index])]
+
+
+class RankingRoute:
+    """Serves batches of ranking requests through the member models; each request is answered on its own."""
+
+    def __init__(self, spec: PipelineSpec, preparer: RequestPreprocessor, infer: Infer,
+                 log_error: Callable[[str], None] = lambda message: None, cache: EmbeddingCache | None = None,
+                 decode: Callable[[Callable[[], None]], Awaitable[None]] | None = None):
+        """`decode` runs one request's decoding (a callable) where it belongs, e.g. in a bounded pool of threads of
+        low CPU priority (`fusionrank.triton.models`); None: inline."""
+        self.spec = spec
+        self.decode = decode
+        self.decoding = 0  # requests with payloads to decode in flight, over every concurrent execute
+        self.preparer = preparer
+        self.infer = infer
+        self.log_error = log_error
+        self.cache = cache
+        self.modalities = spec.modalities.enabled
+        self.ranker_outputs = tuple(t.name for t in model_io(spec, RANKER).outputs)
+
+    async def rank(self, requests: Sequence[RouteRequest], answer: Answer | None = None) -> list[RouteResult]:
+        """Outputs by name, or a RouteError, per request and in the requests' order. `answer` gets each request's
+        result as soon as it is known (an error at the stage that found it; a request the cache answered whole
+        when it is ranked, while its batch-mates still decode), so no caller waits for another's work."""
+        flights = [_Flight(r) for r in requests]
+
+        def settle() -> None:
+            for i, f in enumerate(flights):
+                if answer is not None and not f.answered and (f.error is not None or f.outputs is not None):
+                    f.answered = True
+                    answer(i, f.error if f.error is not None else f.outputs)
+
+        live = self._validate(flights)
+        self._lookup(live)
+        live = self._guarded(self._drop_cancelled(live), "cost check", self._check_cost)
+        settle()
+
+        async def fast_path(hits: list[_Flight]) -> None:
+            await self._rank(hits)
+            settle()
+
+        # Requests the cache answered whole are ranked (and answered) now, not after their batch-mates' decoding.
+        hits = asyncio.ensure_future(fast_path([f for f in live if f.all_hit]))
+        admitted = self._admit([f for f in live if not f.all_hit])
+        settle()
+        self.decoding += len(admitted)
+        try:
+            work = self._drop_cancelled(await self._preprocess(admitted))
+            settle()
+            work = self._drop_cancelled(await self._encode(work))
+            settle()
+            await asyncio.gather(hits, self._rank(work))
+        finally:
+            self.decoding -= len(admitted)
+        settle()
+        return [f.error if f.error is not None else f.outputs for f in flights]
+
+    def _admit(self, flights: list[_Flight]) -> list[_Flight]:
+        """The requests with payloads to decode this instance can take (`max_decoding_requests`, over all its
+        concurrent executes); the rest are refused UNAVAILABLE at once, before any decoding."""
+        room = max(0, self.spec.serving.admission.max_decoding_requests - self.decoding)
+        for f in flights[room:]:
+            f.fail(RouteError(Status.UNAVAILABLE, BUSY.format(n=self.decoding)))
+        return flights[:room]
+
+    @staticmethod
+    def _drop_cancelled(flights: list[_Flight]) -> list[_Flight]:
+        """The flights whose caller still waits: a cancelled one is answered CANCELLED, one past its deadline
+        UNAVAILABLE (over capacity: another server, or this one later, may serve it), and no more work is done."""
+        live, now = [], time.monotonic()
+        for f in flights:
+            if f.request.is_cancelled():
+                f.fail(RouteError(Status.CANCELLED, "request cancelled by the caller"))
+            elif f.request.late(now):
+                f.fail(RouteError(Status.UNAVAILABLE, LATE))
+            else:
+                live.append(f)
+        return live
+
+    def _check_cost(self, f: _Flight) -> None:
+        """Refuse a request whose misses cost more to decode than `serving.admission.cost` allows (headers only)."""
+        budget = self.spec.serving.admission.cost
+        if budget.max_pixels or budget.max_audio_samples or budget.max_video_frames:
+            check_budget(budget, request_cost(self.spec, f.valid, f.misses))
+
+    def _guarded(self, flights: list[_Flight], stage: str, work: Callable[[_Flight], None]) -> list[_Flight]:
+        """Run `work` on each flight: bad input answers its request INVALID_ARG, any other failure INTERNAL (logged);
+        returns the flights that passed."""
+        live = []
+        for i, f in enumerate(flights):
+            try:
+                work(f)
+            except PreprocessError as exc:  # RequestValidationError included
+                f.fail(RouteError(Status.INVALID_ARG, str(exc)))
+                continue
+            except Exception:  # any other failure is ours: log it, answer INTERNAL, keep serving
+                self.log_error(f"route: {stage} of request {i} failed:\n{traceback.format_exc()}")
+                f.fail(RouteError(Status.INTERNAL, f"route: internal error in {stage} (see server log)"))
+                continue
+            live.append(f)
+        return live
+
+    def _validate(self, flights: list[_Flight]) -> list[_Flight]:
+        for f in flights:
+            if f.request.is_cancelled():  # before its CPU work: a caller that gave up costs nothing more
+                f.fail(RouteError(Status.CANCELLED, "request cancelled by the caller"))
+
+        def validate(f: _Flight) -> None:
+            f.valid = self.preparer.validate(f.request.inputs)
+
+        return self._guarded([f for f in flights if f.error is None], "validation", validate)
+
+    def _lookup(self, flights: list[_Flight]) -> None:
+        """Fill every row the cache holds; the rest are the misses (every row without a cache). A failing cache
+        costs misses, never a request."""
+        for f in flights:
+            for j, m in enumerate(self.modalities):
+                f.embeddings[m] = np.zeros((f.rows, self.spec.modalities.embedding_dim(m)), dtype=np.float32)
+                f.misses[m] = f.present_rows(m, j)
+        if self.cache is None or not flights:
+            return
+        try:
+            wanted = []
+            for f in flights:
+                for m in self.modalities:
+                    f.keys[m] = [None] * f.rows
+                    for row in f.misses[m]:
+                        f.keys[m][row] = self.cache.key(m, self._cache_payload(f.valid, m, row))
+                    wanted += [(m, f.keys[m][row]) for row in f.misses[m]]
+            found = iter(self.cache.lookup(wanted))
+        except Exception:
+            self.log_error(f"route: embedding cache lookup failed; encoding every row:\n{traceback.format_exc()}")
+            return
+        for f in flights:
+            for m in self.modalities:
+                misses = []
+                for row in f.misses[m]:
+                    value = next(found)
+                    if value is None:
+                        misses.append(row)
+                    else:
+                        f.embeddings[m][row] = value
+                f.misses[m] = misses
+
+    def _cache_payload(self, valid: ValidRequest, modality: Modality, row: int) -> bytes:
+        """What a row's cache key hashes: its payload; for an image with a video, its still and its video."""
+        payload = valid.rows[ITEM_INPUT[modality]][row]
+        if modality is Modality.IMAGE and valid.videos is not None and valid.videos[row]:
+            return image_cache_payload(self.spec, payload, valid.videos[row])
+        return payload
+
+    async def _preprocess(self, flights: list[_Flight]) -> list[_Flight]:
+        def preprocess(f: _Flight) -> None:
+            for m in self.modalities:
+                f.groups[m] = self.preparer.encoder_groups(f.valid, m, f.misses[m])
+
+        if self.decode is None or not flights:
+            return self._guarded(flights, "preprocessing", preprocess)
+        await self.decode(lambda: self._guarded(flights, "preprocessing", preprocess))
+        return [f for f in flights if f.error is None]
+
+    async def _encode(self, flights: list[_Flight]) -> list[_Flight]:
+        await asyncio.gather(*(self._encode_modality(flights, m) for m in self.modalities))
+        live = [f for f in flights if f.error is None]
+        self._store(live)
+        return live
+
+    async def _encode_modality(self, flights: list[_Flight], modality: Modality) -> None:
+        name = embedding_name(modality)
+        parts = [(f, group) for f in flights for group in f.groups[modality]]
+        results = await self.call_member(encoder_name(modality), [g.inputs for _, g in parts], (name,),
+                                         deadline=_latest(flights))
+        encoded: dict[_Flight, list[tuple[np.ndarray, np.ndarray]]] = {}
+        for (f, group), result in zip(parts, results):
+            if f.error is not None:
+                continue
+            if isinstance(result, RouteError):
+                f.fail(result)
+                continue
+            bad = non_finite_row(result[name])
+            if bad is not None:
+                row = int(group.rows[bad])
+                self._log_non_finite(name, row)
+                f.fail(RouteError(Status.INVALID_ARG, f"{ITEM_INPUT[modality]}[{row}]: the {modality.value} encoder "
+                                                      "produced a non-finite embedding; this candidate cannot be "
+                                                      "scored"))
+                continue
+            encoded.setdefault(f, []).append((group.rows, result[name]))
+        for f, pieces in encoded.items():
+            if f.error is None:  # a candidate's rows (a video's frames and its still) pooled into one embedding
+                owners = np.concatenate([rows for rows, _ in pieces])
+                pooled = pool_rows(np.concatenate([values for _, values in pieces]), owners, f.rows)
+                rows = np.unique(owners)
+                f.embeddings[modality][rows] = pooled[rows]
+
+    def _store(self, flights: list[_Flight]) -> None:
+        """Cache the fresh embeddings of requests whose every row validated and encoded to finite values."""
+        if self.cache is None:
+            return
+        try:
+            self.cache.store([(m, f.keys[m][row], f.embeddings[m][row]) for f in flights for m in self.modalities
+                              if m in f.keys for row in f.encode_rows(m)])
+        except Exception:  # the requests are served all the same; the next ones miss
+            self.log_error(f"route: storing embeddings failed:\n{traceback.format_exc()}")
+
+    async def _rank(self, flights: list[_Flight]) -> None:
+        if not flights:
+            return
+        parts = [{**{embedding_name(m): f.embeddings[m] for m in self.modalities}, "history": f.valid.history,
+                  MODALITY_MASK: f.valid.present.astype(np.float32)} for f in flights]
+        # One call per request (the ranker's dynamic batcher merges them): the ranker model answers a non-finite
+        # output INVALID_ARG naming the row (the reference ensemble's guard), which then concerns this request alone.
+        results = await self.call_member(RANKER, parts, self.ranker_outputs, concatenate=False,
+                                         deadline=_latest(flights))
+        for f, result in zip(flights, results):
+            if isinstance(result, RouteError):
+                f.fail(result)
+                continue
+            for name in self.ranker_outputs:
+                row = non_finite_row(result[name])
+                if row is not None:
+                    self._log_non_finite(name, row)
+                    f.fail(RouteError(Status.INVALID_ARG, f"{name}[{row}]: the ranker produced a non-finite value "
+                                                          f"for candidate {row}; it cannot be scored"))
+                    break
+            else:
+                f.outputs = result
+
+    def _log_non_finite(self, name: str, row: int) -> None:
+        # Answered INVALID_ARG (the payload passed validation but drives the model out of range; retrying cannot
+        # help), and logged: a model that turns finite inputs into NaN for many requests is a defect to see.
+        self.log_error(f"route: non-finite {name} at row {row} from finite inputs")
+
+    async def call_member(self, model: str, parts: Sequence[dict[str, np.ndarray]], outputs: tuple[str, ...],
+                          concatenate: bool = True, deadline: float | None = None) -> list[RouteResult]:
+        """Run every part (input arrays of some rows) through `model`: parts whose shapes agree are concatenated
+        (unless `concatenate` is False), cut at the model's max batch and sent concurrently. Returns each part's
+        outputs, or the error of a call that held some of its rows."""
+        groups: dict[tuple, list[int]] = {}
+        for i, arrays in enumerate(parts):
+            key = tuple((n, a.shape[1:]) for n, a in sorted(arrays.items())) if concatenate else i
+            groups.setdefault(key, []).append(i)
+        results: list[RouteResult] = [RouteError(Status.INTERNAL, "unreached")] * len(parts)
+        answered = await asyncio.gather(*(self._call_group(model, [parts[i] for i in members], outputs, deadline)
+                                          for members in groups.values()))
+        for members, group_results in zip(groups.values(), answered):
+            for i, result in zip(members, group_results):
+                results[i] = result
+        return results
+
+    async def _call_group(self, model: str, parts: list[dict[str, np.ndarray]], outputs: tuple[str, ...],
+                          deadline: float | None) -> list[RouteResult]:
+        names = list(parts[0])
+        batch = {n: parts[0][n] if len(parts) == 1 else np.concatenate([p[n] for p in parts]) for n in names}
+        total, step = len(batch[names[0]]), self.spec.serving.batching(model).max_batch_size
+        starts = list(range(0, total, step))
+        own = len(parts) == 1 and len(starts) == 1  # the call holds exactly one part's rows, in order
+        chunks = await asyncio.gather(*(self._call_chunk(model, {n: a[s:s + step] for n, a in batch.items()}, outputs,
+                                                         own, deadline) for s in starts))
+        results, lo = [], 0
+        for part in parts:
+            hi = lo + len(part[names[0]])
+            pieces = [(c, max(lo, s) - s, min(hi, s + step) - s)
+                      for s, c in zip(starts, chunks) if s < hi and lo < s + step]
+            failed = next((c for c, _, _ in pieces if isinstance(c, RouteError)), None)
+            results.append(failed or {n: np.concatenate([c[n][a:b] for c, a, b in pieces]) for n in outputs})
+            lo = hi
+        return results
+
+    async def _call_chunk(self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...],
+                          own: bool, deadline: float | None) -> RouteResult:
+        rows = len(next(iter(inputs.values())))
+        try:
+            result = await self.infer(model, {n: np.ascontiguousarray(a) for n, a in inputs.items()}, outputs,
+                                      deadline)
+        except MemberCallError as exc:
+            if exc.status is Status.INVALID_ARG and own:
+                return RouteError(Status.INVALID_ARG, exc.message)  # names a row of this request: pass it on
+            self.log_error(f"route: {exc}")
+            if exc.status is Status.UNAVAILABLE:
+                return RouteError(Status.UNAVAILABLE, f"{model} is unavailable: {exc.message}")
+            return RouteError(Status.INTERNAL, f"route: {model} failed (see server log)")
+        except Exception:
+            self.log_error(f"route: call to {model} failed:\n{traceback.format_exc()}")
+            return RouteError(Status.INTERNAL, f"route: call to {model} failed (see server log)")
+        if any(n not in result or len(result[n]) != rows for n in outputs):
+            self.log_error(f"route: {model} answered {rows} input rows with other row counts or outputs")
+            return RouteError(Status.INTERNAL, f"route: {model} output rows do not match its input rows")
+        return result
+
+
+def _latest(flights: Sequence[_Flight]) -> float | None:
+    """The deadline of a member call holding these flights' rows: the latest of theirs (None if one has none)."""
+    deadlines = [f.request.deadline for f in flights]
+    return None if not deadlines or None in deadlines else max(deadlines)

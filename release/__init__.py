@@ -1,0 +1,2 @@
+"""Release checks of a node: the upgrade report (`upgrade*`: measure, compare, markdown) and the GPU check
+(`gpu_check`, `gpu_steps`, `gpu_report`)."""

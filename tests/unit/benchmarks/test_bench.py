@@ -1,0 +1,92 @@
+"""`fusionrank bench serve`: its candidate stream (Zipf popularity, never-seen items that stay valid), its goals and
+report, and its phases against the session's real Triton (a short run)."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from benchmarks.latency import LatencyStats
+from benchmarks.serve import goals, render, write_chart
+from benchmarks.serve_phases import BenchConfig, BenchError, BenchResult, Phase
+from fusionrank.contract.spec import Modality
+from fusionrank.request.scenario import RequestFactory, Scenario, novel_payload, zipf_weights
+from fusionrank.request.validation import RequestPreprocessor
+
+
+@pytest.fixture(scope="module")
+def bench(ci_spec):
+    from fusionrank.model.synthetic_data import load_benchmark
+
+    return load_benchmark(ci_spec)
+
+
+def test_zipf_stream_favours_the_same_items_for_every_caller_and_never_repeats_one_in_a_request(ci_spec, bench):
+    scenario = Scenario(name="z", candidates={16: 1.0}, zipf_exponent=1.1)
+    counts = [Counter(), Counter()]
+    for seed, counter in enumerate(counts):
+        factory = RequestFactory(ci_spec, bench, scenario, seed=seed)
+        for _ in range(150):
+            ids = factory.candidate_ids()
+            assert len(set(ids.tolist())) == len(ids) == 16, "a candidate list holds distinct items"
+            counter.update(ids.tolist())
+    ranks = factory.by_rank.tolist()  # the same popularity order for every seed
+    for counter in counts:
+        means = [np.mean([counter[i] for i in ranks[a:b]]) for a, b in ((0, 10), (10, 50), (50, 200))]
+        assert means[0] > means[1] > means[2], f"drawn more often the more popular: {means}"
+    weights = zipf_weights(200, 1.1)
+    assert weights[0] / weights[9] == pytest.approx(10 ** 1.1)
+
+
+def test_never_seen_items_are_valid_distinct_and_at_the_requested_share(ci_spec, bench):
+    scenario = Scenario(name="n", candidates={16: 1.0}, zipf_exponent=1.1, novel_share=0.25)
+    factory = RequestFactory(ci_spec, bench, scenario, seed=4)
+    preparer = RequestPreprocessor(ci_spec)
+    ids = range(1, bench.num_items + 1)
+    catalogue = {m: {bench.item(i).payload(m) for i in ids} for m in ci_spec.modalities.enabled}
+    seen: dict[Modality, set] = {m: set() for m in ci_spec.modalities.enabled}
+    for _ in range(12):
+        request = factory.next()
+        preparer(request.arrays())  # every payload decodes and passes the spec's limits
+        for m, rows in request.items.items():
+            seen[m].update(p for p in rows if p is not None and p not in catalogue[m])
+    share = factory.novel_candidates / (12 * 16)
+    assert 0.1 < share < 0.4
+    assert all(len(payloads) == factory.novel_candidates for payloads in seen.values()), "each one distinct"
+    image = bench.item(1).payload(Modality.IMAGE)
+    assert novel_payload(Modality.IMAGE, image, 1) != novel_payload(Modality.IMAGE, image, 2)
+    from PIL import Image
+
+    formats = {Image.open(io.BytesIO(p)).format for p in (image, novel_payload(Modality.IMAGE, image, 1))}
+    assert len(formats) == 1, "the same format as the catalogue item"
+
+
+def test_bench_flags_are_checked():
+    with pytest.raises(BenchError, match="--novel-share 1.5"):
+        BenchConfig(novel_share=1.5)
+    with pytest.raises(BenchError, match="--callers 0"):
+        BenchConfig(callers=0)
+
+
+def _phase(role: str, cps: float, p99: float, errors: int = 0) -> Phase:
+    return Phase(role, role, LatencyStats(p99 / 2, p99 * 0.9, p99, p99 / 2, cps, 10), 10, errors)
+
+
+def test_goals_say_met_or_missed_with_the_measured_ratio(tmp_path):
+    config = BenchConfig()
+    phases = [_phase("inprocess_request", 80, 300), _phase("inprocess_batch", 120, 2000),
+              _phase("ensemble", 100, 1500), _phase("route_cold", 300, 900), _phase("route_warm", 1200, 200)]
+    result = BenchResult(config, "spec.yaml", phases, 2)
+    assert [(g.met, g.measured.split()[0]) for g in goals(result)] == [(True, "12.0x"), (True, "200"),
+                                                                       (True, "1.25x")]
+    result.phases[4] = _phase("route_warm", 900, 1600)
+    result.phases[0] = _phase("inprocess_request", 120, 300)
+    assert [g.met for g in goals(result)] == [False, False, False]
+    text = render(result)
+    assert "MISSED warm cached route >= 10x the plain ensemble's candidates/s: 9.0x" in text
+    assert write_chart(result, tmp_path / "bench.png").stat().st_size > 10_000
+
+

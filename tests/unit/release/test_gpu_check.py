@@ -1,0 +1,95 @@
+"""The GPU check (`make gpu-check`): on this GPU-less machine every GPU step is skipped with its reason and the
+report is written; with the fake TensorRT on a pretend GPU node the steps that node allows run; the Markdown page
+renders the figures of steps that cannot run here."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks.latency import BenchmarkError, OnnxRuntimeRunner
+from export.node.facts import NodeInfo
+from release.gpu_check import run_gpu_check
+from release.gpu_report import render_markdown
+from release.gpu_steps import ORT_CUDA
+from tests.paths import REPO_ROOT
+
+NO_GPU = NodeInfo(notes=("nvidia-smi not found: no NVIDIA GPU or driver on this node",))
+GPU = NodeInfo(gpu_name="Fake GPU X1", compute_capability="9.0", driver_version="570.1", cuda_version="12.8")
+NOW = dt.datetime(2030, 1, 2, tzinfo=dt.timezone.utc)
+
+
+def _statuses(report):
+    return {s["name"]: (s["status"], s["reason"]) for s in report["steps"]}
+
+
+def test_without_a_gpu_every_gpu_step_is_skipped_with_its_reason(ci_spec, tmp_path):
+    folder, report = run_gpu_check(ci_spec, tmp_path / "absent", tmp_path / "out", root=REPO_ROOT,
+                                   probe=lambda: NO_GPU, now=NOW)
+    assert folder == tmp_path / "out" / "2030-01-02-no-gpu"
+    steps = _statuses(report)
+    assert list(steps) == ["cuda-driver", "prepare-repository", "onnxruntime-cuda", "tensorrt-build",
+                           "tensorrt-parity-latency", "serve-gpu-profile"]
+    assert all(status == "skipped" for status, _ in steps.values())
+    for name in ("cuda-driver", "onnxruntime-cuda", "tensorrt-build"):
+        assert steps[name][1] == "no CUDA GPU: nvidia-smi not found: no NVIDIA GPU or driver on this node"
+    assert steps["serve-gpu-profile"][1].startswith("no engines: tensorrt-build skipped")
+    assert json.loads((folder / "gpu-check.json").read_text()) == report
+    page = (folder / "gpu-check.md").read_text()
+    assert "| tensorrt-build | skipped | 0.0 | no CUDA GPU: nvidia-smi not found" in page
+
+
+def test_steps_that_cannot_finish_in_the_budget_are_skipped(ci_spec, tmp_path, fake_trt, fake_cuda):
+    _, report = run_gpu_check(ci_spec, tmp_path / "absent", tmp_path / "out", budget_s=60, root=REPO_ROOT,
+                              probe=lambda: GPU, now=NOW)
+    status, reason = _statuses(report)["prepare-repository"]
+    assert status == "skipped" and reason.startswith("time budget:")
+    assert _statuses(report)["tensorrt-build"] == ("skipped", "no models: prepare-repository skipped")
+
+
+def test_onnxruntime_falling_back_to_the_cpu_is_an_error(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "m.onnx"))
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed here")
+    with pytest.raises(BenchmarkError, match=r"runs on \['CPUExecutionProvider'\] instead of CUDAExecutionProvider"):
+        OnnxRuntimeRunner(tmp_path / "m.onnx", providers=ORT_CUDA)
+    runner = OnnxRuntimeRunner(tmp_path / "m.onnx")
+    assert runner.run({"x": np.ones((1, 2), np.float32)})["y"].tolist() == [[1.0, 1.0]]
+
+
+def test_the_page_shows_the_figures_of_steps_that_ran():
+    stats = {"p50_ms": 1.5, "p95_ms": 2.0, "p99_ms": 2.5, "mean_ms": 1.6, "throughput": 640.0, "samples": 30}
+    accuracy = {"text_encoder": {"passed": True, "outputs": {"text_embedding": {
+        "output": "text_embedding", "max_abs_diff": 0.004, "atol": 0.02, "rtol": 0.02}}},
+        "fusion_ranker": {"passed": False, "outputs": {"click_probability": {
+            "output": "click_probability", "max_abs_diff": None, "atol": 0.005, "rtol": 0.01}}}}
+    latency = {"text_encoder": {"1": stats, "64": stats}, "fusion_ranker": {"1": stats}}
+    member = {"model": "text_encoder", "requests": 40, "executions": 8, "avg_batch": 5.0, "queue_ms": 0.4,
+              "compute_ms": 1.1}
+    report = {"created_utc": "2030-01-02T00:00:00Z", "release": {"error": "no release file"}, "lacks": {},
+              "node": {"gpu_name": "NVIDIA H100", "notes": []},
+              "steps": [{"name": "tensorrt-build", "status": "ran", "reason": "", "seconds": 80.0, "data": {
+                  "text_encoder": {"precision": "fp16", "profiles": 1, "size_mib": 45.2, "seconds": 61.0}}},
+                  {"name": "tensorrt-parity-latency", "status": "failed", "reason": "parity failed", "seconds": 9.0,
+                   "data": {"accuracy": accuracy, "latency": latency}},
+                  {"name": "serve-gpu-profile", "status": "ran", "reason": "", "seconds": 30.0, "data": {
+                      "scenario": "default", "members": [member], "ensemble": {
+                          "requests": 200, "users": 8, "errors": 0, "p50_ms": 12.0, "p99_ms": 30.0,
+                          "throughput_rps": 400.0}}}]}
+    page = render_markdown(report)
+    assert "| text_encoder | fp16 | 1 | 45.2 | 61.0 |" in page
+    assert "| text_encoder | pass | text_embedding 0.004 (atol 0.02, rtol 0.02) | b1: 1.50 ms, 640 rows/s" in page
+    assert "| fusion_ranker | FAIL | click_probability not finite or missing" in page
+    assert "p50 12.0 ms, p99 30.0 ms, 400.0 requests/s, 0 errors" in page
+    assert "| text_encoder | 40 | 8 | 5.00 | 0.40 | 1.10 |" in page

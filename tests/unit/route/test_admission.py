@@ -1,0 +1,248 @@
+"""Admission control without a server (issue 19): the spec's queues and priorities in every rendered config, the
+route's deadlines, its per-request cost budget and its fast path for requests the cache answers whole."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import time
+
+import numpy as np
+import pytest
+from tritonclient.grpc import model_config_pb2 as mc
+
+from fusionrank.contract.errors import SpecError
+from fusionrank.contract.spec import (
+    AdmissionSpec,
+    CostBudgetSpec,
+    Modality,
+    Priority,
+    QueuePolicySpec,
+    from_dict,
+    to_dict,
+)
+from fusionrank.contract.tensors import CLICK_PROBABILITY
+from fusionrank.request.cost import RequestCost, check_budget, request_cost
+from fusionrank.route.stages import LATE, RouteError, RouteRequest, Status
+from fusionrank.triton.render import model_configs
+from tests.fakes.pb_utils import FakeError, FakeRequest, route_responses
+
+from . import test_route
+from .test_route import _request, _route
+from .test_route_cache import _cache
+
+shell = test_route.route_model  # the route's Triton shell on a fake pb_utils (a fixture, collected as `shell`)
+
+
+def _with_admission(spec, **changes):
+    admission = dataclasses.replace(spec.serving.admission, **changes)
+    return spec.with_overrides(serving=dataclasses.replace(spec.serving, admission=admission))
+
+
+# --- spec and render ---------------------------------------------------------------------------------------------
+
+
+def test_priority_levels_follow_the_spec_order_and_bad_values_name_the_field(default_spec):
+    admission = default_spec.serving.admission
+    assert [admission.level(p) for p in (Priority.PRODUCTION, Priority.WARMUP, Priority.LOADTEST)] == [1, 2, 3]
+    with pytest.raises(SpecError, match="serving.admission.default_priority"):
+        AdmissionSpec(priorities=(Priority.WARMUP,), default_priority=Priority.PRODUCTION)
+    with pytest.raises(SpecError, match="serving.admission.priorities"):
+        AdmissionSpec(priorities=(Priority.WARMUP, Priority.WARMUP), default_priority=Priority.WARMUP)
+    with pytest.raises(SpecError, match="max_queue_size"):
+        QueuePolicySpec(max_queue_size=-1)
+    with pytest.raises(SpecError, match="serving.admission.cost.max_pixels"):
+        CostBudgetSpec(max_pixels=-5)
+    data = to_dict(default_spec)
+    data["serving"]["admission"]["priorities"] = ["production", "vip"]
+    with pytest.raises(SpecError, match="serving.admission.priorities"):
+        from_dict(data)
+
+
+def test_every_batched_model_gets_a_bounded_rejecting_queue_and_the_route_gets_priority_levels(default_spec):
+    admission = default_spec.serving.admission
+    for model, profiles in model_configs(default_spec).items():
+        for profile, config in profiles.items():
+            if not config.HasField("dynamic_batching"):
+                continue
+            policy = config.dynamic_batching.default_queue_policy
+            wanted = admission.queue(model, route=model == default_spec.serving.route)
+            assert policy.timeout_action == mc.ModelQueuePolicy.REJECT, (model, profile)
+            assert policy.allow_timeout_override, f"{model}: the caller's (and the route's) deadline must apply"
+            assert (policy.max_queue_size, policy.default_timeout_microseconds) == (wanted.max_queue_size,
+                                                                                   wanted.timeout_us)
+            assert (config.dynamic_batching.priority_levels, config.dynamic_batching.default_priority_level) == (
+                3, 1), f"{model}: production (and the route's BLS calls) outrank warm-up and load tests"
+    route = model_configs(default_spec)[default_spec.serving.route]["cpu"].dynamic_batching
+    assert route.default_queue_policy.max_queue_size > 0, "callers' queue is bounded on the default spec"
+    assert (route.priority_levels, route.default_priority_level) == (3, 1)
+    background = QueuePolicySpec(max_queue_size=4, timeout_us=1000)
+    spec = _with_admission(default_spec, background_queue=background)
+    route = model_configs(spec)[spec.serving.route]["cpu"].dynamic_batching
+    assert sorted(route.priority_queue_policy) == [2, 3], "the levels below production get their own queue"
+    assert route.priority_queue_policy[3].max_queue_size == 4
+    assert route.priority_queue_policy[2].default_timeout_microseconds == 1000
+
+
+# --- deadlines -----------------------------------------------------------------------------------------------------
+
+
+def test_a_request_past_its_deadline_is_refused_before_decoding_and_members_get_the_callers_deadline(ci_spec,
+                                                                                                     preparer):
+    route, members = _route(ci_spec, preparer)
+    soon = time.monotonic() + 60
+    late, alive = _request(ci_spec, 2, seed=1), _request(ci_spec, 3, seed=2)
+    results = asyncio.run(route.rank([RouteRequest(late, deadline=time.monotonic() - 0.001),
+                                      RouteRequest(alive, deadline=soon)]))
+    assert isinstance(results[0], RouteError) and results[0].status is Status.UNAVAILABLE
+    assert results[0].message == LATE and "over capacity" in LATE
+    assert results[1][CLICK_PROBABILITY].shape == (3, 1)
+    assert members.rows("image_encoder") == [3], "the late request's rows were never encoded"
+    assert set(members.deadlines) == {soon}, "every member call carries the live request's deadline"
+
+
+def test_a_call_holding_a_request_without_deadline_carries_none(ci_spec, preparer):
+    route, members = _route(ci_spec, preparer)
+    asyncio.run(route.rank([RouteRequest(_request(ci_spec, 1), deadline=time.monotonic() + 5),
+                            RouteRequest(_request(ci_spec, 1, seed=3))]))
+    assert set(members.deadlines) == {None}
+
+
+def test_shell_turns_the_request_timeout_into_a_deadline_and_the_members_timeout(shell, ci_spec):
+    model, pb = shell
+    (answered,) = route_responses(model, [FakeRequest(_request(ci_spec, 1), timeout_us=30_000_000)])
+    assert answered.error is None
+    assert pb.timeouts and all(0 < t <= 30_000_000 for t in pb.timeouts), pb.timeouts
+    pb.timeouts.clear()
+    route_responses(model, [FakeRequest(_request(ci_spec, 1, seed=9))])
+    assert pb.timeouts and set(pb.timeouts) == {0}, "no timeout from the caller: none to the members"
+
+
+def test_shell_answers_a_full_member_queue_unavailable(shell, ci_spec):
+    from tests.fakes.pb_utils import FakeMemberError
+
+    model, pb = shell
+    pb.members["image_encoder"] = lambda arrays: FakeMemberError(
+        "Model image_encoder - Error when running inference: Exceeds maximum queue size", FakeError.INTERNAL)
+    (response,) = route_responses(model, [FakeRequest(_request(ci_spec, 1, seed=4))])
+    assert response.error.code == FakeError.UNAVAILABLE
+
+
+# --- cost budget ---------------------------------------------------------------------------------------------------
+
+
+def _png(width: int, height: int) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (width, height)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_cost_is_read_from_headers_and_counts_only_the_rows_to_decode(ci_spec, preparer):
+    arrays = _request(ci_spec, 3)
+    arrays["item_image"] = np.array([[_png(100, 50)], [_png(30, 20)], [_png(40, 40)]], dtype=object)
+    valid = preparer.validate(arrays)
+    cost = request_cost(ci_spec, valid, {Modality.IMAGE: [0, 2], Modality.AUDIO: [1], Modality.TEXT: [0]})
+    assert cost.pixels == 100 * 50 + 40 * 40
+    assert cost.audio_samples == 8000, "the test clip: 0.5 s at 16 kHz, under one clip"
+    assert cost.video_frames == 0
+    with pytest.raises(Exception, match=r"request: the request costs 6600 decoded pixels .* "
+                                        r"serving.admission.cost.max_pixels = 6000"):
+        check_budget(CostBudgetSpec(max_pixels=6000), cost)
+    check_budget(CostBudgetSpec(max_pixels=6600), cost)
+    check_budget(CostBudgetSpec(max_pixels=0), RequestCost(pixels=10**12))  # 0: no budget
+
+
+def test_a_request_over_budget_is_invalid_before_anything_is_decoded_and_cached_rows_cost_nothing(ci_spec,
+                                                                                                  preparer):
+    from .test_route_cache import GroupSpy
+
+    spec = _with_admission(ci_spec, cost=CostBudgetSpec(max_pixels=2 * 48 * 70))  # two of `_request`'s images
+    spy, cache = GroupSpy(preparer), _cache(spec)
+    route, members = _route(spec, spy, cache=cache)
+    (refused,) = asyncio.run(route.rank([RouteRequest(_request(spec, 3))]))
+    assert refused.status is Status.INVALID_ARG
+    assert refused.message.startswith("request: the request costs 10080 decoded pixels")
+    assert not any(spy.rows.values()) and not members.calls, "nothing decoded, nothing encoded"
+    asyncio.run(route.rank([RouteRequest(_request(spec, 2))]))  # rows 0 and 1 into the cache
+    (served,) = asyncio.run(route.rank([RouteRequest(_request(spec, 3))]))
+    assert served[CLICK_PROBABILITY].shape == (3, 1), "only the one new image counts against the budget"
+
+
+# --- fast path -----------------------------------------------------------------------------------------------------
+
+
+def test_requests_the_cache_answers_whole_are_ranked_and_answered_before_the_others_decoding_ends(ci_spec, preparer):
+    cache = _cache(ci_spec)
+    order: list[str] = []
+    warm, _ = _route(ci_spec, preparer, cache=cache)
+    asyncio.run(warm.rank([RouteRequest(_request(ci_spec, 2))]))
+
+    async def decode(work):
+        order.append("decode start")
+        await asyncio.sleep(0.05)  # a slow decode of the other request, off the event loop
+        work()
+        order.append("decode end")
+
+    route, members = _route(ci_spec, preparer, cache=cache)
+    route.decode = decode
+    real = members.functions["fusion_ranker"]
+
+    def ranker(arrays):
+        order.append(f"rank {len(arrays['history'])}")
+        return real(arrays)
+
+    members.functions["fusion_ranker"] = ranker
+    cached, fresh = _request(ci_spec, 2), _request(ci_spec, 3, seed=7, title=b"never seen")
+    results = asyncio.run(route.rank([RouteRequest(fresh), RouteRequest(cached)],
+                                     answer=lambda i, result: order.append(f"answer {i}")))
+    assert all(not isinstance(r, RouteError) for r in results)
+    assert order.index("rank 2") < order.index("answer 1") < order.index("decode end"), order
+    assert order.index("answer 0") > order.index("decode end") and order.count("answer 0") == 1
+    assert order.count("decode start") == 1, "the cached request never went to the decoding pool"
+
+
+def test_an_instance_holding_its_most_requests_to_decode_refuses_more_at_once_but_serves_cached_ones(ci_spec,
+                                                                                                   preparer):
+    spec = _with_admission(ci_spec, max_decoding_requests=2)
+    cache = _cache(spec)
+    warm, _ = _route(spec, preparer, cache=cache)
+    asyncio.run(warm.rank([RouteRequest(_request(spec, 2))]))
+    route, members = _route(spec, preparer, cache=cache)
+    gate = asyncio.Event()
+
+    async def slow_decode(work):
+        await gate.wait()
+        work()
+
+    route.decode = slow_decode
+
+    async def main():
+        first = asyncio.ensure_future(route.rank([RouteRequest(_request(spec, 1, seed=s, title=b"new")) for s in
+                                                  (11, 12, 13)]))
+        await asyncio.sleep(0.01)  # the first execute holds its admitted requests in the decoding pool
+        second = await route.rank([RouteRequest(_request(spec, 2)), RouteRequest(_request(spec, 1, seed=14))])
+        gate.set()
+        return await first, second
+
+    first, second = asyncio.run(main())
+    assert [isinstance(r, RouteError) for r in first] == [False, False, True]
+    assert first[2].status is Status.UNAVAILABLE and "over capacity" in first[2].message
+    assert not isinstance(second[0], RouteError), "a request the cache answers whole is never refused"
+    assert second[1].status is Status.UNAVAILABLE and "holds 2 requests" in second[1].message
+    assert route.decoding == 0, "every admitted request is released, answered or not"
+
+
+def test_shell_answers_every_request_internal_when_the_route_itself_fails(shell, ci_spec, monkeypatch):
+    model, pb = shell
+
+    async def broken(requests, answer=None):
+        answer(0, RouteError(Status.INVALID_ARG, "item_text[0]: bad"))
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(model.route, "rank", broken)
+    first, second = route_responses(model, [FakeRequest(_request(ci_spec, 1)), FakeRequest(_request(ci_spec, 1))])
+    assert first.error.code == FakeError.INVALID_ARG
+    assert second.error.code == FakeError.INTERNAL and "a bug" not in second.error.message

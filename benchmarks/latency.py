@@ -13,15 +13,17 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from benchmarks.lib import LoadResult, closed_loop, percentiles
 from export.manifest import find_manifest, onnx_path, plan_path
 from export.node.trt_runner import TensorRTRunner
+from export.verify.served_files import served_file
 from fusionrank.contract.errors import FusionRankError
 from fusionrank.contract.spec import PipelineSpec
 from fusionrank.contract.tensors import CLICK_PROBABILITY, infer_inputs, request_arrays
@@ -52,12 +54,14 @@ class LatencyStats:
 
 
 def summarize(latencies_s: list[float], wall_s: float, units: int) -> LatencyStats:
-    """Percentiles of per-call latencies and throughput (`units` processed over `wall_s` seconds)."""
+    """Percentiles of per-call latencies (the measurement core's, `benchmarks.lib.stats`) and throughput (`units`
+    processed over `wall_s` seconds)."""
     if not latencies_s:
         raise BenchmarkError("no successful calls to summarize")
     ms = np.asarray(latencies_s, dtype=np.float64) * 1000.0
-    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
-    return LatencyStats(float(p50), float(p95), float(p99), float(ms.mean()), units / max(wall_s, 1e-9), len(ms))
+    est = percentiles(ms, (0.5, 0.95, 0.99))
+    return LatencyStats(est["p50"].value, est["p95"].value, est["p99"].value, float(ms.mean()),
+                        units / max(wall_s, 1e-9), len(ms))
 
 
 # --- runtimes -----------------------------------------------------------------------------------------------------
@@ -80,8 +84,9 @@ class OnnxRuntimeRunner:
         if not Path(path).is_file():
             raise BenchmarkError(f"{path} not found; run `fusionrank export` first")
         options = ort.SessionOptions()
-        if intra_op_threads:  # 0: ONNX Runtime's default, one thread per core
-            options.intra_op_num_threads = intra_op_threads
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads  # as the served model's config sets it
+        self.path = Path(path)
         self.session = ort.InferenceSession(str(path), options, providers=list(providers))
         wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
         # ONNX Runtime falls back to the CPU when a provider cannot load (e.g. CUDA or cuDNN libraries missing).
@@ -99,10 +104,37 @@ class OnnxRuntimeRunner:
         self.session = None
 
 
-def make_runner(profile: str, repo: Path, model: str) -> Runner:
-    """cpu: ONNX Runtime over model.onnx; gpu: the TensorRT engine (needs the `[gpu]` extra and a GPU)."""
+class SlowedRunner:
+    """A runner made deliberately slower by `fraction` of each call's own cost: after the call, the calling thread
+    spins for `fraction` x the CPU time the call took (a busy loop, as a bigger graph would burn), so both its CPU
+    time and its latency grow by that fraction. The knob that proves the latency gate catches a real slowdown
+    (`upgrade-report --inject-slowdown MODEL=FRACTION`)."""
+
+    def __init__(self, runner: Runner, fraction: float):
+        if not fraction > 0:
+            raise BenchmarkError(f"slowdown fraction {fraction} must be > 0 (e.g. 0.3 for 30 % slower)")
+        self.runner, self.fraction = runner, fraction
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t0 = time.thread_time()
+        out = self.runner.run(inputs)
+        until = time.thread_time() + self.fraction * (time.thread_time() - t0)
+        while time.thread_time() < until:
+            pass
+        return out
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def make_runner(profile: str, repo: Path, model: str, spec: PipelineSpec | None = None) -> Runner:
+    """cpu: ONNX Runtime over the file the CPU profile serves and with its thread count (`export.served_files`;
+    `model.onnx` when no spec is given); gpu: the TensorRT engine (needs the `[gpu]` extra and a GPU)."""
     if profile == "cpu":
-        return OnnxRuntimeRunner(onnx_path(repo, model))
+        if spec is None:
+            return OnnxRuntimeRunner(onnx_path(repo, model))
+        served = served_file(spec, repo, model)
+        return OnnxRuntimeRunner(served.path, intra_op_threads=served.intra_op_threads)
     if profile == "gpu":
         plan = plan_path(repo, model)
         if not plan.is_file():
@@ -134,24 +166,28 @@ def model_batch_sizes(spec: PipelineSpec, model: str) -> tuple[int, ...]:
     return tuple(sorted({1, *spec.serving.batching(model).preferred_batch_sizes}))
 
 
+def _call_of(runner: Runner, feed: dict[str, np.ndarray], _caller: int):
+    return lambda: runner.run(feed)
+
+
 def benchmark_model(runner: Runner, inputs: dict[str, np.ndarray], batch_sizes: tuple[int, ...],
                     min_iterations: int = 3, budget_s: float = 1.0, max_iterations: int = 500,
                     warmup: int = 1) -> dict[int, LatencyStats]:
-    """Latency per batch size: `warmup` untimed calls, then timed calls until `budget_s` has passed (at least
-    `min_iterations`, at most `max_iterations`). Fast calls thus get hundreds of samples, so one scheduler hiccup
-    cannot move their p95; slow ones (a large batch on a CPU) still give a few."""
+    """Latency per batch size with the measurement core's closed loop (one caller): `warmup` untimed calls, then
+    timed calls for `budget_s` (at least `min_iterations`, at most `max_iterations`)."""
     results = {}
     for batch in batch_sizes:
         feed = tile_rows(inputs, batch)
-        for _ in range(warmup):
-            runner.run(feed)
-        times = []
-        started = time.perf_counter()
-        while len(times) < max_iterations and (len(times) < min_iterations
-                                               or time.perf_counter() - started < budget_s):
-            t0 = time.perf_counter()
-            runner.run(feed)
-            times.append(time.perf_counter() - t0)
+        make_call = partial(_call_of, runner, feed)
+        first = closed_loop(make_call, users=1, requests=max_iterations, duration_s=max(budget_s, 1e-6),
+                            warmup=warmup)
+        runs = [first]
+        if len(first.samples) < min_iterations:
+            runs.append(closed_loop(make_call, users=1, requests=min_iterations - len(first.samples)))
+        times = [s.latency_s for r in runs for s in r.samples if s.ok]
+        if len(times) < sum(len(r.samples) for r in runs):
+            failed = next(r.first_error for r in runs if r.errors)
+            raise BenchmarkError(f"batch {batch}: the runtime failed: {failed}")
         results[batch] = summarize(times, sum(times), batch * len(times))
     return results
 
@@ -200,54 +236,72 @@ def ensemble_inputs(items: dict, history: np.ndarray):
     return infer_inputs(grpcclient, request_arrays(items, np.asarray(history, dtype=np.int64)))
 
 
-def benchmark_ensemble(spec: PipelineSpec, url: str, source: RequestSource, requests: int, users: int = 1,
-                       warmup: int = 2, timeout_s: float = 60.0) -> EnsembleStats:
-    """Send `requests` ranking requests with `users` closed-loop clients; latency per request and errors."""
-    import tritonclient.grpc as grpcclient
+class EnsembleCaller:
+    """`users` closed-loop gRPC callers of the route (one client each), sending requests drawn from `source`; one
+    `window(requests)` is one run of the measurement core's driver. Close it (or use it as a context manager)."""
 
-    lock = threading.Lock()
-    prepared = [source() for _ in range(requests + warmup)]
-    payloads = [infer_inputs(grpcclient, request.arrays()) for request in prepared]
-    candidates = float(np.mean([len(request) for request in prepared[warmup:]])) if requests else 0.0
-    times: list[float] = []
-    errors: list[str] = []
-    queue = iter(payloads[warmup:])
+    def __init__(self, spec: PipelineSpec, url: str, source: RequestSource, users: int = 1, timeout_s: float = 60.0):
+        import tritonclient.grpc as grpcclient
 
-    def call(client, inputs) -> float:
-        t0 = time.perf_counter()
-        result = client.infer(spec.serving.route, inputs, client_timeout=timeout_s)
-        elapsed = time.perf_counter() - t0
+        self._grpc = grpcclient
+        self.spec, self.url, self.source, self.timeout_s = spec, url, source, timeout_s
+        self.users = max(1, users)
+        self.clients = [grpcclient.InferenceServerClient(url) for _ in range(self.users)]
+        self.candidates: list[int] = []
+
+    def _payloads(self, count: int) -> list:
+        prepared = [self.source() for _ in range(count)]
+        self.candidates += [len(request) for request in prepared]
+        return [infer_inputs(self._grpc, request.arrays()) for request in prepared]
+
+    def _call(self, client, inputs) -> None:
+        result = client.infer(self.spec.serving.route, inputs, client_timeout=self.timeout_s)
         if result.as_numpy(CLICK_PROBABILITY) is None:
             raise BenchmarkError("response without click_probability")
-        return elapsed
 
-    def user() -> None:
-        with grpcclient.InferenceServerClient(url) as client:
-            while True:
-                with lock:
-                    inputs = next(queue, None)
-                if inputs is None:
-                    return
-                try:
-                    elapsed = call(client, inputs)
-                except Exception as exc:  # every failure counts as an error of the run
-                    with lock:
-                        errors.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-                    continue
-                with lock:
-                    times.append(elapsed)
+    def warm_up(self, requests: int) -> None:
+        """Untimed requests; BenchmarkError when the route cannot answer them."""
+        for inputs in self._payloads(requests):
+            try:
+                self._call(self.clients[0], inputs)
+            except Exception as exc:  # a server that cannot answer the warm-up cannot be measured
+                raise BenchmarkError(f"route {self.spec.serving.route!r} at {self.url} failed its warm-up request: "
+                                     f"{exc}") from exc
 
-    try:
-        with grpcclient.InferenceServerClient(url) as client:
-            for inputs in payloads[:warmup]:
-                call(client, inputs)
-    except Exception as exc:  # a server that cannot answer the warm-up cannot be measured
-        raise BenchmarkError(f"route {spec.serving.route!r} at {url} failed its warm-up request: "
-                             f"{exc}") from exc
-    started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=max(1, users)) as pool:
-        for future in [pool.submit(user) for _ in range(max(1, users))]:
-            future.result()
-    wall = time.perf_counter() - started
-    latency = summarize(times, wall, len(times)) if times else None
-    return EnsembleStats(latency, requests, len(errors), users, candidates, errors[0] if errors else None)
+    def window(self, requests: int) -> LoadResult:
+        """`requests` requests, prepared before the clock starts, sent by the callers back to back."""
+        queue = iter(self._payloads(requests))
+        lock = threading.Lock()
+
+        def make_call(k: int):
+            def call() -> None:
+                with lock:
+                    inputs = next(queue)
+                self._call(self.clients[k], inputs)
+            return call
+
+        return closed_loop(make_call, self.users, requests=requests)
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+    def __enter__(self) -> EnsembleCaller:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def benchmark_ensemble(spec: PipelineSpec, url: str, source: RequestSource, requests: int, users: int = 1,
+                       warmup: int = 2, timeout_s: float = 60.0) -> EnsembleStats:
+    """Send `requests` ranking requests with `users` closed-loop callers (the measurement core's driver); latency
+    per request and errors."""
+    with EnsembleCaller(spec, url, source, users, timeout_s) as caller:
+        caller.warm_up(warmup)
+        caller.candidates.clear()
+        result = caller.window(requests)
+        candidates = float(np.mean(caller.candidates)) if caller.candidates else 0.0
+    times = list(result.ok_latencies_s)
+    latency = summarize(times, result.wall_s, len(times)) if times else None
+    return EnsembleStats(latency, requests, result.errors, users, candidates, result.first_error)

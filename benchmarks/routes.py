@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from benchmarks import server_metrics as triton_metrics
 from benchmarks._args import repository_of, spec_of
+from benchmarks.lib import closed_loop as drive_closed_loop
+from benchmarks.lib import percentiles
 from fusionrank.contract.spec import PipelineSpec, ServingProfile, member_models
 from fusionrank.contract.tensors import CLICK_PROBABILITY, infer_inputs, request_arrays
 from fusionrank.model.synthetic_data import load_benchmark
@@ -40,40 +40,34 @@ def build_requests(spec: PipelineSpec, count: int, candidates: int, seed: int = 
 
 
 def closed_loop(url: str, model: str, requests: list[dict[str, np.ndarray]], users: int) -> dict:
-    """Every request once, `users` callers each sending its next request when the previous one returns."""
+    """Every request once, `users` callers each sending its next request when the previous one returns (the
+    measurement core's driver)."""
     import tritonclient.grpc as grpcclient
 
-    pending, lock, latencies, errors = iter(requests), threading.Lock(), [], []
+    pending, lock = iter(requests), threading.Lock()
+    clients = [grpcclient.InferenceServerClient(url) for _ in range(users)]
 
-    def user() -> None:
-        with grpcclient.InferenceServerClient(url) as client:
-            while True:
-                with lock:
-                    arrays = next(pending, None)
-                if arrays is None:
-                    return
-                started = time.perf_counter()
-                try:
-                    result = client.infer(model, infer_inputs(grpcclient, arrays), client_timeout=120)
-                    problem = None if result.as_numpy(CLICK_PROBABILITY) is not None else "no click_probability"
-                except Exception as exc:  # every failure counts as an error of the run
-                    problem = str(exc).splitlines()[0]
-                with lock:
-                    if problem is None:
-                        latencies.append(time.perf_counter() - started)
-                    else:
-                        errors.append(problem)
+    def prepare(_k: int):
+        with lock:
+            return infer_inputs(grpcclient, next(pending))
 
-    started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=users) as pool:
-        for future in [pool.submit(user) for _ in range(users)]:
-            future.result()
-    wall = time.perf_counter() - started
+    def make_call(k: int):
+        def call(inputs) -> None:
+            if clients[k].infer(model, inputs, client_timeout=120).as_numpy(CLICK_PROBABILITY) is None:
+                raise ValueError("no click_probability")
+        return call
+
+    try:
+        result = drive_closed_loop(make_call, users, requests=len(requests), prepare=prepare)
+    finally:
+        for client in clients:
+            client.close()
     rows = sum(len(r["user_history"]) for r in requests)
-    ms = np.asarray(latencies) * 1000 if latencies else np.zeros(1)
-    return {"model": model, "requests": len(requests), "errors": len(errors), "wall_s": wall,
-            "candidates_per_s": rows * len(latencies) / len(requests) / wall, "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99)), "first_error": errors[0] if errors else None}
+    ok = result.ok_latencies_s
+    est = percentiles(ok * 1000 if len(ok) else [0.0], (0.5, 0.99))
+    return {"model": model, "requests": len(requests), "errors": result.errors, "wall_s": result.wall_s,
+            "candidates_per_s": rows * len(ok) / len(requests) / result.wall_s, "p50_ms": est["p50"].value,
+            "p99_ms": est["p99"].value, "p99_supported": est["p99"].supported, "first_error": result.first_error}
 
 
 def compare(spec: PipelineSpec, url: str, metrics_url: str | None, requests: list, users: int, rounds: int,

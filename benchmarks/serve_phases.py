@@ -19,10 +19,8 @@ import contextlib
 import dataclasses
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from benchmarks import server_metrics as triton_metrics
 from benchmarks.inprocess import InProcessPipeline, run_inprocess
 from benchmarks.inprocess_roof import run_roof
 from benchmarks.latency import LatencyStats, summarize
+from benchmarks.lib import closed_loop as drive_closed_loop
 from benchmarks.lib.memory import describe as describe_memory
 from benchmarks.lib.memory import process_tree
 from fusionrank.contract.errors import FusionRankError
@@ -159,36 +158,32 @@ def inprocess_phases(spec: PipelineSpec, repo: Path, bench, config: BenchConfig)
 def closed_loop(url: str, model: str, factories: list[RequestFactory], seconds: float,
                 timeout_s: float = 60.0) -> tuple[list[float], int, list[str], float]:
     """One caller per factory, each sending its next request when the previous one returns, until `seconds` have
-    passed. Returns the latency of each answered call, the candidates they scored, the errors and the wall time."""
+    passed (the measurement core's driver; building a request stays off the clock). Returns the latency of each
+    answered call, the candidates they scored, the errors and the wall time."""
     import tritonclient.grpc as grpcclient
 
-    lock, latencies, errors, scored = threading.Lock(), [], [], [0]
-    deadline = time.monotonic() + seconds
+    clients = [grpcclient.InferenceServerClient(url) for _ in factories]
 
-    def caller(factory: RequestFactory) -> None:
-        with grpcclient.InferenceServerClient(url) as client:
-            while time.monotonic() < deadline:
-                request = factory.next()
-                inputs = infer_inputs(grpcclient, request.arrays())
-                started = time.perf_counter()
-                try:
-                    result = client.infer(model, inputs, client_timeout=timeout_s)
-                    problem = None if result.as_numpy(CLICK_PROBABILITY) is not None else "no click_probability"
-                except Exception as exc:  # every failure counts as an error of the phase
-                    problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                elapsed = time.perf_counter() - started
-                with lock:
-                    if problem is None:
-                        latencies.append(elapsed)
-                        scored[0] += len(request)
-                    else:
-                        errors.append(problem)
+    def prepare(k: int):
+        request = factories[k].next()
+        return len(request), infer_inputs(grpcclient, request.arrays())
 
-    started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=len(factories)) as pool:
-        for future in [pool.submit(caller, f) for f in factories]:
-            future.result()
-    return latencies, scored[0], errors, time.perf_counter() - started
+    def make_call(k: int):
+        def call(payload) -> int:
+            candidates, inputs = payload
+            if clients[k].infer(model, inputs, client_timeout=timeout_s).as_numpy(CLICK_PROBABILITY) is None:
+                raise BenchError("no click_probability")
+            return candidates
+        return call
+
+    try:
+        result = drive_closed_loop(make_call, len(factories), duration_s=seconds, prepare=prepare)
+    finally:
+        for client in clients:
+            client.close()
+    ok = [s for s in result.samples if s.ok]
+    return ([s.latency_s for s in ok], sum(s.value for s in ok), [s.error for s in result.samples if not s.ok],
+            result.wall_s)
 
 
 def served_phase(name: str, role: str, server: TritonServer, model: str, factories: list[RequestFactory],

@@ -38,26 +38,31 @@ class ServedLoad:
                           for k in range(stream.callers)]
         self._clients: list = []
 
-    def _make_call(self, k: int) -> Callable[[], None]:
+    def _make_call(self, k: int) -> Callable[[list], None]:
         import tritonclient.grpc as grpcclient  # only where a server is called
 
         client = grpcclient.InferenceServerClient(self.url)
         self._clients.append(client)
-        factory = self.factories[k]
 
-        def call() -> None:
-            inputs = infer_inputs(grpcclient, factory.next().arrays())
+        def call(inputs: list) -> None:
             result = client.infer(self.model, inputs, client_timeout=self.timeout_s)
             if result.as_numpy(CLICK_PROBABILITY) is None:
                 raise RuntimeError(f"{self.model}: answer without {CLICK_PROBABILITY}")
 
         return call
 
+    def _prepare(self, k: int) -> list:
+        """Caller k's next request as gRPC inputs (built off the clock)."""
+        import tritonclient.grpc as grpcclient
+
+        return infer_inputs(grpcclient, self.factories[k].next().arrays())
+
     def window(self, seconds: float) -> LoadResult:
         """The callers for `seconds` (their first call each untimed on the first window)."""
         warmup = 0 if self._clients else 1
         self.close()
-        return closed_loop(self._make_call, self.stream.callers, duration_s=seconds, warmup=warmup)
+        return closed_loop(self._make_call, self.stream.callers, duration_s=seconds, warmup=warmup,
+                           prepare=self._prepare)
 
     def stable(self, seconds: float, rule: Stability, on_window=None) -> StableRun:
         """Windows of `seconds` until the rule holds (perf_analyzer's stability windows)."""

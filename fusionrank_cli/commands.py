@@ -14,18 +14,23 @@ from pathlib import Path
 from clients.tls import ClientTls
 from export.convert.onnx2trt import build_engines_command
 from export.verify.preflight import check_command, refuse_on_mismatch, triton_backend_config
+from export.verify.served_files import check_cpu_command
+from fusionrank.contract.errors import FusionRankError
 from fusionrank.contract.project import model_repository_dir, project_dir
 from fusionrank.contract.spec import FusionType, Modality, PipelineSpec, Precision, ServingProfile, load_spec
 from fusionrank.model.synthetic_data import load_benchmark
+from fusionrank.request.scenario import parse_duration
 from fusionrank.route.warming import benchmark_items
 from fusionrank.route.warming import embed_catalogue as embed_items
 from fusionrank.server.doors import GrpcTls
 from fusionrank.server.serve_command import print_triton_args, serve_forever
 from fusionrank.triton.render import check_repository, render_repository
 from fusionrank_cli.rank_command import file_request, run_rank
+from loadtest.capacity import CapacityPlan, run_capacity_command
 from loadtest.runner import run_loadtest_command
 from loadtest.soak import run_soak_command
-from release.upgrade import upgrade_report_command
+from release.upgrade import parse_slowdown, upgrade_report_command
+from release.upgrade_timing import TimingPlan
 
 
 def _spec(args: argparse.Namespace) -> PipelineSpec:
@@ -121,9 +126,21 @@ def rank(args) -> int:
 
 
 def loadtest(args) -> int:
-    return run_loadtest_command(_spec(args), url=args.url, serve_repository=_repo(args) if args.serve else None,
+    serve = _repo(args) if args.serve else None
+    if args.find_capacity:
+        try:
+            rates = tuple(float(r) for r in _csv(args.capacity_rates))
+        except ValueError:
+            raise FusionRankError(f"--capacity-rates {args.capacity_rates!r}: expected numbers separated by commas, "
+                                  "e.g. 2,4,6") from None
+        plan = CapacityPlan(rates, parse_duration(args.step_time), args.users or 16)
+        return run_capacity_command(_spec(args), plan, url=args.url, serve_repository=serve, scenario=args.scenario,
+                                    slo=args.slo, out_dir=_path(args.out))
+    return run_loadtest_command(_spec(args), url=args.url, serve_repository=serve,
                                 metrics_url=args.metrics_url, run_time=args.run_time, scenario=args.scenario,
-                                slo=args.slo, users=args.users, spawn_rate=args.spawn_rate, out_dir=_path(args.out))
+                                slo=args.slo, users=args.users, spawn_rate=args.spawn_rate, out_dir=_path(args.out),
+                                rate=args.rate, baseline=_path(args.baseline),
+                                repository=Path(args.repository) if args.repository else None)
 
 
 def soak(args) -> int:
@@ -152,14 +169,24 @@ def build_engines(args) -> int:
 
 
 def check(args) -> int:
+    if args.profile == ServingProfile.CPU.value:
+        return check_cpu_command(_spec(args), _repo(args), as_json=args.json)
     return check_command(_spec(args), _repo(args), tensorrt_version=args.tensorrt_version, as_json=args.json,
                          backend_config=args.backend_config, print_backend_config=args.print_backend_config)
 
 
 def upgrade_report(args) -> int:
+    plan = TimingPlan(rounds=args.rounds, window_s=args.window_s)
+    try:
+        sizes = tuple(int(b) for b in _csv(args.batch_sizes)) if args.batch_sizes else None
+    except ValueError:
+        raise FusionRankError(f"--batch-sizes {args.batch_sizes!r}: expected integers separated by commas, "
+                              "e.g. 1,16") from None
     return upgrade_report_command(_spec(args), _repo(args), ServingProfile(args.profile), baseline=_path(args.baseline),
                                   out_dir=_path(args.out), save_baseline=_path(args.save_baseline),
-                                  requests=args.requests)
+                                  requests=args.requests, url=args.url, plan=plan, batch_sizes=sizes,
+                                  slowdown=parse_slowdown(args.inject_slowdown),
+                                  baseline_repository=_path(args.baseline_repository))
 
 
 def gpu_check(args) -> int:

@@ -123,6 +123,17 @@ def _add_load_commands(add) -> None:
     p.add_argument("--spawn-rate", type=float, default=None, help="users started per second (None: the scenario's)")
     p.add_argument("--run-time", default=None, help="e.g. 30s, 2m")
     p.add_argument("--out", default=None, help="report folder (default: reports/loadtest-<time>)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="open loop: Poisson arrivals per second over all users (the users bound the requests in "
+                        "flight); default: the scenario's pacing")
+    p.add_argument("--baseline", default=None,
+                   help="a previous run's report folder: compare latency by a significance test with a noise floor")
+    p.add_argument("--find-capacity", action="store_true",
+                   help="step the open-loop rate through --capacity-rates and report the highest that meets every "
+                        "SLO, beside the closed-loop saturation rate (capacity.md, capacity.png)")
+    p.add_argument("--capacity-rates", default="1,2,3,4,5,6,8",
+                   help="with --find-capacity: ascending arrival rates, one step each (default 1,2,3,4,5,6,8)")
+    p.add_argument("--step-time", default="20s", help="with --find-capacity: length of each rate step")
 
     p = add("soak", commands.soak, "steady load for some minutes; fail when a Triton process's memory grows")
     soak_arguments(p)
@@ -146,7 +157,10 @@ def _add_engine_commands(add) -> None:
     p.add_argument("--models", help="comma-separated subset of the encoders and the ranker")
     p.add_argument("--timing-cache", default=None, help="TensorRT timing cache file to reuse and update")
 
-    p = add("check", commands.check, "pre-flight: do the engines in the repository match this node and the ONNX files?")
+    p = add("check", commands.check, "pre-flight: do the engines in the repository match this node and the ONNX files? "
+                                     "(--profile cpu: which files the CPU profile serves, and their digests)")
+    p.add_argument("--profile", choices=[ServingProfile.GPU.value, ServingProfile.CPU.value],
+                   default=ServingProfile.GPU.value, help="gpu: TensorRT engines (default); cpu: the served ONNX files")
     p.add_argument("--tensorrt-version", default=None, help="TensorRT version of the serving image")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--backend-config", action="append", default=None,
@@ -160,7 +174,19 @@ def _add_engine_commands(add) -> None:
                    help="cpu: ONNX Runtime; gpu: TensorRT engines")
     p.add_argument("--out", default=None, help="report folder (None: reports/upgrade-<profile>-<time>)")
     p.add_argument("--save-baseline", default=None, help="write this run as a baseline JSON here")
-    p.add_argument("--requests", type=int, default=None, help="benchmark requests (default from the scenario)")
+    p.add_argument("--requests", type=int, default=None,
+                   help="ensemble requests over all rounds (default 100; 0: per-model latency only)")
+    p.add_argument("--url", default=None, help="measure the ensemble on this running server instead of starting one")
+    p.add_argument("--rounds", type=int, default=8,
+                   help="interleaved rounds: repeats per measurement for the significance test (>= 4)")
+    p.add_argument("--window-s", type=float, default=0.2, help="seconds per model window in each round")
+    p.add_argument("--batch-sizes", default=None, help="per-model batch sizes, e.g. 1,16 (default: the spec's)")
+    p.add_argument("--baseline-repository", default=None,
+                   help="the model repository served before: its files are timed in the same interleaved rounds as "
+                        "these, so per-model latency is compared side by side (robust to the node's changing load)")
+    p.add_argument("--inject-slowdown", action="append", metavar="MODEL=FRACTION",
+                   help="make MODEL slower by FRACTION of each call's time (a sleep), to prove the gate fails on "
+                        "a real slowdown, e.g. text_encoder=0.3; repeatable")
 
     p = add("gpu-check", commands.gpu_check, "every GPU step this node allows (the rest skipped with the reason), "
                                              "in one run that ends by itself; results in OUT/<date>-<gpu>/")

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.lib import min_samples
 from benchmarks.server_metrics import CacheShare, MemberStats
 from benchmarks.server_metrics import format_table as format_members
 from loadtest.slo import Slo
+from loadtest.summary_md import render_summary_md
 
 SAMPLE_FIELDS = ("start", "latency_ms", "candidates", "ok")
 
@@ -67,6 +69,7 @@ def summarize_samples(samples: Samples) -> dict:
     pct = (lambda q: float(np.percentile(ok, q))) if len(ok) else (lambda q: math.nan)
     return {
         "requests": total,
+        "latency_samples": int(len(ok)),  # successful requests: what a percentile gate can be supported by
         "failures": failures,
         "error_rate": failures / total if total else 1.0,
         "duration_s": duration,
@@ -109,18 +112,32 @@ _UPPER_BOUNDS = {"p50_ms": "p50_ms", "p95_ms": "p95_ms", "p99_ms": "p99_ms", "ma
 _LOWER_BOUNDS = {"min_throughput_rps": "throughput_rps"}
 
 
+_QUANTILES = {"p50_ms": 0.50, "p95_ms": 0.95, "p99_ms": 0.99}
+
+
 @dataclass(frozen=True)
 class SloCheck:
     name: str  # the SLO field, e.g. p95_ms
     measured: float
     target: float
     passed: bool
+    samples: int | None = None  # percentiles: the successful requests they come from
+    needed: int | None = None  # percentiles: the fewest samples that support them (benchmarks.lib.stats)
+
+    @property
+    def supported(self) -> bool:
+        """A percentile with enough samples (other SLOs always are)."""
+        return self.needed is None or (self.samples or 0) >= self.needed
 
     @property
     def comparison(self) -> str:
         return ">=" if self.name in _LOWER_BOUNDS else "<="
 
     def describe(self) -> str:
+        if not self.supported:
+            return (f"SLO {self.name} NOT SUPPORTED: {self.samples} successful requests, {self.name[:-3]} needs >= "
+                    f"{self.needed} (run longer or at a higher rate); measured {_fmt(self.measured)}, target "
+                    f"{self.comparison} {_fmt(self.target)}")
         verdict = "met" if self.passed else "MISSED"
         return (f"SLO {self.name} {verdict}: measured {_fmt(self.measured)}, "
                 f"target {self.comparison} {_fmt(self.target)}")
@@ -133,18 +150,23 @@ def _fmt(x: float) -> str:
 
 
 def evaluate_slo(slo: Slo, summary: dict) -> list[SloCheck]:
-    """One check per gated SLO field; a value that could not be measured (NaN) misses its target."""
+    """One check per gated SLO field; a value that could not be measured (NaN) misses its target, and so does a
+    percentile from fewer successful requests (`summary["latency_samples"]`, 0 when absent) than it needs
+    (`benchmarks.lib.stats.min_samples`): below that the run's "p99" is its maximum, and the gate would pass or fail
+    on one request."""
     checks = []
+    samples = int(summary.get("latency_samples") or 0)
     for name, target in slo.targets().items():
         key = _UPPER_BOUNDS.get(name) or _LOWER_BOUNDS[name]
         measured = float(summary.get(key, math.nan))
-        if math.isnan(measured):
+        needed = min_samples(_QUANTILES[name]) if name in _QUANTILES else None
+        if math.isnan(measured) or (needed is not None and samples < needed):
             passed = False
         elif name in _LOWER_BOUNDS:
             passed = measured >= target
         else:
             passed = measured <= target
-        checks.append(SloCheck(name, measured, float(target), passed))
+        checks.append(SloCheck(name, measured, float(target), passed, samples if needed else None, needed))
     return checks
 
 
@@ -160,21 +182,27 @@ class Verdict:
     scenario: str = ""
     slo_source: str = ""
     cache: CacheShare | None = None  # the route's embedding cache over the run
+    provenance: dict = field(default_factory=dict)  # commit, version, digests, Triton, CPU flags, load
+    baseline: dict | None = None  # the comparison with a baseline run (loadtest.analysis.compare_runs)
 
     @property
     def passed(self) -> bool:
-        return bool(self.checks) and all(c.passed for c in self.checks)
+        """Every SLO met with enough samples, and not significantly slower than a baseline run when given."""
+        slower = bool((self.baseline or {}).get("worse"))
+        return bool(self.checks) and all(c.passed for c in self.checks) and not slower
 
     @property
     def missed(self) -> list[SloCheck]:
         return [c for c in self.checks if not c.passed]
 
     def slo_table(self) -> str:
-        header = f"{'SLO':<20} {'measured':>12} {'target':>14}  result"
+        header = f"{'SLO':<20} {'measured':>12} {'target':>14} {'samples':>12}  result"
         lines = [header, "-" * len(header)]
         for c in self.checks:
-            lines.append(f"{c.name:<20} {_fmt(c.measured):>12} {c.comparison + ' ' + _fmt(c.target):>14}  "
-                         f"{'pass' if c.passed else 'FAIL'}")
+            count = "" if c.needed is None else f"{c.samples}/{c.needed}"
+            result = "pass" if c.passed else ("TOO FEW" if not c.supported else "FAIL")
+            lines.append(f"{c.name:<20} {_fmt(c.measured):>12} {c.comparison + ' ' + _fmt(c.target):>14} "
+                         f"{count:>12}  {result}")
         return "\n".join(lines)
 
     def render(self) -> str:
@@ -200,6 +228,9 @@ class Verdict:
             lines += [self.cache.describe(), ""]
         lines += [f"note: {n}" for n in self.notes]
         lines += [c.describe() for c in self.missed]
+        if self.baseline:
+            lines.append(f"against baseline {self.baseline['baseline']}: "
+                         f"{self.baseline.get('describe') or self.baseline.get('note')}")
         lines.append(f"SLO verdict: {'PASS' if self.passed else 'FAIL'} ({self.slo_source})")
         if self.report_dir:
             lines.append(f"report: {self.report_dir}/summary.md (Locust HTML: {self.report_dir}/locust.html)")
@@ -209,9 +240,11 @@ class Verdict:
         return {"passed": self.passed, "scenario": self.scenario, "slo_file": self.slo_source,
                 "summary": _json_safe(self.summary),
                 "slo": [{"name": c.name, "measured": _json_safe(c.measured), "target": c.target,
-                         "comparison": c.comparison, "passed": c.passed} for c in self.checks],
+                         "comparison": c.comparison, "passed": c.passed, "samples": c.samples, "needed": c.needed,
+                         "supported": c.supported} for c in self.checks],
                 "members": [m.as_dict() for m in self.members], "notes": self.notes,
-                "cache": self.cache.as_dict() if self.cache else None}
+                "cache": self.cache.as_dict() if self.cache else None, "provenance": self.provenance,
+                "baseline": _json_safe(self.baseline)}
 
 
 def _json_safe(value):
@@ -226,16 +259,11 @@ def _json_safe(value):
 
 
 def write_summary(verdict: Verdict, folder: Path, plots: Sequence[Path] = ()) -> tuple[Path, Path]:
-    """`summary.json` and `summary.md` in `folder`."""
+    """`summary.json` and `summary.md` (Markdown tables, the verdict once) in `folder`."""
     folder = Path(folder)
     json_path, md_path = folder / "summary.json", folder / "summary.md"
     json_path.write_text(json.dumps(verdict.as_dict(), indent=2) + "\n")
-    md = [f"# Load test: {verdict.scenario}", "", f"**SLO verdict: {'PASS' if verdict.passed else 'FAIL'}** "
-          f"({verdict.slo_source})", "", "```", verdict.render(), "```", ""]
-    md += [f"![{p.stem}]({p.name})" for p in plots]
-    md += ["", "Locust's own report: [locust.html](locust.html), CSV: `locust_stats.csv`, "
-           "`locust_stats_history.csv`, `locust_failures.csv`."]
-    md_path.write_text("\n".join(md) + "\n")
+    md_path.write_text(render_summary_md(verdict, plots))
     return json_path, md_path
 
 

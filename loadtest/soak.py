@@ -27,8 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
+from benchmarks.lib import closed_loop, percentiles
 from clients import NO_RETRY, RankingClient
 from clients.errors import ClientError
 from fusionrank.contract.errors import FusionRankError
@@ -63,14 +62,14 @@ class Load:
     messages: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def record(self, latency_ms: float, error: Exception | None) -> None:
+    def record(self, latency_ms: float, error: Exception | str | None) -> None:
         with self.lock:
             if error is None:
                 self.latencies_ms.append(latency_ms)
             else:
                 self.failures += 1
                 if len(self.messages) < 3:
-                    self.messages.append(f"{type(error).__name__}: {error}")
+                    self.messages.append(error if isinstance(error, str) else f"{type(error).__name__}: {error}")
 
 
 @dataclass
@@ -118,11 +117,14 @@ class SoakResult:
                                                   for k in ("rss", "pss") for snap in (self.start, self.end))
         lines.append(f"{'total (MiB)':<26} {'':>7} {rss_start:>10.1f} {rss_end:>9.1f} {pss_start:>10.1f} "
                      f"{pss_end:>9.1f} {pss_end - pss_start:>+11.1f}")
-        lat = np.array(self.load.latencies_ms) if self.load.latencies_ms else np.array([np.nan])
-        lines.append(f"{len(self.load.latencies_ms)} requests served in {self.seconds:.0f}s "
-                     f"({len(self.load.latencies_ms) / max(self.seconds, 1e-9):.2f} req/s, p50 "
-                     f"{np.percentile(lat, 50):.0f} ms, p99 {np.percentile(lat, 99):.0f} ms), "
-                     f"{self.load.failures} failed")
+        served = len(self.load.latencies_ms)
+        if served:
+            est = percentiles(self.load.latencies_ms, (0.5, 0.99))
+            lat = f"{est['p50'].describe()}, {est['p99'].describe()}"
+        else:
+            lat = "no latency"
+        lines.append(f"{served} requests served in {self.seconds:.0f}s ({served / max(self.seconds, 1e-9):.2f} "
+                     f"req/s; {lat}), {self.load.failures} failed")
         problems = self.problems
         lines += [f"FAIL: {p}" for p in problems]
         extra = "".join(f", {name} +{mb:g} MiB (its cache)" for name, mb in self.allowance_mb.items() if mb)
@@ -164,31 +166,21 @@ def memory(server_pid: int) -> dict[int, Memory]:
     return out
 
 
-def _caller(client: RankingClient, factory: RequestFactory, until: float, load: Load) -> None:
-    while time.monotonic() < until:
-        t0 = time.perf_counter()
-        try:
-            request = factory.next()
-            client.rank_payloads(request.items, request.history, videos=request.videos)
-            load.record((time.perf_counter() - t0) * 1000.0, None)
-        except ClientError as exc:
-            load.record(0.0, exc)
-        except Exception as exc:  # a broken caller fails the soak by name instead of dying silently in its thread
-            load.record(0.0, exc)
-            return
-
-
 def _drive(spec: PipelineSpec, client: RankingClient, scenario: Scenario, users: int, seconds: float,
            load: Load) -> None:
-    """`users` callers sending back to back for `seconds` (each finishes its request in flight)."""
+    """`users` callers sending back to back for `seconds` (the measurement core's closed loop; each finishes its
+    request in flight), recorded into `load`."""
     bench = load_benchmark(spec)
-    until = time.monotonic() + seconds
-    threads = [threading.Thread(target=_caller, args=(client, RequestFactory(spec, bench, scenario, seed=k), until,
-                                                       load), daemon=True) for k in range(users)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=seconds + scenario.timeout_s + 5)
+    factories = [RequestFactory(spec, bench, scenario, seed=k) for k in range(users)]
+
+    def make_call(_k: int):
+        def call(request) -> None:
+            client.rank_payloads(request.items, request.history, videos=request.videos)
+        return call
+
+    result = closed_loop(make_call, users, duration_s=seconds, prepare=lambda k: factories[k].next())
+    for sample in result.samples:
+        load.record(sample.latency_s * 1000.0, None if sample.ok else sample.error)
 
 
 def run_soak(spec: PipelineSpec, url: str, server_pid: int, seconds: float, users: int | None = None,

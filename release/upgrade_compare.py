@@ -13,13 +13,20 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.lib import SampleComparison, compare_samples, min_repeats
 from export.manifest import compare_manifests
 from fusionrank.contract.spec import PipelineSpec, Tolerance
 from release.upgrade_measure import SCHEMA, ReportError
 
-# Sub-millisecond timings jitter by more than any sensible relative threshold on a shared machine: a latency change
-# smaller than this is never called a regression, however large it is relative to its baseline.
-NOISE_FLOOR_MS = 1.0
+# Significance level of each latency comparison. With ~10 comparisons per report the noise floor (the spec's
+# max_latency_regression) is what keeps false alarms away; the test keeps one slow window from deciding.
+ALPHA = 0.05
+# A change of less than this per call is never a regression, however large relative to its baseline: a sub-
+# millisecond call's time is mostly per-call overhead and cache state, which a loaded node's neighbours move by a
+# third even in CPU time (measured here: fusion_ranker batch 1, 0.38 -> 0.50 ms CPU time, +32 %, load average 8 ->
+# 24, nothing changed). The blind spot: a 30 % regression of a call under ~0.8 ms passes here (the ensemble's
+# end-to-end gate still sees what it costs callers).
+MIN_CHANGE_MS = 0.25
 
 
 @dataclass(frozen=True)
@@ -86,8 +93,10 @@ def _own_checks(spec: PipelineSpec, current: dict) -> list[Regression]:
                                     f"(<= {gate.max_auc_diff})"))
     for m in current.get("engines", {}).get("preflight_after", []):
         found.append(Regression(f"engines.{m['model']}", f"{m['kind']}: {m['detail']}"))
-    ens = current["latency"]["ensemble"]
-    if ens.get("p95_ms") is None:
+    ens = current["latency"].get("ensemble")
+    if ens is None:
+        return found
+    if ens.get("p50_ms") is None:
         found.append(Regression("latency.ensemble", f"no request succeeded ({ens.get('first_error')})"))
     elif ens["error_rate"] > spec.slo.max_error_rate:
         found.append(Regression("latency.ensemble.error_rate", f"{ens['error_rate']:.2%} of requests failed "
@@ -95,31 +104,79 @@ def _own_checks(spec: PipelineSpec, current: dict) -> list[Regression]:
     return found
 
 
-def _latency_checks(spec: PipelineSpec, where: str, cur: dict, base: dict, throughput_key: str,
-                    stat: str = "p95_ms") -> list[Regression]:
-    """`stat` is p95 for the ensemble (the SLO's view) and p50 for a model's runtime micro-benchmark, whose p95 over
-    a short run is one scheduler hiccup away from +50% on a shared machine (measured: a false +59% back to back)."""
-    up = spec.upgrade
-    found = []
-    if cur.get(stat) is None or base.get(stat) is None:
-        return found
-    grew = _relative(cur[stat], base[stat])
-    label = stat.removesuffix("_ms")
-    if grew > up.max_latency_regression and cur[stat] - base[stat] > NOISE_FLOOR_MS:
-        found.append(Regression(f"{where}.{stat}", f"{label} {cur[stat]:.2f} ms vs baseline {base[stat]:.2f} ms "
-                                f"(+{grew:.0%}, allowed +{up.max_latency_regression:.0%})"))
-    dropped = -_relative(cur[throughput_key], base[throughput_key])
-    slower = cur["p50_ms"] - base["p50_ms"] > NOISE_FLOOR_MS or throughput_key == "throughput_rps"
-    if dropped > up.max_throughput_regression and slower:
-        found.append(Regression(f"{where}.{throughput_key}", f"throughput {cur[throughput_key]:.2f} vs baseline "
-                                f"{base[throughput_key]:.2f} (-{dropped:.0%}, allowed "
-                                f"-{up.max_throughput_regression:.0%})"))
-    return found
+def latency_comparison(cur: dict, base: dict, noise_floor: float) -> SampleComparison | None:
+    """The repeats (window medians) of this run against the baseline's: Mann-Whitney U at `ALPHA` with
+    `noise_floor` (the spec's `max_latency_regression`); None when either side has too few repeats to test."""
+    old, new = (base or {}).get("repeats_ms") or [], (cur or {}).get("repeats_ms") or []
+    if min(len(old), len(new)) < min_repeats(ALPHA) or (base or {}).get("clock") != (cur or {}).get("clock"):
+        return None
+    return compare_samples(old, new, alpha=ALPHA, noise_floor=noise_floor)
+
+
+def _latency_checks(spec: PipelineSpec, where: str, cur: dict, base: dict, notes: list[str]) -> list[Regression]:
+    """A regression when the repeats are significantly slower by more than the noise floor (both needed)."""
+    if not cur or not base:
+        return []
+    result = latency_comparison(cur, base, spec.upgrade.max_latency_regression)
+    if base.get("clock") != cur.get("clock"):
+        notes.append(f"{where}: measured as {cur.get('clock')} time, the baseline as {base.get('clock')}: not compared")
+        return []
+    if result is None:
+        notes.append(f"{where}: fewer than {min_repeats(ALPHA)} repeats on a side "
+                     f"({len(base.get('repeats_ms') or [])} baseline, {len(cur.get('repeats_ms') or [])} now): "
+                     "not compared")
+        return []
+    if result.worse and result.current_median - result.baseline_median > MIN_CHANGE_MS:
+        return [Regression(f"{where}.median_ms", f"{cur.get('clock')} time {result.describe()}; allowed "
+                                                 f"+{spec.upgrade.max_latency_regression:.0%}")]
+    return []
+
+
+def _throughput_check(spec: PipelineSpec, cur: dict, base: dict) -> list[Regression]:
+    """The ensemble's throughput (closed loop: it follows latency) may not drop beyond `max_throughput_regression`;
+    judged on the same repeats, as rate = users / median latency is what a closed loop delivers."""
+    if not cur or not base or not cur.get("repeats_ms") or not base.get("repeats_ms"):
+        return []
+    old_rps, new_rps = base.get("throughput_rps"), cur.get("throughput_rps")
+    if not old_rps or new_rps is None:
+        return []
+    dropped = -_relative(new_rps, old_rps)
+    result = latency_comparison(cur, base, spec.upgrade.max_latency_regression)
+    if dropped > spec.upgrade.max_throughput_regression and result is not None and result.p_value < ALPHA:
+        return [Regression("latency.ensemble.throughput_rps", f"throughput {new_rps:.2f} vs baseline {old_rps:.2f} "
+                           f"req/s (-{dropped:.0%}, allowed -{spec.upgrade.max_throughput_regression:.0%}; repeats "
+                           f"differ at p={result.p_value:.3g})")]
+    return []
+
+
+def _served_file_notes(current: dict, baseline: dict, notes: list[str]) -> None:
+    """Name every served file whose digest changed since the baseline (a new export, a new quantization)."""
+    old = baseline.get("served_digests") or {}
+    for model, digest in (current.get("served_digests") or {}).items():
+        if model in old and old[model] != digest:
+            notes.append(f"{model}: the served file changed since the baseline ({old[model]} -> {digest})")
+
+
+def _model_checks(spec: PipelineSpec, models: dict, base_models: dict, result: Comparison) -> None:
+    for model, batches in models.items():
+        for batch, stats in batches.items():
+            old = base_models.get(model, {}).get(batch)
+            if old is None:
+                result.notes.append(f"latency.models.{model}.batch{batch}: not in the baseline")
+                continue
+            result.regressions += _latency_checks(spec, f"latency.models.{model}.batch{batch}", stats, old,
+                                                  result.notes)
 
 
 def compare(spec: PipelineSpec, current: dict, baseline: dict | None) -> Comparison:
     """Regressions of `current` on its own and against `baseline` (thresholds from `spec.upgrade`)."""
     result = Comparison(regressions=_own_checks(spec, current))
+    interleaved = current["latency"].get("interleaved_baseline")
+    if interleaved:
+        where = current["latency"].get("interleaved_baseline_repository")
+        result.notes.append(f"per-model latency compared with {where}, measured in the same interleaved rounds "
+                            "(side by side), not with the baseline file")
+        _model_checks(spec, current["latency"]["models"], interleaved, result)
     if baseline is None:
         result.notes.append("no baseline given: only parity and errors were checked (save one with "
                             "--save-baseline on the current node)")
@@ -145,18 +202,13 @@ def compare(spec: PipelineSpec, current: dict, baseline: dict | None) -> Compari
                 result.regressions.append(Regression(
                     f"accuracy.{model}.{output}", f"max |diff| vs golden {o['max_abs_diff']:.3g} vs baseline "
                     f"{old['max_abs_diff']:.3g} (+{delta:.3g}, allowed +{limit:g})"))
-    base_models = baseline.get("latency", {}).get("models", {})
-    for model, batches in current["latency"]["models"].items():
-        for batch, stats in batches.items():
-            old = base_models.get(model, {}).get(batch)
-            if old is None:
-                result.notes.append(f"latency.models.{model}.batch{batch}: not in the baseline")
-                continue
-            result.regressions += _latency_checks(spec, f"latency.models.{model}.batch{batch}", stats, old,
-                                                  "throughput", stat="p50_ms")
-    base_ens = baseline.get("latency", {}).get("ensemble", {})
-    result.regressions += _latency_checks(spec, "latency.ensemble", current["latency"]["ensemble"], base_ens,
-                                          "throughput_rps")
+    if not interleaved:
+        _model_checks(spec, current["latency"]["models"], baseline.get("latency", {}).get("models", {}), result)
+    base_ens = baseline.get("latency", {}).get("ensemble") or {}
+    cur_ens = current["latency"].get("ensemble") or {}
+    result.regressions += _latency_checks(spec, "latency.ensemble", cur_ens, base_ens, result.notes)
+    result.regressions += _throughput_check(spec, cur_ens, base_ens)
+    _served_file_notes(current, baseline, result.notes)
     for model in sorted(set(current.get("manifests", {})) | set(baseline.get("manifests", {}))):
         changes = compare_manifests(baseline.get("manifests", {}).get(model), current.get("manifests", {}).get(model))
         if changes:

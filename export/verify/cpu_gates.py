@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from export.manifest import onnx_path
+from export.manifest import onnx_path, sha256_file
 from export.verify.golden import load_golden
 from export.verify.parity import OutputParity, RankingParity, check_outputs, ranking_parity
 from fusionrank.contract.errors import DataError, FusionRankError
@@ -62,6 +62,7 @@ class CpuGateReport:
 
     files: dict[str, str]
     precision: dict[str, str]
+    sha256: dict[str, str] = field(default_factory=dict)  # first 16 hex digits per gated file (`check --profile cpu`)
     outputs: list[OutputParity] = field(default_factory=list)
     ranking: RankingParity | None = None
     test_auc: dict[str, float] = field(default_factory=dict)
@@ -73,7 +74,8 @@ class CpuGateReport:
         return all(g.passed for g in self.gates)
 
     def as_dict(self) -> dict:
-        return {"files": self.files, "precision": self.precision, "outputs": [o.as_dict() for o in self.outputs],
+        return {"files": self.files, "precision": self.precision, "sha256": self.sha256,
+                "outputs": [o.as_dict() for o in self.outputs],
                 "ranking": self.ranking.as_dict() if self.ranking else None, "test_auc": self.test_auc,
                 "gates": [g.__dict__ for g in self.gates], "passed": self.passed, "seconds": self.seconds}
 
@@ -194,7 +196,8 @@ def check_cpu_chain(spec: PipelineSpec, repo: Path, files: dict[str, Path], benc
         raise DataError(f"CPU profile graphs not found: {', '.join(missing)}; run `fusionrank export`")
     cpu = spec.export.cpu
     report = CpuGateReport({m: Path(p).name for m, p in files.items()},
-                           {m: cpu.precision_of(m).value for m in files})
+                           {m: cpu.precision_of(m).value for m in files},
+                           {m: sha256_file(Path(p))[:16] for m, p in files.items()})
     candidates, golden = _frozen_set(spec, bench, repo)
     chain = OrtChain(spec, files)
     tables, embeddings = {}, {}

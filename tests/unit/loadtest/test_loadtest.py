@@ -89,7 +89,8 @@ def test_slo_layers_spec_file_and_scenario(tmp_path):
     path.write_text("p96_ms: 1\n")
     with pytest.raises(ScenarioError, match="p96_ms"):
         load_slo(spec, path=path)
-    assert load_slo(spec, path=CI_SLO).p95_ms >= 10 * spec.slo.p95_ms / 2
+    ci = load_slo(spec, path=CI_SLO)
+    assert ci.p50_ms >= 10 * spec.slo.p50_ms / 2 and ci.p95_ms is None and ci.p99_ms is None
 
 
 def test_parse_duration():
@@ -122,7 +123,8 @@ def test_summary_percentiles_error_rate_and_throughput():
 
 def test_slo_evaluation_names_what_was_missed():
     slo = Slo(p50_ms=50, p95_ms=90, p99_ms=None, max_error_rate=0.01, min_throughput_rps=20)
-    summary = {"p50_ms": 40.0, "p95_ms": 95.0, "p99_ms": 99.0, "error_rate": 0.0, "throughput_rps": 10.0}
+    summary = {"p50_ms": 40.0, "p95_ms": 95.0, "p99_ms": 99.0, "error_rate": 0.0, "throughput_rps": 10.0,
+               "latency_samples": 500}
     checks = {c.name: c for c in evaluate_slo(slo, summary)}
     assert set(checks) == {"p50_ms", "p95_ms", "max_error_rate", "min_throughput_rps"}
     assert checks["p50_ms"].passed and checks["max_error_rate"].passed
@@ -134,9 +136,26 @@ def test_slo_evaluation_names_what_was_missed():
     assert "SLO p95_ms MISSED: measured 95.0, target <= 90.0" in text
     assert "SLO min_throughput_rps MISSED: measured 10.0, target >= 20.0" in text
     assert "SLO verdict: FAIL" in text
-    nan_check = evaluate_slo(Slo(p50_ms=1e9), {"p50_ms": float("nan")})[0]
+    nan_check = evaluate_slo(Slo(p50_ms=1e9), {"p50_ms": float("nan"), "latency_samples": 500})[0]
     assert not nan_check.passed  # nothing measured never passes
     assert Verdict(evaluate_slo(Slo(p50_ms=50), summary), summary).passed
+
+
+def test_a_percentile_with_too_few_samples_never_passes_and_says_how_many_it_needs():
+    # A 6-s run at 6 req/s: 36 requests. Its "p99" is its maximum; the gate refuses it instead of passing it.
+    summary = {"p50_ms": 40.0, "p95_ms": 60.0, "p99_ms": 61.0, "error_rate": 0.0, "throughput_rps": 6.0,
+               "latency_samples": 36, "requests": 36, "duration_s": 6.0}
+    checks = {c.name: c for c in evaluate_slo(Slo(p50_ms=1000, p95_ms=1000, p99_ms=1000), summary)}
+    assert checks["p50_ms"].passed and checks["p50_ms"].supported
+    assert not checks["p95_ms"].passed and checks["p95_ms"].needed == 72
+    assert not checks["p99_ms"].passed and checks["p99_ms"].needed == 368
+    verdict = Verdict(list(checks.values()), summary, scenario="t", slo_source="s.yaml")
+    text = verdict.render()
+    assert not verdict.passed and "SLO verdict: FAIL" in text
+    assert "SLO p99_ms NOT SUPPORTED: 36 successful requests, p99 needs >= 368" in text
+    assert "36/368" in text and "TOO FEW" in text
+    # a summary without a sample count cannot support any percentile either
+    assert not evaluate_slo(Slo(p50_ms=1000), {"p50_ms": 1.0})[0].passed
 
 
 # --- Triton metrics ------------------------------------------------------------------------------------------------

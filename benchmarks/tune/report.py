@@ -1,4 +1,4 @@
-"""What `fusionrank tune` leaves: the spec overlay (and the spec with it merged, ready for `--spec`), a Markdown
+"""What `fusionrank tune` leaves: the spec overlay (a `base:` overlay, usable as `--spec` as it is), a Markdown
 report (machine, load, every trial, the Pareto front, tuned vs hand-set), a throughput-vs-p99 PNG and the trials as
 JSON."""
 

@@ -79,12 +79,11 @@ pin-triton:
 	  --format '{{json .Manifest.Digest}}' | tr -d '"') && test -n "$$digest" && \
 	sed -i "s/^digest: .*/digest: \"$$digest\"/" $(RELEASE) && echo "pinned $$digest"
 
-# On any node: every GPU step the node allows (TensorRT installed where nvidia-smi shows a GPU), the rest reported
-# as skipped with the reason; results in docs/gpu/<date>-<gpu>/. Ends by itself within its 540-s budget.
-gpu-check: $(STAMP)
-	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q -e '.[gpu]' || \
-		echo "could not install the [gpu] extra: the TensorRT steps will say why"; fi
-	$(VENV)/bin/fusionrank gpu-check
+# On any node: the driver first, a lean .venv-gpu (serving and gpu extras, never [dev]), every GPU step the node
+# allows, the rest reported as skipped with the reason; results in docs/gpu/<date>-<gpu>/. One command that ends
+# by itself within 10 minutes, install included (deploy/gpu-check.sh; runbook: docs/gpu.md).
+gpu-check:
+	bash deploy/gpu-check.sh
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-gpu .cache .pytest_cache .ruff_cache

@@ -18,6 +18,8 @@ BENCHMARKS = {
                      "stub under never-seen items",
     "traffic": "the route past its capacity: goodput under deadlines at 1x-8x, an open-loop backlog, a cached "
                "caller beside 16-MP floods",
+    "determinism": "one request's score spread alone, cached, from several callers, amid traffic and through the "
+                   "reference ensemble (goal <= 1e-6)",
 }
 
 __all__ = ["BENCHMARKS"]

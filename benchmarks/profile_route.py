@@ -29,14 +29,14 @@ RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("decode image", ("preprocess/image.py", "PIL/", "libjpeg", "libpng", "ImagingDecode", "ImagingResample")),
     ("decode video", ("preprocess/video.py", "av/", "libav")),
     ("decode audio", ("preprocess/audio.py", "soundfile", "pocketfft", "scipy")),
-    ("hash / cache keys", ("hashlib", "item_keys.py", "_hashlib", "sha256", "blake2", "serving/cache.py")),
+    ("hash / cache keys", ("hashlib", "item_keys.py", "_hashlib", "sha256", "blake2", "route/cache.py")),
     ("route logic, BLS calls and tensors", ("async_exec", "InferenceRequest", "triton_python_backend_utils", "as_numpy",
-                               "get_output_tensor", "pb_utils", "serving/route.py")),
+                               "get_output_tensor", "pb_utils", "route/stages.py", "triton/route.py")),
     ("validation and candidate preparation", ("preprocess/request.py", "ragged.py", "preprocess/__init__.py")),
     ("copies and concatenation", ("concatenate", "ascontiguousarray", "np.array", "copyto", "memcpy", "memmove",
                                   "__memcpy")),
     ("ONNX Runtime", ("onnxruntime", "libonnxruntime", "mlas", "Mlas")),
-    ("Triton model shell", ("triton_models.py", "model.py")),
+    ("Triton model shell", ("fusionrank/triton/", "model.py")),
 )
 OTHER = "other"
 

@@ -129,6 +129,9 @@ class EngineManifest:
     created_utc: str
     schema_version: int = SCHEMA_VERSION
     extra: dict = field(default_factory=dict)
+    # "cu13": the CUDA the building TensorRT wheel is made for (tensorrt-cu13): the driver must run that CUDA.
+    tensorrt_cuda: str | None = None
+    mig_profile: str | None = None  # built on a MIG slice of gpu_name ("3g.40gb"); None: the whole GPU
 
     @property
     def hardware_compatibility(self) -> str:
@@ -162,7 +165,8 @@ class EngineManifest:
 
 def create_manifest(spec: PipelineSpec, repo: Path, model: str, node: NodeInfo, precision: str,
                     profiles: tuple[OptimizationProfile, ...], build_flags: dict, plan: Path | None = None,
-                    now: _dt.datetime | None = None) -> EngineManifest:
+                    now: _dt.datetime | None = None, tensorrt_cuda: str | None = None,
+                    extra: dict | None = None) -> EngineManifest:
     """The manifest of an engine just built for `model` from `<repo>/<model>/1/model.onnx` on `node`."""
     if node.tensorrt_version is None:
         raise ManifestError(f"{model}: cannot record an engine without the TensorRT version that built it")
@@ -174,7 +178,14 @@ def create_manifest(spec: PipelineSpec, repo: Path, model: str, node: NodeInfo, 
         profiles=[p.as_dict() for p in profiles], build_flags=dict(build_flags),
         onnx_sha256=sha256_file(onnx_path(repo, model)),
         plan_sha256=sha256_file(plan) if plan.is_file() else "",
-        spec_digest=spec.digest(), contract_digest=engine_contract_digest(spec, model, profiles), created_utc=created)
+        spec_digest=spec.digest(), contract_digest=engine_contract_digest(spec, model, profiles), created_utc=created,
+        tensorrt_cuda=tensorrt_cuda or _cuda_flavour(node.cuda_version), mig_profile=node.mig_profile,
+        extra=dict(extra or {}))
+
+
+def _cuda_flavour(cuda_version: str | None) -> str | None:
+    """'13.0' -> 'cu13' (the builder's CUDA runtime, when the TensorRT wheel's flavour is not known)."""
+    return f"cu{cuda_version.split('.')[0]}" if cuda_version else None
 
 
 def load_manifest(path: Path) -> EngineManifest:
@@ -195,8 +206,9 @@ def find_manifest(repo: Path, model: str) -> EngineManifest | None:
 
 
 # Fields a platform team compares when moving engines between nodes or releases, in report order.
-COMPARED_FIELDS = ("tensorrt_version", "cuda_version", "driver_version", "gpu_name", "compute_capability",
-                   "precision", "build_flags", "profiles", "onnx_sha256", "contract_digest", "spec_digest")
+COMPARED_FIELDS = ("tensorrt_version", "tensorrt_cuda", "cuda_version", "driver_version", "gpu_name", "mig_profile",
+                   "compute_capability", "precision", "build_flags", "profiles", "onnx_sha256", "contract_digest",
+                   "spec_digest")
 
 
 @dataclass(frozen=True)

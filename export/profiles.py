@@ -1,8 +1,10 @@
 """TensorRT optimisation profiles, derived from the spec so they cannot disagree with serving or preprocessing.
 
 Per model and input, a `ShapeRange(min, opt, max)` over the full shape (batch included):
-- batch: min 1, opt the largest preferred batch size (what dynamic batching forms under load), max the model's
-  `max_batch_size` (the rendered config's, so Triton never sends a batch the engine cannot take);
+- batch: the spec's GPU batching policy (`serving.gpu.<model>.batch_profiles`: e.g. a small profile tuned for a
+  typical request's candidates and a large one, contiguous from 1 to the model's `max_batch_size`, the rendered
+  config's, so Triton never sends a batch the engine cannot take); without one, a single profile from 1 to
+  `max_batch_size` with opt the largest preferred batch size;
 - text sequence (`input_ids`, `attention_mask`): preprocessing pads every request to one of the padding buckets,
   so one profile spans first bucket .. max_length with opt at the middle bucket (titles are short; the kernels
   TensorRT picks for opt are the ones most requests run). With `export.tensorrt.profile_per_bucket` there is one
@@ -86,10 +88,9 @@ class OptimizationProfile:
         return cls(data["name"], tuple((n, ShapeRange.from_dict(r)) for n, r in data["inputs"].items()))
 
 
-def batch_range(spec: PipelineSpec, model: str) -> tuple[int, int, int]:
-    """(min, opt, max) batch of one model: 1, largest preferred batch size, max_batch_size."""
-    batching = spec.serving.batching(model)
-    return 1, batching.preferred_batch_sizes[-1], batching.max_batch_size
+def batch_ranges(spec: PipelineSpec, model: str) -> tuple[tuple[int, int, int], ...]:
+    """(min, opt, max) batch of each of one model's batch profiles, smallest first (`serving.batch_profiles`)."""
+    return spec.serving.batch_profiles(model)
 
 
 def sequence_ranges(spec: PipelineSpec) -> list[tuple[int, int, int]]:
@@ -121,13 +122,18 @@ def model_profiles(spec: PipelineSpec, model: str) -> tuple[OptimizationProfile,
     if model not in engine_models(spec):
         raise ProfileError(f"{model!r} is not built as an engine; engine models: {', '.join(engine_models(spec))}")
     inputs = model_io(spec, model).inputs
-    batch = batch_range(spec, model)
+    batches = batch_ranges(spec, model)
     has_sequence = any(SEQUENCE_AXIS in t.axes for t in inputs)
     sequences = sequence_ranges(spec) if has_sequence else [(1, 1, 1)]
     profiles = []
-    for seq in sequences:
-        name = f"seq{seq[0]}-{seq[2]}" if has_sequence else "default"
-        profiles.append(OptimizationProfile(name, tuple((t.name, _input_range(t, batch, seq)) for t in inputs)))
+    # Batch outermost: Triton's TensorRT backend and the runner take the first profile that fits, so a small batch
+    # of any sequence length finds the small profile first.
+    for batch in batches:
+        for seq in sequences:
+            parts = ([f"b{batch[0]}-{batch[2]}"] if len(batches) > 1 else []) + \
+                ([f"seq{seq[0]}-{seq[2]}"] if has_sequence else [])
+            name = "_".join(parts) or "default"
+            profiles.append(OptimizationProfile(name, tuple((t.name, _input_range(t, batch, seq)) for t in inputs)))
     return tuple(profiles)
 
 

@@ -10,8 +10,14 @@ Steps, each run where the node allows it and otherwise reported as skipped with 
    outputs and latency per model;
 6. serve-gpu-profile: Triton with the gpu profile on those engines, a short load test and the batch each member
    achieved (from Triton's metrics).
-Results go to `<out>/<date>-<gpu>/gpu-check.{md,json}`. A time budget (default 540 s) skips the steps that could no
-longer finish in it, so the run ends in under 10 minutes; an engine build already started is not interrupted.
+Results go to `<out>/<date>-<gpu>/gpu-check.{md,json}` (tracebacks in `gpu-check.log`). A time budget (default
+540 s) skips the steps that could no longer finish in it, so the run ends in under 10 minutes; an engine build
+already started is not interrupted. Any exception a step raises (TensorRT's pybind11 `TypeError` on an old driver
+included) is that step's failure: the report is always written. The TensorRT timing cache persists under the
+project cache (`<cache>/tensorrt/timing.cache`), so a second run builds warm.
+
+`deploy/gpu-check.sh` (what `make gpu-check` runs) installs the lean environment this needs; docs/gpu.md is the
+runbook.
 """
 
 from __future__ import annotations
@@ -22,15 +28,19 @@ import re
 import shutil
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 from benchmarks.latency import benchmark_ensemble, scenario_requests
 from benchmarks.server_metrics import breakdown, scrape
 from export.manifest import golden_path, onnx_path
+from export.node.cuda_driver import release_cuda
+from export.node.facts import NodeInfo
 from export.node.tensorrt_release import ReleaseError, load_release, release_pin_problems
 from export.profiles import engine_models
 from export.verify.preflight import preflight, triton_backend_config
 from fusionrank.contract.errors import FusionRankError
+from fusionrank.contract.paths import cache_dir
 from fusionrank.contract.spec import PipelineSpec, ServingProfile, member_models
 from fusionrank.server.launcher import TritonServer
 from fusionrank.triton.render import render_repository
@@ -72,11 +82,15 @@ class Budget:
 
 
 def cuda_step(readiness: GpuReadiness) -> StepResult:
-    """The GPU and driver this node offers (skipped, with why, without a CUDA GPU)."""
+    """The GPU and driver this node offers (skipped, with why, without a CUDA GPU); a driver too old for the
+    TensorRT's CUDA is this step's failure (the TensorRT steps are skipped with the same reason)."""
     if readiness.no_cuda:
         return StepResult("cuda-driver", SKIPPED, readiness.no_cuda)
-    node = readiness.node
-    return StepResult("cuda-driver", RAN, "", {k: v for k, v in node.as_dict().items() if k != "notes"})
+    data = {k: v for k, v in readiness.node.as_dict().items() if k != "notes"}
+    data["driver_runs_tensorrt_cuda"] = readiness.old_driver is None
+    if readiness.old_driver:
+        return StepResult("cuda-driver", FAILED, readiness.old_driver, data)
+    return StepResult("cuda-driver", RAN, "", data)
 
 
 def prepare_repository(spec: PipelineSpec, source: Path, scratch: Path) -> StepResult:
@@ -149,31 +163,59 @@ def _folder_name(readiness: GpuReadiness, now: _dt.datetime) -> str:
     return f"{now:%Y-%m-%d}-{gpu}"
 
 
-def _step(budget: Budget, name: str, cannot: str | None, run) -> StepResult:
+def _guarded(name: str, run, log_file: Path) -> StepResult:
+    """`run()`; any exception is the step's failure (type and message; the traceback goes to `log_file`)."""
+    started = time.monotonic()
+    try:
+        return run()
+    except Exception as exc:  # noqa: BLE001 - e.g. pybind11's TypeError from trt.Builder on an old driver
+        with open(log_file, "a") as log:
+            log.write(f"--- {name}\n{traceback.format_exc()}\n")
+        return StepResult(name, FAILED, f"{type(exc).__name__}: {exc}", seconds=time.monotonic() - started)
+
+
+def _step(budget: Budget, name: str, cannot: str | None, run, log_file: Path) -> StepResult:
     """`run()`, unless this node cannot (`cannot` says why) or the time left is too short."""
     if cannot:
         return StepResult(name, SKIPPED, cannot)
-    return budget.skip(name) or run()
+    return budget.skip(name) or _guarded(name, run, log_file)
+
+
+def timing_cache_path(spec: PipelineSpec) -> Path:
+    """The TensorRT timing cache every run reuses (TensorRT refuses, and the build replaces, one from another GPU
+    or TensorRT version)."""
+    return cache_dir(spec) / "tensorrt" / "timing.cache"
 
 
 def run_steps(spec: PipelineSpec, source: Path, scratch: Path, readiness: GpuReadiness, budget: Budget,
               requests: int, users: int, log_dir: Path) -> list[StepResult]:
     """Every step in order, each skipped with its reason where this node (or the time left) does not allow it."""
+    log_file = log_dir / "gpu-check.log"
+    cuda = _guarded("cuda-driver", lambda: cuda_step(readiness), log_file)
     no_ort = readiness.no_cuda or readiness.no_onnxruntime_cuda
     no_trt = readiness.no_cuda or readiness.no_tensorrt
     prepared = _step(budget, "prepare-repository", no_ort and no_trt and "no step on this node needs the models",
-                     lambda: prepare_repository(spec, source, scratch))
+                     lambda: prepare_repository(spec, source, scratch), log_file)
     no_models = None if prepared.status == RAN else f"no models: prepare-repository {prepared.status}"
     ort = _step(budget, "onnxruntime-cuda", no_ort or no_models,
-                lambda: onnxruntime_cuda_step(spec, scratch, budget_s=1.0))
+                lambda: onnxruntime_cuda_step(spec, scratch, budget_s=1.0), log_file)
     build = _step(budget, "tensorrt-build", no_trt or no_models,
-                  lambda: tensorrt_build_step(spec, scratch, readiness.node, scratch / "timing.cache"))
+                  lambda: tensorrt_build_step(spec, scratch, readiness.node, timing_cache_path(spec)), log_file)
     no_engines = None if build.status == RAN else f"no engines: tensorrt-build {build.status}"
     runtime = _step(budget, "tensorrt-parity-latency", no_engines,
-                    lambda: tensorrt_runtime_step(spec, scratch, budget_s=1.0))
+                    lambda: tensorrt_runtime_step(spec, scratch, budget_s=1.0), log_file)
     serve = _step(budget, "serve-gpu-profile", "; ".join(filter(None, (no_engines, readiness.no_triton_tensorrt))),
-                  lambda: serve_step(spec, scratch, readiness, requests, users, log_dir))
-    return [cuda_step(readiness), prepared, ort, build, runtime, serve]
+                  lambda: serve_step(spec, scratch, readiness, requests, users, log_dir), log_file)
+    return [cuda, prepared, ort, build, runtime, serve]
+
+
+def _readiness(repository: Path, root: Path, probe) -> GpuReadiness:
+    """`gpu_readiness`, or, when probing the node itself fails, a node without GPU that says why."""
+    try:
+        return gpu_readiness(repository, probe, release_cuda(root))
+    except Exception as exc:  # noqa: BLE001 - the report must be written whatever the probe meets
+        why = f"probing the node failed: {type(exc).__name__}: {exc}"
+        return GpuReadiness(NodeInfo(notes=(why,)), f"no CUDA GPU: {why}", why, why, why)
 
 
 def run_gpu_check(spec: PipelineSpec, repository: Path, out_root: Path, budget_s: float = DEFAULT_BUDGET_S,
@@ -181,7 +223,7 @@ def run_gpu_check(spec: PipelineSpec, repository: Path, out_root: Path, budget_s
                   now: _dt.datetime | None = None) -> tuple[Path, dict]:
     """Run every step this node allows; write `<out_root>/<date>-<gpu>/gpu-check.{md,json}`; (folder, report)."""
     budget = Budget(budget_s)
-    readiness = gpu_readiness(repository if Path(repository).is_dir() else root / "model_repository", probe)
+    readiness = _readiness(repository if Path(repository).is_dir() else root / "model_repository", root, probe)
     now = now or _dt.datetime.now(_dt.timezone.utc)
     folder = Path(out_root) / _folder_name(readiness, now)
     folder.mkdir(parents=True, exist_ok=True)
@@ -191,7 +233,7 @@ def run_gpu_check(spec: PipelineSpec, repository: Path, out_root: Path, budget_s
     report = json_safe({
         "schema": SCHEMA, "created_utc": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "spec_digest": spec.digest(),
         "budget_s": budget_s, "node": readiness.node.as_dict(), "release": release_facts(root),
-        "lacks": {"cuda": readiness.no_cuda, "tensorrt": readiness.no_tensorrt,
+        "lacks": {"cuda": readiness.no_cuda, "driver": readiness.old_driver, "tensorrt": readiness.no_tensorrt,
                   "triton_tensorrt_backend": readiness.no_triton_tensorrt,
                   "onnxruntime_cuda": readiness.no_onnxruntime_cuda},
         "steps": [s.as_dict() for s in steps]})

@@ -1,10 +1,13 @@
 """The model-level steps of the GPU check (`fusionrank gpu-check`), and what a node lacks for each of them.
 
-`gpu_readiness` says, once, why this node cannot run each GPU step (no CUDA GPU; no TensorRT or cuda-python; no
-TensorRT backend in the Triton `fusionrank serve` would start; no CUDA provider in ONNX Runtime): the GPU check
-reports it and tests/integration/test_gpu.py skips with it. Each step runs only where the node allows it (the check
-decides) and returns a `StepResult`: ran (with its figures) or failed (with the error); the check adds the skipped ones
-with their reasons, so one missing piece never hides the steps that could run.
+`gpu_readiness` says, once, why this node cannot run each GPU step (no CUDA GPU; a driver too old for the CUDA of
+the TensorRT (`export.node.cuda_driver`, compared first: on an old driver TensorRT fails with pybind11's "factory
+returned nullptr" instead of naming the driver); no TensorRT or cuda-python; no TensorRT backend in the Triton
+`fusionrank serve` would start; no CUDA provider in ONNX Runtime): the GPU check reports it and
+tests/integration/test_gpu.py skips with it.
+Each step runs only where the node allows it (the check decides) and returns a `StepResult`: ran (with its figures)
+or failed (with the error); the check adds the skipped ones with their reasons, so one missing piece never hides the
+steps that could run.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.latency import OnnxRuntimeRunner, make_runner
-from export.convert.onnx2trt import build_engines
-from export.manifest import onnx_path
+from export.manifest import find_manifest, onnx_path
+from export.node.cuda_driver import driver_problem, tensorrt_cuda_flavour
 from export.node.cuda_memory import cudart
 from export.node.facts import NodeInfo, probe_node
 from export.node.trt_api import EngineBuildError, import_tensorrt
@@ -24,6 +27,7 @@ from fusionrank.contract.errors import FusionRankError
 from fusionrank.contract.names import encoder_name
 from fusionrank.contract.spec import PipelineSpec, ServingProfile
 from fusionrank.server.backends import locate_triton, missing_backends
+from release.precision_gate import build_engines_gated
 from release.upgrade_measure import measure_accuracy, measure_model_latency
 
 RAN, SKIPPED, FAILED = "ran", "skipped", "failed"
@@ -53,12 +57,16 @@ class GpuReadiness:
     no_tensorrt: str | None
     no_triton_tensorrt: str | None
     no_onnxruntime_cuda: str | None
+    old_driver: str | None = None  # the driver cannot run the CUDA of the TensorRT (the TensorRT steps are skipped)
 
 
 def _onnxruntime_cuda_missing() -> str | None:
-    import onnxruntime as ort  # the serving extra's runtime; only its provider list is read here
+    try:
+        import onnxruntime as ort  # the serving extra's runtime; only its provider list is read here
 
-    providers = ort.get_available_providers()
+        providers = ort.get_available_providers()
+    except Exception as exc:  # a broken install (a CUDA library missing) is a reason, never the end of the check
+        return f"onnxruntime cannot be imported: {type(exc).__name__}: {exc}"
     if "CUDAExecutionProvider" in providers:
         return None
     return (f"onnxruntime {ort.__version__} has no CUDA provider (providers: {', '.join(providers)}); install "
@@ -66,27 +74,36 @@ def _onnxruntime_cuda_missing() -> str | None:
 
 
 def _tensorrt_missing() -> str | None:
-    if import_tensorrt() is None:
-        return "the TensorRT Python package is not installed (pip install '.[gpu]')"
     try:
+        if import_tensorrt() is None:
+            return "the TensorRT Python package is not installed (pip install '.[gpu]')"
         cudart()
     except EngineBuildError as exc:
         return str(exc)
+    except Exception as exc:  # e.g. OSError: a libnvinfer or CUDA library the wheel needs cannot be loaded
+        return f"TensorRT cannot be imported: {type(exc).__name__}: {exc}"
     return None
 
 
-def gpu_readiness(repository: Path, probe=None) -> GpuReadiness:
-    """Probe this node once and say what it lacks for each GPU step (serving judged on `repository`'s configs)."""
+def gpu_readiness(repository: Path, probe=None, cuda: str | None = None) -> GpuReadiness:
+    """Probe this node once and say what it lacks for each GPU step (serving judged on `repository`'s configs).
+
+    `cuda`: the CUDA of the TensorRT that will build (the release's; the installed wheel's flavour wins)."""
     node = probe() if probe else probe_node()
     # Without a GPU, the probe's first note is why (nvidia-smi missing or failing, CUDA_VISIBLE_DEVICES hiding all).
     no_cuda = None if node.has_gpu else "no CUDA GPU: " + (node.notes[0] if node.notes else "none found")
+    flavour = tensorrt_cuda_flavour() or (f"cu{cuda.split('.')[0]}" if cuda else None)
+    old_driver = driver_problem(node.driver_version, flavour, f"TensorRT tensorrt-{flavour}") \
+        if node.has_gpu and flavour else None
     location = locate_triton()
     if location is None:
         no_triton = "no tritonserver found (not on PATH, no nvidia-pytriton)"
     else:
         lacking = missing_backends(Path(repository), ServingProfile.GPU, location.backend_dir)
         no_triton = f"{location.binary} ({location.source}): {lacking}" if lacking else None
-    return GpuReadiness(node, no_cuda, _tensorrt_missing(), no_triton, _onnxruntime_cuda_missing())
+    # The driver first: on an old one, importing TensorRT may work but every Builder fails without saying why.
+    no_tensorrt = old_driver or _tensorrt_missing()
+    return GpuReadiness(node, no_cuda, no_tensorrt, no_triton, _onnxruntime_cuda_missing(), old_driver)
 
 
 def encoder_models(spec: PipelineSpec) -> tuple[str, ...]:
@@ -125,14 +142,17 @@ def onnxruntime_cuda_step(spec: PipelineSpec, repo: Path, budget_s: float) -> St
 
 
 def tensorrt_build_step(spec: PipelineSpec, repo: Path, node: NodeInfo, timing_cache: Path) -> StepResult:
-    """Build every engine of the spec into `repo` with the spec's precision."""
+    """Build every engine of the spec into `repo`, each at the lowest precision from the spec's up that passes the
+    accuracy gate (`export.precision_gate`)."""
     started = time.monotonic()
     try:
-        results = build_engines(spec, repo, timing_cache=timing_cache, probe=lambda: node)
+        results = build_engines_gated(spec, repo, node, timing_cache)
     except FusionRankError as exc:
         return StepResult("tensorrt-build", FAILED, str(exc), seconds=time.monotonic() - started)
     data = {r.model: {"precision": r.precision, "seconds": r.seconds, "size_mib": round(r.size_bytes / 2 ** 20, 1),
-                      "profiles": len(r.profiles)} for r in results}
+                      "profiles": len(r.profiles),
+                      "precision_choice": find_manifest(repo, r.model).extra.get("precision_choice")}
+            for r in results}
     return StepResult("tensorrt-build", RAN, "", data, time.monotonic() - started)
 
 

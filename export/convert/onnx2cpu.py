@@ -5,18 +5,21 @@
   (SkipLayerNormalization, which the optimizer skips when its symbolic shape inference fails on opset-18 ReduceL2).
   CNNs and ranker: ONNX Runtime's EXTENDED level, saved (Conv+activation fusions). Not the ALL level: its NCHWc
   layout depends on the processor's vector width, so the server's ONNX Runtime applies it at load time.
-- INT8 (`model.int8.onnx`). Text encoder and ranker: dynamic quantization of the optimised graph (per-channel int8
-  weights; activations quantized per batch at run time, so a row's result depends slightly on its batch neighbours),
-  then EXTENDED again (MatMulInteger chains become DynamicQuantizeMatMul). Image and audio CNNs: static QDQ
-  quantization of the FP32 graph (per-channel int8 weights, uint8 activations whose ranges are calibrated on
-  catalogue items through the shared preprocessing); kept as QDQ, which ONNX Runtime turns into QLinear kernels for
-  the processor it runs on. `export.cpu.reduce_range` quantizes weights to 7 bits: x86 processors without VNNI
+- INT8 (`model.int8.onnx`). Every encoder: static QDQ quantization of the FP32 graph (per-channel int8 weights,
+  uint8 activations whose ranges are calibrated on catalogue items through the shared preprocessing); kept as QDQ,
+  which ONNX Runtime turns into integer kernels for the processor it runs on (QLinearConv for the CNNs, QLinearMatMul
+  for the text encoder's MatMuls with constant weights; MLAS picks its u8s8 GEMM by CPUID, VNNI where present). Fixed
+  scales make a row's result independent of its batch-mates (issue 19); the text encoder was quantized dynamically
+  before, with a scale computed over the whole batch, and its embeddings moved by up to 2.8e-2 with their
+  batch-mates. The ranker's INT8 graph is still dynamic (ONNX Runtime quantizes an LSTM dynamically only), so the
+  batch-invariance gate refuses to serve it: the spec serves the ranker as FP32.
+  `export.cpu.reduce_range` quantizes weights to 7 bits: x86 processors without VNNI
   multiply uint8 by int8 with an instruction (vpmaddubsw) whose 16-bit sums saturate; measured on this project's
   AVX2 machine, it lifted the INT8 image encoder's top-10 overlap from 0.927 to 0.991.
 
 Which files a model gets and which one the CPU profile serves comes from `spec.export.cpu`; `export_cpu_profile`
-builds them in a staging folder, runs the accuracy gates (`export.verify.cpu_gates`) on the chain the spec serves and
-only then moves them beside `model.onnx`.
+builds them in a staging folder, runs the accuracy gates (`export.verify.cpu_gates`) and the batch-invariance gate
+(`export.verify.batch_invariance`) on the chain the spec serves and only then moves them beside `model.onnx`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -37,6 +41,7 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from export.manifest import onnx_path, version_dir
 from export.profiles import engine_models
+from export.verify.batch_invariance import INVARIANCE_METRIC, check_served_graphs, invariance_gates
 from export.verify.cpu_gates import CpuGateReport, check_cpu_chain
 from fusionrank.contract.errors import FusionRankError
 from fusionrank.contract.names import RANKER, encoder_modality, encoder_name
@@ -48,7 +53,7 @@ from fusionrank.preprocess import build_preprocessor
 log = logging.getLogger(__name__)
 
 TEXT = encoder_name(Modality.TEXT)
-DYNAMIC = (TEXT, RANKER)  # transformer / MLP+LSTM: weights dominate, activations vary per request
+DYNAMIC = (RANKER,)  # MLP+LSTM: ONNX Runtime quantizes an LSTM dynamically only (batch-variant: the gate refuses it)
 CALIBRATION_BATCH = 16
 
 
@@ -121,17 +126,24 @@ class CatalogueCalibration(CalibrationDataReader):
     """ONNX Runtime `CalibrationDataReader` over catalogue items spread evenly over the catalogue, preprocessed by the
     shared preprocessing in batches, as the encoder sees them in serving."""
 
-    def __init__(self, spec: PipelineSpec, bench: Benchmark, modality: Modality, samples: int):
+    def __init__(self, spec: PipelineSpec, bench: Benchmark, modality: Modality, samples: int,
+                 pad_to: int | None = None):
         ids = np.unique(np.linspace(1, bench.num_items, num=min(samples, bench.num_items)).round().astype(int))
         self.preprocessor = build_preprocessor(spec, modality)
         self.batches = [ids[s:s + CALIBRATION_BATCH] for s in range(0, len(ids), CALIBRATION_BATCH)]
         self.payloads = lambda batch: [bench.item(int(i)).payload(modality) for i in batch]
         self.samples = len(ids)
+        self.pad_to = pad_to  # text: every batch padded to one length (the histogram calibrators need one shape)
         self._next = iter(self.batches)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self._next, None)
-        return None if batch is None else self.preprocessor(self.payloads(batch))
+        if batch is None:
+            return None
+        arrays = self.preprocessor(self.payloads(batch))
+        if self.pad_to is None:
+            return arrays
+        return {k: np.pad(v, ((0, 0), (0, self.pad_to - v.shape[1]))) for k, v in arrays.items()}
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -146,31 +158,71 @@ _CALIBRATION = {CalibrationMethod.MINMAX: "MinMax", CalibrationMethod.PERCENTILE
 
 def quantize_graph(spec: PipelineSpec, model: str, fp32: Path, optimized: Path | None, target: Path, workdir: Path,
                    bench: Benchmark) -> Path:
-    """The INT8 graph of `model` (dynamic for the text encoder and ranker, static QDQ for the CNNs) at `target`."""
-    import onnx
-    from onnxruntime import quantization as q
-
-    cpu = spec.export.cpu
+    """The INT8 graph of `model` (static QDQ for the encoders, dynamic for the ranker) at `target`."""
     with quantizer_sandbox(workdir):
         if model in DYNAMIC:
             if optimized is None:
                 raise CpuExportError(f"{model}: dynamic quantization starts from the optimised graph; none given")
-            staged = workdir / f"{model}.qdyn.onnx"
-            # Contrib ops of the optimised graph (Attention, SkipLayerNormalization) defeat ONNX shape inference, so
-            # the quantizer is told their outputs are FP32.
-            q.quantize_dynamic(optimized, staged, per_channel=True, reduce_range=cpu.reduce_range,
-                               weight_type=q.QuantType.QInt8,
-                               extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-            _save_extended(staged, target)
-            return target
-        modality = encoder_modality(model)
-        prepared = workdir / f"{model}.prep.onnx"
-        q.quant_pre_process(str(fp32), str(prepared))  # symbolic shapes + basic folding, as ORT recommends
-        reader = CatalogueCalibration(spec, bench, modality, cpu.calibration_samples)
-        q.quantize_static(prepared, target, reader, quant_format=q.QuantFormat.QDQ, per_channel=True,
-                          reduce_range=cpu.reduce_range,
-                          activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-                          calibrate_method=getattr(q.CalibrationMethod, _CALIBRATION[cpu.calibration_method]))
+            return quantize_dynamic_graph(spec, model, optimized, target, workdir)
+        return _quantize_static(spec, model, fp32, target, workdir, bench)
+
+
+def quantize_dynamic_graph(spec: PipelineSpec, model: str, optimized: Path, target: Path, workdir: Path) -> Path:
+    """Dynamic quantization of an optimised graph (per-channel int8 weights, activation scales computed per batch
+    at run time: batch-variant), then EXTENDED again (MatMulInteger chains become DynamicQuantizeMatMul)."""
+    import onnx
+    from onnxruntime import quantization as q
+
+    staged = workdir / f"{model}.qdyn.onnx"
+    # Contrib ops of the optimised graph (Attention, SkipLayerNormalization) defeat ONNX shape inference, so the
+    # quantizer is told their outputs are FP32.
+    q.quantize_dynamic(optimized, staged, per_channel=True, reduce_range=spec.export.cpu.reduce_range,
+                       weight_type=q.QuantType.QInt8, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    _save_extended(staged, target)
+    return target
+
+
+def _fp32_nodes(graph: Path, patterns: tuple[str, ...]) -> list[str]:
+    """Names of the nodes of `graph` that `export.cpu.fp32_nodes` leaves in FP32 (each pattern must match one)."""
+    if not patterns:
+        return []
+    import onnx
+
+    names = [n.name for n in onnx.load(str(graph), load_external_data=False).graph.node]
+    kept = []
+    for pattern in patterns:
+        found = [name for name in names if re.search(pattern, name)]
+        if not found:
+            raise CpuExportError(f"export.cpu.fp32_nodes: {pattern!r} matches no node of {graph}")
+        kept += found
+    return sorted(set(kept))
+
+
+def _quantize_static(spec: PipelineSpec, model: str, fp32: Path, target: Path, workdir: Path,
+                     bench: Benchmark) -> Path:
+    """Static QDQ quantization of `model`'s FP32 graph, activation ranges calibrated on catalogue items."""
+    from onnxruntime import quantization as q
+
+    cpu = spec.export.cpu
+    modality = encoder_modality(model)
+    extra: dict = {}
+    if model == TEXT:
+        # ONNX's symbolic shape inference fails on the text graph's opset-18 ReduceL2, so quant_pre_process cannot
+        # run; the quantizer infers what it needs. Only MatMuls with a constant weight are quantized: the attention
+        # products of two activations stay FP32 (their ranges swing per input).
+        source, ops, extra["MatMulConstBOnly"] = fp32, ["MatMul"], True
+    else:
+        source, ops = workdir / f"{model}.prep.onnx", None
+        q.quant_pre_process(str(fp32), str(source))  # symbolic shapes + basic folding, as ORT recommends
+    keep = _fp32_nodes(source, cpu.fp32_nodes.get(model, ()))
+    histogram = cpu.calibration_method is not CalibrationMethod.MINMAX
+    reader = CatalogueCalibration(spec, bench, modality, cpu.calibration_samples,
+                                  pad_to=max(spec.modalities.text.buckets) if model == TEXT and histogram else None)
+    q.quantize_static(source, target, reader, quant_format=q.QuantFormat.QDQ, per_channel=True,
+                      reduce_range=cpu.reduce_range, op_types_to_quantize=ops, extra_options=extra,
+                      nodes_to_exclude=keep or None,
+                      activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                      calibrate_method=getattr(q.CalibrationMethod, _CALIBRATION[cpu.calibration_method]))
     return target
 
 
@@ -205,7 +257,8 @@ def served_files(spec: PipelineSpec, repo: Path, staged: dict[str, dict[str, Pat
 def export_cpu_profile(spec: PipelineSpec, repo: Path, models: list[str] | None = None,
                        bench: Benchmark | None = None) -> CpuGateReport:
     """Build the CPU profile's graphs of `models` (all by default), gate the served chain, then install them beside
-    model.onnx. A failed gate raises CpuGateError and removes the rebuilt models' stale CPU graphs, so a server never
+    model.onnx. A failed gate raises CpuGateError (BatchInvarianceError for a graph whose rows move with their
+    batch-mates) and removes the rebuilt models' stale CPU graphs, so a server never
     loads an INT8 graph that failed (or was never checked against) the current weights."""
     repo = Path(repo)
     bench = bench or load_benchmark(spec)
@@ -222,9 +275,15 @@ def export_cpu_profile(spec: PipelineSpec, repo: Path, models: list[str] | None 
         for model in staged:
             for name in (OPTIMIZED_FILE, INT8_FILE):
                 (version_dir(repo, model) / name).unlink(missing_ok=True)
-        report = check_cpu_chain(spec, repo, served_files(spec, repo, staged), bench)
+        files = served_files(spec, repo, staged)
+        report = check_cpu_chain(spec, repo, files, bench)
+        invariance = check_served_graphs(spec, repo, files)
+        report.gates += invariance_gates(invariance)
         report.seconds = {"build": round(build_s, 1), "gates": round(time.monotonic() - started - build_s, 1)}
         report.write(repo)
+        failed = next((g for g in report.gates if not g.passed), None)
+        if failed is not None and failed.metric == INVARIANCE_METRIC:
+            next(r for r in invariance if r.model == failed.model).raise_on_failure()
         report.raise_on_failure()
         for model, files in staged.items():
             for name, path in files.items():

@@ -39,6 +39,7 @@ from export.manifest import (
     version_dir,
     write_atomic,
 )
+from export.node.cuda_driver import tensorrt_cuda_flavour
 from export.node.facts import NodeInfo, NodeProbe, probe_node, same_version
 from export.node.trt_api import (
     INSTALL_HINT,
@@ -50,7 +51,7 @@ from export.node.trt_api import (
 )
 from export.profiles import OptimizationProfile, engine_models, model_profiles, validate_profiles
 from fusionrank.contract.paths import cache_dir
-from fusionrank.contract.spec import PipelineSpec, Precision
+from fusionrank.contract.spec import HardwareCompatibility, PipelineSpec, Precision
 from fusionrank.contract.tensors import model_io
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class BuildOptions:
     precision: Precision
     workspace_mib: int
     builder_optimization_level: int
-    hardware_compatible: bool
+    hardware_compatibility: HardwareCompatibility
     version_compatible: bool
     calibration_samples: int
 
@@ -82,7 +83,7 @@ class BuildOptions:
     def from_spec(cls, spec: PipelineSpec, precision: Precision | str | None = None) -> BuildOptions:
         trt_spec = spec.export.tensorrt
         return cls(Precision(precision) if precision else trt_spec.precision, trt_spec.workspace_mib,
-                   trt_spec.builder_optimization_level, trt_spec.hardware_compatible, trt_spec.version_compatible,
+                   trt_spec.builder_optimization_level, trt_spec.hardware_compatibility, trt_spec.version_compatible,
                    trt_spec.calibration_samples)
 
     def flags(self, strongly_typed: bool = False) -> dict:
@@ -90,7 +91,7 @@ class BuildOptions:
         calibrated = self.precision is Precision.INT8 and not strongly_typed
         return {"precision": self.precision.value, "workspace_mib": self.workspace_mib,
                 "builder_optimization_level": self.builder_optimization_level,
-                "hardware_compatibility_level": "ampere_plus" if self.hardware_compatible else "none",
+                "hardware_compatibility_level": self.hardware_compatibility.value,
                 "version_compatible": self.version_compatible, "strongly_typed": strongly_typed,
                 "calibration_samples": self.calibration_samples if calibrated else 0}
 
@@ -111,12 +112,16 @@ class BuildResult:
 # --- build --------------------------------------------------------------------------------------------------------
 
 
-def _check_network_inputs(network, spec: PipelineSpec, model: str) -> None:
-    found = sorted(network.get_input(i).name for i in range(network.num_inputs))
-    expected = sorted(t.name for t in model_io(spec, model).inputs)
-    if found != expected:
-        raise EngineBuildError(f"{model}: ONNX inputs {found} differ from the tensor contract {expected}; "
-                               "re-export with `fusionrank export`")
+def _check_network_io(network, spec: PipelineSpec, model: str) -> None:
+    """The parsed network's inputs and outputs are the tensor contract's (Triton binds them by name)."""
+    io_ = model_io(spec, model)
+    for kind, count, get, contract in (("inputs", network.num_inputs, network.get_input, io_.inputs),
+                                       ("outputs", network.num_outputs, network.get_output, io_.outputs)):
+        found = sorted(get(i).name for i in range(count))
+        expected = sorted(t.name for t in contract)
+        if found != expected:
+            raise EngineBuildError(f"{model}: ONNX {kind} {found} differ from the tensor contract {expected}; "
+                                   "re-export with `fusionrank export`")
 
 
 def _load_timing_cache(config, path: Path | None):
@@ -145,22 +150,33 @@ def _configure(trt, builder, config, spec: PipelineSpec, model: str, options: Bu
     # A strongly typed network takes its precision from the graph: TensorRT refuses precision flags on it.
     for flag in [] if strongly_typed else weak_typing_flags(trt, options.precision.value):
         config.set_flag(flag)
-    if options.hardware_compatible:
-        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    if options.hardware_compatibility is not HardwareCompatibility.NONE:
+        # AMPERE_PLUS or SAME_COMPUTE_CAPABILITY (TensorRT 10.13 `HardwareCompatibilityLevel`, NvInferRuntime.h).
+        level = options.hardware_compatibility.value.upper()
+        config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, level)
     if options.version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     for profile in profiles:
         p = builder.create_optimization_profile()
         for name, r in profile.inputs:
-            p.set_shape(name, r.min, r.opt, r.max)
+            try:
+                p.set_shape(name, r.min, r.opt, r.max)
+            except RuntimeError as exc:  # the Python binding raises where setDimensions returns false
+                raise EngineBuildError(f"{model}: TensorRT refused the shapes of {name!r} in optimisation profile "
+                                       f"{profile.name} ({r.describe()}): {exc}") from exc
         if config.add_optimization_profile(p) < 0:
             raise EngineBuildError(f"{model}: TensorRT rejected optimisation profile {profile.as_dict()}")
     if options.precision is Precision.INT8 and not strongly_typed:
-        batch = profiles[0].ranges()[profiles[0].inputs[0][0]].opt[0]
+        # Calibrated at the largest batch profile's opt (fewer, fuller batches; every profile's shapes hold it).
+        batch = max(p.ranges()[p.inputs[0][0]].opt[0] for p in profiles)
         batches = calibration_batches(spec, repo, model, batch, options.calibration_samples)
         calib = builder.create_optimization_profile()
         for name, array in batches[0].items():
-            calib.set_shape(name, array.shape, array.shape, array.shape)
+            try:
+                calib.set_shape(name, array.shape, array.shape, array.shape)
+            except RuntimeError as exc:
+                raise EngineBuildError(f"{model}: TensorRT refused calibration shape {array.shape} of {name!r}: "
+                                       f"{exc}") from exc
         config.set_calibration_profile(calib)
         table = calibration_table(calibration_dir, spec, model, onnx_path(repo, model), batches[0], trt.__version__)
         calibrator = make_calibrator(trt, batches, table)
@@ -190,7 +206,7 @@ def _serialize(trt, spec: PipelineSpec, repo: Path, model: str, options: BuildOp
         if not parser.parse_from_file(str(source)):
             details = "\n  ".join(_parser_errors(parser) + errors) or "(no details)"
             raise EngineBuildError(f"{model}: TensorRT could not parse {source}:\n  {details}")
-        _check_network_inputs(network, spec, model)
+        _check_network_io(network, spec, model)
         config = builder.create_builder_config()
         calibration_dir = timing_cache.parent if timing_cache else version_dir(repo, model)
         calibrator = _configure(trt, builder, config, spec, model, options, profiles, repo, strongly_typed,
@@ -232,7 +248,7 @@ def build_engine(spec: PipelineSpec, repo: Path, model: str, options: BuildOptio
         write_atomic(timing_cache, bytes(cache.serialize()))
     built_on = dataclasses.replace(node, tensorrt_version=trt.__version__)
     manifest = create_manifest(spec, repo, model, built_on, options.precision.value, profiles,
-                               options.flags(strongly_typed), plan)
+                               options.flags(strongly_typed), plan, tensorrt_cuda=tensorrt_cuda_flavour())
     manifest.write(manifest_path(repo, model))
     return BuildResult(model, plan, manifest_path(repo, model), round(time.monotonic() - started, 1),
                        plan.stat().st_size, options.precision.value, profiles)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export.convert.fp16_constants import fp16_safe_constants
 from export.convert.onnx2cpu import export_cpu_profile
 from export.manifest import golden_path, onnx_path
 from export.profiles import engine_models
@@ -114,6 +115,8 @@ def export_onnx(module: torch.nn.Module, spec: PipelineSpec, model: str, sample:
                           opset_version=spec.export.opset, dynamo=False)
     except Exception as exc:  # the exporter raises many types; name the model
         raise FusionRankError(f"torch.onnx.export failed for {model}: {exc}") from exc
+    # transformers' -3.4e38 attention-mask constant would be -inf in an FP16 engine (export/convert/fp16_constants.py).
+    fp16_safe_constants(path)
     return path
 
 

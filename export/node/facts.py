@@ -42,6 +42,7 @@ class NodeInfo:
     tensorrt_version: str | None = None  # "10.13.3.9": the TensorRT Triton loads plans with
     notes: tuple[str, ...] = ()  # why a fact is unknown, e.g. "nvidia-smi not found: no GPU on this node"
     tensorrt_source: str | None = None  # where tensorrt_version was read
+    mig_profile: str | None = None  # "3g.40gb": CUDA's device is a MIG slice of gpu_name (None: the whole GPU)
 
     @property
     def has_gpu(self) -> bool:
@@ -205,6 +206,40 @@ def visible_gpus(rows: list[dict[str, str]], cuda_visible: str | None) -> tuple[
     return picked, notes
 
 
+_GPU_LINE = re.compile(r"GPU (\d+): .*\(UUID: (GPU-[^)]+)\)")
+_MIG_LINE = re.compile(r"MIG (\S+)\s+Device\s+\d+: \(UUID: (MIG-[^)]+)\)")
+
+
+def mig_profile(listing: str, gpu_index: str, cuda_visible: str | None) -> str | None:
+    """The MIG profile ('3g.40gb') of the device CUDA uses, from `nvidia-smi -L`; None when it is a whole GPU.
+
+    nvidia-smi names a MIG slice by its parent GPU ("NVIDIA H100 80GB HBM3"), so a plan timed on the whole GPU
+    would pass a name check on a slice with a fraction of its SMs and memory. CUDA uses the MIG device that
+    `CUDA_VISIBLE_DEVICES` names (MIG-<uuid>), else the first MIG device of a GPU in MIG mode."""
+    migs: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for line in (raw.strip() for raw in listing.splitlines()):
+        if match := _GPU_LINE.match(line):
+            current = match.group(1)
+            migs[current] = []
+        elif (match := _MIG_LINE.match(line)) and current is not None:
+            migs[current].append((match.group(1), match.group(2)))
+    first = (cuda_visible or "").split(",")[0].strip()
+    if first.startswith("MIG-"):
+        found = [profile for slices in migs.values() for profile, uuid in slices if uuid.startswith(first)]
+        return found[0] if found else "unknown"
+    slices = migs.get(gpu_index, [])
+    return slices[0][0] if slices else None
+
+
+def _smi_listing() -> str:
+    exe = shutil.which("nvidia-smi")
+    try:
+        return subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=30).stdout if exe else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def _gpu_facts(env: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
     rows, notes = nvidia_smi_gpus()
     gpus, more = visible_gpus(rows, env.get("CUDA_VISIBLE_DEVICES"))
@@ -219,6 +254,9 @@ def _gpu_facts(env: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
                      f"CUDA_DEVICE_ORDER={order}): set CUDA_VISIBLE_DEVICES to GPUs of one model")
     facts = {"gpu_name": first["name"], "compute_capability": first["compute_cap"],
              "driver_version": first["driver_version"]}
+    mig = mig_profile(_smi_listing(), first["index"], env.get("CUDA_VISIBLE_DEVICES"))
+    if mig:
+        facts["mig_profile"] = mig
     if first.get("driver_cuda"):
         facts["cuda_version"] = first["driver_cuda"]
     return facts, notes

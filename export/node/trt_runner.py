@@ -68,10 +68,16 @@ class TensorRTRunner:
     def _ranges(self, index: int) -> dict[str, tuple]:
         return {n: self.engine.get_tensor_profile_shape(n, index) for n in self.inputs}
 
+    def _fits(self, index: int, shapes: dict[str, tuple[int, ...]], skip_batch: bool = False) -> bool:
+        """Profile `index` takes `shapes` (with `skip_batch`, shapes without their batch dim)."""
+        ranges = self._ranges(index)
+        first = 1 if skip_batch else 0
+        return all(all(lo <= d <= hi for lo, d, hi in zip(ranges[n][0][first:], s, ranges[n][2][first:]))
+                   for n, s in shapes.items())
+
     def _pick(self, shapes: dict[str, tuple[int, ...]]) -> int:
         for i in range(self.engine.num_optimization_profiles):
-            ranges = self._ranges(i)
-            if all(all(lo <= d <= hi for lo, d, hi in zip(ranges[n][0], s, ranges[n][2])) for n, s in shapes.items()):
+            if self._fits(i, shapes):
                 return i
         raise EngineBuildError(f"{self.plan}: input shapes {shapes} fit no optimisation profile of the engine")
 
@@ -91,8 +97,13 @@ class TensorRTRunner:
         rows = self._rows(inputs)
         if rows == 0:
             return self._empty_outputs()
-        first = {n: (1, *inputs[n].shape[1:]) for n in self.inputs}
-        max_batch = int(self._ranges(self._pick(first))[self.inputs[0]][2][0])
+        # Chunks as large as the largest profile that takes these rows' shape allows (an engine may have a small and
+        # a large batch profile); each chunk then runs on the first profile that fits it.
+        inner = {n: tuple(inputs[n].shape[1:]) for n in self.inputs}
+        taking = [i for i in range(self.engine.num_optimization_profiles) if self._fits(i, inner, skip_batch=True)]
+        if not taking:
+            self._pick({n: (1, *s) for n, s in inner.items()})  # raises, naming the shapes
+        max_batch = max(int(self._ranges(i)[self.inputs[0]][2][0]) for i in taking)
         parts = [self._run_once({n: inputs[n][s:s + max_batch] for n in self.inputs})
                  for s in range(0, rows, max_batch)]
         return {n: np.concatenate([p[n] for p in parts]) for n in self.outputs}
@@ -108,7 +119,14 @@ class TensorRTRunner:
 
     def _switch_profile(self, index: int, errors: list[str]) -> None:
         if index != self.profile:
-            if not self.context.set_optimization_profile_async(index, self.stream_handle):
+            # The Python binding raises RuntimeError("Error in set optimization profile async.") where the C++ call
+            # returns false (pyCore.cpp); an older binding returned False: both are the same failure.
+            try:
+                switched = self.context.set_optimization_profile_async(index, self.stream_handle)
+            except RuntimeError as exc:
+                errors = [*errors, str(exc)]
+                switched = False
+            if not switched:
                 raise EngineBuildError(f"{self.plan}: switching to optimisation profile {index} failed: "
                                        f"{describe(errors)}")
             self.profile = index

@@ -41,9 +41,9 @@ RANKER_CHUNK = 128  # the ranker's max batch in serving
 class CpuGateError(FusionRankError):
     """The CPU profile's chain failed an accuracy gate; names the model, the metric, the value and the limit."""
 
-    def __init__(self, model: str, metric: str, value: float, limit: str):
+    def __init__(self, model: str, metric: str, value: float, limit: str, message: str | None = None):
         self.model, self.metric, self.value, self.limit = model, metric, value, limit
-        super().__init__(f"CPU profile gate failed for {model}: {metric} = {value:.6g}, limit {limit} "
+        super().__init__(message or f"CPU profile gate failed for {model}: {metric} = {value:.6g}, limit {limit} "
                          f"(see {REPORT_FILE}; loosen export.cpu in pipeline.yaml or serve that model as fp32)")
 
 

@@ -3,10 +3,13 @@
 For every engine model it compares `<model>/1/manifest.json` with
 - the repository: the plan exists, the ONNX file it was built from is unchanged (sha256), the spec still asks for
   the same tensor contract and optimisation profiles;
-- the node: a GPU of the compute capability (and model) the engine was built on, unless it was built
-  hardware-compatible; the TensorRT Triton loads plans with (`export.node.facts`: its TensorRT backend's libnvinfer and
-  the image's $TRT_VERSION, never the `tensorrt` Python package that built them), unless it was built
-  version-compatible;
+- the node: a GPU of the compute capability (and model, whole or the same MIG slice) the engine was built on,
+  unless it was built hardware-compatible (`same_compute_capability`: any GPU of its compute capability, e.g. H100
+  and H200, both 9.0; `ampere_plus`); the TensorRT Triton loads plans with (`export.node.facts`: its TensorRT backend's
+  libnvinfer and the image's $TRT_VERSION, never the `tensorrt` Python package that built them): exactly the
+  builder's, or for a version-compatible plan the same or a newer one within TensorRT's documented range
+  (`version_compatible_with`); a driver that runs the CUDA of the TensorRT that built the plan (`tensorrt_cuda`,
+  `export.node.cuda_driver`);
 - Triton's backend config: a version-compatible plan carries TensorRT's lean runtime and loads only when Triton runs
   with `--backend-config=tensorrt,version-compatible=true`; `fusionrank serve` and the image entrypoint add it
   from `triton_backend_config`, and a caller that says how Triton will run (`backend_config`) is checked for it.
@@ -33,6 +36,7 @@ from export.manifest import (
     plan_path,
     sha256_file,
 )
+from export.node.cuda_driver import driver_problem
 from export.node.facts import NodeInfo, NodeProbe, probe_node, same_version, version_parts
 from export.profiles import engine_models, model_profiles
 from fusionrank.contract.errors import FusionRankError
@@ -49,6 +53,7 @@ class MismatchKind(str, enum.Enum):
     SPEC_CHANGED = "spec changed"
     WRONG_GPU = "wrong GPU"
     TENSORRT_MISMATCH = "TensorRT mismatch"
+    OLD_DRIVER = "driver too old"
     BACKEND_CONFIG = "Triton backend config"
 
 
@@ -75,18 +80,34 @@ def _cc_tuple(cc: str) -> tuple[int, int]:
     return int(major), int(minor or 0)
 
 
+# Cross-major runtimes TensorRT documents for version-compatible plans (TensorRT 11.4 support matrix, "Engine
+# Portability": "TensorRT 10 version-compatible engines can run with a TensorRT 11 runtime, and TensorRT 8
+# version-compatible engines can run with a TensorRT 10 runtime. No other combination across major versions is
+# supported"; the 10.x "Version Compatibility" page adds 8 -> 9). Within a major: the same or any later minor.
+CROSS_MAJOR = {(8, 9), (8, 10), (10, 11)}
+FIRST_VERSION_COMPATIBLE = (8, 6)  # "the plan must be built with a version at least 8.6"
+
+
+def version_compatible_with(built: str, runtime: str) -> str | None:
+    """Why a version-compatible plan built with TensorRT `built` cannot run on `runtime` (None: it can)."""
+    b, r = version_parts(built), version_parts(runtime)
+    if b[:2] < FIRST_VERSION_COMPATIBLE or r[:2] < FIRST_VERSION_COMPATIBLE:
+        return f"version compatibility needs TensorRT 8.6 or newer on both sides ({built} -> {runtime})"
+    if r[:len(b)] < b[:len(r)]:
+        return f"built version-compatible with TensorRT {built}; this node has the older {runtime}"
+    if r[0] != b[0] and (b[0], r[0]) not in CROSS_MAJOR:
+        return (f"built version-compatible with TensorRT {built}; TensorRT {r[0]} does not run TensorRT {b[0]} "
+                f"plans (only the same major or the next documented one: {sorted(CROSS_MAJOR)})")
+    return None
+
+
 def tensorrt_mismatch(manifest: EngineManifest, node_version: str | None) -> str | None:
     """Why this node's TensorRT cannot run the engine, or None when it can."""
     if node_version is None:
         return (f"built with TensorRT {manifest.tensorrt_version}; this node's TensorRT version is unknown "
                 "(pass --tensorrt-version with the serving image's version)")
     if manifest.version_compatible:
-        # Version-compatible plans run on the same or a later TensorRT (never an older one).
-        built, here = version_parts(manifest.tensorrt_version), version_parts(node_version)
-        if here[:len(built)] < built[:len(here)]:
-            return (f"built version-compatible with TensorRT {manifest.tensorrt_version}; this node has the older "
-                    f"{node_version}")
-        return None
+        return version_compatible_with(manifest.tensorrt_version, node_version)
     # A plain plan needs exactly the TensorRT it was built with (major, minor, patch and build; a version read
     # without its build number matches on the other three).
     if not same_version(manifest.tensorrt_version, node_version):
@@ -114,12 +135,29 @@ def gpu_mismatch(manifest: EngineManifest, node: NodeInfo) -> str | None:
                 f"this node's {node.gpu_name} has {node.compute_capability}")
     if level == "same_compute_capability":
         return None
+    if node.mig_profile != manifest.mig_profile:
+        # nvidia-smi names a MIG slice by its parent GPU: the name check alone would pass a plan timed on the whole
+        # GPU (all SMs, all memory) on a slice, or the other way round.
+        def where(mig):
+            return f"a MIG {mig} slice of" if mig else "a whole"
+        return (f"built on {where(manifest.mig_profile)} {manifest.gpu_name}, this node is {where(node.mig_profile)} "
+                f"{node.gpu_name}: tactics were timed on other hardware (rebuild here, or build "
+                "same_compute_capability)")
     if node.gpu_name != manifest.gpu_name:
         # Same compute capability, different GPU model: TensorRT loads the plan but its tactics were timed on
         # another device (TensorRT warns; latency and even correctness are not guaranteed).
         return (f"built on {manifest.gpu_name}, this node has {node.gpu_name} (same compute capability "
                 f"{node.compute_capability}; tactics were timed on another GPU model)")
     return None
+
+
+def driver_mismatch(manifest: EngineManifest, node: NodeInfo) -> str | None:
+    """Why this node's driver cannot run the CUDA of the TensorRT that built the plan (None: it can, or unknown)."""
+    cuda = manifest.tensorrt_cuda or (manifest.cuda_version and f"cu{manifest.cuda_version.split('.')[0]}")
+    if not node.has_gpu or not cuda:
+        return None
+    return driver_problem(node.driver_version, cuda, f"the plan was built by TensorRT {manifest.tensorrt_version} "
+                                                     f"for {cuda}")
 
 
 def backend_config_mismatch(manifest: EngineManifest, backend_config: Sequence[str] | None) -> str | None:
@@ -175,6 +213,9 @@ def check_model(spec: PipelineSpec, repo: Path, model: str, node: NodeInfo,
     why = gpu_mismatch(manifest, node)
     if why:
         found.append(Mismatch(model, MismatchKind.WRONG_GPU, why))
+    why = driver_mismatch(manifest, node)
+    if why:
+        found.append(Mismatch(model, MismatchKind.OLD_DRIVER, why))
     why = tensorrt_mismatch(manifest, node.tensorrt_version)
     if why:
         found.append(Mismatch(model, MismatchKind.TENSORRT_MISMATCH, why))

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fusionrank.contract.names import POOL_MODEL, PREPROCESS, RANKER, encoder_name
+from fusionrank.contract.names import POOL_MODEL, PREPROCESS, RANKER, encoder_modality, encoder_name
 from fusionrank.contract.spec import Modality, PipelineSpec, member_models
 
 
@@ -96,36 +96,65 @@ def optional_request_inputs(spec: PipelineSpec) -> tuple[TensorSpec, ...]:
     return (present, *video)
 
 
+def _history(spec: PipelineSpec) -> TensorSpec:
+    return TensorSpec(USER_HISTORY, "int64", (spec.ranker.history.length,))
+
+
+def _mask(spec: PipelineSpec) -> TensorSpec:
+    return TensorSpec(MODALITY_MASK, "float32", (len(spec.modalities.enabled),))
+
+
+def _ranking_io(spec: PipelineSpec, model: str) -> ModelIO:
+    """The ranking contract (the route and the reference ensemble): one row per candidate."""
+    enabled = spec.modalities.enabled
+    items = (*(TensorSpec(ITEM_INPUT[mod], "bytes", (1,)) for mod in enabled), _history(spec),
+             *optional_request_inputs(spec))
+    return ModelIO(model, items, (TensorSpec(CLICK_PROBABILITY, "float32", (1,)),
+                                  TensorSpec(MODALITY_WEIGHTS, "float32", (len(enabled),))))
+
+
+def _preprocess_io(spec: PipelineSpec, model: str) -> ModelIO:
+    enabled = spec.modalities.enabled
+    outputs = tuple(t for mod in enabled for t in (*encoder_inputs(spec, mod),
+                                                   TensorSpec(owner_name(mod), "int64", (1,))))
+    history = TensorSpec("history", "int64", _history(spec).dims)
+    return ModelIO(model, _ranking_io(spec, model).inputs, (*outputs, history, _mask(spec)))
+
+
+def _pool_io(spec: PipelineSpec, model: str) -> ModelIO:
+    """max_batch_size 0: full shapes."""
+    enabled = spec.modalities.enabled
+    dims = {mod: spec.modalities.embedding_dim(mod) for mod in enabled}
+    inputs = tuple(t for mod in enabled for t in (TensorSpec(rows_name(mod), "float32", (-1, dims[mod])),
+                                                  TensorSpec(owner_name(mod), "int64", (-1, 1))))
+    outputs = tuple(TensorSpec(embedding_name(mod), "float32", (-1, dims[mod])) for mod in enabled)
+    return ModelIO(model, (*inputs, TensorSpec(MODALITY_MASK, "float32", (-1, len(enabled)))), outputs)
+
+
+def _ranker_io(spec: PipelineSpec, model: str) -> ModelIO:
+    embeddings = tuple(TensorSpec(embedding_name(mod), "float32", (spec.modalities.embedding_dim(mod),))
+                       for mod in spec.modalities.enabled)
+    history = TensorSpec("history", "int64", _history(spec).dims)
+    return ModelIO(model, (*embeddings, history, _mask(spec)), _ranking_io(spec, model).outputs)
+
+
+def _encoder_io(spec: PipelineSpec, model: str) -> ModelIO:
+    modality = encoder_modality(model)
+    out = TensorSpec(embedding_name(modality), "float32", (spec.modalities.embedding_dim(modality),))
+    return ModelIO(model, encoder_inputs(spec, modality), (out,))
+
+
+_MEMBER_IO = {PREPROCESS: _preprocess_io, POOL_MODEL: _pool_io, RANKER: _ranker_io,
+              **{encoder_name(m): _encoder_io for m in Modality}}
+
+
 def model_io(spec: PipelineSpec, model: str) -> ModelIO:
     """Inputs and outputs of one model (a member, the route or the reference ensemble) by its Triton name."""
-    enabled = spec.modalities.enabled
-    history = TensorSpec(USER_HISTORY, "int64", (spec.ranker.history.length,))
-    ranker_out = (TensorSpec(CLICK_PROBABILITY, "float32", (1,)),
-                  TensorSpec(MODALITY_WEIGHTS, "float32", (len(enabled),)))
-    items = (*(TensorSpec(ITEM_INPUT[mod], "bytes", (1,)) for mod in enabled), history,
-             *optional_request_inputs(spec))
-    mask = TensorSpec(MODALITY_MASK, "float32", (len(enabled),))
-    if model == PREPROCESS:
-        outputs = tuple(t for mod in enabled for t in (*encoder_inputs(spec, mod),
-                                                       TensorSpec(owner_name(mod), "int64", (1,))))
-        return ModelIO(model, items, (*outputs, TensorSpec("history", "int64", history.dims), mask))
-    if model == POOL_MODEL:  # max_batch_size 0: full shapes
-        dims = {mod: spec.modalities.embedding_dim(mod) for mod in enabled}
-        inputs = tuple(t for mod in enabled for t in (TensorSpec(rows_name(mod), "float32", (-1, dims[mod])),
-                                                      TensorSpec(owner_name(mod), "int64", (-1, 1))))
-        outputs = tuple(TensorSpec(embedding_name(mod), "float32", (-1, dims[mod])) for mod in enabled)
-        return ModelIO(model, (*inputs, TensorSpec(MODALITY_MASK, "float32", (-1, len(enabled)))), outputs)
-    for modality in enabled:
-        if model == encoder_name(modality):
-            out = TensorSpec(embedding_name(modality), "float32", (spec.modalities.embedding_dim(modality),))
-            return ModelIO(model, encoder_inputs(spec, modality), (out,))
-    if model == RANKER:
-        embeddings = tuple(TensorSpec(embedding_name(mod), "float32", (spec.modalities.embedding_dim(mod),))
-                           for mod in enabled)
-        return ModelIO(model, (*embeddings, TensorSpec("history", "int64", history.dims), mask), ranker_out)
+    if model in member_models(spec):
+        return _MEMBER_IO[model](spec, model)
     routes = (spec.serving.route, spec.serving.reference_ensemble)
     if model in routes:
-        return ModelIO(model, items, ranker_out)
+        return _ranking_io(spec, model)
     raise KeyError(f"unknown model {model!r}; known: {', '.join((*routes, *member_models(spec)))}")
 
 

@@ -85,8 +85,8 @@ def presence_patterns(modalities: int, rows: int) -> np.ndarray:
 
 def image_cache_payload(spec: PipelineSpec, still: bytes, video: bytes) -> bytes:
     """What the embedding cache keys a candidate with a video by: its still, its video and the video section of the
-    spec (K frames, limits), so a changed K never serves an old pooled embedding. It starts with bytes no image
-    format starts with, so it cannot collide with a still's key."""
+    spec (K frames, limits), so a changed K never serves an old pooled embedding. Anybody can rebuild these bytes:
+    their key lives in the `frames` namespace (`fusionrank.route.item_keys.PayloadKind`), never a still's."""
     section = json.dumps(to_dict(spec.modalities.video), sort_keys=True).encode()
     return b"fusionrank-video-v1\0" + b"\0".join(hashlib.sha256(part).digest() for part in (section, still, video))
 

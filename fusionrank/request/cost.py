@@ -38,8 +38,8 @@ def _image_pixels(raw: bytes) -> int:
     try:
         with Image.open(io.BytesIO(raw)) as image:  # lazy: reads the header only
             width, height = image.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
-        return 0
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        return 0  # the image preprocessing refuses it with its own message naming the row (a bomb: its pixels)
     return max(0, width) * max(0, height)
 
 

@@ -1,5 +1,7 @@
-"""The route's item-embedding cache: an in-process LRU per route instance, bounded in bytes, in front of an optional
-shared tier on Redis (`serving.cache` in the spec; keys from `fusionrank.route.item_keys`; docs/cache.md).
+"""The route's item-embedding cache: one tier per server that every route instance shares (a local redis-server
+on a Unix socket, `fusionrank.server.local_cache`) or, on a server started without it, an in-process LRU per
+route instance bounded in bytes; in front of an optional shared tier on Redis for several servers (`serving.cache`
+in the spec; keys from `fusionrank.route.item_keys`; docs/cache.md).
 
 - A lookup asks the LRU, then the shared tier for what the LRU lacks, in one round trip (MGET) per execute of the
   route; shared hits are copied into the LRU.
@@ -11,7 +13,7 @@ shared tier on Redis (`serving.cache` in the spec; keys from `fusionrank.route.i
   fit (another writer, corruption) is counted as a store error and treated as a miss.
 
 Counters (hits per tier and modality, misses per modality, evictions, store errors, bytes held) are plain numbers
-here; the Triton shell publishes them as custom metrics (`fusionrank.triton.models`).
+here; the Triton shell publishes them as custom metrics (`fusionrank.triton.route`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fusionrank.contract.spec import CacheSpec, Modality
-from fusionrank.route.item_keys import EncoderIdentity
+from fusionrank.route.item_keys import EncoderIdentity, PayloadKind
+
+# The server-wide cache tier's URL, set by the launcher for the Python-backend stubs it starts (the route reads it).
+LOCAL_CACHE_ENV = "FUSIONRANK_LOCAL_CACHE"
 
 # Bytes an LRU entry costs beyond its key and embedding data: the ndarray object (112 on CPython 3.10-3.12) and the
 # OrderedDict's node and hash-table slot (about 100).
@@ -162,10 +167,11 @@ class EmbeddingCache:
     """Item embeddings by key, in front of the encoders: `lookup` before preprocessing, `store` after encoding."""
 
     def __init__(self, identities: dict[Modality, EncoderIdentity], dims: dict[Modality, int], lru_bytes: int,
-                 shared: RedisTier | None = None):
+                 shared: RedisTier | None = None, local: RedisTier | None = None):
         self.identities = identities
         self.dims = dims
         self.lru = LruTier(lru_bytes) if lru_bytes > 0 else None
+        self.local = local  # the server-wide tier every route instance shares (fusionrank.server.local_cache)
         self.shared = shared
         self._hits: Counter = Counter()
         self._misses: Counter = Counter()
@@ -173,31 +179,48 @@ class EmbeddingCache:
 
     @classmethod
     def from_spec(cls, spec: CacheSpec, identities: dict[Modality, EncoderIdentity], dims: dict[Modality, int],
-                  log: Callable[[str], None] = lambda message: None) -> EmbeddingCache:
-        shared = None
-        if spec.redis_url:
-            shared = RedisTier(spec.redis_url, spec.redis_timeout_ms, spec.redis_retry_s, spec.redis_ttl_s, log)
-        return cls(identities, dims, spec.lru_bytes, shared)
+                  log: Callable[[str], None] = lambda message: None,
+                  local_url: str | None = None) -> EmbeddingCache:
+        """The cache of one route instance. With `local_url` (the server-wide tier, `$FUSIONRANK_LOCAL_CACHE`) it
+        replaces the in-process LRU: an LRU per instance would pin whichever value that instance saw first, and
+        consistency across instances is worth more than the Unix-socket round trip (about 0.1 ms per execute) it
+        saves."""
+        def tier(url: str | None) -> RedisTier | None:
+            return RedisTier(url, spec.redis_timeout_ms, spec.redis_retry_s, spec.redis_ttl_s, log) if url else None
 
-    def key(self, modality: Modality, payload: bytes) -> str:
-        return self.identities[modality].key(payload)
+        local = tier(local_url)
+        return cls(identities, dims, 0 if local else spec.lru_bytes, tier(spec.redis_url), local)
+
+    def key(self, modality: Modality, payload: bytes, kind: PayloadKind | None = None) -> str:
+        return self.identities[modality].key(payload, kind)
+
+    def _remote(self) -> list[tuple[str, RedisTier]]:
+        return [(name, t) for name, t in (("local", self.local), ("redis", self.shared)) if t is not None]
 
     def lookup(self, wanted: Sequence[tuple[Modality, str]]) -> list[np.ndarray | None]:
-        """The embedding of every (modality, key), or None for a miss; counts hits and misses."""
+        """The embedding of every (modality, key), or None for a miss; counts hits and misses. Tiers are asked in
+        order (in-process LRU, server-wide, shared across servers), each for what the ones before lacked; a hit is
+        copied into the tiers before it."""
         found: list[np.ndarray | None] = [self.lru.get(k) if self.lru is not None else None for _, k in wanted]
         for (modality, _), value in zip(wanted, found):
             if value is not None:
                 self._hits[modality, "lru"] += 1
-        if self.shared is not None:
+        nearer: list[RedisTier] = []
+        for name, tier in self._remote():
             ask = [i for i, value in enumerate(found) if value is None]
-            for i, raw in zip(ask, self.shared.get_many([wanted[i][1] for i in ask])):
+            copies = []
+            for i, raw in zip(ask, tier.get_many([wanted[i][1] for i in ask])):
                 modality, key = wanted[i]
                 value = self._decode(modality, raw)
                 if value is not None:
                     found[i] = value
-                    self._hits[modality, "redis"] += 1
+                    self._hits[modality, name] += 1
+                    copies.append((key, value))
                     if self.lru is not None:
                         self.lru.put(key, value)
+            for near in nearer:
+                near.put_many([(key, stored_value(value)) for key, value in copies])
+            nearer.append(tier)
         for (modality, _), value in zip(wanted, found):
             if value is None:
                 self._misses[modality] += 1
@@ -220,16 +243,16 @@ class EmbeddingCache:
         if self.lru is not None:
             for _, key, value in good:
                 self.lru.put(key, value)
-        if self.shared is not None:
-            self.shared.put_many([(key, stored_value(value)) for _, key, value in good])
+        for _, tier in self._remote():
+            tier.put_many([(key, stored_value(value)) for _, key, value in good])
 
     def stats(self) -> CacheStats:
         return CacheStats(hits=Counter(self._hits), misses=Counter(self._misses),
                           evictions=self.lru.evictions if self.lru is not None else 0,
-                          store_errors=(self.shared.errors if self.shared else 0) + self._rejected,
+                          store_errors=sum(t.errors for _, t in self._remote()) + self._rejected,
                           bytes=self.lru.bytes if self.lru is not None else 0,
                           entries=len(self.lru) if self.lru is not None else 0)
 
     def close(self) -> None:
-        if self.shared is not None:
-            self.shared.close()
+        for _, tier in self._remote():
+            tier.close()

@@ -2,7 +2,11 @@
 embedding. The route (`fusionrank.route.stages`) and `fusionrank embed-catalogue` compute keys here and nowhere
 else, so a warmed store is hit by the route.
 
-A key is `fusionrank:emb:v1:<modality>:<identity>:<sha256 of the payload>`. The identity is a digest of
+A key is `fusionrank:emb:v2:<kind>:<identity>:<sha256 of the payload>`. The kind (`PayloadKind`: text, still,
+frames, audio) is the namespace of what the hashed bytes are: a candidate with a video is keyed by a digest of its
+still, its clip and the video spec (`fusionrank.request.candidates.image_cache_payload`), bytes anybody can
+rebuild; in its own `frames` namespace, those bytes sent as a still (`item_image`) hash to a `still` key that
+nothing ever stored, so they miss and go through the image decoder's checks (issue 19). The identity is a digest of
 - the encoder: its model name, the version folder Triton serves and the sha256 of the file that version serves
   under the running profile (`model.onnx`, a quantised ONNX, `model.plan`: what the profile's member config names;
   rendered into the route's config as the `member_files` parameter), so a new export or engine never serves old
@@ -16,6 +20,7 @@ decoder checks when it was stored (nothing is stored for a row that failed them)
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -27,12 +32,28 @@ from fusionrank.contract.paths import tokenizer_dir
 from fusionrank.contract.spec import Modality, PipelineSpec, ServingProfile, to_dict
 from fusionrank.preprocess import PREPROCESS_VERSION
 
-KEY_PREFIX = "fusionrank:emb:v1"
+KEY_PREFIX = "fusionrank:emb:v2"  # v2: one namespace per payload kind (v1 keyed stills and videos alike)
 MEMBER_FILES = "member_files"  # the route config's parameter: the file each encoder serves under its profile
 
 
 class IdentityError(FusionRankError):
     """An encoder's served file (or the tokenizer) that the cache keys must digest cannot be found."""
+
+
+class PayloadKind(enum.Enum):
+    """What the bytes a key hashes are; each kind is its own key namespace."""
+
+    TEXT = "text"
+    STILL = "still"  # an image payload (`item_image`) decoded as one picture
+    FRAMES = "frames"  # a candidate with a video: `image_cache_payload` of its still, clip and the video spec
+    AUDIO = "audio"
+
+    @classmethod
+    def of(cls, modality: Modality, video: bool = False) -> PayloadKind:
+        """The kind of a payload of `modality`; `video`: an image-modality candidate pooled from its clip."""
+        if video and modality is not Modality.IMAGE:
+            raise IdentityError(f"a video is an image-modality payload, not {modality.value}")
+        return {Modality.TEXT: cls.TEXT, Modality.AUDIO: cls.AUDIO}.get(modality, cls.FRAMES if video else cls.STILL)
 
 
 @dataclass(frozen=True)
@@ -50,13 +71,16 @@ class EncoderIdentity:
         parts = [self.modality.value, self.model, self.version, self.model_sha256, self.preprocess_sha256]
         object.__setattr__(self, "digest", hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16])
 
-    @property
-    def prefix(self) -> str:
-        return f"{KEY_PREFIX}:{self.modality.value}:{self.digest}:"
+    def prefix(self, kind: PayloadKind) -> str:
+        """The namespace of one payload kind of this encoder."""
+        if PayloadKind.of(self.modality, kind is PayloadKind.FRAMES) is not kind:
+            raise IdentityError(f"a {kind.value} payload is not encoded by {self.model}")
+        return f"{KEY_PREFIX}:{kind.value}:{self.digest}:"
 
-    def key(self, payload: bytes) -> str:
-        """The cache key of one payload's embedding."""
-        return self.prefix + hashlib.sha256(payload).hexdigest()
+    def key(self, payload: bytes, kind: PayloadKind | None = None) -> str:
+        """The cache key of one payload's embedding; `kind` defaults to the modality's plain payload (a still for
+        images)."""
+        return self.prefix(kind or PayloadKind.of(self.modality)) + hashlib.sha256(payload).hexdigest()
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -116,7 +140,7 @@ def route_member_files(spec: PipelineSpec, repo: Path, profile: ServingProfile |
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
 
-    path = Path(repo) / spec.serving.route / ServingProfile(profile).config_file
+    path = ServingProfile(profile).served_config(Path(repo) / spec.serving.route)
     try:
         return json.loads(text_format.Parse(path.read_text(), mc.ModelConfig()).parameters[MEMBER_FILES].string_value)
     except (OSError, ValueError, text_format.ParseError) as exc:

@@ -15,7 +15,7 @@ class CacheMetrics:
     per route instance. Each metric update is a round trip to the server, so they are published once per execute and
     only when they changed."""
 
-    TIERS = ("lru", "redis")
+    TIERS = ("lru", "local", "redis")
 
     def __init__(self, pb, model: str, instance: str, modalities):
         # Kept: a MetricFamily object that is garbage-collected deletes the family and its metrics in the server.

@@ -31,7 +31,7 @@ One `rank()` call serves one execute of the route model (a dynamic batch of requ
 
 Why a route instead of the Triton ensemble: Triton 2.51 crashes (SIGSEGV) when callers cancel requests to an ensemble
 (server#7368, fixed by #7840); cancelled requests to a Python-backend model leave it alive. Member calls go through
-an `Infer` callable, so this class is tested without a server (`fusionrank.triton.models.RouteModel` binds
+an `Infer` callable, so this class is tested without a server (`fusionrank.triton.route.RouteModel` binds
 it to `pb_utils.InferenceRequest.async_exec`).
 """
 
@@ -54,6 +54,7 @@ from fusionrank.request.candidates import image_cache_payload, pool_rows
 from fusionrank.request.cost import check_budget, request_cost
 from fusionrank.request.validation import EncoderGroup, RequestPreprocessor, ValidRequest, non_finite_row
 from fusionrank.route.cache import EmbeddingCache
+from fusionrank.route.item_keys import PayloadKind
 
 
 class Status(enum.Enum):
@@ -269,7 +270,7 @@ class RankingRoute:
                 for m in self.modalities:
                     f.keys[m] = [None] * f.rows
                     for row in f.misses[m]:
-                        f.keys[m][row] = self.cache.key(m, self._cache_payload(f.valid, m, row))
+                        f.keys[m][row] = self.cache.key(m, *self._cache_payload(f.valid, m, row))
                     wanted += [(m, f.keys[m][row]) for row in f.misses[m]]
             found = iter(self.cache.lookup(wanted))
         except Exception:
@@ -286,12 +287,13 @@ class RankingRoute:
                         f.embeddings[m][row] = value
                 f.misses[m] = misses
 
-    def _cache_payload(self, valid: ValidRequest, modality: Modality, row: int) -> bytes:
-        """What a row's cache key hashes: its payload; for an image with a video, its still and its video."""
+    def _cache_payload(self, valid: ValidRequest, modality: Modality, row: int) -> tuple[bytes, PayloadKind]:
+        """What a row's cache key hashes and its namespace: its payload; for an image with a video, its still and
+        its video, in the `frames` namespace (never a still's)."""
         payload = valid.rows[ITEM_INPUT[modality]][row]
         if modality is Modality.IMAGE and valid.videos is not None and valid.videos[row]:
-            return image_cache_payload(self.spec, payload, valid.videos[row])
-        return payload
+            return image_cache_payload(self.spec, payload, valid.videos[row]), PayloadKind.FRAMES
+        return payload, PayloadKind.of(modality)
 
     async def _preprocess(self, flights: list[_Flight]) -> list[_Flight]:
         def preprocess(f: _Flight) -> None:

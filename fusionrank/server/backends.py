@@ -71,9 +71,7 @@ def required_backends(repository: Path, profile: ServingProfile) -> dict[str, li
     """Backend name -> the models of `repository` that need it under `profile`."""
     needed: dict[str, list[str]] = defaultdict(list)
     for model in sorted(p for p in Path(repository).iterdir() if p.is_dir()):
-        # Triton falls back to config.pbtxt when the named config is absent.
-        config = model / profile.config_file
-        config = config if config.is_file() else model / "config.pbtxt"
+        config = profile.served_config(model)
         if config.is_file():
             backend = _config_backend(config)
             if backend:

@@ -30,8 +30,10 @@ from fusionrank.contract.admin import check_admin_key, grpc_admin_header, http_a
 from fusionrank.contract.errors import FusionRankError
 from fusionrank.contract.paths import cache_dir
 from fusionrank.contract.spec import PipelineSpec, ServingProfile, served_models
+from fusionrank.route.cache import LOCAL_CACHE_ENV
 from fusionrank.server.backends import default_backend_dir, missing_backends
 from fusionrank.server.doors import GrpcTls, new_admin_key, restricted_args
+from fusionrank.server.local_cache import LocalCacheServer
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +124,7 @@ class TritonServer:
                  http_port: int = 0, metrics_port: int = 0, log_file: Path | None = None,
                  extra_args: Sequence[str] = (), cache: Path | None = None, host: str = "127.0.0.1",
                  exit_timeout_s: int = 10, backend_config: Sequence[str] = (), models: Sequence[str] | None = None,
-                 admin_key: str | None = None, tls: GrpcTls | None = None):
+                 admin_key: str | None = None, tls: GrpcTls | None = None, local_cache_bytes: int = 0):
         try:
             self.profile = ServingProfile(profile)
         except ValueError:
@@ -152,6 +154,10 @@ class TritonServer:
         # waits the whole exit timeout (30 s by default) before exiting: keep it short (the reference ensemble
         # may be loaded).
         self.exit_timeout_s = exit_timeout_s
+        # > 0: one item-embedding cache for every route instance, a redis-server on a Unix socket started before
+        # Triton and stopped after it (fusionrank.server.local_cache); 0: each instance keeps its in-process LRU.
+        self.local_cache_bytes = local_cache_bytes
+        self.local_cache: LocalCacheServer | None = None
         self.process: subprocess.Popen | None = None
 
     @property
@@ -205,12 +211,16 @@ class TritonServer:
         if lacking:
             raise LaunchError(f"{install.binary}: {lacking}")
         cmd = self.command(install)
+        env = dict(install.env)
         log.info("starting %s", " ".join(cmd).replace(self.admin_key, "***"))
-        # A new session, so stop() can signal the server and its Python-backend stubs together.
-        with open(self.console_file, "wb") as console:
-            self.process = subprocess.Popen(cmd, env=install.env, stdout=console, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
         try:
+            if self.local_cache_bytes:
+                self.local_cache = LocalCacheServer(self.local_cache_bytes).start()
+                env[LOCAL_CACHE_ENV] = self.local_cache.url  # the Python-backend stubs inherit it
+            # A new session, so stop() can signal the server and its Python-backend stubs together.
+            with open(self.console_file, "wb") as console:
+                self.process = subprocess.Popen(cmd, env=env, stdout=console, stderr=subprocess.STDOUT,
+                                                start_new_session=True)
             self.wait_ready(timeout)
         except BaseException:
             self.stop()
@@ -248,7 +258,16 @@ class TritonServer:
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the process group, then SIGKILL whatever is left after `timeout` seconds. A server that already
-        died (a crash) leaves its Python-backend stubs running in its group: they are killed too."""
+        died (a crash) leaves its Python-backend stubs running in its group: they are killed too. The server-wide
+        cache stops after them."""
+        try:
+            self._stop_triton(timeout)
+        finally:
+            if self.local_cache is not None:
+                self.local_cache.stop()
+                self.local_cache = None
+
+    def _stop_triton(self, timeout: float) -> None:
         if self.process is None:
             return
         try:
@@ -278,6 +297,7 @@ class TritonServer:
             log_file = cache / "logs" / f"{log_name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         kwargs.setdefault("models", served_models(spec, reference_ensemble))
+        kwargs.setdefault("local_cache_bytes", spec.serving.cache.lru_bytes)
         return cls(repository, profile, log_file=log_file, cache=cache / "triton", **kwargs)
 
     def __enter__(self) -> TritonServer:

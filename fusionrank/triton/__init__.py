@@ -1,2 +1,2 @@
-"""The Triton models: their Python-backend classes (`models`) and `render`, which writes `model_repository/`
-from the spec."""
+"""The Triton models: one module per kind of model, its Python-backend class beside its config function
+(`preprocess`, `exported`, `pool`, `ensemble`, `route`); `render` writes `model_repository/` from them."""

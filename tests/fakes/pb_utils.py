@@ -1,27 +1,65 @@
 """A fake `triton_python_backend_utils` made of small dataclasses, for Python-backend models tested without a server.
 
-`install(monkeypatch, members)` puts it in `sys.modules`; `members` maps a model name to a function that answers a
-BLS call (`dict of input arrays -> dict of output arrays`, or a `FakeMemberError`), and records every call in
-`calls` as (model, rows).
+`install(monkeypatch, members, gpu_members)` puts it in `sys.modules`; `members` maps a model name to a function that
+answers a BLS call (`dict of input arrays -> dict of output arrays`, or a `FakeMemberError`), and records every call
+in `calls` as (model, rows) and its `preferred_memory` in `memories`.
+
+GPU-resident members (`gpu_members`, e.g. the gpu profile's TensorRT engines) answer as the Python backend does
+(python_backend `src/pb_tensor.cc`, `src/request_executor.cc`): their output tensors stay in GPU memory unless the
+request asked for `preferred_memory=PreferredMemory(TRITONSERVER_MEMORY_CPU, 0)`; `as_numpy()` of a GPU tensor raises
+"Tensor is stored in GPU and cannot be converted to NumPy.", `is_cpu()` says where it is, `to_dlpack()` hands a
+capsule of the tensor's device.
 """
 
 from __future__ import annotations
 
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
+
+# TRITONSERVER_MemoryType (tritonserver.h): the values pb_utils exposes as TRITONSERVER_MEMORY_*.
+MEMORY_CPU, MEMORY_CPU_PINNED, MEMORY_GPU = 0, 1, 2
+
+
+class FakeTritonModelException(Exception):
+    """pb_utils.TritonModelException: what the stub raises for a PythonBackendException."""
+
+
+@dataclass(frozen=True)
+class FakePreferredMemory:
+    """pb_utils.PreferredMemory(preferred_memory_type, preferred_device_id=0)."""
+
+    preferred_memory_type: int
+    preferred_device_id: int = 0
+
+
+@dataclass
+class _GpuCapsule:
+    """What `to_dlpack()` of a GPU tensor hands over: a DLPack capsule on a CUDA device (kDLCUDA = 2)."""
+
+    array: np.ndarray
+    device: tuple[int, int] = (2, 0)
 
 
 @dataclass
 class FakeTensor:
     name: str
     array: np.ndarray
+    gpu: bool = False  # in GPU memory: as the output of a GPU-resident member read without CPU preferred_memory
 
     def as_numpy(self):
+        if self.gpu:
+            raise FakeTritonModelException("Tensor is stored in GPU and cannot be converted to NumPy.")
         return self.array
+
+    def is_cpu(self) -> bool:
+        return not self.gpu
+
+    def to_dlpack(self):
+        return _GpuCapsule(self.array) if self.gpu else self.array.__dlpack__()
 
 
 @dataclass
@@ -165,6 +203,7 @@ class FakeMemberError:
 class FakeBlsResponse:
     outputs: dict
     failure: FakeMemberError | None = None
+    on_gpu: bool = False  # its output tensors are in GPU memory
 
     def has_error(self) -> bool:
         return self.failure is not None
@@ -173,18 +212,21 @@ class FakeBlsResponse:
         return self.failure
 
 
-def install(monkeypatch, members: dict[str, Callable] | None = None) -> types.SimpleNamespace:
-    """The fake module, installed as `triton_python_backend_utils` for the test."""
+def install(monkeypatch, members: dict[str, Callable] | None = None,
+            gpu_members: Iterable[str] = ()) -> types.SimpleNamespace:
+    """The fake module, installed as `triton_python_backend_utils` for the test; `gpu_members` answer in GPU memory."""
     FakeMetricFamily.families = {}
     module = types.SimpleNamespace(
         Tensor=FakeTensor, InferenceResponse=FakeResponse, TritonError=FakeError, Logger=FakeLogger,
         TRITONSERVER_RESPONSE_COMPLETE_FINAL=RESPONSE_COMPLETE_FINAL,
-        MetricFamily=FakeMetricFamily,
-        members=dict(members or {}), calls=[], timeouts=[],
+        MetricFamily=FakeMetricFamily, PreferredMemory=FakePreferredMemory,
+        TritonModelException=FakeTritonModelException, TRITONSERVER_MEMORY_CPU=MEMORY_CPU,
+        TRITONSERVER_MEMORY_GPU=MEMORY_GPU,
+        members=dict(members or {}), gpu_members=set(gpu_members), calls=[], memories=[], timeouts=[],
         # Like the Python backend: None for an input the request does not carry (an optional one left out).
         get_input_tensor_by_name=lambda request, name: (FakeTensor(name, request.inputs[name])
                                                         if name in request.inputs else None),
-        get_output_tensor_by_name=lambda response, name: FakeTensor(name, response.outputs[name]))
+        get_output_tensor_by_name=lambda response, name: FakeTensor(name, response.outputs[name], response.on_gpu))
 
     @dataclass
     class InferenceRequest:
@@ -192,15 +234,20 @@ def install(monkeypatch, members: dict[str, Callable] | None = None) -> types.Si
         inputs: list
         requested_output_names: list
         timeout: int = 0  # microseconds, as `pb_utils.InferenceRequest(timeout=...)` takes it; 0: none
+        preferred_memory: FakePreferredMemory | None = None  # None: the backend's default, the member's own memory
 
         async def async_exec(self):
             arrays = {t.name: t.array for t in self.inputs}
             module.calls.append((self.model_name, len(next(iter(arrays.values())))))
             module.timeouts.append(self.timeout)
+            module.memories.append(self.preferred_memory)
             answer = module.members[self.model_name](arrays)
             if isinstance(answer, FakeMemberError):
                 return FakeBlsResponse({}, answer)
-            return FakeBlsResponse({n: answer[n] for n in self.requested_output_names})
+            wants_cpu = self.preferred_memory is not None and \
+                self.preferred_memory.preferred_memory_type in (MEMORY_CPU, MEMORY_CPU_PINNED)
+            on_gpu = self.model_name in module.gpu_members and not wants_cpu
+            return FakeBlsResponse({n: answer[n] for n in self.requested_output_names}, on_gpu=on_gpu)
 
     module.InferenceRequest = InferenceRequest
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", module)

@@ -9,15 +9,26 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
 from benchmarks.cpu_models import compare_models, kernel_profile, model_variants, speed_table
 from benchmarks.cpu_served import ServedVariant, prepare_repository
-from export.convert.onnx2cpu import export_cpu_profile
+from export.convert.onnx2cpu import (
+    CatalogueCalibration,
+    export_cpu_profile,
+    quantize_dynamic_graph,
+    quantizer_sandbox,
+)
+from export.verify.batch_invariance import (
+    INVARIANCE_METRIC,
+    BatchInvarianceError,
+    check_served_graphs,
+)
 from export.verify.cpu_gates import REPORT_FILE, CpuGateError
 from export.verify.golden import load_golden
-from fusionrank.contract.spec import INT8_FILE, OPTIMIZED_FILE, Precision, ServingProfile
+from fusionrank.contract.spec import INT8_FILE, OPTIMIZED_FILE, Modality, Precision, ServingProfile
 from tests.unit.export.test_cpu_precision import INT8_ENCODERS, _with_cpu
 
 MODELS = ("text_encoder", "image_encoder", "audio_encoder", "fusion_ranker")
@@ -87,13 +98,54 @@ def test_int8_encoders_pass_the_ranking_gates(int8_repository):
     assert 1e-3 < text.max_abs_diff <= 0.1
     saved = json.loads((repo / REPORT_FILE).read_text())
     assert saved["passed"] and saved["precision"]["image_encoder"] == "int8"
+    invariance = {g.model: g.value for g in report.gates if g.metric == INVARIANCE_METRIC}
+    assert set(invariance) == set(MODELS) and max(invariance.values()) <= spec.export.cpu.batch_invariance_atol
+
+
+@pytest.mark.slow
+def test_a_batch_variant_graph_fails_the_invariance_gate(int8_repository, built_repository, tmp_path):
+    """The text encoder quantized dynamically (its activation scale computed over the whole batch) moves a row with
+    its batch-mates: the gate names the model, the difference and the tolerance; the served static graph passes."""
+    spec, repo, _ = int8_repository
+    dynamic = tmp_path / "text_encoder.dynamic.onnx"
+    with quantizer_sandbox(tmp_path):
+        quantize_dynamic_graph(spec, "text_encoder", built_repository / "text_encoder" / "1" / OPTIMIZED_FILE,
+                               dynamic, tmp_path)
+    variant, served = check_served_graphs(spec, repo, {"text_encoder": dynamic,
+                                                       "image_encoder": repo / "image_encoder" / "1" / INT8_FILE})
+    assert variant.max_abs_diff > 1e-3 and not variant.passed and served.passed
+    with pytest.raises(BatchInvarianceError) as info:
+        variant.raise_on_failure()
+    error = info.value
+    assert isinstance(error, CpuGateError) and error.model == "text_encoder" and error.tolerance == 1e-6
+    assert str(error).startswith(f"text_encoder: a row's output changes with its batch-mates by up to "
+                                 f"{variant.max_abs_diff:.3g} (output text_embedding, ")
+    assert "tolerance 1e-06" in str(error)
+
+
+@pytest.mark.slow
+def test_export_refuses_a_batch_variant_ranker(int8_repository, tmp_path):
+    """An INT8 ranker (dynamic: ONNX Runtime quantizes an LSTM dynamically only) passes the accuracy gates but not
+    the batch-invariance gate: the export is refused and leaves no INT8 ranker beside model.onnx."""
+    spec, shared, _ = int8_repository
+    repo = _linked_copy(shared, tmp_path / "model_repository")
+    with pytest.raises(BatchInvarianceError) as info:
+        export_cpu_profile(_with_cpu(spec, precision={**INT8_ENCODERS, "fusion_ranker": Precision.INT8}), repo,
+                           models=["fusion_ranker"])
+    assert info.value.model == "fusion_ranker" and info.value.value > 1e-6
+    assert not (repo / "fusion_ranker" / "1" / INT8_FILE).exists()
+    saved = json.loads((repo / REPORT_FILE).read_text())
+    assert saved["passed"] is False and [g["model"] for g in saved["gates"] if not g["passed"]] == ["fusion_ranker"]
 
 
 @pytest.mark.slow
 def test_int8_graphs_run_int8_kernels(int8_repository):
     spec, repo, _ = int8_repository
-    text = _ops(repo / "text_encoder" / "1" / INT8_FILE)
-    assert text["DynamicQuantizeMatMul"] > 0 and text["QAttention"] == 6 and text["MatMul"] == 0
+    text = repo / "text_encoder" / "1" / INT8_FILE
+    # Static QDQ: no per-batch scale anywhere (issue 19); the weight MatMuls run as QLinearMatMul.
+    assert _ops(text)["QuantizeLinear"] > 0 and not {"DynamicQuantizeLinear", "DynamicQuantizeMatMul"} & set(_ops(text))
+    kernels = {k.op_type for k in kernel_profile(text, load_golden(repo, "text_encoder").inputs, batch=4, runs=2)}
+    assert "QLinearMatMul" in kernels and not {"DynamicQuantizeMatMul", "DynamicQuantizeLinear"} & kernels
     image = repo / "image_encoder" / "1" / INT8_FILE
     assert _ops(image)["QuantizeLinear"] > 0  # saved as QDQ; ONNX Runtime picks the kernels at load
     kernels = {k.op_type: k for k in kernel_profile(image, load_golden(repo, "image_encoder").inputs, batch=4,
@@ -150,3 +202,26 @@ def test_served_variant_repository_links_graphs_and_sets_threads(int8_repository
     assert (target / "preprocess" / "1" / "tokenizer").is_symlink()
 
 
+
+
+def test_text_calibration_pads_to_one_length_for_the_histogram_calibrators(ci_spec):
+    from fusionrank.model.synthetic_data import load_benchmark
+
+    longest = max(ci_spec.modalities.text.buckets)
+    padded = list(CatalogueCalibration(ci_spec, load_benchmark(ci_spec), Modality.TEXT, samples=20, pad_to=longest))
+    plain = list(CatalogueCalibration(ci_spec, load_benchmark(ci_spec), Modality.TEXT, samples=20))
+    assert {v.shape[1] for b in padded for v in b.values()} == {longest}
+    width = plain[0]["attention_mask"].shape[1]
+    assert np.array_equal(padded[0]["attention_mask"][:, :width], plain[0]["attention_mask"])
+    assert not padded[0]["attention_mask"][:, width:].any(), "the padding is masked out"
+
+
+@pytest.mark.slow
+def test_fp32_nodes_name_the_text_encoders_feed_forward_outputs(built_repository):
+    from export.convert.onnx2cpu import CpuExportError, _fp32_nodes
+
+    graph = built_repository / "text_encoder" / "1" / "model.onnx"
+    kept = _fp32_nodes(graph, (r"layer\.\d+/output/dense/MatMul$",))
+    assert len(kept) == 6 and not any("attention" in name for name in kept)
+    with pytest.raises(CpuExportError, match=r"export.cpu.fp32_nodes: 'no such node' matches no node of .*model.onnx"):
+        _fp32_nodes(graph, ("no such node",))

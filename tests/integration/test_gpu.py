@@ -12,13 +12,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from export.node.cuda_driver import release_cuda
 from release.gpu_steps import gpu_readiness
 from tests.paths import REPO_ROOT
 
 pytestmark = pytest.mark.gpu
 
 # Decided at import, before any session fixture (export, training) is built for tests that cannot run here.
-READINESS = gpu_readiness(REPO_ROOT / "model_repository")
+# The driver is judged against the release's CUDA (tensorrt-cu13: R580+): an older one skips with its reason.
+READINESS = gpu_readiness(REPO_ROOT / "model_repository", cuda=release_cuda(REPO_ROOT))
 if READINESS.no_cuda or READINESS.no_tensorrt:
     pytest.skip(READINESS.no_cuda or READINESS.no_tensorrt, allow_module_level=True)
 

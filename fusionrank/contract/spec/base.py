@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import typing
+from pathlib import Path
 
 from fusionrank.contract.errors import SpecError
 
@@ -42,6 +43,17 @@ class Precision(str, enum.Enum):
     INT8 = "int8"
 
 
+class HardwareCompatibility(str, enum.Enum):
+    """TensorRT's `HardwareCompatibilityLevel` of a build: which GPUs a plan may run on besides the builder's model.
+
+    none: the builder's GPU model only (fastest); same_compute_capability: any GPU of its compute capability (an
+    H100 plan on an H200, both 9.0); ampere_plus: any Ampere or newer GPU (slower: no cuDNN/cuBLAS tactics)."""
+
+    NONE = "none"
+    SAME_COMPUTE_CAPABILITY = "same_compute_capability"
+    AMPERE_PLUS = "ampere_plus"
+
+
 class CalibrationMethod(str, enum.Enum):
     """How static INT8 quantization picks activation ranges from calibration samples (ONNX Runtime's methods)."""
 
@@ -67,6 +79,12 @@ class ServingProfile(str, enum.Enum):
     def config_file(self) -> str:
         """The profile's config file, relative to a model's folder."""
         return "config.pbtxt" if self.config_name is None else f"configs/{self.config_name}.pbtxt"
+
+    def served_config(self, model_dir: Path) -> Path:
+        """The config Triton reads for this profile in `model_dir`: the profile's file, else `config.pbtxt` (Triton
+        falls back to it; a profile's file is rendered only where it differs)."""
+        own = Path(model_dir) / self.config_file
+        return own if own.is_file() else Path(model_dir) / "config.pbtxt"
 
 
 def choices(enum_cls: type[enum.Enum]) -> list[str]:

@@ -11,6 +11,7 @@ from fusionrank.contract.spec.admission import AdmissionSpec
 from fusionrank.contract.spec.base import (
     CalibrationMethod,
     FusionType,
+    HardwareCompatibility,
     Precision,
     RecurrentCell,
     check_positive,
@@ -125,7 +126,8 @@ class TensorRTSpec:
     workspace_mib: int = 2048
     builder_optimization_level: int = 3
     profile_per_bucket: bool = False
-    hardware_compatible: bool = False
+    # none | same_compute_capability (one plan for H100 and H200, both 9.0) | ampere_plus (export/preflight.py)
+    hardware_compatibility: HardwareCompatibility = HardwareCompatibility.NONE
     version_compatible: bool = False
     calibration_samples: int = 256
     tolerances: dict[str, Tolerance] = field(default_factory=dict)
@@ -160,8 +162,22 @@ class CpuExportSpec:
     tolerances: dict[str, Tolerance] = field(default_factory=dict)
     ranking: RankingParitySpec = field(default_factory=lambda: RankingParitySpec(0.95, 0.95, 0.003))
     max_test_auc_drop: float = 0.003
+    # Largest change of a served graph's output row between the row alone and the row among other rows (issue 19).
+    batch_invariance_atol: float = 1e-6
+    # Per model, regular expressions of node names static quantization leaves in FP32 (re.search on the name).
+    fp32_nodes: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self):
+        if not self.batch_invariance_atol >= 0:
+            fail("export.cpu.batch_invariance_atol", self.batch_invariance_atol, "a number >= 0")
+        for model, patterns in self.fp32_nodes.items():
+            if model not in ENCODERS_AND_RANKER:
+                fail(f"export.cpu.fp32_nodes.{model}", patterns, "a key among " + ", ".join(ENCODERS_AND_RANKER))
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except (re.error, TypeError) as exc:
+                    fail(f"export.cpu.fp32_nodes.{model}", pattern, f"a regular expression ({exc})")
         for model, precision in self.precision.items():
             if model not in ENCODERS_AND_RANKER:
                 fail(f"export.cpu.precision.{model}", precision.value, "a key among " + ", ".join(ENCODERS_AND_RANKER))
@@ -232,6 +248,58 @@ class BatchingSpec:
             fail("serving.models.*.intra_op_threads", self.intra_op_threads, "an integer >= 0 (0: one per core)")
 
 
+@dataclass(frozen=True)
+class GpuBatchingSpec:
+    """One model's batching in the gpu profile (`serving.gpu.<model>`), where it differs from `serving.models`.
+
+    The TensorRT members run a batch in well under a millisecond and a ranking request already carries its
+    candidates as one batch, so waiting for batch-mates costs more latency than it saves GPU time: the delay is
+    short (0 to 500 us) and no preferred size holds a batch back. `batch_profiles` are the engine's optimisation
+    profiles over the batch axis, (min, opt, max) each, contiguous from 1, the last fitted to the model's
+    max_batch_size (the one source of the largest batch; `fitted_profiles`): opt is the
+    batch TensorRT tunes its kernels for (a typical request's candidates, not the max); a second, large profile
+    keeps large batches fast. Every profile is bound to every instance (`instance_group.profile`). `cuda_graphs`
+    captures each fixed-shape profile's opt batch as a CUDA graph (`optimization.cuda.graph_spec`), so a batch up
+    to opt replays one graph instead of launching its kernels one by one."""
+
+    max_queue_delay_us: int = 100
+    preferred_batch_sizes: tuple[int, ...] = ()
+    instances: int | None = None  # None: serving.models' count
+    batch_profiles: tuple[tuple[int, int, int], ...] = ()  # empty: one profile (1, largest preferred, max)
+    cuda_graphs: bool = False
+
+    def __post_init__(self):
+        if not 0 <= self.max_queue_delay_us <= 500:
+            fail("serving.gpu.*.max_queue_delay_us", self.max_queue_delay_us,
+                 "0 to 500 (a GPU member runs a batch in under a millisecond: a longer wait is a latency floor)")
+        if self.preferred_batch_sizes:
+            check_sorted_unique("serving.gpu.*.preferred_batch_sizes", self.preferred_batch_sizes)
+        if self.instances is not None:
+            check_positive("serving.gpu.*.instances", self.instances)
+        low = 1
+        for profile in self.batch_profiles:
+            if len(profile) != 3 or not profile[0] <= profile[1] <= profile[2] or profile[0] != low:
+                fail("serving.gpu.*.batch_profiles", [list(p) for p in self.batch_profiles],
+                     "[min, opt, max] triples with min <= opt <= max, the first from 1, each next one from the "
+                     "previous max + 1")
+            low = profile[2] + 1
+
+    def check_against(self, model: str, max_batch_size: int) -> None:
+        """The preferred sizes fit in the model's max_batch_size (the profiles are fitted to it: `fitted_profiles`)."""
+        if self.preferred_batch_sizes and self.preferred_batch_sizes[-1] > max_batch_size:
+            fail(f"serving.gpu.{model}.preferred_batch_sizes", list(self.preferred_batch_sizes),
+                 f"sizes <= max_batch_size ({max_batch_size})")
+
+    def fitted_profiles(self, max_batch_size: int) -> tuple[tuple[int, int, int], ...]:
+        """`batch_profiles` fitted to a max_batch_size (the one source of the largest batch): profiles starting above
+        it are dropped, the last one kept ends at it (extended or cut), opt capped by it."""
+        kept = [p for p in self.batch_profiles if p[0] <= max_batch_size]
+        if not kept:
+            return ()
+        *head, (low, opt, _) = kept
+        return (*head, (low, min(opt, max_batch_size), max_batch_size))
+
+
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
@@ -276,6 +344,8 @@ class ServingSpec:
     reference_ensemble: str = ENSEMBLE
     max_candidates: int = 64
     models: dict[str, BatchingSpec] = field(default_factory=dict)
+    # The gpu profile's batching where it differs from `models` (GpuBatchingSpec says why it is short).
+    gpu: dict[str, GpuBatchingSpec] = field(default_factory=dict)
     response_cache: bool = False
     cache: CacheSpec = field(default_factory=CacheSpec)
     admission: AdmissionSpec = field(default_factory=AdmissionSpec)
@@ -289,11 +359,29 @@ class ServingSpec:
                                                f"({', '.join(MEMBERS)})")
         if self.route == self.reference_ensemble:
             fail("serving.reference_ensemble", self.reference_ensemble, f"a name other than the route's ({self.route})")
+        for model, gpu in self.gpu.items():
+            if model not in (*MEMBERS, self.route):
+                fail("serving.gpu", model, f"a member model or the route ({', '.join((*MEMBERS, self.route))})")
+            gpu.check_against(model, self.batching(model).max_batch_size)
 
     def batching(self, model: str) -> BatchingSpec:
         """Dynamic-batching settings of one member model (the defaults where the spec names none)."""
         return self.models.get(model, BatchingSpec(max_batch_size=self.max_candidates,
                                                    preferred_batch_sizes=_halves(self.max_candidates)))
+
+
+    def gpu_batching(self, model: str) -> GpuBatchingSpec | None:
+        """The gpu profile's batching of one model (None: it batches as in `models`)."""
+        return self.gpu.get(model)
+
+    def batch_profiles(self, model: str) -> tuple[tuple[int, int, int], ...]:
+        """(min, opt, max) batch of each TensorRT optimisation profile of `model`, smallest first, covering 1 ..
+        max_batch_size (`serving.gpu.<model>.batch_profiles` fitted to it; without one, a single profile with opt
+        the largest preferred batch size)."""
+        batching = self.batching(model)
+        gpu = self.gpu.get(model)
+        fitted = gpu.fitted_profiles(batching.max_batch_size) if gpu is not None else ()
+        return fitted or ((1, batching.preferred_batch_sizes[-1], batching.max_batch_size),)
 
 
 def _halves(n: int) -> tuple[int, ...]:

@@ -1,3 +1,3 @@
-"""Triton Python model `image_encoder`: a thin shell over fusionrank.triton.models (OnnxRuntimeModel)."""
+"""Triton Python model `image_encoder`: a thin shell over fusionrank.triton.exported (OnnxRuntimeModel)."""
 
-from fusionrank.triton.models import OnnxRuntimeModel as TritonPythonModel  # noqa: F401
+from fusionrank.triton.exported import OnnxRuntimeModel as TritonPythonModel  # noqa: F401

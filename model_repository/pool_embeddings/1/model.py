@@ -1,3 +1,3 @@
-"""Triton Python model `pool_embeddings`: a thin shell over fusionrank.triton.models (PoolModel)."""
+"""Triton Python model `pool_embeddings`: a thin shell over fusionrank.triton.pool (PoolModel)."""
 
-from fusionrank.triton.models import PoolModel as TritonPythonModel  # noqa: F401
+from fusionrank.triton.pool import PoolModel as TritonPythonModel  # noqa: F401

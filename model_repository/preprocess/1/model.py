@@ -1,3 +1,3 @@
-"""Triton Python model `preprocess`: a thin shell over fusionrank.triton.models (PreprocessModel)."""
+"""Triton Python model `preprocess`: a thin shell over fusionrank.triton.preprocess (PreprocessModel)."""
 
-from fusionrank.triton.models import PreprocessModel as TritonPythonModel  # noqa: F401
+from fusionrank.triton.preprocess import PreprocessModel as TritonPythonModel  # noqa: F401

@@ -1,3 +1,3 @@
-"""Triton Python model `rank`: a thin shell over fusionrank.triton.models (RouteModel)."""
+"""Triton Python model `rank`: a thin shell over fusionrank.triton.route (RouteModel)."""
 
-from fusionrank.triton.models import RouteModel as TritonPythonModel  # noqa: F401
+from fusionrank.triton.route import RouteModel as TritonPythonModel  # noqa: F401

@@ -38,12 +38,12 @@ def test_judge_holds_p99_or_the_max_of_a_small_sample_to_the_slo(ci_spec):
 
 
 def test_profile_categories(tmp_path):
-    stack = ["Thread.run (threading.py:982)", "RouteModel.execute (fusionrank/serving/triton_models.py:311)",
+    stack = ["Thread.run (threading.py:982)", "RouteModel.execute (fusionrank/triton/route.py:311)",
              "AudioPreprocessor.log_mel (fusionrank/preprocess/audio.py:125)", "rfft (numpy/fft/_pocketfft.py:409)"]
     assert categorise(stack) == "decode audio"
     assert categorise(["_worker (concurrent/futures/thread.py:58)", "pthread_cond_wait (libc.so.6)"]) \
         == "idle (waiting for work)"
-    assert categorise(["OnnxRuntimeModel.run (fusionrank/serving/triton_models.py:221)",
+    assert categorise(["OnnxRuntimeModel.run (fusionrank/triton/exported.py:221)",
                        "run (onnxruntime/capi/onnxruntime_inference_collection.py:220)"]) == "ONNX Runtime"
     assert categorise(["main (x.py:1)"]) == "other"
     raw = tmp_path / "p.txt"

@@ -134,6 +134,8 @@ def test_wrong_gpu_is_detected(ci_spec, repo, node, fragment):
     (None, False, False),
     ("10.14.1.48", True, True),   # version-compatible plans run on later TensorRT
     ("10.13.0.35", True, False),  # ... never on older
+    ("11.0.0.1", True, True),     # the next major (TensorRT 10 plans on an 11 runtime, documented)
+    ("12.0.0.1", True, False),    # ... but not two majors on
 ])
 def test_tensorrt_version_rules(ci_spec, tmp_path, node_version, compatible, ok):
     repo = _engine_repo(ci_spec, tmp_path, {**FLAGS, "version_compatible": compatible})
@@ -270,3 +272,48 @@ def test_build_engines_without_tensorrt_says_what_to_install(ci_spec, tmp_path, 
     rc = build_engines_command(ci_spec, tmp_path)
     assert rc != 0
     assert "pip install '.[gpu]'" in capsys.readouterr().out
+
+
+def test_manifest_records_the_cuda_flavour_of_the_tensorrt_that_built_it(ci_spec, repo):
+    assert find_manifest(repo, "text_encoder").tensorrt_cuda == "cu12"  # BUILD_NODE's CUDA 12.8 runtime
+    m = create_manifest(ci_spec, repo, "text_encoder", BUILD_NODE, "fp16", model_profiles(ci_spec, "text_encoder"),
+                        FLAGS, tensorrt_cuda="cu13")
+    assert m.tensorrt_cuda == "cu13"
+    assert EngineManifest.from_dict({k: v for k, v in m.as_dict().items() if k != "tensorrt_cuda"}).tensorrt_cuda \
+        is None, "manifests written before the field still load"
+
+
+def test_a_driver_too_old_for_the_plans_cuda_is_a_mismatch(ci_spec, tmp_path):
+    repo = _engine_repo(ci_spec, tmp_path)
+    for model in engine_models(ci_spec):  # built by tensorrt-cu13 (CUDA 13 needs R580)
+        m = dataclasses.replace(find_manifest(repo, model), tensorrt_cuda="cu13")
+        m.write(manifest_path(repo, model))
+    found = preflight(ci_spec, repo, probe=lambda: _node(driver_version="570.124.06"))
+    assert _kinds(found) == {MismatchKind.OLD_DRIVER}
+    assert "570.124.06 is older than 580.65.06" in found[0].detail
+    assert preflight(ci_spec, repo, probe=lambda: _node(driver_version="580.82.07")) == []
+
+
+MIG_LISTING = """GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-5b3c1a2e-0000-0000-0000-000000000000)
+  MIG 3g.40gb     Device  0: (UUID: MIG-aaaa0000-0000-0000-0000-000000000000)
+  MIG 1g.10gb     Device  1: (UUID: MIG-bbbb0000-0000-0000-0000-000000000000)
+GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-77777777-0000-0000-0000-000000000000)
+"""
+
+
+def test_a_mig_slice_is_detected_and_does_not_pass_the_gpu_name_check(ci_spec, tmp_path):
+    from export.node.facts import mig_profile
+
+    assert mig_profile(MIG_LISTING, "0", None) == "3g.40gb"
+    assert mig_profile(MIG_LISTING, "0", "MIG-bbbb0000-0000-0000-0000-000000000000") == "1g.10gb"
+    assert mig_profile(MIG_LISTING, "1", "1") is None
+    repo = _engine_repo(ci_spec, tmp_path)  # built on the whole GPU
+    found = preflight(ci_spec, repo, probe=lambda: _node(mig_profile="1g.10gb"))
+    assert _kinds(found) == {MismatchKind.WRONG_GPU} and "MIG 1g.10gb slice" in found[0].detail
+
+
+def test_same_compute_capability_plans_run_on_h100_and_h200(ci_spec, tmp_path):
+    repo = _engine_repo(ci_spec, tmp_path, {**FLAGS, "hardware_compatibility_level": "same_compute_capability"})
+    assert preflight(ci_spec, repo, probe=lambda: _node(gpu_name="NVIDIA H200")) == []
+    found = preflight(ci_spec, repo, probe=lambda: _node(gpu_name="NVIDIA A100", compute_capability="8.0"))
+    assert _kinds(found) == {MismatchKind.WRONG_GPU}

@@ -5,7 +5,6 @@ test_gpu.py builds for real."""
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import pytest
 
@@ -15,18 +14,25 @@ from export.node.facts import NodeInfo
 from export.node.trt_api import EngineBuildError
 from export.profiles import engine_models, model_profiles
 from export.verify.preflight import preflight
-from fusionrank.contract.spec import Precision
+from fusionrank.contract.spec import HardwareCompatibility, Precision
 from fusionrank.contract.tensors import model_io
-from tests.fakes.tensorrt import FAKE_TENSORRT_VERSION, Builder, Config, FakeTRT
+from tests.fakes.tensorrt import FAKE_TENSORRT_VERSION, Builder, FakeTRT, plan_flags, stand_in_onnx, timing_cache_blob
+
+
+def _stand_in(spec, model, **changes) -> str:
+    """The fake parser's stand-in of `model`'s exported graph: the contract's tensors (batch axis dynamic)."""
+    io_ = model_io(spec, model)
+    inputs = [(t.name, t.dtype, [-1, *t.dims]) for t in io_.inputs]
+    outputs = [(t.name, t.dtype, [-1, *t.dims]) for t in io_.outputs]
+    return stand_in_onnx(changes.get("inputs", inputs), changes.get("outputs", outputs), changes.get("ops", ()))
 
 
 def _onnx_repo(spec, root, broken: str | None = None):
-    """A repository whose model.onnx files list the contract's input names (`BROKEN` for `broken`)."""
+    """A repository whose model.onnx files are stand-ins of the contract's graphs (`BROKEN` for `broken`)."""
     repo = root / "repo"
     for model in engine_models(spec):
         (repo / model / "1").mkdir(parents=True)
-        names = [t.name for t in model_io(spec, model).inputs]
-        (repo / model / "1" / "model.onnx").write_text("BROKEN" if model == broken else json.dumps(names))
+        (repo / model / "1" / "model.onnx").write_text("BROKEN" if model == broken else _stand_in(spec, model))
     return repo
 
 
@@ -49,20 +55,22 @@ def test_builder_gets_the_spec_profiles_precision_and_limits(per_bucket_spec, tm
         assert config.pool == {"WORKSPACE": spec.export.tensorrt.workspace_mib << 20}
         assert config.builder_optimization_level == spec.export.tensorrt.builder_optimization_level
         assert config.hardware_compatibility_level is None
-        assert (repo / model / "1" / "model.plan").read_bytes() == b"PLAN:FP16"
+        assert plan_flags((repo / model / "1" / "model.plan").read_bytes()) == ["FP16"]
         manifest = find_manifest(repo, model)
         assert manifest.tensorrt_version == FAKE_TENSORRT_VERSION and manifest.gpu_name == "Fake GPU X1"
-    assert len(configs["text_encoder"].profiles) == len(spec.modalities.text.buckets)
+    assert len(configs["text_encoder"].profiles) == \
+        len(spec.modalities.text.buckets) * len(spec.serving.batch_profiles("text_encoder"))
     # The timing cache is written and fed to the next build (it grows with each one).
-    assert timing.read_bytes() == b"+timings" * len(configs)
-    assert configs["image_encoder"].cache.blob == b"+timings"
+    assert timing.read_bytes() == timing_cache_blob(entries=b"+timings" * len(configs))
+    assert configs["image_encoder"].cache.blob == b"+timings" * 2  # the text encoder's timings, then its own
     # What was just built passes pre-flight on the node that built it.
     node = NodeInfo(**{**_probe().as_dict(), "notes": (), "tensorrt_version": FAKE_TENSORRT_VERSION})
     assert preflight(spec, repo, probe=lambda: node) == []
 
 
 def test_builder_flags_for_fp32_and_compatibility(ci_spec, tmp_path, fake_trt):
-    trt = dataclasses.replace(ci_spec.export.tensorrt, hardware_compatible=True, version_compatible=True)
+    trt = dataclasses.replace(ci_spec.export.tensorrt, hardware_compatibility=HardwareCompatibility.AMPERE_PLUS,
+                              version_compatible=True)
     spec = ci_spec.with_overrides(export=dataclasses.replace(ci_spec.export, tensorrt=trt))
     repo = _onnx_repo(spec, tmp_path)
     build_engines(spec, repo, precision="fp32", models=["fusion_ranker"], probe=_probe,
@@ -91,7 +99,8 @@ def test_parser_and_builder_errors_are_reported_in_full(ci_spec, tmp_path, fake_
 
 def test_onnx_inputs_must_match_the_contract(ci_spec, tmp_path, fake_trt):
     repo = _onnx_repo(ci_spec, tmp_path)
-    (repo / "text_encoder" / "1" / "model.onnx").write_text(json.dumps(["input.1", "attention_mask"]))
+    auto_named = [("input.1", "int64", [-1, -1]), ("attention_mask", "int64", [-1, -1])]
+    (repo / "text_encoder" / "1" / "model.onnx").write_text(_stand_in(ci_spec, "text_encoder", inputs=auto_named))
     with pytest.raises(EngineBuildError, match="input.1"):
         build_engines(ci_spec, repo, models=["text_encoder"], probe=_probe, timing_cache=tmp_path / "t")
 
@@ -101,14 +110,13 @@ def test_no_gpu_no_build(ci_spec, tmp_path, fake_trt):
         build_engines(ci_spec, _onnx_repo(ci_spec, tmp_path), probe=lambda: NodeInfo(notes=("nvidia-smi not found",)))
 
 
-def test_a_timing_cache_from_another_node_is_replaced(ci_spec, tmp_path, fake_trt, monkeypatch):
+@pytest.mark.parametrize("stale", [timing_cache_blob("10.12.0.36", b"+old"), b"not a timing cache"])
+def test_a_timing_cache_from_another_tensorrt_or_corrupt_is_replaced(ci_spec, tmp_path, fake_trt, stale):
     timing = tmp_path / "timing.cache"
-    timing.write_bytes(b"from-another-gpu")
-    monkeypatch.setattr(Config, "set_timing_cache", lambda self, cache, ignore_mismatch: (
-        setattr(self, "cache", cache) or not cache.blob.startswith(b"from-another")))
+    timing.write_bytes(stale)
     build_engines(ci_spec, _onnx_repo(ci_spec, tmp_path), models=["audio_encoder"], probe=_probe,
                   timing_cache=timing)
-    assert timing.read_bytes() == b"+timings"
+    assert timing.read_bytes() == timing_cache_blob(entries=b"+timings")
 
 
 def test_builds_share_the_process_logger_and_report_only_their_own_errors(ci_spec, tmp_path, fake_trt, monkeypatch):
@@ -174,19 +182,22 @@ def test_calibration_table_is_keyed_by_what_it_depends_on(ci_spec, tmp_path):
     assert base not in changed and len(changed) == 4
 
 
-def _qdq_onnx(path, input_name: str, zero_point: int, zero_type: int) -> None:
-    """A Q/DQ graph on one float input, its zero point constant of ONNX element type `zero_type`."""
+def _qdq_onnx(path, spec, zero_point: int, zero_type: int) -> None:
+    """A Q/DQ graph on the audio encoder's input, its zero point constant of ONNX element type `zero_type`."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper
 
+    io_ = model_io(spec, "audio_encoder")
+    (tensor,), output = io_.inputs, io_.outputs[0].name
+    input_name = tensor.name
     zero = helper.make_tensor("zero", zero_type, [], [zero_point])
     scale = onnx.numpy_helper.from_array(np.array(0.05, np.float32), "scale")
     graph = helper.make_graph(
         [helper.make_node("QuantizeLinear", [input_name, "scale", "zero"], ["q"], name="quantize_input"),
-         helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["out"], name="dequantize_input")],
-        "qdq", [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [None, 4])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 4])], [scale, zero])
+         helper.make_node("DequantizeLinear", ["q", "scale", "zero"], [output], name="dequantize_input")],
+        "qdq", [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [None, *tensor.dims])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, [None, *tensor.dims])], [scale, zero])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
 
 
@@ -194,13 +205,12 @@ def test_an_explicitly_quantized_graph_builds_strongly_typed(ci_spec, tmp_path, 
     from onnx import TensorProto
 
     repo = _onnx_repo(ci_spec, tmp_path)
-    (name,) = [t.name for t in model_io(ci_spec, "audio_encoder").inputs]
-    _qdq_onnx(repo / "audio_encoder" / "1" / "model.onnx", name, 0, TensorProto.INT8)
+    _qdq_onnx(repo / "audio_encoder" / "1" / "model.onnx", ci_spec, 0, TensorProto.INT8)
     (result,) = build_engines(ci_spec, repo, precision="int8", models=["audio_encoder"], probe=_probe,
                               timing_cache=tmp_path / "t")
     (config,) = FakeTRT.builds
     assert config.network_flags == 1 << fake_trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED
-    assert config.flags == set() and not hasattr(config, "int8_calibrator")  # the graph carries the precision
+    assert config.flags == set() and config.int8_calibrator is None  # the graph carries the precision
     flags = find_manifest(repo, "audio_encoder").build_flags
     assert flags["strongly_typed"] is True and flags["calibration_samples"] == 0 and result.precision == "int8"
     with pytest.raises(EngineBuildError, match="explicitly quantized .* build it with precision int8"):
@@ -212,8 +222,7 @@ def test_an_explicitly_quantized_graph_builds_strongly_typed(ci_spec, tmp_path, 
 def test_a_graph_quantized_for_another_runtime_is_refused_by_node(ci_spec, tmp_path, fake_trt, zero_point, zero_type,
                                                                    fragment):
     repo = _onnx_repo(ci_spec, tmp_path)
-    (name,) = [t.name for t in model_io(ci_spec, "audio_encoder").inputs]
-    _qdq_onnx(repo / "audio_encoder" / "1" / "model.onnx", name, zero_point, zero_type)
+    _qdq_onnx(repo / "audio_encoder" / "1" / "model.onnx", ci_spec, zero_point, zero_type)
     with pytest.raises(EngineBuildError, match=f"QuantizeLinear 'quantize_input': zero point 'zero' .*{fragment}"):
         build_engines(ci_spec, repo, precision="int8", models=["audio_encoder"], probe=_probe,
                       timing_cache=tmp_path / "t")
@@ -222,18 +231,27 @@ def test_a_graph_quantized_for_another_runtime_is_refused_by_node(ci_spec, tmp_p
 
 def test_a_refused_timing_cache_stays_out_of_a_later_build_error(ci_spec, tmp_path, fake_trt, monkeypatch):
     timing = tmp_path / "timing.cache"
-    timing.write_bytes(b"from-another-gpu")
-
-    def refuse_foreign(self, cache, ignore_mismatch):
-        if cache.blob.startswith(b"from-another"):
-            self.logger.log(FakeTRT.ILogger.Severity.ERROR, "Timing cache was created for a different device")
-            return False
-        self.cache = cache
-        return True
-
-    monkeypatch.setattr(Config, "set_timing_cache", refuse_foreign)
+    timing.write_bytes(timing_cache_blob("10.12.0.36", b"+old"))  # refused: another TensorRT's timings
     monkeypatch.setattr(Builder, "fail", True)
     with pytest.raises(EngineBuildError) as err:
         build_engines(ci_spec, _onnx_repo(ci_spec, tmp_path), models=["audio_encoder"], probe=_probe,
                       timing_cache=timing)
-    assert "out of memory" in str(err.value) and "different device" not in str(err.value)
+    assert "out of memory" in str(err.value) and "10.12.0.36" not in str(err.value)
+
+
+def test_same_compute_capability_builds_one_plan_for_h100_and_h200(ci_spec, tmp_path, fake_trt):
+    level = HardwareCompatibility.SAME_COMPUTE_CAPABILITY
+    trt = dataclasses.replace(ci_spec.export.tensorrt, hardware_compatibility=level)
+    spec = ci_spec.with_overrides(export=dataclasses.replace(ci_spec.export, tensorrt=trt))
+    repo = _onnx_repo(spec, tmp_path)
+    h100 = NodeInfo(gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0", driver_version="580.82.07",
+                    cuda_version="13.0")
+    build_engines(spec, repo, precision="fp32", models=["fusion_ranker"], probe=lambda: h100,
+                  timing_cache=tmp_path / "t.cache")
+    (config,) = FakeTRT.builds
+    assert config.hardware_compatibility_level == "SAME_COMPUTE_CAPABILITY"
+    manifest = find_manifest(repo, "fusion_ranker")
+    assert manifest.hardware_compatibility == "same_compute_capability"
+    h200 = NodeInfo(**{**h100.as_dict(), "gpu_name": "NVIDIA H200", "notes": (),
+                       "tensorrt_version": FAKE_TENSORRT_VERSION})
+    assert [m for m in preflight(spec, repo, probe=lambda: h200) if m.model == "fusion_ranker"] == []

@@ -16,6 +16,7 @@ from export.profiles import (
     find_profile,
     model_profiles,
     producible_shapes,
+    sequence_ranges,
     validate_profiles,
 )
 from fusionrank.contract.spec import BatchingSpec
@@ -49,14 +50,17 @@ def test_min_opt_max_hold_in_every_dim(spec):
                 assert all(lo <= o <= hi for lo, o, hi in zip(r.min, r.opt, r.max)), (model, name)
 
 
-def test_batch_range_matches_rendered_gpu_config(spec):
+def test_batch_ranges_match_the_rendered_gpu_config(spec):
     configs = model_configs(spec)
     for model in engine_models(spec):
         gpu = configs[model]["gpu"]
-        preferred = max(gpu.dynamic_batching.preferred_batch_size)
-        for profile in model_profiles(spec, model):
-            for name, r in profile.inputs:
-                assert (r.min[0], r.opt[0], r.max[0]) == (1, preferred, gpu.max_batch_size), (model, name)
+        batches = sorted({(r.min[0], r.opt[0], r.max[0]) for p in model_profiles(spec, model) for _, r in p.inputs})
+        assert batches[0][0] == 1 and batches[-1][2] == gpu.max_batch_size, model
+        assert all(a[2] + 1 == b[0] for a, b in zip(batches, batches[1:])), f"{model}: batch profiles not contiguous"
+        # Triton lets every instance use every profile, else it binds profile 0 and refuses the others' shapes.
+        profiles = len(model_profiles(spec, model))
+        bound = list(gpu.instance_group[0].profile)
+        assert bound == ([str(i) for i in range(profiles)] if profiles > 1 else []), model
 
 
 def test_profile_inputs_match_the_tensor_contract(spec):
@@ -71,7 +75,25 @@ def test_profile_inputs_match_the_tensor_contract(spec):
                 assert all(ranges[t.name].min[i + 1] == ranges[t.name].max[i + 1] == d for i, d in fixed)
 
 
+def _without_gpu_policy(spec):
+    """The spec without `serving.gpu`: one batch profile per engine (what these tests of the sequence axis read)."""
+    return spec.with_overrides(serving=dataclasses.replace(spec.serving, gpu={}))
+
+
+def test_the_gpu_policy_gives_a_small_and_a_large_batch_profile_per_sequence_range(ci_spec, per_bucket_spec):
+    for spec in (ci_spec, per_bucket_spec):
+        batches = spec.serving.batch_profiles("text_encoder")
+        assert len(batches) == 2 and batches[0][1] < batches[-1][2]
+        profiles = model_profiles(spec, "text_encoder")
+        assert len(profiles) == len(batches) * len(sequence_ranges(spec))
+        small = find_profile(profiles, {"input_ids": (10, 16), "attention_mask": (10, 16)})
+        assert profiles[small].ranges()["input_ids"].opt[0] == batches[0][1], "a typical request: the small profile"
+        large = find_profile(profiles, {"input_ids": (100, 16), "attention_mask": (100, 16)})
+        assert profiles[large].ranges()["input_ids"].max[0] == spec.serving.batching("text_encoder").max_batch_size
+
+
 def test_single_text_profile_spans_the_buckets(ci_spec):
+    ci_spec = _without_gpu_policy(ci_spec)
     (profile,) = model_profiles(ci_spec, "text_encoder")
     buckets = ci_spec.modalities.text.buckets
     ids = profile.ranges()["input_ids"]
@@ -83,7 +105,7 @@ def test_single_text_profile_spans_the_buckets(ci_spec):
 
 
 def test_profile_per_bucket_gives_each_bucket_its_own_tuned_profile(per_bucket_spec):
-    spec = per_bucket_spec
+    spec = _without_gpu_policy(per_bucket_spec)
     profiles = model_profiles(spec, "text_encoder")
     buckets = spec.modalities.text.buckets
     assert len(profiles) == len(buckets)
@@ -101,7 +123,10 @@ def test_profile_per_bucket_gives_each_bucket_its_own_tuned_profile(per_bucket_s
 def test_profiles_follow_a_larger_max_batch(ci_spec):
     models = dict(ci_spec.serving.models)
     models["image_encoder"] = BatchingSpec(max_batch_size=256, preferred_batch_sizes=(64, 192))
-    spec = ci_spec.with_overrides(serving=dataclasses.replace(ci_spec.serving, models=models))
+    spec = ci_spec.with_overrides(serving=dataclasses.replace(ci_spec.serving, models=models, gpu={}))
+    # With the gpu policy, its last batch profile follows max_batch_size too.
+    policy = ci_spec.with_overrides(serving=dataclasses.replace(ci_spec.serving, models=models))
+    assert model_profiles(policy, "image_encoder")[-1].ranges()["pixel_values"].max[0] == 256
     (profile,) = model_profiles(spec, "image_encoder")
     r = profile.ranges()["pixel_values"]
     assert (r.min[0], r.opt[0], r.max[0]) == (1, 192, 256)
@@ -109,6 +134,7 @@ def test_profiles_follow_a_larger_max_batch(ci_spec):
 
 
 def test_a_profile_missing_the_largest_bucket_is_caught(ci_spec):
+    ci_spec = _without_gpu_policy(ci_spec)
     (profile,) = model_profiles(ci_spec, "text_encoder")
     second_largest = ci_spec.modalities.text.buckets[-2]
     short = OptimizationProfile("short", tuple(
@@ -120,6 +146,7 @@ def test_a_profile_missing_the_largest_bucket_is_caught(ci_spec):
 
 
 def test_a_profile_below_max_batch_is_caught(ci_spec):
+    ci_spec = _without_gpu_policy(ci_spec)
     (profile,) = model_profiles(ci_spec, "fusion_ranker")
     small = OptimizationProfile("small", tuple((n, ShapeRange(r.min, (8, *r.opt[1:]), (8, *r.max[1:])))
                                                for n, r in profile.inputs))

@@ -8,9 +8,9 @@ import pytest
 
 from export.node.trt_api import EngineBuildError
 from export.node.trt_runner import TensorRTRunner
-from export.profiles import model_profiles
+from export.profiles import find_profile, model_profiles
 from tests.fakes.cuda import FakeCudart
-from tests.fakes.tensorrt import FakeContext, FakeEngine, FakeRuntime, FakeTRT
+from tests.fakes.tensorrt import FakeContext, FakeEngine, FakeRuntime, FakeTRT, fake_plan
 
 
 @pytest.fixture
@@ -22,17 +22,21 @@ def text_engine(per_bucket_spec, fake_trt, fake_cuda, monkeypatch):
 
 def test_runner_picks_the_bucket_profile_and_splits_over_max_batch(ci_spec, tmp_path, text_engine):
     plan = tmp_path / "model.plan"
-    plan.write_bytes(b"PLAN")
+    plan.write_bytes(fake_plan())
     runner = TensorRTRunner(plan)
     rng = np.random.default_rng(0)
     buckets = ci_spec.modalities.text.buckets
     max_batch = ci_spec.serving.batching("text_encoder").max_batch_size
-    for index, bucket in enumerate(buckets):
+    profiles = FakeRuntime.profiles
+    for bucket in buckets:
         ids = rng.integers(0, 1000, size=(2 * max_batch + 5, bucket))
         out = runner.run({"input_ids": ids, "attention_mask": np.ones_like(ids)})["text_embedding"]
         np.testing.assert_array_equal(out[:, 0], ids.sum(1).astype(np.float32))
-        assert set(out[:, 1]) == {index}  # the profile tuned for this bucket
-    assert [c[1] for c in FakeContext.calls[:3]] == [max_batch, max_batch, 5]
+        # Each chunk on the profile tuned for this bucket and its batch size (small and large batch profiles).
+        expected = [find_profile(profiles, {"input_ids": (rows, bucket), "attention_mask": (rows, bucket)})
+                    for rows in (max_batch, max_batch, 5)]
+        assert out[:, 1].tolist() == [float(expected[0])] * 2 * max_batch + [float(expected[2])] * 5
+    assert [c[1] for c in FakeContext.calls[:3]] == [max_batch, max_batch, 5]  # chunks of the largest profile
     with pytest.raises(EngineBuildError, match="fit no optimisation profile"):
         runner.run({"input_ids": np.ones((2, buckets[-1] + 1), np.int64),
                     "attention_mask": np.ones((2, buckets[-1] + 1), np.int64)})
@@ -43,14 +47,14 @@ def test_runner_picks_the_bucket_profile_and_splits_over_max_batch(ci_spec, tmp_
 def test_runner_reports_why_a_plan_does_not_load(tmp_path, text_engine):
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"GARBAGE")
-    with pytest.raises(EngineBuildError, match="magicTagRead failed"):
+    with pytest.raises(EngineBuildError, match="magicTagRead == kMAGIC_TAG failed"):
         TensorRTRunner(plan)
 
 
-def _plan(tmp_path):
-    plan = tmp_path / "model.plan"
-    plan.write_bytes(b"PLAN")
-    return plan
+def _plan(tmp_path, **plan):
+    path = tmp_path / "model.plan"
+    path.write_bytes(fake_plan(**plan))
+    return path
 
 
 def _ids(rows: int, seq: int = 8):

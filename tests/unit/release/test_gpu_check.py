@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,7 +22,10 @@ from release.gpu_steps import ORT_CUDA
 from tests.paths import REPO_ROOT
 
 NO_GPU = NodeInfo(notes=("nvidia-smi not found: no NVIDIA GPU or driver on this node",))
-GPU = NodeInfo(gpu_name="Fake GPU X1", compute_capability="9.0", driver_version="570.1", cuda_version="12.8")
+GPU = NodeInfo(gpu_name="Fake GPU X1", compute_capability="9.0", driver_version="580.82.07", cuda_version="13.0")
+# R570: common on H100 fleets; it cannot run the CUDA 13 of tensorrt-cu13 (CUDA 13 needs R580).
+OLD_DRIVER = NodeInfo(gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0", driver_version="570.124.06",
+                      cuda_version="12.8")
 NOW = dt.datetime(2030, 1, 2, tzinfo=dt.timezone.utc)
 
 
@@ -93,3 +100,46 @@ def test_the_page_shows_the_figures_of_steps_that_ran():
     assert "| fusion_ranker | FAIL | click_probability not finite or missing" in page
     assert "p50 12.0 ms, p99 30.0 ms, 400.0 requests/s, 0 errors" in page
     assert "| text_encoder | 40 | 8 | 5.00 | 0.40 | 1.10 |" in page
+
+
+def test_make_gpu_check_never_builds_the_dev_environment():
+    dry = subprocess.run(["make", "-n", "gpu-check"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.split() == ["bash", "deploy/gpu-check.sh"], "no .venv, no [dev] before the check"
+    script = (REPO_ROOT / "deploy" / "gpu-check.sh").read_text()
+    code = [line for line in script.splitlines() if not line.lstrip().startswith("#")]
+    extras = [line for line in code if "extras=" in line]
+    installs = [line.replace("/dev/null", "") for line in code if "pip_install" in line or "extras=" in line]
+    assert extras and not any(re.search(r"\bdev\b", line) for line in installs), "only the serve, gpu, export extras"
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.fail("shellcheck not found: `make test` installs the Debian package")
+    result = subprocess.run([shellcheck, str(REPO_ROOT / "deploy" / "gpu-check.sh")], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout
+
+
+def test_the_one_command_ends_by_itself_with_a_report_naming_each_skipped_step(tmp_path):
+    # A node without nvidia-smi: only the tools the script runs are on PATH; the interpreter is given, so nothing is
+    # installed (GPU_CHECK_PYTHON), and the check runs with the time left of its limit.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "timeout", "dirname"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    (bin_dir / "python3").symlink_to(sys.executable)
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path), "PYTHONPATH": str(REPO_ROOT),
+           "GPU_CHECK_PYTHON": sys.executable, "GPU_CHECK_OUT": str(tmp_path / "out"),
+           "GPU_CHECK_ENV": str(tmp_path / "venv-gpu"), "FUSIONRANK_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(["bash", str(REPO_ROOT / "deploy" / "gpu-check.sh")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no NVIDIA driver found" in done.stdout
+    (folder,) = (tmp_path / "out").iterdir()
+    assert folder.name.endswith("-no-gpu")
+    report = json.loads((folder / "gpu-check.json").read_text())
+    assert [s["status"] for s in report["steps"]] == ["skipped"] * 6
+    page = (folder / "gpu-check.md").read_text()
+    for step in ("cuda-driver", "prepare-repository", "onnxruntime-cuda", "tensorrt-build", "tensorrt-parity-latency",
+                 "serve-gpu-profile"):
+        assert f"| {step} | skipped |" in page
+    assert not (tmp_path / "venv-gpu").exists()

@@ -155,6 +155,22 @@ def test_cost_is_read_from_headers_and_counts_only_the_rows_to_decode(ci_spec, p
     check_budget(CostBudgetSpec(max_pixels=0), RequestCost(pixels=10**12))  # 0: no budget
 
 
+def test_a_decompression_bomb_costs_nothing_here_and_is_left_to_the_image_check(ci_spec, preparer):
+    """PIL refuses to open an image of over twice its pixel limit (DecompressionBombError, not an OSError): the cost
+    check must not turn that into an internal error; the image preprocessing names the row and its pixels."""
+    from PIL import Image
+
+    arrays = _request(ci_spec, 1)
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = 1000  # a 100x50 PNG is then over twice the limit
+        arrays["item_image"] = np.array([[_png(100, 50)]], dtype=object)
+        cost = request_cost(ci_spec, preparer.validate(arrays), {Modality.IMAGE: [0]})
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    assert cost.pixels == 0
+
+
 def test_a_request_over_budget_is_invalid_before_anything_is_decoded_and_cached_rows_cost_nothing(ci_spec,
                                                                                                   preparer):
     from .test_route_cache import GroupSpy

@@ -55,7 +55,7 @@ def test_key_changes_when_the_model_its_version_its_preprocessing_or_the_payload
 
     base = keys()
     assert keys() == base, "the same served files give the same keys (another instance, embed-catalogue)"
-    assert len(set(base.values())) == 3 and all(k.startswith("fusionrank:emb:v1:") for k in base.values())
+    assert len(set(base.values())) == 3 and all(k.startswith("fusionrank:emb:v2:") for k in base.values())
     assert encoder_identities(ci_spec, key_repo, FILES)[Modality.TEXT].key(b"other") != base[Modality.TEXT]
 
     (key_repo / "image_encoder" / "1" / "model.onnx").write_bytes(b"re-exported weights")  # a new export
@@ -128,3 +128,17 @@ def test_lookup_counts_hits_and_misses_and_nothing_non_finite_is_stored():
 
 
 # --- shared tier on a real Redis ----------------------------------------------------------------------------------
+
+
+def test_each_payload_kind_is_its_own_key_namespace(ci_spec, key_repo):
+    """A clip's key (frames) and a still's key of the same bytes differ, and every kind has its own prefix."""
+    from fusionrank.request.candidates import image_cache_payload
+    from fusionrank.route.item_keys import IdentityError, PayloadKind
+
+    ids = encoder_identities(ci_spec, key_repo, FILES)
+    forged = image_cache_payload(ci_spec, b"still", b"clip")
+    still, frames = ids[Modality.IMAGE].key(forged), ids[Modality.IMAGE].key(forged, PayloadKind.FRAMES)
+    assert still != frames and ":still:" in still and ":frames:" in frames
+    assert ids[Modality.TEXT].key(b"x").startswith("fusionrank:emb:v2:text:")
+    with pytest.raises(IdentityError, match="not encoded by text_encoder"):
+        ids[Modality.TEXT].key(b"x", PayloadKind.AUDIO)

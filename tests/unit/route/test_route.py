@@ -16,7 +16,15 @@ from fusionrank.contract.tensors import CLICK_PROBABILITY, MODALITY_WEIGHTS, req
 from fusionrank.request.validation import RequestPreprocessor
 from fusionrank.route.stages import MemberCallError, RankingRoute, RouteError, RouteRequest, Status
 from fusionrank.triton.render import model_configs
-from tests.fakes.pb_utils import FakeError, FakeMemberError, FakeMetricFamily, FakeRequest, install, route_responses
+from tests.fakes.pb_utils import (
+    FakeError,
+    FakeMemberError,
+    FakeMetricFamily,
+    FakeRequest,
+    FakeTritonModelException,
+    install,
+    route_responses,
+)
 
 
 def _one_column(values: np.ndarray, dim: int) -> np.ndarray:
@@ -276,9 +284,11 @@ def test_member_calls_are_cut_at_the_members_max_batch(ci_spec, preparer):
 @pytest.fixture
 def route_model(monkeypatch, ci_spec, tmp_path):
     from fusionrank.contract.paths import resolve_text_checkpoint
-    from fusionrank.triton.models import RouteModel
+    from fusionrank.triton.route import RouteModel
 
-    pb = install(monkeypatch, member_functions(ci_spec))
+    # Every member GPU-resident, as the gpu profile's TensorRT engines: the route reads them only if it asks for CPU.
+    functions = member_functions(ci_spec)
+    pb = install(monkeypatch, functions, gpu_members=functions)
     repo = tmp_path / "repo"
     (repo / "preprocess" / "1").mkdir(parents=True)
     (repo / "preprocess" / "1" / "tokenizer").symlink_to(resolve_text_checkpoint(ci_spec.modalities.text.encoder
@@ -305,6 +315,20 @@ def test_shell_answers_each_request_with_its_outputs_or_its_error_code(route_mod
     assert responses[1].error.code == FakeError.INVALID_ARG and responses[1].error.message.startswith("item_text[0]")
     assert responses[2].error.code == FakeError.CANCELLED and responses[2].output_tensors == []
     assert [m for m, _ in pb.calls].count("image_encoder") == 1
+
+
+def test_shell_reads_gpu_resident_members_by_asking_for_their_outputs_in_cpu_memory(route_model, ci_spec):
+    model, pb = route_model
+    (response,) = route_responses(model, [FakeRequest(_request(ci_spec, 2))])
+    assert response.error is None, response.error
+    assert pb.memories and all(m == pb.PreferredMemory(pb.TRITONSERVER_MEMORY_CPU, 0) for m in pb.memories)
+    # Without it, a GPU member's outputs stay on the GPU and cannot be read as NumPy (the real backend's message).
+    request = pb.InferenceRequest("audio_encoder", [pb.Tensor("log_mel", np.zeros((1, 4, 4), np.float32))],
+                                  ["audio_embedding"])
+    tensor = pb.get_output_tensor_by_name(asyncio.run(request.async_exec()), "audio_embedding")
+    assert not tensor.is_cpu()
+    with pytest.raises(FakeTritonModelException, match="Tensor is stored in GPU and cannot be converted to NumPy"):
+        tensor.as_numpy()
 
 
 def test_shell_maps_member_errors_to_status_codes(route_model, ci_spec):

@@ -105,3 +105,30 @@ def test_with_a_cache_absent_rows_are_not_looked_up_and_a_clip_is_keyed_by_its_b
     (third,) = _rank(route, changed)
     assert sorted(members.calls) == [("fusion_ranker", 4), ("image_encoder", ci_spec.modalities.video.frames)]
     assert third[CLICK_PROBABILITY][3, 0] != first[CLICK_PROBABILITY][3, 0]
+
+
+def test_a_clip_key_rebuilt_as_a_still_payload_is_validated_before_and_after_the_clip_was_served(ci_spec, preparer,
+                                                                                                 clip):
+    """Issue 19: a video candidate's key hashes bytes anybody can rebuild (`image_cache_payload`); sent as
+    `item_image`, they must be decoded (and refused as no image) whether or not the clip was served before: the
+    still and frames kinds are separate key namespaces, so a hit of one kind never skips the other's validation."""
+    from fusionrank.request.candidates import image_cache_payload
+
+    from .test_route_cache import _cache
+
+    cache = _cache(ci_spec)
+    route = RankingRoute(ci_spec, preparer, Members(ci_spec), log_error=print, cache=cache)
+    video_request = _ragged(ci_spec, clip)
+    base = _request(ci_spec, 4)
+    items = {m: [bytes(v) for v in base[f"item_{m.value}"][:, 0]] for m in (TEXT, IMAGE, AUDIO)}
+    items[AUDIO][3] = bytes(video_request["item_audio"][3, 0])
+    items[TEXT][3] = bytes(video_request["item_text"][3, 0])
+    items[IMAGE][3] = image_cache_payload(ci_spec, b"", clip)  # what the clip's key hashes, as a still
+    forged = request_arrays(items, base["user_history"])
+    for moment in ("before", "after"):
+        (result,) = _rank(route, forged)
+        assert isinstance(result, RouteError) and result.status is Status.INVALID_ARG, (moment, result)
+        assert result.message.startswith("item_image[3]"), (moment, result.message)
+        if moment == "before":
+            (served,) = _rank(route, video_request)
+            assert not isinstance(served, RouteError), served

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
@@ -10,9 +11,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 from fusionrank.contract.names import POOL_MODEL
 from fusionrank.contract.spec import ModalitiesSpec, ServingProfile, from_dict, member_models, served_models
 from fusionrank.contract.tensors import model_io
+from fusionrank.triton.ensemble import ensemble_config
 from fusionrank.triton.render import (
     check_repository,
-    ensemble_config,
     load_config,
     model_configs,
     render_repository,
@@ -38,7 +39,7 @@ def test_check_names_a_hand_edited_config(default_spec, tmp_path):
 def test_every_committed_config_parses_and_matches_the_contract(default_spec, profile):
     serving = default_spec.serving
     for model in (*member_models(default_spec), serving.route, serving.reference_ensemble):
-        config = load_config(COMMITTED / model / profile.config_file)
+        config = load_config(profile.served_config(COMMITTED / model))
         assert config.name == model
         io_ = model_io(default_spec, model)
         assert [i.name for i in config.input] == [t.name for t in io_.inputs]
@@ -65,13 +66,44 @@ def test_every_member_batches_dynamically_and_warms_up(default_spec):
             continue
         for profile, config in configs[model].items():
             batching = default_spec.serving.batching(model)
+            gpu = default_spec.serving.gpu_batching(model) if profile == "gpu" else None
             assert config.HasField("dynamic_batching"), (model, profile)
-            assert list(config.dynamic_batching.preferred_batch_size) == list(batching.preferred_batch_sizes)
-            assert config.dynamic_batching.max_queue_delay_microseconds == batching.max_queue_delay_us
+            preferred = gpu.preferred_batch_sizes if gpu else batching.preferred_batch_sizes
+            assert list(config.dynamic_batching.preferred_batch_size) == list(preferred)
+            delay = gpu.max_queue_delay_us if gpu else batching.max_queue_delay_us
+            assert config.dynamic_batching.max_queue_delay_microseconds == delay
             assert config.max_batch_size == batching.max_batch_size
             assert len(config.model_warmup) >= 1, (model, profile)
     text_warmups = configs["text_encoder"]["gpu"].model_warmup
-    assert sorted(w.inputs["input_ids"].dims[0] for w in text_warmups) == list(default_spec.modalities.text.buckets)
+    buckets = default_spec.modalities.text.buckets
+    opts = [opt for _, opt, _ in default_spec.serving.batch_profiles("text_encoder")]
+    assert sorted((w.batch_size, w.inputs["input_ids"].dims[0]) for w in text_warmups) == \
+        sorted((b, s) for b in opts for s in buckets), "every profile's opt batch warmed at every bucket"
+
+
+def test_the_gpu_profile_batches_without_a_latency_floor(default_spec):
+    """Issue 21 finding 4: TensorRT members answer in well under a millisecond, so the gpu profile waits at most
+    500 us per member, tunes each engine for a typical batch (opt below max) and captures fixed-shape engines as
+    CUDA graphs; the route's wait is short too."""
+    configs = model_configs(default_spec)
+    encoders = [f"{m.value}_encoder" for m in default_spec.modalities.enabled]
+    chain = [*encoders, "fusion_ranker", default_spec.serving.route]
+    for model in chain:
+        config = configs[model]["gpu"]
+        assert config.dynamic_batching.max_queue_delay_microseconds <= 500, model
+        assert list(config.dynamic_batching.preferred_batch_size) == [], model
+    for model in chain[:-1]:
+        profiles = default_spec.serving.batch_profiles(model)
+        assert profiles[0][1] < profiles[-1][2], f"{model}: opt of the first profile is a typical batch, not max"
+        assert len(configs[model]["gpu"].instance_group[0].profile) == len(profiles), model
+    for model in ("image_encoder", "audio_encoder", "fusion_ranker"):
+        cuda = configs[model]["gpu"].optimization.cuda
+        assert cuda.graphs and [g.batch_size for g in cuda.graph_spec] == [16, 32, 64, 128], model
+        assert [g.graph_lower_bound.batch_size for g in cuda.graph_spec] == [1, 17, 33, 65], model
+    assert not configs["text_encoder"]["gpu"].optimization.cuda.graphs  # its sequence axis is dynamic
+    # The CPU profile keeps its batching: the policy is the gpu profile's.
+    assert configs["text_encoder"]["cpu"].dynamic_batching.max_queue_delay_microseconds == \
+        default_spec.serving.batching("text_encoder").max_queue_delay_us
     assert not configs[default_spec.serving.reference_ensemble]["cpu"].HasField("dynamic_batching")
 
 
@@ -83,9 +115,12 @@ def test_route_is_a_python_model_batching_as_the_spec_says(default_spec):
     for profile, config in model_configs(default_spec)[route].items():
         assert config.backend == "python" and config.parameters["role"].string_value == "route", profile
         assert config.max_batch_size == batching.max_batch_size >= default_spec.serving.max_candidates
-        assert list(config.dynamic_batching.preferred_batch_size) == list(batching.preferred_batch_sizes)
-        assert config.dynamic_batching.max_queue_delay_microseconds == batching.max_queue_delay_us
-        assert config.instance_group[0].count == batching.instances
+        own = default_spec.serving.gpu_batching(route) if profile == "gpu" else None  # the gpu profile's policy
+        preferred = own.preferred_batch_sizes if own else batching.preferred_batch_sizes
+        assert list(config.dynamic_batching.preferred_batch_size) == list(preferred)
+        delay = own.max_queue_delay_us if own else batching.max_queue_delay_us
+        assert config.dynamic_batching.max_queue_delay_microseconds == delay
+        assert config.instance_group[0].count == (own.instances if own and own.instances else batching.instances)
         assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
         rebuilt = from_dict(__import__("json").loads(config.parameters["spec"].string_value))
         assert rebuilt.serving == default_spec.serving and rebuilt.modalities == default_spec.modalities
@@ -146,3 +181,21 @@ def test_python_models_get_their_spec_slice(default_spec):
     assert rebuilt.modalities == default_spec.modalities
     assert rebuilt.ranker.history == default_spec.ranker.history
     assert isinstance(rebuilt.modalities, ModalitiesSpec)
+
+
+@pytest.mark.parametrize("gpu, fragment", [
+    ({"text_encoder": {"max_queue_delay_us": 5000}}, "0 to 500"),
+    ({"text_encoder": {"batch_profiles": [[1, 16, 32], [40, 64, 128]]}}, "previous max + 1"),
+    ({"text_encoder": {"batch_profiles": [[1, 40, 32]]}}, "min <= opt <= max"),
+    ({"nonsense": {}}, "a member model or the route"),
+])
+def test_a_bad_gpu_batching_policy_is_refused_naming_the_field(default_spec, gpu, fragment):
+    """The last batch profile is fitted to max_batch_size (one source of the largest batch); the rest is checked."""
+    from fusionrank.contract.errors import FusionRankError
+    from fusionrank.contract.spec import to_dict
+
+    data = to_dict(default_spec)
+    data["serving"]["gpu"] = gpu
+    with pytest.raises(FusionRankError, match=re.escape(fragment)) as err:
+        from_dict(data)
+    assert "serving.gpu" in str(err.value)

@@ -11,7 +11,9 @@ from google.protobuf import json_format
 from onnx import TensorProto, helper
 
 from fusionrank.contract.spec import Modality
-from fusionrank.triton.models import OnnxRuntimeModel, PoolModel, PreprocessModel
+from fusionrank.triton.exported import OnnxRuntimeModel
+from fusionrank.triton.pool import PoolModel
+from fusionrank.triton.preprocess import PreprocessModel
 from fusionrank.triton.render import model_configs
 from tests.fakes.pb_utils import FakeError, FakeRequest, install
 

@@ -11,6 +11,11 @@ BENCHMARKS = {
     "cpu": "CPU profile: FP32 vs optimised FP32 vs INT8 per model and served end to end, with the accuracy gates",
     "preprocess": "preprocessing per row before/after the stateless rewrite, and its worst cases (time, peak memory)",
     "video": "what a video candidate costs against a still: preprocessing and image-encoder time per item",
+    "roof": "the cold route against the in-process roof (one pipeline per core), side by side: candidates/s and CPU "
+            "ms per candidate",
+    "memory": "resident memory of a served CPU pipeline per process, idle and under a stream of never-seen items",
+    "profile_route": "where a candidate's time goes in the served route: py-spy samples of every Python backend "
+                     "stub under never-seen items",
     "traffic": "the route past its capacity: goodput under deadlines at 1x-8x, an open-loop backlog, a cached "
                "caller beside 16-MP floods",
     "determinism": "one request's score spread alone, cached, from several callers, amid traffic and through the "

@@ -31,11 +31,12 @@ NextRequest = Callable[[], ScenarioRequest]
 class InProcessPipeline:
     """Preprocessing + the four ONNX models in this process."""
 
-    def __init__(self, spec: PipelineSpec, repo: Path):
+    def __init__(self, spec: PipelineSpec, repo: Path, intra_op_threads: int = 0):
         self.spec = spec
         self.preparer = RequestPreprocessor(spec, tokenizer_dir=tokenizer_dir(repo))
         # The graphs the CPU profile serves (optimised or INT8 per `export.cpu`), so both sides run the same models.
-        self.runners = {m: OnnxRuntimeRunner(repo / m / "1" / spec.export.cpu.onnx_file(m)) for m in ENCODERS_AND_RANKER
+        self.runners = {m: OnnxRuntimeRunner(repo / m / "1" / spec.export.cpu.onnx_file(m),
+                                             intra_op_threads=intra_op_threads) for m in ENCODERS_AND_RANKER
                         if m == RANKER or encoder_modality(m) in spec.modalities.enabled}
         self.max_batch = spec.serving.batching(encoder_name(Modality.IMAGE)).max_batch_size
 

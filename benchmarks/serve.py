@@ -14,12 +14,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks._args import repository_of, spec_of
+from benchmarks.lib.memory import describe as describe_memory
 from benchmarks.serve_phases import BenchConfig, BenchResult, Phase, run_bench
 from benchmarks.server_metrics import format_table as format_members
 from fusionrank.contract.project import reports_dir
 from fusionrank.contract.spec import PipelineSpec
 
 SPEEDUP_GOAL = 10.0  # warm cached route vs plain ensemble, candidates/s
+ROOF_GOAL = 0.9  # cold route vs the in-process roof (one pipeline per core), candidates/s
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,12 @@ def goals(result: BenchResult) -> list[Goal]:
         out.append(Goal("warm cached route p99 below the plain ensemble's",
                         f"{warm.latency.p99_ms:.0f} ms vs {plain.latency.p99_ms:.0f} ms",
                         warm.latency.p99_ms < plain.latency.p99_ms))
+    cold, roof = phases.get("route_cold"), phases.get("inprocess_roof")
+    if cold and roof and roof.candidates_per_s:
+        ratio = cold.candidates_per_s / roof.candidates_per_s
+        out.append(Goal(f"cold route >= {ROOF_GOAL:g}x the in-process roof's candidates/s",
+                        f"{ratio:.2f}x ({cold.candidates_per_s:.0f} vs {roof.candidates_per_s:.0f})",
+                        ratio >= ROOF_GOAL and not cold.errors))
     if plain and alone and alone.candidates_per_s:
         ratio = plain.candidates_per_s / alone.candidates_per_s
         out.append(Goal("plain ensemble at least as fast as the in-process pipeline at the request's batch",
@@ -89,6 +97,10 @@ def render(result: BenchResult) -> str:
             lines.append(f"{p.name}: {p.errors} errors, first: {p.first_error}")
         if p.cache:
             lines.append(p.cache.describe())
+    lines += ["", "memory (RSS per process, at the end of each served phase):"]
+    if result.idle_memory:
+        lines.append(f"  idle, after start-up: {describe_memory(result.idle_memory)}")
+    lines += [f"  {p.name}: {describe_memory(p.memory)}" for p in result.phases if p.memory]
     for p in result.phases:
         if p.members:
             lines += ["", f"{p.name}: per member (Triton metrics of the phase; batch = rows per execution)",
@@ -102,6 +114,7 @@ def as_dict(result: BenchResult) -> dict:
     return {"config": asdict(result.config), "spec": result.spec_source, "cores": result.cores,
             "machine": platform.platform(), "embed_seconds": result.embed_seconds,
             "phases": [p.as_dict() for p in result.phases],
+            "idle_memory": [m.as_dict() for m in result.idle_memory],
             "goals": [asdict(g) for g in goals(result)]}
 
 
@@ -114,7 +127,8 @@ def write_chart(result: BenchResult, path: Path) -> Path:
 
     c = result.config
     short = {"inprocess_request": f"in-process\nbatch {c.candidates}", "inprocess_batch": "in-process\nlargest batch",
-             "ensemble": "plain\nensemble", "route_cold": "cached route\ncold", "route_warm": "cached route\nwarm"}
+             "ensemble": "plain\nensemble", "route_cold": "cached route\ncold", "route_warm": "cached route\nwarm",
+             "inprocess_roof": "in-process\nroof"}
     names = [short.get(p.role, p.name) for p in result.phases]
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5))
     bars = left.bar(range(len(names)), [p.candidates_per_s for p in result.phases], color="tab:blue")

@@ -26,8 +26,11 @@ from pathlib import Path
 
 from benchmarks import server_metrics as triton_metrics
 from benchmarks.inprocess import InProcessPipeline, run_inprocess
+from benchmarks.inprocess_roof import run_roof
 from benchmarks.latency import LatencyStats, summarize
 from benchmarks.lib import closed_loop as drive_closed_loop
+from benchmarks.lib.memory import describe as describe_memory
+from benchmarks.lib.memory import process_tree
 from fusionrank.contract.errors import FusionRankError
 from fusionrank.contract.names import PREPROCESS
 from fusionrank.contract.spec import PipelineSpec, ServingProfile, member_models
@@ -38,7 +41,7 @@ from fusionrank.server.launcher import TritonServer
 from fusionrank.server.local_redis import LocalRedis
 from fusionrank.triton.render import rendered_files
 
-ROLES = ("inprocess_request", "inprocess_batch", "ensemble", "route_cold", "route_warm")
+ROLES = ("inprocess_request", "inprocess_batch", "ensemble", "route_cold", "route_warm", "inprocess_roof")
 
 
 class BenchError(FusionRankError):
@@ -86,6 +89,7 @@ class Phase:
     cache: triton_metrics.CacheShare | None = None
     novel_share: float = 0.0  # measured share of never-seen candidates
     note: str = ""
+    memory: list = field(default_factory=list)  # served phases: benchmarks.lib.memory.ProcessMemory at its end
 
     @property
     def candidates_per_s(self) -> float:
@@ -97,6 +101,7 @@ class Phase:
                 "errors": self.errors, "first_error": self.first_error, "load_average": list(self.load),
                 "novel_share": round(self.novel_share, 4), "note": self.note,
                 "members": [m.as_dict() for m in self.members],
+                "memory": [m.as_dict() for m in self.memory],
                 "cache": self.cache.as_dict() if self.cache else None}
 
 
@@ -107,6 +112,7 @@ class BenchResult:
     phases: list[Phase]
     cores: int
     embed_seconds: float | None = None  # embed-catalogue of the whole catalogue into the shared tier
+    idle_memory: list = field(default_factory=list)  # the server's processes once ready, before any phase
 
 
 def _factories(spec: PipelineSpec, bench, config: BenchConfig, phase: int, count: int) -> list[RequestFactory]:
@@ -137,6 +143,15 @@ def inprocess_phases(spec: PipelineSpec, repo: Path, bench, config: BenchConfig)
                                      "candidates; latency per call"))
     finally:
         pipeline.close()
+    (factory,) = _factories(spec, bench, config, phase=5, count=1)
+    load = os.getloadavg()[0]
+    roof = run_roof(spec, repo, factory.scenario, config.inprocess_seconds, seed=config.seed)
+    stats = summarize(roof.latencies, roof.candidates / roof.candidates_per_s if roof.candidates_per_s else 1.0,
+                      roof.candidates)
+    phases.append(Phase(f"in-process roof, {roof.workers} pipelines, batch {config.candidates}", "inprocess_roof",
+                        stats, len(roof.latencies), load=(load, os.getloadavg()[0]),
+                        note=f"{roof.workers} processes, one per core, 1 ONNX Runtime thread each; candidates/s "
+                             f"summed; {roof.cpu_ms_per_candidate:.1f} CPU ms per candidate"))
     return phases
 
 
@@ -184,7 +199,7 @@ def served_phase(name: str, role: str, server: TritonServer, model: str, factori
                  triton_metrics.breakdown(before, after, [model, *members]),
                  triton_metrics.cache_share(before, after, cache_model) if cache_model else None,
                  _novel(factories),
-                 f"{len(factories)} closed-loop callers")
+                 f"{len(factories)} closed-loop callers", process_tree(server.process.pid))
 
 
 @contextlib.contextmanager
@@ -219,8 +234,9 @@ def served_phases(spec: PipelineSpec, repo: Path, bench, config: BenchConfig, re
         served_spec, served_repo = stack.enter_context(serving_repository(spec, repo, redis.url if redis else None))
         server = stack.enter_context(TritonServer.for_spec(served_spec, served_repo, ServingProfile.CPU,
                                                            log_name="tritonserver-bench", reference_ensemble=True))
+        result.idle_memory = process_tree(server.process.pid)
         out.write(f"Triton ready (route, members, reference ensemble); shared tier: "
-                  f"{redis.url if redis else 'none'}\n")
+                  f"{redis.url if redis else 'none'}; idle: {describe_memory(result.idle_memory)}\n")
         plan = [(f"served plain ensemble ({spec.serving.reference_ensemble})", "ensemble",
                  spec.serving.reference_ensemble, (PREPROCESS, *members), None),
                 (f"served cached route, cold ({spec.serving.route})", "route_cold", spec.serving.route, members,

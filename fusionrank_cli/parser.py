@@ -19,6 +19,7 @@ from benchmarks import BENCHMARKS
 from fusionrank.contract.spec import FusionType, Precision, ServingProfile, choices
 from fusionrank.server.doors import ENV_TLS_DIR, TLS_FILES
 from fusionrank_cli import commands
+from fusionrank_cli.capacity import add_capacity_commands
 from loadtest.soak import add_arguments as soak_arguments
 from release.upgrade_measure import UPGRADE_PROFILES
 
@@ -248,4 +249,5 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     _add_load_commands(add)
     _add_engine_commands(add)
     _add_bench_commands(add, common, argv if argv is not None else sys.argv[1:])
+    add_capacity_commands(add)
     return parser

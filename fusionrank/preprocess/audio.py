@@ -21,13 +21,12 @@ from fractions import Fraction
 import numpy as np
 import soundfile as sf
 from numpy.lib.stride_tricks import sliding_window_view
-from scipy.signal import firwin, resample_poly
 from scipy.sparse import csr_matrix
-from transformers.audio_utils import mel_filter_bank, window_function
 
 from fusionrank.contract.errors import PreprocessError
 from fusionrank.contract.spec import AudioSpec
 from fusionrank.contract.tensors import ITEM_INPUT, Modality
+from fusionrank.preprocess._mel import hann_window, slaney_mel_filter_bank
 
 # Largest denominator of the resampling ratio: 441 (the 44.1-kHz family) and every other standard rate are exact;
 # an odd rate such as 47999 Hz is resampled at the nearest such ratio (a pitch error under 1e-5) instead of
@@ -39,6 +38,8 @@ MEL_FLOOR = 1e-10  # transformers' spectrogram default: the power floor before l
 @functools.lru_cache(maxsize=16)
 def _resampling_filter(up: int, down: int) -> np.ndarray:
     """scipy's own resample_poly filter for up/down (Kaiser-windowed sinc), designed once per ratio."""
+    from scipy.signal import firwin  # scipy.signal maps about 55 MiB: only processes that resample pay for it
+
     rate = max(up, down)
     taps = firwin(2 * 10 * rate + 1, 1.0 / rate, window=("kaiser", 5.0)).astype(np.float32)
     taps.flags.writeable = False  # shared between threads; resample_poly copies it before scaling
@@ -50,10 +51,9 @@ class AudioPreprocessor:
 
     def __init__(self, spec: AudioSpec):
         self.spec = spec
-        self.window = window_function(spec.n_fft, "hann").astype(np.float64)
-        self.mel_filters = mel_filter_bank(num_frequency_bins=spec.n_fft // 2 + 1, num_mel_filters=spec.n_mels,
-                                           min_frequency=spec.fmin, max_frequency=spec.fmax,
-                                           sampling_rate=spec.sample_rate, norm="slaney", mel_scale="slaney")
+        self.window = hann_window(spec.n_fft)
+        self.mel_filters = slaney_mel_filter_bank(spec.n_fft // 2 + 1, spec.n_mels, spec.fmin, spec.fmax,
+                                                  spec.sample_rate)
         for array in (self.window, self.mel_filters):
             array.flags.writeable = False
         # The triangular filters touch about 2 % of the (frequency, mel) pairs: a sparse product is the same sum
@@ -110,6 +110,8 @@ class AudioPreprocessor:
         if rate != spec.sample_rate:
             ratio = Fraction(spec.sample_rate, rate).limit_denominator(MAX_RATIO_DENOMINATOR)
             up, down = ratio.numerator, ratio.denominator
+            from scipy.signal import resample_poly  # see _resampling_filter
+
             mono = resample_poly(mono, up, down, window=_resampling_filter(up, down)).astype(np.float32)
         clip = np.zeros(spec.clip_samples, dtype=np.float32)
         clip[: min(len(mono), spec.clip_samples)] = mono[: spec.clip_samples]

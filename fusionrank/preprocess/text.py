@@ -7,10 +7,17 @@ Stateless and thread-safe: the `tokenizers.Tokenizer` is configured once (trunca
 and never changed afterwards; each request is tokenized once and padded to its bucket with numpy. (Calling the
 HF tokenizer with per-call padding/truncation arguments rewrites that state on the shared Rust object at every
 call, which gave ragged arrays when two threads tokenized at once.)
+
+Serving reads the tokenizer with `tokenizers` alone (`tokenizer.json` plus the padding token and side from
+`tokenizer_config.json`): importing transformers would map torch (about 350 MiB) into every route process, which
+only tokenizes. Export writes `tokenizer.json` from the checkpoint as transformers configures it (`load_tokenizer`),
+so both read the same normaliser, vocabulary and special tokens.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +30,47 @@ from fusionrank.contract.tensors import ITEM_INPUT, Modality
 
 
 def load_tokenizer(directory: Path):
-    """The checkpoint's HF fast tokenizer, from a local directory only (no hub access)."""
-    from transformers import AutoTokenizer  # heavy import, only where a tokenizer is loaded
+    """The checkpoint's HF fast tokenizer, from a local directory only (no hub access); for export, never serving."""
+    from transformers import AutoTokenizer  # heavy (maps torch): only export loads a checkpoint's tokenizer this way
 
     return AutoTokenizer.from_pretrained(str(directory), use_fast=True, local_files_only=True)
+
+
+@dataclass(frozen=True)
+class TokenizerFiles:
+    """A tokenizer folder read without transformers: the Rust tokenizer and the padding facts the spec needs."""
+
+    tokenizer: Tokenizer
+    pad_id: int
+    pad_left: bool
+    truncate_left: bool
+
+
+def _token_text(value) -> str | None:
+    """A special token as written in tokenizer_config.json: a string or an AddedToken dict with `content`."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def read_tokenizer(directory: Path) -> TokenizerFiles:
+    """`tokenizer.json` and the padding token and sides of a tokenizer folder (as `save_pretrained` writes it)."""
+    directory = Path(directory)
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        raise CheckpointError(f"tokenizer folder {str(directory)!r} has no tokenizer.json (a fast tokenizer is "
+                              "required; run `fusionrank export` to write one)")
+    config = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config's values win, as in transformers
+        if (directory / name).is_file():
+            config.update(json.loads((directory / name).read_text(encoding="utf-8")))
+    tokenizer = Tokenizer.from_file(str(path))
+    pad = _token_text(config.get("pad_token"))
+    if pad is None and tokenizer.padding:
+        pad = tokenizer.padding.get("pad_token")
+    pad_id = None if pad is None else tokenizer.token_to_id(pad)
+    if pad_id is None:
+        raise CheckpointError(f"tokenizer in {directory} has no padding token")
+    return TokenizerFiles(tokenizer, int(pad_id), config.get("padding_side", "right") == "left",
+                          config.get("truncation_side", "right") == "left")
 
 
 class TextPreprocessor:
@@ -36,16 +80,14 @@ class TextPreprocessor:
         if tokenizer_dir is None:
             tokenizer_dir = resolve_text_checkpoint(spec.encoder.checkpoint)
         self.spec = spec
-        hf = load_tokenizer(Path(tokenizer_dir))
-        if hf.pad_token_id is None:
-            raise CheckpointError(f"tokenizer in {tokenizer_dir} has no padding token")
-        # A private copy of the checkpoint's Rust tokenizer (normaliser, vocabulary and special tokens exactly as
-        # transformers configures them), set up once and only read afterwards.
-        self.tokenizer = Tokenizer.from_str(hf.backend_tokenizer.to_str())
+        files = read_tokenizer(Path(tokenizer_dir))
+        # Set up once and only read afterwards (see the module's docstring).
+        self.tokenizer = files.tokenizer
         self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(max_length=spec.max_length)
-        self.pad_id = int(hf.pad_token_id)
-        self.pad_left = hf.padding_side == "left"
+        self.tokenizer.enable_truncation(max_length=spec.max_length,
+                                         direction="left" if files.truncate_left else "right")
+        self.pad_id = files.pad_id
+        self.pad_left = files.pad_left
 
     def decode(self, rows: list[bytes]) -> list[str]:
         """UTF-8 text of every row; empty, invalid or too long rows raise PreprocessError naming the row."""

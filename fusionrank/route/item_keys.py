@@ -26,9 +26,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2 as mc
-
 from fusionrank.contract.errors import FusionRankError
 from fusionrank.contract.names import encoder_name
 from fusionrank.contract.paths import tokenizer_dir
@@ -138,6 +135,11 @@ def encoder_identities(spec: PipelineSpec, repo: Path, member_files: dict[str, s
 def route_member_files(spec: PipelineSpec, repo: Path, profile: ServingProfile | str) -> dict[str, str]:
     """The `member_files` parameter of the route's config for `profile` as written in `repo` (what the served route
     reads, so callers outside the server compute the same cache keys)."""
+    # Imported here: tritonclient.grpc maps gRPC and protobuf (~40 MiB) into every process that imports it, and the
+    # route's stubs import this module but never call this function (only callers outside the server do).
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
     path = ServingProfile(profile).served_config(Path(repo) / spec.serving.route)
     try:
         return json.loads(text_format.Parse(path.read_text(), mc.ModelConfig()).parameters[MEMBER_FILES].string_value)

@@ -33,6 +33,9 @@ class OnnxRuntimeModel(BatchedModel):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        # No CPU memory arena: the arena keeps the peak of the largest batch ever run (the warm-up's) for the
+        # process's life, about 200 MiB per encoder on the CI spec, and saved no CPU time (docs/capacity.md).
+        options.enable_cpu_mem_arena = False
         threads = int(self.params.get("intra_op_threads", "0"))
         if threads:
             options.intra_op_num_threads = threads
@@ -68,9 +71,10 @@ def onnxruntime_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
     written by export/convert/onnx2cpu.py)."""
     config = python_config(spec, model, "onnxruntime")
     config.parameters["onnx_file"].string_value = spec.export.cpu.onnx_file(model)
-    # One thread per session: the three encoders run concurrently in their own stubs, and several threads each
-    # oversubscribe the cores (measured on 2 cores: a 10-candidate request 436 ms with the default, 352 ms with 1).
-    config.parameters["intra_op_threads"].string_value = "1"
+    # One thread per session by default: the three encoders run concurrently in their own stubs, and several
+    # threads each oversubscribe the cores (measured on 2 cores: a 10-candidate request 436 ms with the default,
+    # 352 ms with 1); `fusionrank tune` measures other values per machine.
+    config.parameters["intra_op_threads"].string_value = str(spec.serving.batching(model).intra_op_threads)
     if model == RANKER:
         config.parameters["check_finite_outputs"].string_value = "true"
     return config

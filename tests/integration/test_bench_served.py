@@ -13,8 +13,9 @@ def test_bench_phases_measure_the_served_routes_and_the_in_process_pipeline(trit
     from benchmarks.serve_phases import _factories, inprocess_phases, served_phase
 
     config = BenchConfig(candidates=6, callers=2, seconds=2.0, inprocess_seconds=0.5, novel_share=0.2)
-    alone, batched = inprocess_phases(ci_spec, built_repository, bench, config)
+    alone, batched, roof = inprocess_phases(ci_spec, built_repository, bench, config)
     assert alone.latency.samples >= 2 and alone.candidates_per_s > 0 and batched.candidates_per_s > 0
+    assert roof.role == "inprocess_roof" and roof.candidates_per_s > 0 and "one per core" in roof.note
     assert "calls of 6 candidates" in alone.note and "calls of 126 candidates" in batched.note
     members = ("text_encoder", "image_encoder", "audio_encoder", "fusion_ranker")
     route = served_phase("route", "route_warm", triton_server, ci_spec.serving.route,
@@ -25,5 +26,8 @@ def test_bench_phases_measure_the_served_routes_and_the_in_process_pipeline(trit
     assert route.cache.hits + route.cache.misses == 3 * 6 * route.requests
     assert 0 < by_model["image_encoder"].inferences <= route.cache.misses, "only misses are encoded"
     assert 0 < route.novel_share < 0.5
+    labels = [m.label for m in route.memory]  # RSS per process of the server's tree, beside the throughput
+    assert labels.count("stub:rank") == ci_spec.serving.batching("rank").instances and "tritonserver" in labels
+    assert all(m.rss > 0 for m in route.memory)
     print(f"\nbench phases: in-process {alone.candidates_per_s:.1f} / {batched.candidates_per_s:.1f} candidates/s, "
           f"route {route.candidates_per_s:.1f} candidates/s, {route.cache.describe()}")

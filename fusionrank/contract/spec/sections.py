@@ -231,6 +231,9 @@ class BatchingSpec:
     preferred_batch_sizes: tuple[int, ...] = (16, 32)
     max_queue_delay_us: int = 2000
     instances: int = 1
+    # ONNX Runtime's intra-op threads per instance of a CPU-profile graph (0: one per core, ONNX Runtime's default);
+    # read only for the ONNX Runtime members. Inter-op threads are not offered: the sessions run sequentially.
+    intra_op_threads: int = 1
 
     def __post_init__(self):
         check_positive("serving.models.*.max_batch_size", self.max_batch_size)
@@ -241,6 +244,8 @@ class BatchingSpec:
         if self.max_queue_delay_us < 0:
             fail("serving.models.*.max_queue_delay_us", self.max_queue_delay_us, "an integer >= 0")
         check_positive("serving.models.*.instances", self.instances)
+        if self.intra_op_threads < 0:
+            fail("serving.models.*.intra_op_threads", self.intra_op_threads, "an integer >= 0 (0: one per core)")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,117 @@
+"""`fusionrank tune`: the config search, from its flags to its report (see `benchmarks.tune.search`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--budget-seconds", type=float, default=900.0, help="wall-time budget of the search")
+    parser.add_argument("--budget-evaluations", type=int, default=12, help="most configurations measured")
+    parser.add_argument("--window", type=float, default=10.0, help="seconds per measurement window")
+    parser.add_argument("--max-windows", type=int, default=5, help="most windows per configuration (3 must agree)")
+    parser.add_argument("--callers", type=int, default=8, help="closed-loop callers")
+    parser.add_argument("--candidates", type=int, default=16, help="candidates per request")
+    parser.add_argument("--novel-share", type=float, default=1.0,
+                        help="share of never-seen candidates (1.0: every candidate a cache miss, the cold route)")
+    parser.add_argument("--knobs", default=None, help="comma-separated knob names to search (default: all)")
+    parser.add_argument("--min-gain", type=float, default=0.03, help="smallest relative gain a step must bring")
+    parser.add_argument("--confirm-rounds", type=int, default=1,
+                        help="after the search, measure hand-set and tuned again this many times each, interleaved, "
+                             "and test the difference (0: no confirmation)")
+    parser.add_argument("--no-ranking-check", action="store_true", help="skip the ranking gates (not recommended)")
+    parser.add_argument("--out", default=None, help="report folder (default: reports/tune-<time>)")
+
+
+def _knobs(spec, names: str | None):
+    from benchmarks.tune.knobs import default_knobs
+    from benchmarks.tune.search import TuneError
+
+    knobs = default_knobs(spec)
+    if not names:
+        return knobs
+    wanted = names.split(",")
+    unknown = sorted(set(wanted) - {k.name for k in knobs})
+    if unknown:
+        raise TuneError(f"--knobs: unknown {', '.join(unknown)}; known: {', '.join(k.name for k in knobs)}")
+    return [k for k in knobs if k.name in wanted]
+
+
+def main(args: argparse.Namespace, out=sys.stdout) -> int:
+    """Search, report, and refuse an overlay that fails the SLO or the ranking gates (exit 1)."""
+    from benchmarks._args import repository_of, spec_of
+
+    spec, repo = spec_of(args), repository_of(args)
+    from benchmarks.lib import Stability, describe_machine, load_average
+    from benchmarks.served import Stream
+    from benchmarks.tune.measure import ConfigMeasurer, MeasureSettings
+    from benchmarks.tune.report import write_report
+    from benchmarks.tune.search import (
+        Budget,
+        TuneError,
+        apply,
+        best_trial,
+        confirm,
+        coordinate_descent,
+        handset,
+        overlay,
+    )
+    from fusionrank.contract.project import default_spec_path, project_dir
+
+    knobs = _knobs(spec, args.knobs)
+    start, knobs = handset(spec, knobs)
+    stream = Stream(candidates=args.candidates, callers=args.callers, novel_share=args.novel_share)
+    settings = MeasureSettings(stream, args.window, Stability(3, 0.15, max(3, args.max_windows)))
+    facts = {"machine": describe_machine(), "load_before": load_average(),
+             "stream": f"{args.callers} closed-loop callers, {args.candidates} candidates per request, "
+                       f"{100 * args.novel_share:g}% never-seen, windows of {args.window:g} s",
+             "slo": f"p99 <= {spec.slo.p99_ms:g} ms, error rate <= {spec.slo.max_error_rate:g}"}
+    out.write(f"fusionrank tune: {len(knobs)} knobs ({', '.join(k.name for k in knobs)}); {facts['machine']}\n")
+    measurer = ConfigMeasurer(spec, repo, knobs, settings, ranking=not args.no_ranking_check)
+    budget = Budget(args.budget_evaluations, args.budget_seconds)
+
+    count = [0]
+
+    def measure(config):
+        began = time.monotonic()
+        trial = measurer(config)
+        trial = dataclasses.replace(trial, seconds=time.monotonic() - began)
+        count[0] += 1
+        out.write(f"  [{count[0]}] {trial.candidates_per_s:7.1f} candidates/s  p99 "
+                  f"{trial.p99_ms:6.0f} ms  {'ok ' if trial.feasible else 'OUT'}  {config}  ({trial.note})\n")
+        out.flush()
+        return trial
+
+    trials = coordinate_descent(knobs, start, measure, budget, args.min_gain)
+    facts["load_after"] = load_average()
+    budget_text = (f"{args.budget_evaluations} evaluations / {args.budget_seconds:g} s; used {len(trials)} in "
+                   f"{time.monotonic() - budget.started:.0f} s")
+    try:
+        best = best_trial(trials)
+        if args.confirm_rounds and best is not trials[0]:
+            comparison, extra = confirm(trials[0], best, measure, args.confirm_rounds)
+            facts["confirmation"] = (f"hand-set vs tuned candidates/s per window over {1 + args.confirm_rounds} "
+                                     f"interleaved runs each: {comparison.describe()}")
+            out.write(f"confirmation: {facts['confirmation']}\n")
+            trials += extra
+            if not (comparison.significant and comparison.change > 0):
+                # No gain beyond noise: the hand-set spec stays (an empty overlay), and the report says why.
+                facts["kept_handset"] = "the tuned configuration's gain did not survive the confirmation"
+                best = trials[0]
+        tuned_overlay = overlay(spec, apply(spec, knobs, best.config))
+        out_dir = Path(args.out) if args.out else project_dir() / "reports" / f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
+        paths = write_report(out_dir, Path(args.spec) if args.spec else default_spec_path(), trials, best,
+                             tuned_overlay, facts, budget_text)
+    except TuneError as exc:
+        out.write(f"fusionrank tune: {exc}\n")
+        return 1
+    ratio = best.candidates_per_s / trials[0].candidates_per_s if trials[0].candidates_per_s else float("nan")
+    out.write(f"tuned {best.candidates_per_s:.1f} vs hand-set {trials[0].candidates_per_s:.1f} candidates/s "
+              f"({ratio:.2f}x) within the SLO; {budget_text}\n")
+    for name, path in paths.items():
+        out.write(f"  {name}: {path}\n")
+    return 0

@@ -1,0 +1,113 @@
+"""Measuring one configuration of `fusionrank tune`: its spec rendered over the exported repository (configs
+written, weights linked), a real tritonserver on loopback, and closed-loop callers of never-seen items through the
+shared measurement core until the stability rule holds; the trial's capacity and p99 against the spec's SLO."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.lib import Stability, percentile
+from benchmarks.served import ServedLoad, Stream
+from benchmarks.tune.search import Knob, Trial, apply
+from fusionrank.contract.spec import PipelineSpec, ServingProfile
+
+
+@contextlib.contextmanager
+def overlay_repository(spec: PipelineSpec, repo: Path) -> Iterator[Path]:
+    """A temporary repository: every file `spec` renders written anew, every other file of `repo` (weights,
+    tokenizer, golden outputs) a link to the original."""
+    from fusionrank.triton.render import rendered_files
+
+    repo = Path(repo).resolve()
+    rendered = {f.path: f.content for f in rendered_files(spec)}
+    with tempfile.TemporaryDirectory(prefix="fusionrank-tune-repo-") as folder:
+        root = Path(folder)
+        for path in sorted(p for p in repo.rglob("*") if p.is_file()):
+            rel = path.relative_to(repo).as_posix()
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            if rel not in rendered:
+                (root / rel).symlink_to(path)
+        for rel, content in rendered.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(content)
+        yield root
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    """How each configuration is loaded and judged."""
+
+    stream: Stream = Stream()
+    window_s: float = 10.0
+    rule: Stability = Stability(windows=3, tolerance=0.15, max_windows=5)
+    start_timeout_s: float = 300.0
+
+
+class ConfigMeasurer:
+    """`__call__(config) -> Trial`: serve the configuration and measure it (the search's measure function)."""
+
+    def __init__(self, spec: PipelineSpec, repo: Path, knobs: Sequence[Knob], settings: MeasureSettings,
+                 ranking: bool = True):
+        from benchmarks.tune.ranking import RankingProbe
+        from fusionrank.model.synthetic_data import load_benchmark
+
+        self.spec, self.repo, self.knobs, self.settings = spec, Path(repo), list(knobs), settings
+        self.bench = load_benchmark(spec)
+        self.probe = RankingProbe(spec, self.repo, self.bench) if ranking else None
+        self.calls = 0
+
+    def __call__(self, config: dict[str, int]) -> Trial:
+        from fusionrank.server.launcher import TritonServer
+
+        variant = apply(self.spec, self.knobs, config)
+        self.calls += 1
+        # A seed per measurement: never-seen items stay never seen across configurations (no server keeps a cache).
+        stream = dataclasses.replace(self.settings.stream, seed=self.settings.stream.seed + 100 * self.calls)
+        with overlay_repository(variant, self.repo) as repo, \
+                TritonServer.for_spec(variant, repo, ServingProfile.CPU, log_name="tritonserver-tune") as server:
+            load = ServedLoad(variant, self.bench, server.grpc_url, variant.serving.route, stream)
+            try:
+                run = load.stable(self.settings.window_s, self.settings.rule)
+            finally:
+                load.close()
+            check = self.probe.check(server.grpc_url, variant.serving.route) if self.probe else None
+        trial = judge(config, run, self.spec, stream.candidates)
+        if check is None:
+            return trial
+        return dataclasses.replace(trial, feasible=trial.feasible and check.passed,
+                                   note=f"{trial.note}; {check.describe()}")
+
+
+def judge(config: dict[str, int], run, spec: PipelineSpec, candidates: int) -> Trial:
+    """The trial of a stable run: capacity (candidates/s over the measured windows), p99 and the SLO's verdict."""
+    samples = run.samples()
+    wall = sum(w.result.wall_s for w in run.measured if w.result)
+    ok = [s.latency_s * 1000.0 for s in samples if s.ok]
+    errors = len(samples) - len(ok)
+    capacity = len(ok) * candidates / wall if wall > 0 else 0.0
+    slo = spec.slo
+    if not ok:
+        first = next((s.error for s in samples if not s.ok), "no request answered")
+        return Trial(config, 0.0, float("inf"), False, f"no answer: {first}")
+    p99 = percentile(ok, 0.99)
+    # Too few samples to estimate p99: the largest latency seen (never below the p99) is held to the SLO instead.
+    bound = p99.value if p99.supported else max(ok)
+    problems = []
+    if bound > slo.p99_ms:
+        problems.append(f"p99 {bound:.0f} ms > {slo.p99_ms:g} ms" + ("" if p99.supported else " (max of a sample "
+                                                                      "too small for p99)"))
+    if errors / len(samples) > slo.max_error_rate:
+        problems.append(f"error rate {errors / len(samples):.3f} > {slo.max_error_rate:g}")
+    feasible = not problems
+    if not p99.supported:
+        problems.append(f"p99 from {p99.samples} samples (needs >= {p99.needed}): the max held to the SLO")
+    if not run.stable:
+        problems.append("windows not stable")  # reported, not disqualifying: a noisy machine still gets a figure
+    note = "; ".join(problems) or p99.describe()
+    windows = tuple(w.throughput * candidates for w in run.measured)
+    return Trial(config, capacity, bound, feasible, note, windows=windows)

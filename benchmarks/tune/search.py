@@ -1,0 +1,211 @@
+"""The search of `fusionrank tune`, free of any server: knobs over the spec's serving section, a budgeted
+coordinate descent from the hand-set spec, and the Pareto front of what it measured.
+
+A configuration is a mapping knob name -> value. Each knob sets one field (`instances`, `intra_op_threads`,
+`max_queue_delay_us`, `max_batch_size`) of one or more models in `serving.models`; a batch-size knob also keeps the
+preferred sizes that still fit (else the maximum alone). The search measures the hand-set configuration first, then
+walks the knobs in order of their expected effect: one step up and one step down each; a step that raises capacity
+(candidates/s within the SLO) by more than `min_gain` is taken and the walk goes on in that direction; a pass that
+takes no step ends the search, as does the budget (evaluations or seconds, whichever ends first). Like Triton Model
+Analyzer's quick search, but over the whole pipeline's knobs, not one model's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from fusionrank.contract.errors import FusionRankError
+from fusionrank.contract.spec import BatchingSpec, PipelineSpec
+
+FIELDS = ("instances", "intra_op_threads", "max_queue_delay_us", "max_batch_size")
+
+Config = Mapping[str, int]
+
+
+class TuneError(FusionRankError):
+    """A knob, budget or overlay is invalid, or no configuration met the SLO."""
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One searched setting: `field` of every model in `models`, over `values` (ascending)."""
+
+    name: str
+    models: tuple[str, ...]
+    field: str
+    values: tuple[int, ...]
+
+    def __post_init__(self):
+        if self.field not in FIELDS:
+            raise TuneError(f"knob {self.name}: field {self.field!r} is not one of {', '.join(FIELDS)}")
+        if not self.values or list(self.values) != sorted(set(self.values)):
+            raise TuneError(f"knob {self.name}: values {list(self.values)} must be ascending and distinct")
+
+    def with_value(self, value: int) -> Knob:
+        """The knob with `value` among its values (the hand-set value is always a candidate)."""
+        return self if value in self.values else dataclasses.replace(self, values=tuple(sorted({*self.values, value})))
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One measured configuration: capacity in candidates/s, p99 in ms, whether it met the SLO, and why not."""
+
+    config: dict[str, int]
+    candidates_per_s: float
+    p99_ms: float
+    feasible: bool
+    note: str = ""
+    seconds: float = 0.0
+    windows: tuple[float, ...] = ()  # candidates/s of each measured window (for the confirmation's test)
+
+    @property
+    def score(self) -> float:
+        return self.candidates_per_s if self.feasible else -math.inf
+
+
+@dataclass
+class Budget:
+    """At most `evaluations` measurements and `seconds` of wall time (a measurement is not started when the time
+    left is below the mean measurement so far)."""
+
+    evaluations: int = 12
+    seconds: float = 900.0
+    clock: Callable[[], float] = time.monotonic
+    started: float = field(default=0.0)
+    spent: list[float] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.evaluations < 1 or not self.seconds > 0:
+            raise TuneError(f"budget of {self.evaluations} evaluations and {self.seconds} s: both must be > 0")
+        self.started = self.clock()
+
+    def allows(self) -> bool:
+        if len(self.spent) >= self.evaluations:
+            return False
+        left = self.seconds - (self.clock() - self.started)
+        return left > (sum(self.spent) / len(self.spent) if self.spent else 0.0)
+
+
+def handset(spec: PipelineSpec, knobs: Sequence[Knob]) -> tuple[dict[str, int], list[Knob]]:
+    """The spec's own value of every knob (its first model's), each knob widened to hold it."""
+    config, widened = {}, []
+    for knob in knobs:
+        value = getattr(spec.serving.batching(knob.models[0]), knob.field)
+        config[knob.name] = value
+        widened.append(knob.with_value(value))
+    return config, widened
+
+
+def _batching(current: BatchingSpec, knob_field: str, value: int) -> BatchingSpec:
+    if knob_field != "max_batch_size":
+        return dataclasses.replace(current, **{knob_field: value})
+    preferred = tuple(b for b in current.preferred_batch_sizes if b <= value) or (value,)
+    return dataclasses.replace(current, max_batch_size=value, preferred_batch_sizes=preferred)
+
+
+def apply(spec: PipelineSpec, knobs: Sequence[Knob], config: Config) -> PipelineSpec:
+    """The spec with `config`'s values set on every model each knob names."""
+    models = dict(spec.serving.models)
+    for knob in knobs:
+        if knob.name not in config:
+            continue
+        for model in knob.models:
+            models[model] = _batching(models.get(model, spec.serving.batching(model)), knob.field, config[knob.name])
+    return spec.with_overrides(serving=dataclasses.replace(spec.serving, models=models))
+
+
+def overlay(spec: PipelineSpec, tuned: PipelineSpec) -> dict:
+    """The spec overlay (YAML-ready) that turns `spec`'s serving models into `tuned`'s; {} when they agree. An
+    overlay replaces `serving.models` as a whole (a mapping keyed by name), so every model is written in full."""
+    models = {m: spec.serving.batching(m) for m in tuned.serving.models}
+    if all(models[m] == b for m, b in tuned.serving.models.items()) and set(spec.serving.models) <= set(models):
+        return {}
+    return {"serving": {"models": {m: {k: list(v) if isinstance(v, tuple) else v
+                                       for k, v in dataclasses.asdict(b).items()}
+                                   for m, b in tuned.serving.models.items()}}}
+
+
+Measure = Callable[[dict[str, int]], Trial]
+
+
+def coordinate_descent(knobs: Sequence[Knob], start: Config, measure: Measure, budget: Budget,
+                       min_gain: float = 0.03, on_trial: Callable[[Trial], None] | None = None) -> list[Trial]:
+    """Every trial measured, in order; the first is `start`. See the module docstring for the walk."""
+    trials: dict[tuple, Trial] = {}
+
+    def run(config: dict[str, int]) -> Trial | None:
+        key = tuple(sorted(config.items()))
+        if key in trials:
+            return trials[key]
+        if not budget.allows():
+            return None
+        began = budget.clock()
+        trial = measure(dict(config))
+        budget.spent.append(budget.clock() - began)
+        trials[key] = trial
+        if on_trial:
+            on_trial(trial)
+        return trial
+
+    best = run(dict(start))
+    if best is None:
+        return []
+    improved = True
+    while improved and budget.allows():
+        improved = False
+        for knob in knobs:
+            for direction in (+1, -1):
+                while True:
+                    index = knob.values.index(best.config[knob.name]) + direction
+                    if not 0 <= index < len(knob.values):
+                        break
+                    trial = run({**best.config, knob.name: knob.values[index]})
+                    if trial is None or not _better(trial, best, min_gain):
+                        break
+                    best, improved = trial, True
+    return list(trials.values())
+
+
+def _better(trial: Trial, best: Trial, min_gain: float) -> bool:
+    if not trial.feasible:
+        return False
+    if not best.feasible:
+        return True
+    return trial.candidates_per_s > best.candidates_per_s * (1 + min_gain)
+
+
+def best_trial(trials: Sequence[Trial]) -> Trial:
+    """The feasible trial of the most capacity; TuneError when none met the SLO."""
+    feasible = [t for t in trials if t.feasible]
+    if not feasible:
+        raise TuneError(f"none of the {len(trials)} configurations measured met the SLO: "
+                        + "; ".join(t.note for t in trials[:3]))
+    return max(feasible, key=lambda t: t.candidates_per_s)
+
+
+def confirm(handset_trial: Trial, best: Trial, measure: Measure, rounds: int):
+    """Hand-set and best measured again, interleaved, `rounds` times each; their windows' candidates/s (the search's
+    own runs included) compared with a Mann-Whitney test and a noise floor (`benchmarks.lib.compare_samples`).
+    Returns the comparison and the new trials."""
+    from benchmarks.lib import compare_samples
+
+    extra = []
+    for _ in range(rounds):
+        extra += [measure(dict(handset_trial.config)), measure(dict(best.config))]
+    base = [w for t in (handset_trial, *extra[0::2]) for w in t.windows]
+    tuned = [w for t in (best, *extra[1::2]) for w in t.windows]
+    if not base or not tuned:
+        raise TuneError("confirmation: a configuration gave no measured window")
+    return compare_samples(base, tuned), extra
+
+
+def pareto_front(trials: Sequence[Trial]) -> list[Trial]:
+    """Trials no other trial beats on both throughput (higher) and p99 (lower), by throughput."""
+    ok = [t for t in trials if math.isfinite(t.p99_ms) and t.candidates_per_s > 0]
+    front = [t for t in ok if not any(o.candidates_per_s >= t.candidates_per_s and o.p99_ms <= t.p99_ms and
+                                      (o.candidates_per_s > t.candidates_per_s or o.p99_ms < t.p99_ms) for o in ok)]
+    return sorted(front, key=lambda t: t.candidates_per_s)

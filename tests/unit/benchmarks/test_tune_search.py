@@ -1,0 +1,193 @@
+"""`fusionrank tune`'s search without a server: a fake measure function with a known optimum."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from benchmarks.tune.knobs import default_knobs
+from benchmarks.tune.report import merged_spec, write_report
+from benchmarks.tune.search import (
+    Budget,
+    Knob,
+    Trial,
+    TuneError,
+    apply,
+    best_trial,
+    coordinate_descent,
+    handset,
+    overlay,
+    pareto_front,
+)
+from tests.paths import CI_SPEC
+
+KNOBS = [Knob("a", ("rank",), "instances", (1, 2, 3, 4, 5, 6)),
+         Knob("b", ("image_encoder",), "intra_op_threads", (1, 2, 3, 4))]
+
+
+def fake_measure(calls: list, slo_p99: float = 1000.0):
+    """Capacity peaks at a=4, b=2; p99 grows with a; a=6 breaks the SLO."""
+
+    def measure(config):
+        calls.append(dict(config))
+        a, b = config["a"], config["b"]
+        capacity = 100.0 - 5 * (a - 4) ** 2 - 8 * (b - 2) ** 2
+        p99 = 200.0 * a
+        return Trial(dict(config), capacity, p99, p99 <= slo_p99, "")
+
+    return measure
+
+
+class Clock:
+    def __init__(self, step: float):
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_descent_finds_the_optimum_from_the_handset_start_without_a_full_grid():
+    calls = []
+    trials = coordinate_descent(KNOBS, {"a": 1, "b": 1}, fake_measure(calls), Budget(evaluations=50))
+    assert trials[0].config == {"a": 1, "b": 1}
+    assert best_trial(trials).config == {"a": 4, "b": 2}
+    assert len(calls) == len({tuple(sorted(c.items())) for c in calls})  # never measures a config twice
+    assert len(calls) < 6 * 4  # fewer than the grid
+
+
+def test_descent_never_steps_into_an_slo_violation():
+    trials = coordinate_descent(KNOBS, {"a": 5, "b": 2}, fake_measure([], slo_p99=1000.0), Budget(evaluations=50))
+    best = best_trial(trials)
+    assert best.feasible and best.config["a"] <= 5
+    assert any(not t.feasible for t in trials)  # a=6 was tried and refused
+
+
+def test_budget_bounds_evaluations_and_seconds():
+    calls = []
+    coordinate_descent(KNOBS, {"a": 1, "b": 1}, fake_measure(calls), Budget(evaluations=3))
+    assert len(calls) == 3
+    calls = []
+    # each measurement takes 10 s on this clock; 35 s leave room for 2, never a third that would overrun
+    coordinate_descent(KNOBS, {"a": 1, "b": 1}, fake_measure(calls), Budget(evaluations=50, seconds=35,
+                                                                          clock=Clock(5.0)))
+    assert 1 <= len(calls) <= 3
+    with pytest.raises(TuneError, match="budget"):
+        Budget(evaluations=0)
+
+
+def test_min_gain_keeps_the_handset_when_steps_are_noise():
+    flat = [Trial({"a": 1, "b": 1}, 0, 0, True)]
+
+    def measure(config):
+        return Trial(dict(config), 100.0 + config["a"] * 0.5, 100.0, True)
+
+    trials = coordinate_descent(KNOBS, {"a": 1, "b": 1}, measure, Budget(evaluations=50), min_gain=0.03)
+    assert best_trial(trials[:1]).config == {"a": 1, "b": 1}
+    assert len(trials) <= 4 and flat  # one step per direction of each knob, none taken
+
+
+def test_best_trial_refuses_when_nothing_met_the_slo():
+    with pytest.raises(TuneError, match="none of the 1"):
+        best_trial([Trial({"a": 1}, 50.0, 9e9, False, "p99 9e9 ms > 3000 ms")])
+
+
+def test_pareto_front():
+    trials = [Trial({}, 100, 500, True), Trial({}, 120, 400, True), Trial({}, 150, 900, True),
+              Trial({}, 90, 300, True), Trial({}, 10, math.inf, False)]
+    assert [(t.candidates_per_s, t.p99_ms) for t in pareto_front(trials)] == [(90, 300), (120, 400), (150, 900)]
+
+
+def test_knobs_apply_and_overlay_on_the_ci_spec(ci_spec, tmp_path):
+    knobs = default_knobs(ci_spec, cores=2)
+    start, knobs = handset(ci_spec, knobs)
+    assert start["route.instances"] == ci_spec.serving.batching("rank").instances
+    assert overlay(ci_spec, apply(ci_spec, knobs, start)) == {}
+    tuned = apply(ci_spec, knobs, {**start, "encoders.max_batch_size": 64, "image_encoder.intra_op_threads": 2})
+    ov = overlay(ci_spec, tuned)
+    image = ov["serving"]["models"]["image_encoder"]
+    assert (image["intra_op_threads"], image["max_batch_size"], image["preferred_batch_sizes"]) == (2, 64, [32, 64])
+    assert ov["serving"]["models"]["text_encoder"]["max_batch_size"] == 64
+    assert set(ov["serving"]["models"]) == set(ci_spec.serving.models)  # the mapping is replaced whole
+    merged = merged_spec(CI_SPEC, ov, tmp_path)
+    assert merged.serving.batching("image_encoder").intra_op_threads == 2
+    assert merged.serving.batching("rank") == ci_spec.serving.batching("rank")
+
+
+def test_rendered_config_carries_intra_op_threads(ci_spec):
+    from fusionrank.triton.render import rendered_files
+
+    tuned = apply(ci_spec, [Knob("t", ("image_encoder",), "intra_op_threads", (1, 2))], {"t": 2})
+    config = {f.path: f.content for f in rendered_files(tuned)}["image_encoder/configs/cpu.pbtxt"]
+    assert b'key: "intra_op_threads"\n  value {\n    string_value: "2"' in config
+
+
+def test_refusal(ci_spec, tmp_path):
+    bad = Trial({"a": 1}, 10.0, 5000.0, False, "p99 5000 ms > 3000 ms")
+    with pytest.raises(TuneError, match="refusing the overlay"):
+        write_report(tmp_path / "r", CI_SPEC, [bad], bad, {}, {}, "1 evaluation")
+    assert not (tmp_path / "r").exists()
+    knob = [Knob("t", ("image_encoder",), "intra_op_threads", (1, 2))]
+    broken = overlay(ci_spec, apply(ci_spec, knob, {"t": 2}))
+    broken["serving"]["models"]["image_encoder"]["intra_op_threads"] = -1
+    good = Trial({"t": 2}, 10.0, 500.0, True)
+    with pytest.raises(Exception, match="intra_op_threads"):
+        write_report(tmp_path / "s", CI_SPEC, [good], good, broken, {}, "1 evaluation")
+    assert not (tmp_path / "s" / "tune.overlay.yaml").exists()
+
+
+def test_report_files(ci_spec, tmp_path):
+    from fusionrank.contract.spec import load_spec
+
+    trials = [Trial({"a": 1}, 100.0, 800.0, True, "p99 ok"), Trial({"a": 2}, 130.0, 900.0, True, "p99 ok"),
+              Trial({"a": 3}, 140.0, 4000.0, False, "p99 4000 ms > 3000 ms")]
+    ov = overlay(ci_spec, apply(ci_spec, [Knob("r", ("rank",), "instances", (2, 3))], {"r": 2}))
+    facts = {"machine": "cpu (2 cores; avx2; load 1)", "load_before": [1], "load_after": [1], "stream": "s",
+             "slo": "p99 <= 3000 ms"}
+    paths = write_report(tmp_path, CI_SPEC, trials, trials[1], ov, facts, "3 evaluations")
+    assert "1.30x" in paths["report"].read_text()
+    assert yaml.safe_load(paths["overlay"].read_text())["base"] == str(CI_SPEC.resolve())
+    tuned = load_spec(paths["overlay"])  # usable as --spec as it is
+    assert tuned.serving.batching("rank").instances == 2
+    assert tuned.serving.batching("image_encoder") == ci_spec.serving.batching("image_encoder")
+    assert paths["plot"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_overlay_repository_writes_configs_and_links_weights(ci_spec, tmp_path):
+    from benchmarks.tune.measure import overlay_repository
+    from fusionrank.triton.render import render_repository
+
+    repo = tmp_path / "repo"
+    render_repository(ci_spec, repo)
+    weights = repo / "image_encoder" / "1" / "model.opt.onnx"
+    weights.write_bytes(b"not really a graph")
+    tuned = apply(ci_spec, [Knob("t", ("image_encoder",), "intra_op_threads", (1, 2))], {"t": 2})
+    with overlay_repository(tuned, repo) as root:
+        linked = root / "image_encoder" / "1" / "model.opt.onnx"
+        assert linked.is_symlink() and linked.read_bytes() == b"not really a graph"
+        config = (root / "image_encoder" / "configs" / "cpu.pbtxt").read_text()
+        assert 'string_value: "2"' in config and not (root / "image_encoder" / "configs" / "cpu.pbtxt").is_symlink()
+    assert not root.exists()
+    assert 'string_value: "2"' not in (repo / "image_encoder" / "configs" / "cpu.pbtxt").read_text()
+
+
+def test_confirm_interleaves_and_tests_the_windows():
+    from benchmarks.tune.search import confirm
+
+    order = []
+
+    def measure(config):
+        order.append(config["a"])
+        rate = 130.0 if config["a"] == 2 else 100.0
+        return Trial(dict(config), rate, 500.0, True, windows=(rate - 1, rate, rate + 1))
+
+    base = Trial({"a": 1}, 100.0, 500.0, True, windows=(99.0, 100.0, 101.0))
+    best = Trial({"a": 2}, 130.0, 500.0, True, windows=(129.0, 130.0, 131.0))
+    comparison, extra = confirm(base, best, measure, rounds=2)
+    assert order == [1, 2, 1, 2] and len(extra) == 4
+    assert comparison.significant and comparison.change > 0.25 and comparison.baseline_n == 9
+    noisy = Trial({"a": 2}, 101.0, 500.0, True, windows=(98.0, 101.0, 103.0))
+    comparison, _ = confirm(base, noisy, lambda c: Trial(dict(c), 100.0, 500.0, True, windows=(99.0, 101.0)), 1)
+    assert not comparison.significant

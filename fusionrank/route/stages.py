@@ -201,8 +201,11 @@ class RankingRoute:
         return [f.error if f.error is not None else f.outputs for f in flights]
 
     def _admit(self, flights: list[_Flight]) -> list[_Flight]:
-        """The requests with payloads to decode this instance can take (`max_decoding_requests`, over all its
-        concurrent executes); the rest are refused UNAVAILABLE at once, before any decoding."""
+        """The requests with payloads to decode this instance can take while other executes of it still decode
+        (`max_decoding_requests` over all its concurrent executes); the rest are refused UNAVAILABLE at once, before
+        any decoding."""
+        if not self.decoding:
+            return flights  # an idle instance takes the dynamic batch Triton gave it (bounded by its max batch)
         room = max(0, self.spec.serving.admission.max_decoding_requests - self.decoding)
         for f in flights[room:]:
             f.fail(RouteError(Status.UNAVAILABLE, BUSY.format(n=self.decoding)))

@@ -244,10 +244,12 @@ def test_an_instance_holding_its_most_requests_to_decode_refuses_more_at_once_bu
         return await first, second
 
     first, second = asyncio.run(main())
-    assert [isinstance(r, RouteError) for r in first] == [False, False, True]
-    assert first[2].status is Status.UNAVAILABLE and "over capacity" in first[2].message
+    # An idle instance takes the whole dynamic batch Triton handed it (refusing part of it would only waste work
+    # already dequeued); the limit bounds what an overlapping execute adds.
+    assert [isinstance(r, RouteError) for r in first] == [False, False, False]
     assert not isinstance(second[0], RouteError), "a request the cache answers whole is never refused"
-    assert second[1].status is Status.UNAVAILABLE and "holds 2 requests" in second[1].message
+    assert second[1].status is Status.UNAVAILABLE and "holds 3 requests" in second[1].message
+    assert "over capacity" in second[1].message
     assert route.decoding == 0, "every admitted request is released, answered or not"
 
 

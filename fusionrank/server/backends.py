@@ -15,9 +15,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
-
 from fusionrank.contract.spec import ServingProfile
 
 NGC_BACKEND_DIR = Path("/opt/tritonserver/backends")  # tritonserver's built-in default backend directory
@@ -61,6 +58,11 @@ def available_backends(backend_dir: Path | None) -> set[str]:
 
 
 def _config_backend(path: Path) -> str | None:
+    # Imported here: tritonclient.grpc maps gRPC and protobuf (~40 MiB) into every process that imports it, and the
+    # launcher (which imports this module) reads configs only when it checks the backends before starting Triton.
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
     config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
     if config.backend:
         return config.backend

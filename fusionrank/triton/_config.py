@@ -1,21 +1,28 @@
 """What every Triton model's config is built from: the contract's tensors, the spec's batching and instances, the
-warm-up requests; and `TritonUnit`, one kind of Triton model (its class beside its config function)."""
+warm-up requests; and `TritonUnit`, one kind of Triton model (its class beside its config function).
+
+`model_config_pb2` is imported inside the functions that build configs: every Triton stub imports this module
+(through its model class's module) and importing `tritonclient.grpc` maps gRPC into it (~40 MiB RSS per stub), but
+configs are built only by `fusionrank render`."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-
-from tritonclient.grpc import model_config_pb2 as mc
+from typing import TYPE_CHECKING
 
 from fusionrank.contract.names import Modality, encoder_name
 from fusionrank.contract.spec import AdmissionSpec, PipelineSpec, QueuePolicySpec, ServingProfile, to_dict
 from fusionrank.contract.tensors import TensorSpec, model_io
 
-DTYPES = {"bytes": mc.TYPE_STRING, "int64": mc.TYPE_INT64, "float32": mc.TYPE_FP32, "bool": mc.TYPE_BOOL}
+if TYPE_CHECKING:
+    from tritonclient.grpc import model_config_pb2 as mc
 
-Configs = dict[ServingProfile, mc.ModelConfig]  # one model's config per serving profile
+# The contract's dtypes as Triton's `DataType` names (`data_type` turns one into the enum value).
+DTYPES = {"bytes": "TYPE_STRING", "int64": "TYPE_INT64", "float32": "TYPE_FP32", "bool": "TYPE_BOOL"}
+
+Configs = dict[ServingProfile, "mc.ModelConfig"]  # one model's config per serving profile
 
 
 @dataclass(frozen=True)
@@ -35,9 +42,15 @@ def every_profile(config: mc.ModelConfig) -> Configs:
     return {profile: config for profile in ServingProfile}
 
 
+def data_type(dtype: str) -> int:
+    """Triton's `DataType` value of a contract dtype."""
+    from tritonclient.grpc import model_config_pb2 as mc  # here, not at the top: keeps gRPC out of the Triton stubs
+    return mc.DataType.Value(DTYPES[dtype])
+
+
 def tensor(spec_tensor: TensorSpec, cls):
     """A config input or output (`cls`: `mc.ModelInput` or `mc.ModelOutput`) from the contract's tensor."""
-    made = cls(name=spec_tensor.name, data_type=DTYPES[spec_tensor.dtype], dims=list(spec_tensor.dims))
+    made = cls(name=spec_tensor.name, data_type=data_type(spec_tensor.dtype), dims=list(spec_tensor.dims))
     if spec_tensor.optional:
         made.optional = True
     return made
@@ -52,6 +65,7 @@ def spec_parameter(spec: PipelineSpec) -> str:
 
 def base_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
     """Name, batching and the contract's inputs and outputs of `model`."""
+    from tritonclient.grpc import model_config_pb2 as mc  # here, not at the top: keeps gRPC out of the Triton stubs
     io_ = model_io(spec, model)
     batching = spec.serving.batching(model)
     config = mc.ModelConfig(name=model, max_batch_size=batching.max_batch_size)
@@ -68,6 +82,7 @@ def base_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
 
 def _queue_policy(policy: QueuePolicySpec) -> mc.ModelQueuePolicy:
     """Triton's queue policy: bounded, and a request queued past its timeout is refused (UNAVAILABLE), not run."""
+    from tritonclient.grpc import model_config_pb2 as mc  # here, not at the top: keeps gRPC out of the Triton stubs
     return mc.ModelQueuePolicy(timeout_action=mc.ModelQueuePolicy.REJECT,
                                default_timeout_microseconds=policy.timeout_us,
                                allow_timeout_override=policy.allow_timeout_override,
@@ -88,17 +103,17 @@ def _priorities(config: mc.ModelConfig, admission: AdmissionSpec) -> None:
 
 
 def add_instances(config: mc.ModelConfig, spec: PipelineSpec, kind: int) -> None:
-    count = spec.serving.batching(config.name).instances
-    config.instance_group.append(mc.ModelInstanceGroup(count=count, kind=kind))
+    config.instance_group.add(count=spec.serving.batching(config.name).instances, kind=kind)
 
 
 def _warmup_inputs(spec: PipelineSpec, model: str, bucket: int | None = None) -> dict[str, mc.ModelWarmup.Input]:
+    from tritonclient.grpc import model_config_pb2 as mc  # here, not at the top: keeps gRPC out of the Triton stubs
     inputs = {}
     for t in model_io(spec, model).inputs:
         if t.optional:  # warm-up requests are complete candidates without video
             continue
         dims = [bucket if d == -1 else d for d in t.dims]
-        entry = mc.ModelWarmup.Input(data_type=DTYPES[t.dtype], dims=dims)
+        entry = mc.ModelWarmup.Input(data_type=data_type(t.dtype), dims=dims)
         if t.dtype == "bytes":
             entry.input_data_file = t.name  # a real sample under <model>/warmup/: zeros would be rejected as bad input
         else:
@@ -110,6 +125,7 @@ def _warmup_inputs(spec: PipelineSpec, model: str, bucket: int | None = None) ->
 def add_warmup(config: mc.ModelConfig, spec: PipelineSpec, batches: tuple[int, ...] | None = None) -> None:
     """Warm every member so the first real request does not pay for lazy initialisation (sessions, allocators);
     `batches`: the batch sizes to warm (default: the largest preferred one)."""
+    from tritonclient.grpc import model_config_pb2 as mc  # here, not at the top: keeps gRPC out of the Triton stubs
     model = config.name
     batches = batches or (spec.serving.batching(model).preferred_batch_sizes[-1],)
     buckets = spec.modalities.text.buckets if model == encoder_name(Modality.TEXT) else (None,)
@@ -136,6 +152,7 @@ def gpu_batching(config: mc.ModelConfig, spec: PipelineSpec) -> None:
 
 def python_config(spec: PipelineSpec, model: str, role: str) -> mc.ModelConfig:
     """A warmed Python-backend member on the CPU; `role` tells its `model.py` what it is."""
+    from tritonclient.grpc import model_config_pb2 as mc  # here, not at the top: keeps gRPC out of the Triton stubs
     config = base_config(spec, model)
     config.backend = "python"
     add_instances(config, spec, mc.ModelInstanceGroup.KIND_CPU)

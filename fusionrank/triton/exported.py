@@ -5,9 +5,9 @@ onnxruntime backend)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-from tritonclient.grpc import model_config_pb2 as mc
 
 from fusionrank.contract.errors import FusionRankError, PreprocessError
 from fusionrank.contract.names import ENCODERS_AND_RANKER, RANKER, Modality, encoder_name
@@ -24,6 +24,9 @@ from fusionrank.triton._config import (
     gpu_batching,
     python_config,
 )
+
+if TYPE_CHECKING:  # imported inside the config functions: keeps gRPC out of the Triton stubs
+    from tritonclient.grpc import model_config_pb2 as mc
 
 
 class OnnxRuntimeModel(BatchedModel):
@@ -108,6 +111,7 @@ def cuda_graphs(config: mc.ModelConfig, spec: PipelineSpec) -> None:
 
 
 def tensorrt_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
+    from tritonclient.grpc import model_config_pb2 as mc  # here, not at the top: keeps gRPC out of the Triton stubs
     config = base_config(spec, model)
     config.platform = "tensorrt_plan"
     config.default_model_filename = "model.plan"
@@ -126,6 +130,7 @@ def tensorrt_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
 
 
 def onnx_gpu_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
+    from tritonclient.grpc import model_config_pb2 as mc  # here, not at the top: keeps gRPC out of the Triton stubs
     config = base_config(spec, model)
     config.platform = "onnxruntime_onnx"
     config.default_model_filename = "model.onnx"

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from tritonclient.grpc import model_config_pb2 as mc
-
 from fusionrank.contract.names import POOL_MODEL
 from fusionrank.contract.spec import Modality, PipelineSpec
 from fusionrank.contract.tensors import MODALITY_MASK, embedding_name, model_io, owner_name, rows_name
@@ -37,6 +35,7 @@ class PoolModel(BatchedModel):
 def configs(spec: PipelineSpec, model: str, rendered: Mapping[str, Configs]) -> Configs:
     """No batching (its inputs hold the encoded rows, its outputs one row per candidate), full shapes, one instance
     (a scatter-add per modality); the same in every profile."""
+    from tritonclient.grpc import model_config_pb2 as mc  # here, not at the top: keeps gRPC out of the Triton stubs
     io_ = model_io(spec, model)
     config = mc.ModelConfig(name=model, max_batch_size=0, backend="python")
     config.input.extend(tensor(t, mc.ModelInput) for t in io_.inputs)

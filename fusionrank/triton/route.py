@@ -11,9 +11,9 @@ import traceback
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from tritonclient.grpc import model_config_pb2 as mc
 
 from fusionrank.contract.names import encoder_name
 from fusionrank.contract.paths import tokenizer_dir
@@ -28,6 +28,9 @@ from fusionrank.route.stages import MemberCallError, RankingRoute, RouteError, R
 from fusionrank.triton._batched import model_args, pb_utils, request_inputs
 from fusionrank.triton._config import Configs, TritonUnit, add_instances, base_config, gpu_batching, spec_parameter
 from fusionrank.triton.exported import served_file
+
+if TYPE_CHECKING:  # imported inside the config functions: keeps gRPC out of the Triton stubs
+    from tritonclient.grpc import model_config_pb2 as mc
 
 # Triton's messages when a model cannot take a request (the server is stopping, the model is not loaded). The Python
 # backend reports a BLS call it could not submit as "Model X - Error when running inference: <Triton's message>"
@@ -192,6 +195,7 @@ def route_config(spec: PipelineSpec, member_files: dict[str, str],
 
     No `model_warmup`: its warm-up would call members that may not be loaded yet (Triton loads models in parallel);
     the members are warmed themselves and the route warms its in-process preprocessing in `initialize`."""
+    from tritonclient.grpc import model_config_pb2 as mc  # here, not at the top: keeps gRPC out of the Triton stubs
     config = base_config(spec, spec.serving.route)
     config.backend = "python"
     add_instances(config, spec, mc.ModelInstanceGroup.KIND_CPU)

@@ -77,7 +77,8 @@ def _route_cache(pb, spec, args, params: dict[str, str], labels: tuple[str, str]
     repo = Path(args["model_repository"]).parent
     identities = encoder_identities(spec, repo, json.loads(params[MEMBER_FILES]))
     dims = {m: spec.modalities.embedding_dim(m) for m in spec.modalities.enabled}
-    local = os.environ.get(LOCAL_CACHE_ENV)  # set by TritonServer when it started the server-wide tier
+    # Set by TritonServer when it started the server-wide tier; a route whose spec opts out keeps its own LRU.
+    local = os.environ.get(LOCAL_CACHE_ENV) if settings.server_wide else None
     cache = EmbeddingCache.from_spec(settings, identities, dims, pb.Logger.log_error, local_url=local)
     where = f"server-wide {local}" if local else f"in-process {settings.lru_bytes} bytes"
     pb.Logger.log_info(f"route: embedding cache: {where}, shared tier "

@@ -27,7 +27,8 @@ TINY_LRU = 20_000  # bytes: about four items of the CI spec (three embeddings ea
 @pytest.fixture(scope="module")
 def cached(triton_server, ci_spec, built_repository, tmp_path_factory):
     """(spec of the cached test route, its redis-server): the route rendered from the CI spec with one instance, a
-    tiny LRU and the shared tier, written into the session's repository and loaded; unloaded and removed after."""
+    tiny LRU (`server_wide: false`: its own in-process tier, as in a server started without the launcher's tier) and the
+    shared tier, written into the session's repository and loaded; unloaded and removed after."""
     from fusionrank.triton.render import rendered_files
 
     redis = start_redis(tmp_path_factory.mktemp("redis"))
@@ -36,7 +37,7 @@ def cached(triton_server, ci_spec, built_repository, tmp_path_factory):
     serving = dataclasses.replace(ci_spec.serving, route=ROUTE, models={**ci_spec.serving.models, ROUTE: batching},
                                   gpu=gpu,
                                   cache=CacheSpec(lru_bytes=TINY_LRU, redis_url=redis.url, redis_timeout_ms=200,
-                                                  redis_retry_s=0.5))
+                                                  redis_retry_s=0.5, server_wide=False))
     spec = dataclasses.replace(ci_spec, serving=serving)
     for f in rendered_files(spec):
         if f.path.startswith(f"{ROUTE}/"):

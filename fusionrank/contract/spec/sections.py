@@ -313,6 +313,9 @@ class CacheSpec:
     redis_timeout_ms: int = 25  # per store round trip (connect, read, write); slower counts as a store error
     redis_retry_s: float = 5.0  # after a store error the shared tier is skipped this long (the route encodes)
     redis_ttl_s: int = 7 * 86400  # expiry of stored embeddings; 0 = none
+    # One tier for all the route instances of a server (a redis-server on a Unix socket that `fusionrank serve`
+    # starts, bounded by lru_bytes), so instances cannot diverge; false: each instance keeps its own in-process LRU.
+    server_wide: bool = True
 
     def __post_init__(self):
         if self.lru_bytes < 0:

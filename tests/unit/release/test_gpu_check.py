@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -103,7 +104,10 @@ def test_the_page_shows_the_figures_of_steps_that_ran():
 
 
 def test_make_gpu_check_never_builds_the_dev_environment():
-    dry = subprocess.run(["make", "-n", "gpu-check"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    # Under `make test` the recursion variables would make this make print "Entering directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    dry = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check"], cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=60, env=env)
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.split() == ["bash", "deploy/gpu-check.sh"], "no .venv, no [dev] before the check"
     script = (REPO_ROOT / "deploy" / "gpu-check.sh").read_text()

@@ -177,10 +177,11 @@ class CacheShare:
     evictions: int
     store_errors: int
     bytes: float
+    local_hits: int = 0  # the server-wide tier every route instance shares (`serving.cache.server_wide`)
 
     @property
     def hits(self) -> int:
-        return self.lru_hits + self.redis_hits
+        return self.lru_hits + self.local_hits + self.redis_hits
 
     @property
     def hit_ratio(self) -> float:
@@ -191,7 +192,8 @@ class CacheShare:
 
     def describe(self) -> str:
         return (f"embedding cache of {self.model}: hit ratio {100 * self.hit_ratio:.1f}% ({self.hits} rows found: "
-                f"{self.lru_hits} in-process, {self.redis_hits} shared; {self.misses} encoded), {self.evictions} "
+                f"{self.lru_hits} in-process, {self.local_hits} server-wide, {self.redis_hits} shared; "
+                f"{self.misses} encoded), {self.evictions} "
                 f"evictions, {self.store_errors} store errors, {self.bytes / 2**20:.1f} MiB held")
 
 
@@ -205,4 +207,5 @@ def cache_share(before_text: str, after_text: str, model: str) -> CacheShare | N
         return int(round(max(0.0, after.get(name, 0.0) - before.get(name, 0.0))))
 
     return CacheShare(model, delta(f"{CACHE_HITS}:lru"), delta(f"{CACHE_HITS}:redis"), delta(CACHE_MISSES),
-                      delta(CACHE_EVICTIONS), delta(CACHE_STORE_ERRORS), after.get(CACHE_BYTES, 0.0))
+                      delta(CACHE_EVICTIONS), delta(CACHE_STORE_ERRORS), after.get(CACHE_BYTES, 0.0),
+                      delta(f"{CACHE_HITS}:local"))

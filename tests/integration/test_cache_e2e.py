@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -76,6 +77,20 @@ def _infer(url: str, model: str, items, history) -> dict[str, np.ndarray]:
         return {n: result.as_numpy(n) for n in (CLICK_PROBABILITY, MODALITY_WEIGHTS)}
 
 
+def _share(metrics: str, before: str, rows: int):
+    """The cache's share since `before`, once the route has published the counters of `rows` looked-up rows: the
+    route answers each request as soon as it is ranked and publishes its metrics at the end of the execute, so a
+    scrape right after an answer may precede them (bounded wait; two equal scrapes in a row)."""
+    deadline, last = time.monotonic() + 15, None
+    while True:
+        share = cache_share(before, scrape(metrics), ROUTE)
+        settled = share is not None and share.hits + share.misses >= rows and share == last
+        if settled or time.monotonic() > deadline:
+            return share
+        last = share
+        time.sleep(0.2)
+
+
 def _assert_close(spec, actual, expected) -> float:
     for name in (CLICK_PROBABILITY, MODALITY_WEIGHTS):
         tol = spec.export.tolerance(name)
@@ -94,16 +109,18 @@ def test_cached_route_scores_equal_the_ensemble_cold_warm_and_after_eviction(cac
 
     before = scrape(metrics)
     cold = _infer(url, ROUTE, items, history)
-    cold_share = cache_share(before, scrape(metrics), ROUTE)
+    cold_share = _share(metrics, before, rows)
     before = scrape(metrics)
     warm = _infer(url, ROUTE, items, history)
-    warm_share = cache_share(before, scrape(metrics), ROUTE)
+    warm_share = _share(metrics, before, rows)
     for n, other in enumerate(sessions[1:]):
+        before = scrape(metrics)
         _infer(url, ROUTE, *_request(bench, spec, other, nonce=2 + n))
+        _share(metrics, before, rows)
     redis.client().flushdb()  # evicted from the tiny LRU and gone from the store: encoded again
     before = scrape(metrics)
     evicted = _infer(url, ROUTE, items, history)
-    evicted_share = cache_share(before, scrape(metrics), ROUTE)
+    evicted_share = _share(metrics, before, rows)
 
     diffs = [_assert_close(spec, result, reference) for result in (cold, warm, evicted)]
     assert cold_share.misses == rows and cold_share.hits == 0
@@ -138,7 +155,7 @@ def test_a_store_stopped_mid_test_costs_latency_never_a_failed_request(cached, t
             assert np.isfinite(result[CLICK_PROBABILITY]).all()
     finally:
         redis.start()
-    share = cache_share(before, scrape(metrics), ROUTE)
+    share = _share(metrics, before, 3 * 4 * 3)
     assert share.store_errors >= 1 and share.misses == 3 * 4 * 3, share
 
 
@@ -159,7 +176,7 @@ def test_embed_catalogue_then_a_served_request_is_all_hits(cached, triton_server
     assert len(report.refused) == 1 and report.refused[0].startswith("item broken: item_image[8]: ")
     before = scrape(triton_server.metrics_url)
     served = _infer(triton_server.grpc_url, ROUTE, items, history)
-    share = cache_share(before, scrape(triton_server.metrics_url), ROUTE)
+    share = _share(triton_server.metrics_url, before, 3 * len(history))
     assert share.misses == 0 and share.redis_hits == 3 * len(history), share
     reference = _infer(triton_server.grpc_url, spec.serving.reference_ensemble, items, history)
     _assert_close(spec, served, reference)

@@ -95,9 +95,10 @@ def _call(client, model: str, arrays: dict, deadline_s: float | None) -> tuple[f
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    from fusionrank.contract.tensors import infer_inputs
+    from fusionrank.contract.tensors import DEADLINE_PARAMETER, infer_inputs
 
-    extra = {} if deadline_s is None else {"timeout": int(deadline_s * 1e6)}
+    extra = {} if deadline_s is None else {  # as the client sends it: queue timeout and absolute deadline
+        "timeout": int(deadline_s * 1e6), "parameters": {DEADLINE_PARAMETER: int((time.time() + deadline_s) * 1e6)}}
     started = time.perf_counter()
     try:
         client.infer(model, infer_inputs(grpcclient, arrays), client_timeout=deadline_s or 120.0, **extra)

@@ -57,6 +57,10 @@ class ModelIO:
 # The ranking contract's tensor names (the route and the reference ensemble), one row per candidate.
 ITEM_INPUT = {Modality.TEXT: "item_text", Modality.IMAGE: "item_image", Modality.AUDIO: "item_audio"}
 USER_HISTORY = "user_history"
+# Request parameter: the caller's deadline as wall-clock microseconds since the epoch. Triton's `timeout` says how long
+# a request may wait in the queue, but a Python model cannot see how long it already waited; the absolute deadline
+# lets the route count what is really left (clocks of one cluster agree to well under the deadlines involved).
+DEADLINE_PARAMETER = "fusionrank_deadline_unix_us"
 CLICK_PROBABILITY = "click_probability"
 MODALITY_WEIGHTS = "modality_weights"
 MODALITY_PRESENT = "modality_present"

@@ -55,6 +55,7 @@ from fusionrank.request.cost import check_budget, request_cost
 from fusionrank.request.validation import EncoderGroup, RequestPreprocessor, ValidRequest, non_finite_row
 from fusionrank.route.cache import EmbeddingCache
 from fusionrank.route.item_keys import PayloadKind
+from fusionrank.route.shedding import ServiceTime
 
 
 class Status(enum.Enum):
@@ -103,6 +104,8 @@ Answer = Callable[[int, RouteResult], None]
 Infer = Callable[[str, dict[str, np.ndarray], tuple[str, ...], float | None], Awaitable[dict[str, np.ndarray]]]
 LATE = "the request's deadline passed before its payloads were encoded: the server is over capacity; nothing more " \
        "was computed for it"
+SHED = "the server is over capacity: a request with payloads to decode takes about {need:.0f} ms here now and its " \
+       "deadline leaves {left:.0f} ms; retry on another server or later"
 BUSY = "the server is over capacity: this route instance already holds {n} requests with payloads to decode " \
        "(serving.admission.max_decoding_requests); retry later or on another server"
 
@@ -156,6 +159,7 @@ class RankingRoute:
         self.spec = spec
         self.decode = decode
         self.decoding = 0  # requests with payloads to decode in flight, over every concurrent execute
+        self.service = ServiceTime()  # how long a request with payloads to decode takes here now (shedding)
         self.preparer = preparer
         self.infer = infer
         self.log_error = log_error
@@ -186,15 +190,18 @@ class RankingRoute:
 
         # Requests the cache answered whole are ranked (and answered) now, not after their batch-mates' decoding.
         hits = asyncio.ensure_future(fast_path([f for f in live if f.all_hit]))
-        admitted = self._admit([f for f in live if not f.all_hit])
+        admitted = self._shed(self._admit([f for f in live if not f.all_hit]))
         settle()
         self.decoding += len(admitted)
+        started = time.monotonic()
         try:
             work = self._drop_cancelled(await self._preprocess(admitted))
             settle()
             work = self._drop_cancelled(await self._encode(work))
             settle()
             await asyncio.gather(hits, self._rank(work))
+            if work:
+                self.service.observe(time.monotonic() - started)
         finally:
             self.decoding -= len(admitted)
         settle()
@@ -210,6 +217,19 @@ class RankingRoute:
         for f in flights[room:]:
             f.fail(RouteError(Status.UNAVAILABLE, BUSY.format(n=self.decoding)))
         return flights[:room]
+
+    def _shed(self, flights: list[_Flight]) -> list[_Flight]:
+        """The flights whose remaining deadline can hold a request with payloads to decode, as long as such requests
+        take here now (`fusionrank.route.shedding`); the rest are refused UNAVAILABLE at once."""
+        kept, now = [], time.monotonic()
+        for f in flights:
+            remaining = None if f.request.deadline is None else f.request.deadline - now
+            if self.service.too_late(remaining):
+                f.fail(RouteError(Status.UNAVAILABLE, SHED.format(need=1000 * self.service.seconds / self.service.decay,
+                                                                  left=1000 * max(0.0, remaining))))
+            else:
+                kept.append(f)
+        return kept
 
     @staticmethod
     def _drop_cancelled(flights: list[_Flight]) -> list[_Flight]:

@@ -18,7 +18,7 @@ import numpy as np
 from fusionrank.contract.names import encoder_name
 from fusionrank.contract.paths import tokenizer_dir
 from fusionrank.contract.spec import PipelineSpec, ServingProfile, from_dict
-from fusionrank.contract.tensors import request_arrays
+from fusionrank.contract.tensors import DEADLINE_PARAMETER, request_arrays
 from fusionrank.preprocess.samples import warmup_samples
 from fusionrank.request.validation import RequestPreprocessor
 from fusionrank.route.cache import LOCAL_CACHE_ENV, EmbeddingCache
@@ -51,10 +51,19 @@ def _lower_priority() -> None:
 
 
 def request_deadline(request, now: float) -> float | None:
-    """The monotonic time past which the caller of a Triton request no longer waits: its `timeout` (microseconds,
-    the caller's own or none; 0: none) counted from now. Triton already refused it if it expired while queued."""
+    """The monotonic time past which the caller of a Triton request no longer waits: the caller's absolute deadline
+    (`DEADLINE_PARAMETER`, which counts the time the request already waited in Triton's queue) where it sent one,
+    else its `timeout` (microseconds; 0: none) counted from now. Triton already refused it if it expired queued."""
     timeout_us = request.timeout()
-    return now + timeout_us / 1e6 if timeout_us else None
+    deadline = now + timeout_us / 1e6 if timeout_us else None
+    try:
+        sent = json.loads(request.parameters() or "{}").get(DEADLINE_PARAMETER)
+    except (AttributeError, ValueError, TypeError):
+        sent = None
+    if isinstance(sent, int) and sent > 0:
+        absolute = now + (sent / 1e6 - time.time())
+        deadline = absolute if deadline is None else min(deadline, absolute)
+    return deadline
 
 
 def member_status(pb, code: int, message: str) -> Status:

@@ -13,6 +13,7 @@ capsule of the tensor's device.
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 from collections.abc import Callable, Iterable
@@ -87,6 +88,7 @@ class FakeRequest:
     inputs: dict
     cancelled: bool = False
     timeout_us: int = 0  # the caller's timeout as Triton passes it on (0: none)
+    params: dict = field(default_factory=dict)  # the request's parameters (`parameters()` answers them as JSON)
     sent: list = field(default_factory=list)  # responses sent through its response sender
     final: bool = False
 
@@ -95,6 +97,9 @@ class FakeRequest:
 
     def timeout(self) -> int:
         return self.timeout_us
+
+    def parameters(self) -> str:
+        return json.dumps(self.params)
 
     def get_response_sender(self):
         return FakeResponseSender(self)

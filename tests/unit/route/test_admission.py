@@ -102,6 +102,38 @@ def test_a_request_past_its_deadline_is_refused_before_decoding_and_members_get_
     assert set(members.deadlines) == {soon}, "every member call carries the live request's deadline"
 
 
+def test_a_request_whose_deadline_cannot_hold_its_work_here_now_is_shed_at_once(ci_spec, preparer):
+    route, members = _route(ci_spec, preparer)
+    route.service.observe(2.0)  # requests with payloads to decode take about 2 s here now
+    short, long = _request(ci_spec, 2, seed=1), _request(ci_spec, 3, seed=2)
+    results = asyncio.run(route.rank([RouteRequest(short, deadline=time.monotonic() + 0.5),
+                                      RouteRequest(long, deadline=time.monotonic() + 60)]))
+    assert isinstance(results[0], RouteError) and results[0].status is Status.UNAVAILABLE
+    assert "over capacity" in results[0].message and "takes about 2000 ms" in results[0].message
+    assert results[1][CLICK_PROBABILITY].shape == (3, 1)
+    assert members.rows("image_encoder") == [3], "the shed request's rows were never encoded"
+    # Each refusal decays the estimate: after a burst the route admits again although nothing completed meanwhile.
+    route.service.seconds = 2.0
+    refusals = 0
+    while route.service.too_late(0.5):
+        refusals += 1
+    assert 0 < refusals < 20 and route.service.seconds <= 0.5
+    assert not route.service.too_late(None), "a request without deadline is never shed"
+
+
+def test_the_callers_absolute_deadline_counts_the_time_the_request_waited_in_the_queue():
+    """Triton's `timeout` is counted by the route from its execute; the absolute deadline the client sends also
+    counts the time the request already spent in Triton's queue, so the earlier of the two is the deadline."""
+    from fusionrank.contract.tensors import DEADLINE_PARAMETER
+    from fusionrank.triton.route import request_deadline
+
+    now = time.monotonic()
+    waited = FakeRequest({}, timeout_us=1_000_000, params={DEADLINE_PARAMETER: int((time.time() + 0.2) * 1e6)})
+    assert abs(request_deadline(waited, now) - (now + 0.2)) < 0.05
+    assert request_deadline(FakeRequest({}, timeout_us=1_000_000), now) == now + 1.0
+    assert request_deadline(FakeRequest({}), now) is None
+
+
 def test_a_call_holding_a_request_without_deadline_carries_none(ci_spec, preparer):
     route, members = _route(ci_spec, preparer)
     asyncio.run(route.rank([RouteRequest(_request(ci_spec, 1), deadline=time.monotonic() + 5),

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from clients import NO_RETRY, RankingClient
-from clients.errors import ClientError, DeadlineExceededError
+from clients.errors import ClientError, DeadlineExceededError, UnavailableError
 from fusionrank.contract.project import model_repository_dir
 from fusionrank.contract.spec import ServingProfile, load_spec
 from fusionrank.model.synthetic_data import load_benchmark
@@ -39,7 +39,7 @@ def stress(spec, url: str, rounds: int, abandon_grace: float, alive=lambda: True
     items = {m: [bench.item(i).payload(m) for i in ids] for m in spec.modalities.enabled}
     history = bench.sessions.history[session]
     rng = random.Random(seed)
-    late = 0
+    late = shed = 0
     with RankingClient(spec, url, retry=NO_RETRY, abandon_grace=abandon_grace) as client:
         client.wait_ready(60)
         for done in range(rounds):
@@ -47,6 +47,8 @@ def stress(spec, url: str, rounds: int, abandon_grace: float, alive=lambda: True
                 client.rank_payloads(items, history, timeout=rng.choice(DEADLINES_S))
             except DeadlineExceededError:
                 late += 1
+            except UnavailableError:  # refused at once: the server knew the deadline could not hold the work
+                shed += 1
             try:
                 client.rank_payloads(items, history, timeout=120)
             except ClientError as exc:
@@ -56,7 +58,8 @@ def stress(spec, url: str, rounds: int, abandon_grace: float, alive=lambda: True
                 out.write(f"round {done + 1}: the server process exited\n")
                 return done
         out.write(f"{rounds} rounds, {late} calls past their deadline ({client.stats.abandoned} abandoned, "
-                  f"{late - client.stats.abandoned} cancelled by gRPC); the server still serves\n")
+                  f"{late - client.stats.abandoned} cancelled by gRPC), {shed} refused at once as too short for "
+                  "the work; the server still serves\n")
     return rounds
 
 

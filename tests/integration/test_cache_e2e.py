@@ -33,26 +33,27 @@ def cached(triton_server, ci_spec, built_repository, tmp_path_factory):
     from fusionrank.triton.render import rendered_files
 
     redis = start_redis(tmp_path_factory.mktemp("redis"))
-    batching = dataclasses.replace(ci_spec.serving.batching(ci_spec.serving.route), instances=1)
-    gpu = {ROUTE if model == ci_spec.serving.route else model: g for model, g in ci_spec.serving.gpu.items()}
-    serving = dataclasses.replace(ci_spec.serving, route=ROUTE, models={**ci_spec.serving.models, ROUTE: batching},
-                                  gpu=gpu,
-                                  cache=CacheSpec(lru_bytes=TINY_LRU, redis_url=redis.url, redis_timeout_ms=200,
-                                                  redis_retry_s=0.5, server_wide=False))
-    spec = dataclasses.replace(ci_spec, serving=serving)
-    for f in rendered_files(spec):
-        if f.path.startswith(f"{ROUTE}/"):
-            (built_repository / f.path).parent.mkdir(parents=True, exist_ok=True)
-            (built_repository / f.path).write_bytes(f.content)
-    with grpcclient.InferenceServerClient(triton_server.grpc_url) as client:
-        client.load_model(ROUTE, headers=triton_server.grpc_admin_header)
-        try:
-            yield spec, redis
-        finally:
-            client.unload_model(ROUTE, headers=triton_server.grpc_admin_header)
-            redis.stop()
-            shutil.rmtree(built_repository / ROUTE, ignore_errors=True)
-
+    try:  # the redis-server stops whatever fails below (a refused spec, a route that does not load)
+        batching = dataclasses.replace(ci_spec.serving.batching(ci_spec.serving.route), instances=1)
+        gpu = {ROUTE if model == ci_spec.serving.route else model: g for model, g in ci_spec.serving.gpu.items()}
+        serving = dataclasses.replace(ci_spec.serving, route=ROUTE, models={**ci_spec.serving.models, ROUTE: batching},
+                                      gpu=gpu,
+                                      cache=CacheSpec(lru_bytes=TINY_LRU, redis_url=redis.url, redis_timeout_ms=200,
+                                                      redis_retry_s=0.5, server_wide=False))
+        spec = dataclasses.replace(ci_spec, serving=serving)
+        for f in rendered_files(spec):
+            if f.path.startswith(f"{ROUTE}/"):
+                (built_repository / f.path).parent.mkdir(parents=True, exist_ok=True)
+                (built_repository / f.path).write_bytes(f.content)
+        with grpcclient.InferenceServerClient(triton_server.grpc_url) as client:
+            client.load_model(ROUTE, headers=triton_server.grpc_admin_header)
+            try:
+                yield spec, redis
+            finally:
+                client.unload_model(ROUTE, headers=triton_server.grpc_admin_header)
+    finally:
+        redis.stop()
+        shutil.rmtree(built_repository / ROUTE, ignore_errors=True)
 
 @pytest.fixture(scope="module")
 def bench(ci_spec):

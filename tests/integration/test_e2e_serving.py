@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 import wave
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -192,6 +193,22 @@ def test_bad_input_fails_alone_while_good_requests_succeed(triton_server, ci_spe
     np.testing.assert_allclose(_rank(triton_server.grpc_url, ci_spec, items, history)[0], expected, atol=1e-6)
 
 
+def _settled(url: str, timeout_s: float = 30.0) -> dict[tuple[str, str], float]:
+    """A scrape once the server is idle: work left by earlier tests (a late call a client abandoned, a refused
+    overload's stragglers) finishes before this test counts its own inferences (two equal scrapes 0.5 s apart)."""
+    def counts(scrape: dict) -> dict:
+        return {k: v for k, v in scrape.items() if k[0].startswith("nv_inference_count")}
+
+    deadline, last = time.monotonic() + timeout_s, _scrape(url)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = _scrape(url)
+        if counts(now) == counts(last):
+            return now
+        last = now
+    return last
+
+
 def _scrape(url: str) -> dict[tuple[str, str], float]:
     import urllib.request
 
@@ -212,7 +229,7 @@ def test_dynamic_batching_merges_concurrent_requests(triton_server, ci_spec, ben
     from fusionrank.contract.spec import served_models
     from fusionrank.request.scenario import novel_payload
 
-    before = _scrape(triton_server.metrics_url)
+    before = _settled(triton_server.metrics_url)
     requests = []
     for n, session in enumerate(list(bench.frozen_sessions(8)) * 4):
         items, history = _session_request(bench, ci_spec, int(session), n=1)

@@ -83,3 +83,10 @@ def test_cli_reports_bad_spec_without_traceback(tmp_path, capsys):
     assert "ranker.fusion" in err and "'sum'" in err and "Traceback" not in err
     assert main(["generate-data", "--spec", str(tmp_path / "missing.yaml")]) == 2
     assert "readable YAML" in capsys.readouterr().err
+
+
+def test_a_key_written_twice_is_refused_naming_it_and_its_line(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("serving:\n  gpu: {}\n  route: rank\n  gpu: {}\n")
+    with pytest.raises(SpecError, match=r"(?s)'gpu' appears twice.*line 4"):
+        load_spec(twice)

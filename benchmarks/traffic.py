@@ -110,15 +110,28 @@ def _call(client, model: str, arrays: dict, deadline_s: float | None) -> tuple[f
 
 def closed_loop(url: str, model: str, next_arrays: list[Callable[[], dict]], seconds: float,
                 deadline_s: float | None) -> Outcomes:
-    """One caller per `next_arrays`, each sending its next request when the previous one returns, for `seconds`."""
+    """One caller per `next_arrays`, each sending its next request when the previous one returns, for `seconds`. A
+    refused caller backs off as the fusionrank client does before its retry (`clients.RetryPolicy`: exponential,
+    jittered), so refusals do not turn into a loop that only loads the machine both share."""
+    import random
+
     import tritonclient.grpc as grpcclient
 
-    out, stop = Outcomes(), time.monotonic() + seconds
+    from clients import RetryPolicy
+
+    out, stop, policy = Outcomes(), time.monotonic() + seconds, RetryPolicy()
 
     def caller(make: Callable[[], dict]) -> None:
+        refusals, rng = 0, random.Random(id(make))
         with grpcclient.InferenceServerClient(url) as client:
             while time.monotonic() < stop:
-                out.add(*_call(client, model, make(), deadline_s))
+                latency, error = _call(client, model, make(), deadline_s)
+                out.add(latency, error)
+                refused = error is not None and str(error.status()) in ("StatusCode.UNAVAILABLE",
+                                                                        "StatusCode.RESOURCE_EXHAUSTED")
+                refusals = refusals + 1 if refused else 0
+                if refusals:
+                    time.sleep(min(policy.backoff(refusals, rng), max(0.0, stop - time.monotonic())))
 
     started = time.perf_counter()
     with ThreadPoolExecutor(len(next_arrays)) as pool:
@@ -166,6 +179,20 @@ def _with_nonce(png: bytes, nonce: int) -> bytes:
     return png[:33] + chunk + png[33:]  # 8-byte signature + 25-byte IHDR chunk
 
 
+def renewed(payload: bytes, nonce: int) -> bytes:
+    """`payload` made distinct (a new cache key) at the same decoding cost, without building a new item: a PNG gets
+    a tEXt chunk, a JPEG a comment segment, a WAV a trailing chunk the decoders skip, text a nonce word."""
+    tag = str(nonce).encode()
+    if payload.startswith(b"\x89PNG"):
+        return _with_nonce(payload, nonce)
+    if payload.startswith(b"\xff\xd8"):
+        return payload[:2] + b"\xff\xfe" + struct.pack(">H", len(tag) + 2) + tag + payload[2:]
+    if payload.startswith(b"RIFF") and payload[8:12] == b"WAVE":
+        body = payload[12:] + b"nonc" + struct.pack("<I", 8) + tag.rjust(8, b"0")[-8:]
+        return b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WAVE" + body
+    return payload + b" n" + tag
+
+
 def big_png(side: int) -> bytes:
     """A compressible side x side RGB PNG (a gradient): every pixel must be decoded, the payload stays small."""
     import io
@@ -198,9 +225,32 @@ class RequestSets:
                             zipf_exponent=1.1, source="fusionrank bench traffic")
         return RequestFactory(self.spec, self.bench, scenario, seed=self.seed * 10_000 + index)
 
-    def cold(self, count: int, phase: int) -> list[Callable[[], dict]]:
-        """`count` independent streams of never-seen items."""
-        return [_arrays_of(self.factory(phase * 100 + i, novel=True)) for i in range(count)]
+    def cold(self, count: int, phase: int, pool: int = 4) -> list[Callable[[], dict]]:
+        """`count` independent streams of never-seen items: each cycles over `pool` requests of new items built once,
+        every payload renewed (`renewed`) per request, so the callers, which share the machine with the server, spend
+        little CPU on building requests while the server decodes and encodes every candidate as new."""
+        counter, lock = [phase * 10_000_000], threading.Lock()
+
+        def stream(index: int) -> Callable[[], dict]:
+            factory = self.factory(phase * 100 + index, novel=True)
+            built = [factory.next().arrays() for _ in range(pool)]
+            turn = [0]
+
+            def make() -> dict:
+                with lock:
+                    counter[0] += 1
+                    nonce = counter[0]
+                arrays = dict(built[turn[0] % pool])
+                turn[0] += 1
+                for name, values in arrays.items():
+                    if values.dtype == object:
+                        arrays[name] = np.array([[renewed(bytes(v), nonce * 1000 + r) for v in row]
+                                                 for r, row in enumerate(values)], dtype=object)
+                return arrays
+
+            return make
+
+        return [stream(i) for i in range(count)]
 
     def flood(self, count: int, per_request: int, side: int) -> list[Callable[[], dict]]:
         """`count` streams of requests of `per_request` distinct side x side PNGs (never the same twice)."""
@@ -223,6 +273,9 @@ class RequestSets:
 
 
 # --- the run -------------------------------------------------------------------------------------------------------
+
+
+WARMUP_S = 4.0  # cold requests sent before the capacity is measured
 
 
 @dataclass(frozen=True)
@@ -265,6 +318,8 @@ def run_traffic(spec, repo: Path, config: TrafficConfig, out) -> dict:
 
 
 def _overload(url, model, sets: RequestSets, config: TrafficConfig, out) -> dict:
+    # Not counted: the first requests of a fresh server pay ONNX Runtime's first runs and an empty estimate.
+    closed_loop(url, model, sets.cold(config.base_callers, 99), WARMUP_S, None)
     base = closed_loop(url, model, sets.cold(config.base_callers, 0), config.seconds, None)
     capacity = len(base.answered) / base.wall_s
     _say(out, f"capacity: {config.base_callers} callers, no deadline: {capacity:.2f} req/s answered "

@@ -1,20 +1,36 @@
-"""Deadline-aware load shedding: refuse at once a request that cannot be answered within its deadline.
+"""Admission of requests with payloads to decode, deadline-aware: refuse at once what cannot be answered in time.
 
 Past capacity, a CPU server shares its cores among everything it admitted, so every request slows down together
 and, with callers' deadlines, most finish after their callers left: goodput collapses although the server is busy.
-The route therefore keeps a running estimate of how long a request with payloads to decode takes from admission to
-its answer, here and now (an exponentially weighted mean of recent executes), and refuses `UNAVAILABLE` a request
-whose remaining deadline is shorter: its caller can retry on another server instead of waiting for a late answer,
-and the cores go to requests that can still make it. Each refusal decays the estimate, so after a burst the route
-admits again even when no request completed meanwhile (the estimate cannot stay stuck above every deadline).
+A route instance therefore serves at most `slots` requests with payloads to decode at a time (`DecodeGate`); the
+others wait their turn in arrival order, at most `max_waiting` of them. The gate keeps a running estimate of how
+long such a request takes from admission to its answer, here and now (`ServiceTime`, an exponentially weighted mean
+of recent ones), and refuses `UNAVAILABLE` at once a request whose remaining deadline is shorter than its expected
+wait plus that time: its caller can retry on another server instead of waiting for a late answer, and the cores go
+to requests that can still make it. A waiting request is refused as soon as what is left of its deadline no longer
+holds the service time. Requests the cache answers whole never pass the gate.
+
+Each refusal by an idle gate decays the estimate, so after a burst the route admits again even when no request
+completed meanwhile (the estimate cannot stay stuck above every deadline).
 """
 
 from __future__ import annotations
 
+import asyncio
+import heapq
 import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 
-WEIGHT = 0.2  # weight of the newest execute in the running mean
-DECAY = 0.9  # factor applied to the estimate by each refusal
+WEIGHT = 0.2  # weight of the newest request in the running mean
+DECAY = 0.9  # factor applied to the estimate by each refusal of an idle gate
+
+SHED = "the server is over capacity: a request with payloads to decode takes about {need:.0f} ms here now and its " \
+       "deadline leaves {left:.0f} ms; retry on another server or later"
+FULL = "the server is over capacity: {n} requests with payloads to decode already wait for this route instance " \
+       "(serving.admission.route_queue.max_queue_size); retry later or on another server"
 
 
 class ServiceTime:
@@ -36,3 +52,110 @@ class ServiceTime:
                 return False
             self.seconds *= self.decay
             return True
+
+
+@dataclass(eq=False)
+class Slot:
+    """A request's place among the gate's `slots`, from its admission (`since`, the gate's clock) to `leave`."""
+
+    since: float
+
+
+@dataclass(eq=False)
+class _Waiter:
+    deadline: float | None
+    turn: asyncio.Future  # set to its Slot when a leaving request hands it over
+
+
+class DecodeGate:
+    """One route instance's admission of requests with payloads to decode (one asyncio loop; not thread-safe)."""
+
+    def __init__(self, slots: int, max_waiting: int, default_deadline_s: float | None = None,
+                 service: ServiceTime | None = None, clock: Callable[[], float] = time.monotonic):
+        """`default_deadline_s`: the deadline, from its arrival, of a request that brings none (None: it waits its
+        turn however long that takes)."""
+        self.slots, self.max_waiting, self.default_deadline_s = slots, max_waiting, default_deadline_s
+        self.service = service or ServiceTime()
+        self.clock = clock
+        self.held: set[Slot] = set()
+        self.waiting: deque[_Waiter] = deque()
+
+    @property
+    def busy(self) -> int:
+        return len(self.held)
+
+    def expected(self, ahead: int) -> float:
+        """Seconds from now to the answer of a request that waits behind `ahead` others with every slot busy: each
+        slot frees when its request has had its service time S (or now, if it already has), each request ahead then
+        holds the first free slot for S, and this one takes S once its turn comes."""
+        s, now = self.service.seconds, self.clock()
+        frees = sorted(max(0.0, s - (now - slot.since)) for slot in self.held) or [0.0]
+        for _ in range(ahead):
+            heapq.heapreplace(frees, frees[0] + s)
+        return frees[0] + s
+
+    def _deadline(self, deadline: float | None) -> float | None:
+        if deadline is None and self.default_deadline_s:
+            return self.clock() + self.default_deadline_s
+        return deadline
+
+    def _refusal(self, need: float, remaining: float) -> str:
+        return SHED.format(need=1000 * need, left=1000 * max(0.0, remaining))
+
+    def _take(self) -> Slot:
+        slot = Slot(self.clock())
+        self.held.add(slot)
+        return slot
+
+    def try_enter(self, deadline: float | None) -> Slot | str | None:
+        """Without waiting: a Slot once the caller holds one (it calls `leave` when done, answered or not); None when
+        it must wait its turn (`enter`); else the message of an UNAVAILABLE refusal."""
+        deadline = self._deadline(deadline)
+        remaining = None if deadline is None else deadline - self.clock()
+        if self.busy < self.slots and not self.waiting:
+            if self.service.too_late(remaining):  # decays: an idle gate cannot stay stuck above every deadline
+                return self._refusal(self.service.seconds / self.service.decay, remaining)
+            return self._take()
+        return None
+
+    async def enter(self, deadline: float | None) -> Slot | str:
+        """Wait for a slot: the Slot once the caller holds one (it calls `leave` when done, answered or not), else the
+        message of an UNAVAILABLE refusal (its deadline cannot hold the wait and the work, or the queue is full)."""
+        own = deadline is not None
+        deadline = self._deadline(deadline)
+        remaining = None if deadline is None else deadline - self.clock()
+        entered = self.try_enter(deadline)
+        if entered is not None:
+            return entered
+        if len(self.waiting) >= self.max_waiting:
+            return FULL.format(n=len(self.waiting))
+        need = self.expected(len(self.waiting))
+        if remaining is not None and remaining < need:
+            return self._refusal(need, remaining)
+        waiter = _Waiter(deadline, asyncio.get_running_loop().create_future())
+        self.waiting.append(waiter)
+        # A caller's own deadline: refused while waiting once what is left no longer holds the service time (its
+        # caller would be gone before the answer). The default deadline only decides admission: a caller without one
+        # waits for its answer, and refusing it now, after it waited, would be a slow refusal.
+        patience = None if remaining is None or not own else max(0.0, remaining - self.service.seconds)
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter.turn), patience)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            if waiter.turn.done() and not waiter.turn.cancelled():
+                self.leave(waiter.turn.result())  # the slot arrived as the wait ended: pass it on
+            else:
+                waiter.turn.cancel()
+            left = 0.0 if deadline is None else deadline - self.clock()
+            return self._refusal(self.service.seconds, left)
+
+    def leave(self, slot: Slot, served: bool = False) -> None:
+        """Give `slot` back (`served`: its request was answered with outputs; its admission-to-answer time then feeds
+        the estimate) to the first waiter still waiting."""
+        self.held.discard(slot)
+        if served:
+            self.service.observe(self.clock() - slot.since)
+        while self.waiting:
+            waiter = self.waiting.popleft()
+            if not waiter.turn.done():
+                waiter.turn.set_result(self._take())
+                return

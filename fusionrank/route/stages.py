@@ -17,9 +17,11 @@ One `rank()` call serves one execute of the route model (a dynamic batch of requ
    before decoding, before encoding and before ranking); before decoding, a request whose misses cost more than
    `serving.admission.cost` (read from the payloads' headers: `fusionrank.request.cost`) is answered
    INVALID_ARG naming the budget; requests the cache answered whole go straight to ranking (the fast path) while
-   the others decode in the route instance's bounded pool of low-priority threads; member calls carry the latest
+   each other one passes the instance's deadline-aware gate (`fusionrank.route.shedding.DecodeGate`: a few
+   at a time, the rest wait or are refused UNAVAILABLE at once when their deadline cannot hold the wait) and
+   decodes in the route instance's bounded pool of low-priority threads; member calls carry the latest
    deadline of the requests whose rows they hold, so a member's queue refuses work nobody waits for;
-5. encode: per modality, the missed rows of every live request are concatenated (grouped by shape: text rows are
+5. encode: per modality, the missed rows of the request are concatenated (grouped by shape: text rows are
    padded to their own bucket; a video's K sampled frames are image rows of their candidate), cut at the
    encoder's max batch and sent to the encoder model through BLS, so its dynamic batcher still merges them with
    other route instances' calls; the modalities run concurrently; each candidate's rows are mean-pooled
@@ -55,7 +57,7 @@ from fusionrank.request.cost import check_budget, request_cost
 from fusionrank.request.validation import EncoderGroup, RequestPreprocessor, ValidRequest, non_finite_row
 from fusionrank.route.cache import EmbeddingCache
 from fusionrank.route.item_keys import PayloadKind
-from fusionrank.route.shedding import ServiceTime
+from fusionrank.route.shedding import DecodeGate, Slot
 
 
 class Status(enum.Enum):
@@ -104,10 +106,6 @@ Answer = Callable[[int, RouteResult], None]
 Infer = Callable[[str, dict[str, np.ndarray], tuple[str, ...], float | None], Awaitable[dict[str, np.ndarray]]]
 LATE = "the request's deadline passed before its payloads were encoded: the server is over capacity; nothing more " \
        "was computed for it"
-SHED = "the server is over capacity: a request with payloads to decode takes about {need:.0f} ms here now and its " \
-       "deadline leaves {left:.0f} ms; retry on another server or later"
-BUSY = "the server is over capacity: this route instance already holds {n} requests with payloads to decode " \
-       "(serving.admission.max_decoding_requests); retry later or on another server"
 
 
 @dataclass(eq=False)
@@ -158,8 +156,11 @@ class RankingRoute:
         low CPU priority (`fusionrank.triton.models`); None: inline."""
         self.spec = spec
         self.decode = decode
-        self.decoding = 0  # requests with payloads to decode in flight, over every concurrent execute
-        self.service = ServiceTime()  # how long a request with payloads to decode takes here now (shedding)
+        admission = spec.serving.admission
+        # Requests with payloads to decode, over every concurrent execute of this instance (route/shedding.py)
+        queue = admission.route_queue  # the gate is the route's queue now: its size, and its timeout for a request
+        self.gate = DecodeGate(admission.max_decoding_requests, queue.max_queue_size or 1 << 30,  # that has none
+                               default_deadline_s=queue.timeout_us / 1e6 or None)
         self.preparer = preparer
         self.infer = infer
         self.log_error = log_error
@@ -184,52 +185,53 @@ class RankingRoute:
         live = self._guarded(self._drop_cancelled(live), "cost check", self._check_cost)
         settle()
 
-        async def fast_path(hits: list[_Flight]) -> None:
-            await self._rank(hits)
-            settle()
-
-        # Requests the cache answered whole are ranked (and answered) now, not after their batch-mates' decoding.
-        hits = asyncio.ensure_future(fast_path([f for f in live if f.all_hit]))
-        admitted = self._shed(self._admit([f for f in live if not f.all_hit]))
+        # Requests the cache answered whole are ranked (and answered) now, not after their batch-mates' decoding;
+        # each other request passes the gate, then decodes, encodes and ranks on its own (its member calls still
+        # meet other requests' in the members' dynamic batchers).
+        # The cold requests the gate admits at once are decoded and encoded together (one call per encoder shape).
+        cold, entered = [f for f in live if not f.all_hit], {}
+        for f in cold:
+            admitted = self.gate.try_enter(f.request.deadline)
+            if isinstance(admitted, str):
+                f.fail(RouteError(Status.UNAVAILABLE, admitted))
+            elif admitted is not None:
+                entered[f] = admitted
         settle()
-        self.decoding += len(admitted)
-        started = time.monotonic()
-        try:
-            work = self._drop_cancelled(await self._preprocess(admitted))
-            settle()
-            work = self._drop_cancelled(await self._encode(work))
-            settle()
-            await asyncio.gather(hits, self._rank(work))
-            if work:
-                self.service.observe(time.monotonic() - started)
-        finally:
-            self.decoding -= len(admitted)
+        waiting = [f for f in cold if f.error is None and f not in entered]
+        await asyncio.gather(self._serve_hits([f for f in live if f.all_hit], settle),
+                             self._serve_cold(entered, settle), *(self._wait_and_serve(f, settle) for f in waiting))
         settle()
         return [f.error if f.error is not None else f.outputs for f in flights]
 
-    def _admit(self, flights: list[_Flight]) -> list[_Flight]:
-        """The requests with payloads to decode this instance can take while other executes of it still decode
-        (`max_decoding_requests` over all its concurrent executes); the rest are refused UNAVAILABLE at once, before
-        any decoding."""
-        if not self.decoding:
-            return flights  # an idle instance takes the dynamic batch Triton gave it (bounded by its max batch)
-        room = max(0, self.spec.serving.admission.max_decoding_requests - self.decoding)
-        for f in flights[room:]:
-            f.fail(RouteError(Status.UNAVAILABLE, BUSY.format(n=self.decoding)))
-        return flights[:room]
+    async def _serve_hits(self, flights: list[_Flight], settle: Callable[[], None]) -> None:
+        await self._rank(flights)
+        settle()
 
-    def _shed(self, flights: list[_Flight]) -> list[_Flight]:
-        """The flights whose remaining deadline can hold a request with payloads to decode, as long as such requests
-        take here now (`fusionrank.route.shedding`); the rest are refused UNAVAILABLE at once."""
-        kept, now = [], time.monotonic()
-        for f in flights:
-            remaining = None if f.request.deadline is None else f.request.deadline - now
-            if self.service.too_late(remaining):
-                f.fail(RouteError(Status.UNAVAILABLE, SHED.format(need=1000 * self.service.seconds / self.service.decay,
-                                                                  left=1000 * max(0.0, remaining))))
-            else:
-                kept.append(f)
-        return kept
+    async def _wait_and_serve(self, flight: _Flight, settle: Callable[[], None]) -> None:
+        slot = await self.gate.enter(flight.request.deadline)
+        if isinstance(slot, str):
+            flight.fail(RouteError(Status.UNAVAILABLE, slot))
+        elif not self._drop_cancelled([flight]):  # its caller went while it waited
+            self.gate.leave(slot)
+        else:
+            await self._serve_cold({flight: slot}, settle)
+        settle()
+
+    async def _serve_cold(self, slots: dict[_Flight, Slot], settle: Callable[[], None]) -> None:
+        """Requests with payloads to decode, each holding a slot of the gate: decoded in the bounded pool, encoded and
+        ranked; every slot is given back whatever happens (a served request's time feeds the gate's estimate)."""
+        if not slots:
+            return
+        try:
+            work = self._drop_cancelled(await self._preprocess(list(slots)))
+            settle()
+            work = self._drop_cancelled(await self._encode(work))
+            settle()
+            await self._rank(work)
+        finally:
+            for f, slot in slots.items():
+                self.gate.leave(slot, served=f.error is None and f.outputs is not None)
+        settle()
 
     @staticmethod
     def _drop_cancelled(flights: list[_Flight]) -> list[_Flight]:

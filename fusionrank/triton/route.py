@@ -100,9 +100,9 @@ class RouteModel:
     """The route callers use (`serving.route`): a thin shell over `fusionrank.route.stages.RankingRoute`, with its
     embedding cache (`fusionrank.route.cache`) and its metrics (`fusionrank.route.metrics`).
 
-    Async `execute`: the member calls of one execute (`pb_utils.InferenceRequest.async_exec`) run concurrently. Triton
-    runs one execute per instance at a time for a model that is not decoupled, so the spec's instance count sets how
-    many batches of requests are in flight."""
+    Async `execute` on the stub's event loop: it returns at once and the requests are served by a task of that loop,
+    whose member calls (`pb_utils.InferenceRequest.async_exec`) run concurrently with other executes' (see
+    `execute`)."""
 
     def initialize(self, args):
         pb = pb_utils()
@@ -116,6 +116,7 @@ class RouteModel:
         labels = (name, args.get("model_instance_name", name))
         self.cache, self.metrics = _route_cache(pb, spec, args, params, labels)
         self.responses = ResponseMetrics(pb, *labels)
+        self.pending: set[asyncio.Task] = set()  # requests still being served after their execute returned
         self.pool = ThreadPoolExecutor(spec.serving.admission.decode_threads, thread_name_prefix="decode",
                                        initializer=_lower_priority)
         self.route = RankingRoute(spec, preparer, self._infer, pb.Logger.log_error, cache=self.cache,
@@ -148,14 +149,25 @@ class RouteModel:
         return {n: np.array(pb.get_output_tensor_by_name(response, n).as_numpy()) for n in outputs}
 
     async def execute(self, requests):
-        """Answers each request through its response sender as soon as its result is known (Triton 2.51 allows one
-        final response per request in a non-decoupled model), so a request the cache answered whole leaves while
-        its batch-mates still decode; returns None, as the Python backend then requires."""
+        """Takes the requests and returns at once (None): each is answered through its response sender as soon as its
+        result is known (Triton 2.51 allows one final response per request in a non-decoupled model), by a task on
+        the stub's event loop, which outlives this call. Triton hands this instance its next batch meanwhile, so
+        a request the cache answers whole never waits for another's decoding; the route's gate
+        (`fusionrank.route.shedding.DecodeGate`), not Triton's queue, bounds the work in flight."""
         pb = pb_utils()
         now = time.monotonic()
-        plain = [RouteRequest(request_inputs(pb, r, self.input_names), r.is_cancelled, request_deadline(r, now))
-                 for r in requests]
         senders = [r.get_response_sender() for r in requests]
+        # Copied: Triton frees a request's input buffers when execute returns. Cancellation is asked of the sender,
+        # which outlives the request.
+        plain = [RouteRequest({n: None if a is None else np.array(a) for n, a in
+                               request_inputs(pb, r, self.input_names).items()},
+                              s.is_cancelled, request_deadline(r, now)) for r, s in zip(requests, senders)]
+        task = asyncio.ensure_future(self._serve(pb, plain, senders))
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+        return None
+
+    async def _serve(self, pb, plain: list[RouteRequest], senders: list) -> None:
         codes: dict[int, int | None] = {}
 
         def answer(i: int, result) -> None:
@@ -174,11 +186,10 @@ class RouteModel:
             await self.route.rank(plain, answer)
         except Exception:  # ours: every request still unanswered gets INTERNAL, never silence
             pb.Logger.log_error(f"route: execute failed:\n{traceback.format_exc()}")
-            for i in range(len(requests)):
+            for i in range(len(plain)):
                 if i not in codes:
                     answer(i, RouteError(Status.INTERNAL, "route: internal error (see server log)"))
         self._publish(pb, list(codes.values()))
-        return None
 
     def _publish(self, pb, codes: list[int | None]) -> None:
         """The execute's response codes and the cache's counters to Triton's metrics."""

@@ -114,6 +114,9 @@ class FakeResponseSender:
     def __init__(self, request: FakeRequest):
         self.request = request
 
+    def is_cancelled(self) -> bool:
+        return self.request.cancelled
+
     def send(self, response=None, flags: int = 0) -> None:
         if self.request.final or (self.request.sent and response is not None):
             raise RuntimeError("Unable to send response. Non-decoupled model cannot send more than one response.")
@@ -125,10 +128,16 @@ class FakeResponseSender:
 
 
 def route_responses(model, requests: list[FakeRequest]) -> list:
-    """Run the route shell's async execute: it answers every request through its sender and returns None."""
+    """Run the route shell's async execute: it returns None at once and a task of the loop answers every request
+    through its sender."""
     import asyncio
 
-    if asyncio.run(model.execute(requests)) is not None:
+    async def run():
+        returned = await model.execute(requests)
+        await asyncio.gather(*model.pending)
+        return returned
+
+    if asyncio.run(run()) is not None:
         raise AssertionError("the route answers through response senders; execute must return None")
     if not all(r.final and len(r.sent) == 1 for r in requests):
         raise AssertionError(f"one final response per request, got {[len(r.sent) for r in requests]}")

@@ -61,21 +61,24 @@ class CostBudgetSpec:
 class AdmissionSpec:
     priorities: tuple[Priority, ...] = (Priority.PRODUCTION, Priority.WARMUP, Priority.LOADTEST)
     default_priority: Priority = Priority.PRODUCTION
-    # The route's queue (callers wait there): half a second of work at the default spec's capacity (15 requests/s
-    # on 2 cores; each route execute takes several queued requests at once), refused at once past it; a request
-    # queued longer than 2 s (the SLO's p95) is refused rather than served late.
+    # The route's queue, per instance: Triton's queue before the route (rarely used: the route's executes return at
+    # once) and the route's own gate (`fusionrank.route.shedding.DecodeGate`), where requests with payloads to decode
+    # wait for a slot: at most `max_queue_size` of them; a request without a deadline of its own gets `timeout_us`
+    # (the SLO's p95) as its deadline, so the gate refuses at once what it cannot answer within it.
     route_queue: QueuePolicySpec = field(default_factory=lambda: QueuePolicySpec(8, 2_000_000))
-    # The members' queues (the route's BLS calls): unbounded, the route's instances bound what is in flight; the
-    # route's deadline still applies (`allow_timeout_override`).
+    # The members' queues (the route's BLS calls): unbounded, the route's gates bound what is in flight; the route's
+    # deadline still applies (`allow_timeout_override`).
     default_queue: QueuePolicySpec = field(default_factory=QueuePolicySpec)
     queues: dict[str, QueuePolicySpec] = field(default_factory=dict)  # per model name, over the two above
     background_queue: QueuePolicySpec | None = None  # the route's levels below `default_priority`; null: as theirs
     cost: CostBudgetSpec = field(default_factory=CostBudgetSpec)
     decode_threads: int = 1  # the route instance's decoding pool: cached requests are ranked meanwhile
-    # Requests with payloads to decode that one route instance holds at once (decoding, waiting for it, encoding):
-    # the route's executes overlap (async), so Triton's queue alone does not bound them; past it a request is
-    # refused UNAVAILABLE at once. Requests the cache answers whole are never counted nor refused.
-    max_decoding_requests: int = 8  # one execute of 16-candidate requests (the route batches 128 rows)
+    # Requests with payloads to decode one route instance serves at once (decoding, encoding, ranking); more wait in
+    # its gate, in arrival order, or are refused UNAVAILABLE at once when their deadline cannot hold the wait. Few:
+    # requests admitted together share the cores, so each takes longer; measured on 2 cores (docs/admission.md),
+    # 2 instances x 1 keep the cores busy and answer within a 1-s deadline. Requests the cache answers whole are
+    # never counted, never wait, never refused.
+    max_decoding_requests: int = 1
 
     def __post_init__(self):
         if not self.priorities or len(set(self.priorities)) != len(self.priorities):

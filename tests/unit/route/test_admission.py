@@ -24,6 +24,7 @@ from fusionrank.contract.spec import (
 )
 from fusionrank.contract.tensors import CLICK_PROBABILITY
 from fusionrank.request.cost import RequestCost, check_budget, request_cost
+from fusionrank.route.shedding import DecodeGate, Slot
 from fusionrank.route.stages import LATE, RouteError, RouteRequest, Status
 from fusionrank.triton.render import model_configs
 from tests.fakes.pb_utils import FakeError, FakeRequest, route_responses
@@ -104,7 +105,7 @@ def test_a_request_past_its_deadline_is_refused_before_decoding_and_members_get_
 
 def test_a_request_whose_deadline_cannot_hold_its_work_here_now_is_shed_at_once(ci_spec, preparer):
     route, members = _route(ci_spec, preparer)
-    route.service.observe(2.0)  # requests with payloads to decode take about 2 s here now
+    route.gate.service.observe(2.0)  # requests with payloads to decode take about 2 s here now
     short, long = _request(ci_spec, 2, seed=1), _request(ci_spec, 3, seed=2)
     results = asyncio.run(route.rank([RouteRequest(short, deadline=time.monotonic() + 0.5),
                                       RouteRequest(long, deadline=time.monotonic() + 60)]))
@@ -113,12 +114,13 @@ def test_a_request_whose_deadline_cannot_hold_its_work_here_now_is_shed_at_once(
     assert results[1][CLICK_PROBABILITY].shape == (3, 1)
     assert members.rows("image_encoder") == [3], "the shed request's rows were never encoded"
     # Each refusal decays the estimate: after a burst the route admits again although nothing completed meanwhile.
-    route.service.seconds = 2.0
+    service = route.gate.service
+    service.seconds = 2.0
     refusals = 0
-    while route.service.too_late(0.5):
+    while service.too_late(0.5):
         refusals += 1
-    assert 0 < refusals < 20 and route.service.seconds <= 0.5
-    assert not route.service.too_late(None), "a request without deadline is never shed"
+    assert 0 < refusals < 20 and service.seconds <= 0.5
+    assert not service.too_late(None), "a request without deadline is never shed"
 
 
 def test_the_callers_absolute_deadline_counts_the_time_the_request_waited_in_the_queue():
@@ -252,37 +254,76 @@ def test_requests_the_cache_answers_whole_are_ranked_and_answered_before_the_oth
     assert order.count("decode start") == 1, "the cached request never went to the decoding pool"
 
 
-def test_an_instance_holding_its_most_requests_to_decode_refuses_more_at_once_but_serves_cached_ones(ci_spec,
-                                                                                                   preparer):
-    spec = _with_admission(ci_spec, max_decoding_requests=2)
+def test_requests_to_decode_pass_the_gate_a_few_at_a_time_the_rest_wait_or_are_refused_and_cached_ones_never_wait(
+        ci_spec, preparer):
+    spec = _with_admission(ci_spec, max_decoding_requests=1,
+                           route_queue=dataclasses.replace(ci_spec.serving.admission.route_queue, max_queue_size=1))
     cache = _cache(spec)
     warm, _ = _route(spec, preparer, cache=cache)
     asyncio.run(warm.rank([RouteRequest(_request(spec, 2))]))
     route, members = _route(spec, preparer, cache=cache)
-    gate = asyncio.Event()
+    release = asyncio.Event()
+    decoded: list[int] = []
 
     async def slow_decode(work):
-        await gate.wait()
+        await release.wait()
         work()
+        decoded.append(len(decoded))
 
     route.decode = slow_decode
 
     async def main():
+        # One execute: the first cold request takes the only slot, the second waits its turn (no deadline), the
+        # third finds the waiting room full.
         first = asyncio.ensure_future(route.rank([RouteRequest(_request(spec, 1, seed=s, title=b"new")) for s in
                                                   (11, 12, 13)]))
-        await asyncio.sleep(0.01)  # the first execute holds its admitted requests in the decoding pool
-        second = await route.rank([RouteRequest(_request(spec, 2)), RouteRequest(_request(spec, 1, seed=14))])
-        gate.set()
-        return await first, second
+        await asyncio.sleep(0.01)
+        assert (route.gate.busy, len(route.gate.waiting)) == (1, 1)
+        # Another execute meanwhile: its cached request is answered although the slot is held.
+        cached = await asyncio.wait_for(route.rank([RouteRequest(_request(spec, 2))]), 5)
+        release.set()
+        return await first, cached
 
-    first, second = asyncio.run(main())
-    # An idle instance takes the whole dynamic batch Triton handed it (refusing part of it would only waste work
-    # already dequeued); the limit bounds what an overlapping execute adds.
-    assert [isinstance(r, RouteError) for r in first] == [False, False, False]
-    assert not isinstance(second[0], RouteError), "a request the cache answers whole is never refused"
-    assert second[1].status is Status.UNAVAILABLE and "holds 3 requests" in second[1].message
-    assert "over capacity" in second[1].message
-    assert route.decoding == 0, "every admitted request is released, answered or not"
+    first, (cached,) = asyncio.run(main())
+    assert not isinstance(cached, RouteError), "a request the cache answers whole never waits for the gate"
+    assert [isinstance(r, RouteError) for r in first] == [False, False, True]
+    assert first[2].status is Status.UNAVAILABLE and "over capacity" in first[2].message
+    assert "1 requests with payloads to decode already wait" in first[2].message
+    assert decoded == [0, 1], "the waiting request was served once the first gave its slot back"
+    assert route.gate.busy == 0 and not route.gate.waiting, "every slot is given back, answered or not"
+
+
+def test_the_gate_refuses_at_once_what_its_deadline_cannot_hold_and_a_waiter_whose_time_runs_out():
+    clock = [100.0]
+    gate = DecodeGate(slots=1, max_waiting=8, clock=lambda: clock[0])
+    gate.service.observe(0.4)  # a request takes about 400 ms here now
+
+    async def main():
+        first = await gate.enter(deadline=101.0)  # idle: admitted
+        assert isinstance(first, Slot) and gate.busy == 1
+        clock[0] += 0.1
+        # The slot frees in about 300 ms (its request has had 100 of its 400 ms), then this one takes 400 ms.
+        assert gate.expected(0) == pytest.approx(0.7) and gate.expected(1) == pytest.approx(1.1)
+        refused = await gate.enter(deadline=clock[0] + 0.6)
+        assert isinstance(refused, str) and "takes about 700 ms" in refused and "leaves 600 ms" in refused
+        # 800 ms left: admitted to wait; refused as soon as what is left (here: all of it, on this frozen clock,
+        # after its 400 ms of patience) no longer holds the service time.
+        late = await gate.enter(deadline=clock[0] + 0.8)
+        assert isinstance(late, str) and "over capacity" in late
+        assert not [w for w in gate.waiting if not w.turn.done()]
+        # A waiter without deadline gets the slot when it is given back, in arrival order; a served request's time
+        # feeds the estimate.
+        waiter = asyncio.ensure_future(gate.enter(deadline=None))
+        await asyncio.sleep(0)
+        clock[0] += 0.5
+        gate.leave(first, served=True)
+        second = await waiter
+        assert isinstance(second, Slot) and gate.busy == 1
+        assert gate.service.seconds == pytest.approx(0.8 * 0.4 + 0.2 * 0.6)
+        gate.leave(second)
+        assert gate.busy == 0
+
+    asyncio.run(main())
 
 
 def test_shell_answers_every_request_internal_when_the_route_itself_fails(shell, ci_spec, monkeypatch):

@@ -261,7 +261,7 @@ def test_requests_to_decode_pass_the_gate_a_few_at_a_time_the_rest_wait_or_are_r
     cache = _cache(spec)
     warm, _ = _route(spec, preparer, cache=cache)
     asyncio.run(warm.rank([RouteRequest(_request(spec, 2))]))
-    route, members = _route(spec, preparer, cache=cache)
+    route, members = _route(spec, preparer, cache=cache, slots=1)
     release = asyncio.Event()
     decoded: list[int] = []
 

@@ -72,7 +72,11 @@ class Members:
         return [rows for m, rows in self.calls if m == model]
 
 
-def _route(spec, preparer, members=None, errors=None, cache=None):
+def _route(spec, preparer, members=None, errors=None, cache=None, slots=64):
+    """A route over fake members. `slots`: its gate's (`max_decoding_requests`); many by default, as these tests
+    look at the requests of one execute passing the stages together (tests/unit/route/test_admission.py: the gate)."""
+    admission = dataclasses.replace(spec.serving.admission, max_decoding_requests=slots)
+    spec = spec.with_overrides(serving=dataclasses.replace(spec.serving, admission=admission))
     members = members or Members(spec)
     return RankingRoute(spec, preparer, members, log_error=(errors.append if errors is not None else print),
                         cache=cache), members

@@ -3,11 +3,11 @@
 Past capacity, a CPU server shares its cores among everything it admitted, so every request slows down together
 and, with callers' deadlines, most finish after their callers left: goodput collapses although the server is busy.
 A route instance therefore serves at most `slots` requests with payloads to decode at a time (`DecodeGate`); the
-others wait their turn in arrival order, at most `max_waiting` of them. The gate keeps a running estimate of how
-long such a request takes from admission to its answer, here and now (`ServiceTime`, an exponentially weighted mean
-of recent ones), and refuses `UNAVAILABLE` at once a request whose remaining deadline is shorter than its expected
-wait plus that time: its caller can retry on another server instead of waiting for a late answer, and the cores go
-to requests that can still make it. A waiting request is refused as soon as what is left of its deadline no longer
+others wait their turn in arrival order, at most `max_waiting` of them. The gate estimates how long such a request
+takes from admission to its answer, here and now (`ServiceTime`: the third quartile of the last ones served), and
+refuses `UNAVAILABLE` at once a request whose remaining deadline is shorter than its expected wait plus that time:
+its caller can retry on another server instead of waiting for a late answer, and the cores go to requests that can
+still make it. A waiting request whose caller set a deadline is refused as soon as what is left of it no longer
 holds the service time. Requests the cache answers whole never pass the gate.
 
 Each refusal by an idle gate decays the estimate, so after a burst the route admits again even when no request
@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-WEIGHT = 0.2  # weight of the newest request in the running mean
+WINDOW = 16  # served requests the estimate is taken over
+QUANTILE = 0.75
 DECAY = 0.9  # factor applied to the estimate by each refusal of an idle gate
 
 SHED = "the server is over capacity: a request with payloads to decode takes about {need:.0f} ms here now and its " \
@@ -34,24 +36,38 @@ FULL = "the server is over capacity: {n} requests with payloads to decode alread
 
 
 class ServiceTime:
-    """Running estimate (seconds) of a cold request's time from admission to its answer; 0 until one is seen."""
+    """Running estimate (seconds) of a cold request's time from admission to its answer: the `quantile` (nearest
+    rank) of the last `window` served requests, high enough that admitted requests rarely finish late, robust to one
+    slow outlier (it does not shut the gate); scaled down by `decay` for each refusal of an idle gate since the last
+    one served. 0 until one is seen."""
 
-    def __init__(self, weight: float = WEIGHT, decay: float = DECAY):
-        self.weight, self.decay = weight, decay
-        self.seconds = 0.0
+    def __init__(self, window: int = WINDOW, quantile: float = QUANTILE, decay: float = DECAY):
+        self.quantile, self.decay = quantile, decay
+        self.recent: deque[float] = deque(maxlen=window)
+        self.scale = 1.0
         self._lock = threading.Lock()
+
+    @property
+    def seconds(self) -> float:
+        with self._lock:
+            if not self.recent:
+                return 0.0
+            ranked = sorted(self.recent)
+            return ranked[max(0, math.ceil(self.quantile * len(ranked)) - 1)] * self.scale
 
     def observe(self, seconds: float) -> None:
         with self._lock:
-            self.seconds = seconds if not self.seconds else (1 - self.weight) * self.seconds + self.weight * seconds
+            self.recent.append(seconds)
+            self.scale = 1.0
 
     def too_late(self, remaining: float | None) -> bool:
         """True (and the estimate decays) when `remaining` seconds cannot hold a request; None: no deadline."""
+        estimate = self.seconds
+        if remaining is None or remaining <= 0 or remaining >= estimate:  # past: the route's late check
+            return False
         with self._lock:
-            if remaining is None or remaining <= 0 or remaining >= self.seconds:  # past: the route's late check
-                return False
-            self.seconds *= self.decay
-            return True
+            self.scale *= self.decay
+        return True
 
 
 @dataclass(eq=False)

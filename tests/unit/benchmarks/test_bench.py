@@ -90,3 +90,22 @@ def test_goals_say_met_or_missed_with_the_measured_ratio(tmp_path):
     assert write_chart(result, tmp_path / "bench.png").stat().st_size > 10_000
 
 
+
+
+def test_traffic_renews_a_payload_as_a_new_cache_key_with_the_same_decoded_content(ci_spec, bench):
+    """`fusionrank bench traffic` sends never-seen payloads without building new items on the shared cores."""
+    from benchmarks.traffic import renewed
+
+    request = RequestFactory(ci_spec, bench, Scenario(name="n", candidates={4: 1.0}, novel_share=1.0), seed=2).next()
+    arrays = request.arrays()
+    fresh = {n: np.array([[renewed(bytes(v), 7) for v in row] for row in a], dtype=object) if a.dtype == object else a
+             for n, a in arrays.items()}
+    preparer = RequestPreprocessor(ci_spec)
+    before, after = preparer(arrays), preparer(fresh)  # still valid for every modality
+    for name in ("item_image", "item_audio", "item_text"):
+        assert all(x != y for x, y in zip(arrays[name][:, 0], fresh[name][:, 0])), name
+    for m in (Modality.IMAGE, Modality.AUDIO):  # the same pixels and samples: only the cache key changes
+        assert before.encoder_inputs[m], m
+        for name, values in before.encoder_inputs[m].items():
+            np.testing.assert_array_equal(values, after.encoder_inputs[m][name])
+    assert renewed(fresh["item_image"][0, 0], 8) != renewed(fresh["item_image"][0, 0], 9)

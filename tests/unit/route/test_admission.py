@@ -24,7 +24,7 @@ from fusionrank.contract.spec import (
 )
 from fusionrank.contract.tensors import CLICK_PROBABILITY
 from fusionrank.request.cost import RequestCost, check_budget, request_cost
-from fusionrank.route.shedding import DecodeGate, Slot
+from fusionrank.route.shedding import DecodeGate, ServiceTime, Slot
 from fusionrank.route.stages import LATE, RouteError, RouteRequest, Status
 from fusionrank.triton.render import model_configs
 from tests.fakes.pb_utils import FakeError, FakeRequest, route_responses
@@ -115,7 +115,8 @@ def test_a_request_whose_deadline_cannot_hold_its_work_here_now_is_shed_at_once(
     assert members.rows("image_encoder") == [3], "the shed request's rows were never encoded"
     # Each refusal decays the estimate: after a burst the route admits again although nothing completed meanwhile.
     service = route.gate.service
-    service.seconds = 2.0
+    service.observe(2.0)  # the estimate is the third quartile of recent requests: 2 s again
+    assert service.seconds == 2.0
     refusals = 0
     while service.too_late(0.5):
         refusals += 1
@@ -319,7 +320,7 @@ def test_the_gate_refuses_at_once_what_its_deadline_cannot_hold_and_a_waiter_who
         gate.leave(first, served=True)
         second = await waiter
         assert isinstance(second, Slot) and gate.busy == 1
-        assert gate.service.seconds == pytest.approx(0.8 * 0.4 + 0.2 * 0.6)
+        assert gate.service.seconds == pytest.approx(0.6)  # the third quartile of the recent ones (nearest rank)
         gate.leave(second)
         assert gate.busy == 0
 
@@ -337,3 +338,13 @@ def test_shell_answers_every_request_internal_when_the_route_itself_fails(shell,
     first, second = route_responses(model, [FakeRequest(_request(ci_spec, 1)), FakeRequest(_request(ci_spec, 1))])
     assert first.error.code == FakeError.INVALID_ARG
     assert second.error.code == FakeError.INTERNAL and "a bug" not in second.error.message
+
+
+def test_one_slow_request_does_not_shut_the_gate_and_refusals_of_an_idle_gate_decay_the_estimate():
+    service = ServiceTime(window=5)
+    for seconds in (0.3, 0.3, 9.0, 0.3, 0.2):
+        service.observe(seconds)
+    assert service.seconds == pytest.approx(0.3), "the third quartile of recent requests, not their mean (2.02 s)"
+    assert service.too_late(0.1) and service.seconds == pytest.approx(0.27)
+    service.observe(0.3)
+    assert service.seconds == pytest.approx(0.3), "a served request resets the decay"

@@ -24,7 +24,7 @@ from clients.errors import DeadlineExceededError, InvalidInputError
 from clients.tls import ClientTls
 from fusionrank.contract.admin import check_admin_key, grpc_admin_header
 from fusionrank.contract.spec import Modality, PipelineSpec, Priority
-from fusionrank.contract.tensors import DEADLINE_PARAMETER
+from fusionrank.contract.tensors import DEADLINE_PARAMETER, PRIORITY_PARAMETER
 
 ON_INVALID = ("raise", "drop")
 
@@ -50,8 +50,10 @@ class ClientOptions:
     def infer_kwargs(self, remaining: float) -> dict[str, Any]:
         """tritonclient's per-request `priority` and `timeout` (microseconds): the call's deadline travels with
         the request, so a server past its capacity refuses it (queue policy) instead of serving it late."""
-        return {"priority": self.priority_level, "timeout": max(1, int(remaining * 1e6)),
-                "parameters": {DEADLINE_PARAMETER: int((time.time() + remaining) * 1e6)}}
+        parameters = {DEADLINE_PARAMETER: int((time.time() + remaining) * 1e6)}
+        if self.priority_level:
+            parameters[PRIORITY_PARAMETER] = self.priority_level
+        return {"priority": self.priority_level, "timeout": max(1, int(remaining * 1e6)), "parameters": parameters}
 
     def rpc_timeout(self, remaining: float) -> float:
         """The gRPC deadline of an inference RPC with `remaining` seconds of the call's deadline left."""

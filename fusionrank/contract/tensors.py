@@ -61,6 +61,9 @@ USER_HISTORY = "user_history"
 # a request may wait in the queue, but a Python model cannot see how long it already waited; the absolute deadline
 # lets the route count what is really left (clocks of one cluster agree to well under the deadlines involved).
 DEADLINE_PARAMETER = "fusionrank_deadline_unix_us"
+# Request parameter: the Triton priority level the caller set (1 is served first). The Python backend does not tell a
+# model its request's priority, and the route's own queue (its gate) serves waiters by level.
+PRIORITY_PARAMETER = "fusionrank_priority_level"
 CLICK_PROBABILITY = "click_probability"
 MODALITY_WEIGHTS = "modality_weights"
 MODALITY_PRESENT = "modality_present"

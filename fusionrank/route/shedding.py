@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 import math
 import threading
 import time
@@ -79,12 +80,19 @@ class Slot:
 
 @dataclass(eq=False)
 class _Waiter:
+    level: int  # Triton priority level of its traffic class: 1 is served first
+    seq: int  # arrival order within a level
     deadline: float | None
-    turn: asyncio.Future  # set to its Slot when a leaving request hands it over
+    turn: asyncio.Future  # set to its Slot when a leaving request hands it over, or to a refusal when it is evicted
+
+    def __lt__(self, other: _Waiter) -> bool:
+        return (self.level, self.seq) < (other.level, other.seq)
 
 
 class DecodeGate:
-    """One route instance's admission of requests with payloads to decode (one asyncio loop; not thread-safe)."""
+    """One route instance's admission of requests with payloads to decode (one asyncio loop; not thread-safe).
+    Waiters are served by priority level (production before warm-up before load tests), then in arrival order; a
+    request finding the waiting room full takes the place of the newest waiter of a lower-priority class, if any."""
 
     def __init__(self, slots: int, max_waiting: int, default_deadline_s: float | None = None,
                  service: ServiceTime | None = None, clock: Callable[[], float] = time.monotonic):
@@ -94,11 +102,15 @@ class DecodeGate:
         self.service = service or ServiceTime()
         self.clock = clock
         self.held: set[Slot] = set()
-        self.waiting: deque[_Waiter] = deque()
+        self.waiting: list[_Waiter] = []  # a heap: the next one served first
+        self._arrivals = itertools.count()
 
     @property
     def busy(self) -> int:
         return len(self.held)
+
+    def _live(self) -> list[_Waiter]:
+        return [w for w in self.waiting if not w.turn.done()]
 
     def expected(self, ahead: int) -> float:
         """Seconds from now to the answer of a request that waits behind `ahead` others with every slot busy: each
@@ -128,13 +140,24 @@ class DecodeGate:
         it must wait its turn (`enter`); else the message of an UNAVAILABLE refusal."""
         deadline = self._deadline(deadline)
         remaining = None if deadline is None else deadline - self.clock()
-        if self.busy < self.slots and not self.waiting:
+        if self.busy < self.slots and not self._live():
             if self.service.too_late(remaining):  # decays: an idle gate cannot stay stuck above every deadline
                 return self._refusal(self.service.seconds / self.service.decay, remaining)
             return self._take()
         return None
 
-    async def enter(self, deadline: float | None) -> Slot | str:
+    def _room_for(self, level: int) -> str | None:
+        """None when a waiter of `level` may join; else the refusal (the room is full of classes as important)."""
+        live = self._live()
+        if len(live) < self.max_waiting:
+            return None
+        worst = max(live, key=lambda w: (w.level, w.seq))
+        if worst.level <= level:
+            return FULL.format(n=len(live))
+        worst.turn.set_result(FULL.format(n=len(live)) + " (a request of a higher-priority class took its place)")
+        return None
+
+    async def enter(self, deadline: float | None, level: int = 1) -> Slot | str:
         """Wait for a slot: the Slot once the caller holds one (it calls `leave` when done, answered or not), else the
         message of an UNAVAILABLE refusal (its deadline cannot hold the wait and the work, or the queue is full)."""
         own = deadline is not None
@@ -143,13 +166,14 @@ class DecodeGate:
         entered = self.try_enter(deadline)
         if entered is not None:
             return entered
-        if len(self.waiting) >= self.max_waiting:
-            return FULL.format(n=len(self.waiting))
-        need = self.expected(len(self.waiting))
+        need = self.expected(sum(1 for w in self._live() if w.level <= level))
         if remaining is not None and remaining < need:
             return self._refusal(need, remaining)
-        waiter = _Waiter(deadline, asyncio.get_running_loop().create_future())
-        self.waiting.append(waiter)
+        full = self._room_for(level)
+        if full is not None:
+            return full
+        waiter = _Waiter(level, next(self._arrivals), deadline, asyncio.get_running_loop().create_future())
+        heapq.heappush(self.waiting, waiter)
         # A caller's own deadline: refused while waiting once what is left no longer holds the service time (its
         # caller would be gone before the answer). The default deadline only decides admission: a caller without one
         # waits for its answer, and refusing it now, after it waited, would be a slow refusal.
@@ -158,7 +182,8 @@ class DecodeGate:
             return await asyncio.wait_for(asyncio.shield(waiter.turn), patience)
         except (asyncio.TimeoutError, asyncio.CancelledError):
             if waiter.turn.done() and not waiter.turn.cancelled():
-                self.leave(waiter.turn.result())  # the slot arrived as the wait ended: pass it on
+                if isinstance(waiter.turn.result(), Slot):
+                    self.leave(waiter.turn.result())  # the slot arrived as the wait ended: pass it on
             else:
                 waiter.turn.cancel()
             left = 0.0 if deadline is None else deadline - self.clock()
@@ -171,7 +196,7 @@ class DecodeGate:
         if served:
             self.service.observe(self.clock() - slot.since)
         while self.waiting:
-            waiter = self.waiting.popleft()
+            waiter = heapq.heappop(self.waiting)
             if not waiter.turn.done():
                 waiter.turn.set_result(self._take())
                 return

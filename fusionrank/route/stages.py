@@ -92,6 +92,7 @@ class RouteRequest:
     inputs: Mapping[str, np.ndarray]  # the contract's input arrays, by name
     is_cancelled: Callable[[], bool] = _never
     deadline: float | None = None  # `time.monotonic()` past which nobody waits for the answer; None: no deadline
+    level: int = 1  # Triton priority level of its traffic class (1 is served first): the gate's order
 
     def late(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -208,7 +209,7 @@ class RankingRoute:
         settle()
 
     async def _wait_and_serve(self, flight: _Flight, settle: Callable[[], None]) -> None:
-        slot = await self.gate.enter(flight.request.deadline)
+        slot = await self.gate.enter(flight.request.deadline, flight.request.level)
         if isinstance(slot, str):
             flight.fail(RouteError(Status.UNAVAILABLE, slot))
         elif not self._drop_cancelled([flight]):  # its caller went while it waited

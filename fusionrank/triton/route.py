@@ -18,7 +18,7 @@ import numpy as np
 from fusionrank.contract.names import encoder_name
 from fusionrank.contract.paths import tokenizer_dir
 from fusionrank.contract.spec import PipelineSpec, ServingProfile, from_dict
-from fusionrank.contract.tensors import DEADLINE_PARAMETER, request_arrays
+from fusionrank.contract.tensors import DEADLINE_PARAMETER, PRIORITY_PARAMETER, request_arrays
 from fusionrank.preprocess.samples import warmup_samples
 from fusionrank.request.validation import RequestPreprocessor
 from fusionrank.route.cache import LOCAL_CACHE_ENV, EmbeddingCache
@@ -50,16 +50,30 @@ def _lower_priority() -> None:
         pass
 
 
+def _parameters(request) -> dict:
+    try:
+        parameters = json.loads(request.parameters() or "{}")
+    except (AttributeError, ValueError, TypeError):
+        return {}
+    return parameters if isinstance(parameters, dict) else {}
+
+
+def request_level(request, default: int, levels: int) -> int:
+    """The Triton priority level the caller sent (`PRIORITY_PARAMETER`), else `default`; one outside 1..`levels` is
+    the lowest, as Triton treats it."""
+    level = _parameters(request).get(PRIORITY_PARAMETER)
+    if not isinstance(level, int) or isinstance(level, bool) or level < 1:
+        return default
+    return min(level, levels)
+
+
 def request_deadline(request, now: float) -> float | None:
     """The monotonic time past which the caller of a Triton request no longer waits: the caller's absolute deadline
     (`DEADLINE_PARAMETER`, which counts the time the request already waited in Triton's queue) where it sent one,
     else its `timeout` (microseconds; 0: none) counted from now. Triton already refused it if it expired queued."""
     timeout_us = request.timeout()
     deadline = now + timeout_us / 1e6 if timeout_us else None
-    try:
-        sent = json.loads(request.parameters() or "{}").get(DEADLINE_PARAMETER)
-    except (AttributeError, ValueError, TypeError):
-        sent = None
+    sent = _parameters(request).get(DEADLINE_PARAMETER)
     if isinstance(sent, int) and sent > 0:
         absolute = now + (sent / 1e6 - time.time())
         deadline = absolute if deadline is None else min(deadline, absolute)
@@ -116,6 +130,8 @@ class RouteModel:
         labels = (name, args.get("model_instance_name", name))
         self.cache, self.metrics = _route_cache(pb, spec, args, params, labels)
         self.responses = ResponseMetrics(pb, *labels)
+        admission = spec.serving.admission
+        self.levels = (admission.level(admission.default_priority), len(admission.priorities))
         self.pending: set[asyncio.Task] = set()  # requests still being served after their execute returned
         self.pool = ThreadPoolExecutor(spec.serving.admission.decode_threads, thread_name_prefix="decode",
                                        initializer=_lower_priority)
@@ -161,7 +177,8 @@ class RouteModel:
         # which outlives the request.
         plain = [RouteRequest({n: None if a is None else np.array(a) for n, a in
                                request_inputs(pb, r, self.input_names).items()},
-                              s.is_cancelled, request_deadline(r, now)) for r, s in zip(requests, senders)]
+                              s.is_cancelled, request_deadline(r, now), request_level(r, *self.levels))
+                 for r, s in zip(requests, senders)]
         task = asyncio.ensure_future(self._serve(pb, plain, senders))
         self.pending.add(task)
         task.add_done_callback(self.pending.discard)

@@ -19,6 +19,7 @@ from clients import AsyncRankingClient, Candidate, InvalidInputError, OverCapaci
 from clients._server_config import spec_from_config
 from clients.errors import UnavailableError, parse_input, to_client_error
 from fusionrank.contract.spec import Modality, PipelineSpec, Priority
+from fusionrank.contract.tensors import PRIORITY_PARAMETER
 from fusionrank.route.stages import LATE
 from fusionrank.triton.render import model_configs
 from tests.fakes.clients import FakeAsyncTriton, FakeTriton
@@ -109,7 +110,10 @@ def test_every_request_carries_the_calls_deadline_and_its_traffic_class(cls):
     (sent,) = fakes["a:1"].kwargs
     assert sent["priority"] == SPEC.serving.admission.level(Priority.WARMUP) == 2
     assert 2_000_000 < sent["timeout"] <= 3_000_000, "microseconds left of the 3-s deadline"
+    # The route's own queue orders waiters by level: the Python backend does not tell it the request's priority.
+    assert sent["parameters"][PRIORITY_PARAMETER] == 2
     plain = _client(cls, {"a:1": fake("a:1", [])})
+    assert PRIORITY_PARAMETER not in plain.options.infer_kwargs(1.0)["parameters"]
     assert plain.options.priority_level == 0, "no class: the server's default level (production)"
 
 

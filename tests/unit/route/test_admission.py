@@ -22,7 +22,7 @@ from fusionrank.contract.spec import (
     from_dict,
     to_dict,
 )
-from fusionrank.contract.tensors import CLICK_PROBABILITY
+from fusionrank.contract.tensors import CLICK_PROBABILITY, PRIORITY_PARAMETER
 from fusionrank.request.cost import RequestCost, check_budget, request_cost
 from fusionrank.route.shedding import DecodeGate, ServiceTime, Slot
 from fusionrank.route.stages import LATE, RouteError, RouteRequest, Status
@@ -152,6 +152,17 @@ def test_shell_turns_the_request_timeout_into_a_deadline_and_the_members_timeout
     pb.timeouts.clear()
     route_responses(model, [FakeRequest(_request(ci_spec, 1, seed=9))])
     assert pb.timeouts and set(pb.timeouts) == {0}, "no timeout from the caller: none to the members"
+
+
+def test_shell_reads_the_callers_priority_level_and_falls_back_to_the_default_class():
+    from fusionrank.triton.route import request_level
+
+    def level(params):
+        return request_level(FakeRequest({}, params=params), default=1, levels=3)
+
+    assert level({PRIORITY_PARAMETER: 3}) == 3 and level({PRIORITY_PARAMETER: 9}) == 3, "past the last: the last"
+    assert level({}) == level({PRIORITY_PARAMETER: "loadtest"}) == level({PRIORITY_PARAMETER: 0}) == 1
+    assert level({PRIORITY_PARAMETER: True}) == 1
 
 
 def test_shell_answers_a_full_member_queue_unavailable(shell, ci_spec):
@@ -348,3 +359,35 @@ def test_one_slow_request_does_not_shut_the_gate_and_refusals_of_an_idle_gate_de
     assert service.too_late(0.1) and service.seconds == pytest.approx(0.27)
     service.observe(0.3)
     assert service.seconds == pytest.approx(0.3), "a served request resets the decay"
+
+
+@pytest.mark.parametrize("room", [4, 2])
+def test_the_gate_serves_waiters_by_priority_level_and_a_full_room_gives_way_to_a_higher_class(room):
+    gate = DecodeGate(slots=1, max_waiting=room)
+    served: list[str] = []
+
+    async def wait(name: str, level: int):
+        slot = await gate.enter(deadline=None, level=level)
+        if isinstance(slot, str):
+            served.append(f"{name} refused: {slot}")
+            return
+        served.append(name)
+        gate.leave(slot)
+
+    async def main():
+        holder = gate.try_enter(None)
+        assert isinstance(holder, Slot)
+        tasks = [asyncio.ensure_future(wait(name, level)) for name, level in
+                 (("loadtest-1", 3), ("loadtest-2", 3), ("production", 1), ("warmup", 2))]
+        await asyncio.sleep(0.01)  # every one queued (or refused) behind the holder
+        gate.leave(holder)
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+    refused = [s for s in served if "refused" in s]
+    if room == 4:  # room for all: served by level, then arrival
+        assert served == ["production", "warmup", "loadtest-1", "loadtest-2"]
+    else:  # two places: production, then warm-up, took the newest load-test request's place
+        assert [s.split()[0] for s in refused] == ["loadtest-2", "loadtest-1"]
+        assert all("over capacity" in s and "higher-priority class took its place" in s for s in refused)
+        assert [s for s in served if "refused" not in s] == ["production", "warmup"]

@@ -9,13 +9,16 @@ from fusionrank.contract.spec import Modality, PipelineSpec
 
 
 def default_knobs(spec: PipelineSpec, cores: int | None = None) -> list[Knob]:
-    """Route instances, each encoder's instances and ONNX Runtime intra-op threads, the encoders' and the ranker's
-    queue delays, the encoders' largest batch, the route's queue delay; bounded by the machine's cores."""
+    """Route instances and their gates' slots, each encoder's instances and ONNX Runtime intra-op threads, the
+    encoders' and the ranker's queue delays, the encoders' largest batch, the route's queue delay; bounded by the
+    machine's cores."""
     cores = cores or os.cpu_count() or 1
     encoders = tuple(f"{m.value}_encoder" for m in spec.modalities.enabled)
     route = spec.serving.route
     up_to = tuple(range(1, max(2, cores) + 1))
-    knobs = [Knob("route.instances", (route,), "instances", tuple(range(1, 2 * max(2, cores) + 1)))]
+    knobs = [Knob("route.instances", (route,), "instances", tuple(range(1, 2 * max(2, cores) + 1))),
+             # Requests with payloads to decode each route instance serves at once (its gate's slots).
+             Knob("route.max_decoding_requests", (), "max_decoding_requests", (1, 2, 3, 4))]
     # The image encoder does most of the work per candidate: it gets its own instances and threads.
     heavy = f"{Modality.IMAGE.value}_encoder"
     if heavy in encoders:

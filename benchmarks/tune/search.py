@@ -22,6 +22,7 @@ from fusionrank.contract.errors import FusionRankError
 from fusionrank.contract.spec import BatchingSpec, PipelineSpec
 
 FIELDS = ("instances", "intra_op_threads", "max_queue_delay_us", "max_batch_size")
+ADMISSION_FIELDS = ("max_decoding_requests",)  # of `serving.admission`, not of a model (a knob naming no model)
 
 Config = Mapping[str, int]
 
@@ -40,8 +41,11 @@ class Knob:
     values: tuple[int, ...]
 
     def __post_init__(self):
-        if self.field not in FIELDS:
-            raise TuneError(f"knob {self.name}: field {self.field!r} is not one of {', '.join(FIELDS)}")
+        if self.field not in FIELDS + ADMISSION_FIELDS:
+            known = ", ".join(FIELDS + ADMISSION_FIELDS)
+            raise TuneError(f"knob {self.name}: field {self.field!r} is not one of {known}")
+        if (self.field in ADMISSION_FIELDS) != (not self.models):
+            raise TuneError(f"knob {self.name}: a serving.admission field names no model; a model field names some")
         if not self.values or list(self.values) != sorted(set(self.values)):
             raise TuneError(f"knob {self.name}: values {list(self.values)} must be ascending and distinct")
 
@@ -94,7 +98,8 @@ def handset(spec: PipelineSpec, knobs: Sequence[Knob]) -> tuple[dict[str, int], 
     """The spec's own value of every knob (its first model's), each knob widened to hold it."""
     config, widened = {}, []
     for knob in knobs:
-        value = getattr(spec.serving.batching(knob.models[0]), knob.field)
+        owner = spec.serving.admission if knob.field in ADMISSION_FIELDS else spec.serving.batching(knob.models[0])
+        value = getattr(owner, knob.field)
         config[knob.name] = value
         widened.append(knob.with_value(value))
     return config, widened
@@ -108,25 +113,32 @@ def _batching(current: BatchingSpec, knob_field: str, value: int) -> BatchingSpe
 
 
 def apply(spec: PipelineSpec, knobs: Sequence[Knob], config: Config) -> PipelineSpec:
-    """The spec with `config`'s values set on every model each knob names."""
-    models = dict(spec.serving.models)
+    """The spec with `config`'s values set on every model each knob names (or on `serving.admission`)."""
+    models, admission = dict(spec.serving.models), spec.serving.admission
     for knob in knobs:
         if knob.name not in config:
             continue
+        if knob.field in ADMISSION_FIELDS:
+            admission = dataclasses.replace(admission, **{knob.field: config[knob.name]})
         for model in knob.models:
             models[model] = _batching(models.get(model, spec.serving.batching(model)), knob.field, config[knob.name])
-    return spec.with_overrides(serving=dataclasses.replace(spec.serving, models=models))
+    return spec.with_overrides(serving=dataclasses.replace(spec.serving, models=models, admission=admission))
 
 
 def overlay(spec: PipelineSpec, tuned: PipelineSpec) -> dict:
-    """The spec overlay (YAML-ready) that turns `spec`'s serving models into `tuned`'s; {} when they agree. An
-    overlay replaces `serving.models` as a whole (a mapping keyed by name), so every model is written in full."""
+    """The spec overlay (YAML-ready) that turns `spec`'s serving models and searched admission fields into `tuned`'s;
+    {} when they agree. An overlay replaces `serving.models` as a whole (a mapping keyed by name), so every model is
+    written in full; `serving.admission` is a section, merged: only the fields that differ."""
+    result: dict = {}
     models = {m: spec.serving.batching(m) for m in tuned.serving.models}
-    if all(models[m] == b for m, b in tuned.serving.models.items()) and set(spec.serving.models) <= set(models):
-        return {}
-    return {"serving": {"models": {m: {k: list(v) if isinstance(v, tuple) else v
-                                       for k, v in dataclasses.asdict(b).items()}
-                                   for m, b in tuned.serving.models.items()}}}
+    if not (all(models[m] == b for m, b in tuned.serving.models.items()) and set(spec.serving.models) <= set(models)):
+        result["models"] = {m: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(b).items()}
+                            for m, b in tuned.serving.models.items()}
+    admission = {f: getattr(tuned.serving.admission, f) for f in ADMISSION_FIELDS
+                 if getattr(tuned.serving.admission, f) != getattr(spec.serving.admission, f)}
+    if admission:
+        result["admission"] = admission
+    return {"serving": result} if result else {}
 
 
 Measure = Callable[[dict[str, int]], Trial]

@@ -20,6 +20,7 @@ import asyncio
 import heapq
 import itertools
 import math
+import statistics
 import threading
 import time
 from collections import deque
@@ -28,6 +29,9 @@ from dataclasses import dataclass
 
 WINDOW = 16  # served requests the estimate is taken over
 QUANTILE = 0.75
+ADAPT_EVERY = 8  # served requests between two changes of the gate's slots
+TARGET_SHARE = 0.5  # the service time the slots aim under, as a share of the callers' deadline budgets
+GROW_BELOW = 0.7  # one more slot only while the service time is under this share of that target
 DECAY = 0.9  # factor applied to the estimate by each refusal of an idle gate
 
 SHED = "the server is over capacity: a request with payloads to decode takes about {need:.0f} ms here now and its " \
@@ -92,15 +96,25 @@ class _Waiter:
 class DecodeGate:
     """One route instance's admission of requests with payloads to decode (one asyncio loop; not thread-safe).
     Waiters are served by priority level (production before warm-up before load tests), then in arrival order; a
-    request finding the waiting room full takes the place of the newest waiter of a lower-priority class, if any."""
+    request finding the waiting room full takes the place of the newest waiter of a lower-priority class, if any.
 
-    def __init__(self, slots: int, max_waiting: int, default_deadline_s: float | None = None,
+    How many are served at once (`slots`) adapts between 1 and `max_slots`: requests admitted together share the
+    cores, so more at once raise throughput until the cores are busy and then only lengthen each one. Every
+    `ADAPT_EVERY` served requests the gate compares the service time with the deadlines its callers bring (the
+    median of the recent ones' budgets, a request without one counting the default): above `TARGET_SHARE` of it, one
+    slot fewer; under `GROW_BELOW` x that while requests wait or were refused meanwhile, one more."""
+
+    def __init__(self, max_slots: int, max_waiting: int, default_deadline_s: float | None = None,
                  service: ServiceTime | None = None, clock: Callable[[], float] = time.monotonic):
         """`default_deadline_s`: the deadline, from its arrival, of a request that brings none (None: it waits its
         turn however long that takes)."""
-        self.slots, self.max_waiting, self.default_deadline_s = slots, max_waiting, default_deadline_s
+        self.max_slots, self.max_waiting, self.default_deadline_s = max_slots, max_waiting, default_deadline_s
+        self.slots = 1  # the adaptive limit; grows while the deadlines allow
         self.service = service or ServiceTime()
         self.clock = clock
+        self.budgets: deque[float] = deque(maxlen=WINDOW)  # seconds from arrival to deadline, recent requests
+        self._served_since_change = 0
+        self._turned_away = 0  # refusals since the last change: demand the slots did not meet
         self.held: set[Slot] = set()
         self.waiting: list[_Waiter] = []  # a heap: the next one served first
         self._arrivals = itertools.count()
@@ -140,11 +154,29 @@ class DecodeGate:
         it must wait its turn (`enter`); else the message of an UNAVAILABLE refusal."""
         deadline = self._deadline(deadline)
         remaining = None if deadline is None else deadline - self.clock()
+        if remaining is not None:
+            self.budgets.append(remaining)
         if self.busy < self.slots and not self._live():
             if self.service.too_late(remaining):  # decays: an idle gate cannot stay stuck above every deadline
                 return self._refusal(self.service.seconds / self.service.decay, remaining)
             return self._take()
         return None
+
+    def _adapt(self) -> None:
+        """After a served request: one slot more or fewer (see the class)."""
+        self._served_since_change += 1
+        if self._served_since_change < ADAPT_EVERY or not self.budgets:
+            return
+        target = TARGET_SHARE * statistics.median(self.budgets)
+        seconds = self.service.seconds
+        if seconds > target and self.slots > 1:
+            self.slots -= 1
+        elif (seconds < GROW_BELOW * target and self.slots < self.max_slots
+              and (self._live() or self._turned_away)):
+            self.slots += 1
+        else:
+            return
+        self._served_since_change = self._turned_away = 0
 
     def _room_for(self, level: int) -> str | None:
         """None when a waiter of `level` may join; else the refusal (the room is full of classes as important)."""
@@ -168,9 +200,11 @@ class DecodeGate:
             return entered
         need = self.expected(sum(1 for w in self._live() if w.level <= level))
         if remaining is not None and remaining < need:
+            self._turned_away += 1
             return self._refusal(need, remaining)
         full = self._room_for(level)
         if full is not None:
+            self._turned_away += 1
             return full
         waiter = _Waiter(level, next(self._arrivals), deadline, asyncio.get_running_loop().create_future())
         heapq.heappush(self.waiting, waiter)
@@ -191,12 +225,12 @@ class DecodeGate:
 
     def leave(self, slot: Slot, served: bool = False) -> None:
         """Give `slot` back (`served`: its request was answered with outputs; its admission-to-answer time then feeds
-        the estimate) to the first waiter still waiting."""
+        the estimate and the slots' adaptation) to the first waiters still waiting, as many as the slots now allow."""
         self.held.discard(slot)
         if served:
             self.service.observe(self.clock() - slot.since)
-        while self.waiting:
+            self._adapt()
+        while self.waiting and self.busy < self.slots:
             waiter = heapq.heappop(self.waiting)
             if not waiter.turn.done():
                 waiter.turn.set_result(self._take())
-                return

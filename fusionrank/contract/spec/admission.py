@@ -73,12 +73,12 @@ class AdmissionSpec:
     background_queue: QueuePolicySpec | None = None  # the route's levels below `default_priority`; null: as theirs
     cost: CostBudgetSpec = field(default_factory=CostBudgetSpec)
     decode_threads: int = 1  # the route instance's decoding pool: cached requests are ranked meanwhile
-    # Requests with payloads to decode one route instance serves at once (decoding, encoding, ranking); more wait in
-    # its gate, in arrival order, or are refused UNAVAILABLE at once when their deadline cannot hold the wait. Few:
-    # requests admitted together share the cores, so each takes longer; measured on 2 cores (docs/admission.md),
-    # 2 instances x 1 keep the cores busy and answer within a 1-s deadline. Requests the cache answers whole are
-    # never counted, never wait, never refused.
-    max_decoding_requests: int = 1
+    # The most requests with payloads to decode one route instance serves at once (decoding, encoding, ranking); its
+    # gate adapts from 1 up to this while the service time stays well under the callers' deadlines (requests admitted
+    # together share the cores: more raise throughput, then only lengthen each); more wait in its gate or are refused
+    # UNAVAILABLE at once when their deadline cannot hold the wait (docs/admission.md). Requests the cache answers
+    # whole are never counted, never wait, never refused.
+    max_decoding_requests: int = 4
 
     def __post_init__(self):
         if not self.priorities or len(set(self.priorities)) != len(self.priorities):

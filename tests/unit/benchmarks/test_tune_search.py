@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -114,6 +115,11 @@ def test_knobs_apply_and_overlay_on_the_ci_spec(ci_spec, tmp_path):
     merged = merged_spec(CI_SPEC, ov, tmp_path)
     assert merged.serving.batching("image_encoder").intra_op_threads == 2
     assert merged.serving.batching("rank") == ci_spec.serving.batching("rank")
+    # The gate's slots are a serving.admission field: the overlay holds only it, merged into the section.
+    slots = apply(ci_spec, knobs, {**start, "route.max_decoding_requests": 3})
+    assert overlay(ci_spec, slots) == {"serving": {"admission": {"max_decoding_requests": 3}}}
+    merged = merged_spec(CI_SPEC, overlay(ci_spec, slots), tmp_path)
+    assert merged.serving.admission == dataclasses.replace(ci_spec.serving.admission, max_decoding_requests=3)
 
 
 def test_rendered_config_carries_intra_op_threads(ci_spec):

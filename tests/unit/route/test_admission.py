@@ -307,7 +307,7 @@ def test_requests_to_decode_pass_the_gate_a_few_at_a_time_the_rest_wait_or_are_r
 
 def test_the_gate_refuses_at_once_what_its_deadline_cannot_hold_and_a_waiter_whose_time_runs_out():
     clock = [100.0]
-    gate = DecodeGate(slots=1, max_waiting=8, clock=lambda: clock[0])
+    gate = DecodeGate(max_slots=1, max_waiting=8, clock=lambda: clock[0])
     gate.service.observe(0.4)  # a request takes about 400 ms here now
 
     async def main():
@@ -363,7 +363,7 @@ def test_one_slow_request_does_not_shut_the_gate_and_refusals_of_an_idle_gate_de
 
 @pytest.mark.parametrize("room", [4, 2])
 def test_the_gate_serves_waiters_by_priority_level_and_a_full_room_gives_way_to_a_higher_class(room):
-    gate = DecodeGate(slots=1, max_waiting=room)
+    gate = DecodeGate(max_slots=1, max_waiting=room)
     served: list[str] = []
 
     async def wait(name: str, level: int):
@@ -391,3 +391,49 @@ def test_the_gate_serves_waiters_by_priority_level_and_a_full_room_gives_way_to_
         assert [s.split()[0] for s in refused] == ["loadtest-2", "loadtest-1"]
         assert all("over capacity" in s and "higher-priority class took its place" in s for s in refused)
         assert [s for s in served if "refused" not in s] == ["production", "warmup"]
+
+
+def test_the_gates_slots_grow_while_the_deadlines_allow_and_shrink_when_service_outgrows_them():
+    clock = [0.0]
+    gate = DecodeGate(max_slots=3, max_waiting=64, clock=lambda: clock[0])
+    callers: list[asyncio.Future] = []
+
+    async def settle() -> None:  # a handed-over slot reaches its waiter through a few loop turns (shield, wait_for)
+        for _ in range(10):
+            await asyncio.sleep(0)
+
+    async def fill(waiting: int) -> None:
+        """Callers with 1-s deadlines enter until every slot is held and `waiting` more wait (or one is refused)."""
+        while gate.busy < gate.slots or len(gate._live()) < waiting:
+            callers.append(asyncio.ensure_future(gate.enter(clock[0] + 1.0)))
+            await settle()
+            if callers[-1].done() and isinstance(callers[-1].result(), str):
+                return
+
+    async def serve(count: int, seconds: float, waiting: int) -> None:
+        """`count` requests served, each `seconds` after its admission, with `waiting` callers queued meanwhile."""
+        for _ in range(count):
+            await fill(waiting)
+            slot = next(c.result() for c in callers if c.done() and isinstance(c.result(), Slot)
+                        and c.result() in gate.held)
+            clock[0] = slot.since + seconds
+            gate.leave(slot, served=True)
+            await settle()
+
+    async def main():
+        assert gate.slots == 1, "it starts with one"
+        # 100-ms requests under 1-s deadlines (target: half of it) with callers waiting: it grows to its most, 3.
+        await serve(40, 0.1, waiting=1)
+        assert gate.slots == 3
+        # Then each takes 800 ms, over half the deadline: it shrinks back to one.
+        await serve(60, 0.8, waiting=1)
+        assert gate.slots == 1
+        for c in callers:
+            c.cancel()
+
+    asyncio.run(main())
+    # Without demand (nobody waits, nobody refused) it does not grow, however fast requests are.
+    gate = DecodeGate(max_slots=3, max_waiting=64, clock=lambda: clock[0])
+    callers.clear()
+    asyncio.run(serve(40, 0.05, waiting=0))
+    assert gate.slots == 1

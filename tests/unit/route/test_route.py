@@ -73,13 +73,16 @@ class Members:
 
 
 def _route(spec, preparer, members=None, errors=None, cache=None, slots=64):
-    """A route over fake members. `slots`: its gate's (`max_decoding_requests`); many by default, as these tests
-    look at the requests of one execute passing the stages together (tests/unit/route/test_admission.py: the gate)."""
+    """A route over fake members. `slots`: its gate's (`max_decoding_requests`), all open from the start (the gate
+    adapts up from 1); many by default, as these tests look at the requests of one execute passing the stages
+    together (tests/unit/route/test_admission.py: the gate)."""
     admission = dataclasses.replace(spec.serving.admission, max_decoding_requests=slots)
     spec = spec.with_overrides(serving=dataclasses.replace(spec.serving, admission=admission))
     members = members or Members(spec)
-    return RankingRoute(spec, preparer, members, log_error=(errors.append if errors is not None else print),
-                        cache=cache), members
+    route = RankingRoute(spec, preparer, members, log_error=(errors.append if errors is not None else print),
+                         cache=cache)
+    route.gate.slots = slots
+    return route, members
 
 
 def _request(spec, n: int, seed: int = 0, title: bytes = b"hiking boots for wet trails") -> dict[str, np.ndarray]:

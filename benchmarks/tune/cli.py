@@ -55,6 +55,7 @@ def main(args: argparse.Namespace, out=sys.stdout) -> int:
         TuneError,
         apply,
         best_trial,
+        bottleneck_first,
         confirm,
         coordinate_descent,
         handset,
@@ -86,7 +87,7 @@ def main(args: argparse.Namespace, out=sys.stdout) -> int:
         out.flush()
         return trial
 
-    trials = coordinate_descent(knobs, start, measure, budget, args.min_gain)
+    trials = coordinate_descent(knobs, start, measure, budget, args.min_gain, order=bottleneck_first)
     facts["load_after"] = load_average()
     budget_text = (f"{args.budget_evaluations} evaluations / {args.budget_seconds:g} s; used {len(trials)} in "
                    f"{time.monotonic() - budget.started:.0f} s")

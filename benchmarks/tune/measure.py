@@ -7,12 +7,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.lib import Stability, percentile
 from benchmarks.served import ServedLoad, Stream
+from benchmarks.server_metrics import diff, parse_counters, scrape
 from benchmarks.tune.search import Knob, Trial, apply
 from fusionrank.contract.spec import PipelineSpec, ServingProfile
 
@@ -71,16 +73,29 @@ class ConfigMeasurer:
         with overlay_repository(variant, self.repo) as repo, \
                 TritonServer.for_spec(variant, repo, ServingProfile.CPU, log_name="tritonserver-tune") as server:
             load = ServedLoad(variant, self.bench, server.grpc_url, variant.serving.route, stream)
+            before, began = scrape(server.metrics_url), time.monotonic()
             try:
                 run = load.stable(self.settings.window_s, self.settings.rule)
             finally:
                 load.close()
+            busy = busy_shares(variant, before, scrape(server.metrics_url), time.monotonic() - began)
             check = self.probe.check(server.grpc_url, variant.serving.route) if self.probe else None
-        trial = judge(config, run, self.spec, stream.candidates)
+        trial = dataclasses.replace(judge(config, run, self.spec, stream.candidates), busy=busy)
         if check is None:
             return trial
         return dataclasses.replace(trial, feasible=trial.feasible and check.passed,
                                    note=f"{trial.note}; {check.describe()}")
+
+
+def busy_shares(spec: PipelineSpec, before: str, after: str, seconds: float) -> dict[str, float]:
+    """Per member model, the share of the run its instances spent computing: Triton's compute time per execution
+    (it adds a batch's time to each of its requests) times the executions, over the run's wall time and the model's
+    instance count. Near 1, the model is the bottleneck and more instances of it may pay (`fusionrank tune` searches
+    those knobs first)."""
+    if seconds <= 0:
+        return {}
+    return {s.model: s.compute_ms * s.executions / (seconds * 1000.0 * spec.serving.batching(s.model).instances)
+            for s in diff(parse_counters(before), parse_counters(after)) if s.model != spec.serving.route}
 
 
 def judge(config: dict[str, int], run, spec: PipelineSpec, candidates: int) -> Trial:

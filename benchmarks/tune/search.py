@@ -4,7 +4,8 @@ coordinate descent from the hand-set spec, and the Pareto front of what it measu
 A configuration is a mapping knob name -> value. Each knob sets one field (`instances`, `intra_op_threads`,
 `max_queue_delay_us`, `max_batch_size`) of one or more models in `serving.models`; a batch-size knob also keeps the
 preferred sizes that still fit (else the maximum alone). The search measures the hand-set configuration first, then
-walks the knobs in order of their expected effect: one step up and one step down each; a step that raises capacity
+walks the knobs, the instance knobs of the members the hand-set run found busiest first (`bottleneck_first`), the
+others in order of their expected effect: one step up and one step down each; a step that raises capacity
 (candidates/s within the SLO) by more than `min_gain` is taken and the walk goes on in that direction; a pass that
 takes no step ends the search, as does the budget (evaluations or seconds, whichever ends first). Like Triton Model
 Analyzer's quick search, but over the whole pipeline's knobs, not one model's.
@@ -25,6 +26,7 @@ FIELDS = ("instances", "intra_op_threads", "max_queue_delay_us", "max_batch_size
 ADMISSION_FIELDS = ("max_decoding_requests",)  # of `serving.admission`, not of a model (a knob naming no model)
 
 Config = Mapping[str, int]
+BUSY = 0.5  # a member whose instances computed at least this share of the run: its instance knob goes first
 
 
 class TuneError(FusionRankError):
@@ -65,6 +67,7 @@ class Trial:
     note: str = ""
     seconds: float = 0.0
     windows: tuple[float, ...] = ()  # candidates/s of each measured window (for the confirmation's test)
+    busy: Mapping[str, float] = field(default_factory=dict)  # per member: share of the run its instances computed
 
     @property
     def score(self) -> float:
@@ -144,9 +147,23 @@ def overlay(spec: PipelineSpec, tuned: PipelineSpec) -> dict:
 Measure = Callable[[dict[str, int]], Trial]
 
 
+def bottleneck_first(knobs: Sequence[Knob], trial: Trial) -> list[Knob]:
+    """The knobs with the instance knobs of the models `trial` found busiest first (by their busiest model's share),
+    the others after them in their own order: on a machine whose bottleneck the hand-set spec did not expect, the
+    budget goes to the step that can move it."""
+    def busiest(knob: Knob) -> float:
+        if knob.field != "instances":
+            return 0.0
+        return max((trial.busy.get(m, 0.0) for m in knob.models), default=0.0)
+
+    return sorted(knobs, key=lambda k: -busiest(k) if busiest(k) >= BUSY else 0.0)
+
+
 def coordinate_descent(knobs: Sequence[Knob], start: Config, measure: Measure, budget: Budget,
-                       min_gain: float = 0.03, on_trial: Callable[[Trial], None] | None = None) -> list[Trial]:
-    """Every trial measured, in order; the first is `start`. See the module docstring for the walk."""
+                       min_gain: float = 0.03, on_trial: Callable[[Trial], None] | None = None,
+                       order: Callable[[Sequence[Knob], Trial], Sequence[Knob]] | None = None) -> list[Trial]:
+    """Every trial measured, in order; the first is `start`. See the module docstring for the walk. `order` may
+    reorder the knobs once the start is measured (`bottleneck_first`)."""
     trials: dict[tuple, Trial] = {}
 
     def run(config: dict[str, int]) -> Trial | None:
@@ -166,6 +183,8 @@ def coordinate_descent(knobs: Sequence[Knob], start: Config, measure: Measure, b
     best = run(dict(start))
     if best is None:
         return []
+    if order is not None:
+        knobs = list(order(knobs, best))
     improved = True
     while improved and budget.allows():
         improved = False

@@ -101,8 +101,9 @@ class DecodeGate:
     How many are served at once (`slots`) adapts between 1 and `max_slots`: requests admitted together share the
     cores, so more at once raise throughput until the cores are busy and then only lengthen each one. Every
     `ADAPT_EVERY` served requests the gate compares the service time with the deadlines its callers bring (the
-    median of the recent ones' budgets, a request without one counting the default): above `TARGET_SHARE` of it, one
-    slot fewer; under `GROW_BELOW` x that while requests wait or were refused meanwhile, one more."""
+    median of the recent ones' budgets; requests without one of their own do not count: with none, throughput alone
+    decides): above `TARGET_SHARE` of it, one slot fewer; under `GROW_BELOW` x that while requests wait or were
+    refused meanwhile, one more."""
 
     def __init__(self, max_slots: int, max_waiting: int, default_deadline_s: float | None = None,
                  service: ServiceTime | None = None, clock: Callable[[], float] = time.monotonic):
@@ -152,10 +153,15 @@ class DecodeGate:
     def try_enter(self, deadline: float | None) -> Slot | str | None:
         """Without waiting: a Slot once the caller holds one (it calls `leave` when done, answered or not); None when
         it must wait its turn (`enter`); else the message of an UNAVAILABLE refusal."""
-        deadline = self._deadline(deadline)
+        self._note_budget(deadline)
+        return self._try(self._deadline(deadline))
+
+    def _note_budget(self, deadline: float | None) -> None:
+        if deadline is not None:  # a caller's own deadline: what the slots adapt to
+            self.budgets.append(deadline - self.clock())
+
+    def _try(self, deadline: float | None) -> Slot | str | None:
         remaining = None if deadline is None else deadline - self.clock()
-        if remaining is not None:
-            self.budgets.append(remaining)
         if self.busy < self.slots and not self._live():
             if self.service.too_late(remaining):  # decays: an idle gate cannot stay stuck above every deadline
                 return self._refusal(self.service.seconds / self.service.decay, remaining)
@@ -165,9 +171,10 @@ class DecodeGate:
     def _adapt(self) -> None:
         """After a served request: one slot more or fewer (see the class)."""
         self._served_since_change += 1
-        if self._served_since_change < ADAPT_EVERY or not self.budgets:
+        if self._served_since_change < ADAPT_EVERY:
             return
-        target = TARGET_SHARE * statistics.median(self.budgets)
+        # No caller brought a deadline lately: nothing to keep the service time under, throughput decides.
+        target = TARGET_SHARE * statistics.median(self.budgets) if self.budgets else math.inf
         seconds = self.service.seconds
         if seconds > target and self.slots > 1:
             self.slots -= 1
@@ -193,9 +200,10 @@ class DecodeGate:
         """Wait for a slot: the Slot once the caller holds one (it calls `leave` when done, answered or not), else the
         message of an UNAVAILABLE refusal (its deadline cannot hold the wait and the work, or the queue is full)."""
         own = deadline is not None
+        self._note_budget(deadline)
         deadline = self._deadline(deadline)
         remaining = None if deadline is None else deadline - self.clock()
-        entered = self.try_enter(deadline)
+        entered = self._try(deadline)
         if entered is not None:
             return entered
         need = self.expected(sum(1 for w in self._live() if w.level <= level))

@@ -17,6 +17,7 @@ from benchmarks.tune.search import (
     TuneError,
     apply,
     best_trial,
+    bottleneck_first,
     coordinate_descent,
     handset,
     overlay,
@@ -197,3 +198,15 @@ def test_confirm_interleaves_and_tests_the_windows():
     noisy = Trial({"a": 2}, 101.0, 500.0, True, windows=(98.0, 101.0, 103.0))
     comparison, _ = confirm(base, noisy, lambda c: Trial(dict(c), 100.0, 500.0, True, windows=(99.0, 101.0)), 1)
     assert not comparison.significant
+
+
+def test_the_busiest_members_instance_knob_is_searched_first(ci_spec):
+    knobs = default_knobs(ci_spec, cores=2)
+    start = Trial({}, 100.0, 500.0, True, busy={"text_encoder": 0.93, "image_encoder": 0.6, "audio_encoder": 0.1})
+    ordered = bottleneck_first(knobs, start)
+    assert [k.name for k in ordered[:2]] == ["other_encoders.instances", "image_encoder.instances"]
+    assert sorted(k.name for k in ordered) == sorted(k.name for k in knobs)
+    first = {k.name for k in ordered[:2]}
+    assert [k.name for k in ordered[2:]] == [k.name for k in knobs if k.name not in first], "the others keep order"
+    idle = Trial({}, 100.0, 500.0, True, busy={"text_encoder": 0.2})
+    assert bottleneck_first(knobs, idle) == knobs, "no busy member: the expected-effect order"

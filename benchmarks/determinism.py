@@ -15,6 +15,7 @@ spread over all of them; `determinism.json` keeps the scores. The goal: spread <
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import threading
 from collections.abc import Callable
@@ -97,12 +98,27 @@ class _Caller:
         self.grpc, self.url, self.timeout_s = grpcclient, url, timeout_s
 
     def __call__(self, model: str, request) -> np.ndarray:
+        """The scores; a refusal because the server is over capacity (the neighbours' traffic) is retried with the
+        fusionrank client's backoff, as a production caller would, until `timeout_s` has passed."""
+        import random
+        import time
+
+        from tritonclient.utils import InferenceServerException
+
+        from clients import RetryPolicy
         from fusionrank.contract.tensors import CLICK_PROBABILITY, infer_inputs, request_arrays
 
+        policy, rng, deadline = RetryPolicy(), random.Random(0), time.monotonic() + self.timeout_s
         with self.grpc.InferenceServerClient(self.url) as client:
-            result = client.infer(model, infer_inputs(self.grpc, request_arrays(*request)),
-                                  client_timeout=self.timeout_s)
-            return result.as_numpy(CLICK_PROBABILITY)[:, 0].astype(np.float64)
+            for attempt in itertools.count(1):
+                try:
+                    result = client.infer(model, infer_inputs(self.grpc, request_arrays(*request)),
+                                          client_timeout=max(1.0, deadline - time.monotonic()))
+                    return result.as_numpy(CLICK_PROBABILITY)[:, 0].astype(np.float64)
+                except InferenceServerException as exc:
+                    if str(exc.status()) != "StatusCode.UNAVAILABLE" or time.monotonic() >= deadline:
+                        raise
+                    time.sleep(policy.backoff(min(attempt, 8), rng))
 
 
 def _amid_traffic(send: Callable[[], np.ndarray], neighbour: Callable[[int], None], flush: Callable[[], None],

@@ -154,13 +154,16 @@ class DecodeGate:
         """Without waiting: a Slot once the caller holds one (it calls `leave` when done, answered or not); None when
         it must wait its turn (`enter`); else the message of an UNAVAILABLE refusal."""
         self._note_budget(deadline)
-        return self._try(self._deadline(deadline))
+        return self._try(deadline)
 
     def _note_budget(self, deadline: float | None) -> None:
         if deadline is not None:  # a caller's own deadline: what the slots adapt to
             self.budgets.append(deadline - self.clock())
 
     def _try(self, deadline: float | None) -> Slot | str | None:
+        """A free slot (nobody waiting) is taken at once, unless the caller's own deadline cannot hold the service
+        time: a request without one waits for nothing here (the default deadline applies once it would have to wait,
+        `enter`), so an estimate left high by earlier, heavier requests never refuses it on an idle gate."""
         remaining = None if deadline is None else deadline - self.clock()
         if self.busy < self.slots and not self._live():
             if self.service.too_late(remaining):  # decays: an idle gate cannot stay stuck above every deadline
@@ -201,9 +204,9 @@ class DecodeGate:
         message of an UNAVAILABLE refusal (its deadline cannot hold the wait and the work, or the queue is full)."""
         own = deadline is not None
         self._note_budget(deadline)
+        entered = self._try(deadline)
         deadline = self._deadline(deadline)
         remaining = None if deadline is None else deadline - self.clock()
-        entered = self._try(deadline)
         if entered is not None:
             return entered
         need = self.expected(sum(1 for w in self._live() if w.level <= level))

@@ -194,6 +194,8 @@ class RouteModel:
             else:
                 codes[i] = None
                 response = pb.InferenceResponse(output_tensors=[pb.Tensor(n, result[n]) for n in self.output_names])
+            # Counted before it leaves: a caller that reads the metrics once answered finds its request in them.
+            self._publish(pb, [codes[i]])
             try:
                 senders[i].send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             except Exception:  # one response that cannot leave (its caller went) never stops the others
@@ -206,7 +208,6 @@ class RouteModel:
             for i in range(len(plain)):
                 if i not in codes:
                     answer(i, RouteError(Status.INTERNAL, "route: internal error (see server log)"))
-        self._publish(pb, list(codes.values()))
 
     def _publish(self, pb, codes: list[int | None]) -> None:
         """The execute's response codes and the cache's counters to Triton's metrics."""

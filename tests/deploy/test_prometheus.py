@@ -100,9 +100,18 @@ def _load(grpc_url: str, spec, seconds: float) -> int:
 
     def user(seed: int) -> None:
         factory = RequestFactory(spec, bench, load_scenario("ci"), seed=seed)
+        from tritonclient.utils import InferenceServerException
+
         with grpcclient.InferenceServerClient(grpc_url) as client:
             while time.monotonic() < stop:
-                client.infer(spec.serving.route, infer_inputs(grpcclient, factory.next().arrays()), client_timeout=60)
+                try:
+                    client.infer(spec.serving.route, infer_inputs(grpcclient, factory.next().arrays()),
+                                 client_timeout=60)
+                except InferenceServerException as exc:  # over capacity: refused, as a caller would, back off
+                    if str(exc.status()) != "StatusCode.UNAVAILABLE":
+                        raise
+                    time.sleep(0.1)
+                    continue
                 done.append(1)
 
     threads = [threading.Thread(target=user, args=(seed,)) for seed in range(3)]

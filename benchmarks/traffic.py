@@ -31,6 +31,12 @@ import numpy as np
 CPU_FEATURES = ("avx512_vnni", "avx512f", "amx_int8", "avx_vnni", "avx2")
 
 
+def refusal(error: Exception | None) -> bool:
+    """The server refused the call as over capacity (UNAVAILABLE or RESOURCE_EXHAUSTED): a caller backs off."""
+    status = str(error.status()) if error is not None and callable(getattr(error, "status", None)) else ""
+    return status in ("StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED")
+
+
 @dataclass
 class Outcomes:
     """Latency (s) of each call by outcome: answered, refused (UNAVAILABLE / RESOURCE_EXHAUSTED), other errors."""
@@ -49,7 +55,7 @@ class Outcomes:
                 self.answered.append(latency)
                 return
             status = str(error.status()) if callable(getattr(error, "status", None)) else ""
-            refused = status in ("StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED")
+            refused = refusal(error)
             (self.refused if refused else self.failed).append(latency)
             text = f"{status}: {str(error).splitlines()[0][:160]}"
             if refused and self.first_refusal is None:
@@ -72,18 +78,12 @@ def percentiles(values: list[float]) -> str:
 
 def machine() -> str:
     """CPU model, the INT8-relevant flags (present or not) and the 1/5/15-min load average."""
-    flags, model = set(), "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-            elif line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    shown = " ".join(f"{f}{'+' if f in flags else '-'}" for f in CPU_FEATURES)
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"{model}, {os.cpu_count()} cores, {shown}; load average {load}"
+    from benchmarks.lib.machine import cpu_info, load_average
+
+    info = cpu_info()
+    shown = " ".join(f"{f}{'+' if f in info['flags'] else '-'}" for f in CPU_FEATURES)
+    load = " ".join(f"{x:.2f}" for x in load_average())
+    return f"{info['model']}, {os.cpu_count()} cores, {shown}; load average {load}"
 
 
 # --- callers -------------------------------------------------------------------------------------------------------
@@ -127,9 +127,7 @@ def closed_loop(url: str, model: str, next_arrays: list[Callable[[], dict]], sec
             while time.monotonic() < stop:
                 latency, error = _call(client, model, make(), deadline_s)
                 out.add(latency, error)
-                refused = error is not None and str(error.status()) in ("StatusCode.UNAVAILABLE",
-                                                                        "StatusCode.RESOURCE_EXHAUSTED")
-                refusals = refusals + 1 if refused else 0
+                refusals = refusals + 1 if refusal(error) else 0
                 if refusals:
                     time.sleep(min(policy.backoff(refusals, rng), max(0.0, stop - time.monotonic())))
 

@@ -56,7 +56,7 @@ class ResponseMetrics:
     """What the route answered, as a Triton custom metric: `fusionrank_route_responses{code}`, `code` the gRPC status
     the caller sees (OK or the response's error code). Triton 2.51 counts a Python model's error responses as
     successes in `nv_inference_request_success/failure` (server#7713): this counter is the one that sees the route's
-    errors. One update per code per execute (each is a round trip to the server)."""
+    errors. The route counts each response as it leaves (one update, a round trip to the server, per response)."""
 
     # pb_utils.TritonError's code names -> the gRPC status names callers see (Triton's own mapping).
     GRPC_NAMES = {"INVALID_ARG": "INVALID_ARGUMENT", "CANCELLED": "CANCELLED", "UNAVAILABLE": "UNAVAILABLE",
@@ -75,7 +75,7 @@ class ResponseMetrics:
         return self.family.Metric(labels={**self.labels, "code": name})
 
     def count(self, codes: list[int | None]) -> None:
-        """Count one execute's responses: each one's Triton error code, None for a response with outputs."""
+        """Count responses: each one's Triton error code, None for a response with outputs."""
         for code, n in Counter(codes).items():
             name = "OK" if code is None else self.names.get(code, f"CODE_{code}")
             if name not in self.metrics:

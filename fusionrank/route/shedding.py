@@ -86,7 +86,6 @@ class Slot:
 class _Waiter:
     level: int  # Triton priority level of its traffic class: 1 is served first
     seq: int  # arrival order within a level
-    deadline: float | None
     turn: asyncio.Future  # set to its Slot when a leaving request hands it over, or to a refusal when it is evicted
 
     def __lt__(self, other: _Waiter) -> bool:
@@ -202,8 +201,12 @@ class DecodeGate:
     async def enter(self, deadline: float | None, level: int = 1) -> Slot | str:
         """Wait for a slot: the Slot once the caller holds one (it calls `leave` when done, answered or not), else the
         message of an UNAVAILABLE refusal (its deadline cannot hold the wait and the work, or the queue is full)."""
-        own = deadline is not None
         self._note_budget(deadline)
+        return await self.wait(deadline, level)
+
+    async def wait(self, deadline: float | None, level: int = 1) -> Slot | str:
+        """`enter` for a request `try_enter` already saw (its deadline budget counted once)."""
+        own = deadline is not None
         entered = self._try(deadline)
         deadline = self._deadline(deadline)
         remaining = None if deadline is None else deadline - self.clock()
@@ -217,7 +220,7 @@ class DecodeGate:
         if full is not None:
             self._turned_away += 1
             return full
-        waiter = _Waiter(level, next(self._arrivals), deadline, asyncio.get_running_loop().create_future())
+        waiter = _Waiter(level, next(self._arrivals), asyncio.get_running_loop().create_future())
         heapq.heappush(self.waiting, waiter)
         # A caller's own deadline: refused while waiting once what is left no longer holds the service time (its
         # caller would be gone before the answer). The default deadline only decides admission: a caller without one

@@ -209,7 +209,7 @@ class RankingRoute:
         settle()
 
     async def _wait_and_serve(self, flight: _Flight, settle: Callable[[], None]) -> None:
-        slot = await self.gate.enter(flight.request.deadline, flight.request.level)
+        slot = await self.gate.wait(flight.request.deadline, flight.request.level)
         if isinstance(slot, str):
             flight.fail(RouteError(Status.UNAVAILABLE, slot))
         elif not self._drop_cancelled([flight]):  # its caller went while it waited

@@ -41,33 +41,59 @@ FULL = "the server is over capacity: {n} requests with payloads to decode alread
 
 
 class ServiceTime:
-    """Running estimate (seconds) of a cold request's time from admission to its answer: the `quantile` (nearest
-    rank) of the last `window` served requests, high enough that admitted requests rarely finish late, robust to one
-    slow outlier (it does not shut the gate); scaled down by `decay` for each refusal of an idle gate since the last
-    one served. 0 until one is seen."""
+    """Running estimate (seconds) of a cold request's time from admission to its answer, by its work: `units`, the
+    candidates it decodes and encodes (a request with one never-seen candidate among cached ones is not charged a
+    flood's time). Over the last `window` served requests, t ~ a + b x units is fitted by least squares (a, b >= 0;
+    proportional to the units when the recent ones all had the same), and the fit is scaled by the `quantile`
+    (nearest rank) of their measured / fitted ratios: high enough that admitted requests rarely finish late, robust
+    to one slow outlier (it does not shut the gate). Each refusal of an idle gate since the last served request
+    scales it by `decay`. 0 until one is seen."""
 
     def __init__(self, window: int = WINDOW, quantile: float = QUANTILE, decay: float = DECAY):
         self.quantile, self.decay = quantile, decay
-        self.recent: deque[float] = deque(maxlen=window)
+        self.recent: deque[tuple[float, int]] = deque(maxlen=window)  # (seconds, units) of served requests
         self.scale = 1.0
         self._lock = threading.Lock()
 
-    @property
-    def seconds(self) -> float:
+    def _fit(self) -> tuple[float, float, float]:
+        """(a, b, margin): the estimate for u units is (a + b u) x margin (before the decay's scale)."""
+        times = [t for t, _ in self.recent]
+        units = [u for _, u in self.recent]
+        mean_t, mean_u = statistics.fmean(times), statistics.fmean(units)
+        spread = sum((u - mean_u) ** 2 for u in units)
+        b = sum((u - mean_u) * (t - mean_t) for t, u in self.recent) / spread if spread else mean_t / mean_u
+        a = mean_t - b * mean_u
+        if b < 0:  # bigger requests were not slower lately: one cost per request
+            a, b = mean_t, 0.0
+        elif a < 0:  # no fixed part to see: proportional
+            a, b = 0.0, mean_t / mean_u
+        ratios = sorted(t / max(a + b * u, 1e-9) for t, u in self.recent)
+        return a, b, ratios[max(0, math.ceil(self.quantile * len(ratios)) - 1)]
+
+    def estimate(self, units: int | None = None) -> float:
+        """Seconds for a request of `units` (None: a typical recent one, the median of their units)."""
         with self._lock:
             if not self.recent:
                 return 0.0
-            ranked = sorted(self.recent)
-            return ranked[max(0, math.ceil(self.quantile * len(ranked)) - 1)] * self.scale
+            a, b, margin = self._fit()
+            if units is None:
+                units = statistics.median_low(u for _, u in self.recent)
+            return (a + b * max(1, units)) * margin * self.scale
 
-    def observe(self, seconds: float) -> None:
+    @property
+    def seconds(self) -> float:
+        """The estimate for a typical recent request."""
+        return self.estimate()
+
+    def observe(self, seconds: float, units: int = 1) -> None:
         with self._lock:
-            self.recent.append(seconds)
+            self.recent.append((seconds, max(1, units)))
             self.scale = 1.0
 
-    def too_late(self, remaining: float | None) -> bool:
-        """True (and the estimate decays) when `remaining` seconds cannot hold a request; None: no deadline."""
-        estimate = self.seconds
+    def too_late(self, remaining: float | None, units: int | None = None) -> bool:
+        """True (and the estimate decays) when `remaining` seconds cannot hold a request of `units`; None: no
+        deadline."""
+        estimate = self.estimate(units)
         if remaining is None or remaining <= 0 or remaining >= estimate:  # past: the route's late check
             return False
         with self._lock:
@@ -80,12 +106,14 @@ class Slot:
     """A request's place among the gate's `slots`, from its admission (`since`, the gate's clock) to `leave`."""
 
     since: float
+    units: int = 1  # its request's work: the candidates it decodes and encodes
 
 
 @dataclass(eq=False)
 class _Waiter:
     level: int  # Triton priority level of its traffic class: 1 is served first
     seq: int  # arrival order within a level
+    units: int
     turn: asyncio.Future  # set to its Slot when a leaving request hands it over, or to a refusal when it is evicted
 
     def __lt__(self, other: _Waiter) -> bool:
@@ -126,15 +154,16 @@ class DecodeGate:
     def _live(self) -> list[_Waiter]:
         return [w for w in self.waiting if not w.turn.done()]
 
-    def expected(self, ahead: int) -> float:
-        """Seconds from now to the answer of a request that waits behind `ahead` others with every slot busy: each
-        slot frees when its request has had its service time S (or now, if it already has), each request ahead then
-        holds the first free slot for S, and this one takes S once its turn comes."""
-        s, now = self.service.seconds, self.clock()
-        frees = sorted(max(0.0, s - (now - slot.since)) for slot in self.held) or [0.0]
-        for _ in range(ahead):
-            heapq.heapreplace(frees, frees[0] + s)
-        return frees[0] + s
+    def expected(self, units: int = 1, ahead: list[int] | None = None) -> float:
+        """Seconds from now to the answer of a request of `units` that waits behind requests of `ahead` units with
+        every slot busy: each slot frees when its request has had its service time S(its units) (or now, if it
+        already has), each request ahead then holds the first free slot for its S, and this one takes S(units) once
+        its turn comes."""
+        service, now = self.service.estimate, self.clock()
+        frees = sorted(max(0.0, service(slot.units) - (now - slot.since)) for slot in self.held) or [0.0]
+        for work in ahead or ():
+            heapq.heapreplace(frees, frees[0] + service(work))
+        return frees[0] + service(units)
 
     def _deadline(self, deadline: float | None) -> float | None:
         if deadline is None and self.default_deadline_s:
@@ -144,30 +173,31 @@ class DecodeGate:
     def _refusal(self, need: float, remaining: float) -> str:
         return SHED.format(need=1000 * need, left=1000 * max(0.0, remaining))
 
-    def _take(self) -> Slot:
-        slot = Slot(self.clock())
+    def _take(self, units: int) -> Slot:
+        slot = Slot(self.clock(), units)
         self.held.add(slot)
         return slot
 
-    def try_enter(self, deadline: float | None) -> Slot | str | None:
+    def try_enter(self, deadline: float | None, units: int = 1) -> Slot | str | None:
         """Without waiting: a Slot once the caller holds one (it calls `leave` when done, answered or not); None when
-        it must wait its turn (`enter`); else the message of an UNAVAILABLE refusal."""
+        it must wait its turn (`enter`); else the message of an UNAVAILABLE refusal. `units`: the request's work
+        (the candidates it decodes and encodes)."""
         self._note_budget(deadline)
-        return self._try(deadline)
+        return self._try(deadline, units)
 
     def _note_budget(self, deadline: float | None) -> None:
         if deadline is not None:  # a caller's own deadline: what the slots adapt to
             self.budgets.append(deadline - self.clock())
 
-    def _try(self, deadline: float | None) -> Slot | str | None:
+    def _try(self, deadline: float | None, units: int) -> Slot | str | None:
         """A free slot (nobody waiting) is taken at once, unless the caller's own deadline cannot hold the service
         time: a request without one waits for nothing here (the default deadline applies once it would have to wait,
         `enter`), so an estimate left high by earlier, heavier requests never refuses it on an idle gate."""
         remaining = None if deadline is None else deadline - self.clock()
         if self.busy < self.slots and not self._live():
-            if self.service.too_late(remaining):  # decays: an idle gate cannot stay stuck above every deadline
-                return self._refusal(self.service.seconds / self.service.decay, remaining)
-            return self._take()
+            if self.service.too_late(remaining, units):  # decays: an idle gate cannot stay stuck above every deadline
+                return self._refusal(self.service.estimate(units) / self.service.decay, remaining)
+            return self._take(units)
         return None
 
     def _adapt(self) -> None:
@@ -198,21 +228,21 @@ class DecodeGate:
         worst.turn.set_result(FULL.format(n=len(live)) + " (a request of a higher-priority class took its place)")
         return None
 
-    async def enter(self, deadline: float | None, level: int = 1) -> Slot | str:
+    async def enter(self, deadline: float | None, level: int = 1, units: int = 1) -> Slot | str:
         """Wait for a slot: the Slot once the caller holds one (it calls `leave` when done, answered or not), else the
         message of an UNAVAILABLE refusal (its deadline cannot hold the wait and the work, or the queue is full)."""
         self._note_budget(deadline)
-        return await self.wait(deadline, level)
+        return await self.wait(deadline, level, units)
 
-    async def wait(self, deadline: float | None, level: int = 1) -> Slot | str:
+    async def wait(self, deadline: float | None, level: int = 1, units: int = 1) -> Slot | str:
         """`enter` for a request `try_enter` already saw (its deadline budget counted once)."""
         own = deadline is not None
-        entered = self._try(deadline)
+        entered = self._try(deadline, units)
         deadline = self._deadline(deadline)
         remaining = None if deadline is None else deadline - self.clock()
         if entered is not None:
             return entered
-        need = self.expected(sum(1 for w in self._live() if w.level <= level))
+        need = self.expected(units, [w.units for w in self._live() if w.level <= level])
         if remaining is not None and remaining < need:
             self._turned_away += 1
             return self._refusal(need, remaining)
@@ -220,12 +250,12 @@ class DecodeGate:
         if full is not None:
             self._turned_away += 1
             return full
-        waiter = _Waiter(level, next(self._arrivals), asyncio.get_running_loop().create_future())
+        waiter = _Waiter(level, next(self._arrivals), units, asyncio.get_running_loop().create_future())
         heapq.heappush(self.waiting, waiter)
         # A caller's own deadline: refused while waiting once what is left no longer holds the service time (its
         # caller would be gone before the answer). The default deadline only decides admission: a caller without one
         # waits for its answer, and refusing it now, after it waited, would be a slow refusal.
-        patience = None if remaining is None or not own else max(0.0, remaining - self.service.seconds)
+        patience = None if remaining is None or not own else max(0.0, remaining - self.service.estimate(units))
         try:
             return await asyncio.wait_for(asyncio.shield(waiter.turn), patience)
         except (asyncio.TimeoutError, asyncio.CancelledError):
@@ -235,16 +265,16 @@ class DecodeGate:
             else:
                 waiter.turn.cancel()
             left = 0.0 if deadline is None else deadline - self.clock()
-            return self._refusal(self.service.seconds, left)
+            return self._refusal(self.service.estimate(units), left)
 
     def leave(self, slot: Slot, served: bool = False) -> None:
         """Give `slot` back (`served`: its request was answered with outputs; its admission-to-answer time then feeds
         the estimate and the slots' adaptation) to the first waiters still waiting, as many as the slots now allow."""
         self.held.discard(slot)
         if served:
-            self.service.observe(self.clock() - slot.since)
+            self.service.observe(self.clock() - slot.since, slot.units)
             self._adapt()
         while self.waiting and self.busy < self.slots:
             waiter = heapq.heappop(self.waiting)
             if not waiter.turn.done():
-                waiter.turn.set_result(self._take())
+                waiter.turn.set_result(self._take(waiter.units))

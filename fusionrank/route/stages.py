@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -128,6 +129,11 @@ class _Flight:
         return len(self.valid.history)
 
     @property
+    def work(self) -> int:
+        """The candidates it decodes and encodes (its units of work at the gate)."""
+        return len(set().union(*self.misses.values()))
+
+    @property
     def all_hit(self) -> bool:
         """Every present payload came from the cache: nothing to decode or encode."""
         return not any(self.misses.values())
@@ -159,9 +165,13 @@ class RankingRoute:
         self.decode = decode
         admission = spec.serving.admission
         # Requests with payloads to decode, over every concurrent execute of this instance (route/shedding.py)
-        queue = admission.route_queue  # the gate is the route's queue now: its size, and its timeout for a request
-        self.gate = DecodeGate(admission.max_decoding_requests, queue.max_queue_size or 1 << 30,  # that has none
-                               default_deadline_s=queue.timeout_us / 1e6 or None)
+        # A request without a deadline of its own is admitted to wait only when the gate expects to answer it within
+        # the SLO's median (and the route queue's timeout, if shorter): past capacity, what the route admits meets
+        # the SLO and the rest is refused at once, instead of every admitted request waiting seconds.
+        queue = admission.route_queue  # the gate is the route's queue now: its size, and its timeout
+        budget = min(spec.slo.p50_ms / 1e3, queue.timeout_us / 1e6 or math.inf)
+        self.gate = DecodeGate(admission.max_decoding_requests, queue.max_queue_size or 1 << 30,
+                               default_deadline_s=budget if math.isfinite(budget) else None)
         self.preparer = preparer
         self.infer = infer
         self.log_error = log_error
@@ -192,7 +202,7 @@ class RankingRoute:
         # The cold requests the gate admits at once are decoded and encoded together (one call per encoder shape).
         cold, entered = [f for f in live if not f.all_hit], {}
         for f in cold:
-            admitted = self.gate.try_enter(f.request.deadline)
+            admitted = self.gate.try_enter(f.request.deadline, f.work)
             if isinstance(admitted, str):
                 f.fail(RouteError(Status.UNAVAILABLE, admitted))
             elif admitted is not None:
@@ -209,7 +219,7 @@ class RankingRoute:
         settle()
 
     async def _wait_and_serve(self, flight: _Flight, settle: Callable[[], None]) -> None:
-        slot = await self.gate.wait(flight.request.deadline, flight.request.level)
+        slot = await self.gate.wait(flight.request.deadline, flight.request.level, flight.work)
         if isinstance(slot, str):
             flight.fail(RouteError(Status.UNAVAILABLE, slot))
         elif not self._drop_cancelled([flight]):  # its caller went while it waited

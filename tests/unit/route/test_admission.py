@@ -105,7 +105,7 @@ def test_a_request_past_its_deadline_is_refused_before_decoding_and_members_get_
 
 def test_a_request_whose_deadline_cannot_hold_its_work_here_now_is_shed_at_once(ci_spec, preparer):
     route, members = _route(ci_spec, preparer)
-    route.gate.service.observe(2.0)  # requests with payloads to decode take about 2 s here now
+    route.gate.service.observe(2.0, units=2)  # requests decoding 2 candidates take about 2 s here now
     short, long = _request(ci_spec, 2, seed=1), _request(ci_spec, 3, seed=2)
     results = asyncio.run(route.rank([RouteRequest(short, deadline=time.monotonic() + 0.5),
                                       RouteRequest(long, deadline=time.monotonic() + 60)]))
@@ -115,7 +115,7 @@ def test_a_request_whose_deadline_cannot_hold_its_work_here_now_is_shed_at_once(
     assert members.rows("image_encoder") == [3], "the shed request's rows were never encoded"
     # Each refusal decays the estimate: after a burst the route admits again although nothing completed meanwhile.
     service = route.gate.service
-    service.observe(2.0)  # the estimate is the third quartile of recent requests: 2 s again
+    service.observe(2.0, units=2)  # the estimate is the third quartile of recent requests: 2 s again
     assert service.seconds == 2.0
     refusals = 0
     while service.too_late(0.5):
@@ -315,7 +315,7 @@ def test_the_gate_refuses_at_once_what_its_deadline_cannot_hold_and_a_waiter_who
         assert isinstance(first, Slot) and gate.busy == 1
         clock[0] += 0.1
         # The slot frees in about 300 ms (its request has had 100 of its 400 ms), then this one takes 400 ms.
-        assert gate.expected(0) == pytest.approx(0.7) and gate.expected(1) == pytest.approx(1.1)
+        assert gate.expected() == pytest.approx(0.7) and gate.expected(1, [1]) == pytest.approx(1.1)
         refused = await gate.enter(deadline=clock[0] + 0.6)
         assert isinstance(refused, str) and "takes about 700 ms" in refused and "leaves 600 ms" in refused
         # 800 ms left: admitted to wait; refused as soon as what is left (here: all of it, on this frozen clock,
@@ -359,6 +359,43 @@ def test_one_slow_request_does_not_shut_the_gate_and_refusals_of_an_idle_gate_de
     assert service.too_late(0.1) and service.seconds == pytest.approx(0.27)
     service.observe(0.3)
     assert service.seconds == pytest.approx(0.3), "a served request resets the decay"
+
+
+def test_the_service_estimate_follows_each_requests_work_so_one_new_candidate_is_not_charged_a_floods_time():
+    service = ServiceTime(window=8)
+    for units, seconds in ((16, 1.65), (1, 0.14), (16, 1.55), (4, 0.5), (1, 0.16), (8, 0.9), (2, 0.2), (16, 1.6)):
+        service.observe(seconds, units)  # about 60 ms a request plus 100 ms a candidate, give or take
+    one, sixteen = service.estimate(1), service.estimate(16)
+    assert 0.14 <= one <= 0.25, "one candidate: its fixed part and one candidate's time, with the margin"
+    assert 1.6 <= sixteen <= 1.9
+    assert not service.too_late(0.5, units=1) and service.too_late(0.5, units=16)
+    # Requests that all had the same work: proportional to it (no fixed part to see), the same quartile as before.
+    same = ServiceTime(window=4)
+    for seconds in (0.4, 0.5, 0.6, 0.5):
+        same.observe(seconds, units=4)
+    assert same.seconds == pytest.approx(0.5) and same.estimate(8) == pytest.approx(1.0)
+    assert same.estimate(1) == pytest.approx(0.125)
+
+
+def test_the_gate_admits_a_light_request_whose_deadline_holds_its_own_work_where_a_heavy_one_is_refused():
+    clock = [0.0]
+    gate = DecodeGate(max_slots=1, max_waiting=8, clock=lambda: clock[0])
+    for units, seconds in ((16, 1.6), (1, 0.1), (16, 1.6), (1, 0.1)):
+        gate.service.observe(seconds, units)
+
+    async def main():
+        holder = gate.try_enter(None, units=1)
+        assert isinstance(holder, Slot)
+        heavy = await gate.enter(deadline=1.0, units=16)
+        assert isinstance(heavy, str) and "over capacity" in heavy
+        light = asyncio.ensure_future(gate.enter(deadline=1.0, units=1))
+        await asyncio.sleep(0)
+        assert not light.done(), "it waits: the holder's candidate and its own fit in its second"
+        clock[0] += 0.1
+        gate.leave(holder, served=True)
+        assert isinstance(await light, Slot)
+
+    asyncio.run(main())
 
 
 @pytest.mark.parametrize("room", [4, 2])

@@ -103,6 +103,19 @@ def test_more_requests_than_the_server_holds_are_refused_unavailable_and_it_keep
     assert after.as_numpy(CLICK_PROBABILITY).shape == (4, 1)
 
 
+def test_bench_traffics_callers_on_the_measurement_core_are_served_with_their_deadlines(triton_server, ci_spec):
+    """`fusionrank bench traffic`'s closed-loop callers (deadline, DEADLINE_PARAMETER) and open-loop arrivals reach
+    the route as requests it answers, each counted once by outcome; none is dropped by the driver."""
+    from benchmarks import traffic
+
+    sets = traffic.RequestSets(ci_spec, load_benchmark(ci_spec), candidates=4, seed=5)
+    url, route = triton_server.grpc_url, ci_spec.serving.route
+    closed = traffic.closed_loop(url, route, sets.cold(2, 0), 2.0, 30.0)
+    assert closed.answered and not closed.failed, closed.first_error
+    burst = traffic.open_loop(url, route, sets.cold(1, 1)[0], rate=3.0, seconds=2.0, seed=0)
+    assert burst.answered and not burst.failed and burst.dropped == 0, burst.first_error
+
+
 def test_a_request_over_its_cost_budget_is_invalid_before_decoding(triton_server, ci_spec, cold):
     budget = ci_spec.serving.admission.cost.max_pixels
     side = 4000

@@ -94,7 +94,7 @@ def test_goals_say_met_or_missed_with_the_measured_ratio(tmp_path):
 
 def test_traffic_renews_a_payload_as_a_new_cache_key_with_the_same_decoded_content(ci_spec, bench):
     """`fusionrank bench traffic` sends never-seen payloads without building new items on the shared cores."""
-    from benchmarks.traffic import renewed
+    from benchmarks.lib import renewed
 
     request = RequestFactory(ci_spec, bench, Scenario(name="n", candidates={4: 1.0}, novel_share=1.0), seed=2).next()
     arrays = request.arrays()

@@ -9,37 +9,40 @@ Cases, each printed with its sample counts, the CPU's INT8 features and the load
    and their latency, admitted requests' latency, then one request right after the burst;
 4. a cached caller (one request whose candidates are all in the cache) alone, then beside `--flood-callers`
    callers of distinct 16-MP PNGs (as many per request as the cost budget admits): its p99 against its quiet p50.
-Production traffic (no priority set: the server's default level). Every phase is bounded in time; the server it
-starts is stopped at the end.
+Production traffic (no priority set: the server's default level), driven by the measurement core
+(`benchmarks.lib.driver`). Every phase is bounded in time; the server it starts is stopped at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.lib import RequestSets
+
 CPU_FEATURES = ("avx512_vnni", "avx512f", "amx_int8", "avx_vnni", "avx2")
 
 
-def refusal(error: Exception | None) -> bool:
+def status_of(error: Exception) -> str:
+    """A failed call's kind: its gRPC status (`StatusCode.UNAVAILABLE`), else the error's type."""
+    return str(error.status()) if callable(getattr(error, "status", None)) else type(error).__name__
+
+
+def refusal(status: str | None) -> bool:
     """The server refused the call as over capacity (UNAVAILABLE or RESOURCE_EXHAUSTED): a caller backs off."""
-    status = str(error.status()) if error is not None and callable(getattr(error, "status", None)) else ""
     return status in ("StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED")
 
 
 @dataclass
 class Outcomes:
-    """Latency (s) of each call by outcome: answered, refused (UNAVAILABLE / RESOURCE_EXHAUSTED), other errors."""
+    """Latency (s) of each call of one driver run by outcome: answered, refused (`refusal`), other errors."""
 
     answered: list[float] = field(default_factory=list)
     refused: list[float] = field(default_factory=list)
@@ -47,21 +50,25 @@ class Outcomes:
     first_refusal: str | None = None
     first_error: str | None = None
     wall_s: float = 0.0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    dropped: int = 0  # open loop: arrivals the driver could not send (every worker busy)
+    late: int = 0  # open loop: arrivals sent more than 10 ms after their time
 
-    def add(self, latency: float, error: Exception | None) -> None:
-        with self.lock:
-            if error is None:
-                self.answered.append(latency)
-                return
-            status = str(error.status()) if callable(getattr(error, "status", None)) else ""
-            refused = refusal(error)
-            (self.refused if refused else self.failed).append(latency)
-            text = f"{status}: {str(error).splitlines()[0][:160]}"
-            if refused and self.first_refusal is None:
-                self.first_refusal = text
-            elif not refused and self.first_error is None:
-                self.first_error = text
+    @classmethod
+    def of(cls, result) -> Outcomes:
+        """The outcomes of a `benchmarks.lib.LoadResult` whose failures `status_of` classified."""
+        out = cls(wall_s=result.wall_s, dropped=result.dropped, late=result.late)
+        for sample in result.samples:
+            if sample.ok:
+                out.answered.append(sample.latency_s)
+                continue
+            refused = refusal(sample.status)
+            (out.refused if refused else out.failed).append(sample.latency_s)
+            text = f"{sample.status}: {(sample.error or '')[:160]}"
+            if refused and out.first_refusal is None:
+                out.first_refusal = text
+            elif not refused and out.first_error is None:
+                out.first_error = text
+        return out
 
     def within(self, deadline_s: float) -> int:
         return sum(1 for t in self.answered if t <= deadline_s)
@@ -89,185 +96,69 @@ def machine() -> str:
 # --- callers -------------------------------------------------------------------------------------------------------
 
 
-def _call(client, model: str, arrays: dict, deadline_s: float | None) -> tuple[float, Exception | None]:
-    """One ranking call as the fusionrank client makes it: the deadline is the gRPC deadline and the Triton request
-    timeout (so a server past capacity refuses the request instead of serving it late)."""
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import InferenceServerException
+def _sender(client, model: str, deadline_s: float | None, timeout_s: float) -> Callable[[list], object]:
+    """One ranking call of prepared inputs as the fusionrank client makes it: the deadline is the gRPC deadline, the
+    Triton request timeout and the absolute DEADLINE_PARAMETER (so a server past capacity refuses the request
+    instead of serving it late); without one, the gRPC deadline is `timeout_s`."""
+    from fusionrank.contract.tensors import DEADLINE_PARAMETER
 
-    from fusionrank.contract.tensors import DEADLINE_PARAMETER, infer_inputs
+    def call(inputs: list):
+        extra = {} if deadline_s is None else {  # as the client sends it: queue timeout and absolute deadline
+            "timeout": int(deadline_s * 1e6), "parameters": {DEADLINE_PARAMETER: int((time.time() + deadline_s) * 1e6)}}
+        return client.infer(model, inputs, client_timeout=deadline_s or timeout_s, **extra)
 
-    extra = {} if deadline_s is None else {  # as the client sends it: queue timeout and absolute deadline
-        "timeout": int(deadline_s * 1e6), "parameters": {DEADLINE_PARAMETER: int((time.time() + deadline_s) * 1e6)}}
-    started = time.perf_counter()
-    try:
-        client.infer(model, infer_inputs(grpcclient, arrays), client_timeout=deadline_s or 120.0, **extra)
-        error = None
-    except InferenceServerException as exc:
-        error = exc
-    return time.perf_counter() - started, error
+    return call
 
 
-def closed_loop(url: str, model: str, next_arrays: list[Callable[[], dict]], seconds: float,
-                deadline_s: float | None) -> Outcomes:
-    """One caller per `next_arrays`, each sending its next request when the previous one returns, for `seconds`. A
-    refused caller backs off as the fusionrank client does before its retry (`clients.RetryPolicy`: exponential,
-    jittered), so refusals do not turn into a loop that only loads the machine both share."""
+def closed_loop(url: str, model: str, next_arrays: list[Callable[[], dict]], seconds: float | None,
+                deadline_s: float | None, requests: int | None = None) -> Outcomes:
+    """One caller per `next_arrays` on the measurement core (`benchmarks.lib.closed_loop`), each sending its next
+    request (built off the clock) when the previous one returns, for `seconds` (or `requests` in all). A refused
+    caller backs off as the fusionrank client does before its retry (`clients.RetryPolicy`: exponential, jittered),
+    off the clock, so refusals do not turn into a loop that only loads the machine both share."""
     import random
 
     import tritonclient.grpc as grpcclient
 
+    from benchmarks.lib import closed_loop as drive
     from clients import RetryPolicy
+    from fusionrank.contract.tensors import infer_inputs
 
-    out, stop, policy = Outcomes(), time.monotonic() + seconds, RetryPolicy()
+    users, policy = len(next_arrays), RetryPolicy()
+    refusals, rngs = [0] * users, [random.Random(k) for k in range(users)]
 
-    def caller(make: Callable[[], dict]) -> None:
-        refusals, rng = 0, random.Random(id(make))
-        with grpcclient.InferenceServerClient(url) as client:
-            while time.monotonic() < stop:
-                latency, error = _call(client, model, make(), deadline_s)
-                out.add(latency, error)
-                refusals = refusals + 1 if refusal(error) else 0
-                if refusals:
-                    time.sleep(min(policy.backoff(refusals, rng), max(0.0, stop - time.monotonic())))
+    def pause(k: int, sample) -> float:
+        refusals[k] = refusals[k] + 1 if refusal(sample.status) else 0
+        return policy.backoff(refusals[k], rngs[k]) if refusals[k] else 0.0
 
-    started = time.perf_counter()
-    with ThreadPoolExecutor(len(next_arrays)) as pool:
-        list(pool.map(caller, next_arrays))
-    out.wall_s = time.perf_counter() - started
-    return out
+    clients = [grpcclient.InferenceServerClient(url) for _ in range(users)]
+    try:
+        return Outcomes.of(drive(lambda k: _sender(clients[k], model, deadline_s, 120.0), users, requests=requests,
+                                 duration_s=seconds, prepare=lambda k: infer_inputs(grpcclient, next_arrays[k]()),
+                                 classify=status_of, pause=pause))
+    finally:
+        for client in clients:
+            client.close()
 
 
 def open_loop(url: str, model: str, make: Callable[[], dict], rate: float, seconds: float, seed: int,
               timeout_s: float = 30.0) -> Outcomes:
-    """Poisson arrivals at `rate` per second for `seconds`, each sent without waiting for the others; returns when
-    every sent request has been answered (or `timeout_s` after the last one)."""
+    """Poisson arrivals at `rate` per second for `seconds` on the measurement core (`benchmarks.lib.open_loop`), each
+    request built before its time, sent without waiting for the others and timed from its scheduled arrival; returns
+    when every sent request has been answered or timed out (`timeout_s`). It has a worker for every arrival it can
+    draw, so none is dropped for want of one."""
+    import math
+
     import tritonclient.grpc as grpcclient
 
+    from benchmarks.lib import open_loop as drive
     from fusionrank.contract.tensors import infer_inputs
 
-    out, rng, pending = Outcomes(), np.random.default_rng(seed), []
-    started = time.perf_counter()
-    with grpcclient.InferenceServerClient(url) as client:
-        at = 0.0
-        while at < seconds:
-            at += rng.exponential(1.0 / rate)
-            time.sleep(max(0.0, started + at - time.perf_counter()))
-            done, sent = threading.Event(), time.perf_counter()
-
-            def finish(result, error, sent=sent, done=done):
-                out.add(time.perf_counter() - sent, error)
-                done.set()
-
-            client.async_infer(model, infer_inputs(grpcclient, make()), callback=finish, client_timeout=timeout_s)
-            pending.append(done)
-        for done in pending:
-            done.wait(timeout_s)
-    out.wall_s = time.perf_counter() - started
-    return out
-
-
-# --- request sets --------------------------------------------------------------------------------------------------
-
-
-def _with_nonce(png: bytes, nonce: int) -> bytes:
-    """The same PNG with a tEXt chunk after its header: a distinct payload (cache key), the same decoding cost."""
-    data = b"nonce\x00" + str(nonce).encode()
-    chunk = struct.pack(">I", len(data)) + b"tEXt" + data + struct.pack(">I", zlib.crc32(b"tEXt" + data))
-    return png[:33] + chunk + png[33:]  # 8-byte signature + 25-byte IHDR chunk
-
-
-def renewed(payload: bytes, nonce: int) -> bytes:
-    """`payload` made distinct (a new cache key) at the same decoding cost, without building a new item: a PNG gets
-    a tEXt chunk, a JPEG a comment segment, a WAV a trailing chunk the decoders skip, text a nonce word."""
-    tag = str(nonce).encode()
-    if payload.startswith(b"\x89PNG"):
-        return _with_nonce(payload, nonce)
-    if payload.startswith(b"\xff\xd8"):
-        return payload[:2] + b"\xff\xfe" + struct.pack(">H", len(tag) + 2) + tag + payload[2:]
-    if payload.startswith(b"RIFF") and payload[8:12] == b"WAVE":
-        body = payload[12:] + b"nonc" + struct.pack("<I", 8) + tag.rjust(8, b"0")[-8:]
-        return b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WAVE" + body
-    return payload + b" n" + tag
-
-
-def big_png(side: int) -> bytes:
-    """A compressible side x side RGB PNG (a gradient): every pixel must be decoded, the payload stays small."""
-    import io
-
-    from PIL import Image
-
-    ramp = np.linspace(0, 255, side, dtype=np.float32)
-    pixels = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (side, 1)), np.tile(ramp[:, None], (1, side))],
-                      axis=-1).astype(np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG", compress_level=1)
-    return out.getvalue()
-
-
-def _arrays_of(factory) -> Callable[[], dict]:
-    return lambda: factory.next().arrays()
-
-
-@dataclass
-class RequestSets:
-    spec: object
-    bench: object
-    candidates: int
-    seed: int
-
-    def factory(self, index: int, novel: bool):
-        from fusionrank.request.scenario import RequestFactory, Scenario
-
-        scenario = Scenario(name="traffic", candidates={self.candidates: 1.0}, novel_share=1.0 if novel else 0.0,
-                            zipf_exponent=1.1, source="fusionrank bench traffic")
-        return RequestFactory(self.spec, self.bench, scenario, seed=self.seed * 10_000 + index)
-
-    def cold(self, count: int, phase: int, pool: int = 4) -> list[Callable[[], dict]]:
-        """`count` independent streams of never-seen items: each cycles over `pool` requests of new items built once,
-        every payload renewed (`renewed`) per request, so the callers, which share the machine with the server, spend
-        little CPU on building requests while the server decodes and encodes every candidate as new."""
-        counter, lock = [phase * 10_000_000], threading.Lock()
-
-        def stream(index: int) -> Callable[[], dict]:
-            factory = self.factory(phase * 100 + index, novel=True)
-            built = [factory.next().arrays() for _ in range(pool)]
-            turn = [0]
-
-            def make() -> dict:
-                with lock:
-                    counter[0] += 1
-                    nonce = counter[0]
-                arrays = dict(built[turn[0] % pool])
-                turn[0] += 1
-                for name, values in arrays.items():
-                    if values.dtype == object:
-                        arrays[name] = np.array([[renewed(bytes(v), nonce * 1000 + r) for v in row]
-                                                 for r, row in enumerate(values)], dtype=object)
-                return arrays
-
-            return make
-
-        return [stream(i) for i in range(count)]
-
-    def flood(self, count: int, per_request: int, side: int) -> list[Callable[[], dict]]:
-        """`count` streams of requests of `per_request` distinct side x side PNGs (never the same twice)."""
-        from fusionrank.contract.spec import Modality
-
-        png, counter, lock = big_png(side), [0], threading.Lock()
-        base = self.factory(999, novel=False).next()
-
-        def make() -> dict:
-            with lock:
-                counter[0] += per_request
-                first = counter[0]
-            from fusionrank.contract.tensors import request_arrays
-
-            items = {m: list(base.items[m][:per_request]) for m in base.items}
-            items[Modality.IMAGE] = [_with_nonce(png, first + i) for i in range(per_request)]
-            return request_arrays(items, base.history[:per_request])
-
-        return [make] * count
+    expected = rate * seconds
+    with grpcclient.InferenceServerClient(url) as client:  # thread-safe for unary calls
+        return Outcomes.of(drive(_sender(client, model, None, timeout_s), rate, seconds, seed=seed,
+                                 max_outstanding=int(expected + 6 * math.sqrt(expected) + 10),
+                                 prepare=lambda _i: infer_inputs(grpcclient, make()), classify=status_of))
 
 
 # --- the run -------------------------------------------------------------------------------------------------------
@@ -353,19 +244,18 @@ def _backlog(url, model, sets: RequestSets, config: TrafficConfig, capacity: flo
     (make,) = sets.cold(1, 50)
     rate = 2 * capacity
     run = open_loop(url, model, make, rate, config.backlog_seconds, config.seed)
-    (after_make,) = sets.cold(1, 51)
-    import tritonclient.grpc as grpcclient
-
-    with grpcclient.InferenceServerClient(url) as client:
-        after, error = _call(client, model, after_make(), None)
+    after = closed_loop(url, model, sets.cold(1, 51), None, None, requests=1)
+    after_ms = 1000 * (after.answered + after.refused + after.failed)[0]
+    error = after.first_refusal or after.first_error
     figures = {"rate_rps": rate, "sent": len(run.answered) + len(run.refused) + len(run.failed),
                "refused": len(run.refused), "refusal_p99_ms": 1000 * float(np.percentile(run.refused, 99))
-               if run.refused else None, "admitted": len(run.answered),
-               "after_burst_ms": 1000 * after, "after_burst_error": str(error) if error else None}
+               if run.refused else None, "admitted": len(run.answered), "dropped": run.dropped, "late": run.late,
+               "after_burst_ms": after_ms, "after_burst_error": error}
+    dropped = f"; {run.dropped} arrivals dropped (no free worker)" if run.dropped else ""
     _say(out, f"open loop at 2x capacity ({rate:.2f} req/s, {config.backlog_seconds:g} s): refusals "
               f"{percentiles(run.refused)} ({run.first_refusal or 'none'}); admitted {percentiles(run.answered)}; "
-              f"other errors n={len(run.failed)} ({run.first_error or 'none'}); request right after the burst: "
-              f"{1000 * after:.0f} ms{' (' + str(error).splitlines()[0] + ')' if error else ''}")
+              f"other errors n={len(run.failed)} ({run.first_error or 'none'}){dropped}; request right after the "
+              f"burst: {after_ms:.0f} ms{f' ({error})' if error else ''}")
     return figures
 
 

@@ -1,6 +1,7 @@
 """The measurement core every benchmark and gate uses: one load driver (closed and open loop, stability windows),
-one statistics module (percentiles with confidence intervals, minimum samples, significance with a noise floor)
-and the provenance recorded with every figure (machine and software)."""
+one statistics module (percentiles with confidence intervals, minimum samples, significance with a noise floor),
+the provenance recorded with every figure (machine and software) and the request sets load is made of (never-seen
+requests renewed with a nonce, floods of large PNGs)."""
 
 from benchmarks.lib.driver import (
     DriverError,
@@ -18,6 +19,7 @@ from benchmarks.lib.driver import (
     within,
 )
 from benchmarks.lib.machine import describe_machine, file_digest, load_average, machine_facts, model_digests, provenance
+from benchmarks.lib.request_sets import RequestSets, big_png, png_with_nonce, renewed
 from benchmarks.lib.stats import (
     DEFAULT_ALPHA,
     DEFAULT_CONFIDENCE,
@@ -34,8 +36,8 @@ from benchmarks.lib.stats import (
 
 __all__ = [
     "DEFAULT_ALPHA", "DEFAULT_CONFIDENCE", "DEFAULT_NOISE_FLOOR", "DriverError", "LoadResult", "LoopMode",
-    "PercentileEstimate", "PoissonPacer", "Sample", "SampleComparison", "Stability", "StableRun", "StatsError",
-    "Window", "closed_loop", "compare_samples", "describe_machine", "file_digest", "load_average", "machine_facts",
-    "min_repeats", "min_samples", "model_digests", "open_loop", "percentile", "percentiles", "poisson_arrivals",
-    "provenance", "until_stable", "within",
+    "PercentileEstimate", "PoissonPacer", "RequestSets", "Sample", "SampleComparison", "Stability", "StableRun",
+    "StatsError", "Window", "big_png", "closed_loop", "compare_samples", "describe_machine", "file_digest",
+    "load_average", "machine_facts", "min_repeats", "min_samples", "model_digests", "open_loop", "percentile",
+    "percentiles", "png_with_nonce", "poisson_arrivals", "provenance", "renewed", "until_stable", "within",
 ]

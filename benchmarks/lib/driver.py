@@ -1,13 +1,16 @@
 """The one load driver: closed loop (N callers back to back) and open loop (Poisson arrivals at a target rate),
 warm-up, and repeated windows until stable (perf_analyzer's stability windows).
 
-A `call` is any callable that performs one request and raises on failure; the driver times it. Every loop is
-bounded in count and in time, so a measurement always ends by itself:
-- closed loop: `users` threads call back to back until `requests` calls were made or `duration_s` passed;
+A `call` is any callable that performs one request and raises on failure; the driver times it, and a `classify`
+names each failure's kind (e.g. its gRPC status) in its sample. Every loop is bounded in count and in time, so a
+measurement always ends by itself:
+- closed loop: `users` threads call back to back until `requests` calls were made or `duration_s` passed; a caller
+  may wait between calls, off the clock (`pause`: a client's backoff after a refusal);
 - open loop: arrival times are drawn up front (exponential inter-arrival times at `rate`, seeded), a dispatcher
-  hands each arrival to a pool of at most `max_outstanding` workers; an arrival that finds every worker busy is
-  dropped (counted), one that starts more than `late_after_s` after its time is late (counted). Its latency is
-  measured from the scheduled arrival, so queueing in the client counts (no coordinated omission);
+  builds each request before its time (`prepare`) and hands it to a pool of at most `max_outstanding` workers; an
+  arrival that finds every worker busy is dropped (counted), one that starts more than `late_after_s` after its time
+  is late (counted). Its latency is measured from the scheduled arrival, so queueing in the client counts (no
+  coordinated omission);
 - stability: windows of `window_s` repeat until the last `stable_windows` agree within `tolerance` of their mean on
   throughput, p50 and p99 (perf_analyzer's `--stability-percentage`), or `max_windows` were run.
 """
@@ -28,6 +31,7 @@ import numpy as np
 from fusionrank.contract.errors import FusionRankError
 
 Call = Callable[[], object]
+Classify = Callable[[Exception], str]  # a failed call's kind (e.g. its gRPC status), kept in its Sample
 
 
 class DriverError(FusionRankError):
@@ -54,6 +58,7 @@ class Sample:
     cpu_s: float | None = None  # CPU time of the calling thread during the call (what neighbours' load does not
     #                             inflate when the work runs on that thread, e.g. ONNX Runtime with 1 intra-op thread)
     value: object = None  # what the call returned (e.g. the candidates it scored)
+    status: str | None = None  # a failure's kind as the run's `classify` named it (e.g. a gRPC status code)
 
 
 @dataclass
@@ -112,14 +117,15 @@ class LoadResult:
                 "delivered_rate": self.delivered_rate, "dropped": self.dropped, "late": self.late, **pct}
 
 
-def _timed(call: Call, scheduled: float) -> Sample:
+def _timed(call: Call, scheduled: float, classify: Classify | None = None) -> Sample:
     began, cpu = time.perf_counter(), time.thread_time()
     try:
         value = call()
     except Exception as exc:  # every failure is a failed request of the run, named by its first line
         end = time.perf_counter()
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return Sample(scheduled, end - scheduled, False, text, end - began, time.thread_time() - cpu)
+        return Sample(scheduled, end - scheduled, False, text, end - began, time.thread_time() - cpu,
+                      status=classify(exc) if classify is not None else None)
     end = time.perf_counter()
     return Sample(scheduled, end - scheduled, True, None, end - began, time.thread_time() - cpu, value)
 
@@ -135,10 +141,13 @@ def _check_bounds(requests: int | None, duration_s: float | None) -> None:
 
 def closed_loop(make_call: Callable[[int], Call], users: int, requests: int | None = None,
                 duration_s: float | None = None, warmup: int = 0,
-                prepare: Callable[[int], object] | None = None) -> LoadResult:
+                prepare: Callable[[int], object] | None = None, classify: Classify | None = None,
+                pause: Callable[[int, Sample], float] | None = None) -> LoadResult:
     """`users` callers (thread k calls `make_call(k)()` back to back) until `requests` calls in total or
     `duration_s`, whichever first; `warmup` untimed calls per caller first. With `prepare`, caller k's call is
-    `make_call(k)(prepare(k))` and only the call is timed (building a request stays off the clock)."""
+    `make_call(k)(prepare(k))` and only the call is timed (building a request stays off the clock). With `pause`,
+    caller k waits `pause(k, sample)` seconds after each call (e.g. a client's backoff after a refusal), off the
+    clock and cut at `duration_s`."""
     if users < 1:
         raise DriverError(f"users {users} must be >= 1")
     _check_bounds(requests, duration_s)
@@ -155,7 +164,7 @@ def closed_loop(make_call: Callable[[int], Call], users: int, requests: int | No
     budget = [requests if requests is not None else math.inf]
     deadline = time.perf_counter() + (duration_s if duration_s is not None else math.inf)
 
-    def user(call) -> None:
+    def user(k: int, call) -> None:
         while time.perf_counter() < deadline:
             with lock:
                 if budget[0] <= 0:
@@ -163,12 +172,15 @@ def closed_loop(make_call: Callable[[int], Call], users: int, requests: int | No
                 budget[0] -= 1
             if isinstance(call, _Prepared):
                 call.ready()
-            sample = _timed(call, time.perf_counter())
+            sample = _timed(call, time.perf_counter(), classify)
             with lock:
                 samples.append(sample)
+            wait = pause(k, sample) if pause is not None else 0.0
+            if wait > 0:
+                time.sleep(min(wait, max(0.0, deadline - time.perf_counter())))
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=user, args=(call,), daemon=True) for call in calls]
+    threads = [threading.Thread(target=user, args=(k, call), daemon=True) for k, call in enumerate(calls)]
     for t in threads:
         t.start()
     for t in threads:
@@ -206,29 +218,36 @@ def poisson_arrivals(rate: float, duration_s: float, seed: int = 0, max_arrivals
 
 
 def open_loop(call: Call, rate: float, duration_s: float, max_outstanding: int = 64, seed: int = 0,
-              late_after_s: float = 0.010, warmup: int = 0) -> LoadResult:
+              late_after_s: float = 0.010, warmup: int = 0, prepare: Callable[[int], object] | None = None,
+              classify: Classify | None = None) -> LoadResult:
     """Poisson arrivals at `rate` for `duration_s`, each served by one of at most `max_outstanding` workers; an
-    arrival with every worker busy is dropped. `call` must be thread-safe."""
+    arrival with every worker busy is dropped. `call` must be thread-safe. With `prepare`, request i (warm-ups
+    first) is `call(prepare(i))`, built by the dispatcher before its arrival time, so off the clock unless building
+    overruns the gap (then the arrival is late and the overrun counts in its latency)."""
     if max_outstanding < 1:
         raise DriverError(f"max_outstanding {max_outstanding} must be >= 1")
     offsets = poisson_arrivals(rate, duration_s, seed)
-    for _ in range(warmup):
-        call()
+    for i in range(warmup):
+        if prepare is None:
+            call()
+        else:
+            call(prepare(i))
     lock = threading.Lock()
     samples: list[Sample] = []
     outstanding = [0]
     dropped = late = 0
 
-    def serve(scheduled: float) -> None:
-        sample = _timed(call, scheduled)
+    def serve(scheduled: float, payload: object) -> None:
+        sample = _timed(call if prepare is None else lambda: call(payload), scheduled, classify)
         with lock:
             samples.append(sample)
             outstanding[0] -= 1
 
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max_outstanding) as pool:
-        for offset in offsets:
+        for i, offset in enumerate(offsets, start=warmup):
             scheduled = started + float(offset)
+            payload = prepare(i) if prepare is not None else None
             delay = scheduled - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
@@ -239,7 +258,7 @@ def open_loop(call: Call, rate: float, duration_s: float, max_outstanding: int =
                 outstanding[0] += 1
             if time.perf_counter() - scheduled > late_after_s:
                 late += 1
-            pool.submit(serve, scheduled)
+            pool.submit(serve, scheduled, payload)
     wall = max(time.perf_counter() - started, duration_s)
     return LoadResult(LoopMode.OPEN, sorted(samples, key=lambda s: s.start), wall, users=max_outstanding,
                       offered_rate=rate, arrivals=len(offsets), dropped=dropped, late=late)

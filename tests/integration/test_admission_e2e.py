@@ -14,7 +14,7 @@ import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from benchmarks.traffic import _with_nonce, big_png
+from benchmarks.lib import RequestSets, big_png, png_with_nonce
 from clients import OverCapacityError, RankingClient
 from clients.errors import to_client_error
 from fusionrank.contract.spec import Modality, Priority
@@ -103,13 +103,26 @@ def test_more_requests_than_the_server_holds_are_refused_unavailable_and_it_keep
     assert after.as_numpy(CLICK_PROBABILITY).shape == (4, 1)
 
 
+def test_bench_traffics_callers_on_the_measurement_core_are_served_with_their_deadlines(triton_server, ci_spec):
+    """`fusionrank bench traffic`'s closed-loop callers (deadline, DEADLINE_PARAMETER) and open-loop arrivals reach
+    the route as requests it answers, each counted once by outcome; none is dropped by the driver."""
+    from benchmarks import traffic
+
+    sets = RequestSets(ci_spec, load_benchmark(ci_spec), candidates=4, seed=5)
+    url, route = triton_server.grpc_url, ci_spec.serving.route
+    closed = traffic.closed_loop(url, route, sets.cold(2, 0), 2.0, 30.0)
+    assert closed.answered and not closed.failed, closed.first_error
+    burst = traffic.open_loop(url, route, sets.cold(1, 1)[0], rate=3.0, seconds=2.0, seed=0)
+    assert burst.answered and not burst.failed and burst.dropped == 0, burst.first_error
+
+
 def test_a_request_over_its_cost_budget_is_invalid_before_decoding(triton_server, ci_spec, cold):
     budget = ci_spec.serving.admission.cost.max_pixels
     side = 4000
     images = budget // side ** 2 + 1
     arrays = cold(images)
     png = big_png(side)
-    arrays["item_image"][:, 0] = [_with_nonce(png, i) for i in range(images)]
+    arrays["item_image"][:, 0] = [png_with_nonce(png, i) for i in range(images)]
     with grpcclient.InferenceServerClient(triton_server.grpc_url) as client:
         with pytest.raises(InferenceServerException) as info:
             client.infer(ci_spec.serving.route, infer_inputs(grpcclient, arrays), client_timeout=60)
@@ -125,7 +138,7 @@ def test_a_caller_gone_before_encoding_costs_no_encoding(triton_server, ci_spec,
         triton_server.metrics_url, route, "UNAVAILABLE")
     png = big_png(3000)
     arrays = cold(6)
-    arrays["item_image"][:, 0] = [_with_nonce(png, 10_000 + i) for i in range(6)]
+    arrays["item_image"][:, 0] = [png_with_nonce(png, 10_000 + i) for i in range(6)]
     with grpcclient.InferenceServerClient(triton_server.grpc_url) as client:
         with pytest.raises(InferenceServerException) as info:
             # The deadline passes while the route decodes 6 nine-megapixel images: it answers CANCELLED (the caller

@@ -94,7 +94,7 @@ def test_goals_say_met_or_missed_with_the_measured_ratio(tmp_path):
 
 def test_traffic_renews_a_payload_as_a_new_cache_key_with_the_same_decoded_content(ci_spec, bench):
     """`fusionrank bench traffic` sends never-seen payloads without building new items on the shared cores."""
-    from benchmarks.traffic import renewed
+    from benchmarks.lib import renewed
 
     request = RequestFactory(ci_spec, bench, Scenario(name="n", candidates={4: 1.0}, novel_share=1.0), seed=2).next()
     arrays = request.arrays()
@@ -109,3 +109,58 @@ def test_traffic_renews_a_payload_as_a_new_cache_key_with_the_same_decoded_conte
         for name, values in before.encoder_inputs[m].items():
             np.testing.assert_array_equal(values, after.encoder_inputs[m][name])
     assert renewed(fresh["item_image"][0, 0], 8) != renewed(fresh["item_image"][0, 0], 9)
+
+
+def test_traffic_callers_send_the_deadline_count_each_outcome_and_back_off_off_the_clock(monkeypatch):
+    """`fusionrank bench traffic` drives load through the measurement core as the fusionrank client calls: the
+    deadline as gRPC deadline, Triton timeout and DEADLINE_PARAMETER, a refused caller's backoff not in any latency."""
+    import threading
+    import time
+
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from benchmarks import traffic
+    from fusionrank.contract.tensors import DEADLINE_PARAMETER
+
+    sent, lock = [], threading.Lock()
+
+    class Client:  # tritonclient's gRPC client as the server past capacity answers it
+        def __init__(self, url):
+            self.url = url
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.close()
+
+        def close(self):
+            pass
+
+        def infer(self, model, inputs, client_timeout=None, timeout=None, parameters=None):
+            with lock:  # the open loop's workers call at once
+                sent.append((model, [i.name() for i in inputs], client_timeout, timeout, parameters, time.time()))
+                n = len(sent)
+            if n <= 3:
+                raise InferenceServerException("gate full", status="StatusCode.UNAVAILABLE")
+            if n == 4:
+                raise InferenceServerException("bad input", status="StatusCode.INVALID_ARGUMENT")
+
+    monkeypatch.setattr(grpcclient, "InferenceServerClient", Client)
+    arrays = {"candidate_ids": np.arange(4, dtype=np.int64).reshape(1, 4)}
+    run = traffic.closed_loop("localhost:1", "route", [lambda: arrays], None, 1.0, requests=6)
+    assert (len(run.answered), len(run.refused), len(run.failed)) == (2, 3, 1)
+    assert run.first_refusal == "StatusCode.UNAVAILABLE: [StatusCode.UNAVAILABLE] gate full"
+    assert run.first_error == "StatusCode.INVALID_ARGUMENT: [StatusCode.INVALID_ARGUMENT] bad input"
+    for model, names, client_timeout, timeout, parameters, at in sent:
+        assert (model, names, client_timeout, timeout) == ("route", ["candidate_ids"], 1.0, 1_000_000)
+        assert abs(parameters[DEADLINE_PARAMETER] / 1e6 - (at + 1.0)) < 0.1
+    # three refusals in a row: 50 + 100 + 200 ms of backoff (jittered +-20 %), in the run but in no latency
+    assert run.wall_s >= 0.28 and max(run.answered + run.refused + run.failed) < 0.1
+
+    sent.clear()
+    burst = traffic.open_loop("localhost:1", "route", lambda: arrays, rate=40, seconds=0.5, seed=3)
+    assert (len(burst.refused), len(burst.failed), burst.dropped) == (3, 1, 0)
+    assert len(burst.answered) == len(sent) - 4 > 5
+    assert all(s[2:5] == (30.0, None, None) for s in sent), "the backlog's requests carry no deadline"

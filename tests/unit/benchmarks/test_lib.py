@@ -176,6 +176,51 @@ def test_open_loop_delivers_the_rate_and_drops_when_saturated():
     assert slow.dropped > 0 and len(slow.samples) + slow.dropped == slow.arrivals
 
 
+class _Refused(Exception):
+    def status(self) -> str:
+        return "StatusCode.UNAVAILABLE"
+
+
+def test_closed_loop_names_failures_and_pauses_a_caller_off_the_clock():
+    seen = []
+
+    def make(_k):
+        def call():
+            raise _Refused("over capacity\ndetail")
+        return call
+
+    def pause(k, sample):
+        seen.append((k, sample.status))
+        return 0.05  # a client's backoff: the caller waits, the request's latency does not grow
+
+    result = closed_loop(make, users=1, requests=4, classify=lambda exc: exc.status(), pause=pause)
+    refused = (False, "StatusCode.UNAVAILABLE", "over capacity")
+    assert [(s.ok, s.status, s.error) for s in result.samples] == [refused] * 4
+    assert seen == [(0, "StatusCode.UNAVAILABLE")] * 4
+    assert result.wall_s >= 0.15 and all(s.latency_s < 0.04 for s in result.samples)
+    started = time.monotonic()  # a pause never outlasts the run
+    closed_loop(make, users=2, duration_s=0.2, pause=lambda _k, _s: 30.0)
+    assert time.monotonic() - started < 5.0
+
+
+def test_open_loop_builds_each_request_before_its_arrival_and_names_failures():
+    def prepare(i):
+        time.sleep(0.01)  # building a request: before its arrival time, so not in its latency
+        return i
+
+    def call(payload):
+        if payload % 2:
+            raise _Refused("over capacity")
+        return payload
+
+    result = open_loop(call, rate=10, duration_s=1.5, max_outstanding=50, seed=1, prepare=prepare,
+                       classify=lambda exc: exc.status(), warmup=1)
+    assert result.dropped == 0 and len(result.samples) == result.arrivals > 5
+    assert sorted(s.value for s in result.samples if s.ok) == list(range(2, result.arrivals + 1, 2))
+    assert {s.status for s in result.samples if not s.ok} == {"StatusCode.UNAVAILABLE"}
+    assert float(np.median([s.latency_s for s in result.samples])) < 0.01
+
+
 def test_pacer_gaps_are_exponential_and_late_arrivals_counted():
     clock = [0.0]
     pacer = PoissonPacer(rate=10.0, seed=0, clock=lambda: clock[0])

@@ -1,0 +1,114 @@
+"""Request sets for load on the served route: never-seen (cold) requests made from requests built once by renewing
+every payload with a nonce, floods of large PNGs, and the factories of cached requests. Built off the clock, so the
+callers, which share the machine with the server, spend little CPU on making requests. PIL and the fusionrank
+request modules are imported where they are used, keeping them off the import of `benchmarks.lib`.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def png_with_nonce(png: bytes, nonce: int) -> bytes:
+    """The same PNG with a tEXt chunk after its header: a distinct payload (cache key), the same decoding cost."""
+    data = b"nonce\x00" + str(nonce).encode()
+    chunk = struct.pack(">I", len(data)) + b"tEXt" + data + struct.pack(">I", zlib.crc32(b"tEXt" + data))
+    return png[:33] + chunk + png[33:]  # 8-byte signature + 25-byte IHDR chunk
+
+
+def renewed(payload: bytes, nonce: int) -> bytes:
+    """`payload` made distinct (a new cache key) at the same decoding cost, without building a new item: a PNG gets
+    a tEXt chunk, a JPEG a comment segment, a WAV a trailing chunk the decoders skip, text a nonce word."""
+    tag = str(nonce).encode()
+    if payload.startswith(b"\x89PNG"):
+        return png_with_nonce(payload, nonce)
+    if payload.startswith(b"\xff\xd8"):
+        return payload[:2] + b"\xff\xfe" + struct.pack(">H", len(tag) + 2) + tag + payload[2:]
+    if payload.startswith(b"RIFF") and payload[8:12] == b"WAVE":
+        body = payload[12:] + b"nonc" + struct.pack("<I", 8) + tag.rjust(8, b"0")[-8:]
+        return b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WAVE" + body
+    return payload + b" n" + tag
+
+
+def big_png(side: int) -> bytes:
+    """A compressible side x side RGB PNG (a gradient): every pixel must be decoded, the payload stays small."""
+    import io
+
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    pixels = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (side, 1)), np.tile(ramp[:, None], (1, side))],
+                      axis=-1).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
+@dataclass
+class RequestSets:
+    """The request streams of one run: cold (never-seen items), flood (large PNGs) and cached requests, drawn
+    from the benchmark catalogue `bench` for `spec` by `fusionrank.request.scenario.RequestFactory`."""
+
+    spec: object
+    bench: object
+    candidates: int
+    seed: int
+
+    def factory(self, index: int, novel: bool):
+        """The request factory of stream `index`: never-seen items (`novel`) or the catalogue's own."""
+        from fusionrank.request.scenario import RequestFactory, Scenario
+
+        scenario = Scenario(name="traffic", candidates={self.candidates: 1.0}, novel_share=1.0 if novel else 0.0,
+                            zipf_exponent=1.1, source="fusionrank bench traffic")
+        return RequestFactory(self.spec, self.bench, scenario, seed=self.seed * 10_000 + index)
+
+    def cold(self, count: int, phase: int, pool: int = 4) -> list[Callable[[], dict]]:
+        """`count` independent streams of never-seen items: each cycles over `pool` requests of new items built once,
+        every payload renewed (`renewed`) per request, so the callers, which share the machine with the server, spend
+        little CPU on building requests while the server decodes and encodes every candidate as new."""
+        counter, lock = [phase * 10_000_000], threading.Lock()
+
+        def stream(index: int) -> Callable[[], dict]:
+            factory = self.factory(phase * 100 + index, novel=True)
+            built = [factory.next().arrays() for _ in range(pool)]
+            turn = [0]
+
+            def make() -> dict:
+                with lock:
+                    counter[0] += 1
+                    nonce = counter[0]
+                arrays = dict(built[turn[0] % pool])
+                turn[0] += 1
+                for name, values in arrays.items():
+                    if values.dtype == object:
+                        arrays[name] = np.array([[renewed(bytes(v), nonce * 1000 + r) for v in row]
+                                                 for r, row in enumerate(values)], dtype=object)
+                return arrays
+
+            return make
+
+        return [stream(i) for i in range(count)]
+
+    def flood(self, count: int, per_request: int, side: int) -> list[Callable[[], dict]]:
+        """`count` streams of requests of `per_request` distinct side x side PNGs (never the same twice)."""
+        from fusionrank.contract.spec import Modality
+        from fusionrank.contract.tensors import request_arrays
+
+        png, counter, lock = big_png(side), [0], threading.Lock()
+        base = self.factory(999, novel=False).next()
+
+        def make() -> dict:
+            with lock:
+                counter[0] += per_request
+                first = counter[0]
+            items = {m: list(base.items[m][:per_request]) for m in base.items}
+            items[Modality.IMAGE] = [png_with_nonce(png, first + i) for i in range(per_request)]
+            return request_arrays(items, base.history[:per_request])
+
+        return [make] * count

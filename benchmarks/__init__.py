@@ -5,8 +5,8 @@ runs, so listing them stays light."""
 
 # name -> one line of help; the module is `benchmarks.<name>`.
 BENCHMARKS = {
-    "serve": "in-process pipeline, plain ensemble and cached route (cold, warm) side by side on one Zipf candidate "
-             "stream: table, bench.json, bench.png",
+    "serve": "in-process pipeline and roof, plain ensemble, route on never-seen items and warm route on a Zipf "
+             "candidate stream, side by side: table, bench.json, bench.png",
     "routes": "the cached route against the plain Triton ensemble on the same requests, interleaved rounds",
     "cpu": "CPU profile: FP32 vs optimised FP32 vs INT8 per model and served end to end, with the accuracy gates",
     "preprocess": "preprocessing per row before/after the stateless rewrite, and its worst cases (time, peak memory)",

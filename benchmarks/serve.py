@@ -127,7 +127,7 @@ def write_chart(result: BenchResult, path: Path) -> Path:
 
     c = result.config
     short = {"inprocess_request": f"in-process\nbatch {c.candidates}", "inprocess_batch": "in-process\nlargest batch",
-             "ensemble": "plain\nensemble", "route_cold": "cached route\ncold", "route_warm": "cached route\nwarm",
+             "ensemble": "plain\nensemble", "route_cold": "route\nnever seen", "route_warm": "cached route\nwarm",
              "inprocess_roof": "in-process\nroof"}
     names = [short.get(p.role, p.name) for p in result.phases]
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5))
@@ -175,7 +175,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each served phase")
     parser.add_argument("--inprocess-seconds", type=float, default=15.0, help="length of each in-process phase")
     parser.add_argument("--no-shared-tier", action="store_true",
-                        help="no local redis-server: the route's in-process cache only, warm after the cold phase")
+                        help="no local redis-server: the route's own caches, warmed by an untimed pass of the stream")
     parser.add_argument("--seed", type=int, default=0, help="seed of the candidate stream")
     parser.add_argument("--gate", action="store_true", help="exit 1 when a goal is missed")
     parser.add_argument("--out", default=None, help="report folder (default: reports/bench-<time>)")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from benchmarks.lib import LoadResult, Stability, StableRun, closed_loop, until_stable
 from fusionrank.contract.spec import PipelineSpec
-from fusionrank.contract.tensors import CLICK_PROBABILITY, infer_inputs
+from fusionrank.contract.tensors import CLICK_PROBABILITY, deadline_arguments, infer_inputs
 from fusionrank.request.scenario import RequestFactory, Scenario
 
 
@@ -45,7 +45,10 @@ class ServedLoad:
         self._clients.append(client)
 
         def call(inputs: list) -> None:
-            result = client.infer(self.model, inputs, client_timeout=self.timeout_s)
+            # The deadline each caller holds travels with its request, as the fusionrank client sends it: the route
+            # admits it to wait as long as its answer can come within that time.
+            result = client.infer(self.model, inputs, client_timeout=self.timeout_s,
+                                  **deadline_arguments(self.timeout_s))
             if result.as_numpy(CLICK_PROBABILITY) is None:
                 raise RuntimeError(f"{self.model}: answer without {CLICK_PROBABILITY}")
 

@@ -100,11 +100,10 @@ def _sender(client, model: str, deadline_s: float | None, timeout_s: float) -> C
     """One ranking call of prepared inputs as the fusionrank client makes it: the deadline is the gRPC deadline, the
     Triton request timeout and the absolute DEADLINE_PARAMETER (so a server past capacity refuses the request
     instead of serving it late); without one, the gRPC deadline is `timeout_s`."""
-    from fusionrank.contract.tensors import DEADLINE_PARAMETER
+    from fusionrank.contract.tensors import deadline_arguments
 
     def call(inputs: list):
-        extra = {} if deadline_s is None else {  # as the client sends it: queue timeout and absolute deadline
-            "timeout": int(deadline_s * 1e6), "parameters": {DEADLINE_PARAMETER: int((time.time() + deadline_s) * 1e6)}}
+        extra = {} if deadline_s is None else deadline_arguments(deadline_s)  # as the client sends it
         return client.infer(model, inputs, client_timeout=deadline_s or timeout_s, **extra)
 
     return call

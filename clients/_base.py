@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +23,7 @@ from clients.errors import DeadlineExceededError, InvalidInputError
 from clients.tls import ClientTls
 from fusionrank.contract.admin import check_admin_key, grpc_admin_header
 from fusionrank.contract.spec import Modality, PipelineSpec, Priority
-from fusionrank.contract.tensors import DEADLINE_PARAMETER, PRIORITY_PARAMETER
+from fusionrank.contract.tensors import PRIORITY_PARAMETER, deadline_arguments
 
 ON_INVALID = ("raise", "drop")
 
@@ -50,10 +49,10 @@ class ClientOptions:
     def infer_kwargs(self, remaining: float) -> dict[str, Any]:
         """tritonclient's per-request `priority` and `timeout` (microseconds): the call's deadline travels with
         the request, so a server past its capacity refuses it (queue policy) instead of serving it late."""
-        parameters = {DEADLINE_PARAMETER: int((time.time() + remaining) * 1e6)}
+        arguments = deadline_arguments(remaining)
         if self.priority_level:
-            parameters[PRIORITY_PARAMETER] = self.priority_level
-        return {"priority": self.priority_level, "timeout": max(1, int(remaining * 1e6)), "parameters": parameters}
+            arguments["parameters"][PRIORITY_PARAMETER] = self.priority_level
+        return {"priority": self.priority_level, **arguments}
 
     def rpc_timeout(self, remaining: float) -> float:
         """The gRPC deadline of an inference RPC with `remaining` seconds of the call's deadline left."""

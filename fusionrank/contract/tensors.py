@@ -24,6 +24,7 @@ Ragged candidates (the contract's answer to "this item has no audio", docs/route
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -64,6 +65,16 @@ DEADLINE_PARAMETER = "fusionrank_deadline_unix_us"
 # Request parameter: the Triton priority level the caller set (1 is served first). The Python backend does not tell a
 # model its request's priority, and the route's own queue (its gate) serves waiters by level.
 PRIORITY_PARAMETER = "fusionrank_priority_level"
+
+
+def deadline_arguments(remaining_s: float) -> dict:
+    """tritonclient's `infer` arguments that send a call's deadline, `remaining_s` from now: Triton's request
+    `timeout` (microseconds) and the absolute `DEADLINE_PARAMETER`, so a server past capacity refuses the request at
+    once instead of serving it late."""
+    return {"timeout": max(1, int(remaining_s * 1e6)),
+            "parameters": {DEADLINE_PARAMETER: int((time.time() + remaining_s) * 1e6)}}
+
+
 CLICK_PROBABILITY = "click_probability"
 MODALITY_WEIGHTS = "modality_weights"
 MODALITY_PRESENT = "modality_present"

@@ -122,6 +122,11 @@ def test_serving_image_has_the_redis_server_its_entrypoint_starts():
     assert any("redis-server" in line.split() for line in installs), "the server-wide cache needs redis-server"
 
 
+def test_the_syntax_directive_names_buildkits_dockerfile_frontend():
+    first = (DOCKER / "Dockerfile").read_text().splitlines()[0]
+    assert re.fullmatch(r"# syntax=docker/dockerfile:1\.\d+", first), f"BuildKit would pull {first!r}"
+
+
 def _fake_bin(folder: Path, name: str, body: str) -> None:
     path = folder / "bin" / name
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,9 @@
 # restricted to callers sending the header fusionrank-admin-key with $FUSIONRANK_ADMIN_KEY (a Secret; without it a
 # random key is drawn and those APIs are shut to everyone), and gRPC over TLS when $FUSIONRANK_GRPC_TLS_DIR holds
 # tls.crt and tls.key (client-ca.crt too: mutual TLS). Triton takes the key only as an argument: `ps` inside this
-# container shows it, so nothing else should run here.
+# container shows it, so nothing else should run here (the cache's redis-server below is ours, same user).
+# With `serving.cache.server_wide` (the default), every serving mode starts the spec's server-wide embedding cache
+# first, as `fusionrank serve` does: see the end of this file.
 set -euo pipefail
 mode="${1:-gpu}"
 image_repo="${FUSIONRANK_IMAGE_REPOSITORY:-/opt/fusionrank/model_repository}"
@@ -83,7 +85,20 @@ mapfile -t policy_args <<< "$policy"
 # The key is in the arguments now; the Python-backend models need not inherit it.
 unset FUSIONRANK_ADMIN_KEY
 
+# The server-wide embedding cache: `fusionrank local-cache` starts the redis-server `fusionrank serve` starts (one
+# source for its flags: fusionrank/server/local_cache.py), waits until its socket answers PING (at most
+# $FUSIONRANK_LOCAL_CACHE_WAIT_S seconds), puts its URL in $FUSIONRANK_LOCAL_CACHE for the Python-backend stubs, and
+# then execs tritonserver. Each step is an exec, so tritonserver keeps this shell's PID: it is the container's PID 1
+# (NVIDIA's entrypoint execs this script), Kubernetes' SIGTERM reaches Triton itself, which drains in-flight requests
+# within its exit timeout as before, and no shell stays behind to forward signals or swallow the exit status.
+# redis-server is Triton's child, armed with PR_SET_PDEATHSIG: it keeps answering while Triton drains and gets SIGTERM
+# when Triton's process ends, however it ends (SIGKILL after the grace period included); in its own PID namespace
+# the container's end kills it anyway. A redis-server that dies while Triton runs is not restarted: route instances
+# count store errors and encode instead (latency, never failed requests). No fallback when redis-server is missing
+# or silent: the container exits 2 naming the socket, since in-process LRUs would let route instances answer one
+# request differently; a spec that wants them says `server_wide: false` (then nothing is started).
 # Summaries give the p99 the alerts read; the exit timeout must stay below the pod's termination grace period.
-exec tritonserver --model-repository="$repo" --grpc-port=8001 --http-port=8000 --metrics-port=8002 \
+exec fusionrank local-cache --wait-s "${FUSIONRANK_LOCAL_CACHE_WAIT_S:-10}" -- \
+  tritonserver --model-repository="$repo" --grpc-port=8001 --http-port=8000 --metrics-port=8002 \
   --allow-metrics=true --metrics-config=summary_latencies=true --strict-readiness=true --exit-on-error=true \
   --exit-timeout-secs="${FUSIONRANK_EXIT_TIMEOUT_S:-30}" "${config[@]}" "${policy_args[@]}" "${@:2}"

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from clients.tls import ClientTls
 from export.convert.onnx2trt import build_engines_command
@@ -23,6 +24,7 @@ from fusionrank.request.scenario import parse_duration
 from fusionrank.route.warming import benchmark_items
 from fusionrank.route.warming import embed_catalogue as embed_items
 from fusionrank.server.doors import GrpcTls
+from fusionrank.server.local_cache import exec_with_local_cache
 from fusionrank.server.serve_command import print_triton_args, serve_forever
 from fusionrank.triton.render import check_repository, render_repository
 from fusionrank_cli.rank_command import file_request, run_rank
@@ -115,6 +117,12 @@ def serve(args) -> int:
     return serve_forever(spec, repo, profile, grpc_port=args.grpc_port, http_port=args.http_port,
                          metrics_port=args.metrics_port, log_file=args.log_file, backend_config=backend_config,
                          reference_ensemble=args.with_reference_ensemble, models=args.model, tls=tls)
+
+
+def local_cache(args) -> NoReturn:
+    # Some Python versions keep the `--` before a REMAINDER argument, others drop it.
+    command = args.run[1:] if args.run[:1] == ["--"] else args.run
+    exec_with_local_cache(_spec(args).serving.cache.server_tier_bytes, command, timeout=args.wait_s)
 
 
 def rank(args) -> int:

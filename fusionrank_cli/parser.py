@@ -97,6 +97,13 @@ def _add_serving_commands(add) -> None:
     p.add_argument("--grpc-tls-client-ca", default=None,
                    help="PEM CA certificate: mutual TLS, callers must present a certificate it signed")
 
+    p = add("local-cache", commands.local_cache,
+            "start the spec's server-wide embedding cache (a redis-server on a Unix socket, serving.cache), then "
+            "become COMMAND with $FUSIONRANK_LOCAL_CACHE naming it; the cache stops when COMMAND's process ends (the "
+            "image's entrypoint runs tritonserver so)")
+    p.add_argument("--wait-s", type=float, default=10.0, help="how long redis-server may take to answer PING")
+    p.add_argument("run", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG ...]", help="what to run")
+
     p = add("rank", commands.rank, "rank candidates over gRPC and print a table")
     p.add_argument("--url", default="localhost:8001", help="gRPC endpoint(s), comma-separated")
     p.add_argument("--candidates", type=int, default=10, help="candidates from the benchmark catalogue")

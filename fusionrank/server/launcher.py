@@ -297,8 +297,7 @@ class TritonServer:
             log_file = cache / "logs" / f"{log_name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         kwargs.setdefault("models", served_models(spec, reference_ensemble))
-        embeddings = spec.serving.cache
-        kwargs.setdefault("local_cache_bytes", embeddings.lru_bytes if embeddings.server_wide else 0)
+        kwargs.setdefault("local_cache_bytes", spec.serving.cache.server_tier_bytes)
         return cls(repository, profile, log_file=log_file, cache=cache / "triton", **kwargs)
 
     def __enter__(self) -> TritonServer:

@@ -12,21 +12,31 @@ instance. With one tier per server, a stored embedding is the one every instance
 - The route finds it through `$FUSIONRANK_LOCAL_CACHE` (`unix://<socket>`), which `TritonServer` sets for the
   tritonserver process and its Python-backend stubs; without it (a server started by other means) the route keeps
   the in-process LRU.
+- The image's entrypoint has no Python process beside Triton to own the cache: `exec_with_local_cache`
+  (`fusionrank local-cache -- tritonserver ...`) starts the same server, then becomes tritonserver, and the cache
+  stops when Triton's process ends (`PR_SET_PDEATHSIG`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from fusionrank.contract.errors import FusionRankError
+from fusionrank.route.cache import LOCAL_CACHE_ENV
 
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes on Linux (104 on macOS)
 MIN_BYTES = 4 * 2**20  # below this, Redis's own footprint (about 1 MB) leaves no room for embeddings
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class LocalCacheError(FusionRankError):
@@ -58,26 +68,39 @@ class RedisProcess:
     def where(self) -> str:
         raise NotImplementedError
 
-    def start(self, timeout: float = 10.0):
-        """Start the server and wait until it answers PING."""
-        import redis  # the `serve` extra's client; only a server with a cache needs it
+    @property
+    def log_file(self) -> Path:
+        return self.folder / "redis.log"
 
-        log_file = self.folder / "redis.log"
-        with log_file.open("a") as log:
+    def start(self, timeout: float = 10.0, die_with_parent: bool = False):
+        """Start the server and wait until it answers PING. `die_with_parent`: the server gets SIGTERM when the
+        thread calling this exits, or the program it execs (Linux only; never from a thread that ends first)."""
+        import redis  # the `serve` extra's client; only a server with a cache needs it
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        with self.log_file.open("a") as log:
             self.process = subprocess.Popen([*self.command(), "--save", "", "--appendonly", "no",
                                              "--dir", str(self.folder)],
-                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                            preexec_fn=_sigterm_when_parent_exits() if die_with_parent else None)
         client, deadline = self.client(1.0), time.monotonic() + timeout
+        # This loop is the retry: redis-py's own (10 tries with backoff since 6.0) would spend seconds per ping.
+        client.set_retry(Retry(NoBackoff(), 0))
         try:
             while True:
                 try:
                     client.ping()
                     return self
                 except (redis.ConnectionError, FileNotFoundError):
-                    if self.process.poll() is not None or time.monotonic() > deadline:
+                    returncode = self.process.poll()
+                    if returncode is not None or time.monotonic() > deadline:
+                        why = (f"it exited with status {returncode}" if returncode is not None
+                               else f"no answer to PING in {timeout:g} s")
+                        tail = self.log_file.read_text()[-2000:]  # before stop(), which may remove the folder
                         self.stop()
-                        raise self.error(f"redis-server did not start on {self.where()}:\n"
-                                         f"{log_file.read_text()[-2000:]}") from None
+                        raise self.error(f"redis-server did not start on {self.where()} ({why}); its log:\n"
+                                         f"{tail}") from None
                     time.sleep(0.05)
         finally:
             client.close()
@@ -107,7 +130,8 @@ class LocalCacheServer(RedisProcess):
 
     error = LocalCacheError
     missing = ("redis-server not found: the server-wide embedding cache needs the Debian package redis-server "
-               "(`make system-deps` installs it), or set serving.cache.lru_bytes: 0")
+               "(`make system-deps` installs it, the image has it), or set serving.cache.server_wide: false "
+               "(an in-process LRU per route instance)")
 
     def __init__(self, max_bytes: int, folder: Path | None = None):
         if max_bytes < MIN_BYTES:
@@ -145,3 +169,45 @@ class LocalCacheServer(RedisProcess):
         super().stop()
         if self._own_folder:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _sigterm_when_parent_exits() -> Callable[[], None]:
+    """A `preexec_fn`: the child gets SIGTERM when the thread that forked it exits. An exec is no exit: after the
+    parent execs a program, that program's end stops the child (whatever ends it, SIGKILL included)."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork: the child only calls it
+    parent = os.getpid()
+
+    def arm() -> None:
+        if prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return arm
+
+
+def exec_with_local_cache(max_bytes: int, command: Sequence[str], timeout: float = 10.0, err=None) -> NoReturn:
+    """Replace this process with `command`, the server-wide cache (`LocalCacheServer(max_bytes)`, none when 0)
+    started beside it and named in its `$FUSIONRANK_LOCAL_CACHE`: what `TritonServer` does, for a launcher that must
+    become tritonserver (the image's entrypoint, where Triton is the container's PID 1 and takes the signals itself).
+    The cache is a child of this process and gets SIGTERM when it, then `command`, exits: it serves while Triton
+    drains and never outlives it. Raises `LocalCacheError` (nothing run) when redis-server is missing or does not
+    answer within `timeout` seconds: falling back to in-process LRUs would let route instances answer differently."""
+    err = err or sys.stderr
+    if not command:
+        raise LocalCacheError("no command to run with the server-wide cache")
+    binary = shutil.which(command[0])
+    if binary is None:
+        raise LocalCacheError(f"{command[0]}: command not found")
+    env = dict(os.environ)
+    if max_bytes:
+        cache = LocalCacheServer(max_bytes).start(timeout, die_with_parent=True)
+        env[LOCAL_CACHE_ENV] = cache.url
+        err.write(f"server-wide embedding cache: redis-server (pid {cache.process.pid}, maxmemory {max_bytes} bytes, "
+                  f"allkeys-lru) on {cache.url}, log {cache.log_file}\n")
+    else:
+        env.pop(LOCAL_CACHE_ENV, None)  # a tier this process did not start is not the spec's
+        err.write("no server-wide embedding cache (serving.cache.server_wide false or lru_bytes 0): each route "
+                  "instance keeps its own in-process LRU\n")
+    err.flush()
+    os.execve(binary, list(command), env)

@@ -1,21 +1,27 @@
 """Image files, without a Docker engine: hadolint on every Dockerfile, the build context, the pinned NGC release,
-and the entrypoint run for real with stand-ins for `tritonserver` and `fusionrank`."""
+and the entrypoint run for real with stand-ins for `tritonserver` and `fusionrank` (and the real `fusionrank serve`
+and `fusionrank local-cache` behind it, with the real redis-server of the server-wide cache)."""
 
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from fusionrank.contract.spec import ServingProfile
+from fusionrank.contract.spec import ServingProfile, load_spec
+from fusionrank.route.cache import LOCAL_CACHE_ENV
 from tests.paths import REPO_ROOT
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
@@ -110,6 +116,17 @@ def test_serving_image_is_slim_non_root_and_keeps_nvidias_entrypoint():
     assert "CMD [\"cpu\"]" in stages["serve-cpu"] and "CMD [\"gpu\"]" in stages["serve"]
 
 
+def test_serving_image_has_the_redis_server_its_entrypoint_starts():
+    stages = _stages((DOCKER / "Dockerfile").read_text())
+    installs = re.findall(r"apt-get install ([^\n&]+)", stages["runtime"])
+    assert any("redis-server" in line.split() for line in installs), "the server-wide cache needs redis-server"
+
+
+def test_the_syntax_directive_names_buildkits_dockerfile_frontend():
+    first = (DOCKER / "Dockerfile").read_text().splitlines()[0]
+    assert re.fullmatch(r"# syntax=docker/dockerfile:1\.\d+", first), f"BuildKit would pull {first!r}"
+
+
 def _fake_bin(folder: Path, name: str, body: str) -> None:
     path = folder / "bin" / name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,21 +135,23 @@ def _fake_bin(folder: Path, name: str, body: str) -> None:
 
 
 # Stand-in fusionrank: logs its arguments; `check` exits $FAKE_CHECK_RC; `build-engines` writes one engine; `serve`
-# is the real command (it prints the Triton flags for the default spec's models, the admin key and TLS).
+# (it prints the Triton flags for the default spec's models, the admin key and TLS) and `local-cache` (it starts the
+# server-wide cache, then execs tritonserver) are the real commands.
 FAKE_FUSIONRANK = """echo "fusionrank $*" >> "$FAKE_LOG"
 repo="${3:-}"
 case "$1" in
   check) exit "${FAKE_CHECK_RC:-0}" ;;
   build-engines) mkdir -p "$repo/m/1" && echo plan > "$repo/m/1/model.plan" && echo {} > "$repo/m/1/manifest.json" ;;
-  serve) exec "$FAKE_PYTHON" -m fusionrank_cli "$@" ;;
+  serve|local-cache) exec "$FAKE_PYTHON" -m fusionrank_cli "$@" ;;
 esac"""
 # Stand-in tritonserver: prints its arguments, and on stderr whether the admin key reached its environment.
 FAKE_TRITON = 'printf "%s\\n" "$@"; echo "admin key in env: ${FUSIONRANK_ADMIN_KEY:-no}" >&2'
 
 
-def _run(tmp_path: Path, *args: str, check_rc: int = 0, engines: bool = False, **env) -> subprocess.CompletedProcess:
-    """The entrypoint with stand-ins for tritonserver (prints its arguments) and fusionrank."""
-    _fake_bin(tmp_path, "tritonserver", FAKE_TRITON)
+def _entrypoint(tmp_path: Path, args: tuple[str, ...], check_rc: int, engines: bool, triton: str,
+                env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The entrypoint's command line and environment, with stand-ins for tritonserver and fusionrank."""
+    _fake_bin(tmp_path, "tritonserver", triton)
     _fake_bin(tmp_path, "fusionrank", FAKE_FUSIONRANK)
     image_repo = tmp_path / "image_repo"
     (image_repo / "m" / "1").mkdir(parents=True, exist_ok=True)
@@ -145,11 +164,19 @@ def _run(tmp_path: Path, *args: str, check_rc: int = 0, engines: bool = False, *
                 "FAKE_CHECK_RC": str(check_rc), "FUSIONRANK_IMAGE_REPOSITORY": str(image_repo),
                 "ENGINE_STORE": str(tmp_path / "store"), "FAKE_PYTHON": sys.executable,
                 "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH")))), **env}
-    for name in ("FUSIONRANK_ADMIN_KEY", "FUSIONRANK_GRPC_TLS_DIR"):
+    for name in ("FUSIONRANK_ADMIN_KEY", "FUSIONRANK_GRPC_TLS_DIR", LOCAL_CACHE_ENV):
         if name not in env:
             full_env.pop(name, None)
-    return subprocess.run(["bash", str(DOCKER / "entrypoint.sh"), *args], env=full_env, capture_output=True,
-                          text=True, timeout=30)
+    return ["bash", str(DOCKER / "entrypoint.sh"), *args], full_env
+
+
+def _run(tmp_path: Path, *args: str, check_rc: int = 0, engines: bool = False, triton: str = FAKE_TRITON,
+         **env) -> subprocess.CompletedProcess:
+    """The entrypoint with stand-ins for tritonserver (prints its arguments) and fusionrank, run to its end. The
+    server-wide cache's socket folder goes to a short temporary folder (a socket path is bounded), removed after."""
+    with tempfile.TemporaryDirectory(prefix="fr-") as short:
+        command, full_env = _entrypoint(tmp_path, args, check_rc, engines, triton, {"TMPDIR": short, **env})
+        return subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=30)
 
 
 def _log(tmp_path: Path) -> list[str]:
@@ -256,3 +283,109 @@ def test_build_engines_keeps_a_matching_set_and_rebuilds_a_stale_one(tmp_path):
 def test_entrypoint_refuses_an_unknown_mode(tmp_path):
     result = _run(tmp_path, "tpu")
     assert result.returncode == 2 and "unknown mode 'tpu'" in result.stderr
+
+
+# Stand-in tritonserver for the server-wide cache: records its pid and environment and what the cache answers while
+# it runs (PING, the redis-server's pid and parent, its bounds), then exits with $FAKE_TRITON_RC, or on SIGTERM
+# (recorded) when $FAKE_TRITON_WAIT is set.
+PROBE = f"""import json, os, sys
+import redis
+url = os.environ.get("{LOCAL_CACHE_ENV}")
+seen = {{"pid": os.getppid(), "url": url}}
+if url:
+    client = redis.Redis.from_url(url, socket_timeout=2)
+    seen["ping"] = client.ping()
+    seen["redis_pid"] = client.info("server")["process_id"]
+    seen["redis_parent"] = int(open(f"/proc/{{seen['redis_pid']}}/stat").read().rsplit(")", 1)[1].split()[1])
+    seen["config"] = {{k: client.config_get(k)[k] for k in ("maxmemory", "maxmemory-policy", "save", "appendonly")}}
+json.dump(seen, open(sys.argv[1], "w"))
+"""
+FAKE_TRITON_CACHE = """printf "%s\\n" "$@"
+"$FAKE_PYTHON" -c "$FAKE_PROBE" "$FAKE_SEEN" || exit 99
+if [ -n "${FAKE_TRITON_WAIT:-}" ]; then
+  sleep 30 & sleeper=$!
+  trap 'kill "$sleeper"; echo TERM >> "$FAKE_SEEN.signals"; exit 0' TERM
+  touch "$FAKE_SEEN.waiting"
+  wait
+fi
+exit "${FAKE_TRITON_RC:-0}"
+"""
+
+
+def _probing(seen: Path, **env: str) -> dict[str, str]:
+    """The environment FAKE_TRITON_CACHE needs to write what it sees to `seen`."""
+    return {"FAKE_PROBE": PROBE, "FAKE_SEEN": str(seen), **env}
+
+
+def _assert_ends(pid: int, message: str, within: float = 5.0) -> None:
+    """Process `pid` ends (or is only a zombie left to reap) within `within` seconds; else it is killed and the test
+    fails with `message`."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    pytest.fail(message)
+
+
+@pytest.mark.parametrize("ending", ["sigterm", "triton exits 3"])
+def test_entrypoint_serves_with_the_server_wide_cache_and_stops_it_after_triton(tmp_path, ending):
+    seen = tmp_path / "seen.json"
+    with tempfile.TemporaryDirectory(prefix="fr-") as short:
+        command, env = _entrypoint(tmp_path, ("cpu",), 0, False, FAKE_TRITON_CACHE,
+                                   _probing(seen, TMPDIR=short, FAKE_TRITON_RC="3",
+                                            **({"FAKE_TRITON_WAIT": "1"} if ending == "sigterm" else {})))
+        entry = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            if ending == "sigterm":
+                waiting, deadline = tmp_path / "seen.json.waiting", time.monotonic() + 20
+                while not waiting.exists() and entry.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                # The entrypoint's pid is tritonserver's by now (exec all the way): the pod's SIGTERM reaches Triton.
+                entry.send_signal(signal.SIGTERM)
+            out, err = entry.communicate(timeout=20)
+        finally:
+            entry.kill()
+        assert entry.returncode == (0 if ending == "sigterm" else 3), err
+        found = json.loads(seen.read_text())
+        assert found["pid"] == entry.pid, "tritonserver must be exec'd, so that it keeps the container's PID 1"
+        socket = Path(found["url"].removeprefix("unix://"))
+        assert found["url"].startswith("unix://") and socket.parent.parent == Path(short), found["url"]
+        assert found["ping"] is True and found["redis_parent"] == entry.pid, "the cache is Triton's child"
+        bound = load_spec().serving.cache.lru_bytes
+        assert found["config"] == {"maxmemory": str(bound), "maxmemory-policy": "allkeys-lru", "save": "",
+                                   "appendonly": "no"}, "not the launcher's redis-server configuration"
+        if ending == "sigterm":
+            assert (tmp_path / "seen.json.signals").read_text().split() == ["TERM"]
+        assert "--model-config-name=cpu" in out.split() and f"on {found['url']}" in err
+        _assert_ends(found["redis_pid"], "the cache's redis-server outlived tritonserver")
+        assert not socket.exists()
+
+
+@pytest.mark.parametrize("fault", ["dies", "never answers"])
+def test_entrypoint_refuses_to_serve_without_a_working_cache_and_names_its_socket(tmp_path, fault):
+    pid_file = tmp_path / "redis.pid"
+    body = "exit 1" if fault == "dies" else "exec sleep 30"
+    _fake_bin(tmp_path, "redis-server", f'echo $$ > "{pid_file}"; {body}')
+    result = _run(tmp_path, "cpu", FUSIONRANK_LOCAL_CACHE_WAIT_S="1")
+    assert result.returncode == 2 and result.stdout == "", "tritonserver must not start without the cache"
+    assert re.search(r"redis-server did not start on \S+/redis\.sock \(" +
+                     ("it exited with status 1" if fault == "dies" else r"no answer to PING in 1 s"), result.stderr), \
+        result.stderr
+    _assert_ends(int(pid_file.read_text()), "a redis-server that never answered must be stopped")
+
+
+def test_entrypoint_starts_no_cache_for_a_spec_without_one(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "pipeline.yaml").write_text("base: default\nserving: {cache: {server_wide: false}}\n")
+    seen = tmp_path / "seen.json"
+    result = _run(tmp_path, "cpu", triton=FAKE_TRITON_CACHE, FUSIONRANK_HOME=str(project),
+                  **_probing(seen, **{LOCAL_CACHE_ENV: "unix:///elsewhere/redis.sock"}))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(seen.read_text())["url"] is None and "each route instance keeps its own" in result.stderr

@@ -313,8 +313,9 @@ class CacheSpec:
     redis_timeout_ms: int = 25  # per store round trip (connect, read, write); slower counts as a store error
     redis_retry_s: float = 5.0  # after a store error the shared tier is skipped this long (the route encodes)
     redis_ttl_s: int = 7 * 86400  # expiry of stored embeddings; 0 = none
-    # One tier for all the route instances of a server (a redis-server on a Unix socket that `fusionrank serve`
-    # starts, bounded by lru_bytes), so instances cannot diverge; false: each instance keeps its own in-process LRU.
+    # One tier for all the route instances of a server (a redis-server on a Unix socket that `fusionrank serve` and
+    # the image's entrypoint start, bounded by lru_bytes), so instances cannot diverge; false: each instance keeps its
+    # own in-process LRU.
     server_wide: bool = True
 
     def __post_init__(self):
@@ -331,6 +332,12 @@ class CacheSpec:
     @property
     def enabled(self) -> bool:
         return self.lru_bytes > 0 or self.redis_url is not None
+
+    @property
+    def server_tier_bytes(self) -> int:
+        """The bound of the server-wide tier a server starts beside Triton; 0: none (each route instance keeps its
+        in-process LRU)."""
+        return self.lru_bytes if self.server_wide else 0
 
 
 _MODEL_NAME = re.compile(r"[a-z][a-z0-9_]*")

@@ -93,7 +93,10 @@ def test_entrypoint_passes_the_backend_config_check_prints(tmp_path, printed):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _fake_bin(bin_dir, "tritonserver", 'printf "%s\\n" "$@"')
+    # `local-cache` runs what follows its `--` (as for a spec without the server-wide cache: no redis-server here).
     _fake_bin(bin_dir, "fusionrank", f'[[ " $* " == *" --print-backend-config "* ]] && printf "%s" "{printed}"\n'
+                                     '[ "$1" = local-cache ] && { while [ "$1" != -- ]; do shift; done; shift; '
+                                     'exec "$@"; }\n'
                                      "exit 0")
     repo = tmp_path / "repo"
     (repo / "m" / "1").mkdir(parents=True)

@@ -58,9 +58,10 @@ def tensor(spec_tensor: TensorSpec, cls):
 
 def spec_parameter(spec: PipelineSpec) -> str:
     """The slice of the spec a Python model that validates requests needs, as JSON (rebuilt with `spec.from_dict`);
-    `serving`: max_candidates, and the members' max batch sizes for the route."""
+    `serving`: max_candidates, and the members' max batch sizes for the route; `slo`: the median the route's gate
+    admits requests without a deadline of their own within."""
     return json.dumps({"modalities": to_dict(spec.modalities), "ranker": {"history": to_dict(spec.ranker.history)},
-                       "serving": to_dict(spec.serving)}, sort_keys=True)
+                       "serving": to_dict(spec.serving), "slo": to_dict(spec.slo)}, sort_keys=True)
 
 
 def base_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:

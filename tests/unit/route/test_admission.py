@@ -24,8 +24,9 @@ from fusionrank.contract.spec import (
 )
 from fusionrank.contract.tensors import CLICK_PROBABILITY, PRIORITY_PARAMETER
 from fusionrank.request.cost import RequestCost, check_budget, request_cost
+from fusionrank.route.members import RouteError, Status
 from fusionrank.route.shedding import DecodeGate, ServiceTime, Slot
-from fusionrank.route.stages import LATE, RouteError, RouteRequest, Status
+from fusionrank.route.stages import LATE, RouteRequest
 from fusionrank.triton.render import model_configs
 from tests.fakes.pb_utils import FakeError, FakeRequest, route_responses
 
@@ -122,6 +123,14 @@ def test_a_request_whose_deadline_cannot_hold_its_work_here_now_is_shed_at_once(
         refusals += 1
     assert 0 < refusals < 20 and service.seconds <= 0.5
     assert not service.too_late(None), "a request without deadline is never shed"
+
+
+def test_the_served_route_admits_requests_without_a_deadline_within_the_specs_slo_median(shell, ci_spec):
+    """The route reads the spec from its rendered config: the SLO must travel with it (a route that fell back to the
+    spec's class defaults would admit to another median than the one the spec states)."""
+    model, _ = shell
+    assert ci_spec.slo.p50_ms != type(ci_spec.slo)().p50_ms, "the CI spec's median differs from the class default"
+    assert model.route.gate.default_deadline_s == pytest.approx(ci_spec.slo.p50_ms / 1e3)
 
 
 def test_the_callers_absolute_deadline_counts_the_time_the_request_waited_in_the_queue():

@@ -23,8 +23,9 @@ from fusionrank.preprocess.samples import warmup_samples
 from fusionrank.request.validation import RequestPreprocessor
 from fusionrank.route.cache import LOCAL_CACHE_ENV, EmbeddingCache
 from fusionrank.route.item_keys import MEMBER_FILES, encoder_identities
+from fusionrank.route.members import MemberCallError, RouteError, Status
 from fusionrank.route.metrics import CacheMetrics, ResponseMetrics
-from fusionrank.route.stages import MemberCallError, RankingRoute, RouteError, RouteRequest, Status
+from fusionrank.route.stages import RankingRoute, RouteRequest
 from fusionrank.triton._batched import model_args, pb_utils, request_inputs
 from fusionrank.triton._config import Configs, TritonUnit, add_instances, base_config, gpu_batching, spec_parameter
 from fusionrank.triton.exported import served_file

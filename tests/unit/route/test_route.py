@@ -14,7 +14,8 @@ from google.protobuf import json_format
 from fusionrank.contract.spec import Modality
 from fusionrank.contract.tensors import CLICK_PROBABILITY, MODALITY_WEIGHTS, request_arrays
 from fusionrank.request.validation import RequestPreprocessor
-from fusionrank.route.stages import MemberCallError, RankingRoute, RouteError, RouteRequest, Status
+from fusionrank.route.members import MemberCallError, RouteError, Status
+from fusionrank.route.stages import RankingRoute, RouteRequest
 from fusionrank.triton.render import model_configs
 from tests.fakes.pb_utils import (
     FakeError,

@@ -11,7 +11,7 @@ from fusionrank.contract.tensors import CLICK_PROBABILITY, MODALITY_WEIGHTS
 from fusionrank.request.validation import RequestPreprocessor
 from fusionrank.route.cache import EmbeddingCache
 from fusionrank.route.item_keys import EncoderIdentity
-from fusionrank.route.stages import RouteError, Status
+from fusionrank.route.members import RouteError, Status
 
 from .test_route import Members, _rank, _request, _route
 

@@ -12,7 +12,8 @@ from PIL import Image
 from fusionrank.contract.spec import Modality
 from fusionrank.contract.tensors import CLICK_PROBABILITY, request_arrays
 from fusionrank.preprocess.video import encode_video
-from fusionrank.route.stages import RankingRoute, RouteError, RouteRequest, Status
+from fusionrank.route.members import RouteError, Status
+from fusionrank.route.stages import RankingRoute, RouteRequest
 
 from .test_route import Members, _request
 

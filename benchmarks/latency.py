@@ -26,7 +26,7 @@ from export.node.trt_runner import TensorRTRunner
 from export.verify.served_files import served_file
 from fusionrank.contract.errors import FusionRankError
 from fusionrank.contract.spec import PipelineSpec
-from fusionrank.contract.tensors import CLICK_PROBABILITY, infer_inputs, request_arrays
+from fusionrank.contract.tensors import CLICK_PROBABILITY, deadline_arguments, infer_inputs, request_arrays
 from fusionrank.model.synthetic_data import load_benchmark
 from fusionrank.request.scenario import RequestFactory, ScenarioRequest, load_scenario
 
@@ -255,7 +255,9 @@ class EnsembleCaller:
         return [infer_inputs(self._grpc, request.arrays()) for request in prepared]
 
     def _call(self, client, inputs) -> None:
-        result = client.infer(self.spec.serving.route, inputs, client_timeout=self.timeout_s)
+        # The deadline the caller holds travels with the request, as the fusionrank client sends it.
+        result = client.infer(self.spec.serving.route, inputs, client_timeout=self.timeout_s,
+                              **deadline_arguments(self.timeout_s))
         if result.as_numpy(CLICK_PROBABILITY) is None:
             raise BenchmarkError("response without click_probability")
 

@@ -85,7 +85,7 @@ def test_more_requests_than_the_server_holds_are_refused_unavailable_and_it_keep
     instances = ci_spec.serving.batching(route).instances
     # Past what the route's instances hold (each: its gate's slots, at most `max_decoding_requests`, and its
     # waiting room of `route_queue.max_queue_size`), a request is refused: waiting room full, or its expected wait
-    # past the 2-s default deadline, or Triton's own queue full.
+    # past what the SLO's median allows a request without a deadline, or Triton's own queue full.
     requests = [cold(16) for _ in range(instances * (admission.max_decoding_requests
                                                      + admission.route_queue.max_queue_size) + 16)]
     outcomes = _send_all(triton_server.grpc_url, route, requests)

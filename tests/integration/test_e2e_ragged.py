@@ -12,7 +12,13 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from fusionrank.contract.spec import Modality
-from fusionrank.contract.tensors import CLICK_PROBABILITY, MODALITY_WEIGHTS, infer_inputs, request_arrays
+from fusionrank.contract.tensors import (
+    CLICK_PROBABILITY,
+    MODALITY_WEIGHTS,
+    deadline_arguments,
+    infer_inputs,
+    request_arrays,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -50,7 +56,8 @@ def ragged_request(bench, session: int, n: int = 10) -> tuple[dict[str, np.ndarr
 
 def _infer(url: str, model: str, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     with grpcclient.InferenceServerClient(url) as client:
-        result = client.infer(model, infer_inputs(grpcclient, arrays), client_timeout=120)
+        # The caller's deadline travels with the request, as the fusionrank client sends it.
+        result = client.infer(model, infer_inputs(grpcclient, arrays), client_timeout=120, **deadline_arguments(120))
         return result.as_numpy(CLICK_PROBABILITY)[:, 0], result.as_numpy(MODALITY_WEIGHTS)
 
 

@@ -20,6 +20,7 @@ from fusionrank.contract.spec import Modality
 from fusionrank.contract.tensors import (
     CLICK_PROBABILITY,
     MODALITY_WEIGHTS,
+    deadline_arguments,
     infer_inputs,
     request_arrays,
 )
@@ -39,9 +40,12 @@ def _inputs(items: dict[Modality, list[bytes]], history: np.ndarray, history_dty
 
 
 def _rank(url, spec, items, history, model: str | None = None, **kw):
-    """Scores and modality weights from the route callers use (or `model`, e.g. the reference ensemble)."""
+    """Scores and modality weights from the route callers use (or `model`, e.g. the reference ensemble). The caller
+    holds 120 s and says so, as the fusionrank client does (without a deadline, a request that must wait is admitted
+    only within the SLO's median: these tests send bursts of never-seen items)."""
     with grpcclient.InferenceServerClient(url) as client:
-        result = client.infer(model or spec.serving.route, _inputs(items, history, **kw), client_timeout=120)
+        result = client.infer(model or spec.serving.route, _inputs(items, history, **kw), client_timeout=120,
+                              **deadline_arguments(120))
         return result.as_numpy(CLICK_PROBABILITY)[:, 0], result.as_numpy(MODALITY_WEIGHTS)
 
 

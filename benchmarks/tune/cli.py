@@ -23,6 +23,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--confirm-rounds", type=int, default=1,
                         help="after the search, measure hand-set and tuned again this many times each, interleaved, "
                              "and test the difference (0: no confirmation)")
+    parser.add_argument("--max-rss-mib", type=float, default=None,
+                        help="memory budget: a configuration whose server processes hold more resident memory under "
+                             "load is outside it, as one outside the SLO (default: none; the server-wide cache's "
+                             "redis-server is not counted: it is bounded by serving.cache.lru_bytes)")
     parser.add_argument("--no-ranking-check", action="store_true", help="skip the ranking gates (not recommended)")
     parser.add_argument("--out", default=None, help="report folder (default: reports/tune-<time>)")
 
@@ -66,11 +70,13 @@ def main(args: argparse.Namespace, out=sys.stdout) -> int:
     knobs = _knobs(spec, args.knobs)
     start, knobs = handset(spec, knobs)
     stream = Stream(candidates=args.candidates, callers=args.callers, novel_share=args.novel_share)
-    settings = MeasureSettings(stream, args.window, Stability(3, 0.15, max(3, args.max_windows)))
+    settings = MeasureSettings(stream, args.window, Stability(3, 0.15, max(3, args.max_windows)),
+                               max_rss_mib=args.max_rss_mib)
     facts = {"machine": describe_machine(), "load_before": load_average(),
              "stream": f"{args.callers} closed-loop callers, {args.candidates} candidates per request, "
                        f"{100 * args.novel_share:g}% never-seen, windows of {args.window:g} s",
-             "slo": f"p99 <= {spec.slo.p99_ms:g} ms, error rate <= {spec.slo.max_error_rate:g}"}
+             "slo": f"p99 <= {spec.slo.p99_ms:g} ms, error rate <= {spec.slo.max_error_rate:g}"
+                    + ("" if args.max_rss_mib is None else f"; memory <= {args.max_rss_mib:g} MiB RSS")}
     out.write(f"fusionrank tune: {len(knobs)} knobs ({', '.join(k.name for k in knobs)}); {facts['machine']}\n")
     measurer = ConfigMeasurer(spec, repo, knobs, settings, ranking=not args.no_ranking_check)
     budget = Budget(args.budget_evaluations, args.budget_seconds)
@@ -82,8 +88,8 @@ def main(args: argparse.Namespace, out=sys.stdout) -> int:
         trial = measurer(config)
         trial = dataclasses.replace(trial, seconds=time.monotonic() - began)
         count[0] += 1
-        out.write(f"  [{count[0]}] {trial.candidates_per_s:7.1f} candidates/s  p99 "
-                  f"{trial.p99_ms:6.0f} ms  {'ok ' if trial.feasible else 'OUT'}  {config}  ({trial.note})\n")
+        out.write(f"  [{count[0]}] {trial.candidates_per_s:7.1f} candidates/s  p99 {trial.p99_ms:6.0f} ms  "
+                  f"{trial.rss_mib or 0:5.0f} MiB  {'ok ' if trial.feasible else 'OUT'}  {config}  ({trial.note})\n")
         out.flush()
         return trial
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.lib import Stability, percentile
+from benchmarks.lib.memory import MIB, process_tree, total_rss
 from benchmarks.served import ServedLoad, Stream
 from benchmarks.server_metrics import diff, parse_counters, scrape
 from benchmarks.tune.search import Knob, Trial, apply
@@ -48,6 +49,7 @@ class MeasureSettings:
     window_s: float = 10.0
     rule: Stability = Stability(windows=3, tolerance=0.15, max_windows=5)
     start_timeout_s: float = 300.0
+    max_rss_mib: float | None = None  # a configuration whose server holds more under load is outside the budget
 
 
 class ConfigMeasurer:
@@ -76,15 +78,28 @@ class ConfigMeasurer:
             before, began = scrape(server.metrics_url), time.monotonic()
             try:
                 run = load.stable(self.settings.window_s, self.settings.rule)
+                rss = total_rss(process_tree(server.process.pid)) / MIB  # under load, before the callers stop
             finally:
                 load.close()
             busy = busy_shares(variant, before, scrape(server.metrics_url), time.monotonic() - began)
             check = self.probe.check(server.grpc_url, variant.serving.route) if self.probe else None
-        trial = dataclasses.replace(judge(config, run, self.spec, stream.candidates), busy=busy)
+        trial = within_memory(dataclasses.replace(judge(config, run, self.spec, stream.candidates), busy=busy),
+                              rss, self.settings.max_rss_mib)
         if check is None:
             return trial
         return dataclasses.replace(trial, feasible=trial.feasible and check.passed,
                                    note=f"{trial.note}; {check.describe()}")
+
+
+def within_memory(trial: Trial, rss_mib: float, limit_mib: float | None) -> Trial:
+    """`trial` with the server's resident memory under load; outside the budget (not feasible, and why) when it
+    holds more than `limit_mib` (None: no budget). Each instance is a process of its own (a Python-backend stub
+    with its runtime and graphs), so a configuration that gains throughput by instances also costs memory."""
+    trial = dataclasses.replace(trial, rss_mib=rss_mib)
+    if limit_mib is None or rss_mib <= limit_mib:
+        return trial
+    over = f"RSS {rss_mib:.0f} MiB > {limit_mib:g} MiB (--max-rss-mib)"
+    return dataclasses.replace(trial, feasible=False, note=f"{over}; {trial.note}" if trial.note else over)
 
 
 def busy_shares(spec: PipelineSpec, before: str, after: str, seconds: float) -> dict[str, float]:

@@ -28,7 +28,8 @@ def merged_spec(spec_file: Path, overlay: dict, folder: Path) -> PipelineSpec:
 
 def _row(trial: Trial, handset: dict[str, int], mark: str) -> str:
     changes = ", ".join(f"{k}={v}" for k, v in trial.config.items() if handset.get(k) != v) or "hand-set spec"
-    return (f"| {mark} | {changes} | {trial.candidates_per_s:.1f} | {trial.p99_ms:.0f} | "
+    rss = "-" if trial.rss_mib is None else f"{trial.rss_mib:.0f}"
+    return (f"| {mark} | {changes} | {trial.candidates_per_s:.1f} | {trial.p99_ms:.0f} | {rss} | "
             f"{'yes' if trial.feasible else 'no'} | {trial.seconds:.0f} | {trial.note} |")
 
 
@@ -46,12 +47,15 @@ def markdown(trials: Sequence[Trial], best: Trial, facts: dict, budget: str, ove
              f" (p99 {best.p99_ms:.0f} vs {handset.p99_ms:.0f} ms; first measurement of each)", "",
              f"Confirmation: {facts.get('confirmation', 'none run')}", "",
              *([f"**Hand-set spec kept: {facts['kept_handset']}.**", ""] if facts.get("kept_handset") else []),
-             "| | configuration (changes from the hand-set spec) | candidates/s | p99 ms | within SLO | s | notes |",
-             "|---|---|---:|---:|---|---:|---|"]
+             "| | configuration (changes from the hand-set spec) | candidates/s | p99 ms | RSS MiB "
+             "| within SLO and budget | s | notes |",
+             "|---|---|---:|---:|---:|---|---:|---|"]
     for trial in trials:
         mark = "best" if trial is best else ("front" if id(trial) in front else "")
         lines.append(_row(trial, handset.config, mark))
-    lines += ["", "`front`: on the Pareto front of throughput and p99.", "", "## Overlay", "", "```yaml",
+    lines += ["", "`front`: on the Pareto front of throughput and p99. RSS: the server's processes (tritonserver and "
+              "one Python-backend stub per model instance) under load, the server-wide cache's redis-server not "
+              "counted.", "", "## Overlay", "", "```yaml",
               yaml.safe_dump(overlay, sort_keys=True).strip() or "{}  # the hand-set spec stays", "```", ""]
     return "\n".join(lines)
 

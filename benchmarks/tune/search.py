@@ -68,6 +68,7 @@ class Trial:
     seconds: float = 0.0
     windows: tuple[float, ...] = ()  # candidates/s of each measured window (for the confirmation's test)
     busy: Mapping[str, float] = field(default_factory=dict)  # per member: share of the run its instances computed
+    rss_mib: float | None = None  # resident memory of the server's processes at the end of the run
 
     @property
     def score(self) -> float:
@@ -213,8 +214,8 @@ def best_trial(trials: Sequence[Trial]) -> Trial:
     """The feasible trial of the most capacity; TuneError when none met the SLO."""
     feasible = [t for t in trials if t.feasible]
     if not feasible:
-        raise TuneError(f"none of the {len(trials)} configurations measured met the SLO: "
-                        + "; ".join(t.note for t in trials[:3]))
+        raise TuneError(f"none of the {len(trials)} configurations measured met the SLO (and the memory budget, if "
+                        f"one was given): " + "; ".join(t.note for t in trials[:3]))
     return max(feasible, key=lambda t: t.candidates_per_s)
 
 

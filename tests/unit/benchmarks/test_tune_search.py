@@ -210,3 +210,22 @@ def test_the_busiest_members_instance_knob_is_searched_first(ci_spec):
     assert [k.name for k in ordered[2:]] == [k.name for k in knobs if k.name not in first], "the others keep order"
     idle = Trial({}, 100.0, 500.0, True, busy={"text_encoder": 0.2})
     assert bottleneck_first(knobs, idle) == knobs, "no busy member: the expected-effect order"
+
+
+def test_a_configuration_over_the_memory_budget_is_outside_it_and_the_report_shows_each_trials_memory(ci_spec,
+                                                                                                     tmp_path):
+    from benchmarks.tune.measure import within_memory
+
+    trial = Trial({"a": 2}, 130.0, 900.0, True, "p99 ok")
+    assert within_memory(trial, 1200.0, None) == dataclasses.replace(trial, rss_mib=1200.0)
+    assert within_memory(trial, 1200.0, 1500.0).feasible
+    over = within_memory(trial, 1800.0, 1500.0)
+    assert not over.feasible and over.score == -math.inf
+    assert over.note == "RSS 1800 MiB > 1500 MiB (--max-rss-mib); p99 ok"
+    handset = within_memory(Trial({"a": 1}, 100.0, 800.0, True, "p99 ok"), 1100.0, 1500.0)
+    assert best_trial([handset, over]) is handset, "the faster configuration over the budget is not chosen"
+    ov = overlay(ci_spec, apply(ci_spec, [Knob("r", ("rank",), "instances", (2, 3))], {"r": 2}))
+    facts = {"machine": "cpu", "load_before": [1], "load_after": [1], "stream": "s", "slo": "p99 <= 3000 ms"}
+    report = write_report(tmp_path, CI_SPEC, [handset, over], handset, ov, facts, "2 evaluations")["report"]
+    rows = [line for line in report.read_text().splitlines() if line.startswith("| ") and "MiB (--max" in line]
+    assert len(rows) == 1 and "| 1800 | no |" in rows[0]

@@ -165,9 +165,11 @@ class DecodeGate:
             heapq.heapreplace(frees, frees[0] + service(work))
         return frees[0] + service(units)
 
-    def _deadline(self, deadline: float | None) -> float | None:
+    def _deadline(self, deadline: float | None, arrived: float | None = None) -> float | None:
+        """The caller's deadline, else the default one counted from the request's arrival at the route (`arrived`,
+        the gate's clock; None: now): the time it already spent in validation and the cache lookup counts."""
         if deadline is None and self.default_deadline_s:
-            return self.clock() + self.default_deadline_s
+            return (self.clock() if arrived is None else arrived) + self.default_deadline_s
         return deadline
 
     def _refusal(self, need: float, remaining: float) -> str:
@@ -228,17 +230,20 @@ class DecodeGate:
         worst.turn.set_result(FULL.format(n=len(live)) + " (a request of a higher-priority class took its place)")
         return None
 
-    async def enter(self, deadline: float | None, level: int = 1, units: int = 1) -> Slot | str:
+    async def enter(self, deadline: float | None, level: int = 1, units: int = 1,
+                    arrived: float | None = None) -> Slot | str:
         """Wait for a slot: the Slot once the caller holds one (it calls `leave` when done, answered or not), else the
-        message of an UNAVAILABLE refusal (its deadline cannot hold the wait and the work, or the queue is full)."""
+        message of an UNAVAILABLE refusal (its deadline cannot hold the wait and the work, or the queue is full).
+        `arrived`: when the request reached the route (the default deadline counts from then; None: now)."""
         self._note_budget(deadline)
-        return await self.wait(deadline, level, units)
+        return await self.wait(deadline, level, units, arrived)
 
-    async def wait(self, deadline: float | None, level: int = 1, units: int = 1) -> Slot | str:
+    async def wait(self, deadline: float | None, level: int = 1, units: int = 1,
+                   arrived: float | None = None) -> Slot | str:
         """`enter` for a request `try_enter` already saw (its deadline budget counted once)."""
         own = deadline is not None
         entered = self._try(deadline, units)
-        deadline = self._deadline(deadline)
+        deadline = self._deadline(deadline, arrived)
         remaining = None if deadline is None else deadline - self.clock()
         if entered is not None:
             return entered

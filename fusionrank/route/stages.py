@@ -71,6 +71,8 @@ class RouteRequest:
     is_cancelled: Callable[[], bool] = _never
     deadline: float | None = None  # `time.monotonic()` past which nobody waits for the answer; None: no deadline
     level: int = 1  # Triton priority level of its traffic class (1 is served first): the gate's order
+    arrived: float | None = None  # `time.monotonic()` when the route received it (None: unknown): a request without
+    #                               a deadline of its own is admitted within the SLO's median counted from then
 
     def late(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -191,7 +193,8 @@ class RankingRoute:
         settle()
 
     async def _wait_and_serve(self, flight: _Flight, settle: Callable[[], None]) -> None:
-        slot = await self.gate.wait(flight.request.deadline, flight.request.level, flight.work)
+        slot = await self.gate.wait(flight.request.deadline, flight.request.level, flight.work,
+                                    flight.request.arrived)
         if isinstance(slot, str):
             flight.fail(RouteError(Status.UNAVAILABLE, slot))
         elif not self._drop_cancelled([flight]):  # its caller went while it waited

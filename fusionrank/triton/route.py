@@ -178,7 +178,7 @@ class RouteModel:
         # which outlives the request.
         plain = [RouteRequest({n: None if a is None else np.array(a) for n, a in
                                request_inputs(pb, r, self.input_names).items()},
-                              s.is_cancelled, request_deadline(r, now), request_level(r, *self.levels))
+                              s.is_cancelled, request_deadline(r, now), request_level(r, *self.levels), now)
                  for r, s in zip(requests, senders)]
         task = asyncio.ensure_future(self._serve(pb, plain, senders))
         self.pending.add(task)

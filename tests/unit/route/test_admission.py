@@ -407,6 +407,28 @@ def test_the_gate_admits_a_light_request_whose_deadline_holds_its_own_work_where
     asyncio.run(main())
 
 
+def test_a_request_without_a_deadline_is_admitted_within_the_default_counted_from_its_arrival():
+    """The default deadline (the SLO's median) runs from the request's arrival at the route: the time it already spent
+    in validation and the cache lookup counts, so what the gate admits can still meet the median."""
+    clock = [100.0]
+    gate = DecodeGate(max_slots=1, max_waiting=8, default_deadline_s=0.8, clock=lambda: clock[0])
+    gate.service.observe(0.3)
+
+    async def main():
+        holder = gate.try_enter(None)
+        assert isinstance(holder, Slot)
+        # The slot frees in 300 ms, then the request takes 300 ms: 600 ms from now.
+        early = await gate.enter(None, arrived=clock[0] - 0.4)  # arrived 400 ms ago: 400 ms of its 800 left
+        assert isinstance(early, str) and "takes about 600 ms" in early and "leaves 400 ms" in early
+        fresh = asyncio.ensure_future(gate.enter(None, arrived=clock[0]))
+        await asyncio.sleep(0)
+        assert not fresh.done(), "arrived now: its 800 ms hold the 600 ms, it waits its turn"
+        gate.leave(holder, served=True)
+        assert isinstance(await fresh, Slot)
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("room", [4, 2])
 def test_the_gate_serves_waiters_by_priority_level_and_a_full_room_gives_way_to_a_higher_class(room):
     gate = DecodeGate(max_slots=1, max_waiting=room)

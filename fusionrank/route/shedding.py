@@ -128,9 +128,9 @@ class DecodeGate:
     How many are served at once (`slots`) adapts between 1 and `max_slots`: requests admitted together share the
     cores, so more at once raise throughput until the cores are busy and then only lengthen each one. Every
     `ADAPT_EVERY` served requests the gate compares the service time with the deadlines its callers bring (the
-    median of the recent ones' budgets; requests without one of their own do not count: with none, throughput alone
-    decides): above `TARGET_SHARE` of it, one slot fewer; under `GROW_BELOW` x that while requests wait or were
-    refused meanwhile, one more."""
+    median of the recent ones' budgets; a request without one of its own brings the default deadline, the SLO's
+    median; with neither, throughput alone decides): above `TARGET_SHARE` of it, one slot fewer; under
+    `GROW_BELOW` x that while requests wait or were refused meanwhile, one more."""
 
     def __init__(self, max_slots: int, max_waiting: int, default_deadline_s: float | None = None,
                  service: ServiceTime | None = None, clock: Callable[[], float] = time.monotonic):
@@ -188,8 +188,12 @@ class DecodeGate:
         return self._try(deadline, units)
 
     def _note_budget(self, deadline: float | None) -> None:
-        if deadline is not None:  # a caller's own deadline: what the slots adapt to
+        """What the slots adapt to: a caller's own deadline, else the default one (the SLO's median), so requests
+        without a deadline are served few enough at once to answer within it; with neither, throughput decides."""
+        if deadline is not None:
             self.budgets.append(deadline - self.clock())
+        elif self.default_deadline_s:
+            self.budgets.append(self.default_deadline_s)
 
     def _try(self, deadline: float | None, units: int) -> Slot | str | None:
         """A free slot (nobody waiting) is taken at once, unless the caller's own deadline cannot hold the service
@@ -207,7 +211,7 @@ class DecodeGate:
         self._served_since_change += 1
         if self._served_since_change < ADAPT_EVERY:
             return
-        # No caller brought a deadline lately: nothing to keep the service time under, throughput decides.
+        # No deadline lately, own or default: nothing to keep the service time under, throughput decides.
         target = TARGET_SHARE * statistics.median(self.budgets) if self.budgets else math.inf
         seconds = self.service.seconds
         if seconds > target and self.slots > 1:

@@ -407,6 +407,30 @@ def test_the_gate_admits_a_light_request_whose_deadline_holds_its_own_work_where
     asyncio.run(main())
 
 
+def test_requests_without_a_deadline_are_served_few_enough_at_once_to_answer_within_the_default():
+    """The default deadline (the SLO's median) is the budget the slots adapt to when callers bring none: past
+    capacity, requests without a deadline are not all served at once, each then taking longer than the median."""
+    clock = [0.0]
+    gate = DecodeGate(max_slots=4, max_waiting=64, default_deadline_s=0.8, clock=lambda: clock[0])
+    gate.slots = 4
+
+    async def main():
+        held = [gate.try_enter(None) for _ in range(4)]
+        assert all(isinstance(s, Slot) for s in held)
+        waiters = [asyncio.ensure_future(gate.enter(None)) for _ in range(40)]
+        for _ in range(32):  # each takes 600 ms, over half the median: the slots shrink
+            for _ in range(10):
+                await asyncio.sleep(0)
+            slot = min(gate.held, key=lambda s: s.since)
+            clock[0] = max(clock[0], slot.since + 0.6)
+            gate.leave(slot, served=True)
+        assert gate.slots == 1
+        for w in waiters:
+            w.cancel()
+
+    asyncio.run(main())
+
+
 def test_a_request_without_a_deadline_is_admitted_within_the_default_counted_from_its_arrival():
     """The default deadline (the SLO's median) runs from the request's arrival at the route: the time it already spent
     in validation and the cache lookup counts, so what the gate admits can still meet the median."""

@@ -30,6 +30,7 @@ from benchmarks import server_metrics as triton_metrics
 from benchmarks.inprocess import InProcessPipeline, run_inprocess
 from benchmarks.inprocess_roof import run_roof
 from benchmarks.latency import LatencyStats, summarize
+from benchmarks.lib import CALLER_TIMEOUT_S
 from benchmarks.lib import closed_loop as drive_closed_loop
 from benchmarks.lib.memory import describe as describe_memory
 from benchmarks.lib.memory import process_tree
@@ -163,7 +164,7 @@ def inprocess_phases(spec: PipelineSpec, repo: Path, bench, config: BenchConfig)
 
 
 def closed_loop(url: str, model: str, factories: list[RequestFactory], seconds: float,
-                timeout_s: float = 60.0) -> tuple[list[float], int, list[str], float]:
+                timeout_s: float = CALLER_TIMEOUT_S) -> tuple[list[float], int, list[str], float]:
     """One caller per factory, each sending its next request when the previous one returns, until `seconds` have
     passed (the measurement core's driver; building a request stays off the clock). Returns the latency of each
     answered call, the candidates they scored, the errors and the wall time. Each request carries its caller's

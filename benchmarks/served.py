@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from benchmarks.lib import LoadResult, Stability, StableRun, closed_loop, until_stable
+from benchmarks.lib import CALLER_TIMEOUT_S, LoadResult, Stability, StableRun, closed_loop, until_stable
 from fusionrank.contract.spec import PipelineSpec
 from fusionrank.contract.tensors import CLICK_PROBABILITY, deadline_arguments, infer_inputs
 from fusionrank.request.scenario import RequestFactory, Scenario
@@ -32,7 +32,8 @@ class ServedLoad:
     """Callers of one model on one server; each `window` runs them for a while and returns the driver's result.
     Factories persist across windows, so never-seen items stay never-seen for the whole measurement."""
 
-    def __init__(self, spec: PipelineSpec, bench, url: str, model: str, stream: Stream, timeout_s: float = 60.0):
+    def __init__(self, spec: PipelineSpec, bench, url: str, model: str, stream: Stream,
+                 timeout_s: float = CALLER_TIMEOUT_S):
         self.url, self.model, self.stream, self.timeout_s = url, model, stream, timeout_s
         self.factories = [RequestFactory(spec, bench, stream.scenario(), seed=stream.seed * 10_000 + k)
                           for k in range(stream.callers)]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.lib import RequestSets
+from benchmarks.lib import CALLER_TIMEOUT_S, RequestSets
 
 CPU_FEATURES = ("avx512_vnni", "avx512f", "amx_int8", "avx_vnni", "avx2")
 
@@ -164,10 +164,6 @@ def open_loop(url: str, model: str, make: Callable[[], dict], rate: float, secon
 
 
 WARMUP_S = 4.0  # cold requests sent before the capacity is measured
-# The deadline of the callers that will wait (capacity, warm-up, floods, the cached caller), as the benchmarks'
-# closed-loop callers hold: a request without one is admitted to wait only within the SLO's median (the route's
-# default), which would refuse part of the capacity phase's own load and of the floods.
-PATIENT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -210,16 +206,18 @@ def run_traffic(spec, repo: Path, config: TrafficConfig, out) -> dict:
 
 
 def _capacity(url, model, sets: RequestSets, config: TrafficConfig, phase: int, out, when: str) -> tuple[float, int]:
-    base = closed_loop(url, model, sets.cold(config.base_callers, phase), config.seconds, PATIENT_S)
+    # The callers that will wait (here, the warm-up, the floods and the cached caller) send the deadline the
+    # benchmarks' callers hold: without one, the route would refuse part of this phase's own load.
+    base = closed_loop(url, model, sets.cold(config.base_callers, phase), config.seconds, CALLER_TIMEOUT_S)
     capacity = len(base.answered) / base.wall_s
-    _say(out, f"capacity {when}: {config.base_callers} callers, {PATIENT_S:g}-s deadline: {capacity:.2f} req/s "
+    _say(out, f"capacity {when}: {config.base_callers} callers, {CALLER_TIMEOUT_S:g}-s deadline: {capacity:.2f} req/s "
               f"answered ({percentiles(base.answered)}; errors {len(base.refused) + len(base.failed)})")
     return capacity, len(base.answered)
 
 
 def _overload(url, model, sets: RequestSets, config: TrafficConfig, out) -> dict:
     # Not counted: the first requests of a fresh server pay ONNX Runtime's first runs and an empty estimate.
-    closed_loop(url, model, sets.cold(config.base_callers, 99), WARMUP_S, PATIENT_S)
+    closed_loop(url, model, sets.cold(config.base_callers, 99), WARMUP_S, CALLER_TIMEOUT_S)
     before, samples = _capacity(url, model, sets, config, 0, out, "before")
     levels = {}
     for i, k in enumerate(config.multiples, start=1):
@@ -264,17 +262,17 @@ def _backlog(url, model, sets: RequestSets, config: TrafficConfig, capacity: flo
 
 def _cached_beside_flood(url, model, sets: RequestSets, spec, config: TrafficConfig, out) -> dict:
     cached = sets.factory(77, novel=False).next().arrays()
-    closed_loop(url, model, [lambda: cached], 1.0, PATIENT_S)  # into the cache
-    quiet = closed_loop(url, model, [lambda: cached], config.cached_seconds, PATIENT_S)
+    closed_loop(url, model, [lambda: cached], 1.0, CALLER_TIMEOUT_S)  # into the cache
+    quiet = closed_loop(url, model, [lambda: cached], config.cached_seconds, CALLER_TIMEOUT_S)
     budget = spec.serving.admission.cost.max_pixels
     per_request = max(1, min(spec.serving.max_candidates, budget // config.flood_side ** 2 if budget else 64))
     flood_out: list[Outcomes] = []
     flooding = threading.Thread(target=lambda: flood_out.append(closed_loop(
         url, model, sets.flood(config.flood_callers, per_request, config.flood_side), config.cached_seconds + 2,
-        PATIENT_S)))
+        CALLER_TIMEOUT_S)))
     flooding.start()
     time.sleep(2.0)  # the floods hold the route first
-    beside = closed_loop(url, model, [lambda: cached], config.cached_seconds, PATIENT_S)
+    beside = closed_loop(url, model, [lambda: cached], config.cached_seconds, CALLER_TIMEOUT_S)
     flooding.join()
     flood = flood_out[0]
     quiet_p50 = float(np.percentile(quiet.answered, 50)) if quiet.answered else float("nan")

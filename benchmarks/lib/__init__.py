@@ -4,6 +4,7 @@ the provenance recorded with every figure (machine and software) and the request
 requests renewed with a nonce, floods of large PNGs)."""
 
 from benchmarks.lib.driver import (
+    CALLER_TIMEOUT_S,
     DriverError,
     LoadResult,
     LoopMode,
@@ -35,9 +36,9 @@ from benchmarks.lib.stats import (
 )
 
 __all__ = [
-    "DEFAULT_ALPHA", "DEFAULT_CONFIDENCE", "DEFAULT_NOISE_FLOOR", "DriverError", "LoadResult", "LoopMode",
-    "PercentileEstimate", "PoissonPacer", "RequestSets", "Sample", "SampleComparison", "Stability", "StableRun",
-    "StatsError", "Window", "big_png", "closed_loop", "compare_samples", "describe_machine", "file_digest",
+    "CALLER_TIMEOUT_S", "DEFAULT_ALPHA", "DEFAULT_CONFIDENCE", "DEFAULT_NOISE_FLOOR", "DriverError", "LoadResult",
+    "LoopMode", "PercentileEstimate", "PoissonPacer", "RequestSets", "Sample", "SampleComparison", "Stability",
+    "StableRun", "StatsError", "Window", "big_png", "closed_loop", "compare_samples", "describe_machine", "file_digest",
     "load_average", "machine_facts", "min_repeats", "min_samples", "model_digests", "open_loop", "percentile",
     "percentiles", "png_with_nonce", "poisson_arrivals", "provenance", "renewed", "until_stable", "within",
 ]

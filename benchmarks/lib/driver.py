@@ -31,6 +31,9 @@ import numpy as np
 from fusionrank.contract.errors import FusionRankError
 
 Call = Callable[[], object]
+# The deadline the benchmarks' closed-loop callers hold and send (a caller that will wait, as the fusionrank client
+# sends its timeout): without one, the route admits a request to wait only within the SLO's median.
+CALLER_TIMEOUT_S = 60.0
 Classify = Callable[[Exception], str]  # a failed call's kind (e.g. its gRPC status), kept in its Sample
 
 

@@ -140,8 +140,8 @@ class RankingRoute:
         admission = spec.serving.admission
         # Requests with payloads to decode, over every concurrent execute of this instance (route/shedding.py)
         # A request without a deadline of its own is admitted to wait only when the gate expects to answer it within
-        # the SLO's median (and the route queue's timeout, if shorter): past capacity, what the route admits meets
-        # the SLO and the rest is refused at once, instead of every admitted request waiting seconds.
+        # the SLO's median, with a margin (`DEFAULT_AIM`; the route queue's timeout if shorter): past capacity, what
+        # it admits meets the SLO and the rest is refused at once, instead of every admitted request waiting seconds.
         queue = admission.route_queue  # the gate is the route's queue now: its size, and its timeout
         budget = min(spec.slo.p50_ms / 1e3, queue.timeout_us / 1e6 or math.inf)
         self.gate = DecodeGate(admission.max_decoding_requests, queue.max_queue_size or 1 << 30,

@@ -4,6 +4,7 @@ the speed figures come from `fusionrank bench traffic`."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import urllib.request
@@ -179,40 +180,36 @@ def test_the_client_reads_the_route_from_the_server_and_drops_invalid_candidates
 
 
 def test_production_requests_are_served_before_load_test_requests_that_waited_longer(triton_server, ci_spec, cold):
-    """The caller's traffic class reaches the route (`PRIORITY_PARAMETER`, as the client sends it) and the route's
-    gate serves its waiters by level: production requests sent behind a backlog of load-test requests are answered
-    before load-test requests sent with them, which wait at the back of the backlog."""
-    from fusionrank.contract.tensors import PRIORITY_PARAMETER, deadline_arguments
+    """The fusionrank client's traffic class (`priority=`) reaches the route and the route's gate serves its waiters
+    by level: production requests sent behind a backlog of load-test requests are answered before load-test requests
+    sent with them, which wait at the back of the backlog."""
+    from clients import AsyncRankingClient
 
-    admission, route = ci_spec.serving.admission, ci_spec.serving.route
-    levels = {p: admission.level(p) for p in (Priority.PRODUCTION, Priority.LOADTEST)}
     backlog = [cold(8) for _ in range(40)]
-    late = {p: [cold(8) for _ in range(2)] for p in levels}
-    outcomes: dict = {}
-    done = threading.Semaphore(0)
-    with grpcclient.InferenceServerClient(triton_server.grpc_url) as client:
-        def send(key, arrays, priority):
-            arguments = deadline_arguments(120)  # every request may wait: none is refused for its deadline
-            arguments["parameters"][PRIORITY_PARAMETER] = levels[priority]
-            sent = time.monotonic()
+    late = {p: [cold(8) for _ in range(2)] for p in (Priority.PRODUCTION, Priority.LOADTEST)}
 
-            def finish(result, error):
-                outcomes[key] = (time.monotonic() - sent, error)
-                done.release()
+    async def timed(client: AsyncRankingClient, arrays: dict) -> float:
+        items = {m: list(arrays[f"item_{m.value}"][:, 0]) for m in client.options.modalities}
+        sent = time.monotonic()
+        result = await client.rank_payloads(items, arrays["user_history"][0])
+        assert np.isfinite(result.scores).all() and not result.errors
+        return time.monotonic() - sent
 
-            client.async_infer(route, infer_inputs(grpcclient, arrays), callback=finish, client_timeout=180,
-                               priority=levels[priority], **arguments)
+    async def serve() -> dict:
+        # Every request may wait 120 s (the deadline the client sends): none is refused for its deadline.
+        clients = {p: AsyncRankingClient(ci_spec, triton_server.grpc_url, timeout=120, priority=p) for p in late}
+        try:
+            queued = [asyncio.create_task(timed(clients[Priority.LOADTEST], a)) for a in backlog]
+            await asyncio.sleep(0.5)  # the backlog is queued at the route's gates
+            sent = {(p, i): asyncio.create_task(timed(clients[p], late[p][i]))  # each production request beside a
+                    for i in range(2) for p in late}                            # load-test one sent at that moment
+            await asyncio.wait_for(asyncio.gather(*queued, *sent.values()), 180)
+            return {key: task.result() for key, task in sent.items()}
+        finally:
+            for client in clients.values():
+                await client.close()
 
-        for i, arrays in enumerate(backlog):
-            send(("backlog", i), arrays, Priority.LOADTEST)
-        time.sleep(0.5)  # the backlog is queued at the route's gates
-        for i in range(2):  # interleaved: each production request beside a load-test one sent at the same moment
-            for priority in levels:
-                send((priority, i), late[priority][i], priority)
-        for _ in range(len(backlog) + 4):
-            assert done.acquire(timeout=180), "a request was never answered"
-    errors = [error for _, error in outcomes.values() if error is not None]
-    assert not errors, errors[0]
-    production = [outcomes[(Priority.PRODUCTION, i)][0] for i in range(2)]
-    loadtest = [outcomes[(Priority.LOADTEST, i)][0] for i in range(2)]
+    took = asyncio.run(serve())
+    production = [took[(Priority.PRODUCTION, i)] for i in range(2)]
+    loadtest = [took[(Priority.LOADTEST, i)] for i in range(2)]
     assert max(production) < min(loadtest), f"production {production} s vs load test sent with it {loadtest} s"

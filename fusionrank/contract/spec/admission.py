@@ -64,7 +64,7 @@ class AdmissionSpec:
     # The route's queue, per instance: Triton's queue before the route (rarely used: the route's executes return at
     # once) and the route's own gate (`fusionrank.route.shedding.DecodeGate`), where requests with payloads to decode
     # wait for a slot: at most `max_queue_size` of them; a request without a deadline of its own is admitted to wait
-    # only when the gate expects to answer it within the SLO's median (`slo.p50_ms`, or `timeout_us` if shorter):
+    # only when the gate expects to answer it within 0.8 of the SLO's median (`slo.p50_ms`; `timeout_us` if shorter):
     # the gate refuses at once what it cannot answer within it.
     route_queue: QueuePolicySpec = field(default_factory=lambda: QueuePolicySpec(8, 2_000_000))
     # The members' queues (the route's BLS calls): unbounded, the route's gates bound what is in flight; the route's

@@ -20,6 +20,8 @@ BENCHMARKS = {
                "caller beside 16-MP floods",
     "determinism": "one request's score spread alone, cached, from several callers, amid traffic and through the "
                    "reference ensemble (goal <= 1e-6)",
+    "mixed_shapes": "two concurrent calls of different padding buckets to the text encoder, its batcher holding "
+                    "them apart vs the served config (ragged allowed), side by side: latency per pair",
 }
 
 __all__ = ["BENCHMARKS"]

@@ -80,6 +80,13 @@ def onnxruntime_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
     config.parameters["intra_op_threads"].string_value = str(spec.serving.batching(model).intra_op_threads)
     if model == RANKER:
         config.parameters["check_finite_outputs"].string_value = "true"
+    # Requests of different shapes (text rows of different padding buckets) may share an execute: the class runs
+    # each shape's rows on their own (`BatchedModel._run_grouped`). Held apart by Triton 2.51's dynamic batcher, the
+    # second of two such requests waited for the batcher's default wake-up, 500 ms, in a quarter to half of the
+    # trials (docs/capacity.md, "A 500-ms stall").
+    for entry in config.input:
+        if -1 in entry.dims:
+            entry.allow_ragged_batch = True
     return config
 
 

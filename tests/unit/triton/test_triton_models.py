@@ -168,6 +168,42 @@ def test_onnx_model_concatenates_runs_once_and_splits(pb, ci_spec, tmp_path, mon
         np.testing.assert_array_equal(_outputs(response)["audio_embedding"], batch * 2)
 
 
+def test_text_rows_of_different_buckets_share_an_execute_and_run_each_shape_on_its_own(pb, ci_spec, tmp_path,
+                                                                                        monkeypatch):
+    """The CPU text encoder allows ragged batches (Triton's batcher held requests of different padding buckets apart
+    and the second sometimes waited 500 ms for its wake-up: `fusionrank bench mixed_shapes`), so one execute may hold
+    several shapes: each shape's rows run together, and each request gets its own rows back."""
+    from fusionrank.contract.spec import ServingProfile
+
+    configs = model_configs(ci_spec)
+    text = configs["text_encoder"][ServingProfile.CPU]
+    assert text.input and all(i.allow_ragged_batch for i in text.input), "its inputs have a variable length"
+    assert not any(i.allow_ragged_batch for i in configs["image_encoder"][ServingProfile.CPU].input)
+    version_dir = tmp_path / "text_encoder" / "1"
+    version_dir.mkdir(parents=True)
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])
+    mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])
+    out = helper.make_tensor_value_info("text_embedding", TensorProto.FLOAT, ["batch", 1])
+    nodes = [helper.make_node("Mul", ["input_ids", "attention_mask"], ["kept"]),
+             helper.make_node("Cast", ["kept"], ["real"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceSum", ["real", "axis"], ["text_embedding"], keepdims=1)]
+    axis = helper.make_tensor("axis", TensorProto.INT64, [1], [1])
+    graph = helper.make_graph(nodes, "g", [ids, mask], [out], [axis])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]),
+              str(version_dir / ci_spec.export.cpu.onnx_file("text_encoder")))
+    model = _init(OnnxRuntimeModel, ci_spec, "text_encoder", version_dir)
+    calls = []
+    real_run = model.session.run
+    monkeypatch.setattr(model.session, "run", lambda names, feed: calls.append(feed["input_ids"].shape) or
+                        real_run(names, feed))
+    shapes = [(1, 16), (2, 32), (1, 16)]
+    batches = [np.full(shape, k + 1, dtype=np.int64) for k, shape in enumerate(shapes)]
+    responses = model.execute([FakeRequest({"input_ids": b, "attention_mask": np.ones_like(b)}) for b in batches])
+    assert sorted(calls) == [(2, 16), (2, 32)], "one session call per shape"
+    for batch, response in zip(batches, responses):
+        np.testing.assert_array_equal(_outputs(response)["text_embedding"], batch.sum(axis=1, keepdims=True))
+
+
 def _tiny_ranker_onnx(path):
     """click_probability = log(mean(text_embedding)) (NaN for a negative mean), modality_weights = image_embedding:
     stands in for the exported ranker, with its tensor names; the other inputs are unused."""

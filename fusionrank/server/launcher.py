@@ -33,7 +33,7 @@ from fusionrank.contract.spec import PipelineSpec, ServingProfile, served_models
 from fusionrank.route.cache import LOCAL_CACHE_ENV
 from fusionrank.server.backends import default_backend_dir, missing_backends
 from fusionrank.server.doors import GrpcTls, new_admin_key, restricted_args
-from fusionrank.server.local_cache import LocalCacheServer
+from fusionrank.server.local_cache import LocalCacheServer, dies_with_this_process
 
 log = logging.getLogger(__name__)
 
@@ -217,10 +217,11 @@ class TritonServer:
             if self.local_cache_bytes:
                 self.local_cache = LocalCacheServer(self.local_cache_bytes).start()
                 env[LOCAL_CACHE_ENV] = self.local_cache.url  # the Python-backend stubs inherit it
-            # A new session, so stop() can signal the server and its Python-backend stubs together.
+            # A new session, so stop() can signal the server and its Python-backend stubs together; SIGTERM when this
+            # process ends however it ends (a killed benchmark or test run left servers behind, using the cores).
             with open(self.console_file, "wb") as console:
                 self.process = subprocess.Popen(cmd, env=env, stdout=console, stderr=subprocess.STDOUT,
-                                                start_new_session=True)
+                                                start_new_session=True, preexec_fn=dies_with_this_process())
             self.wait_ready(timeout)
         except BaseException:
             self.stop()

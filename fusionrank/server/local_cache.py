@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -72,9 +73,12 @@ class RedisProcess:
     def log_file(self) -> Path:
         return self.folder / "redis.log"
 
-    def start(self, timeout: float = 10.0, die_with_parent: bool = False):
+    def start(self, timeout: float = 10.0, die_with_parent: bool | None = None):
         """Start the server and wait until it answers PING. `die_with_parent`: the server gets SIGTERM when the
-        thread calling this exits, or the program it execs (Linux only; never from a thread that ends first)."""
+        thread calling this exits, or the program it execs (Linux only; never from a thread that ends first). None:
+        when called from the main thread (`dies_with_this_process`), so a killed owner leaves no server behind."""
+        if die_with_parent is None:
+            die_with_parent = dies_with_this_process() is not None
         import redis  # the `serve` extra's client; only a server with a cache needs it
         from redis.backoff import NoBackoff
         from redis.retry import Retry
@@ -83,7 +87,7 @@ class RedisProcess:
             self.process = subprocess.Popen([*self.command(), "--save", "", "--appendonly", "no",
                                              "--dir", str(self.folder)],
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                            preexec_fn=_sigterm_when_parent_exits() if die_with_parent else None)
+                                            preexec_fn=sigterm_when_parent_exits() if die_with_parent else None)
         client, deadline = self.client(1.0), time.monotonic() + timeout
         # This loop is the retry: redis-py's own (10 tries with backoff since 6.0) would spend seconds per ping.
         client.set_retry(Retry(NoBackoff(), 0))
@@ -171,7 +175,15 @@ class LocalCacheServer(RedisProcess):
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _sigterm_when_parent_exits() -> Callable[[], None]:
+def dies_with_this_process() -> Callable[[], None] | None:
+    """The `preexec_fn` of a child that must not outlive this process (`sigterm_when_parent_exits`), when called from
+    the main thread, whose end is the process's; None from another thread, which may end before the child should."""
+    if threading.current_thread() is not threading.main_thread() or not sys.platform.startswith("linux"):
+        return None
+    return sigterm_when_parent_exits()
+
+
+def sigterm_when_parent_exits() -> Callable[[], None]:
     """A `preexec_fn`: the child gets SIGTERM when the thread that forked it exits. An exec is no exit: after the
     parent execs a program, that program's end stops the child (whatever ends it, SIGKILL included)."""
     prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork: the child only calls it

@@ -75,3 +75,50 @@ def test_a_hit_of_the_cross_server_tier_is_copied_into_the_server_tier(ci_spec, 
     assert reader.stats().hits[TEXT, "local"] == 1
     writer.close()
     reader.close()
+
+
+def test_a_cache_server_started_from_the_main_thread_does_not_outlive_its_killed_owner(tmp_path):
+    """A benchmark or test run killed mid-way (SIGKILL: no context manager runs) must not leave its servers behind on
+    a shared machine: the launcher's tritonserver and cache servers get SIGTERM when the process that started them
+    from its main thread ends (`dies_with_this_process`); from another thread they are not tied to it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from fusionrank.server.local_cache import dies_with_this_process
+
+    owner = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from fusionrank.server.local_cache import LocalCacheServer, MIN_BYTES\n"
+         "server = LocalCacheServer(MIN_BYTES).start()\n"
+         "print(server.process.pid, flush=True)\n"
+         "time.sleep(600)\n"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        child = int(owner.stdout.readline())
+        os.kill(child, 0)  # running
+        owner.kill()
+        owner.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            if open(f"/proc/{child}/stat").read().split()[2] == "Z":  # exited, waiting for init to reap it
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(child, signal.SIGKILL)
+            pytest.fail("the cache server outlived the process that started it")
+    finally:
+        owner.kill()
+    assert dies_with_this_process() is not None
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(dies_with_this_process()))
+    worker.start()
+    worker.join()
+    assert seen == [None], "a worker thread's child is not tied to the thread's end"

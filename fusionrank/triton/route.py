@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 import time
 import traceback
 from collections.abc import Mapping
@@ -42,6 +43,9 @@ _UNAVAILABLE_MESSAGES = ("server not ready", "server is stopping", "is not ready
 # Decoding threads run at this niceness (Linux: per thread), so a cached request's few milliseconds of CPU in
 # another route instance are not queued behind a flood's decoding on a busy core.
 DECODE_NICENESS = 10
+# The stub's GIL hand-over interval (Python's default: 5 ms): a decoding thread in Python code holds the GIL that
+# long before the event loop, answering refusals and cached requests, gets it back.
+GIL_SWITCH_S = 0.001
 
 
 def _lower_priority() -> None:
@@ -121,6 +125,7 @@ class RouteModel:
 
     def initialize(self, args):
         pb = pb_utils()
+        sys.setswitchinterval(GIL_SWITCH_S)
         config, _, params = model_args(args)
         spec = from_dict(json.loads(params["spec"]))
         # The tokenizer export writes for `preprocess` (a folder of the same repository).

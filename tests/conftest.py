@@ -116,3 +116,14 @@ def fake_trt(monkeypatch):
 def fake_cuda(monkeypatch):
     """The fake cuda-python runtime (host memory) in sys.modules for this test."""
     return fake_cuda_module.install_cuda(monkeypatch)
+
+
+@pytest.fixture(autouse=True)
+def _gil_switch_interval():
+    """The route's Triton shell sets its stub's GIL switch interval (`GIL_SWITCH_S`) in `initialize`: a test that
+    initialises it in this process gets Python's interval back afterwards."""
+    import sys
+
+    interval = sys.getswitchinterval()
+    yield
+    sys.setswitchinterval(interval)

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import re
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +24,7 @@ import numpy as np
 
 from benchmarks._args import repository_of, spec_of
 from benchmarks.lib import describe_machine
+from benchmarks.lib.repository import overlay_repository
 from fusionrank.contract.names import Modality, encoder_name
 
 SLOW_MS = 200.0
@@ -33,22 +32,20 @@ PAIRS = 30
 
 
 @contextlib.contextmanager
-def held_apart(repo: Path, model: str) -> Iterator[Path]:
-    """A copy of `repo` made of links, where `model`'s CPU config does not allow ragged batches."""
-    with tempfile.TemporaryDirectory(prefix="fusionrank-bench-shapes-") as folder:
-        overlay = Path(folder)
-        for child in Path(repo).resolve().iterdir():
-            if child.name != model:
-                (overlay / child.name).symlink_to(child)
-        for item in (Path(repo) / model).resolve().iterdir():
-            if item.name != "configs":
-                (overlay / model / item.name).parent.mkdir(parents=True, exist_ok=True)
-                (overlay / model / item.name).symlink_to(item)
-        for config in (Path(repo) / model / "configs").iterdir():
-            text = re.sub(r"\n\s*allow_ragged_batch: true", "", config.read_text())
-            (overlay / model / "configs").mkdir(parents=True, exist_ok=True)
-            (overlay / model / "configs" / config.name).write_text(text)
-        yield overlay
+def held_apart(spec, repo: Path, model: str) -> Iterator[Path]:
+    """`repo` as `spec` renders it (weights linked), where `model`'s CPU config does not allow ragged batches."""
+    from google.protobuf import text_format
+
+    from fusionrank.contract.spec import ServingProfile
+    from fusionrank.triton.render import HEADER, load_config
+
+    with overlay_repository(spec, repo) as root:
+        path = root / model / ServingProfile.CPU.config_file
+        config = load_config(path)
+        for entry in config.input:
+            entry.allow_ragged_batch = False
+        path.write_text(HEADER + text_format.MessageToString(config))
+        yield root
 
 
 def _inputs(grpcclient, config: dict, length: int) -> list:
@@ -102,7 +99,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     spec, repo = spec_of(args), repository_of(args)
     print(f"fusionrank bench mixed_shapes on {describe_machine()}")
-    with held_apart(repo, encoder_name(Modality.TEXT)) as apart:
+    with held_apart(spec, repo, encoder_name(Modality.TEXT)) as apart:
         runs = {"held apart (equal shapes enforced)": measure_pairs(spec, apart, args.pairs),
                 "ragged allowed (served config)": measure_pairs(spec, repo, args.pairs)}
     print(f"\n| text encoder | pair of calls | pairs | p50 ms | max ms | over {SLOW_MS:.0f} ms |")

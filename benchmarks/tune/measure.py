@@ -4,41 +4,19 @@ shared measurement core until the stability rule holds; the trial's capacity and
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.lib import Stability, percentile
 from benchmarks.lib.memory import MIB, process_tree, total_rss
+from benchmarks.lib.repository import overlay_repository
 from benchmarks.served import ServedLoad, Stream
 from benchmarks.server_metrics import diff, parse_counters, scrape
 from benchmarks.tune.search import Knob, Trial, apply
 from fusionrank.contract.spec import PipelineSpec, ServingProfile
-
-
-@contextlib.contextmanager
-def overlay_repository(spec: PipelineSpec, repo: Path) -> Iterator[Path]:
-    """A temporary repository: every file `spec` renders written anew, every other file of `repo` (weights,
-    tokenizer, golden outputs) a link to the original."""
-    from fusionrank.triton.render import rendered_files
-
-    repo = Path(repo).resolve()
-    rendered = {f.path: f.content for f in rendered_files(spec)}
-    with tempfile.TemporaryDirectory(prefix="fusionrank-tune-repo-") as folder:
-        root = Path(folder)
-        for path in sorted(p for p in repo.rglob("*") if p.is_file()):
-            rel = path.relative_to(repo).as_posix()
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            if rel not in rendered:
-                (root / rel).symlink_to(path)
-        for rel, content in rendered.items():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).write_bytes(content)
-        yield root
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,9 @@ class RedisProcess:
         thread calling this exits, or the program it execs (Linux only; never from a thread that ends first). None:
         when called from the main thread (`dies_with_this_process`), so a killed owner leaves no server behind."""
         if die_with_parent is None:
-            die_with_parent = dies_with_this_process() is not None
+            arm = dies_with_this_process()
+        else:
+            arm = sigterm_when_parent_exits() if die_with_parent else None
         import redis  # the `serve` extra's client; only a server with a cache needs it
         from redis.backoff import NoBackoff
         from redis.retry import Retry
@@ -87,7 +89,7 @@ class RedisProcess:
             self.process = subprocess.Popen([*self.command(), "--save", "", "--appendonly", "no",
                                              "--dir", str(self.folder)],
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                            preexec_fn=sigterm_when_parent_exits() if die_with_parent else None)
+                                            preexec_fn=arm)
         client, deadline = self.client(1.0), time.monotonic() + timeout
         # This loop is the retry: redis-py's own (10 tries with backoff since 6.0) would spend seconds per ping.
         client.set_retry(Retry(NoBackoff(), 0))

@@ -163,7 +163,7 @@ def test_report_files(ci_spec, tmp_path):
 
 
 def test_overlay_repository_writes_configs_and_links_weights(ci_spec, tmp_path):
-    from benchmarks.tune.measure import overlay_repository
+    from benchmarks.lib.repository import overlay_repository
     from fusionrank.triton.render import render_repository
 
     repo = tmp_path / "repo"

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -17,6 +19,23 @@ def request_inputs(pb, request, names) -> dict:
     """A request's input arrays by name; an optional input the caller left out is None."""
     tensors = {n: pb.get_input_tensor_by_name(request, n) for n in names}
     return {n: None if t is None else t.as_numpy() for n, t in tensors.items()}
+
+
+# Batch work (decoding and encoding never-seen items) runs at this niceness, Linux's per-thread CPU priority, so the
+# route's event loop (admitting, refusing, answering cached requests) and the ranker every request needs are not
+# queued behind it on a busy core; with nothing else to run, batch work still gets every idle cycle.
+BATCH_WORK_NICENESS = 10
+
+
+def lower_priority() -> None:
+    """Run the calling thread (and the threads it starts later) at `BATCH_WORK_NICENESS`; idempotent. Where that is
+    not permitted the thread keeps its priority: the work is bounded elsewhere, only less promptly pre-empted."""
+    thread = threading.get_native_id()
+    try:
+        if os.getpriority(os.PRIO_PROCESS, thread) < BATCH_WORK_NICENESS:
+            os.setpriority(os.PRIO_PROCESS, thread, BATCH_WORK_NICENESS)
+    except OSError:
+        pass
 
 
 def pb_utils():

@@ -14,7 +14,7 @@ from fusionrank.contract.names import ENCODERS_AND_RANKER, RANKER, Modality, enc
 from fusionrank.contract.spec import PipelineSpec, ServingProfile, member_models
 from fusionrank.contract.tensors import model_io
 from fusionrank.request.validation import non_finite_row
-from fusionrank.triton._batched import BatchedModel
+from fusionrank.triton._batched import BatchedModel, lower_priority
 from fusionrank.triton._config import (
     Configs,
     TritonUnit,
@@ -35,6 +35,10 @@ class OnnxRuntimeModel(BatchedModel):
     def setup(self):
         import onnxruntime as ort
 
+        # Encoders are batch work (only never-seen items reach them); the ranker, which every request needs, is not.
+        self.background = self.params.get("background_priority") == "true"
+        if self.background:
+            lower_priority()  # before the session: ONNX Runtime's pool threads inherit it
         options = ort.SessionOptions()
         # No CPU memory arena: the arena keeps the peak of the largest batch ever run (the warm-up's) for the
         # process's life, about 200 MiB per encoder on the CI spec, and saved no CPU time (docs/capacity.md).
@@ -53,6 +57,8 @@ class OnnxRuntimeModel(BatchedModel):
         return {n: np.ascontiguousarray(a, dtype=self.dtypes[n]) for n, a in inputs.items()}
 
     def run(self, batch):
+        if self.background:
+            lower_priority()  # the thread running the batch, if not the one that set up (idempotent)
         values = self.session.run(self.output_names, batch)
         return dict(zip(self.output_names, values))
 
@@ -80,6 +86,8 @@ def onnxruntime_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
     config.parameters["intra_op_threads"].string_value = str(spec.serving.batching(model).intra_op_threads)
     if model == RANKER:
         config.parameters["check_finite_outputs"].string_value = "true"
+    else:
+        config.parameters["background_priority"].string_value = "true"
     # Requests of different shapes (text rows of different padding buckets) may share an execute: the class runs
     # each shape's rows on their own (`BatchedModel._run_grouped`). Held apart by Triton 2.51's dynamic batcher, the
     # second of two such requests waited for the batcher's default wake-up, 500 ms, in a quarter to half of the

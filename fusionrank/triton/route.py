@@ -27,7 +27,7 @@ from fusionrank.route.item_keys import MEMBER_FILES, encoder_identities
 from fusionrank.route.members import MemberCallError, RouteError, Status
 from fusionrank.route.metrics import CacheMetrics, ResponseMetrics
 from fusionrank.route.stages import RankingRoute, RouteRequest
-from fusionrank.triton._batched import model_args, pb_utils, request_inputs
+from fusionrank.triton._batched import lower_priority, model_args, pb_utils, request_inputs
 from fusionrank.triton._config import Configs, TritonUnit, add_instances, base_config, gpu_batching, spec_parameter
 from fusionrank.triton.exported import served_file
 
@@ -40,19 +40,9 @@ if TYPE_CHECKING:  # imported inside the config functions: keeps gRPC out of the
 _UNAVAILABLE_MESSAGES = ("server not ready", "server is stopping", "is not ready", "unknown model",
                          "has no available versions", "stopped accepting new inference requests",
                          "exceeds maximum queue size", "request timeout expired")
-# Decoding threads run at this niceness (Linux: per thread), so a cached request's few milliseconds of CPU in
-# another route instance are not queued behind a flood's decoding on a busy core.
-DECODE_NICENESS = 10
 # The stub's GIL hand-over interval (Python's default: 5 ms): a decoding thread in Python code holds the GIL that
 # long before the event loop, answering refusals and cached requests, gets it back.
 GIL_SWITCH_S = 0.001
-
-
-def _lower_priority() -> None:
-    try:
-        os.nice(DECODE_NICENESS)
-    except OSError:  # not permitted here: the pool still bounds the decoding, at normal priority
-        pass
 
 
 def _parameters(request) -> dict:
@@ -140,7 +130,7 @@ class RouteModel:
         self.levels = (admission.level(admission.default_priority), len(admission.priorities))
         self.pending: set[asyncio.Task] = set()  # requests still being served after their execute returned
         self.pool = ThreadPoolExecutor(spec.serving.admission.decode_threads, thread_name_prefix="decode",
-                                       initializer=_lower_priority)
+                                       initializer=lower_priority)
         self.route = RankingRoute(spec, preparer, self._infer, pb.Logger.log_error, cache=self.cache,
                                   decode=self._decode)
         self.codes = {Status.INVALID_ARG: pb.TritonError.INVALID_ARG, Status.CANCELLED: pb.TritonError.CANCELLED,

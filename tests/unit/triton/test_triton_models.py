@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 
 import numpy as np
 import onnx
@@ -202,6 +204,37 @@ def test_text_rows_of_different_buckets_share_an_execute_and_run_each_shape_on_i
     assert sorted(calls) == [(2, 16), (2, 32)], "one session call per shape"
     for batch, response in zip(batches, responses):
         np.testing.assert_array_equal(_outputs(response)["text_embedding"], batch.sum(axis=1, keepdims=True))
+
+
+def test_encoders_run_their_batches_at_batch_work_priority_and_the_ranker_does_not(pb, ci_spec, tmp_path,
+                                                                                    monkeypatch):
+    """Only never-seen items reach an encoder: its batches run at `BATCH_WORK_NICENESS`, so the route's event loop
+    (refusals, cached answers) and the ranker every request needs get a busy core first."""
+    from fusionrank.contract.spec import ServingProfile
+    from fusionrank.triton._batched import BATCH_WORK_NICENESS
+
+    configs = model_configs(ci_spec)
+    flags = {m: configs[m][ServingProfile.CPU].parameters["background_priority"].string_value
+             for m in ("text_encoder", "image_encoder", "audio_encoder", "fusion_ranker")}
+    assert flags == {"text_encoder": "true", "image_encoder": "true", "audio_encoder": "true", "fusion_ranker": ""}
+    version_dir = tmp_path / "audio_encoder" / "1"
+    version_dir.mkdir(parents=True)
+    _tiny_onnx(version_dir / ci_spec.export.cpu.onnx_file("audio_encoder"))
+    seen = []
+
+    def serve():  # in a thread of its own: the test runner's thread keeps its priority
+        model = _init(OnnxRuntimeModel, ci_spec, "audio_encoder", version_dir)
+        real_run = model.session.run
+        monkeypatch.setattr(model.session, "run", lambda names, feed: seen.append(
+            os.getpriority(os.PRIO_PROCESS, threading.get_native_id())) or real_run(names, feed))
+        model.execute([FakeRequest({"log_mel": np.ones((2, 4), dtype=np.float32)})])
+
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    worker = threading.Thread(target=serve)
+    worker.start()
+    worker.join()
+    assert seen == [max(base, BATCH_WORK_NICENESS)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
 
 
 def _tiny_ranker_onnx(path):

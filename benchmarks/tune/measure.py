@@ -77,7 +77,8 @@ def within_memory(trial: Trial, rss_mib: float, limit_mib: float | None) -> Tria
     if limit_mib is None or rss_mib <= limit_mib:
         return trial
     over = f"RSS {rss_mib:.0f} MiB > {limit_mib:g} MiB (--max-rss-mib)"
-    return dataclasses.replace(trial, feasible=False, note=f"{over}; {trial.note}" if trial.note else over)
+    return dataclasses.replace(trial, feasible=False, over_memory=trial.feasible,
+                               note=f"{over}; {trial.note}" if trial.note else over)
 
 
 def busy_shares(spec: PipelineSpec, before: str, after: str, seconds: float) -> dict[str, float]:

@@ -7,8 +7,10 @@ preferred sizes that still fit (else the maximum alone). The search measures the
 walks the knobs, the instance knobs of the members the hand-set run found busiest first (`bottleneck_first`), the
 others in order of their expected effect: one step up and one step down each; a step that raises capacity
 (candidates/s within the SLO) by more than `min_gain` is taken and the walk goes on in that direction; a pass that
-takes no step ends the search, as does the budget (evaluations or seconds, whichever ends first). Like Triton Model
-Analyzer's quick search, but over the whole pipeline's knobs, not one model's.
+takes no step ends the search, as does the budget (evaluations or seconds, whichever ends first). A step that met
+the SLO and gained but was over the memory budget (`--max-rss-mib`) is tried again, first, as soon as a taken step
+lowers the memory: instances of one model trade against instances of another. Like Triton Model Analyzer's quick
+search, but over the whole pipeline's knobs, not one model's.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class Trial:
     windows: tuple[float, ...] = ()  # candidates/s of each measured window (for the confirmation's test)
     busy: Mapping[str, float] = field(default_factory=dict)  # per member: share of the run its instances computed
     rss_mib: float | None = None  # resident memory of the server's processes at the end of the run
+    over_memory: bool = False  # met the SLO, but held more than the memory budget
 
     @property
     def score(self) -> float:
@@ -186,20 +189,45 @@ def coordinate_descent(knobs: Sequence[Knob], start: Config, measure: Measure, b
         return []
     if order is not None:
         knobs = list(order(knobs, best))
+    blocked: list[Knob] = []  # knobs whose step gained within the SLO but over the memory budget
     improved = True
     while improved and budget.allows():
         improved = False
-        for knob in knobs:
+        pending = list(knobs)
+        while pending:
+            knob = pending.pop(0)
             for direction in (+1, -1):
-                while True:
-                    index = knob.values.index(best.config[knob.name]) + direction
-                    if not 0 <= index < len(knob.values):
-                        break
-                    trial = run({**best.config, knob.name: knob.values[index]})
-                    if trial is None or not _better(trial, best, min_gain):
-                        break
-                    best, improved = trial, True
+                stepped = _walk(knob, direction, best, run, min_gain, blocked)
+                if stepped is best:
+                    continue
+                if blocked and _less_memory(stepped, best):  # memory freed: retry the steps it blocked first
+                    pending = [k for k in blocked if k is not knob] + [k for k in pending if k not in blocked]
+                    blocked.clear()
+                best, improved = stepped, True
     return list(trials.values())
+
+
+def _walk(knob: Knob, direction: int, best: Trial, run: Callable[[dict[str, int]], Trial | None], min_gain: float,
+          blocked: list[Knob]) -> Trial:
+    """`best` after stepping `knob` in `direction` while each step gains; a gaining step over the memory budget
+    only is noted in `blocked`."""
+    while True:
+        index = knob.values.index(best.config[knob.name]) + direction
+        if not 0 <= index < len(knob.values):
+            return best
+        trial = run({**best.config, knob.name: knob.values[index]})
+        if trial is None:
+            return best
+        if trial.over_memory and trial.candidates_per_s > best.candidates_per_s * (1 + min_gain) \
+                and knob not in blocked:
+            blocked.append(knob)
+        if not _better(trial, best, min_gain):
+            return best
+        best = trial
+
+
+def _less_memory(trial: Trial, than: Trial) -> bool:
+    return trial.rss_mib is not None and than.rss_mib is not None and trial.rss_mib < than.rss_mib
 
 
 def _better(trial: Trial, best: Trial, min_gain: float) -> bool:

@@ -222,6 +222,8 @@ def test_a_configuration_over_the_memory_budget_is_outside_it_and_the_report_sho
     over = within_memory(trial, 1800.0, 1500.0)
     assert not over.feasible and over.score == -math.inf
     assert over.note == "RSS 1800 MiB > 1500 MiB (--max-rss-mib); p99 ok"
+    assert over.over_memory, "met the SLO: memory alone keeps it out (the search may retry it)"
+    assert not within_memory(dataclasses.replace(trial, feasible=False), 1800.0, 1500.0).over_memory
     handset = within_memory(Trial({"a": 1}, 100.0, 800.0, True, "p99 ok"), 1100.0, 1500.0)
     assert best_trial([handset, over]) is handset, "the faster configuration over the budget is not chosen"
     ov = overlay(ci_spec, apply(ci_spec, [Knob("r", ("rank",), "instances", (2, 3))], {"r": 2}))
@@ -229,3 +231,24 @@ def test_a_configuration_over_the_memory_budget_is_outside_it_and_the_report_sho
     report = write_report(tmp_path, CI_SPEC, [handset, over], handset, ov, facts, "2 evaluations")["report"]
     rows = [line for line in report.read_text().splitlines() if line.startswith("| ") and "MiB (--max" in line]
     assert len(rows) == 1 and "| 1800 | no |" in rows[0]
+
+
+def test_a_step_blocked_by_the_memory_budget_is_retried_first_once_a_step_frees_memory():
+    """Encoder instances gain but do not fit beside two route instances; one route instance fewer frees the memory:
+    the encoder step comes next, before the rest of the pass (a budget of 6 evaluations would end the search before
+    a second pass reached it)."""
+    knobs = [Knob("enc", ("text_encoder",), "instances", (1, 2, 3)), Knob("route", ("rank",), "instances", (1, 2, 3)),
+             Knob("delay", ("rank",), "max_queue_delay_us", (500, 1000, 2000))]
+    calls = []
+
+    def measure(config):
+        calls.append(dict(config))
+        capacity = 100.0 + 30 * config["enc"] - 5 * config["route"]
+        rss = 500.0 * config["route"] + 400.0 * config["enc"]
+        over = rss > 1800.0
+        return Trial(dict(config), capacity, 500.0, not over, "", rss_mib=rss, over_memory=over)
+
+    trials = coordinate_descent(knobs, {"enc": 1, "route": 2, "delay": 1000}, measure, Budget(evaluations=6))
+    assert [(c["enc"], c["route"]) for c in calls] == [(1, 2), (2, 2), (3, 2), (2, 3), (2, 1), (3, 1)]
+    assert best_trial(trials).config == {"enc": 3, "route": 1, "delay": 1000}
+    assert not any(t.over_memory for t in trials if t.feasible)

@@ -8,9 +8,10 @@ walks the knobs, the instance knobs of the members the hand-set run found busies
 others in order of their expected effect: one step up and one step down each; a step that raises capacity
 (candidates/s within the SLO) by more than `min_gain` is taken and the walk goes on in that direction; a pass that
 takes no step ends the search, as does the budget (evaluations or seconds, whichever ends first). A step that met
-the SLO and gained but was over the memory budget (`--max-rss-mib`) is tried again, first, as soon as a taken step
-lowers the memory: instances of one model trade against instances of another. Like Triton Model Analyzer's quick
-search, but over the whole pipeline's knobs, not one model's.
+the SLO and gained but was over the memory budget (`--max-rss-mib`) is tried as a trade: with one instance fewer of
+each other model in turn (each instance is a process holding its own runtime and graphs), the first trade that
+gains within the SLO and the budget taken. Like Triton Model Analyzer's quick search, but over the whole pipeline's
+knobs, not one model's.
 """
 
 from __future__ import annotations
@@ -189,45 +190,49 @@ def coordinate_descent(knobs: Sequence[Knob], start: Config, measure: Measure, b
         return []
     if order is not None:
         knobs = list(order(knobs, best))
-    blocked: list[Knob] = []  # knobs whose step gained within the SLO but over the memory budget
     improved = True
     while improved and budget.allows():
         improved = False
-        pending = list(knobs)
-        while pending:
-            knob = pending.pop(0)
+        for knob in knobs:
             for direction in (+1, -1):
-                stepped = _walk(knob, direction, best, run, min_gain, blocked)
-                if stepped is best:
-                    continue
-                if blocked and _less_memory(stepped, best):  # memory freed: retry the steps it blocked first
-                    pending = [k for k in blocked if k is not knob] + [k for k in pending if k not in blocked]
-                    blocked.clear()
-                best, improved = stepped, True
+                stepped = _walk(knob, direction, best, run, min_gain, knobs)
+                improved = improved or stepped is not best
+                best = stepped
     return list(trials.values())
 
 
 def _walk(knob: Knob, direction: int, best: Trial, run: Callable[[dict[str, int]], Trial | None], min_gain: float,
-          blocked: list[Knob]) -> Trial:
+          knobs: Sequence[Knob]) -> Trial:
     """`best` after stepping `knob` in `direction` while each step gains; a gaining step over the memory budget
-    only is noted in `blocked`."""
+    only is tried as a trade (`_trade`)."""
     while True:
         index = knob.values.index(best.config[knob.name]) + direction
         if not 0 <= index < len(knob.values):
             return best
         trial = run({**best.config, knob.name: knob.values[index]})
-        if trial is None:
-            return best
-        if trial.over_memory and trial.candidates_per_s > best.candidates_per_s * (1 + min_gain) \
-                and knob not in blocked:
-            blocked.append(knob)
-        if not _better(trial, best, min_gain):
+        if trial is not None and trial.over_memory and trial.candidates_per_s > best.candidates_per_s * (1 + min_gain):
+            trial = _trade(trial, knob, best, run, min_gain, knobs)
+        if trial is None or not _better(trial, best, min_gain):
             return best
         best = trial
 
 
-def _less_memory(trial: Trial, than: Trial) -> bool:
-    return trial.rss_mib is not None and than.rss_mib is not None and trial.rss_mib < than.rss_mib
+def _trade(over: Trial, knob: Knob, best: Trial, run: Callable[[dict[str, int]], Trial | None], min_gain: float,
+           knobs: Sequence[Knob]) -> Trial | None:
+    """`over`'s configuration with one instance fewer of another model, the first that gains on `best` within the
+    SLO and the memory budget; None when none does (or the budget ends)."""
+    for other in knobs:
+        if other is knob or other.field != "instances" or set(other.models) & set(knob.models):
+            continue
+        index = other.values.index(over.config[other.name]) - 1
+        if index < 0:
+            continue
+        trial = run({**over.config, other.name: other.values[index]})
+        if trial is None:
+            return None
+        if _better(trial, best, min_gain):
+            return trial
+    return None
 
 
 def _better(trial: Trial, best: Trial, min_gain: float) -> bool:

@@ -233,10 +233,9 @@ def test_a_configuration_over_the_memory_budget_is_outside_it_and_the_report_sho
     assert len(rows) == 1 and "| 1800 | no |" in rows[0]
 
 
-def test_a_step_blocked_by_the_memory_budget_is_retried_first_once_a_step_frees_memory():
-    """Encoder instances gain but do not fit beside two route instances; one route instance fewer frees the memory:
-    the encoder step comes next, before the rest of the pass (a budget of 6 evaluations would end the search before
-    a second pass reached it)."""
+def test_a_gaining_step_over_the_memory_budget_is_tried_as_a_trade_for_another_models_instance():
+    """A third encoder instance gains but does not fit beside two route instances: the search tries it with one
+    route instance fewer at once (a budget of 4 evaluations; stepping one knob at a time needs 7 to get there)."""
     knobs = [Knob("enc", ("text_encoder",), "instances", (1, 2, 3)), Knob("route", ("rank",), "instances", (1, 2, 3)),
              Knob("delay", ("rank",), "max_queue_delay_us", (500, 1000, 2000))]
     calls = []
@@ -248,7 +247,10 @@ def test_a_step_blocked_by_the_memory_budget_is_retried_first_once_a_step_frees_
         over = rss > 1800.0
         return Trial(dict(config), capacity, 500.0, not over, "", rss_mib=rss, over_memory=over)
 
-    trials = coordinate_descent(knobs, {"enc": 1, "route": 2, "delay": 1000}, measure, Budget(evaluations=6))
-    assert [(c["enc"], c["route"]) for c in calls] == [(1, 2), (2, 2), (3, 2), (2, 3), (2, 1), (3, 1)]
+    trials = coordinate_descent(knobs, {"enc": 1, "route": 2, "delay": 1000}, measure, Budget(evaluations=4))
+    assert [(c["enc"], c["route"]) for c in calls] == [(1, 2), (2, 2), (3, 2), (3, 1)]
     assert best_trial(trials).config == {"enc": 3, "route": 1, "delay": 1000}
-    assert not any(t.over_memory for t in trials if t.feasible)
+    calls.clear()
+    trials = coordinate_descent(knobs, {"enc": 1, "route": 2, "delay": 1000}, measure, Budget(evaluations=50))
+    assert best_trial(trials).config == {"enc": 3, "route": 1, "delay": 1000}
+    assert len(calls) == len({tuple(sorted(c.items())) for c in calls}), "never measures a config twice"

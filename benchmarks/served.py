@@ -1,13 +1,14 @@
 """Load on a served model from the benchmark catalogue, through the shared measurement core (`benchmarks.lib`):
 one closed-loop caller per `RequestFactory` (Zipf popularity, a share of never-seen items), each with its own gRPC
-client, the call failing on any error. Used by `fusionrank tune` and the serving-memory benchmark."""
+client, the call failing on any error; or Poisson arrivals drawing from the same factories (`open_window`). Used by
+`fusionrank tune` and the serving-memory benchmark."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from benchmarks.lib import CALLER_TIMEOUT_S, LoadResult, Stability, StableRun, closed_loop, until_stable
+from benchmarks.lib import CALLER_TIMEOUT_S, LoadResult, Stability, StableRun, closed_loop, open_loop, until_stable
 from fusionrank.contract.spec import PipelineSpec
 from fusionrank.contract.tensors import CLICK_PROBABILITY, deadline_arguments, infer_inputs
 from fusionrank.request.scenario import RequestFactory, Scenario
@@ -67,6 +68,18 @@ class ServedLoad:
         self.close()
         return closed_loop(self._make_call, self.stream.callers, duration_s=seconds, warmup=warmup,
                            prepare=self._prepare)
+
+    def open_window(self, rate_rps: float, seconds: float) -> LoadResult:
+        """Poisson arrivals at `rate_rps` for `seconds` (the measurement core's open loop), each request drawn from
+        the factories in turn and built before its arrival, sent on one gRPC client (thread-safe for unary calls) with
+        a worker for every arrival it can draw, so none is dropped for want of one."""
+        import math
+
+        self.close()
+        expected = rate_rps * seconds
+        return open_loop(self._make_call(0), rate_rps, seconds, seed=self.stream.seed,
+                         max_outstanding=int(expected + 6 * math.sqrt(expected) + 10),
+                         prepare=lambda i: self._prepare(i % self.stream.callers))
 
     def stable(self, seconds: float, rule: Stability, on_window=None) -> StableRun:
         """Windows of `seconds` until the rule holds (perf_analyzer's stability windows)."""

@@ -27,8 +27,37 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         help="memory budget: a configuration whose server processes hold more resident memory under "
                              "load is outside it, as one outside the SLO (default: none; the server-wide cache's "
                              "redis-server is not counted: it is bounded by serving.cache.lru_bytes)")
+    parser.add_argument("--open-loop-share", type=float, default=0.8,
+                        help="after the search, serve the chosen configuration under Poisson arrivals at this share "
+                             "of its closed-loop capacity, then 0.75 and 0.5 of it until the SLO (p50, p95, p99, "
+                             "errors) holds; a tuned overlay that holds it at none is refused (0: no check)")
+    parser.add_argument("--open-loop-seconds", type=float, default=30.0, help="length of the open-loop check")
     parser.add_argument("--no-ranking-check", action="store_true", help="skip the ranking gates (not recommended)")
     parser.add_argument("--out", default=None, help="report folder (default: reports/tune-<time>)")
+
+
+OPEN_LOOP_STEPS = (1.0, 0.75, 0.5)  # of --open-loop-share: the rates tried in turn until the SLO holds
+
+
+def _open_check(args, measurer, best, is_handset: bool, facts: dict, out) -> None:
+    """The chosen configuration under open-loop arrivals, from `--open-loop-share` of its capacity down by
+    `OPEN_LOOP_STEPS` until the SLO holds, into `facts`; TuneError when a tuned configuration holds it at none (the
+    hand-set spec is reported, not refused)."""
+    from benchmarks.tune.search import TuneError
+
+    if args.open_loop_share <= 0:
+        return
+    shares = [args.open_loop_share * step for step in OPEN_LOOP_STEPS]
+    checks = measurer.open_checks(best.config, [s * best.candidates_per_s / args.candidates for s in shares],
+                                  args.open_loop_seconds)
+    which = "hand-set" if is_handset else "tuned"
+    facts["open_loop"] = "; ".join(f"{share:.2g} x the {which} configuration's capacity for "
+                                   f"{args.open_loop_seconds:g} s: {check.describe()}"
+                                   for share, check in zip(shares, checks))
+    out.write(f"{facts['open_loop']}\n")
+    if not checks[-1].passed and not is_handset:
+        raise TuneError(f"the tuned configuration fails the SLO under open-loop arrivals down to {shares[-1]:.2g} of "
+                        f"its capacity, no overlay written: {checks[-1].describe()}")
 
 
 def _knobs(spec, names: str | None):
@@ -109,6 +138,7 @@ def main(args: argparse.Namespace, out=sys.stdout) -> int:
                 # No gain beyond noise: the hand-set spec stays (an empty overlay), and the report says why.
                 facts["kept_handset"] = "the tuned configuration's gain did not survive the confirmation"
                 best = trials[0]
+        _open_check(args, measurer, best, best is trials[0], facts, out)
         tuned_overlay = overlay(spec, apply(spec, knobs, best.config))
         out_dir = Path(args.out) if args.out else project_dir() / "reports" / f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
         paths = write_report(out_dir, Path(args.spec) if args.spec else default_spec_path(), trials, best,

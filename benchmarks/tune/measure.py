@@ -68,6 +68,73 @@ class ConfigMeasurer:
         return dataclasses.replace(trial, feasible=trial.feasible and check.passed,
                                    note=f"{trial.note}; {check.describe()}")
 
+    def open_checks(self, config: dict[str, int], rates_rps: Sequence[float], seconds: float) -> list[OpenCheck]:
+        """`config` served afresh under Poisson arrivals at each of `rates_rps` in turn for `seconds`, judged against
+        the SLO, until one passes: the checks made."""
+        from fusionrank.server.launcher import TritonServer
+
+        variant = apply(self.spec, self.knobs, config)
+        self.calls += 1
+        stream = dataclasses.replace(self.settings.stream, seed=self.settings.stream.seed + 100 * self.calls)
+        checks: list[OpenCheck] = []
+        with overlay_repository(variant, self.repo) as repo, \
+                TritonServer.for_spec(variant, repo, ServingProfile.CPU, log_name="tritonserver-tune") as server:
+            load = ServedLoad(variant, self.bench, server.grpc_url, variant.serving.route, stream)
+            try:
+                load.window(min(self.settings.window_s, 5.0))  # the first calls of a fresh server, untimed
+                for rate in rates_rps:
+                    checks.append(judge_open(load.open_window(rate, seconds), self.spec))
+                    if checks[-1].passed:
+                        break
+            finally:
+                load.close()
+        return checks
+
+@dataclass(frozen=True)
+class OpenCheck:
+    """The chosen configuration under Poisson arrivals at a share of its closed-loop capacity: what the SLO says of
+    it when callers do not wait for each other (a closed loop slows its own arrivals as the server slows)."""
+
+    rate_rps: float
+    arrivals: int
+    answered: int
+    failed: int  # errors, and arrivals dropped for want of a worker
+    percentiles_ms: dict[str, float]  # p50/p95/p99 of the answered requests; a p99 from too few samples: the max
+    problems: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+    def describe(self) -> str:
+        shown = ", ".join(f"{k} {v:.0f} ms" for k, v in self.percentiles_ms.items())
+        verdict = "within the SLO" if self.passed else "OUTSIDE the SLO: " + "; ".join(self.problems)
+        return (f"open loop at {self.rate_rps:.2f} req/s: {self.answered} of {self.arrivals} answered ({shown}), "
+                f"{self.failed} failed; {verdict}")
+
+
+def judge_open(result, spec: PipelineSpec) -> OpenCheck:
+    """An open-loop run (`benchmarks.lib.LoadResult`) against the spec's SLO: p50, p95 and p99 of the answered
+    requests, errors and drops against the error rate."""
+    slo = spec.slo
+    ok = [s.latency_s * 1000.0 for s in result.samples if s.ok]
+    failed = result.errors + result.dropped
+    arrivals = max(result.arrivals, len(result.samples) + result.dropped)
+    problems, shown = [], {}
+    if not ok:
+        problems.append(f"no request answered ({result.first_error or 'none sent'})")
+    for label, q, limit in (("p50", 0.5, slo.p50_ms), ("p95", 0.95, slo.p95_ms), ("p99", 0.99, slo.p99_ms)):
+        if not ok:
+            break
+        estimate = percentile(ok, q)
+        value = estimate.value if estimate.supported else max(ok)  # too few samples: the max held to the SLO
+        shown[label] = value
+        if value > limit:
+            problems.append(f"{label} {value:.0f} ms > {limit:g} ms")
+    if arrivals and failed / arrivals > slo.max_error_rate:
+        problems.append(f"error rate {failed / arrivals:.3f} > {slo.max_error_rate:g} ({result.first_error})")
+    return OpenCheck(result.offered_rate or 0.0, arrivals, len(ok), failed, shown, tuple(problems))
+
 
 def within_memory(trial: Trial, rss_mib: float, limit_mib: float | None) -> Trial:
     """`trial` with the server's resident memory under load; outside the budget (not feasible, and why) when it

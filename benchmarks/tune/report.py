@@ -46,6 +46,7 @@ def markdown(trials: Sequence[Trial], best: Trial, facts: dict, budget: str, ove
              f"{best.candidates_per_s / handset.candidates_per_s if handset.candidates_per_s else float('nan'):.2f}x**"
              f" (p99 {best.p99_ms:.0f} vs {handset.p99_ms:.0f} ms; first measurement of each)", "",
              f"Confirmation: {facts.get('confirmation', 'none run')}", "",
+             f"Open-loop check: {facts.get('open_loop', 'none run')}", "",
              *([f"**Hand-set spec kept: {facts['kept_handset']}.**", ""] if facts.get("kept_handset") else []),
              "| | configuration (changes from the hand-set spec) | candidates/s | p99 ms | RSS MiB "
              "| within SLO and budget | s | notes |",

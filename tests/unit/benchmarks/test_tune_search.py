@@ -254,3 +254,65 @@ def test_a_gaining_step_over_the_memory_budget_is_tried_as_a_trade_for_another_m
     trials = coordinate_descent(knobs, {"enc": 1, "route": 2, "delay": 1000}, measure, Budget(evaluations=50))
     assert best_trial(trials).config == {"enc": 3, "route": 1, "delay": 1000}
     assert len(calls) == len({tuple(sorted(c.items())) for c in calls}), "never measures a config twice"
+
+
+def _open_result(latencies_ms, errors=0, dropped=0):
+    from benchmarks.lib.driver import LoadResult, LoopMode, Sample
+
+    samples = [Sample(float(k), ms / 1000.0, True) for k, ms in enumerate(latencies_ms)]
+    samples += [Sample(float(len(samples) + k), 0.01, False, "UNAVAILABLE: over capacity") for k in range(errors)]
+    return LoadResult(LoopMode.OPEN, samples, 30.0, offered_rate=5.0, arrivals=len(samples) + dropped,
+                      dropped=dropped)
+
+
+def test_the_open_loop_check_holds_each_percentile_and_the_error_rate_to_the_slo(ci_spec):
+    """`tune`'s last step: the chosen configuration under Poisson arrivals, judged on p50, p95, p99 and errors
+    (drops included); a p99 from too few samples is the largest latency."""
+    from benchmarks.tune.measure import judge_open
+
+    slo = ci_spec.slo
+    quiet = judge_open(_open_result([slo.p50_ms * 0.5] * 400), ci_spec)
+    assert quiet.passed and quiet.answered == 400 and quiet.failed == 0
+    assert "within the SLO" in quiet.describe() and "5.00 req/s" in quiet.describe()
+    slow_median = judge_open(_open_result([slo.p50_ms * 1.2] * 400), ci_spec)
+    assert not slow_median.passed and slow_median.problems[0].startswith("p50 ")
+    tail = judge_open(_open_result([100.0] * 392 + [slo.p99_ms + 500.0] * 8), ci_spec)
+    assert [p.split()[0] for p in tail.problems] == ["p99"]
+    few = judge_open(_open_result([100.0] * 40 + [(slo.p95_ms + slo.p99_ms) / 2]), ci_spec)  # too few for p95, p99
+    assert [p.split()[0] for p in few.problems] == ["p95"], "the largest latency is held to p95 and p99"
+    refused = judge_open(_open_result([100.0] * 390, errors=6, dropped=4), ci_spec)
+    assert refused.failed == 10 and refused.arrivals == 400
+    assert any(p.startswith("error rate 0.025") for p in refused.problems), refused.problems
+    assert not judge_open(_open_result([], errors=3), ci_spec).passed
+
+
+def test_the_open_loop_check_steps_down_until_the_slo_holds_and_refuses_a_tuned_overlay_that_holds_it_nowhere():
+    import argparse
+    import io
+
+    from benchmarks.tune.cli import _open_check
+    from benchmarks.tune.measure import OpenCheck
+
+    class Measurer:
+        def __init__(self, passing_from: float):
+            self.passing_from, self.rates = passing_from, []
+
+        def open_checks(self, config, rates, seconds):
+            checks = []
+            for rate in rates:
+                self.rates.append(rate)
+                checks.append(OpenCheck(rate, 10, 10, 0, {"p50": 1.0}, () if rate <= self.passing_from else ("p50",)))
+                if checks[-1].passed:
+                    break
+            return checks
+
+    args = argparse.Namespace(open_loop_share=0.8, open_loop_seconds=20.0, candidates=16)
+    best = Trial({"a": 2}, 160.0, 900.0, True)  # 10 requests/s
+    facts, measurer = {}, Measurer(passing_from=6.5)
+    _open_check(args, measurer, best, False, facts, io.StringIO())
+    assert measurer.rates == pytest.approx([8.0, 6.0]) and facts["open_loop"].count("open loop at") == 2
+    with pytest.raises(TuneError, match="down to 0.4 of its capacity"):
+        _open_check(args, Measurer(passing_from=1.0), best, False, {}, io.StringIO())
+    facts = {}
+    _open_check(args, Measurer(passing_from=1.0), best, True, facts, io.StringIO())  # the hand-set: reported
+    assert "OUTSIDE the SLO" in facts["open_loop"]

@@ -51,12 +51,12 @@ def _open_check(args, measurer, best, is_handset: bool, facts: dict, out) -> Non
     checks = measurer.open_checks(best.config, [s * best.candidates_per_s / args.candidates for s in shares],
                                   args.open_loop_seconds)
     which = "hand-set" if is_handset else "tuned"
-    facts["open_loop"] = "; ".join(f"{share:.2g} x the {which} configuration's capacity for "
+    facts["open_loop"] = "; ".join(f"{share:.3g} x the {which} configuration's capacity for "
                                    f"{args.open_loop_seconds:g} s: {check.describe()}"
                                    for share, check in zip(shares, checks))
     out.write(f"{facts['open_loop']}\n")
     if not checks[-1].passed and not is_handset:
-        raise TuneError(f"the tuned configuration fails the SLO under open-loop arrivals down to {shares[-1]:.2g} of "
+        raise TuneError(f"the tuned configuration fails the SLO under open-loop arrivals down to {shares[-1]:.3g} of "
                         f"its capacity, no overlay written: {checks[-1].describe()}")
 
 

@@ -71,9 +71,13 @@ def test_deadline_and_invalid_input_surface_as_typed_errors(triton_server, ci_sp
     session = int(bench.frozen_sessions(1)[0])
     items, history = _request(bench, bench.sessions.candidates[session], session)
     with RankingClient(ci_spec, triton_server.grpc_url) as client:
-        with pytest.raises(DeadlineExceededError, match="left to finish there"):
+        with pytest.raises(DeadlineExceededError) as late:
             client.rank_payloads(items, history, timeout=0.001)
-        assert client.stats.abandoned == 1
+        # Two right outcomes race at 1 ms: the client's timer fires first and the call is abandoned (left to finish on
+        # the server), or the server's queue timeout, set from the same deadline, refuses it first.
+        abandoned = "left to finish there" in str(late.value)
+        assert abandoned or "Request timeout expired" in str(late.value), str(late.value)
+        assert client.stats.abandoned == int(abandoned)
         bad = {m: list(v) for m, v in items.items()}
         bad[Modality.IMAGE][1] = b"\xff\xd8\xff\xe0 not really a jpeg"
         before = client.stats.attempts

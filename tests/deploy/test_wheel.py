@@ -33,10 +33,16 @@ PACKAGING_INPUTS = ("pyproject.toml", "README.md", "fusionrank", "fusionrank_cli
 ABSENT_FROM_SERVING = ("torch", "locust", "matplotlib", "onnx", "sklearn")
 
 
-def _pip(target_python: Path, *args: str) -> None:
-    # The test environment's pip installs into the fresh one (`--python`): the new venv needs no pip of its own.
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(target_python), "install", "-q", "--no-compile",
-                    "--disable-pip-version-check", *args], check=True, timeout=600)
+def _pip(target_python: Path, *args: str) -> str:
+    # The test environment's pip installs into the fresh one (`--python`): the new venv needs no pip of its own. It
+    # runs outside the checkout and without PYTHONPATH, and ignores what it may think is installed: in two clean-clone
+    # runs the fresh venv got the wheel's dependencies but not fusionrank itself (cause not found).
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    done = subprocess.run([sys.executable, "-m", "pip", "--python", str(target_python), "install", "--no-compile",
+                           "--disable-pip-version-check", "--ignore-installed", *args], cwd=target_python.parent,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
 
 
 def _build_wheel(out: Path, work: Path) -> Path:
@@ -91,7 +97,9 @@ def test_wheel_with_serve_extra_serves_a_ranking_request(built_repository, tmp_p
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)
     python, fusionrank = env_dir / "bin" / "python", env_dir / "bin" / "fusionrank"
-    _pip(python, f"{wheel}[serve]")
+    log = _pip(python, f"{wheel}[serve]")
+    site = next((env_dir / "lib").glob("python3*/site-packages"))
+    assert (site / "fusionrank" / "__init__.py").is_file(), f"fusionrank not installed from {wheel}:\n{log[-3000:]}"
     _pip(python, "--no-deps", "nvidia-pytriton==0.7.0")
     installed_s = time.monotonic() - started
 

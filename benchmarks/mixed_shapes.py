@@ -49,17 +49,15 @@ def held_apart(spec, repo: Path, model: str) -> Iterator[Path]:
 
 
 def _inputs(grpcclient, config: dict, length: int) -> list:
+    """One row of ones for each of the model's inputs, its variable dimension `length` long."""
     from tritonclient.utils import triton_to_np_dtype
 
-    inputs = []
-    for entry in config["input"]:
-        dims = [int(d) if int(d) > 0 else length for d in entry["dims"]]
-        dtype = entry["data_type"].removeprefix("TYPE_")
-        array = np.ones([1, *dims], dtype=triton_to_np_dtype(dtype))
-        tensor = grpcclient.InferInput(entry["name"], list(array.shape), dtype)
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
+    from fusionrank.contract.tensors import infer_inputs
+
+    return infer_inputs(grpcclient, {
+        entry["name"]: np.ones([1, *[int(d) if int(d) > 0 else length for d in entry["dims"]]],
+                               dtype=triton_to_np_dtype(entry["data_type"].removeprefix("TYPE_")))
+        for entry in config["input"]})
 
 
 def measure_pairs(spec, repo: Path, pairs: int) -> dict[str, np.ndarray]:

@@ -8,7 +8,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from benchmarks.lib import CALLER_TIMEOUT_S, LoadResult, Stability, StableRun, closed_loop, open_loop, until_stable
+from benchmarks.lib import (
+    CALLER_TIMEOUT_S,
+    LoadResult,
+    Stability,
+    StableRun,
+    closed_loop,
+    open_loop,
+    until_stable,
+    workers_for,
+)
 from fusionrank.contract.spec import PipelineSpec
 from fusionrank.contract.tensors import CLICK_PROBABILITY, deadline_arguments, infer_inputs
 from fusionrank.request.scenario import RequestFactory, Scenario
@@ -73,12 +82,9 @@ class ServedLoad:
         """Poisson arrivals at `rate_rps` for `seconds` (the measurement core's open loop), each request drawn from
         the factories in turn and built before its arrival, sent on one gRPC client (thread-safe for unary calls) with
         a worker for every arrival it can draw, so none is dropped for want of one."""
-        import math
-
         self.close()
-        expected = rate_rps * seconds
         return open_loop(self._make_call(0), rate_rps, seconds, seed=self.stream.seed,
-                         max_outstanding=int(expected + 6 * math.sqrt(expected) + 10),
+                         max_outstanding=workers_for(rate_rps, seconds),
                          prepare=lambda i: self._prepare(i % self.stream.callers))
 
     def stable(self, seconds: float, rule: Stability, on_window=None) -> StableRun:

@@ -146,17 +146,15 @@ def open_loop(url: str, model: str, make: Callable[[], dict], rate: float, secon
     request built before its time, sent without waiting for the others and timed from its scheduled arrival; returns
     when every sent request has been answered or timed out (`timeout_s`). It has a worker for every arrival it can
     draw, so none is dropped for want of one."""
-    import math
-
     import tritonclient.grpc as grpcclient
 
     from benchmarks.lib import open_loop as drive
+    from benchmarks.lib import workers_for
     from fusionrank.contract.tensors import infer_inputs
 
-    expected = rate * seconds
     with grpcclient.InferenceServerClient(url) as client:  # thread-safe for unary calls
         return Outcomes.of(drive(_sender(client, model, None, timeout_s), rate, seconds, seed=seed,
-                                 max_outstanding=int(expected + 6 * math.sqrt(expected) + 10),
+                                 max_outstanding=workers_for(rate, seconds),
                                  prepare=lambda _i: infer_inputs(grpcclient, make()), classify=status_of))
 
 

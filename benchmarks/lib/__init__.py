@@ -18,6 +18,7 @@ from benchmarks.lib.driver import (
     poisson_arrivals,
     until_stable,
     within,
+    workers_for,
 )
 from benchmarks.lib.machine import describe_machine, file_digest, load_average, machine_facts, model_digests, provenance
 from benchmarks.lib.request_sets import RequestSets, big_png, png_with_nonce, renewed
@@ -41,4 +42,5 @@ __all__ = [
     "StableRun", "StatsError", "Window", "big_png", "closed_loop", "compare_samples", "describe_machine", "file_digest",
     "load_average", "machine_facts", "min_repeats", "min_samples", "model_digests", "open_loop", "percentile",
     "percentiles", "png_with_nonce", "poisson_arrivals", "provenance", "renewed", "until_stable", "within",
+    "workers_for",
 ]

@@ -220,6 +220,13 @@ def poisson_arrivals(rate: float, duration_s: float, seed: int = 0, max_arrivals
     return times[times < duration_s]
 
 
+def workers_for(rate: float, duration_s: float) -> int:
+    """A `max_outstanding` for `open_loop` that no Poisson run at `rate` for `duration_s` exceeds in practice (the
+    expected arrivals plus six standard deviations, plus 10), so no arrival is dropped for want of a worker."""
+    expected = rate * duration_s
+    return int(expected + 6 * math.sqrt(expected) + 10)
+
+
 def open_loop(call: Call, rate: float, duration_s: float, max_outstanding: int = 64, seed: int = 0,
               late_after_s: float = 0.010, warmup: int = 0, prepare: Callable[[int], object] | None = None,
               classify: Classify | None = None) -> LoadResult:

@@ -4,11 +4,13 @@ shared measurement core until the stability rule holds; the trial's capacity and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from benchmarks.lib import Stability, percentile
 from benchmarks.lib.memory import MIB, process_tree, total_rss
@@ -17,6 +19,9 @@ from benchmarks.served import ServedLoad, Stream
 from benchmarks.server_metrics import diff, parse_counters, scrape
 from benchmarks.tune.search import Knob, Trial, apply
 from fusionrank.contract.spec import PipelineSpec, ServingProfile
+
+if TYPE_CHECKING:
+    from fusionrank.server.launcher import TritonServer
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,10 @@ class ConfigMeasurer:
         self.probe = RankingProbe(spec, self.repo, self.bench) if ranking else None
         self.calls = 0
 
-    def __call__(self, config: dict[str, int]) -> Trial:
+    @contextlib.contextmanager
+    def _served(self, config: dict[str, int]) -> Iterator[tuple[PipelineSpec, TritonServer, ServedLoad]]:
+        """`config` applied, rendered over the exported repository and served afresh, with a load of never-seen
+        items on it (its callers closed at the end)."""
         from fusionrank.server.launcher import TritonServer
 
         variant = apply(self.spec, self.knobs, config)
@@ -53,15 +61,20 @@ class ConfigMeasurer:
         with overlay_repository(variant, self.repo) as repo, \
                 TritonServer.for_spec(variant, repo, ServingProfile.CPU, log_name="tritonserver-tune") as server:
             load = ServedLoad(variant, self.bench, server.grpc_url, variant.serving.route, stream)
-            before, began = scrape(server.metrics_url), time.monotonic()
             try:
-                run = load.stable(self.settings.window_s, self.settings.rule)
-                rss = total_rss(process_tree(server.process.pid)) / MIB  # under load, before the callers stop
+                yield variant, server, load
             finally:
                 load.close()
+
+    def __call__(self, config: dict[str, int]) -> Trial:
+        with self._served(config) as (variant, server, load):
+            before, began = scrape(server.metrics_url), time.monotonic()
+            run = load.stable(self.settings.window_s, self.settings.rule)
+            rss = total_rss(process_tree(server.process.pid)) / MIB  # under load, before the callers stop
+            load.close()
             busy = busy_shares(variant, before, scrape(server.metrics_url), time.monotonic() - began)
             check = self.probe.check(server.grpc_url, variant.serving.route) if self.probe else None
-        trial = within_memory(dataclasses.replace(judge(config, run, self.spec, stream.candidates), busy=busy),
+        trial = within_memory(dataclasses.replace(judge(config, run, self.spec, load.stream.candidates), busy=busy),
                               rss, self.settings.max_rss_mib)
         if check is None:
             return trial
@@ -71,24 +84,15 @@ class ConfigMeasurer:
     def open_checks(self, config: dict[str, int], rates_rps: Sequence[float], seconds: float) -> list[OpenCheck]:
         """`config` served afresh under Poisson arrivals at each of `rates_rps` in turn for `seconds`, judged against
         the SLO, until one passes: the checks made."""
-        from fusionrank.server.launcher import TritonServer
-
-        variant = apply(self.spec, self.knobs, config)
-        self.calls += 1
-        stream = dataclasses.replace(self.settings.stream, seed=self.settings.stream.seed + 100 * self.calls)
         checks: list[OpenCheck] = []
-        with overlay_repository(variant, self.repo) as repo, \
-                TritonServer.for_spec(variant, repo, ServingProfile.CPU, log_name="tritonserver-tune") as server:
-            load = ServedLoad(variant, self.bench, server.grpc_url, variant.serving.route, stream)
-            try:
-                load.window(min(self.settings.window_s, 5.0))  # the first calls of a fresh server, untimed
-                for rate in rates_rps:
-                    checks.append(judge_open(load.open_window(rate, seconds), self.spec))
-                    if checks[-1].passed:
-                        break
-            finally:
-                load.close()
+        with self._served(config) as (_, _, load):
+            load.window(min(self.settings.window_s, 5.0))  # the first calls of a fresh server, untimed
+            for rate in rates_rps:
+                checks.append(judge_open(load.open_window(rate, seconds), self.spec))
+                if checks[-1].passed:
+                    break
         return checks
+
 
 @dataclass(frozen=True)
 class OpenCheck:

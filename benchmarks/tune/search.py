@@ -210,7 +210,7 @@ def _walk(knob: Knob, direction: int, best: Trial, run: Callable[[dict[str, int]
         if not 0 <= index < len(knob.values):
             return best
         trial = run({**best.config, knob.name: knob.values[index]})
-        if trial is not None and trial.over_memory and trial.candidates_per_s > best.candidates_per_s * (1 + min_gain):
+        if trial is not None and trial.over_memory and _gains(trial, best, min_gain):
             trial = _trade(trial, knob, best, run, min_gain, knobs)
         if trial is None or not _better(trial, best, min_gain):
             return best
@@ -235,12 +235,16 @@ def _trade(over: Trial, knob: Knob, best: Trial, run: Callable[[dict[str, int]],
     return None
 
 
+def _gains(trial: Trial, best: Trial, min_gain: float) -> bool:
+    return trial.candidates_per_s > best.candidates_per_s * (1 + min_gain)
+
+
 def _better(trial: Trial, best: Trial, min_gain: float) -> bool:
     if not trial.feasible:
         return False
     if not best.feasible:
         return True
-    return trial.candidates_per_s > best.candidates_per_s * (1 + min_gain)
+    return _gains(trial, best, min_gain)
 
 
 def best_trial(trials: Sequence[Trial]) -> Trial:

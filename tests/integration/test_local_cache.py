@@ -106,9 +106,9 @@ def test_a_cache_server_started_from_the_main_thread_does_not_outlive_its_killed
         while time.monotonic() < deadline:
             try:
                 os.kill(child, 0)
-            except ProcessLookupError:
-                break
-            if open(f"/proc/{child}/stat").read().split()[2] == "Z":  # exited, waiting for init to reap it
+                if open(f"/proc/{child}/stat").read().split()[2] == "Z":  # exited, waiting for init to reap it
+                    break
+            except (ProcessLookupError, FileNotFoundError):  # gone (reaped between the two looks, too)
                 break
             time.sleep(0.1)
         else:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from prometheus_client.parser import text_string_to_metric_families
 
 from fusionrank.contract.errors import FusionRankError
+from fusionrank.contract.names import BATCH_COMPUTE_METRIC
 
 REQUEST_SUCCESS = "nv_inference_request_success"
 REQUEST_FAILURE = "nv_inference_request_failure"
@@ -33,7 +34,7 @@ COMPUTE_US = ("nv_inference_compute_input_duration_us", "nv_inference_compute_in
 ROUTE_RESPONSES = "fusionrank_route_responses"  # the route's answers by `code` (fusionrank.route.metrics)
 ROUTE_ERRORS = f"{ROUTE_RESPONSES}:error"  # its answers with a code other than OK, summed
 METRICS = (REQUEST_SUCCESS, REQUEST_FAILURE, INFERENCE_COUNT, EXEC_COUNT, REQUEST_US, QUEUE_US, *COMPUTE_US,
-           ROUTE_RESPONSES)
+           ROUTE_RESPONSES, BATCH_COMPUTE_METRIC)
 
 Counters = dict[str, dict[str, float]]  # model -> metric -> value (summed over versions and other labels)
 
@@ -78,6 +79,7 @@ class MemberStats:
     request_ms: float  # end-to-end time inside the server per request
     queue_ms: float  # waiting for the dynamic batcher / an instance, per request
     compute_ms: float  # input + infer + output, per request
+    batch_compute_ms: float  # a member running concurrent batches: its own count of its batches' time, in all
     avg_batch: float  # rows per execution (inference count / execution count)
 
     def as_dict(self) -> dict:
@@ -104,6 +106,7 @@ def diff(before: Counters, after: Counters, models: Sequence[str] | None = None)
             request_ms=_per_request_ms(delta(REQUEST_US), requests),
             queue_ms=_per_request_ms(delta(QUEUE_US), requests),
             compute_ms=_per_request_ms(sum(delta(m) for m in COMPUTE_US), requests),
+            batch_compute_ms=delta(BATCH_COMPUTE_METRIC) / 1000.0,
             avg_batch=delta(INFERENCE_COUNT) / executions if executions else 0.0))
     return stats
 

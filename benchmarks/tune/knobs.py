@@ -9,9 +9,9 @@ from fusionrank.contract.spec import Modality, PipelineSpec
 
 
 def default_knobs(spec: PipelineSpec, cores: int | None = None) -> list[Knob]:
-    """Route instances and their gates' slots, each encoder's instances and ONNX Runtime intra-op threads, the
-    encoders' and the ranker's queue delays, the encoders' largest batch, the route's queue delay; bounded by the
-    machine's cores."""
+    """Route instances and their gates' slots, each encoder's concurrent batches (threads on one session: little
+    memory), instances (a process each) and ONNX Runtime intra-op threads, the encoders' and the ranker's queue
+    delays, the encoders' largest batch, the route's queue delay; bounded by the machine's cores."""
     cores = cores or os.cpu_count() or 1
     encoders = tuple(f"{m.value}_encoder" for m in spec.modalities.enabled)
     route = spec.serving.route
@@ -22,11 +22,13 @@ def default_knobs(spec: PipelineSpec, cores: int | None = None) -> list[Knob]:
     # The image encoder does most of the work per candidate: it gets its own instances and threads.
     heavy = f"{Modality.IMAGE.value}_encoder"
     if heavy in encoders:
-        knobs += [Knob(f"{heavy}.instances", (heavy,), "instances", up_to),
+        knobs += [Knob(f"{heavy}.concurrent_batches", (heavy,), "concurrent_batches", up_to),
+                  Knob(f"{heavy}.instances", (heavy,), "instances", up_to),
                   Knob(f"{heavy}.intra_op_threads", (heavy,), "intra_op_threads", up_to)]
     light = tuple(e for e in encoders if e != heavy)
     if light:
-        knobs += [Knob("other_encoders.instances", light, "instances", up_to),
+        knobs += [Knob("other_encoders.concurrent_batches", light, "concurrent_batches", up_to),
+                  Knob("other_encoders.instances", light, "instances", up_to),
                   Knob("other_encoders.intra_op_threads", light, "intra_op_threads", up_to)]
     knobs += [Knob("encoders.max_queue_delay_us", encoders, "max_queue_delay_us", (0, 1000, 2000, 5000, 10000, 20000)),
               Knob("fusion_ranker.max_queue_delay_us", ("fusion_ranker",), "max_queue_delay_us",

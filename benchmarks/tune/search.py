@@ -1,17 +1,17 @@
 """The search of `fusionrank tune`, free of any server: knobs over the spec's serving section, a budgeted
 coordinate descent from the hand-set spec, and the Pareto front of what it measured.
 
-A configuration is a mapping knob name -> value. Each knob sets one field (`instances`, `intra_op_threads`,
-`max_queue_delay_us`, `max_batch_size`) of one or more models in `serving.models`; a batch-size knob also keeps the
-preferred sizes that still fit (else the maximum alone). The search measures the hand-set configuration first, then
-walks the knobs, the instance knobs of the members the hand-set run found busiest first (`bottleneck_first`), the
-others in order of their expected effect: one step up and one step down each; a step that raises capacity
-(candidates/s within the SLO) by more than `min_gain` is taken and the walk goes on in that direction; a pass that
-takes no step ends the search, as does the budget (evaluations or seconds, whichever ends first). A step that met
-the SLO and gained but was over the memory budget (`--max-rss-mib`) is tried as a trade: with one instance fewer of
-each other model in turn (each instance is a process holding its own runtime and graphs), the first trade that
-gains within the SLO and the budget taken. Like Triton Model Analyzer's quick search, but over the whole pipeline's
-knobs, not one model's.
+A configuration is a mapping knob name -> value. Each knob sets one field (`instances`, `concurrent_batches`,
+`intra_op_threads`, `max_queue_delay_us`, `max_batch_size`) of one or more models in `serving.models`; a batch-size
+knob also keeps the preferred sizes that still fit (else the maximum alone). The search measures the hand-set
+configuration first, then walks the knobs, the instance and concurrent-batch knobs of the members the hand-set run
+found busiest first (`bottleneck_first`), the others in order of their expected effect: one step up and one step
+down each; a step that raises capacity (candidates/s within the SLO) by more than `min_gain` is taken and the walk
+goes on in that direction; a pass that takes no step ends the search, as does the budget (evaluations or seconds,
+whichever ends first). A step that met the SLO and gained but was over the memory budget (`--max-rss-mib`) is tried
+as a trade: with one instance fewer of each other model in turn (each instance is a process holding its own runtime
+and graphs), the first trade that gains within the SLO and the budget taken. Like Triton Model Analyzer's quick
+search, but over the whole pipeline's knobs, not one model's.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from fusionrank.contract.errors import FusionRankError
 from fusionrank.contract.spec import BatchingSpec, PipelineSpec
 
-FIELDS = ("instances", "intra_op_threads", "max_queue_delay_us", "max_batch_size")
+FIELDS = ("instances", "concurrent_batches", "intra_op_threads", "max_queue_delay_us", "max_batch_size")
+PARALLEL_FIELDS = ("instances", "concurrent_batches")  # how many batches of a model run at once
 ADMISSION_FIELDS = ("max_decoding_requests",)  # of `serving.admission`, not of a model (a knob naming no model)
 
 Config = Mapping[str, int]
@@ -153,11 +154,11 @@ Measure = Callable[[dict[str, int]], Trial]
 
 
 def bottleneck_first(knobs: Sequence[Knob], trial: Trial) -> list[Knob]:
-    """The knobs with the instance knobs of the models `trial` found busiest first (by their busiest model's share),
-    the others after them in their own order: on a machine whose bottleneck the hand-set spec did not expect, the
-    budget goes to the step that can move it."""
+    """The knobs with the instance and concurrent-batch knobs of the models `trial` found busiest first (by their
+    busiest model's share), the others after them in their own order: on a machine whose bottleneck the hand-set
+    spec did not expect, the budget goes to the step that can move it."""
     def busiest(knob: Knob) -> float:
-        if knob.field != "instances":
+        if knob.field not in PARALLEL_FIELDS:
             return 0.0
         return max((trial.busy.get(m, 0.0) for m in knob.models), default=0.0)
 

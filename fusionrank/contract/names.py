@@ -24,6 +24,9 @@ RANKER = "fusion_ranker"
 ROUTE = "rank"  # the default of `serving.route`
 ENSEMBLE = "rank_ensemble"  # the default of `serving.reference_ensemble`
 _ENCODER_SUFFIX = "_encoder"
+# A counter each member running concurrent batches publishes (model, instance): microseconds its batches computed.
+# Triton's own compute and request durations stop when `execute` hands the batch to a worker and returns.
+BATCH_COMPUTE_METRIC = "fusionrank_batch_compute_us"
 
 
 def encoder_name(modality: Modality) -> str:

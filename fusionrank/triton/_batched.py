@@ -1,18 +1,23 @@
 """The Python backend's side shared by every Triton model class here: reading a request's inputs and the model's
-`initialize` arguments, and the per-request loop of the members that batch across requests (`BatchedModel`)."""
+`initialize` arguments, the per-request loop of the members that batch across requests (`BatchedModel`), and the
+running of several of their batches at once in one instance (`ConcurrentBatches`)."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import sys
 import threading
+import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from fusionrank.contract.errors import PreprocessError
+from fusionrank.contract.names import BATCH_COMPUTE_METRIC
 
 
 def request_inputs(pb, request, names) -> dict:
@@ -38,6 +43,19 @@ def lower_priority() -> None:
         pass
 
 
+M_ARENA_MAX = -8  # glibc's mallopt(3) parameter
+
+
+def one_malloc_arena() -> None:
+    """glibc gives each thread that allocates its own malloc arena, and an arena keeps the peak of what its thread
+    ran; workers running concurrent batches held a peak each. One arena for the process (before the workers start)
+    keeps one. Without glibc, nothing changes."""
+    try:
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1)
+    except (OSError, AttributeError):
+        pass
+
+
 def pb_utils():
     # Only importable inside the Python backend's stub process; tests install a fake module under this name.
     return sys.modules.get("triton_python_backend_utils") or __import__("triton_python_backend_utils")
@@ -48,6 +66,49 @@ def model_args(args) -> tuple[dict, Path, dict[str, str]]:
     config = json.loads(args["model_config"])
     version_dir = Path(args["model_repository"]) / args["model_version"]
     return config, version_dir, {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+
+class ConcurrentBatches:
+    """A model instance running up to `slots` batches at once on worker threads sharing what its setup built (an
+    ONNX Runtime session runs concurrent calls, each releasing the GIL). Its execute hands each batch over and
+    answers through response senders (Triton >= 24.06 allows it in a non-decoupled model), and returns to Triton only
+    with a slot free: Triton's dynamic batcher goes on filling the next batch while every slot is busy, instead of
+    handing over one request at a time (the eager batching Triton's docs warn of). Triton's compute and request
+    durations stop at the hand-off, so the batches' time is counted in `BATCH_COMPUTE_METRIC`."""
+
+    def __init__(self, pb, model: str, args, slots: int):
+        one_malloc_arena()  # before the workers start
+        self.free = threading.BoundedSemaphore(slots)
+        self.workers = ThreadPoolExecutor(slots, thread_name_prefix=model)
+        # Kept: a MetricFamily object that is garbage-collected deletes the family and its metrics in the server.
+        self.family = pb.MetricFamily(name=BATCH_COMPUTE_METRIC, kind=pb.MetricFamily.COUNTER,
+                                      description="Microseconds a member's concurrent batches computed")
+        self.compute_us = self.family.Metric(labels={"model": model,
+                                                     "instance": args.get("model_instance_name", model)})
+        # One update at a time: the stub rewrites a metric's shared memory with the GIL released, and two workers
+        # incrementing at once handed Triton a freed metric (SIGSEGV in triton::core::Metric::Increment, 2.51).
+        self.metric_lock = threading.Lock()
+
+    def hand_over(self, work, *args) -> None:
+        """Run `work(*args)` on a worker; back once a slot is free for the next batch."""
+        self.free.acquire()
+        self.workers.submit(self._run, work, args)
+        self.free.acquire()
+        self.free.release()
+
+    def _run(self, work, args) -> None:
+        try:
+            work(*args)
+        finally:
+            self.free.release()
+
+    def count(self, computed_us: float) -> None:
+        with self.metric_lock:
+            self.compute_us.increment(computed_us)
+
+    def close(self) -> None:
+        self.workers.shutdown(wait=True)
+        self.compute_us = self.family = None  # freed while the stub still talks to the server (the route's finalize)
 
 
 class BatchedModel:
@@ -62,6 +123,8 @@ class BatchedModel:
         self.output_names = [o["name"] for o in self.model_config["output"]]
         self.input_names = [i["name"] for i in self.model_config["input"]]
         self.logger = pb.Logger
+        concurrent = int(self.params.get("concurrent_batches", "1"))
+        self.concurrent = ConcurrentBatches(pb, self.name, args, concurrent) if concurrent > 1 else None
         self.setup()
 
     def setup(self) -> None:
@@ -79,10 +142,42 @@ class BatchedModel:
 
     def execute(self, requests):
         pb = pb_utils()
-        prepared, errors = [], {}
-        for i, request in enumerate(requests):
+        if self.concurrent is None:
+            return self._responses(pb, [request_inputs(pb, r, self.input_names) for r in requests])
+        senders = [r.get_response_sender() for r in requests]
+        # Copied: Triton frees a request's input buffers when execute returns.
+        inputs = [{n: None if a is None else np.array(a) for n, a in request_inputs(pb, r, self.input_names).items()}
+                  for r in requests]
+        self.concurrent.hand_over(self._answer, pb, inputs, senders)
+        return None
+
+    def _answer(self, pb, inputs: list[dict], senders: list) -> None:
+        """A concurrent batch, on a worker thread: one final response per request through its sender, whatever
+        fails, then its compute time counted."""
+        began = time.perf_counter()
+        try:
+            responses = self._responses(pb, inputs)
+        except Exception:  # every request still gets its answer
+            self.logger.log_error(f"{self.name}: batch failed:\n{traceback.format_exc()}")
+            error = pb.TritonError(f"{self.name}: internal error (see server log)", pb.TritonError.INTERNAL)
+            responses = [pb.InferenceResponse(output_tensors=[], error=error) for _ in senders]
+        computed_us = (time.perf_counter() - began) * 1e6
+        for i, (sender, response) in enumerate(zip(senders, responses)):
             try:
-                prepared.append((i, self.prepare(request_inputs(pb, request, self.input_names))))
+                sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            except Exception:  # one response that cannot leave (its caller went) never stops the others
+                self.logger.log_error(f"{self.name}: sending response {i} failed:\n{traceback.format_exc()}")
+        try:
+            self.concurrent.count(computed_us)
+        except Exception:  # metrics are for operators: a failed update never fails the requests
+            self.logger.log_error(f"{self.name}: counting a batch's time failed:\n{traceback.format_exc()}")
+
+    def _responses(self, pb, inputs: list[dict]) -> list:
+        """One response per request's inputs, in order: its outputs, or the error that request alone gets."""
+        prepared, errors = [], {}
+        for i, arrays in enumerate(inputs):
+            try:
+                prepared.append((i, self.prepare(arrays)))
             except PreprocessError as exc:  # RequestValidationError included
                 errors[i] = pb.TritonError(str(exc), pb.TritonError.INVALID_ARG)
             except Exception:  # any other failure is ours: log it, answer INTERNAL, keep serving
@@ -90,7 +185,7 @@ class BatchedModel:
                 errors[i] = pb.TritonError(f"{self.name}: internal error (see server log)", pb.TritonError.INTERNAL)
         outputs_by_request = self._run_grouped(prepared, errors)
         responses = []
-        for i in range(len(requests)):
+        for i in range(len(inputs)):
             if i in errors:
                 responses.append(pb.InferenceResponse(output_tensors=[], error=errors[i]))
             else:
@@ -136,4 +231,5 @@ class BatchedModel:
         return results
 
     def finalize(self):
-        pass
+        if self.concurrent is not None:
+            self.concurrent.close()

@@ -83,7 +83,10 @@ def onnxruntime_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
     # One thread per session by default: the three encoders run concurrently in their own stubs, and several
     # threads each oversubscribe the cores (measured on 2 cores: a 10-candidate request 436 ms with the default,
     # 352 ms with 1); `fusionrank tune` measures other values per machine.
-    config.parameters["intra_op_threads"].string_value = str(spec.serving.batching(model).intra_op_threads)
+    batching = spec.serving.batching(model)
+    config.parameters["intra_op_threads"].string_value = str(batching.intra_op_threads)
+    if batching.concurrent_batches > 1:
+        config.parameters["concurrent_batches"].string_value = str(batching.concurrent_batches)
     if model == RANKER:
         config.parameters["check_finite_outputs"].string_value = "true"
     else:

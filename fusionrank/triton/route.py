@@ -220,6 +220,9 @@ class RouteModel:
         self.pool.shutdown(wait=False, cancel_futures=True)
         if self.cache is not None:
             self.cache.close()
+        # Dropped while the stub still talks to the server: a metric family freed at the stub's exit, after its
+        # shared memory is gone, crashed the stub (SIGSEGV in Metric::SaveToSharedMemory from ~MetricFamily).
+        self.metrics = self.responses = None
 
 
 def route_config(spec: PipelineSpec, member_files: dict[str, str],

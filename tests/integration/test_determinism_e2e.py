@@ -1,6 +1,7 @@
 """The same request, the same scores (issue 19), on a real Triton server serving the CI spec with INT8 text and image
 encoders (the default spec's choice; the CI spec itself serves FP32 so the other e2e tests can compare with PyTorch
-at FP32 tolerances) and the server-wide cache `TritonServer` starts: one request scored alone, replayed from the
+at FP32 tolerances), each encoder running two batches at once on its one session (`concurrent_batches: 2`, a
+`fusionrank tune` knob), and the server-wide cache `TritonServer` starts: one request scored alone, replayed from the
 cache, from several callers at once, amid other callers' never-seen traffic, and through `rank_ensemble`, within
 1e-6 and in the same order; warming through one route instance warms them all."""
 
@@ -21,13 +22,17 @@ INT8 = {"text_encoder": Precision.INT8, "image_encoder": Precision.INT8}
 
 @pytest.fixture(scope="module")
 def int8_served(ci_spec, built_repository, tmp_path_factory):
-    """(CI spec serving INT8 text and image encoders, its repository): rendered for that spec, the CI export's files
-    linked, the INT8 graphs built and gated by export."""
+    """(CI spec serving INT8 text and image encoders, two batches at once each, its repository): rendered for that
+    spec, the CI export's files linked, the INT8 graphs built and gated by export."""
     from export.convert.onnx2cpu import export_cpu_profile
     from fusionrank.triton.render import render_repository
 
     cpu = dataclasses.replace(ci_spec.export.cpu, precision=dict(INT8))
-    spec = ci_spec.with_overrides(export=dataclasses.replace(ci_spec.export, cpu=cpu))
+    serving = ci_spec.serving
+    models = {**serving.models, **{m: dataclasses.replace(serving.batching(m), concurrent_batches=2)
+                                   for m in ("text_encoder", "image_encoder", "audio_encoder")}}
+    spec = ci_spec.with_overrides(export=dataclasses.replace(ci_spec.export, cpu=cpu),
+                                  serving=dataclasses.replace(serving, models=models))
     repo = tmp_path_factory.mktemp("int8-served") / "model_repository"
     render_repository(spec, repo)
     for version in built_repository.glob("*/1"):

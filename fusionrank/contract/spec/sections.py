@@ -234,9 +234,14 @@ class BatchingSpec:
     # ONNX Runtime's intra-op threads per instance of a CPU-profile graph (0: one per core, ONNX Runtime's default);
     # read only for the ONNX Runtime members. Inter-op threads are not offered: the sessions run sequentially.
     intra_op_threads: int = 1
+    # Batches one instance of an ONNX Runtime member runs at once, on threads sharing its one session (1: one at a
+    # time, as Triton runs an instance). A second instance is a second process holding its own runtime and graph
+    # (~100-200 MiB); a second concurrent batch costs only that batch's tensors. Read only for the CPU profile.
+    concurrent_batches: int = 1
 
     def __post_init__(self):
         check_positive("serving.models.*.max_batch_size", self.max_batch_size)
+        check_positive("serving.models.*.concurrent_batches", self.concurrent_batches)
         check_sorted_unique("serving.models.*.preferred_batch_sizes", self.preferred_batch_sizes)
         if self.preferred_batch_sizes[-1] > self.max_batch_size:
             fail("serving.models.*.preferred_batch_sizes", list(self.preferred_batch_sizes),

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from benchmarks.tune.knobs import default_knobs
+from benchmarks.tune.measure import busy_shares
 from benchmarks.tune.report import merged_spec, write_report
 from benchmarks.tune.search import (
     Budget,
@@ -131,6 +132,36 @@ def test_rendered_config_carries_intra_op_threads(ci_spec):
     assert b'key: "intra_op_threads"\n  value {\n    string_value: "2"' in config
 
 
+def test_rendered_config_carries_concurrent_batches_only_where_above_one(ci_spec):
+    from fusionrank.triton.render import rendered_files
+
+    tuned = apply(ci_spec, [Knob("c", ("text_encoder",), "concurrent_batches", (1, 2))], {"c": 2})
+    files = {f.path: f.content for f in rendered_files(tuned)}
+    assert b'key: "concurrent_batches"\n  value {\n    string_value: "2"' in files["text_encoder/configs/cpu.pbtxt"]
+    assert b"concurrent_batches" not in files["image_encoder/configs/cpu.pbtxt"]
+    assert b"concurrent_batches" not in files["text_encoder/config.pbtxt"], "only the CPU profile's class reads it"
+
+
+def _scrape(model: str, executions: int, compute_us: float, batch_compute_us: float | None = None) -> str:
+    lines = [f'nv_inference_request_success{{model="{model}",version="1"}} {executions}',
+             f'nv_inference_exec_count{{model="{model}",version="1"}} {executions}',
+             f'nv_inference_compute_infer_duration_us{{model="{model}",version="1"}} {compute_us}']
+    if batch_compute_us is not None:
+        lines += ["# TYPE fusionrank_batch_compute_us counter",
+                  f'fusionrank_batch_compute_us{{model="{model}",instance="{model}_0_0"}} {batch_compute_us}']
+    return "\n".join(lines) + "\n"
+
+
+def test_busy_share_of_a_member_running_concurrent_batches_is_its_own_count_not_tritons_hand_off(ci_spec):
+    """10 batches of one request, 100 ms each, over 1 s. One at a time: Triton's compute time is the batch. Two at
+    once: Triton times only the hand-off (1 ms); the member's own counter holds the batches, shared by two slots."""
+    concurrent = apply(ci_spec, [Knob("c", ("text_encoder",), "concurrent_batches", (1, 2))], {"c": 2})
+    after = _scrape("text_encoder", 10, 10 * 1e3, 10 * 100e3) + _scrape("image_encoder", 10, 10 * 100e3)
+    busy = busy_shares(concurrent, "", after, seconds=1.0)
+    assert busy["text_encoder"] == pytest.approx(0.5)
+    assert busy["image_encoder"] == pytest.approx(1.0)
+
+
 def test_refusal(ci_spec, tmp_path):
     bad = Trial({"a": 1}, 10.0, 5000.0, False, "p99 5000 ms > 3000 ms")
     with pytest.raises(TuneError, match="refusing the overlay"):
@@ -200,14 +231,16 @@ def test_confirm_interleaves_and_tests_the_windows():
     assert not comparison.significant
 
 
-def test_the_busiest_members_instance_knob_is_searched_first(ci_spec):
+def test_the_busiest_members_parallel_knobs_are_searched_first(ci_spec):
+    """Concurrent batches (threads on one session) before instances (a process each): the cheaper step first."""
     knobs = default_knobs(ci_spec, cores=2)
     start = Trial({}, 100.0, 500.0, True, busy={"text_encoder": 0.93, "image_encoder": 0.6, "audio_encoder": 0.1})
     ordered = bottleneck_first(knobs, start)
-    assert [k.name for k in ordered[:2]] == ["other_encoders.instances", "image_encoder.instances"]
+    assert [k.name for k in ordered[:4]] == ["other_encoders.concurrent_batches", "other_encoders.instances",
+                                             "image_encoder.concurrent_batches", "image_encoder.instances"]
     assert sorted(k.name for k in ordered) == sorted(k.name for k in knobs)
-    first = {k.name for k in ordered[:2]}
-    assert [k.name for k in ordered[2:]] == [k.name for k in knobs if k.name not in first], "the others keep order"
+    first = {k.name for k in ordered[:4]}
+    assert [k.name for k in ordered[4:]] == [k.name for k in knobs if k.name not in first], "the others keep order"
     idle = Trial({}, 100.0, 500.0, True, busy={"text_encoder": 0.2})
     assert bottleneck_first(knobs, idle) == knobs, "no busy member: the expected-effect order"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -12,6 +13,7 @@ import pytest
 from google.protobuf import json_format
 from onnx import TensorProto, helper
 
+from fusionrank.contract.names import BATCH_COMPUTE_METRIC
 from fusionrank.contract.spec import Modality
 from fusionrank.triton.exported import OnnxRuntimeModel
 from fusionrank.triton.pool import PoolModel
@@ -235,6 +237,75 @@ def test_encoders_run_their_batches_at_batch_work_priority_and_the_ranker_does_n
     worker.join()
     assert seen == [max(base, BATCH_WORK_NICENESS)]
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
+
+
+def _concurrent_audio_encoder(ci_spec, tmp_path, batches: int):
+    serving = ci_spec.serving
+    models = {**serving.models, "audio_encoder": dataclasses.replace(serving.batching("audio_encoder"),
+                                                                     concurrent_batches=batches)}
+    spec = ci_spec.with_overrides(serving=dataclasses.replace(serving, models=models))
+    version_dir = tmp_path / "audio_encoder" / "1"
+    version_dir.mkdir(parents=True)
+    _tiny_onnx(version_dir / spec.export.cpu.onnx_file("audio_encoder"))
+    return _init(OnnxRuntimeModel, spec, "audio_encoder", version_dir)
+
+
+def test_an_instance_runs_concurrent_batches_on_its_one_session(pb, ci_spec, tmp_path, monkeypatch):
+    """`concurrent_batches: 2`: execute hands its batch to a worker and returns (None) while a slot is free, each
+    request answered once, final, through its sender; two batches run at once on the one session."""
+    model = _concurrent_audio_encoder(ci_spec, tmp_path, 2)
+    both_running = threading.Barrier(2, timeout=10)  # a second batch that never starts alongside breaks it
+    real_run = model.session.run
+    monkeypatch.setattr(model.session, "run", lambda names, feed: both_running.wait() >= 0 and real_run(names, feed))
+    requests = [FakeRequest({"log_mel": np.full((n, 4), n, dtype=np.float32)}) for n in (1, 3)]
+    assert model.execute([requests[0]]) is None
+    assert model.execute([requests[1]]) is None
+    model.finalize()  # waits for the workers
+    for n, request in zip((1, 3), requests):
+        assert request.final and len(request.sent) == 1
+        np.testing.assert_array_equal(_outputs(request.sent[0])["audio_embedding"], np.full((n, 4), 2.0 * n))
+    # Triton's timing stops at the hand-off: the member counts its batches' time itself.
+    assert pb.MetricFamily.families[BATCH_COMPUTE_METRIC].total(model="audio_encoder") > 0
+
+
+def test_concurrent_batches_count_their_time_one_update_at_a_time(pb, ci_spec, tmp_path, monkeypatch):
+    """Two workers updating one pb_utils metric at once crashed Triton 2.51 (the stub rewrites the metric's shared
+    memory with the GIL released): the updates are serialised."""
+    model = _concurrent_audio_encoder(ci_spec, tmp_path, 2)
+    both_running = threading.Barrier(2, timeout=10)
+    real_run = model.session.run
+    monkeypatch.setattr(model.session, "run", lambda names, feed: both_running.wait() >= 0 and real_run(names, feed))
+    together, overlapped = threading.Barrier(2, timeout=0.5), []
+
+    def increment(value):  # both workers inside at once pass the barrier; one at a time, the first one breaks it
+        try:
+            together.wait()
+            overlapped.append(value)
+        except threading.BrokenBarrierError:
+            pass
+
+    monkeypatch.setattr(model.concurrent.compute_us, "increment", increment)
+    requests = [FakeRequest({"log_mel": np.ones((1, 4), dtype=np.float32)}) for _ in range(2)]
+    for request in requests:
+        model.execute([request])
+    model.finalize()
+    assert all(r.final for r in requests) and together.broken and not overlapped
+
+
+def test_a_concurrent_batch_that_fails_answers_each_request_and_frees_its_slot(pb, ci_spec, tmp_path, monkeypatch):
+    model = _concurrent_audio_encoder(ci_spec, tmp_path, 2)
+    real_run = model.session.run
+    failing = iter([True, False])
+    monkeypatch.setattr(model.session, "run", lambda names, feed: real_run(names, feed) if not next(failing)
+                        else 1 / 0)
+    bad = [FakeRequest({"log_mel": np.ones((2, 4), dtype=np.float32)}) for _ in range(2)]
+    good = FakeRequest({"log_mel": np.ones((1, 4), dtype=np.float32)})
+    model.execute(bad)
+    model.execute([good])  # a slot is free again: the failed batch released its own
+    model.finalize()
+    assert [r.sent[0].error.code for r in bad] == [FakeError.INTERNAL] * 2
+    np.testing.assert_array_equal(_outputs(good.sent[0])["audio_embedding"], np.full((1, 4), 2.0))
+    assert model.concurrent.free._value == 2, "every slot back"
 
 
 def _tiny_ranker_onnx(path):

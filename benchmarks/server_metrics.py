@@ -78,8 +78,7 @@ class MemberStats:
     executions: int
     request_ms: float  # end-to-end time inside the server per request
     queue_ms: float  # waiting for the dynamic batcher / an instance, per request
-    compute_ms: float  # input + infer + output, per request
-    batch_compute_ms: float  # a member running concurrent batches: its own count of its batches' time, in all
+    compute_ms: float  # input + infer + output, per request (its batch's time)
     avg_batch: float  # rows per execution (inference count / execution count)
 
     def as_dict(self) -> dict:
@@ -100,13 +99,19 @@ def diff(before: Counters, after: Counters, models: Sequence[str] | None = None)
         # The route's error answers are in Triton's successes (server#7713): moved to the failures.
         errors = delta(ROUTE_ERRORS)
         executions = delta(EXEC_COUNT)
+        request_ms = _per_request_ms(delta(REQUEST_US), requests)
+        compute_ms = _per_request_ms(sum(delta(m) for m in COMPUTE_US), requests)
+        batches_ms = delta(BATCH_COMPUTE_METRIC) / 1000.0
+        if batches_ms and executions:
+            # A member running concurrent batches: Triton's compute and request times stop at the hand-off to its
+            # worker, so its own count of its batches' time gives a request's compute (its batch's mean time), and
+            # the request's time in the server is Triton's (queue and hand-off) plus that.
+            compute_ms = batches_ms / executions
+            request_ms += compute_ms
         stats.append(MemberStats(
             model=model, requests=int(round(requests - errors)), failures=int(round(delta(REQUEST_FAILURE) + errors)),
-            inferences=int(round(delta(INFERENCE_COUNT))), executions=int(round(executions)),
-            request_ms=_per_request_ms(delta(REQUEST_US), requests),
-            queue_ms=_per_request_ms(delta(QUEUE_US), requests),
-            compute_ms=_per_request_ms(sum(delta(m) for m in COMPUTE_US), requests),
-            batch_compute_ms=delta(BATCH_COMPUTE_METRIC) / 1000.0,
+            inferences=int(round(delta(INFERENCE_COUNT))), executions=int(round(executions)), request_ms=request_ms,
+            queue_ms=_per_request_ms(delta(QUEUE_US), requests), compute_ms=compute_ms,
             avg_batch=delta(INFERENCE_COUNT) / executions if executions else 0.0))
     return stats
 

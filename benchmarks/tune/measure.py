@@ -153,19 +153,17 @@ def within_memory(trial: Trial, rss_mib: float, limit_mib: float | None) -> Tria
 
 
 def busy_shares(spec: PipelineSpec, before: str, after: str, seconds: float) -> dict[str, float]:
-    """Per member model, the share of the run its instances spent computing: Triton's compute time per execution
-    (it adds a batch's time to each of its requests) times the executions, over the run's wall time and the model's
-    batches at once (instances x concurrent batches). Near 1, the model is the bottleneck and more of it may pay
-    (`fusionrank tune` searches those knobs first). A member running concurrent batches answers through response
-    senders, where Triton's timing stops at the hand-off to a worker: its own counter of its batches' time is read
-    instead (`BATCH_COMPUTE_METRIC`)."""
+    """Per member model, the share of the run its instances spent computing: its compute time per execution (Triton
+    adds a batch's time to each of its requests; a member running concurrent batches counts its own,
+    `server_metrics.diff`) times the executions, over the run's wall time and the model's batches at once (instances
+    x concurrent batches). Near 1, the model is the bottleneck and more of it may pay (`fusionrank tune` searches
+    those knobs first)."""
     if seconds <= 0:
         return {}
 
     def share(s) -> float:
         batching = spec.serving.batching(s.model)
-        computed_ms = s.batch_compute_ms if batching.concurrent_batches > 1 else s.compute_ms * s.executions
-        return computed_ms / (seconds * 1000.0 * batching.instances * batching.concurrent_batches)
+        return s.compute_ms * s.executions / (seconds * 1000.0 * batching.instances * batching.concurrent_batches)
 
     return {s.model: share(s) for s in diff(parse_counters(before), parse_counters(after))
             if s.model != spec.serving.route}

@@ -20,10 +20,20 @@ from fusionrank.contract.errors import PreprocessError
 from fusionrank.contract.names import BATCH_COMPUTE_METRIC
 
 
-def request_inputs(pb, request, names) -> dict:
-    """A request's input arrays by name; an optional input the caller left out is None."""
+def request_inputs(pb, request, names, copy: bool = False) -> dict:
+    """A request's input arrays by name; an optional input the caller left out is None. `copy`: arrays of their own,
+    for work that outlives `execute` (Triton frees a request's input buffers when execute returns)."""
     tensors = {n: pb.get_input_tensor_by_name(request, n) for n in names}
-    return {n: None if t is None else t.as_numpy() for n, t in tensors.items()}
+    return {n: None if t is None else np.array(t.as_numpy()) if copy else t.as_numpy() for n, t in tensors.items()}
+
+
+def send_final(pb, sender, response, who: str, index: int) -> None:
+    """`response` as its request's one final response, through `sender`; one that cannot leave (its caller went) is
+    logged and never stops the others."""
+    try:
+        sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    except Exception:
+        pb.Logger.log_error(f"{who}: sending response {index} failed:\n{traceback.format_exc()}")
 
 
 # Batch work (decoding and encoding never-seen items) runs at this niceness, Linux's per-thread CPU priority, so the
@@ -145,9 +155,7 @@ class BatchedModel:
         if self.concurrent is None:
             return self._responses(pb, [request_inputs(pb, r, self.input_names) for r in requests])
         senders = [r.get_response_sender() for r in requests]
-        # Copied: Triton frees a request's input buffers when execute returns.
-        inputs = [{n: None if a is None else np.array(a) for n, a in request_inputs(pb, r, self.input_names).items()}
-                  for r in requests]
+        inputs = [request_inputs(pb, r, self.input_names, copy=True) for r in requests]
         self.concurrent.hand_over(self._answer, pb, inputs, senders)
         return None
 
@@ -159,14 +167,10 @@ class BatchedModel:
             responses = self._responses(pb, inputs)
         except Exception:  # every request still gets its answer
             self.logger.log_error(f"{self.name}: batch failed:\n{traceback.format_exc()}")
-            error = pb.TritonError(f"{self.name}: internal error (see server log)", pb.TritonError.INTERNAL)
-            responses = [pb.InferenceResponse(output_tensors=[], error=error) for _ in senders]
+            responses = [pb.InferenceResponse(output_tensors=[], error=self._internal(pb)) for _ in senders]
         computed_us = (time.perf_counter() - began) * 1e6
         for i, (sender, response) in enumerate(zip(senders, responses)):
-            try:
-                sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            except Exception:  # one response that cannot leave (its caller went) never stops the others
-                self.logger.log_error(f"{self.name}: sending response {i} failed:\n{traceback.format_exc()}")
+            send_final(pb, sender, response, self.name, i)
         try:
             self.concurrent.count(computed_us)
         except Exception:  # metrics are for operators: a failed update never fails the requests
@@ -182,7 +186,7 @@ class BatchedModel:
                 errors[i] = pb.TritonError(str(exc), pb.TritonError.INVALID_ARG)
             except Exception:  # any other failure is ours: log it, answer INTERNAL, keep serving
                 self.logger.log_error(f"{self.name}: request {i} failed:\n{traceback.format_exc()}")
-                errors[i] = pb.TritonError(f"{self.name}: internal error (see server log)", pb.TritonError.INTERNAL)
+                errors[i] = self._internal(pb)
         outputs_by_request = self._run_grouped(prepared, errors)
         responses = []
         for i in range(len(inputs)):
@@ -212,8 +216,7 @@ class BatchedModel:
             except Exception:  # a failed batch is ours: log it, answer INTERNAL to its requests
                 self.logger.log_error(f"{self.name}: batch failed:\n{traceback.format_exc()}")
                 for i, _ in members:
-                    errors[i] = pb.TritonError(f"{self.name}: internal error (see server log)",
-                                               pb.TritonError.INTERNAL)
+                    errors[i] = self._internal(pb)
                 continue
             offsets = np.cumsum([0, *counts])
             for (i, _), start, stop in zip(members, offsets[:-1], offsets[1:]):
@@ -229,6 +232,10 @@ class BatchedModel:
                     continue
                 results[i] = part
         return results
+
+    def _internal(self, pb):
+        """The error a request gets for a failure of ours (logged beside it)."""
+        return pb.TritonError(f"{self.name}: internal error (see server log)", pb.TritonError.INTERNAL)
 
     def finalize(self):
         if self.concurrent is not None:

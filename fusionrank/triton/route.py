@@ -27,7 +27,7 @@ from fusionrank.route.item_keys import MEMBER_FILES, encoder_identities
 from fusionrank.route.members import MemberCallError, RouteError, Status
 from fusionrank.route.metrics import CacheMetrics, ResponseMetrics
 from fusionrank.route.stages import RankingRoute, RouteRequest
-from fusionrank.triton._batched import lower_priority, model_args, pb_utils, request_inputs
+from fusionrank.triton._batched import lower_priority, model_args, pb_utils, request_inputs, send_final
 from fusionrank.triton._config import Configs, TritonUnit, add_instances, base_config, gpu_batching, spec_parameter
 from fusionrank.triton.exported import served_file
 
@@ -169,11 +169,9 @@ class RouteModel:
         pb = pb_utils()
         now = time.monotonic()
         senders = [r.get_response_sender() for r in requests]
-        # Copied: Triton frees a request's input buffers when execute returns. Cancellation is asked of the sender,
-        # which outlives the request.
-        plain = [RouteRequest({n: None if a is None else np.array(a) for n, a in
-                               request_inputs(pb, r, self.input_names).items()},
-                              s.is_cancelled, request_deadline(r, now), request_level(r, *self.levels), now)
+        # Copied: the work outlives execute. Cancellation is asked of the sender, which outlives the request.
+        plain = [RouteRequest(request_inputs(pb, r, self.input_names, copy=True), s.is_cancelled,
+                              request_deadline(r, now), request_level(r, *self.levels), now)
                  for r, s in zip(requests, senders)]
         task = asyncio.ensure_future(self._serve(pb, plain, senders))
         self.pending.add(task)
@@ -192,10 +190,7 @@ class RouteModel:
                 response = pb.InferenceResponse(output_tensors=[pb.Tensor(n, result[n]) for n in self.output_names])
             # Counted before it leaves: a caller that reads the metrics once answered finds its request in them.
             self._publish(pb, [codes[i]])
-            try:
-                senders[i].send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            except Exception:  # one response that cannot leave (its caller went) never stops the others
-                pb.Logger.log_error(f"route: sending response {i} failed:\n{traceback.format_exc()}")
+            send_final(pb, senders[i], response, "route", i)
 
         try:
             await self.route.rank(plain, answer)

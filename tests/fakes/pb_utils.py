@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -162,11 +163,18 @@ class FakeMetric:
     family: FakeMetricFamily
     labels: dict
     value: float = 0.0
+    updating: threading.Lock = field(default_factory=threading.Lock)
 
     def increment(self, value: float) -> None:
-        if self.family.kind == FakeMetricFamily.COUNTER and value < 0:
-            raise ValueError("a counter cannot decrease")
-        self.value += value
+        # Triton 2.51 crashed (SIGSEGV in Metric::Increment) when two threads updated one metric at once: refused.
+        if not self.updating.acquire(blocking=False):
+            raise RuntimeError("two threads updated one metric at once (tritonserver 2.51 crashes)")
+        try:
+            if self.family.kind == FakeMetricFamily.COUNTER and value < 0:
+                raise ValueError("a counter cannot decrease")
+            self.value += value
+        finally:
+            self.updating.release()
 
     def set(self, value: float) -> None:
         if self.family.kind != FakeMetricFamily.GAUGE:

@@ -4,7 +4,10 @@ training, parity) and online (the Triton Python-backend models).
 Every preprocessor is called with one request's rows (`list[bytes]`, one per candidate) and returns the encoder's
 input arrays keyed by tensor name (see `fusionrank.contract.tensors.encoder_inputs`). Bad rows raise `PreprocessError`
 naming the input and row, e.g. `item_image[3]: cannot decode image: ...`. Declared sizes are checked against the
-spec's limits before anything is decoded, and no output holds a NaN or an infinity.
+spec's limits before anything is decoded, and no output holds a NaN or an infinity. `header(raw, name)` runs one
+row's checks that need no decoding (the same ones, with the same messages) and returns what decoding it would cost
+in the modality's unit (pixels, samples read, frames walked, characters): the route checks a request's misses with
+it before they wait for a decoding slot (`fusionrank.request.cost`).
 
 Preprocessors keep no per-call state: one instance may be called from several threads at once.
 """
@@ -31,6 +34,8 @@ class Preprocessor(Protocol):
     input_name: str
 
     def __call__(self, rows: list[bytes]) -> dict[str, np.ndarray]: ...
+
+    def header(self, raw: bytes, name: str) -> int: ...
 
 
 def build_preprocessor(spec: PipelineSpec, modality: Modality, tokenizer_dir: Path | None = None) -> Preprocessor:

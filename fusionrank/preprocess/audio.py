@@ -14,8 +14,10 @@ Stateless: the window, filter bank and cached resampling filters are read-only o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
+from collections.abc import Iterator
 from fractions import Fraction
 
 import numpy as np
@@ -79,8 +81,10 @@ class AudioPreprocessor:
         if seconds > spec.max_seconds:
             raise PreprocessError(name, f"audio is {seconds:.1f} s long; at most {spec.max_seconds:g} s allowed")
 
-    def read(self, raw: bytes, name: str) -> tuple[np.ndarray, int]:
-        """Mono float32 samples of (at most) the first clip and the file's rate; only the header is trusted."""
+    @contextlib.contextmanager
+    def open(self, raw: bytes, name: str) -> Iterator[sf.SoundFile]:
+        """The WAV opened (only its header read) and checked against the spec's limits; bad payloads (and failures
+        to read it inside the block) raise PreprocessError naming `name`."""
         spec = self.spec
         if not raw:
             raise PreprocessError(name, "audio is empty")
@@ -89,14 +93,28 @@ class AudioPreprocessor:
         try:
             with sf.SoundFile(io.BytesIO(raw)) as wav:
                 self.check_header(wav, name)
-                rate = int(wav.samplerate)
-                # Enough input for one output clip plus the resampling filter's margin, never the whole file.
-                needed = int(np.ceil(spec.clip_seconds * rate)) + 64
-                samples = wav.read(frames=needed, dtype="float32", always_2d=True)
+                yield wav
         except PreprocessError:
             raise
-        except (sf.LibsndfileError, RuntimeError, ValueError, TypeError, OverflowError) as exc:
+        except sf.LibsndfileError as exc:  # its text names the BytesIO object's address: libsndfile's reason only
+            raise PreprocessError(name, f"cannot decode WAV: {exc.error_string}") from None
+        except (RuntimeError, ValueError, TypeError, OverflowError) as exc:
             raise PreprocessError(name, f"cannot decode WAV: {exc}") from None
+
+    def _needed(self, rate: int) -> int:
+        """Input samples read for one output clip plus the resampling filter's margin, never the whole file."""
+        return int(np.ceil(self.spec.clip_seconds * rate)) + 64
+
+    def header(self, raw: bytes, name: str) -> int:
+        """Every check that needs no decoding (`open`); returns the samples decoding would read (all channels)."""
+        with self.open(raw, name) as wav:
+            return min(int(wav.frames), self._needed(int(wav.samplerate))) * int(wav.channels)
+
+    def read(self, raw: bytes, name: str) -> tuple[np.ndarray, int]:
+        """Mono float32 samples of (at most) the first clip and the file's rate; only the header is trusted."""
+        with self.open(raw, name) as wav:
+            rate = int(wav.samplerate)
+            samples = wav.read(frames=self._needed(rate), dtype="float32", always_2d=True)
         if len(samples) == 0:
             raise PreprocessError(name, "audio has no samples")
         if not np.isfinite(samples).all():

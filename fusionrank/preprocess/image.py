@@ -24,7 +24,9 @@ Stateless: every call works on its own Image objects; the tables are read-only a
 
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -35,6 +37,7 @@ from fusionrank.contract.tensors import ITEM_INPUT, Modality
 
 # Decode or downscale by integer factors only while the source stays at least this many times the target size.
 REDUCING_GAP = 2.0
+
 
 
 class ImagePreprocessor:
@@ -66,29 +69,45 @@ class ImagePreprocessor:
         if max(width, height) / min(width, height) > spec.max_aspect_ratio:
             raise PreprocessError(name, f"aspect ratio of {width}x{height} exceeds {spec.max_aspect_ratio:g}:1")
 
-    def decode(self, raw: bytes, name: str) -> Image.Image:
-        """The decoded image (JPEGs possibly at 1/2, 1/4 or 1/8 scale); bad payloads raise PreprocessError."""
+    @contextlib.contextmanager
+    def _errors(self, name: str) -> Iterator[None]:
+        """Pillow's failures to open or decode a payload, as PreprocessError naming `name`."""
+        try:
+            yield
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise PreprocessError(name, f"image too large to decode (decompression bomb): {exc}") from None
+        except Image.UnidentifiedImageError:  # only the allowed formats' parsers are tried (smaller attack surface)
+            raise PreprocessError(name, f"unsupported image format or not an image; allowed: "
+                                        f"{', '.join(self.spec.formats)}") from None
+        except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
+            raise PreprocessError(name, f"cannot decode image: {exc}") from None
+
+    def open(self, raw: bytes, name: str) -> Image.Image:
+        """The payload opened lazily (only its header read) and checked against the spec's limits; bad payloads raise
+        PreprocessError naming `name`."""
         spec = self.spec
         if not raw:
             raise PreprocessError(name, "image is empty")
         if len(raw) > spec.max_bytes:
             raise PreprocessError(name, f"image has {len(raw)} bytes; at most {spec.max_bytes} allowed")
-        try:
+        with self._errors(name):
             image = Image.open(io.BytesIO(raw), formats=spec.formats)
-            self.check_header(image, name)
+        self.check_header(image, name)
+        return image
+
+    def header(self, raw: bytes, name: str) -> int:
+        """Every check that needs no decoding (`open`); returns the pixels decoding would produce."""
+        with self.open(raw, name) as image:
+            return image.size[0] * image.size[1]
+
+    def decode(self, raw: bytes, name: str) -> Image.Image:
+        """The decoded image (JPEGs possibly at 1/2, 1/4 or 1/8 scale); bad payloads raise PreprocessError."""
+        image = self.open(raw, name)
+        with self._errors(name):
             if image.format == "JPEG":
-                target = round(spec.size * REDUCING_GAP)
+                target = round(self.spec.size * REDUCING_GAP)
                 image.draft("RGB", (target, target))
             image.load()
-        except PreprocessError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise PreprocessError(name, f"image too large to decode (decompression bomb): {exc}") from None
-        except Image.UnidentifiedImageError:  # only the allowed formats' parsers are tried (smaller attack surface)
-            raise PreprocessError(name, f"unsupported image format or not an image; allowed: "
-                                        f"{', '.join(spec.formats)}") from None
-        except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
-            raise PreprocessError(name, f"cannot decode image: {exc}") from None
         return image
 
     def to_pixels(self, image: Image.Image) -> np.ndarray:

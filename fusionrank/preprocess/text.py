@@ -89,25 +89,29 @@ class TextPreprocessor:
         self.pad_id = files.pad_id
         self.pad_left = files.pad_left
 
+    def text(self, raw: bytes, name: str) -> str:
+        """The row's UTF-8 text; an empty, invalid or too long row raises PreprocessError naming `name`."""
+        limit = self.spec.max_chars
+        if len(raw) > 4 * limit:  # more bytes than `limit` characters can take in UTF-8: refuse before decoding
+            raise PreprocessError(name, f"text has {len(raw)} bytes; at most {limit} characters allowed")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            bad = raw[exc.start:exc.start + 1]
+            raise PreprocessError(name, f"text is not valid UTF-8 (byte {bad!r} at offset {exc.start})") from None
+        if not text.strip():
+            raise PreprocessError(name, "text is empty")
+        if len(text) > limit:
+            raise PreprocessError(name, f"text has {len(text)} characters; at most {limit} allowed")
+        return text
+
+    def header(self, raw: bytes, name: str) -> int:
+        """Every check before tokenising (`text`); returns its characters."""
+        return len(self.text(raw, name))
+
     def decode(self, rows: list[bytes]) -> list[str]:
         """UTF-8 text of every row; empty, invalid or too long rows raise PreprocessError naming the row."""
-        limit = self.spec.max_chars
-        texts = []
-        for i, raw in enumerate(rows):
-            name = f"{self.input_name}[{i}]"
-            if len(raw) > 4 * limit:  # more bytes than `limit` characters can take in UTF-8: refuse before decoding
-                raise PreprocessError(name, f"text has {len(raw)} bytes; at most {limit} characters allowed")
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                bad = raw[exc.start:exc.start + 1]
-                raise PreprocessError(name, f"text is not valid UTF-8 (byte {bad!r} at offset {exc.start})") from None
-            if not text.strip():
-                raise PreprocessError(name, "text is empty")
-            if len(text) > limit:
-                raise PreprocessError(name, f"text has {len(text)} characters; at most {limit} allowed")
-            texts.append(text)
-        return texts
+        return [self.text(raw, f"{self.input_name}[{i}]") for i, raw in enumerate(rows)]
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, special tokens included, truncated to max_length (no padding)."""

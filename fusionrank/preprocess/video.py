@@ -16,9 +16,10 @@ Stateless like the other preprocessors: every call opens its own containers, so 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import av
 import numpy as np
@@ -144,8 +145,21 @@ class VideoPreprocessor:
         fallback = last.to_image() if len(picked) < len(keep) else None
         return [picked.get(i, fallback) for i in wanted]
 
-    def frames(self, raw: bytes, name: str) -> list[Image.Image]:
-        """The K sampled frames of one video, as RGB images."""
+    @staticmethod
+    @contextlib.contextmanager
+    def _failures(name: str) -> Iterator[None]:
+        """FFmpeg's failures inside the block as PreprocessError naming `name`."""
+        try:
+            yield
+        except PreprocessError:
+            raise
+        except _DECODE_ERRORS as exc:
+            raise PreprocessError(name, f"cannot decode video: {exc}") from None
+
+    @contextlib.contextmanager
+    def _declared(self, raw: bytes, name: str) -> Iterator[tuple[str, object, object]]:
+        """The container format, opened container and video stream, once everything the container declares has
+        passed the spec's limits (nothing decoded); FFmpeg's failures inside the block raise PreprocessError."""
         spec = self.spec
         if not raw:
             raise PreprocessError(name, "video is empty")
@@ -155,18 +169,27 @@ class VideoPreprocessor:
         if fmt is None or fmt not in spec.containers:
             raise PreprocessError(name, f"unsupported video container{f' {fmt}' if fmt else ''}; allowed: "
                                         f"{', '.join(spec.containers)}")
-        try:
+        with self._failures(name):
             container, stream = self._open(raw, fmt, name)
             with container:
                 self._check_declared(container, stream, name)
-                count = self._count_frames(container, stream, name)
+                yield fmt, container, stream
+
+    def header(self, raw: bytes, name: str) -> int:
+        """Every check that needs no decoding (container, codec, frame size, duration and frame count as declared);
+        returns the frames decoding walks to sample K: the declared count, `max_frames` where none is declared."""
+        with self._declared(raw, name) as (_, _, stream):
+            return stream.frames if stream.frames > 0 else self.spec.max_frames
+
+    def frames(self, raw: bytes, name: str) -> list[Image.Image]:
+        """The K sampled frames of one video, as RGB images."""
+        with self._declared(raw, name) as (fmt, container, stream):
+            count = self._count_frames(container, stream, name)
+            wanted = sample_indices(count, self.spec.frames)
+        with self._failures(name):
             container, stream = self._open(raw, fmt, name)
             with container:
-                return self._decode_sampled(container, stream, sample_indices(count, spec.frames), name)
-        except PreprocessError:
-            raise
-        except _DECODE_ERRORS as exc:
-            raise PreprocessError(name, f"cannot decode video: {exc}") from None
+                return self._decode_sampled(container, stream, wanted, name)
 
     def __call__(self, rows: list[bytes]) -> dict[str, np.ndarray]:
         """pixel_values [len(rows) * K, 3, size, size]: the K frames of row 0, then of row 1, ..."""

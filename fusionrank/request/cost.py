@@ -2,21 +2,21 @@
 
 The cost counts what the route would decode for the rows the cache does not hold: a still's width x height, the
 samples read from a WAV (one clip at most: the decoder never reads further), the frames a video's container
-declares (the decoder walks them all to sample K). A payload whose header cannot be read costs nothing here: the
-preprocessing that follows refuses it with its own message naming the row.
+declares (the decoder walks them all to sample K). Reading it runs every check the preprocessors make without
+decoding (format, declared sizes, duration, UTF-8, byte limits; their `header`), so a payload they would refuse is
+refused here, with the same message naming the row, before its request waits for a decoding slot: a bad request
+gets INVALID_ARGUMENT even from a server too busy to decode it, never an UNAVAILABLE its caller would retry.
 """
 
 from __future__ import annotations
 
-import io
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from fusionrank.contract.errors import PreprocessError
-from fusionrank.contract.spec import CostBudgetSpec, Modality, PipelineSpec
-from fusionrank.contract.tensors import ITEM_INPUT
-from fusionrank.request.validation import ValidRequest
+from fusionrank.contract.spec import CostBudgetSpec, Modality
+from fusionrank.contract.tensors import ITEM_INPUT, ITEM_VIDEO
+from fusionrank.request.validation import RequestPreprocessor, ValidRequest
 
 BUDGET_INPUT = "request"  # what a budget error names: the request as a whole, not one row
 
@@ -32,53 +32,25 @@ class RequestCost:
                            self.video_frames + other.video_frames)
 
 
-def _image_pixels(raw: bytes) -> int:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(raw)) as image:  # lazy: reads the header only
-            width, height = image.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
-        return 0  # the image preprocessing refuses it with its own message naming the row (a bomb: its pixels)
-    return max(0, width) * max(0, height)
-
-
-def _audio_samples(raw: bytes, clip_seconds: float) -> int:
-    import soundfile as sf
-
-    try:
-        info = sf.info(io.BytesIO(raw))
-    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError, OverflowError):
-        return 0
-    per_clip = int(math.ceil(clip_seconds * info.samplerate)) + 64  # what `AudioPreprocessor.read` reads at most
-    return max(0, min(int(info.frames), per_clip)) * max(1, int(info.channels))
-
-
-def _video_frames(raw: bytes, max_frames: int) -> int:
-    import av
-
-    try:
-        with av.open(io.BytesIO(raw), mode="r") as container:
-            streams = container.streams.video
-            declared = int(streams[0].frames) if streams else 0
-    except (av.FFmpegError, OSError, ValueError, IndexError):
-        return 0
-    return declared if declared > 0 else max_frames  # undeclared: the most the decoder would walk
-
-
-def request_cost(spec: PipelineSpec, request: ValidRequest, rows: Mapping[Modality, Sequence[int]]) -> RequestCost:
-    """The decoding cost of `rows` (per modality, the rows to decode) of a validated request."""
+def request_cost(preparer: RequestPreprocessor, request: ValidRequest,
+                 rows: Mapping[Modality, Sequence[int]]) -> RequestCost:
+    """The decoding cost of `rows` (per modality, the rows to decode) of a validated request, after each row's
+    checks that need no decoding (the preprocessors' `header`): raises PreprocessError naming the first bad row."""
     cost = RequestCost()
     for modality, wanted in rows.items():
-        column = request.rows[ITEM_INPUT[modality]]
+        name = ITEM_INPUT[modality]
+        column, header = request.rows[name], preparer.preprocessors[modality].header
         for row in wanted:
             if modality is Modality.IMAGE:
-                pixels = _image_pixels(column[row]) if column[row] else 0
+                still = column[row] or request.videos is None  # without item_video an empty still is refused
+                pixels = header(column[row], f"{name}[{row}]") if still else 0
                 video = request.videos[row] if request.videos is not None else b""
-                frames = _video_frames(video, spec.modalities.video.max_frames) if video else 0
+                frames = preparer.candidates.video.header(video, f"{ITEM_VIDEO}[{row}]") if video else 0
                 cost += RequestCost(pixels=pixels, video_frames=frames)
             elif modality is Modality.AUDIO:
-                cost += RequestCost(audio_samples=_audio_samples(column[row], spec.modalities.audio.clip_seconds))
+                cost += RequestCost(audio_samples=header(column[row], f"{name}[{row}]"))
+            else:
+                header(column[row], f"{name}[{row}]")
     return cost
 
 

@@ -14,13 +14,15 @@ One `rank()` call serves one execute of the route model (a dynamic batch of requ
    need no decoding; the request-level checks of stage 1 ran for every row);
 4. answer cancelled requests CANCELLED, and requests past their deadline (the caller's Triton request timeout)
    UNAVAILABLE (over capacity), and leave them out of the next stage (checked before validating each request,
-   before decoding, before encoding and before ranking); before decoding, a request whose misses cost more than
-   `serving.admission.cost` (read from the payloads' headers: `fusionrank.request.cost`) is answered
-   INVALID_ARG naming the budget; requests the cache answered whole go straight to ranking (the fast path) while
-   each other one passes the instance's deadline-aware gate (`fusionrank.route.shedding.DecodeGate`: a few
-   at a time, the rest wait or are refused UNAVAILABLE at once when their deadline cannot hold the wait) and
-   decodes in the route instance's bounded pool of low-priority threads; member calls carry the latest
-   deadline of the requests whose rows they hold, so a member's queue refuses work nobody waits for;
+   before decoding, before encoding and before ranking); before decoding, a request with a miss whose payload
+   fails a check that needs no decoding (format, declared sizes, UTF-8: the preprocessors' `header`), or whose
+   misses cost more than `serving.admission.cost` (read from the same headers: `fusionrank.request.cost`), is
+   answered INVALID_ARG naming the row or the budget, even when the gate would refuse it; requests the cache answered
+   whole go straight to ranking (the fast path) while each other one passes the instance's deadline-aware gate
+   (`fusionrank.route.shedding.DecodeGate`: a few at a time, the rest wait or are refused UNAVAILABLE at once when
+   their deadline cannot hold the wait) and decodes in the route instance's bounded pool of low-priority threads;
+   member calls carry the latest deadline of the requests whose rows they hold, so a member's queue refuses work
+   nobody waits for;
 5. encode: per modality, the missed rows of the request are concatenated (grouped by shape: text rows are
    padded to their own bucket; a video's K sampled frames are image rows of their candidate), cut at the
    encoder's max batch and sent to the encoder model through BLS, so its dynamic batcher still merges them with
@@ -167,7 +169,7 @@ class RankingRoute:
 
         live = self._validate(flights)
         self._lookup(live)
-        live = self._guarded(self._drop_cancelled(live), "cost check", self._check_cost)
+        live = self._guarded(self._drop_cancelled(live), "header check", self._check_headers)
         settle()
 
         # Requests the cache answered whole are ranked (and answered) now, not after their batch-mates' decoding;
@@ -233,11 +235,10 @@ class RankingRoute:
                 live.append(f)
         return live
 
-    def _check_cost(self, f: _Flight) -> None:
-        """Refuse a request whose misses cost more to decode than `serving.admission.cost` allows (headers only)."""
-        budget = self.spec.serving.admission.cost
-        if budget.max_pixels or budget.max_audio_samples or budget.max_video_frames:
-            check_budget(budget, request_cost(self.spec, f.valid, f.misses))
+    def _check_headers(self, f: _Flight) -> None:
+        """Refuse a request whose misses have a payload the preprocessing would refuse without decoding it, or cost
+        more to decode than `serving.admission.cost` allows (headers only)."""
+        check_budget(self.spec.serving.admission.cost, request_cost(self.preparer, f.valid, f.misses))
 
     def _guarded(self, flights: list[_Flight], stage: str, work: Callable[[_Flight], None]) -> list[_Flight]:
         """Run `work` on each flight: bad input answers its request INVALID_ARG, any other failure INTERNAL (logged);

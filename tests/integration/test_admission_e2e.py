@@ -89,8 +89,22 @@ def test_more_requests_than_the_server_holds_are_refused_unavailable_and_it_keep
     # past what the SLO's median allows a request without a deadline, or Triton's own queue full.
     requests = [cold(16) for _ in range(instances * (admission.max_decoding_requests
                                                      + admission.route_queue.max_queue_size) + 16)]
+    bad = set(range(7, len(requests), 8))  # among them, requests with a GIF (a format the spec refuses) in row 3
+    for i in bad:
+        requests[i]["item_image"][3, 0] = b"GIF89a" + bytes(64)
     outcomes = _send_all(triton_server.grpc_url, route, requests)
-    refused = [error for _, _, error in outcomes if error is not None]
+    # A bad payload is named whenever the route sees it, however busy: never "over capacity", which a caller retries.
+    named = 0
+    for i in bad:
+        error = outcomes[i][2]
+        assert error is not None, "a request with a GIF was served"
+        if str(error.status()) == "StatusCode.INVALID_ARGUMENT":
+            named += 1
+            assert error.message().startswith("item_image[3]: unsupported image format"), error.message()
+        else:  # Triton's own queue may refuse it before the route sees it
+            assert "the server is over capacity" not in error.message(), error.message()
+    assert named, "the route named the bad payload of at least one request"
+    refused = [error for i, (_, _, error) in enumerate(outcomes) if error is not None and i not in bad]
     assert refused, "more requests than instances and queue hold: some must be refused"
     for error in refused:
         assert str(error.status()) == "StatusCode.UNAVAILABLE", error

@@ -4,6 +4,8 @@ Properties, each over thousands of drawn inputs:
 - text, image, audio: arbitrary bytes and mutated valid payloads (`tests.robustness.mutations`) placed among valid rows
   give either finite arrays of the contract's shape and dtype, with the valid rows' values unchanged, or a
   `PreprocessError` naming exactly that input and row; never another exception, never slower than `time_limit_s`;
+  the payload's header check (`header`, which the route runs before a request waits to decode) refuses it only
+  when the preprocessing does, with the same message;
 - history: arbitrary integer or float arrays of any shape give the checked int64 history or an error naming it;
 - request: whole requests with inputs dropped, rows added or removed, wrong dtypes and mutated payloads give the
   encoder inputs or one error naming an input of the request.
@@ -129,6 +131,17 @@ class Fuzzer:
             raise FuzzFailure(f"{prop}: {elapsed:.2f} s for one case (limit {self.time_limit_s} s) on {shown!r:.300}")
         return out
 
+    @staticmethod
+    def _header(prop: str, pre, raw: bytes, name: str) -> str | None:
+        """The header check's refusal of one payload (None: passed); any other exception fails the property."""
+        try:
+            pre.header(raw, name)
+        except PreprocessError as exc:
+            return str(exc)
+        except Exception as exc:
+            raise FuzzFailure(f"{prop}: header check: {type(exc).__name__}: {exc} on {raw!r:.300}") from exc
+        return None
+
     def _check_arrays(self, prop: str, out: dict[str, np.ndarray], modalities, rows: int, shown: object) -> None:
         for modality in modalities:
             for t in encoder_inputs(self.spec, modality):
@@ -146,12 +159,19 @@ class Fuzzer:
         prop, pre = modality.value, self.pre[modality]
         rows = list(self.seeds[modality][:ROWS])
         rows[position] = raw
+        refused = self._header(prop, pre, raw, f"{pre.input_name}[{position}]")
         out = self._timed(prop, lambda: pre(rows), raw)
         if out is None:
             expected = f"{pre.input_name}[{position}]: "
             if not self.last_error.startswith(expected):
                 raise FuzzFailure(f"{prop}: error does not name {expected!r}: {self.last_error} on {raw!r:.300}")
+            if refused is not None and refused != self.last_error:
+                raise FuzzFailure(f"{prop}: the header check said {refused!r}, decoding {self.last_error!r}, on "
+                                  f"{raw!r:.300}")
             return
+        if refused is not None:
+            raise FuzzFailure(f"{prop}: the header check refused a payload the preprocessing accepts ({refused}) on "
+                              f"{raw!r:.300}")
         self._check_arrays(prop, out, [modality], ROWS, raw)
         for name, clean in self.clean[modality].items():
             for row in (r for r in range(ROWS) if r != position):
@@ -233,7 +253,7 @@ class Fuzzer:
 
 
 def _hypothesis_run(strategy: st.SearchStrategy, check: Callable, cases: int, seed: int | None) -> None:
-    @settings(max_examples=cases, deadline=None, database=None, derandomize=seed is None,
+    @settings(max_examples=cases, deadline=None, database=None, derandomize=seed is None, report_multiple_bugs=False,
               suppress_health_check=list(HealthCheck), phases=[Phase.generate, Phase.shrink])
     @given(strategy)
     def prop(value):

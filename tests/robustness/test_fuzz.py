@@ -33,3 +33,20 @@ def test_a_broken_preprocessor_is_caught(fuzzer, monkeypatch):
     monkeypatch.setattr(audio, "decode", broken)
     with pytest.raises(FuzzFailure, match="KeyError"):
         run(fuzzer, 5, only=("audio",))
+
+
+def test_a_header_check_that_disagrees_with_decoding_is_caught(fuzzer, monkeypatch):
+    """The property fails when the header check refuses a payload the image preprocessing accepts (here: every
+    payload whose header is fine)."""
+    from fusionrank.contract.errors import PreprocessError
+
+    image = fuzzer.pre[next(m for m in fuzzer.pre if m.value == "image")]
+    real = image.header
+
+    def strict(raw, name):
+        real(raw, name)
+        raise PreprocessError(name, "refused by a wrong header check")
+
+    monkeypatch.setattr(image, "header", strict)
+    with pytest.raises(FuzzFailure, match="the header check (refused a payload the preprocessing accepts|said)"):
+        run(fuzzer, CASES, only=("image",))

@@ -92,6 +92,19 @@ def test_bad_video_is_refused_before_decoding_naming_input_and_row(ci_spec, clip
         pre([clips["small"], video(clips)])  # row 0 is within every limit
     assert info.value.input_name == "item_video[1]", case
     assert decoded == ["item_video[0]"], f"{case}: row 1's frames were decoded before its limits were checked"
+    # The route's header check (before a request waits to decode) refuses what the container declares, as above.
+    try:
+        frames = pre.header(video(clips), "item_video[1]")
+    except PreprocessError as exc:
+        assert str(exc) == str(info.value), case
+    else:
+        assert case in ("too many frames (counted)", "truncated", "garbage after the header") and frames > 0, case
+
+
+def test_the_header_check_returns_the_frames_decoding_walks(ci_spec, clips):
+    pre = _pre(ci_spec)
+    assert pre.header(clips["mp4"], "item_video[0]") == 8, "the frames the MP4 declares"
+    assert pre.header(clips["webm"], "item_video[0]") == ci_spec.modalities.video.max_frames, "WebM declares none"
 
 
 def test_decoded_frames_are_checked_again_when_the_header_lies(ci_spec, clips, monkeypatch):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from fusionrank.contract.errors import SpecError
+from fusionrank.contract.errors import PreprocessError, SpecError
 from fusionrank.contract.spec import (
     AdmissionSpec,
     CostBudgetSpec,
@@ -35,6 +35,14 @@ from .test_route import _request, _route
 from .test_route_cache import _cache
 
 shell = test_route.route_model  # the route's Triton shell on a fake pb_utils (a fixture, collected as `shell`)
+
+
+def _png(width: int, height: int) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (width, height)).save(out, format="PNG")
+    return out.getvalue()
 
 
 def _with_admission(spec, **changes):
@@ -125,6 +133,29 @@ def test_a_request_whose_deadline_cannot_hold_its_work_here_now_is_shed_at_once(
     assert not service.too_late(None), "a request without deadline is never shed"
 
 
+@pytest.mark.parametrize("payload, problem", [(b"GIF89a" + bytes(40), "unsupported image format"),
+                                              (_png(400, 20), "aspect ratio of 400x20 exceeds")])
+def test_a_bad_payload_is_invalid_even_when_the_gate_sheds_its_request_and_nothing_is_decoded(ci_spec, preparer,
+                                                                                            payload, problem):
+    """A payload the preprocessing refuses from its header is answered INVALID_ARG naming the row, with the image
+    check's own message, before the gate: an over-capacity UNAVAILABLE would send its caller to retry it elsewhere."""
+    from .test_route_cache import GroupSpy
+
+    spy = GroupSpy(preparer)
+    route, members = _route(ci_spec, spy)
+    route.gate.service.observe(2.0, units=2)  # the gate sheds a request with 0.5 s left
+    bad, good = _request(ci_spec, 3, seed=1), _request(ci_spec, 3, seed=2)
+    bad["item_image"][1, 0] = payload
+    results = asyncio.run(route.rank([RouteRequest(bad, deadline=time.monotonic() + 0.5),
+                                      RouteRequest(good, deadline=time.monotonic() + 0.5)]))
+    assert results[0].status is Status.INVALID_ARG and results[0].message.startswith(f"item_image[1]: {problem}")
+    with pytest.raises(PreprocessError) as decoded:
+        preparer.preprocessors[Modality.IMAGE].decode(payload, "item_image[1]")
+    assert results[0].message == str(decoded.value), "the header check says what decoding says"
+    assert results[1].status is Status.UNAVAILABLE and "over capacity" in results[1].message
+    assert not any(spy.rows.values()) and not members.calls, "nothing decoded, nothing encoded"
+
+
 def test_the_served_route_admits_requests_without_a_deadline_within_the_specs_slo_median(shell, ci_spec):
     """The route reads the spec from its rendered config: the SLO must travel with it (a route that fell back to the
     spec's class defaults would admit to another median than the one the spec states)."""
@@ -187,19 +218,11 @@ def test_shell_answers_a_full_member_queue_unavailable(shell, ci_spec):
 # --- cost budget ---------------------------------------------------------------------------------------------------
 
 
-def _png(width: int, height: int) -> bytes:
-    from PIL import Image
-
-    out = io.BytesIO()
-    Image.new("RGB", (width, height)).save(out, format="PNG")
-    return out.getvalue()
-
-
 def test_cost_is_read_from_headers_and_counts_only_the_rows_to_decode(ci_spec, preparer):
     arrays = _request(ci_spec, 3)
     arrays["item_image"] = np.array([[_png(100, 50)], [_png(30, 20)], [_png(40, 40)]], dtype=object)
     valid = preparer.validate(arrays)
-    cost = request_cost(ci_spec, valid, {Modality.IMAGE: [0, 2], Modality.AUDIO: [1], Modality.TEXT: [0]})
+    cost = request_cost(preparer, valid, {Modality.IMAGE: [0, 2], Modality.AUDIO: [1], Modality.TEXT: [0]})
     assert cost.pixels == 100 * 50 + 40 * 40
     assert cost.audio_samples == 8000, "the test clip: 0.5 s at 16 kHz, under one clip"
     assert cost.video_frames == 0
@@ -210,9 +233,9 @@ def test_cost_is_read_from_headers_and_counts_only_the_rows_to_decode(ci_spec, p
     check_budget(CostBudgetSpec(max_pixels=0), RequestCost(pixels=10**12))  # 0: no budget
 
 
-def test_a_decompression_bomb_costs_nothing_here_and_is_left_to_the_image_check(ci_spec, preparer):
-    """PIL refuses to open an image of over twice its pixel limit (DecompressionBombError, not an OSError): the cost
-    check must not turn that into an internal error; the image preprocessing names the row and its pixels."""
+def test_a_decompression_bomb_is_refused_by_the_header_check_with_the_image_checks_message(ci_spec, preparer):
+    """PIL refuses to open an image of over twice its pixel limit (DecompressionBombError, not an OSError): the header
+    check names the row and says why, as the image preprocessing does, never an internal error."""
     from PIL import Image
 
     arrays = _request(ci_spec, 1)
@@ -220,10 +243,11 @@ def test_a_decompression_bomb_costs_nothing_here_and_is_left_to_the_image_check(
     try:
         Image.MAX_IMAGE_PIXELS = 1000  # a 100x50 PNG is then over twice the limit
         arrays["item_image"] = np.array([[_png(100, 50)]], dtype=object)
-        cost = request_cost(ci_spec, preparer.validate(arrays), {Modality.IMAGE: [0]})
+        with pytest.raises(PreprocessError, match=r"decompression bomb") as info:
+            request_cost(preparer, preparer.validate(arrays), {Modality.IMAGE: [0]})
     finally:
         Image.MAX_IMAGE_PIXELS = limit
-    assert cost.pixels == 0
+    assert info.value.input_name == "item_image[0]"
 
 
 def test_a_request_over_budget_is_invalid_before_anything_is_decoded_and_cached_rows_cost_nothing(ci_spec,

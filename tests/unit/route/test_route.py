@@ -236,6 +236,7 @@ def test_preprocessing_that_yields_a_nan_is_invalid_input(ci_spec, preparer, mon
         out["pixel_values"][len(rows) - 1, 0, 0, 0] = np.nan
         return out
 
+    nan_row.header = real.header  # the payloads' headers are fine: the NaN comes from preprocessing
     monkeypatch.setitem(preparer.preprocessors, Modality.IMAGE, nan_row)
     route, members = _route(ci_spec, preparer)
     (result,) = _rank(route, _request(ci_spec, 3))

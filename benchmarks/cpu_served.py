@@ -184,7 +184,7 @@ def compare_served(spec: PipelineSpec, repo: Path, variants: list[ServedVariant]
         for r in range(rounds):
             for variant, vspec, server in servers:
                 say(f"round {r + 1}/{rounds}: {variant.name}")
-                source = RequestFactory(vspec, bench, sc, seed=r).next
+                source = RequestFactory(vspec, bench, sc, seed=r, renew_novel=True).next
                 # Warm-up requests outside the CPU count (benchmark_ensemble's own warm-up would fall inside it).
                 benchmark_ensemble(vspec, server.grpc_url, source, sc.warmup_requests, users, warmup=0,
                                    timeout_s=sc.timeout_s)

@@ -20,7 +20,7 @@ def _worker(spec: PipelineSpec, repo: str, scenario, seed: int, seconds: float, 
     from fusionrank.model.synthetic_data import load_benchmark
     from fusionrank.request.scenario import RequestFactory
 
-    factory = RequestFactory(spec, load_benchmark(spec), scenario, seed=seed)
+    factory = RequestFactory(spec, load_benchmark(spec), scenario, seed=seed, renew_novel=True)
     pipeline = InProcessPipeline(spec, Path(repo), intra_op_threads=1)
     try:
         pipeline.rank([factory.next()])  # sessions allocate on their first call

@@ -125,7 +125,7 @@ def _factories(spec: PipelineSpec, bench, config: BenchConfig, phase: int, count
     scenario = config.scenario()
     if novel_share is not None:
         scenario = dataclasses.replace(scenario, novel_share=novel_share)
-    return [RequestFactory(spec, bench, scenario, seed=config.seed * 10_000 + phase * 100 + caller)
+    return [RequestFactory(spec, bench, scenario, seed=config.seed * 10_000 + phase * 100 + caller, renew_novel=True)
             for caller in range(count)]
 
 

@@ -21,7 +21,7 @@ from benchmarks.lib.driver import (
     workers_for,
 )
 from benchmarks.lib.machine import describe_machine, file_digest, load_average, machine_facts, model_digests, provenance
-from benchmarks.lib.request_sets import RequestSets, big_png, png_with_nonce, renewed
+from benchmarks.lib.request_sets import RequestSets, big_png
 from benchmarks.lib.stats import (
     DEFAULT_ALPHA,
     DEFAULT_CONFIDENCE,
@@ -41,6 +41,6 @@ __all__ = [
     "LoopMode", "PercentileEstimate", "PoissonPacer", "RequestSets", "Sample", "SampleComparison", "Stability",
     "StableRun", "StatsError", "Window", "big_png", "closed_loop", "compare_samples", "describe_machine", "file_digest",
     "load_average", "machine_facts", "min_repeats", "min_samples", "model_digests", "open_loop", "percentile",
-    "percentiles", "png_with_nonce", "poisson_arrivals", "provenance", "renewed", "until_stable", "within",
+    "percentiles", "poisson_arrivals", "provenance", "until_stable", "within",
     "workers_for",
 ]

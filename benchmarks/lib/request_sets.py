@@ -6,34 +6,13 @@ request modules are imported where they are used, keeping them off the import of
 
 from __future__ import annotations
 
-import struct
 import threading
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-
-def png_with_nonce(png: bytes, nonce: int) -> bytes:
-    """The same PNG with a tEXt chunk after its header: a distinct payload (cache key), the same decoding cost."""
-    data = b"nonce\x00" + str(nonce).encode()
-    chunk = struct.pack(">I", len(data)) + b"tEXt" + data + struct.pack(">I", zlib.crc32(b"tEXt" + data))
-    return png[:33] + chunk + png[33:]  # 8-byte signature + 25-byte IHDR chunk
-
-
-def renewed(payload: bytes, nonce: int) -> bytes:
-    """`payload` made distinct (a new cache key) at the same decoding cost, without building a new item: a PNG gets
-    a tEXt chunk, a JPEG a comment segment, a WAV a trailing chunk the decoders skip, text a nonce word."""
-    tag = str(nonce).encode()
-    if payload.startswith(b"\x89PNG"):
-        return png_with_nonce(payload, nonce)
-    if payload.startswith(b"\xff\xd8"):
-        return payload[:2] + b"\xff\xfe" + struct.pack(">H", len(tag) + 2) + tag + payload[2:]
-    if payload.startswith(b"RIFF") and payload[8:12] == b"WAVE":
-        body = payload[12:] + b"nonc" + struct.pack("<I", 8) + tag.rjust(8, b"0")[-8:]
-        return b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WAVE" + body
-    return payload + b" n" + tag
+from fusionrank.request.scenario import png_with_nonce, renewed_payload
 
 
 def big_png(side: int) -> bytes:
@@ -70,8 +49,8 @@ class RequestSets:
 
     def cold(self, count: int, phase: int, pool: int = 4) -> list[Callable[[], dict]]:
         """`count` independent streams of never-seen items: each cycles over `pool` requests of new items built once,
-        every payload renewed (`renewed`) per request, so the callers, which share the machine with the server, spend
-        little CPU on building requests while the server decodes and encodes every candidate as new."""
+        every payload renewed (`renewed_payload`) per request, so the callers, which share the machine with the server,
+        spend little CPU on building requests while the server decodes and encodes every candidate as new."""
         counter, lock = [phase * 10_000_000], threading.Lock()
 
         def stream(index: int) -> Callable[[], dict]:
@@ -87,7 +66,7 @@ class RequestSets:
                 turn[0] += 1
                 for name, values in arrays.items():
                     if values.dtype == object:
-                        arrays[name] = np.array([[renewed(bytes(v), nonce * 1000 + r) for v in row]
+                        arrays[name] = np.array([[renewed_payload(bytes(v), nonce * 1000 + r) for v in row]
                                                  for r, row in enumerate(values)], dtype=object)
                 return arrays
 

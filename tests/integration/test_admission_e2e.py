@@ -15,13 +15,13 @@ import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from benchmarks.lib import RequestSets, big_png, png_with_nonce
+from benchmarks.lib import RequestSets, big_png
 from clients import OverCapacityError, RankingClient
 from clients.errors import to_client_error
 from fusionrank.contract.spec import Modality, Priority
 from fusionrank.contract.tensors import CLICK_PROBABILITY, infer_inputs
 from fusionrank.model.synthetic_data import load_benchmark
-from fusionrank.request.scenario import RequestFactory, Scenario
+from fusionrank.request.scenario import RequestFactory, Scenario, png_with_nonce
 
 pytestmark = pytest.mark.e2e
 

@@ -92,14 +92,14 @@ def test_goals_say_met_or_missed_with_the_measured_ratio(tmp_path):
 
 
 
-def test_traffic_renews_a_payload_as_a_new_cache_key_with_the_same_decoded_content(ci_spec, bench):
-    """`fusionrank bench traffic` sends never-seen payloads without building new items on the shared cores."""
-    from benchmarks.lib import renewed
+def test_a_renewed_payload_is_a_new_cache_key_with_the_same_decoded_content(ci_spec, bench):
+    """The benchmarks' never-seen items (`RequestFactory(renew_novel=True)`, `bench traffic`'s renewed requests) are
+    made without building new items on the cores they measure: new bytes, the same decoding work."""
+    from fusionrank.request.scenario import renewed_payload
 
-    request = RequestFactory(ci_spec, bench, Scenario(name="n", candidates={4: 1.0}, novel_share=1.0), seed=2).next()
-    arrays = request.arrays()
-    fresh = {n: np.array([[renewed(bytes(v), 7) for v in row] for row in a], dtype=object) if a.dtype == object else a
-             for n, a in arrays.items()}
+    scenario = Scenario(name="n", candidates={4: 1.0}, novel_share=1.0)
+    arrays = RequestFactory(ci_spec, bench, Scenario(name="n", candidates={4: 1.0}), seed=2).next().arrays()
+    fresh = RequestFactory(ci_spec, bench, scenario, seed=2, renew_novel=True).next().arrays()
     preparer = RequestPreprocessor(ci_spec)
     before, after = preparer(arrays), preparer(fresh)  # still valid for every modality
     for name in ("item_image", "item_audio", "item_text"):
@@ -108,7 +108,10 @@ def test_traffic_renews_a_payload_as_a_new_cache_key_with_the_same_decoded_conte
         assert before.encoder_inputs[m], m
         for name, values in before.encoder_inputs[m].items():
             np.testing.assert_array_equal(values, after.encoder_inputs[m][name])
-    assert renewed(fresh["item_image"][0, 0], 8) != renewed(fresh["item_image"][0, 0], 9)
+    again = RequestFactory(ci_spec, bench, scenario, seed=2, renew_novel=True)
+    again.next()
+    assert not set(again.next().arrays()["item_image"][:, 0]) & set(fresh["item_image"][:, 0]), "never seen twice"
+    assert renewed_payload(fresh["item_image"][0, 0], 8) != renewed_payload(fresh["item_image"][0, 0], 9)
 
 
 def test_traffic_callers_send_the_deadline_count_each_outcome_and_back_off_off_the_clock(monkeypatch):

@@ -1,8 +1,8 @@
 """`fusionrank bench serve`: the pipeline's ways of serving, one after the other, in one run on one machine.
 
 On one candidate stream (`fusionrank.request.scenario.RequestFactory`: N candidates per request, item popularity a Zipf
-law over the benchmark catalogue, a share of never-seen items made by perturbing catalogue payloads, so they miss every
-cache yet stay valid), it measures
+law over the benchmark catalogue, a share of never-seen items made by renewing catalogue payloads' bytes, so they miss
+every cache yet decode as the catalogue's), it measures
 1. the in-process pipeline (`benchmarks.inprocess`: preprocessing + ONNX Runtime, one caller), one request
    per call and at the encoders' largest batch;
 2. the served plain ensemble (`serving.reference_ensemble`), C closed-loop callers;
@@ -10,6 +10,9 @@ cache yet stay valid), it measures
    in-process roof);
 4. `embed-catalogue` into the shared tier (a local redis-server; without one, an untimed pass of the stream), then
    the route warm on the stream.
+Each served phase is measured after an untimed warm-up of its own callers (`SERVED_WARMUP_S`): a fresh route's gate
+admits one request to decode at a time and adds a slot every few served requests (`fusionrank.route.shedding`), a
+ramp the steady state the phase reports does not include (as `bench roof` and `tune` measure after a warm-up window).
 Per phase: candidates/s, p50/p95/p99 per call, errors, the batch each member achieved and the route's cache share
 (Triton metrics scraped before and after), and the machine's load average. Everything it starts it stops; every
 phase is bounded in time, so it ends by itself. Reporting (table, JSON, PNG, goals): `benchmarks.serve`.
@@ -44,6 +47,7 @@ from fusionrank.server.launcher import TritonServer
 from fusionrank.server.local_redis import LocalRedis
 from fusionrank.triton.render import rendered_files
 
+SERVED_WARMUP_S = 5.0  # untimed, before each served phase (at most a quarter of its seconds)
 ROLES = ("inprocess_request", "inprocess_batch", "ensemble", "route_cold", "route_warm", "inprocess_roof")
 
 
@@ -198,7 +202,9 @@ def closed_loop(url: str, model: str, factories: list[RequestFactory], seconds: 
 
 def served_phase(name: str, role: str, server: TritonServer, model: str, factories: list[RequestFactory],
                  seconds: float, members: tuple[str, ...], cache_model: str | None = None) -> Phase:
-    """`model` under the factories' callers for `seconds`, with the Triton metrics of the phase."""
+    """`model` under the factories' callers for `seconds` after an untimed warm-up of theirs, with the Triton
+    metrics of the phase."""
+    closed_loop(server.grpc_url, model, factories, min(SERVED_WARMUP_S, seconds / 4))
     load = os.getloadavg()[0]
     before = triton_metrics.scrape(server.metrics_url)
     latencies, candidates, errors, wall = closed_loop(server.grpc_url, model, factories, seconds)

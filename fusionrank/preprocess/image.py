@@ -39,7 +39,6 @@ from fusionrank.contract.tensors import ITEM_INPUT, Modality
 REDUCING_GAP = 2.0
 
 
-
 class ImagePreprocessor:
     input_name = ITEM_INPUT[Modality.IMAGE]
 

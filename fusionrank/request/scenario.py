@@ -377,7 +377,7 @@ class RequestFactory:
             for row in np.flatnonzero(self.rng.random(len(ids)) < self.scenario.novel_share):
                 self._novel += 1
                 self.novel_candidates += 1
-                clips[row] = None  # never seen: sent with its perturbed cover (its clip's bytes would be seen ones)
+                clips[row] = None  # never seen: sent with its cover made new (its clip's bytes would be seen ones)
                 for m in self.modalities:
                     if items[m][row] is not None:
                         items[m][row] = (renewed_payload(items[m][row], self._novel) if self.renew_novel

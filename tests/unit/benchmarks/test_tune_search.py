@@ -125,6 +125,32 @@ def test_knobs_apply_and_overlay_on_the_ci_spec(ci_spec, tmp_path):
     assert merged.serving.admission == dataclasses.replace(ci_spec.serving.admission, max_decoding_requests=3)
 
 
+def test_fewer_route_instances_keep_the_servers_waiting_room(ci_spec, tmp_path):
+    # Each route instance's gate holds route_queue.max_queue_size waiting requests: a configuration with fewer
+    # instances gets a larger queue per instance, so the server queues what the hand-set one queued.
+    knobs = default_knobs(ci_spec, cores=2)
+    start, knobs = handset(ci_spec, knobs)
+    handset_instances = ci_spec.serving.batching("rank").instances
+    per_instance = ci_spec.serving.admission.route_queue.max_queue_size
+    assert handset_instances >= 2 and per_instance > 0
+    for instances in knobs[0].values:
+        tuned = apply(ci_spec, knobs, {**start, "route.instances": instances})
+        size = tuned.serving.admission.route_queue.max_queue_size
+        assert size * instances >= per_instance * handset_instances > (size - 1) * instances
+        assert tuned.serving.admission.route_queue.timeout_us == ci_spec.serving.admission.route_queue.timeout_us
+    one = apply(ci_spec, knobs, {**start, "route.instances": 1})
+    ov = overlay(ci_spec, one)
+    assert ov["serving"]["admission"] == {"route_queue": {"max_queue_size": per_instance * handset_instances}}
+    merged = merged_spec(CI_SPEC, ov, tmp_path)
+    assert merged.serving.admission.route_queue == one.serving.admission.route_queue
+    assert merged.serving.batching("rank").instances == 1
+    # An unbounded queue (0) stays unbounded.
+    unbounded = ci_spec.with_overrides(serving=dataclasses.replace(ci_spec.serving, admission=dataclasses.replace(
+        ci_spec.serving.admission, route_queue=dataclasses.replace(ci_spec.serving.admission.route_queue,
+                                                                   max_queue_size=0))))
+    assert apply(unbounded, knobs, {**start, "route.instances": 1}).serving.admission.route_queue.max_queue_size == 0
+
+
 def test_rendered_config_carries_intra_op_threads(ci_spec):
     from fusionrank.triton.render import rendered_files
 

@@ -86,6 +86,7 @@ def main(args: argparse.Namespace, out=sys.stdout) -> int:
     from benchmarks.tune.search import (
         Budget,
         TuneError,
+        after_confirmation,
         apply,
         best_trial,
         bottleneck_first,
@@ -133,11 +134,13 @@ def main(args: argparse.Namespace, out=sys.stdout) -> int:
             facts["confirmation"] = (f"hand-set vs tuned candidates/s per window over {1 + args.confirm_rounds} "
                                      f"interleaved runs each: {comparison.describe()}")
             out.write(f"confirmation: {facts['confirmation']}\n")
+            handset_runs, tuned_runs = [trials[0], *extra[0::2]], [best, *extra[1::2]]
             trials += extra
-            if not (comparison.significant and comparison.change > 0):
-                # No gain beyond noise: the hand-set spec stays (an empty overlay), and the report says why.
-                facts["kept_handset"] = "the tuned configuration's gain did not survive the confirmation"
-                best = trials[0]
+            # No gain beyond noise: the hand-set spec stays (an empty overlay) unless it broke the SLO or the memory
+            # budget where the tuned one did not; the report says why.
+            best, why = after_confirmation(handset_runs, tuned_runs, comparison.significant and comparison.change > 0)
+            if why is not None:
+                facts["kept_handset" if best is handset_runs[0] else "kept_tuned"] = why
         _open_check(args, measurer, best, best is trials[0], facts, out)
         tuned_overlay = overlay(spec, apply(spec, knobs, best.config))
         out_dir = Path(args.out) if args.out else project_dir() / "reports" / f"tune-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -48,6 +48,7 @@ def markdown(trials: Sequence[Trial], best: Trial, facts: dict, budget: str, ove
              f"Confirmation: {facts.get('confirmation', 'none run')}", "",
              f"Open-loop check: {facts.get('open_loop', 'none run')}", "",
              *([f"**Hand-set spec kept: {facts['kept_handset']}.**", ""] if facts.get("kept_handset") else []),
+             *([f"**Tuned configuration kept: {facts['kept_tuned']}.**", ""] if facts.get("kept_tuned") else []),
              "| | configuration (changes from the hand-set spec) | candidates/s | p99 ms | RSS MiB "
              "| within SLO and budget | s | notes |",
              "|---|---|---:|---:|---:|---|---:|---|"]

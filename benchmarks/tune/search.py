@@ -293,6 +293,25 @@ def confirm(handset_trial: Trial, best: Trial, measure: Measure, rounds: int):
     return compare_samples(base, tuned), extra
 
 
+def after_confirmation(handset_runs: Sequence[Trial], tuned_runs: Sequence[Trial], gained: bool
+                       ) -> tuple[Trial, str | None]:
+    """The configuration to keep once the confirmation ran (each list: the search's run first, then the
+    confirmation's) and, when it is not the tuned one for its gain, why. The tuned one when its gain survived the
+    confirmation; else the hand-set when every run of it met the SLO and the memory budget; else the tuned one when
+    every run of it did (the hand-set spec is then no safe default on this machine: a server that holds 1,638 MiB in
+    one run and 1,496 in the next is over a 1,536-MiB budget half the time); else the hand-set (refused after)."""
+    if gained:
+        return tuned_runs[0], None
+    if all(t.feasible for t in handset_runs):
+        return handset_runs[0], "the tuned configuration's gain did not survive the confirmation"
+    if all(t.feasible for t in tuned_runs):
+        out = "; ".join(t.note for t in handset_runs if not t.feasible)
+        return tuned_runs[0], (f"its gain did not survive the confirmation, but the hand-set configuration was outside "
+                               f"the SLO or the memory budget in {sum(not t.feasible for t in handset_runs)} of "
+                               f"{len(handset_runs)} runs ({out}) and the tuned one in none")
+    return handset_runs[0], "the tuned configuration's gain did not survive the confirmation"
+
+
 def pareto_front(trials: Sequence[Trial]) -> list[Trial]:
     """Trials no other trial beats on both throughput (higher) and p99 (lower), by throughput."""
     ok = [t for t in trials if math.isfinite(t.p99_ms) and t.candidates_per_s > 0]

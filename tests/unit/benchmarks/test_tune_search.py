@@ -17,6 +17,7 @@ from benchmarks.tune.search import (
     Knob,
     Trial,
     TuneError,
+    after_confirmation,
     apply,
     best_trial,
     bottleneck_first,
@@ -96,6 +97,24 @@ def test_min_gain_keeps_the_handset_when_steps_are_noise():
 def test_best_trial_refuses_when_nothing_met_the_slo():
     with pytest.raises(TuneError, match="none of the 1"):
         best_trial([Trial({"a": 1}, 50.0, 9e9, False, "p99 9e9 ms > 3000 ms")])
+
+
+def test_after_an_unconfirmed_gain_the_handset_stays_only_where_it_met_the_slo_and_budget_in_every_run():
+    def runs(*feasible):
+        return [Trial({}, 150.0, 900.0, ok, note="" if ok else "RSS 1638 MiB > 1536 MiB") for ok in feasible]
+
+    handset_runs, tuned_runs = runs(True, True), runs(True, True)
+    assert after_confirmation(handset_runs, tuned_runs, gained=True) == (tuned_runs[0], None)
+    kept, why = after_confirmation(handset_runs, tuned_runs, gained=False)
+    assert kept is handset_runs[0] and "did not survive" in why
+    # The tune of this round: the hand-set over the memory budget in its search run, within it in the confirmation;
+    # the tuned configuration within it in both. No gain beyond noise, yet only the tuned one is safe to serve.
+    handset_runs = runs(False, True)
+    kept, why = after_confirmation(handset_runs, tuned_runs, gained=False)
+    assert kept is tuned_runs[0] and "1 of 2 runs" in why and "RSS 1638 MiB" in why
+    # Neither safe in every run: the hand-set, which the caller then refuses (it is outside the SLO or budget).
+    kept, _ = after_confirmation(handset_runs, runs(True, False), gained=False)
+    assert kept is handset_runs[0]
 
 
 def test_pareto_front():

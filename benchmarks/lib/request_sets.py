@@ -1,7 +1,6 @@
-"""Request sets for load on the served route: never-seen (cold) requests made from requests built once by renewing
-every payload with a nonce, floods of large PNGs, and the factories of cached requests. Built off the clock, so the
-callers, which share the machine with the server, spend little CPU on making requests. PIL and the fusionrank
-request modules are imported where they are used, keeping them off the import of `benchmarks.lib`.
+"""Request sets for load on the served route: streams of never-seen (cold) requests, floods of large PNGs, and the
+factories of cached requests, all from `fusionrank.request.scenario.RequestFactory`. PIL and the fusionrank request
+modules are imported where they are used, keeping them off the import of `benchmarks.lib`.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fusionrank.request.scenario import png_with_nonce, renewed_payload
+from fusionrank.request.scenario import png_with_nonce
 
 
 def big_png(side: int) -> bytes:
@@ -40,35 +39,26 @@ class RequestSets:
     seed: int
 
     def factory(self, index: int, novel: bool):
-        """The request factory of stream `index`: never-seen items (`novel`) or the catalogue's own."""
+        """The request factory of stream `index`: never-seen items (`novel`) or the catalogue's own. A never-seen
+        item is a catalogue item with new bytes (`RequestFactory(renew_novel=True)`, as every benchmark's load
+        generator makes them): the callers, which share the machine with the server, spend little CPU on making
+        requests while the server decodes and encodes every such candidate as new."""
         from fusionrank.request.scenario import RequestFactory, Scenario
 
         scenario = Scenario(name="traffic", candidates={self.candidates: 1.0}, novel_share=1.0 if novel else 0.0,
                             zipf_exponent=1.1, source="fusionrank bench traffic")
-        return RequestFactory(self.spec, self.bench, scenario, seed=self.seed * 10_000 + index)
+        return RequestFactory(self.spec, self.bench, scenario, seed=self.seed * 10_000 + index, renew_novel=True)
 
-    def cold(self, count: int, phase: int, pool: int = 4) -> list[Callable[[], dict]]:
-        """`count` independent streams of never-seen items: each cycles over `pool` requests of new items built once,
-        every payload renewed (`renewed_payload`) per request, so the callers, which share the machine with the server,
-        spend little CPU on building requests while the server decodes and encodes every candidate as new."""
-        counter, lock = [phase * 10_000_000], threading.Lock()
-
+    def cold(self, count: int, phase: int) -> list[Callable[[], dict]]:
+        """`count` independent streams of never-seen items (one factory each, seeded by `phase` and stream, so no
+        two streams or phases < 100 apart ever send the same bytes); each stream may be called from several
+        threads (an open loop's workers)."""
         def stream(index: int) -> Callable[[], dict]:
-            factory = self.factory(phase * 100 + index, novel=True)
-            built = [factory.next().arrays() for _ in range(pool)]
-            turn = [0]
+            factory, lock = self.factory(phase * 100 + index, novel=True), threading.Lock()
 
             def make() -> dict:
                 with lock:
-                    counter[0] += 1
-                    nonce = counter[0]
-                arrays = dict(built[turn[0] % pool])
-                turn[0] += 1
-                for name, values in arrays.items():
-                    if values.dtype == object:
-                        arrays[name] = np.array([[renewed_payload(bytes(v), nonce * 1000 + r) for v in row]
-                                                 for r, row in enumerate(values)], dtype=object)
-                return arrays
+                    return factory.next().arrays()
 
             return make
 

@@ -35,8 +35,8 @@ from benchmarks.inprocess_roof import run_roof
 from benchmarks.latency import LatencyStats, summarize
 from benchmarks.lib import CALLER_TIMEOUT_S
 from benchmarks.lib import closed_loop as drive_closed_loop
+from benchmarks.lib.memory import CpuShare, cpu_by_label, process_tree
 from benchmarks.lib.memory import describe as describe_memory
-from benchmarks.lib.memory import process_tree
 from fusionrank.contract.errors import FusionRankError
 from fusionrank.contract.names import PREPROCESS
 from fusionrank.contract.spec import PipelineSpec, ServingProfile, member_models
@@ -49,6 +49,7 @@ from fusionrank.triton.render import rendered_files
 
 SERVED_WARMUP_S = 5.0  # untimed, before each served phase (at most a quarter of its seconds)
 ROLES = ("inprocess_request", "inprocess_batch", "ensemble", "route_cold", "route_warm", "inprocess_roof")
+CALLERS = "callers"  # the benchmark's own process in a served phase's CPU shares: its closed-loop callers
 
 
 class BenchError(FusionRankError):
@@ -97,6 +98,7 @@ class Phase:
     novel_share: float = 0.0  # measured share of never-seen candidates
     note: str = ""
     memory: list = field(default_factory=list)  # served phases: benchmarks.lib.memory.ProcessMemory at its end
+    cpu: CpuShare | None = None  # served phases: CPU per process over the timed run
 
     @property
     def candidates_per_s(self) -> float:
@@ -109,6 +111,7 @@ class Phase:
                 "novel_share": round(self.novel_share, 4), "note": self.note,
                 "members": [m.as_dict() for m in self.members],
                 "memory": [m.as_dict() for m in self.memory],
+                "cpu": self.cpu.as_dict(self.requests - self.errors) if self.cpu else None,
                 "cache": self.cache.as_dict() if self.cache else None}
 
 
@@ -207,7 +210,10 @@ def served_phase(name: str, role: str, server: TritonServer, model: str, factori
     closed_loop(server.grpc_url, model, factories, min(SERVED_WARMUP_S, seconds / 4))
     load = os.getloadavg()[0]
     before = triton_metrics.scrape(server.metrics_url)
+    # This process and its children: the callers, the server's processes and the cache's redis-servers.
+    cpu_before = cpu_by_label(os.getpid(), CALLERS)
     latencies, candidates, errors, wall = closed_loop(server.grpc_url, model, factories, seconds)
+    cpu = CpuShare.between(cpu_before, cpu_by_label(os.getpid(), CALLERS), wall, os.cpu_count() or 1)
     after = triton_metrics.settled_scrape(server.metrics_url, before, model, len(latencies))
     stats = summarize(latencies, wall, candidates) if latencies else None
     return Phase(name, role, stats, len(latencies) + len(errors), len(errors), errors[0] if errors else None,
@@ -215,7 +221,7 @@ def served_phase(name: str, role: str, server: TritonServer, model: str, factori
                  triton_metrics.breakdown(before, after, [model, *members]),
                  triton_metrics.cache_share(before, after, cache_model) if cache_model else None,
                  _novel(factories),
-                 f"{len(factories)} closed-loop callers", process_tree(server.process.pid))
+                 f"{len(factories)} closed-loop callers", process_tree(server.process.pid), cpu)
 
 
 @contextlib.contextmanager

@@ -87,20 +87,64 @@ def describe(processes: list[ProcessMemory]) -> str:
     return f"{total_rss(processes) / MIB:.0f} MiB RSS in {len(processes)} processes (" + ", ".join(parts) + " MiB)"
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds used so far by `pid` and its descendants (threads included)."""
+def cpu_by_label(pid: int, root_label: str | None = None) -> dict[str, float]:
+    """User + system CPU seconds used so far by `pid` and its descendants (threads included), summed per label
+    (`tritonserver`, `stub:<model>` as `process_tree` names them; `pid` itself as `root_label` if given)."""
     import psutil
 
-    total = 0.0
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.Error as exc:
         raise ProcessReadError(f"process {pid}: cannot read its tree ({exc})") from exc
+    totals: dict[str, float] = {}
     for proc in procs:
         try:
-            times = proc.cpu_times()
+            with proc.oneshot():
+                label = root_label if root_label and proc.pid == pid else _label(proc.cmdline(), proc.name())
+                times = proc.cpu_times()
         except psutil.NoSuchProcess:
             continue
-        total += times.user + times.system
-    return total
+        totals[label] = totals.get(label, 0.0) + times.user + times.system
+    return totals
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by `pid` and its descendants (threads included)."""
+    return sum(cpu_by_label(pid).values())
+
+
+@dataclass(frozen=True)
+class CpuShare:
+    """Where a measured stretch's CPU went: seconds per process label (the server's tree and `callers`, the
+    measuring process, whose callers share the cores), over `wall_s` on `cores` cores."""
+
+    seconds: dict[str, float]
+    wall_s: float
+    cores: int
+
+    @classmethod
+    def between(cls, before: dict[str, float], after: dict[str, float], wall_s: float, cores: int) -> CpuShare:
+        """The difference of two `cpu_by_label`-style readings (a label that appeared counts from 0)."""
+        return cls({k: v - before.get(k, 0.0) for k, v in after.items()}, wall_s, cores)
+
+    @property
+    def busy(self) -> float:
+        """The share of the cores these processes kept busy."""
+        return sum(self.seconds.values()) / (self.wall_s * self.cores) if self.wall_s > 0 else float("nan")
+
+    def per_unit_ms(self, units: int) -> dict[str, float]:
+        """CPU milliseconds per unit of work (a request, a candidate) by label, largest first; labels that used
+        none (an idle helper process) left out."""
+        ranked = sorted(((k, v) for k, v in self.seconds.items() if v > 0), key=lambda kv: -kv[1])
+        return {k: 1000.0 * v / units for k, v in ranked} if units else {}
+
+    def describe(self, units: int, unit: str = "request") -> str:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in self.per_unit_ms(units).items())
+        total = 1000.0 * sum(self.seconds.values()) / units if units else float("nan")
+        return (f"{total:.1f} CPU ms per {unit} ({parts}); {100 * self.busy:.0f} % of {self.cores} cores busy "
+                f"over {self.wall_s:.1f} s")
+
+    def as_dict(self, units: int) -> dict:
+        return {"cpu_ms_per_request": {k: round(v, 3) for k, v in self.per_unit_ms(units).items()},
+                "busy": round(self.busy, 4), "wall_s": round(self.wall_s, 2), "cores": self.cores}

@@ -29,5 +29,8 @@ def test_bench_phases_measure_the_served_routes_and_the_in_process_pipeline(trit
     labels = [m.label for m in route.memory]  # RSS per process of the server's tree, beside the throughput
     assert labels.count("stub:rank") == ci_spec.serving.batching("rank").instances and "tritonserver" in labels
     assert all(m.rss > 0 for m in route.memory)
+    # CPU per process over the timed run: the callers, the server and its route's stubs all worked for it.
+    assert route.cpu.seconds["callers"] > 0 and route.cpu.seconds["stub:rank"] > 0
+    assert route.cpu.seconds["tritonserver"] > 0 and 0 < route.cpu.busy
     print(f"\nbench phases: in-process {alone.candidates_per_s:.1f} / {batched.candidates_per_s:.1f} candidates/s, "
           f"route {route.candidates_per_s:.1f} candidates/s, {route.cache.describe()}")

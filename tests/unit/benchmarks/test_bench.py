@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from benchmarks.latency import LatencyStats
+from benchmarks.lib.memory import CpuShare, cpu_by_label
 from benchmarks.serve import goals, render, write_chart
 from benchmarks.serve_phases import BenchConfig, BenchError, BenchResult, Phase
 from fusionrank.contract.spec import Modality
@@ -85,11 +86,36 @@ def test_goals_say_met_or_missed_with_the_measured_ratio(tmp_path):
     result.phases[4] = _phase("route_warm", 900, 1600)
     result.phases[0] = _phase("inprocess_request", 120, 300)
     assert [g.met for g in goals(result)] == [False, False, False]
+    result.phases[3].cpu = CpuShare({"stub:text_encoder": 1.0, "callers": 0.25, "tritonserver": 0.75, "idle": 0.0},
+                                    2.0, 2)
     text = render(result)
     assert "MISSED warm cached route >= 10x the plain ensemble's candidates/s: 9.0x" in text
+    # 10 requests answered: 2 s of CPU is 200 ms a request, over 2 s on 2 cores: half of them busy.
+    assert ("route_cold: 200.0 CPU ms per request (stub:text_encoder 100.00, tritonserver 75.00, callers 25.00); "
+            "50 % of 2 cores busy over 2.0 s") in text
     assert write_chart(result, tmp_path / "bench.png").stat().st_size > 10_000
 
 
+
+
+def test_cpu_is_counted_per_process_label_across_a_tree():
+    import os
+    import subprocess
+    import sys
+    import time
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
+    before = cpu_by_label(os.getpid(), "callers")
+    child = subprocess.Popen([sys.executable, "-c", burn])
+    started, spent = time.monotonic(), 0.0
+    while child.poll() is None and time.monotonic() < started + 30:  # read while it runs: an exited child is gone
+        seconds = CpuShare.between(before, cpu_by_label(os.getpid(), "callers"), 1.0, 2).seconds
+        spent = max(spent, sum(v for k, v in seconds.items() if k != "callers"))
+        time.sleep(0.02)
+    child.wait(timeout=30)
+    assert spent >= 0.05, "the child's CPU, under its own label"
+    share = CpuShare.between(before, cpu_by_label(os.getpid(), "callers"), 1.0, 2)
+    assert share.seconds["callers"] >= 0.0 and "callers" in share.per_unit_ms(1)
 
 
 def test_a_renewed_payload_is_a_new_cache_key_with_the_same_decoded_content(ci_spec, bench):

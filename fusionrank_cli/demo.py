@@ -27,6 +27,21 @@ def _banner(out, title: str) -> None:
     out.flush()
 
 
+def demo_gate(verdict) -> tuple[bool, str]:
+    """The demo's verdict on its 30-s load test: every SLO the run has the samples to judge. Its callers send about
+    1 request a second, 30 in all; a p95 needs 72 successful requests and a p99 368 (`benchmarks.lib.stats`), so
+    those are reported as unsupported, not failed: `fusionrank loadtest` gates them on a longer run."""
+    judged = [c for c in verdict.checks if c.supported]
+    unjudged = [c.name for c in verdict.checks if not c.supported]
+    passed = bool(judged) and all(c.passed for c in judged)
+    line = (f"demo gate: {'PASS' if passed else 'FAIL'} on the SLOs a 30-s run supports "
+            f"({', '.join(c.name for c in judged) or 'none'})")
+    if unjudged:
+        line += (f"; {', '.join(unjudged)} need more successful requests than it sends: "
+                 "`fusionrank loadtest --serve --run-time 10m` gates them")
+    return passed, line
+
+
 def run_demo(spec: PipelineSpec, repo: Path, skip_loadtest: bool = False, out=sys.stdout) -> int:
     """Run every stage; returns non-zero when a gate (evaluation, parity, SLO) fails."""
     started = time.monotonic()
@@ -59,6 +74,8 @@ def run_demo(spec: PipelineSpec, repo: Path, skip_loadtest: bool = False, out=sy
             _banner(out, "5. 30-second load test of the default scenario, gated on the SLOs")
             verdict = run_loadtest(spec, url=server.grpc_url, run_time="30s", metrics_url=server.metrics_url)
             out.write(verdict.render() + "\n")
-            status = status or (0 if verdict.passed else 1)
+            passed, line = demo_gate(verdict)
+            out.write(line + "\n")
+            status = status or (0 if passed else 1)
     _banner(out, f"done in {time.monotonic() - started:.0f}s, exit status {status}")
     return status

@@ -158,6 +158,23 @@ def test_a_percentile_with_too_few_samples_never_passes_and_says_how_many_it_nee
     assert not evaluate_slo(Slo(p50_ms=1000), {"p50_ms": 1.0})[0].passed
 
 
+def test_the_demo_gates_its_30_s_load_test_on_the_slos_it_has_the_samples_for():
+    from fusionrank_cli.demo import demo_gate
+
+    # What `make demo`'s 30-s run sends: about 30 requests, too few for a p95 or a p99.
+    summary = {"p50_ms": 300.0, "p95_ms": 560.0, "p99_ms": 610.0, "error_rate": 0.0, "throughput_rps": 1.0,
+               "latency_samples": 29, "requests": 29, "duration_s": 29.0}
+    slo = Slo(p50_ms=800, p95_ms=2000, p99_ms=3000, max_error_rate=0.01)
+    verdict = Verdict(evaluate_slo(slo, summary), summary)
+    passed, line = demo_gate(verdict)
+    assert not verdict.passed and passed  # the load test's own gate refuses; the demo judges what it can
+    assert line.startswith("demo gate: PASS") and "p50_ms" in line and "p99_ms need more" in line
+    slow = Verdict(evaluate_slo(slo, {**summary, "p50_ms": 900.0}), summary)
+    assert demo_gate(slow)[0] is False and demo_gate(slow)[1].startswith("demo gate: FAIL")
+    failing = Verdict(evaluate_slo(slo, {**summary, "error_rate": 0.2}), summary)
+    assert demo_gate(failing)[0] is False
+
+
 # --- Triton metrics ------------------------------------------------------------------------------------------------
 
 _SCRAPE = """# HELP nv_inference_request_success Number of successful inference requests, all batch sizes

@@ -37,7 +37,7 @@ def demo_gate(verdict) -> tuple[bool, str]:
     line = (f"demo gate: {'PASS' if passed else 'FAIL'} on the SLOs a 30-s run supports "
             f"({', '.join(c.name for c in judged) or 'none'})")
     if unjudged:
-        line += (f"; {', '.join(unjudged)} need more successful requests than it sends: "
+        line += (f"; {', '.join(unjudged)}: too few requests for a verdict (the load test's own FAIL above), "
                  "`fusionrank loadtest --serve --run-time 10m` gates them")
     return passed, line
 

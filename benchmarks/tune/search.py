@@ -302,14 +302,12 @@ def after_confirmation(handset_runs: Sequence[Trial], tuned_runs: Sequence[Trial
     one run and 1,496 in the next is over a 1,536-MiB budget half the time); else the hand-set (refused after)."""
     if gained:
         return tuned_runs[0], None
-    if all(t.feasible for t in handset_runs):
+    out = [t.note for t in handset_runs if not t.feasible]
+    if not out or not all(t.feasible for t in tuned_runs):
         return handset_runs[0], "the tuned configuration's gain did not survive the confirmation"
-    if all(t.feasible for t in tuned_runs):
-        out = "; ".join(t.note for t in handset_runs if not t.feasible)
-        return tuned_runs[0], (f"its gain did not survive the confirmation, but the hand-set configuration was outside "
-                               f"the SLO or the memory budget in {sum(not t.feasible for t in handset_runs)} of "
-                               f"{len(handset_runs)} runs ({out}) and the tuned one in none")
-    return handset_runs[0], "the tuned configuration's gain did not survive the confirmation"
+    return tuned_runs[0], (f"its gain did not survive the confirmation, but the hand-set configuration was outside "
+                           f"the SLO or the memory budget in {len(out)} of {len(handset_runs)} runs "
+                           f"({'; '.join(out)}) and the tuned one in none")
 
 
 def pareto_front(trials: Sequence[Trial]) -> list[Trial]:

@@ -97,10 +97,12 @@ def render(result: BenchResult) -> str:
             lines.append(f"{p.name}: {p.errors} errors, first: {p.first_error}")
         if p.cache:
             lines.append(p.cache.describe())
-    lines += ["", "CPU per answered request over each served phase's timed run (user + system of every process: the "
-              "callers,", "tritonserver, the stubs of each model, the cache's redis-servers) and the share of the "
-              "cores they kept busy:"]
-    lines += [f"  {p.name}: {p.cpu.describe(p.requests - p.errors)}" for p in result.phases if p.cpu]
+    measured = [p for p in result.phases if p.cpu]
+    if measured:
+        lines += ["", "CPU per answered request over each served phase's timed run (user + system of every process: "
+                  "the callers,", "tritonserver, the stubs of each model, the cache's redis-servers) and the share of "
+                  "the cores they kept busy:"]
+        lines += [f"  {p.name}: {p.cpu.describe(p.requests - p.errors)}" for p in measured]
     lines += ["", "memory (RSS per process, at the end of each served phase):"]
     if result.idle_memory:
         lines.append(f"  idle, after start-up: {describe_memory(result.idle_memory)}")

@@ -11,7 +11,8 @@ from fusionrank.contract.spec import Modality, PipelineSpec
 def default_knobs(spec: PipelineSpec, cores: int | None = None) -> list[Knob]:
     """Route instances and their gates' slots, each encoder's concurrent batches (threads on one session: little
     memory), instances (a process each) and ONNX Runtime intra-op threads, the encoders' and the ranker's queue
-    delays, the encoders' largest batch, the route's queue delay; bounded by the machine's cores."""
+    delays, the encoders' largest batch, the route's queue delay, each encoder's memory arena (CPU for memory: it
+    paid for the INT8 text encoder only, docs/capacity.md); bounded by the machine's cores."""
     cores = cores or os.cpu_count() or 1
     encoders = tuple(f"{m.value}_encoder" for m in spec.modalities.enabled)
     route = spec.serving.route
@@ -37,4 +38,5 @@ def default_knobs(spec: PipelineSpec, cores: int | None = None) -> list[Knob]:
               Knob("encoders.max_batch_size", encoders, "max_batch_size",
                    tuple(b for b in (16, 32, 64, 128, 256) if b >= spec.serving.max_candidates)),
               Knob("route.max_queue_delay_us", (route,), "max_queue_delay_us", (0, 1000, 5000))]
+    knobs += [Knob(f"{e}.memory_arena", (e,), "memory_arena", (0, 1)) for e in encoders]
     return knobs

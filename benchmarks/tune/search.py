@@ -2,16 +2,16 @@
 coordinate descent from the hand-set spec, and the Pareto front of what it measured.
 
 A configuration is a mapping knob name -> value. Each knob sets one field (`instances`, `concurrent_batches`,
-`intra_op_threads`, `max_queue_delay_us`, `max_batch_size`) of one or more models in `serving.models`; a batch-size
-knob also keeps the preferred sizes that still fit (else the maximum alone). The search measures the hand-set
-configuration first, then walks the knobs, the instance and concurrent-batch knobs of the members the hand-set run
-found busiest first (`bottleneck_first`), the others in order of their expected effect: one step up and one step
-down each; a step that raises capacity (candidates/s within the SLO) by more than `min_gain` is taken and the walk
-goes on in that direction; a pass that takes no step ends the search, as does the budget (evaluations or seconds,
-whichever ends first). A step that met the SLO and gained but was over the memory budget (`--max-rss-mib`) is tried
-as a trade: with one instance fewer of each other model in turn (each instance is a process holding its own runtime
-and graphs), the first trade that gains within the SLO and the budget taken. Like Triton Model Analyzer's quick
-search, but over the whole pipeline's knobs, not one model's.
+`intra_op_threads`, `max_queue_delay_us`, `max_batch_size`, the switch `memory_arena`) of one or more models in
+`serving.models`; a batch-size knob also keeps the preferred sizes that still fit (else the maximum alone). The search
+measures the hand-set configuration first, then walks the knobs, the instance and concurrent-batch knobs of the
+members the hand-set run found busiest first (`bottleneck_first`), the others in order of their expected effect: one
+step up and one step down each; a step that raises capacity (candidates/s within the SLO) by more than `min_gain` is
+taken and the walk goes on in that direction; a pass that takes no step ends the search, as does the budget
+(evaluations or seconds, whichever ends first). A step that met the SLO and gained but was over the memory budget
+(`--max-rss-mib`) is tried as a trade: with one instance fewer of each other model in turn (each instance is a process
+holding its own runtime and graphs), the first trade that gains within the SLO and the budget taken. Like Triton Model
+Analyzer's quick search, but over the whole pipeline's knobs, not one model's.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from fusionrank.contract.errors import FusionRankError
 from fusionrank.contract.spec import AdmissionSpec, BatchingSpec, PipelineSpec
 
-FIELDS = ("instances", "concurrent_batches", "intra_op_threads", "max_queue_delay_us", "max_batch_size")
+FIELDS = ("instances", "concurrent_batches", "intra_op_threads", "max_queue_delay_us", "max_batch_size", "memory_arena")
+SWITCHES = ("memory_arena",)  # on/off fields: searched as 0 and 1, set as false and true
 PARALLEL_FIELDS = ("instances", "concurrent_batches")  # how many batches of a model run at once
 ADMISSION_FIELDS = ("max_decoding_requests",)  # of `serving.admission`, not of a model (a knob naming no model)
 
@@ -108,13 +109,15 @@ def handset(spec: PipelineSpec, knobs: Sequence[Knob]) -> tuple[dict[str, int], 
     config, widened = {}, []
     for knob in knobs:
         owner = spec.serving.admission if knob.field in ADMISSION_FIELDS else spec.serving.batching(knob.models[0])
-        value = getattr(owner, knob.field)
+        value = int(getattr(owner, knob.field))  # a switch as 0 or 1
         config[knob.name] = value
         widened.append(knob.with_value(value))
     return config, widened
 
 
 def _batching(current: BatchingSpec, knob_field: str, value: int) -> BatchingSpec:
+    if knob_field in SWITCHES:
+        return dataclasses.replace(current, **{knob_field: bool(value)})
     if knob_field != "max_batch_size":
         return dataclasses.replace(current, **{knob_field: value})
     preferred = tuple(b for b in current.preferred_batch_sizes if b <= value) or (value,)

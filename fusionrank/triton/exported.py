@@ -40,9 +40,10 @@ class OnnxRuntimeModel(BatchedModel):
         if self.background:
             lower_priority()  # before the session: ONNX Runtime's pool threads inherit it
         options = ort.SessionOptions()
-        # No CPU memory arena: the arena keeps the peak of the largest batch ever run (the warm-up's) for the
-        # process's life, about 200 MiB per encoder on the CI spec, and saved no CPU time (docs/capacity.md).
-        options.enable_cpu_mem_arena = False
+        # The CPU memory arena only where the spec asks (`memory_arena`): it keeps the peak of the largest batch ever
+        # run (the warm-up's) for the process's life, and pays only for graphs whose batches fault in many fresh
+        # pages without it (docs/capacity.md, "The text encoder's fresh pages").
+        options.enable_cpu_mem_arena = self.params.get("memory_arena") == "true"
         threads = int(self.params.get("intra_op_threads", "0"))
         if threads:
             options.intra_op_num_threads = threads
@@ -87,6 +88,8 @@ def onnxruntime_config(spec: PipelineSpec, model: str) -> mc.ModelConfig:
     config.parameters["intra_op_threads"].string_value = str(batching.intra_op_threads)
     if batching.concurrent_batches > 1:
         config.parameters["concurrent_batches"].string_value = str(batching.concurrent_batches)
+    if batching.memory_arena:
+        config.parameters["memory_arena"].string_value = "true"
     if model == RANKER:
         config.parameters["check_finite_outputs"].string_value = "true"
     else:

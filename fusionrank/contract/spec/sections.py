@@ -238,6 +238,10 @@ class BatchingSpec:
     # time, as Triton runs an instance). A second instance is a second process holding its own runtime and graph
     # (~100-200 MiB); a second concurrent batch costs only that batch's tensors. Read only for the CPU profile.
     concurrent_batches: int = 1
+    # ONNX Runtime's CPU memory arena for the session of a CPU-profile graph. On, the arena keeps the largest batch's
+    # tensors for the process's life (more resident memory); off, each batch's large tensors are fresh pages that
+    # fault in again (more CPU for graphs with many large activations). Read only for the ONNX Runtime members.
+    memory_arena: bool = False
 
     def __post_init__(self):
         check_positive("serving.models.*.max_batch_size", self.max_batch_size)

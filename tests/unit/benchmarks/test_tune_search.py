@@ -144,6 +144,19 @@ def test_knobs_apply_and_overlay_on_the_ci_spec(ci_spec, tmp_path):
     assert merged.serving.admission == dataclasses.replace(ci_spec.serving.admission, max_decoding_requests=3)
 
 
+def test_a_memory_arena_is_searched_as_0_or_1_and_written_as_a_switch(ci_spec, tmp_path):
+    knobs = default_knobs(ci_spec, cores=2)
+    start, knobs = handset(ci_spec, knobs)
+    assert start["text_encoder.memory_arena"] == int(ci_spec.serving.batching("text_encoder").memory_arena)
+    flipped = 1 - start["text_encoder.memory_arena"]
+    tuned = apply(ci_spec, knobs, {**start, "text_encoder.memory_arena": flipped})
+    assert tuned.serving.batching("text_encoder").memory_arena is bool(flipped)
+    assert tuned.serving.batching("image_encoder") == ci_spec.serving.batching("image_encoder")
+    ov = overlay(ci_spec, tuned)
+    assert ov["serving"]["models"]["text_encoder"]["memory_arena"] is bool(flipped)
+    assert merged_spec(CI_SPEC, ov, tmp_path).serving.batching("text_encoder").memory_arena is bool(flipped)
+
+
 def test_fewer_route_instances_keep_the_servers_waiting_room(ci_spec, tmp_path):
     # Each route instance's gate holds route_queue.max_queue_size waiting requests: a configuration with fewer
     # instances gets a larger queue per instance, so the server queues what the hand-set one queued.

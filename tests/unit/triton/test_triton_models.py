@@ -239,15 +239,26 @@ def test_encoders_run_their_batches_at_batch_work_priority_and_the_ranker_does_n
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
 
 
-def _concurrent_audio_encoder(ci_spec, tmp_path, batches: int):
+def _audio_encoder(ci_spec, tmp_path, **batching):
     serving = ci_spec.serving
-    models = {**serving.models, "audio_encoder": dataclasses.replace(serving.batching("audio_encoder"),
-                                                                     concurrent_batches=batches)}
+    models = {**serving.models, "audio_encoder": dataclasses.replace(serving.batching("audio_encoder"), **batching)}
     spec = ci_spec.with_overrides(serving=dataclasses.replace(serving, models=models))
     version_dir = tmp_path / "audio_encoder" / "1"
     version_dir.mkdir(parents=True)
     _tiny_onnx(version_dir / spec.export.cpu.onnx_file("audio_encoder"))
     return _init(OnnxRuntimeModel, spec, "audio_encoder", version_dir)
+
+
+def _concurrent_audio_encoder(ci_spec, tmp_path, batches: int):
+    return _audio_encoder(ci_spec, tmp_path, concurrent_batches=batches)
+
+
+@pytest.mark.parametrize("arena", [False, True])
+def test_the_session_keeps_a_memory_arena_only_where_the_spec_asks(pb, ci_spec, tmp_path, arena):
+    model = _audio_encoder(ci_spec, tmp_path, memory_arena=arena)
+    assert model.session.get_session_options().enable_cpu_mem_arena is arena
+    out = model.execute([FakeRequest({"log_mel": np.ones((2, 4), dtype=np.float32)})])
+    np.testing.assert_array_equal(_outputs(out[0])["audio_embedding"], np.full((2, 4), 2.0))
 
 
 def test_an_instance_runs_concurrent_batches_on_its_one_session(pb, ci_spec, tmp_path, monkeypatch):

@@ -147,6 +147,10 @@ def _gate(environment, options) -> None:
     targets = load_slo(spec, scenario.name, options.slo or None)
     users = environment.runner.user_count if not isinstance(environment.runner, MasterRunner) else None
     summary = locust_setup.summary_from_stats(environment.stats.total, users)
+    pacing = _shared.get("pacing")
+    if users is not None and pacing is not None and pacing.rate:  # one process: its own schedule is the run's
+        counted = pacing.counters()
+        summary["pacing"] = {"mode": "open", "offered_rate": counted["rate"], "arrivals": counted["arrivals"]}
     verdict = Verdict(evaluate_slo(targets, summary), summary, scenario=scenario.name, slo_source=targets.source)
     print(verdict.render(), flush=True)
     if not verdict.passed:

@@ -36,6 +36,7 @@ from loadtest.report import (
     read_samples,
     summarize_locust_csv,
     summarize_samples,
+    sustained_rps,
     write_plots,
     write_summary,
 )
@@ -216,6 +217,12 @@ def run_loadtest(spec: PipelineSpec, url: str, run_time: str = "30s", metrics_ur
         cache = triton_metrics.cache_share(before, after, spec.serving.route)
     elif not metrics_url:
         notes.append("no metrics URL: server-side breakdown skipped (pass --serve or set FUSIONRANK_METRICS_URL)")
+    sustained = sustained_rps(summary)
+    if sustained is not None:
+        pacing = summary["pacing"]
+        notes.append(f"throughput judged at the offered rate: {pacing['offered_rate']:g}/s x "
+                     f"{summary['requests'] - summary['failures']} of {pacing['arrivals']} due arrivals answered = "
+                     f"{sustained:.3g}/s ({summary['throughput_rps']:.3g} successful requests/s over the run)")
     verdict = Verdict(evaluate_slo(targets, summary), summary, members, out, notes, scen.name, targets.source, cache)
     verdict.provenance = run_provenance(spec, url, repository)
     if baseline:

@@ -158,6 +158,25 @@ def test_a_percentile_with_too_few_samples_never_passes_and_says_how_many_it_nee
     assert not evaluate_slo(Slo(p50_ms=1000), {"p50_ms": 1.0})[0].passed
 
 
+def test_an_open_loops_throughput_is_judged_at_its_offered_rate():
+    # `make demo`'s run: 1.2 arrivals/s for 30 s drew 29 due arrivals, every one answered, 29 s first to last: 1.0/s
+    # of successful requests, which judged the draw, not the server.
+    slo = Slo(min_throughput_rps=1.0)
+    summary = {"throughput_rps": 0.97, "requests": 29, "failures": 0, "latency_samples": 29,
+               "pacing": {"mode": "open", "offered_rate": 1.2, "arrivals": 29, "late": 0}}
+    (check,) = evaluate_slo(slo, summary)
+    assert check.passed and check.measured == pytest.approx(1.2)
+    # A server that answered 24 of 30 due arrivals (the rest failed, or were never sent while every user waited)
+    # sustained 0.96/s of the offered 1.2.
+    behind = {**summary, "requests": 27, "failures": 3, "pacing": {**summary["pacing"], "arrivals": 30}}
+    (check,) = evaluate_slo(slo, behind)
+    assert not check.passed and check.measured == pytest.approx(1.2 * 24 / 30)
+    # A closed loop, or a schedule not counted, keeps successful requests per second.
+    for pacing in ({"mode": "closed"}, {"mode": "open", "offered_rate": 1.2, "arrivals": 0}):
+        (check,) = evaluate_slo(slo, {**summary, "pacing": pacing})
+        assert not check.passed and check.measured == pytest.approx(0.97)
+
+
 def test_the_demo_gates_its_30_s_load_test_on_the_slos_it_has_the_samples_for():
     from fusionrank_cli.demo import demo_gate
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from benchmarks.lib import compare_samples, min_repeats, provenance
 from fusionrank.contract.spec import PipelineSpec
-from loadtest.report import read_samples
+from loadtest.report import offered_pacing, read_samples
 
 BASELINE_WINDOWS = 10  # a run's samples are cut into this many time windows; their medians are the repeats
 
@@ -21,12 +21,7 @@ def pacing_summary(samples_dir: Path, samples) -> dict:
     """Offered vs delivered: the Locust processes' pacing counters (open loop: rate, arrivals, late) and, from the
     samples, the delivered rate and the inter-arrival times' mean, coefficient of variation (1 for exponential gaps)
     and a Kolmogorov-Smirnov test against the exponential law at the delivered rate."""
-    counters = [json.loads(p.read_text()) for p in Path(samples_dir).glob("pacing-*.json")]
-    mode = counters[0]["mode"] if counters else "closed"
-    out: dict = {"mode": mode}
-    if mode == "open":
-        out.update(offered_rate=sum(c["rate"] for c in counters), arrivals=sum(c["arrivals"] for c in counters),
-                   late=sum(c["late"] for c in counters))
+    out = offered_pacing([json.loads(p.read_text()) for p in Path(samples_dir).glob("pacing-*.json")])
     starts = np.sort(samples.start) if len(samples) else np.zeros(0)
     if len(starts) >= 3:
         gaps = np.diff(starts)
@@ -37,7 +32,7 @@ def pacing_summary(samples_dir: Path, samples) -> dict:
             from scipy.stats import kstest  # scipy: heavy, only when there are gaps to test
 
             out["exponential_ks_p"] = float(kstest(gaps, "expon", args=(0, 1 / rate)).pvalue)
-        if mode == "open" and out.get("offered_rate"):
+        if out["mode"] == "open" and out.get("offered_rate"):
             out["delivered_vs_offered"] = rate / out["offered_rate"] - 1.0
             # a Poisson count over the run varies by 1/sqrt(n) around the offered rate itself: the schedule drawn
             # is what the client could deliver; sent / due says how much of it it did

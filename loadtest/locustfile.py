@@ -139,7 +139,7 @@ def _quitting(environment, **_kwargs):
 
 def _gate(environment, options) -> None:
     """The SLO verdict from Locust's aggregated statistics; exit code 1 when it fails."""
-    from loadtest.report import Verdict, evaluate_slo  # matplotlib-free, but only the master needs it
+    from loadtest.report import Verdict, evaluate_slo, offered_pacing  # matplotlib-free, but only the master needs it
     from loadtest.slo import load_slo
 
     spec = load_spec(options.spec or None)
@@ -148,9 +148,8 @@ def _gate(environment, options) -> None:
     users = environment.runner.user_count if not isinstance(environment.runner, MasterRunner) else None
     summary = locust_setup.summary_from_stats(environment.stats.total, users)
     pacing = _shared.get("pacing")
-    if users is not None and pacing is not None and pacing.rate:  # one process: its own schedule is the run's
-        counted = pacing.counters()
-        summary["pacing"] = {"mode": "open", "offered_rate": counted["rate"], "arrivals": counted["arrivals"]}
+    if users is not None and pacing is not None:  # one process: its own schedule is the run's
+        summary["pacing"] = offered_pacing([pacing.counters()])
     verdict = Verdict(evaluate_slo(targets, summary), summary, scenario=scenario.name, slo_source=targets.source)
     print(verdict.render(), flush=True)
     if not verdict.passed:

@@ -149,12 +149,21 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}" if abs(x) < 1 else f"{x:.1f}"
 
 
+def offered_pacing(counters: Sequence[dict]) -> dict:
+    """The run's pacing from its Locust processes' counters (`locust_setup.Pacing.counters`): open loop, the offered
+    rate and the arrivals due (and late) summed over the processes; else closed."""
+    if not counters or counters[0]["mode"] != "open":
+        return {"mode": "closed"}
+    return {"mode": "open", "offered_rate": sum(c["rate"] for c in counters),
+            "arrivals": sum(c["arrivals"] for c in counters), "late": sum(c["late"] for c in counters)}
+
+
 def sustained_rps(summary: dict) -> float | None:
     """An open loop's throughput at its offered rate: that rate times the share of its schedule's due arrivals
-    answered successfully (`summary["pacing"]`: `offered_rate` and `arrivals`, as `loadtest.analysis.pacing_summary`
-    writes them); None for a closed loop or a schedule not counted. Successful requests per second would judge the
-    schedule's draw as much as the server: a 30-s run at 1.2 arrivals/s draws 36 +- 6, so a server answering every
-    arrival at once still measures 1.0/s in one run of six."""
+    answered successfully (`summary["pacing"]`: `offered_rate` and `arrivals`, as `offered_pacing` writes them);
+    None for a closed loop or a schedule not counted. Successful requests per second would judge the schedule's draw
+    as much as the server: a 30-s run at 1.2 arrivals/s draws 36 +- 6, so a server answering every arrival at once
+    still measures 1.0/s in one run of six."""
     pacing = summary.get("pacing") or {}
     due, rate = pacing.get("arrivals"), pacing.get("offered_rate")
     if pacing.get("mode") != "open" or not due or not rate:
